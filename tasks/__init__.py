@@ -1,0 +1,1 @@
+"""Plain-Python pipeline steps. Nothing in this package imports Airflow."""

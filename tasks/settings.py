@@ -1,0 +1,37 @@
+"""The one place that reads environment variables (torchrun's rank variables excepted, in ``tasks.train``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the platform keeps its state. Every field has an embedded default under ``var/``."""
+
+    home: Path
+    """``KILN_HOME``: root of all local state (default ``<repo>/var``)."""
+    artifact_root: Path
+    """``KILN_ARTIFACT_ROOT``: the local artifact store (default ``$KILN_HOME/artifacts``)."""
+    mlflow_tracking_uri: str
+    """``KILN_MLFLOW_TRACKING_URI``: MLflow tracking + registry (default SQLite under ``$KILN_HOME``)."""
+    mlflow_artifact_root: str
+    """``KILN_MLFLOW_ARTIFACT_ROOT``: where new MLflow experiments keep artifacts."""
+    pipelines_dir: Path
+    """``KILN_PIPELINES_DIR``: the folder of pipeline spec files (default ``<repo>/dags/pipelines``)."""
+
+
+def get_settings() -> Settings:
+    """Read the settings from the environment now (not cached, so tests may change the environment)."""
+    home = Path(os.environ.get("KILN_HOME") or REPO_ROOT / "var").resolve()
+    return Settings(
+        home=home,
+        artifact_root=Path(os.environ.get("KILN_ARTIFACT_ROOT") or home / "artifacts").resolve(),
+        mlflow_tracking_uri=os.environ.get("KILN_MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
+        mlflow_artifact_root=os.environ.get("KILN_MLFLOW_ARTIFACT_ROOT") or (home / "mlartifacts").as_uri(),
+        pipelines_dir=Path(os.environ.get("KILN_PIPELINES_DIR") or REPO_ROOT / "dags" / "pipelines").resolve(),
+    )

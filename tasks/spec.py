@@ -1,0 +1,349 @@
+"""Pipeline spec: the one declarative file a user writes to add a pipeline for a tabular dataset.
+
+A spec is YAML, validated on load into frozen pydantic models. Every error names the file, the field, what was
+found and what is allowed, so that a typo never surfaces later as a confusing failure inside a step.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TaskType = Literal["classification", "regression"]
+ColumnType = Literal["numeric", "categorical", "ignore"]
+
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "roc_auc", "log_loss")
+REGRESSION_METRICS = ("rmse", "mae", "r2")
+#: Metrics where a larger value is better; the gate compares in this direction.
+HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "roc_auc": True, "log_loss": False,
+                    "rmse": False, "mae": False, "r2": True}
+
+
+class SpecError(ValueError):
+    """A spec file (or a trigger-time override) is invalid. ``problems`` holds one line per bad field."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid pipeline spec {source}:\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Strict):
+    """Where the raw data comes from."""
+
+    uri: str = Field(min_length=1)
+    """A path (relative to the spec file), ``file://`` URI, or ``pkg://<package>/<resource>`` for data that an
+    installed Python package ships."""
+    format: Literal["csv", "parquet"] | None = None
+    """File format; inferred from the extension (``.csv``, ``.csv.gz``, ``.parquet``) when left out."""
+    header: bool = True
+    """CSV only: whether the first line names the columns. Without a header, columns are named by
+    ``column_names`` or ``col_0``, ``col_1``, ..."""
+    column_names: list[str] | None = None
+    """CSV only: names for the columns of a header-less file."""
+
+    def resolved_format(self) -> Literal["csv", "parquet"]:
+        """The declared format, or the one the URI's extension implies."""
+        if self.format:
+            return self.format
+        lower = self.uri.lower()
+        if lower.endswith((".parquet", ".pq")):
+            return "parquet"
+        return "csv"
+
+
+class ExpectationSpec(_Strict):
+    """One Great Expectations expectation, by its snake_case name, e.g. ``expect_column_values_to_be_between``."""
+
+    type: str = Field(pattern=r"^expect_[a-z0-9_]+$")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExpectationsSpec(_Strict):
+    """Data quality rules checked by the ``validate`` step."""
+
+    infer_defaults: bool = True
+    """Add defaults from the schema: declared columns exist, the target is never null, no column is entirely
+    null, numeric columns hold numbers, and the table has at least ``min_rows`` rows."""
+    min_rows: int = Field(default=10, ge=1)
+    """The fewest rows a source may have."""
+    declared: list[ExpectationSpec] = Field(default_factory=list)
+    """Extra expectations, checked as written."""
+
+
+class ColumnCleaning(_Strict):
+    """How the ``clean`` step treats one column."""
+
+    missing: Literal["drop_row", "mean", "median", "mode", "constant", "keep"] | None = None
+    """What to do with missing values; the default is ``median`` for numeric and ``constant`` for categorical."""
+    fill_value: str | float | None = None
+    """The value used by ``missing: constant``."""
+    outliers: Literal["none", "clip_iqr", "drop_iqr"] = "none"
+    """Numeric only: clip to, or drop rows outside, ``[Q1 - k*IQR, Q3 + k*IQR]``."""
+    iqr_factor: float = Field(default=1.5, gt=0)
+    """The ``k`` of the outlier rule."""
+
+
+class CleaningSpec(_Strict):
+    """The ``clean`` step's policy."""
+
+    drop_duplicates: bool = True
+    """Drop rows that repeat an earlier row in every column."""
+    default_numeric: ColumnCleaning = ColumnCleaning(missing="median")
+    """Policy for numeric columns not listed under ``columns``."""
+    default_categorical: ColumnCleaning = ColumnCleaning(missing="constant", fill_value="__missing__")
+    """Policy for categorical columns not listed under ``columns``."""
+    columns: dict[str, ColumnCleaning] = Field(default_factory=dict)
+    """Per-column policies; rows with a missing target are always dropped."""
+
+
+class FeaturesSpec(_Strict):
+    """The ``build_features`` step's settings."""
+
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    val_fraction: float = Field(default=0.1, ge=0, lt=1)
+    scaling: Literal["standard", "minmax", "none"] = "standard"
+    """How numeric columns are scaled; statistics come from the train split only."""
+    max_categories: int = Field(default=50, ge=1)
+    """Per categorical column, the most frequent values kept; the rest map to the unknown bucket."""
+
+    @model_validator(mode="after")
+    def _fractions_leave_train_rows(self) -> FeaturesSpec:
+        if self.test_fraction + self.val_fraction >= 0.9:
+            raise ValueError("test_fraction + val_fraction must be below 0.9 so that a train split remains")
+        return self
+
+
+class ModelSpec(_Strict):
+    """The network trained by the ``train`` step."""
+
+    type: Literal["mlp", "cnn"] = "mlp"
+    """``mlp`` for tabular features; ``cnn`` for small images whose pixels are the feature columns in order."""
+    hidden_sizes: list[int] = Field(default_factory=lambda: [64, 32])
+    """MLP hidden layer widths (CNN: width of the dense layer after the convolutions, first entry)."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    image_shape: tuple[int, int] | None = None
+    """CNN only: height and width of the image; height*width must equal the number of feature columns."""
+    channels: list[int] = Field(default_factory=lambda: [16, 32])
+    """CNN only: output channels of each 3x3 convolution."""
+
+    @field_validator("hidden_sizes", "channels")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(x < 1 for x in v):
+            raise ValueError("must be a non-empty list of positive integers")
+        return v
+
+    @model_validator(mode="after")
+    def _cnn_needs_shape(self) -> ModelSpec:
+        if self.type == "cnn" and self.image_shape is None:
+            raise ValueError("model.type 'cnn' needs image_shape: [height, width]")
+        return self
+
+
+class TrainingSpec(_Strict):
+    """The ``train`` step's settings. The fields in ``PARAM_FIELDS`` can be overridden when a run is triggered."""
+
+    epochs: int = Field(default=10, ge=1, le=10_000)
+    batch_size: int = Field(default=32, ge=1, le=65_536)
+    """Per-process batch size."""
+    learning_rate: float = Field(default=1e-3, gt=0, le=10)
+    weight_decay: float = Field(default=0.0, ge=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    seed: int = Field(default=42, ge=0)
+    nproc: int = Field(default=2, ge=1, le=64)
+    """Worker processes (DDP ranks) on the node."""
+    threads_per_proc: int = Field(default=1, ge=1, le=64)
+    """torch intra-op threads per rank."""
+    launcher: Literal["local"] = "local"
+    """How workers are started: ``local`` runs torchrun on this machine with gloo on the CPU."""
+    timeout_s: int = Field(default=1800, ge=10)
+    """The whole training job fails if it runs longer than this (a hung peer cannot block a worker forever)."""
+    log_every_steps: int = Field(default=20, ge=1)
+
+
+class EvaluationSpec(_Strict):
+    """The ``evaluate`` step's metrics and the thresholds the gate applies later."""
+
+    primary_metric: str | None = None
+    """The metric models are compared on; default ``accuracy`` (classification) or ``rmse`` (regression)."""
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    """Minimum (or, for error metrics, maximum) values a candidate must reach, by metric name."""
+
+
+class PipelineSpec(_Strict):
+    """A whole pipeline: one DAG is made from each spec file."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,99}$")
+    """The DAG id and MLflow experiment name."""
+    description: str = ""
+    """Markdown shown as the DAG's documentation."""
+    owner: str = "ml-platform"
+    tags: list[str] = Field(default_factory=list)
+    schedule: str | None = None
+    """A cron expression or preset (``@daily``); none means runs are only triggered."""
+    source: SourceSpec
+    target: str = Field(min_length=1)
+    task: TaskType
+    columns: dict[str, ColumnType] = Field(default_factory=dict)
+    """Optional column types; others are inferred (numbers are numeric, everything else categorical)."""
+    sample_fraction: float = Field(default=1.0, gt=0, le=1)
+    """Fraction of source rows kept at ingest (seeded), for quick runs on large data."""
+    expectations: ExpectationsSpec = ExpectationsSpec()
+    cleaning: CleaningSpec = CleaningSpec()
+    features: FeaturesSpec = FeaturesSpec()
+    model: ModelSpec = ModelSpec()
+    training: TrainingSpec = TrainingSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineSpec:
+        if self.columns.get(self.target) == "ignore":
+            raise ValueError(f"the target column '{self.target}' cannot have type 'ignore'")
+        allowed = self.metric_names()
+        for name in [*self.evaluation.thresholds, *([self.evaluation.primary_metric] if
+                                                     self.evaluation.primary_metric else [])]:
+            if name not in allowed:
+                raise ValueError(f"metric '{name}' is not computed for task '{self.task}'; "
+                                 f"allowed: {', '.join(allowed)}")
+        return self
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics ``evaluate`` computes for this spec's task."""
+        return CLASSIFICATION_METRICS if self.task == "classification" else REGRESSION_METRICS
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric models are compared on."""
+        return self.evaluation.primary_metric or ("accuracy" if self.task == "classification" else "rmse")
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON form: two specs that mean the same have the same hash."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "trigger params") -> PipelineSpec:
+        """A copy with trigger-time Params applied (keys of ``PARAM_FIELDS``; ``None`` values are ignored).
+
+        Raises:
+            SpecError: an unknown key or a value the spec would reject.
+        """
+        data = self.model_dump(mode="json")
+        problems = []
+        for key, value in overrides.items():
+            if key not in PARAM_FIELDS:
+                problems.append(_unknown_key(key, list(PARAM_FIELDS)))
+                continue
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = PARAM_FIELDS[key]
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        if problems:
+            raise SpecError(source, problems)
+        return parse_spec(data, source)
+
+
+#: Trigger-time Params and the spec field each one overrides.
+PARAM_FIELDS: dict[str, tuple[str, ...]] = {
+    "epochs": ("training", "epochs"),
+    "learning_rate": ("training", "learning_rate"),
+    "batch_size": ("training", "batch_size"),
+    "seed": ("training", "seed"),
+    "nproc": ("training", "nproc"),
+    "sample_fraction": ("sample_fraction",),
+}
+
+
+def _unknown_key(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown field '{key}'{hint} allowed: {', '.join(allowed)}"
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed at ``loc`` (the location of an unknown key's parent)."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        ann = fields[part].annotation
+        # dict[str, Model] and Model | None: find the model class inside.
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return list(current.model_fields) if current is not None else []
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    field = ".".join(str(p) for p in loc) or "<top level>"
+    if err["type"] == "extra_forbidden":
+        parent = tuple(p for p in loc[:-1] if isinstance(p, str))
+        allowed = _allowed_fields(PipelineSpec, parent)
+        return f"field '{field}': " + _unknown_key(str(loc[-1]), allowed)
+    if err["type"] == "missing":
+        return f"field '{field}': required but missing"
+    found = json.dumps(err.get("input"), default=str)
+    if len(found) > 80:
+        found = found[:77] + "..."
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"field '{field}': {msg} (found {found})"
+
+
+def parse_spec(data: Any, source: str) -> PipelineSpec:
+    """Validate an already-parsed mapping.
+
+    Raises:
+        SpecError: listing every invalid field.
+    """
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"the spec must be a mapping of fields, found {type(data).__name__}"])
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, [_format_error(e) for e in exc.errors()]) from None
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    """Read and validate a spec file. A relative ``source.uri`` is resolved against the file's folder.
+
+    Raises:
+        SpecError: unreadable file, bad YAML, or invalid fields; the message names the file and each field.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(str(path), [f"not valid YAML: {exc}"]) from None
+    if isinstance(data, dict) and isinstance(data.get("source"), dict):
+        uri = data["source"].get("uri")
+        if isinstance(uri, str) and "://" not in uri and not Path(uri).is_absolute():
+            data["source"] = {**data["source"], "uri": str((path.parent / uri).resolve())}
+    return parse_spec(data, str(path))
+
+
+def discover_specs(folder: str | Path) -> list[Path]:
+    """Spec files in ``folder`` (``*.yaml`` / ``*.yml``), sorted; files starting with ``_`` or ``.`` are skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix in (".yaml", ".yml") and not p.name.startswith(("_", ".")))
