@@ -347,3 +347,26 @@ def discover_specs(folder: str | Path) -> list[Path]:
         return []
     return sorted(p for p in folder.iterdir()
                   if p.suffix in (".yaml", ".yml") and not p.name.startswith(("_", ".")))
+
+
+def load_specs(folder: str | Path) -> tuple[list[tuple[Path, PipelineSpec]], list[SpecError]]:
+    """Load every spec in ``folder``: the valid ones, and one error per invalid file (never raises for a file).
+
+    Two files declaring the same ``name`` make the later one (by file name) an error.
+    """
+    valid: list[tuple[Path, PipelineSpec]] = []
+    errors: list[SpecError] = []
+    seen: dict[str, Path] = {}
+    for path in discover_specs(folder):
+        try:
+            spec = load_spec(path)
+        except SpecError as exc:
+            errors.append(exc)
+            continue
+        if spec.name in seen:
+            errors.append(SpecError(str(path), [f"field 'name': '{spec.name}' is already used by {seen[spec.name]}; "
+                                                "each pipeline needs a unique name"]))
+            continue
+        seen[spec.name] = path
+        valid.append((path, spec))
+    return valid, errors

@@ -1,0 +1,73 @@
+"""Run every benchmark in ``bench/`` and append one row per result to ``BENCHMARKS.md``.
+
+Each benchmark is a script whose last printed line is a JSON object
+``{"name", "value", "unit", "peer", "peer_value", "ratio", "target"}``. Rows are appended, so the file keeps
+the history of every run; each row names its command, its peer measured in the same run, and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+OUT = BENCH.parent / "BENCHMARKS.md"
+HEADER = """# Benchmarks
+
+Written by `make bench` (`bench/run_all.py`); one row per benchmark run, newest at the bottom. Figures are
+from a 2-core machine without a GPU unless the row says otherwise. Ratios compare with a peer measured in the
+same run.
+
+| date | benchmark | command | result | peer | ratio | target | met |
+|---|---|---|---|---|---|---|---|
+"""
+
+
+def _met(ratio: float, target: str) -> str:
+    op, _, num = target.partition(" ")
+    bound = float(num)
+    return "yes" if (ratio <= bound if op == "<=" else ratio >= bound) else "NO"
+
+
+def run_one(script: Path) -> dict:
+    """Run one benchmark script; return its JSON result (raises if it fails or prints no JSON)."""
+    proc = subprocess.run([sys.executable, str(script)], cwd=BENCH.parent, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script.name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    last = proc.stdout.strip().splitlines()[-1]
+    return json.loads(last)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    args = parser.parse_args()
+    scripts = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith(("_", "run_all")))
+    if args.names:
+        scripts = [p for p in scripts if p.stem in args.names]
+    if not OUT.exists():
+        OUT.write_text(HEADER)
+    failed = 0
+    for script in scripts:
+        print(f"running {script.name} ...", flush=True)
+        try:
+            r = run_one(script)
+        except (RuntimeError, json.JSONDecodeError, IndexError) as exc:
+            print(f"  FAILED: {exc}", flush=True)
+            failed += 1
+            continue
+        row = (f"| {dt.date.today().isoformat()} | {r['name']} | `python bench/{script.name}` | "
+               f"{r['value']:.4g} {r['unit']} | {r['peer']}: {r['peer_value']:.4g} {r['unit']} | "
+               f"{r['ratio']:.3f} | {r['target']} | {_met(r['ratio'], r['target'])} |\n")
+        with OUT.open("a") as fh:
+            fh.write(row)
+        print("  " + row.strip(), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

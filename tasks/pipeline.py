@@ -1,0 +1,179 @@
+"""The pipeline's wiring in plain Python: spec + run id in, run-keyed artifacts out.
+
+Each function here runs one step for one pipeline run: it builds the step's config from the spec, reads its
+inputs from the keys earlier steps published, and publishes its own output atomically. The Airflow DAGs call
+these functions (one task each); :func:`run_all` calls them in one process, for notebooks and benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.artifacts import ArtifactStore, LocalArtifactStore, run_key
+from tasks.settings import get_settings
+from tasks.spec import PipelineSpec, load_spec
+
+log = logging.getLogger(__name__)
+
+STEPS = ("ingest", "validate", "clean", "build_features", "train", "evaluate")
+#: Scratch key (under the run key) where training keeps checkpoints across task retries.
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a step needs to know about the run it belongs to."""
+
+    spec: PipelineSpec
+    run_key: str
+    store: ArtifactStore
+    spec_path: str = ""
+
+    def key(self, step: str) -> str:
+        """The artifact key of ``step``'s output in this run."""
+        return f"{self.run_key}/{step}"
+
+    def input_dir(self, step: str) -> Path:
+        """The published output folder of an earlier step of this run."""
+        return self.store.path(self.key(step))
+
+
+def default_store() -> ArtifactStore:
+    """The configured artifact store (the local directory by default)."""
+    return LocalArtifactStore(get_settings().artifact_root)
+
+
+def make_context(spec_path: str | Path, run_id: str, params: dict[str, Any] | None = None,
+                 store: ArtifactStore | None = None) -> RunContext:
+    """Load the spec, apply trigger-time Params, and key the run by ``run_id``.
+
+    Raises:
+        SpecError: the spec file or a Param is invalid.
+    """
+    spec = load_spec(spec_path)
+    if params:
+        spec = spec.with_overrides(dict(params))
+    return RunContext(spec=spec, run_key=run_key(spec.name, run_id), store=store or default_store(),
+                      spec_path=str(spec_path))
+
+
+def ingest(ctx: RunContext) -> dict[str, Any]:
+    """Snapshot the source into ``<run>/ingest``."""
+    from tasks.ingest import IngestConfig, run_ingest
+
+    config = IngestConfig(source=ctx.spec.source, sample_fraction=ctx.spec.sample_fraction,
+                          seed=ctx.spec.training.seed)
+    with ctx.store.writer(ctx.key("ingest")) as out:
+        result = run_ingest(config, out)
+    return result.to_dict()
+
+
+def validate(ctx: RunContext) -> dict[str, Any]:
+    """Check the snapshot against the spec's expectations; the report is published even when it fails.
+
+    Raises:
+        DataValidationError: an expectation failed (after the report was published).
+    """
+    from tasks.validate import ValidateConfig, run_validate
+
+    spec = ctx.spec
+    config = ValidateConfig(target=spec.target, task=spec.task, columns=dict(spec.columns),
+                            expectations=spec.expectations)
+    with ctx.store.writer(ctx.key("validate")) as out:
+        result = run_validate(config, ctx.input_dir("ingest"), out)
+    result.raise_for_failure()
+    return result.to_dict()
+
+
+def clean(ctx: RunContext) -> dict[str, Any]:
+    """Clean the validated snapshot into ``<run>/clean``."""
+    from tasks.clean import CleanConfig, run_clean
+
+    spec = ctx.spec
+    config = CleanConfig(target=spec.target, task=spec.task, columns=dict(spec.columns), cleaning=spec.cleaning)
+    with ctx.store.writer(ctx.key("clean")) as out:
+        result = run_clean(config, ctx.input_dir("ingest"), out)
+    return result.to_dict()
+
+
+def build_features(ctx: RunContext) -> dict[str, Any]:
+    """Split and transform the cleaned data into ``<run>/build_features``."""
+    from tasks.features import FeaturesConfig, run_build_features
+
+    spec = ctx.spec
+    config = FeaturesConfig(target=spec.target, task=spec.task, features=spec.features, seed=spec.training.seed)
+    with ctx.store.writer(ctx.key("build_features")) as out:
+        result = run_build_features(config, ctx.input_dir("clean"), out)
+    return result.to_dict()
+
+
+def mlflow_run(ctx: RunContext) -> str:
+    """The MLflow run of this pipeline run (created on first use, reused on retries)."""
+    from tasks.tracking import ensure_run
+
+    s = get_settings()
+    return ensure_run(s.mlflow_tracking_uri, s.mlflow_artifact_root, ctx.spec.name, ctx.run_key,
+                      tags={"kiln.spec_hash": ctx.spec.spec_hash(), "kiln.spec_path": ctx.spec_path})
+
+
+def train(ctx: RunContext, launcher: Any = None) -> dict[str, Any]:
+    """Train with the spec's launcher into ``<run>/train``; checkpoints survive in ``<run>/checkpoints``.
+
+    Args:
+        ctx: the run.
+        launcher: a ``tasks.launch.Launcher``; default: the one the spec names. Passed in by the Airflow
+            operator so that ``on_kill`` can terminate it.
+    """
+    from tasks.launch import get_launcher
+    from tasks.train import TrainConfig
+
+    spec = ctx.spec
+    launcher = launcher or get_launcher(spec.training.launcher)
+    run_id = mlflow_run(ctx)
+    s = get_settings()
+    checkpoints = ctx.store.scratch(ctx.key(CHECKPOINTS))
+    with ctx.store.writer(ctx.key("train")) as out:
+        config = TrainConfig(features_dir=str(ctx.input_dir("build_features")), output_dir=str(out),
+                             checkpoint_dir=str(checkpoints), task=spec.task, model=spec.model,
+                             training=spec.training, mlflow_tracking_uri=s.mlflow_tracking_uri,
+                             mlflow_run_id=run_id)
+        launched = launcher.launch(config, nproc=spec.training.nproc, workdir=out)
+    log.info("training finished in %.1f s", launched.duration_s)
+    from tasks.artifacts import read_json
+
+    metrics = read_json(ctx.input_dir("train") / "train_metrics.json")
+    return {"mlflow_run_id": run_id, "duration_s": round(launched.duration_s, 3),
+            "final": metrics.get("final", {}), "resumed_from_epoch": metrics.get("resumed_from_epoch"),
+            "samples_per_s": metrics.get("samples_per_s"), "model_uri": ctx.store.uri(ctx.key("train"))}
+
+
+def evaluate(ctx: RunContext) -> dict[str, Any]:
+    """Score the trained model on the test split into ``<run>/evaluate`` and close the MLflow run."""
+    from tasks.evaluate import EvaluateConfig, run_evaluate
+    from tasks.tracking import finish_run
+
+    spec = ctx.spec
+    s = get_settings()
+    run_id = mlflow_run(ctx)
+    config = EvaluateConfig(task=spec.task, primary_metric=spec.primary_metric,
+                            thresholds=dict(spec.evaluation.thresholds),
+                            mlflow_tracking_uri=s.mlflow_tracking_uri, mlflow_run_id=run_id)
+    with ctx.store.writer(ctx.key("evaluate")) as out:
+        result = run_evaluate(config, ctx.input_dir("build_features"), ctx.input_dir("train"), out)
+    finish_run(s.mlflow_tracking_uri, run_id)
+    return {**result.to_dict(), "mlflow_run_id": run_id}
+
+
+def run_all(ctx: RunContext) -> dict[str, Any]:
+    """Run every step in this process, in order; returns each step's result and the total duration."""
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {}
+    for step in STEPS:
+        log.info("step %s", step)
+        results[step] = globals()[step](ctx)
+    results["duration_s"] = round(time.perf_counter() - t0, 3)
+    return results

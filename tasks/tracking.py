@@ -1,0 +1,51 @@
+"""MLflow tracking: one MLflow run per pipeline run, found again by its run key so that retries reuse it."""
+
+from __future__ import annotations
+
+import logging
+
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+#: Tag that ties an MLflow run to a pipeline run's artifact key.
+RUN_KEY_TAG = "kiln.run_key"
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: str) -> str:
+    """The id of experiment ``name``, created with artifacts under ``artifact_root/name`` if it does not exist."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    log.info("creating MLflow experiment %s", name)
+    return client.create_experiment(name, artifact_location=f"{artifact_root.rstrip('/')}/{name}")
+
+
+def ensure_run(tracking_uri: str, artifact_root: str, experiment: str, run_key: str,
+               tags: dict[str, str] | None = None) -> str:
+    """The MLflow run id for ``run_key``: the existing one (a retried task) or a new one.
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        artifact_root: where a newly created experiment keeps its artifacts.
+        experiment: experiment name (the pipeline name).
+        run_key: the pipeline run's artifact key, recorded as a tag.
+        tags: extra tags for a new run.
+    """
+    client = MlflowClient(tracking_uri)
+    exp_id = ensure_experiment(client, experiment, artifact_root)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        log.info("reusing MLflow run %s for %s", run_id, run_key)
+        return run_id
+    run = client.create_run(exp_id, run_name=run_key.rsplit("/", 1)[-1],
+                            tags={RUN_KEY_TAG: run_key, **(tags or {})})
+    log.info("created MLflow run %s for %s", run.info.run_id, run_key)
+    return run.info.run_id
+
+
+def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark an MLflow run as ended (``FINISHED`` or ``FAILED``)."""
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
