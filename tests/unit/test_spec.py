@@ -1,0 +1,112 @@
+"""Spec loading: the shipped specs are valid, and every kind of bad spec is named precisely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.spec import PARAM_FIELDS, SpecError, load_spec, load_specs, parse_spec
+
+REPO = Path(__file__).resolve().parents[2]
+PIPELINES = REPO / "dags" / "pipelines"
+MINIMAL = {"name": "m", "source": {"uri": "/data/x.csv"}, "target": "y", "task": "classification"}
+
+
+@pytest.mark.parametrize("name", ["penguins_species", "digits_cnn"])
+def test_shipped_specs_are_valid(name: str) -> None:
+    spec = load_spec(PIPELINES / f"{name}.yaml")
+    assert spec.name == name
+    assert len(spec.spec_hash()) == 64
+
+
+def test_minimal_spec_gets_defaults() -> None:
+    spec = parse_spec(MINIMAL, "m.yaml")
+    assert spec.training.epochs == 10 and spec.model.type == "mlp" and spec.primary_metric == "accuracy"
+    assert spec.source.resolved_format() == "csv"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"task": "clasification"}, ["field 'task'", "'classification' or 'regression'", '"clasification"']),
+        ({"trainig": {}}, ["unknown field 'trainig'", "did you mean 'training'"]),
+        ({"training": {"epochs": 0}}, ["field 'training.epochs'", "greater than or equal to 1", "(found 0)"]),
+        ({"training": {"bach_size": 8}}, ["field 'training.bach_size'", "did you mean 'batch_size'"]),
+        ({"model": {"type": "cnn"}}, ["field 'model'", "image_shape"]),
+        ({"evaluation": {"thresholds": {"rmse": 1.0}}}, ["metric 'rmse'", "allowed: accuracy"]),
+        ({"columns": {"y": "ignore"}}, ["target column 'y'", "ignore"]),
+        ({"name": "has space"}, ["field 'name'", "pattern"]),
+        ({"target": None}, ["field 'target'"]),
+        ({"features": {"test_fraction": 0.5, "val_fraction": 0.45}}, ["field 'features'", "below 0.9"]),
+    ],
+    ids=["bad-choice", "misspelled-section", "out-of-range", "misspelled-field", "cnn-without-shape",
+         "metric-for-other-task", "ignored-target", "bad-name", "null-target", "no-train-rows"],
+)
+def test_bad_spec_names_the_field(change: dict, expected: list[str]) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec({**MINIMAL, **change}, "bad.yaml")
+    message = str(info.value)
+    assert "bad.yaml" in message
+    for part in expected:
+        assert part in message
+
+
+def test_missing_required_fields_all_listed() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec({"name": "x"}, "f.yaml")
+    for field in ("source", "target", "task"):
+        assert f"field '{field}': required but missing" in str(info.value)
+
+
+@pytest.mark.parametrize(("content", "expected"), [("name: [unclosed", "not valid YAML"),
+                                                  ("- a\n- b\n", "must be a mapping")], ids=["yaml", "list"])
+def test_unparseable_file(tmp_path: Path, content: str, expected: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(content)
+    with pytest.raises(SpecError, match=expected):
+        load_spec(path)
+
+
+def test_unreadable_file_named(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"(?s)nope.yaml.*cannot read"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_relative_source_resolved_against_spec_folder(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({**MINIMAL, "source": {"uri": "data/x.parquet"}}))
+    spec = load_spec(tmp_path / "p.yaml")
+    assert spec.source.uri == str(tmp_path / "data" / "x.parquet")
+    assert spec.source.resolved_format() == "parquet"
+
+
+def test_overrides_apply_and_validate() -> None:
+    spec = parse_spec(MINIMAL, "m.yaml")
+    new = spec.with_overrides({"epochs": 3, "learning_rate": 0.1, "sample_fraction": 0.5, "seed": None})
+    assert (new.training.epochs, new.training.learning_rate, new.sample_fraction) == (3, 0.1, 0.5)
+    assert new.training.seed == spec.training.seed  # None means "keep the spec's value"
+    assert spec.training.epochs == 10  # the original is untouched
+    with pytest.raises(SpecError, match="training.epochs"):
+        spec.with_overrides({"epochs": -1})
+    with pytest.raises(SpecError, match="unknown field 'epoch'.*did you mean 'epochs'"):
+        spec.with_overrides({"epoch": 3})
+    assert set(PARAM_FIELDS) == {"epochs", "learning_rate", "batch_size", "seed", "nproc", "sample_fraction"}
+
+
+def test_load_specs_keeps_valid_ones_and_reports_duplicates(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(MINIMAL))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(MINIMAL))  # same name as a.yaml
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**MINIMAL, "name": "c", "task": "nope"}))
+    (tmp_path / "_draft.yaml").write_text("not: [valid")
+    valid, errors = load_specs(tmp_path)
+    assert [s.name for _, s in valid] == ["m"]
+    assert [Path(e.source).name for e in errors] == ["b.yaml", "c.yaml"]
+    assert "already used by" in str(errors[0])
+
+
+def test_spec_hash_is_canonical() -> None:
+    a = parse_spec(MINIMAL, "a")
+    b = parse_spec(dict(reversed(list(MINIMAL.items()))), "b")
+    assert a.spec_hash() == b.spec_hash()
+    assert a.spec_hash() != a.with_overrides({"epochs": 11}).spec_hash()
