@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import ArtifactNotFoundError, LocalArtifactStore, atomic_write_bytes, read_json, run_key, write_json
+from tasks.artifacts import (
+    ArtifactNotFoundError,
+    LocalArtifactStore,
+    atomic_write_bytes,
+    read_json,
+    run_key,
+    write_json,
+)
 
 
 def test_publish_on_success(tmp_path: Path) -> None:

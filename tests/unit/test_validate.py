@@ -1,0 +1,179 @@
+"""Unit tests for the ``validate`` step: the inferred suite, GX runs on good and bad data, reports and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks.ingest import SNAPSHOT_FILE, IngestConfig, run_ingest
+from tasks.spec import ExpectationSpec, ExpectationsSpec, load_spec
+from tasks.validate import (
+    DOCS_DIR,
+    VALIDATION_FILE,
+    DataValidationError,
+    ValidateConfig,
+    build_expectations,
+    run_validate,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def good_frame(n: int = 12) -> pd.DataFrame:
+    return pd.DataFrame({
+        "label": ["a", "b", "c"] * (n // 3),
+        "mass": [float(i) for i in range(n)],
+        "island": pd.array(["x", None] * (n // 2), dtype="str"),
+        "note": [None] * n,
+    })
+
+
+def config(declared: list[dict] | None = None, columns: dict | None = None, min_rows: int = 10,
+           infer_defaults: bool = True, target: str = "label") -> ValidateConfig:
+    return ValidateConfig(
+        target=target, task="classification", columns={"note": "ignore"} if columns is None else columns,
+        expectations=ExpectationsSpec(infer_defaults=infer_defaults, min_rows=min_rows,
+                                      declared=[ExpectationSpec(**d) for d in declared or []]))
+
+
+def snapshot(tmp_path: Path, df: pd.DataFrame) -> Path:
+    folder = tmp_path / "snap"
+    folder.mkdir()
+    df.to_parquet(folder / SNAPSHOT_FILE, index=False)
+    return folder
+
+
+def out_dir(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    return out
+
+
+def kinds(specs: list[ExpectationSpec]) -> list[tuple[str, str | None]]:
+    return [(s.type, s.kwargs.get("column")) for s in specs]
+
+
+def test_build_expectations_infers_defaults_from_schema():
+    declared = {"type": "expect_column_values_to_be_between", "kwargs": {"column": "mass", "min_value": 0}}
+    specs = build_expectations(config([declared], min_rows=5), good_frame())
+    assert specs[0].type == "expect_table_row_count_to_be_between" and specs[0].kwargs == {"min_value": 5}
+    got = kinds(specs)
+    assert ("expect_column_to_exist", "note") in got and ("expect_column_to_exist", "label") in got
+    assert ("expect_column_values_to_not_be_null", "label") in got
+    non_null = [c for t, c in got if t == "expect_column_proportion_of_non_null_values_to_be_between"]
+    assert non_null == ["label", "mass", "island"]  # "note" is ignored
+    assert [c for t, c in got if t == "expect_column_values_to_be_in_type_list"] == ["mass"]
+    assert specs[-1] == ExpectationSpec(**declared)
+
+
+def test_build_expectations_without_defaults_is_only_the_declared():
+    declared = {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "mass"}}
+    assert build_expectations(config([declared], infer_defaults=False), good_frame()) == [ExpectationSpec(**declared)]
+
+
+def test_build_expectations_absent_columns_get_only_an_existence_check():
+    specs = build_expectations(config(columns={"gone": "numeric"}, target="nolabel"), good_frame())
+    got = kinds(specs)
+    assert ("expect_column_to_exist", "gone") in got and ("expect_column_to_exist", "nolabel") in got
+    assert [c for _, c in got].count("gone") == 1 and [c for _, c in got].count("nolabel") == 1
+
+
+def test_good_data_passes_and_writes_report_and_data_docs(tmp_path):
+    declared = {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "label", "value_set": list("abc")}}
+    out = out_dir(tmp_path)
+    result = run_validate(config([declared]), snapshot(tmp_path, good_frame()), out)
+
+    assert result.success and result.failed == []
+    assert result.evaluated == len(build_expectations(config([declared]), good_frame()))
+    report = json.loads((out / VALIDATION_FILE).read_text())
+    assert report["success"] is True
+    assert report["statistics"]["evaluated_expectations"] == result.evaluated
+    entry = next(e for e in report["expectations"] if e["type"] == "expect_column_values_to_be_in_set")
+    assert entry["kwargs"] == {"column": "label", "value_set": ["a", "b", "c"]} and entry["unexpected_count"] == 0
+    assert (out / DOCS_DIR / "index.html").is_file()
+    assert result.report_file == str(out / VALIDATION_FILE)
+    assert json.loads(json.dumps(result.to_dict())) == result.to_dict()
+    result.raise_for_failure()  # no error
+
+
+def test_bad_data_fails_with_each_failed_expectation_listed(tmp_path):
+    df = pd.DataFrame({
+        "label": ["a", None, "b", "z", "z", "a"],
+        "mass": ["1", "2", "heavy", "4", "5", "6"],  # declared numeric, but strings
+        "empty": [None] * 6,
+    })
+    declared = {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "label", "value_set": ["a", "b"]}}
+    out = out_dir(tmp_path)
+    result = run_validate(config([declared], columns={"mass": "numeric"}), snapshot(tmp_path, df), out)
+
+    assert not result.success
+    failed = {(f["type"], f["column"]): f for f in result.failed}
+    assert set(failed) == {
+        ("expect_table_row_count_to_be_between", None),
+        ("expect_column_values_to_not_be_null", "label"),
+        ("expect_column_proportion_of_non_null_values_to_be_between", "empty"),
+        ("expect_column_values_to_be_in_type_list", "mass"),
+        ("expect_column_values_to_be_in_set", "label"),
+    }
+    assert failed[("expect_column_values_to_be_in_set", "label")]["unexpected_count"] == 2
+    assert failed[("expect_column_values_to_be_in_set", "label")]["examples"] == ["z", "z"]
+    assert failed[("expect_table_row_count_to_be_between", None)]["observed_value"] == 6
+    report = json.loads((out / VALIDATION_FILE).read_text())
+    assert report["success"] is False
+    assert (out / DOCS_DIR / "index.html").is_file()  # the evidence exists before the caller raises
+
+    with pytest.raises(DataValidationError) as exc:
+        result.raise_for_failure()
+    assert exc.value.result is result
+    msg = str(exc.value)
+    assert "5 of" in msg
+    assert "expect_column_values_to_be_in_set column 'label': 2 unexpected values, e.g. ['z', 'z']" in msg
+    assert "expect_column_values_to_not_be_null column 'label': 1 unexpected values" in msg
+    assert "column 'mass'" in msg and "observed str" in msg
+
+
+def test_declared_expectation_on_absent_column_fails_with_the_error(tmp_path):
+    declared = {"type": "expect_column_values_to_be_between", "kwargs": {"column": "weight", "min_value": 0}}
+    result = run_validate(config([declared], infer_defaults=False), snapshot(tmp_path, good_frame()),
+                          out_dir(tmp_path))
+    assert not result.success
+    (failed,) = result.failed
+    assert failed["column"] == "weight" and "does not exist" in failed["error"]
+
+
+@pytest.mark.parametrize(("declared", "needles"), [
+    ({"type": "expect_colum_values_to_be_between", "kwargs": {"column": "mass"}},
+     ["expectations.declared[0]", "'expect_colum_values_to_be_between'", "unknown expectation type",
+      "did you mean 'expect_column_values_to_be_between'"]),
+    ({"type": "expect_column_values_to_be_between", "kwargs": {"column": "mass", "min_vale": 0}},
+     ["expectations.declared[0]", "'expect_column_values_to_be_between'", "unknown kwarg 'min_vale'",
+      "did you mean 'min_value'", "Allowed kwargs:"]),
+    ({"type": "expect_column_values_to_be_in_set", "kwargs": {"value_set": [1]}},
+     ["'expect_column_values_to_be_in_set'", "kwarg 'column' is required"]),
+], ids=["unknown-type", "misspelt-kwarg", "missing-kwarg"])
+def test_bad_declared_expectations_raise_before_anything_is_written(tmp_path, declared, needles):
+    out = out_dir(tmp_path)
+    with pytest.raises(ValueError) as exc:
+        run_validate(config([declared]), snapshot(tmp_path, good_frame()), out)
+    for needle in needles:
+        assert needle in str(exc.value)
+    assert list(out.iterdir()) == []
+
+
+def test_missing_snapshot_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run ingest first"):
+        run_validate(config(), tmp_path / "nowhere", out_dir(tmp_path))
+
+
+def test_penguins_spec_validates(tmp_path):
+    spec = load_spec(REPO / "dags/pipelines/penguins_species.yaml")
+    ingest_dir = tmp_path / "ingest"
+    ingest_dir.mkdir()
+    assert run_ingest(IngestConfig(spec.source), ingest_dir).rows == 344
+    cfg = ValidateConfig(spec.target, spec.task, dict(spec.columns), spec.expectations)
+    result = run_validate(cfg, ingest_dir, out_dir(tmp_path))
+    assert result.success, result.failed
+    assert result.evaluated >= 2 + len(spec.expectations.declared)
