@@ -29,7 +29,8 @@ PLAIN_RUN = """
 import json, sys, time
 from tasks import pipeline
 t0 = time.perf_counter()
-ctx = pipeline.make_context("dags/pipelines/penguins_species.yaml", f"bench_plain_{time.time_ns()}", json.loads(sys.argv[1]))
+ctx = pipeline.make_context("dags/pipelines/penguins_species.yaml", f"bench_plain_{time.time_ns()}",
+                             json.loads(sys.argv[1]))
 pipeline.run_all(ctx)
 print(json.dumps({"duration_s": time.perf_counter() - t0}))
 """

@@ -16,7 +16,7 @@ import shutil
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ class ArtifactStore(ABC):
     """Where step outputs live. Keys are ``/``-separated, e.g. ``penguins/manual_2026-11-22/ingest``."""
 
     @abstractmethod
-    def writer(self, key: str) -> Iterator[Path]:
+    def writer(self, key: str) -> AbstractContextManager[Path]:
         """Context manager: yields an empty local folder; publishes it under ``key`` on a clean exit."""
 
     @abstractmethod

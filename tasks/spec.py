@@ -290,7 +290,7 @@ def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(current.model_fields) if current is not None else []
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def _format_error(err: Any) -> str:
     loc = tuple(err["loc"])
     field = ".".join(str(p) for p in loc) or "<top level>"
     if err["type"] == "extra_forbidden":

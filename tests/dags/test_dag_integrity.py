@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -59,7 +58,8 @@ def test_params_reject_out_of_range(dagbag) -> None:
 
 def test_dag_files_parse_fast() -> None:
     """A DAG file is parsed every few seconds by the dag-processor: keep imports light."""
-    code = "import time,runpy;t=time.perf_counter();runpy.run_path('dags/kiln_pipelines.py');print(time.perf_counter()-t)"
+    code = ("import time,runpy;t=time.perf_counter();runpy.run_path('dags/kiln_pipelines.py');"
+            "print(time.perf_counter()-t)")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # Airflow's own import is paid once per dag-processor, so warm it first; time only our file.
     warm = "import airflow.sdk, pendulum, pydantic, yaml;"
