@@ -7,9 +7,11 @@ these functions (one task each); :func:`run_all` calls them in one process, for 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,15 @@ class RunContext:
         return self.store.path(self.key(step))
 
 
+def _publish(ctx: RunContext, step: str, run: Callable[[Path], Any]) -> dict[str, Any]:
+    """Run ``run(out_dir)`` inside the store's writer for ``step`` and return its result as a dict whose paths
+    point at the published folder (the step itself only sees the temporary one)."""
+    with ctx.store.writer(ctx.key(step)) as out:
+        result = run(out)
+    data = json.loads(json.dumps(result.to_dict(), default=str).replace(str(out), str(ctx.input_dir(step))))
+    return data
+
+
 def default_store() -> ArtifactStore:
     """The configured artifact store (the local directory by default)."""
     return LocalArtifactStore(get_settings().artifact_root)
@@ -67,9 +78,7 @@ def ingest(ctx: RunContext) -> dict[str, Any]:
 
     config = IngestConfig(source=ctx.spec.source, sample_fraction=ctx.spec.sample_fraction,
                           seed=ctx.spec.training.seed)
-    with ctx.store.writer(ctx.key("ingest")) as out:
-        result = run_ingest(config, out)
-    return result.to_dict()
+    return _publish(ctx, "ingest", lambda out: run_ingest(config, out))
 
 
 def validate(ctx: RunContext) -> dict[str, Any]:
@@ -78,15 +87,20 @@ def validate(ctx: RunContext) -> dict[str, Any]:
     Raises:
         DataValidationError: an expectation failed (after the report was published).
     """
-    from tasks.validate import ValidateConfig, run_validate
+    from tasks.validate import ValidateConfig, ValidateResult, run_validate
 
     spec = ctx.spec
     config = ValidateConfig(target=spec.target, task=spec.task, columns=dict(spec.columns),
                             expectations=spec.expectations)
-    with ctx.store.writer(ctx.key("validate")) as out:
-        result = run_validate(config, ctx.input_dir("ingest"), out)
-    result.raise_for_failure()
-    return result.to_dict()
+    outcome: dict[str, ValidateResult] = {}
+
+    def run(out: Path) -> ValidateResult:
+        outcome["result"] = run_validate(config, ctx.input_dir("ingest"), out)
+        return outcome["result"]
+
+    published = _publish(ctx, "validate", run)
+    replace(outcome["result"], report_file=published["report_file"]).raise_for_failure()
+    return published
 
 
 def clean(ctx: RunContext) -> dict[str, Any]:
@@ -95,9 +109,7 @@ def clean(ctx: RunContext) -> dict[str, Any]:
 
     spec = ctx.spec
     config = CleanConfig(target=spec.target, task=spec.task, columns=dict(spec.columns), cleaning=spec.cleaning)
-    with ctx.store.writer(ctx.key("clean")) as out:
-        result = run_clean(config, ctx.input_dir("ingest"), out)
-    return result.to_dict()
+    return _publish(ctx, "clean", lambda out: run_clean(config, ctx.input_dir("ingest"), out))
 
 
 def build_features(ctx: RunContext) -> dict[str, Any]:
@@ -106,9 +118,7 @@ def build_features(ctx: RunContext) -> dict[str, Any]:
 
     spec = ctx.spec
     config = FeaturesConfig(target=spec.target, task=spec.task, features=spec.features, seed=spec.training.seed)
-    with ctx.store.writer(ctx.key("build_features")) as out:
-        result = run_build_features(config, ctx.input_dir("clean"), out)
-    return result.to_dict()
+    return _publish(ctx, "build_features", lambda out: run_build_features(config, ctx.input_dir("clean"), out))
 
 
 def mlflow_run(ctx: RunContext) -> str:
@@ -162,10 +172,10 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
     config = EvaluateConfig(task=spec.task, primary_metric=spec.primary_metric,
                             thresholds=dict(spec.evaluation.thresholds),
                             mlflow_tracking_uri=s.mlflow_tracking_uri, mlflow_run_id=run_id)
-    with ctx.store.writer(ctx.key("evaluate")) as out:
-        result = run_evaluate(config, ctx.input_dir("build_features"), ctx.input_dir("train"), out)
+    result = _publish(ctx, "evaluate", lambda out: run_evaluate(
+        config, ctx.input_dir("build_features"), ctx.input_dir("train"), out))
     finish_run(s.mlflow_tracking_uri, run_id)
-    return {**result.to_dict(), "mlflow_run_id": run_id}
+    return {**result, "mlflow_run_id": run_id}
 
 
 def run_all(ctx: RunContext) -> dict[str, Any]:
