@@ -45,9 +45,7 @@ $(AIRFLOW_HOME)/.migrated: $(VENV)/.installed
 airflow-init: $(AIRFLOW_HOME)/.migrated
 
 demo: install airflow-init
-	@mkdir -p $(KILN_HOME)/logs
-	@set -o pipefail; $(PY) -m operators.cli run penguins_species $(if $(CONF),--conf '$(CONF)') \
-	  2> $(KILN_HOME)/logs/demo.log | grep -v '^\s*$$' | tail -n 30 \
+	@$(PY) -m operators.cli run penguins_species --log $(KILN_HOME)/logs/demo.log $(if $(CONF),--conf '$(CONF)') \
 	  || { echo "demo failed; last lines of $(KILN_HOME)/logs/demo.log:"; tail -40 $(KILN_HOME)/logs/demo.log; exit 1; }
 
 test: install

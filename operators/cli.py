@@ -10,10 +10,14 @@ human summary, and as its very last line one JSON object with ``dag_id``, ``run_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,8 @@ def run_dag(dag_id: str, conf: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     dr = bag.dags[dag_id].test(run_conf=conf)
     duration = time.perf_counter() - t0
-    tis = {ti.task_id: ti for ti in dr.get_task_instances()}
+    tis = {ti.task_id: ti for ti in sorted(dr.get_task_instances(),
+                                           key=lambda ti: (ti.start_date is None, ti.start_date))}
     evaluated = tis["evaluate"].xcom_pull(task_ids="evaluate") if "evaluate" in tis else None
     trained = tis["train"].xcom_pull(task_ids="train") if "train" in tis else None
     return {
@@ -51,6 +56,27 @@ def run_dag(dag_id: str, conf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _output_to(log_path: Path) -> Iterator[None]:
+    """Send this process's stdout/stderr (Airflow's own logs, task output) to ``log_path`` at the fd level."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "ab") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
 def _print_summary(result: dict[str, Any]) -> None:
     from tasks.settings import get_settings
 
@@ -62,6 +88,7 @@ def _print_summary(result: dict[str, Any]) -> None:
         if isinstance(value, int | float):
             lines.append(f"  {name:<15} {value:.4f}")
     lines.append(f"  artifacts       {s.artifact_root}")
+    lines.append(f"  log             {result['log']}")
     lines.append(f"  MLflow run      {result['mlflow_run_id']}  "
                  f"(make mlflow-ui, then http://127.0.0.1:5000)")
     sys.stdout.write("\n".join(lines) + "\n")
@@ -74,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a pipeline DAG once, in this process")
     run.add_argument("dag_id")
     run.add_argument("--conf", default="{}", help="JSON object of Params, e.g. '{\"epochs\": 5}'")
+    run.add_argument("--log", type=Path, help="where Airflow's and the tasks' output goes "
+                     "(default: $KILN_HOME/logs/<dag_id>.log); '-' keeps it on the terminal")
     args = parser.parse_args(argv)
     try:
         conf = json.loads(args.conf)
@@ -81,9 +110,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--conf is not valid JSON: {exc}")
     if not isinstance(conf, dict):
         parser.error("--conf must be a JSON object, e.g. '{\"epochs\": 5}'")
-    result = run_dag(args.dag_id, conf)
+    from tasks.settings import get_settings
+
+    if str(args.log) == "-":
+        result = run_dag(args.dag_id, conf)
+        result["log"] = "(terminal)"
+    else:
+        log_path = (args.log or get_settings().home / "logs" / f"{args.dag_id}.log").resolve()
+        sys.stdout.write(f"running {args.dag_id} through Airflow (conf {json.dumps(conf)}); log: {log_path}\n")
+        with _output_to(log_path):
+            result = run_dag(args.dag_id, conf)
+        result["log"] = str(log_path)
     _print_summary(result)
     tasks = result.pop("tasks")
+    result.pop("log")
     result["failed_tasks"] = [t for t, s in tasks.items() if s not in ("success", "skipped")]
     sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
     return 0 if result["state"] == "success" else 1
