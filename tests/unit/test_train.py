@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import subprocess
 import sys
 import threading
 import time
@@ -223,6 +224,22 @@ def test_mlflow_params_once_and_metrics_per_epoch(tmp_path, features):
     assert run.data.params["training.epochs"] == "2"  # logged on the first start only
     assert [m.step for m in client.get_metric_history(run_id, "val/accuracy")] == [1, 2, 3]
     assert {"train/loss", "val/loss", "val/accuracy"} <= set(run.data.metrics)
+
+
+@pytest.mark.parametrize("valid", [True, False], ids=["trains", "fails-with-exit-1"])
+def test_cli_runs_as_a_single_process_without_torchrun(tmp_path, features, valid):
+    config = make_config(tmp_path, features if valid else tmp_path / "missing", epochs=1)
+    config_file = tmp_path / "cfg.json"
+    config_file.write_text(config.to_json())
+    proc = subprocess.run([sys.executable, "-m", "tasks.train", "--config", str(config_file)], capture_output=True,
+                          text=True, timeout=120)
+    if valid:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "rank0 INFO epoch 1/1 done" in proc.stdout
+        assert metrics_of(config)["world_size"] == 1
+    else:
+        assert proc.returncode == 1
+        assert "training failed on rank 0" in proc.stdout and "FileNotFoundError" in proc.stdout
 
 
 def test_unknown_launcher_lists_the_available_ones():
