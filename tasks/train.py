@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -33,7 +31,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from tasks.artifacts import atomic_write_bytes, write_json
+from tasks import checkpoint
+from tasks.artifacts import write_json
 from tasks.model import MODEL_FILE, build_model, save_model
 from tasks.spec import ModelSpec, TaskType, TrainingSpec
 
@@ -41,12 +40,9 @@ log = logging.getLogger(__name__)
 
 #: Metrics file written next to ``model.pt`` in the output folder.
 METRICS_FILE = "train_metrics.json"
-#: Checkpoints kept in ``checkpoint_dir``; older ones are deleted after each save.
-CHECKPOINT_KEEP = 2
 # The features folder contract of tasks.features (FEATURE_SPEC_FILE, load_split), read here directly: importing
 # tasks.features also imports scikit-learn, which would add ~1.7 s to the start-up of every rank.
 _FEATURE_SPEC_FILE = "feature_spec.json"
-_CHECKPOINT_RE = re.compile(r"^epoch_(\d{4,})\.pt$")
 _TASKS = ("classification", "regression")
 _EVAL_BATCH = 4096
 
@@ -225,47 +221,6 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """``(epoch, path)`` of the checkpoint files in ``folder``, newest first."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_RE.match(p.name))]
-    return sorted(found, reverse=True)
-
-
-def _find_checkpoint(folder: Path, fingerprint: str, max_epoch: int) -> dict[str, Any] | None:
-    """The newest loadable checkpoint written by the same config and data, at most ``max_epoch``."""
-    for epoch, path in _checkpoints(folder):
-        if epoch > max_epoch:
-            log.warning("skipping checkpoint %s: epoch %d is beyond the %d epochs asked for", path, epoch, max_epoch)
-            continue
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            found_fp, found_epoch = ckpt["fingerprint"], ckpt["epoch"]
-        except Exception as exc:  # any unreadable file: an older checkpoint, or a fresh start, is the fallback
-            log.warning("skipping checkpoint %s: unreadable (%s: %s)", path, type(exc).__name__, exc)
-            continue
-        if found_fp != fingerprint or found_epoch != epoch:
-            log.warning("skipping checkpoint %s: written for another config or data (fingerprint %s, this run %s)",
-                        path, str(found_fp)[:12], fingerprint[:12])
-            continue
-        return ckpt
-    return None
-
-
-def _save_checkpoint(folder: Path, payload: dict[str, Any]) -> Path:
-    """Write ``epoch_{k:04d}.pt`` atomically, then delete all but the newest ``CHECKPOINT_KEEP`` of this job."""
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    epoch = payload["epoch"]
-    path = atomic_write_bytes(folder / f"epoch_{epoch:04d}.pt", buf.getvalue())
-    keep = {epoch - i for i in range(CHECKPOINT_KEEP)}
-    for old_epoch, old in _checkpoints(folder):
-        if old_epoch not in keep:
-            old.unlink(missing_ok=True)
-    return path
-
-
 @torch.no_grad()
 def _evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> dict[str, float]:
     """Validation metrics over a whole split (empty split: no metrics)."""
@@ -328,19 +283,6 @@ class _State:
     resumed_from: int | None = None
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def _set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -> None:
-    cpu, cuda = state["cpu"], state["cuda"]
-    assert cpu is not None  # always saved; only the CUDA state is optional
-    torch.set_rng_state(cpu)
-    if device.type == "cuda" and cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
-
-
 def _setup_device(env: _DistEnv, config: TrainConfig) -> torch.device:
     torch.set_num_threads(config.training.threads_per_proc)
     cuda = torch.cuda.is_available()
@@ -382,7 +324,7 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainRes
     ckpt_dir = Path(config.checkpoint_dir)
     if is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)  # fail fast on an unusable folder, not after epoch 1
-    ckpt = _broadcast(_find_checkpoint(ckpt_dir, fingerprint, t.epochs) if is_main else None)
+    ckpt = _broadcast(checkpoint.find_checkpoint(ckpt_dir, fingerprint, t.epochs) if is_main else None)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     module = build_model(config.model, data.input_dim, data.n_outputs).to(device)
@@ -402,7 +344,7 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainRes
     # Each rank has its own RNG stream (dropout masks differ by rank); a checkpoint holds every rank's state so that
     # a resumed run draws exactly what an uninterrupted one would have.
     if ckpt is not None and len(ckpt["rng_states"]) == env.world_size:
-        _set_rng_state(ckpt["rng_states"][env.rank], device)
+        checkpoint.set_rng_state(ckpt["rng_states"][env.rank], device)
     else:
         if ckpt is not None:
             log.warning("checkpoint from %d ranks, now %d: RNG streams restart", len(ckpt["rng_states"]),
@@ -458,7 +400,7 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainRes
         totals = torch.stack([(torch.stack(losses).double() * sizes).sum(), sizes.sum()])
         if distributed:
             dist.all_reduce(totals)
-        rng_states = _gather(_rng_state(device))
+        rng_states = _gather(checkpoint.rng_state(device))
         global_samples = sampler.num_samples * env.world_size
         loop_s, loop_samples = loop_s + epoch_s, loop_samples + global_samples
         state.epoch = epoch
@@ -469,7 +411,7 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainRes
             log.info("epoch %d/%d done in %.1f s: %s", epoch, t.epochs, epoch_s,
                      " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             mlflow.log_metrics(metrics, step=epoch)
-            _save_checkpoint(ckpt_dir, {
+            checkpoint.save_checkpoint(ckpt_dir, {
                 "epoch": epoch, "fingerprint": fingerprint, "model_state": module.state_dict(),
                 "optimizer_state": optimizer.state_dict(), "rng_states": rng_states, "history": state.history,
                 "world_size": env.world_size, "config": config.to_json()})

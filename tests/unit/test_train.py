@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 import torch
 
-import tasks.train as train_mod
 from tasks.launch import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError, get_launcher
 from tasks.model import load_model, predict
 from tasks.spec import ModelSpec, TrainingSpec
@@ -90,13 +89,15 @@ def test_same_seed_gives_identical_weights(tmp_path, features):
 
 
 def test_checkpoints_are_written_atomically_each_epoch_and_only_the_last_two_kept(tmp_path, features, monkeypatch):
-    written, atomic_write = [], train_mod.atomic_write_bytes
+    from tasks import checkpoint
+
+    written, atomic_write = [], checkpoint.atomic_write_bytes
 
     def recording_write(path, data):
         written.append(Path(path).name)
         return atomic_write(path, data)
 
-    monkeypatch.setattr(train_mod, "atomic_write_bytes", recording_write)
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", recording_write)
     config = make_config(tmp_path, features, epochs=4)
     run_train(config)
     assert written == ["epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt", "epoch_0004.pt"]
