@@ -73,12 +73,26 @@ def make_context(spec_path: str | Path, run_id: str, params: dict[str, Any] | No
 
 
 def ingest(ctx: RunContext) -> dict[str, Any]:
-    """Snapshot the source into ``<run>/ingest``."""
-    from tasks.ingest import IngestConfig, run_ingest
+    """Snapshot the source into ``<run>/ingest``, once per run.
 
+    The snapshot is immutable: a retried or re-run ``ingest`` of the same run returns the snapshot already taken
+    instead of re-reading a source that may have changed since, so every later step of the run sees the same rows.
+    """
+    from tasks.artifacts import read_json
+    from tasks.ingest import MANIFEST_FILE, SNAPSHOT_FILE, IngestConfig, IngestResult, run_ingest
+
+    key = ctx.key("ingest")
+    if ctx.store.exists(key):
+        manifest = read_json(ctx.store.path(key) / MANIFEST_FILE)
+        log.info("snapshot for %s already taken (%d rows, sha256 %s); reusing it", ctx.run_key, manifest["rows"],
+                 manifest["sha256"][:12])
+        fields = IngestResult.__dataclass_fields__
+        return {k: v for k, v in manifest.items() if k in fields}
     config = IngestConfig(source=ctx.spec.source, sample_fraction=ctx.spec.sample_fraction,
                           seed=ctx.spec.training.seed)
-    return _publish(ctx, "ingest", lambda out: run_ingest(config, out))
+    result = _publish(ctx, "ingest", lambda out: run_ingest(config, out))
+    (ctx.store.path(key) / SNAPSHOT_FILE).chmod(0o444)
+    return result
 
 
 def validate(ctx: RunContext) -> dict[str, Any]:

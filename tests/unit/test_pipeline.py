@@ -1,0 +1,59 @@
+"""Pipeline wiring: run-keyed outputs, an immutable snapshot per run, failures that publish nothing downstream."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tasks import pipeline
+from tasks.artifacts import LocalArtifactStore
+from tasks.spec import SpecError
+
+
+def _spec(tmp_path: Path, rows: int = 40) -> Path:
+    df = pd.DataFrame({"x": range(rows), "c": ["a", "b"] * (rows // 2), "y": ["p", "q"] * (rows // 2)})
+    df.to_csv(tmp_path / "data.csv", index=False)
+    spec = {"name": "tiny", "source": {"uri": "data.csv"}, "target": "y", "task": "classification"}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
+    return tmp_path / "tiny.yaml"
+
+
+def test_snapshot_is_taken_once_per_run(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "store")
+    ctx = pipeline.make_context(_spec(tmp_path), "manual__1", store=store)
+    first = pipeline.ingest(ctx)
+    snapshot = store.path(ctx.key("ingest")) / "snapshot.parquet"
+    assert not snapshot.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+
+    pd.DataFrame({"x": [1], "c": ["a"], "y": ["p"]}).to_csv(tmp_path / "data.csv", index=False)  # source changes
+    again = pipeline.ingest(ctx)  # a retry of the same run
+    assert again == first and again["rows"] == 40
+    other_run = pipeline.ingest(pipeline.make_context(tmp_path / "tiny.yaml", "manual__2", store=store))
+    assert other_run["rows"] == 1 and other_run["sha256"] != first["sha256"]
+
+
+def test_step_results_point_at_published_folders(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "store")
+    ctx = pipeline.make_context(_spec(tmp_path), "manual__1", store=store)
+    pipeline.ingest(ctx)
+    validated = pipeline.validate(ctx)
+    assert validated["report_file"] == str(store.path(ctx.key("validate")) / "validation.json")
+    cleaned = pipeline.clean(ctx)
+    assert Path(cleaned["report_file"]).is_file()
+
+
+def test_failed_step_publishes_nothing(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "store")
+    ctx = pipeline.make_context(_spec(tmp_path), "manual__1", store=store)
+    with pytest.raises(FileNotFoundError, match="no artifact published"):
+        pipeline.clean(ctx)  # ingest never ran: nothing is read implicitly from elsewhere
+    assert not store.exists(ctx.key("clean"))
+
+
+def test_bad_params_are_spec_errors(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="training.epochs"):
+        pipeline.make_context(_spec(tmp_path), "r", {"epochs": 0}, store=LocalArtifactStore(tmp_path))
