@@ -152,7 +152,8 @@ def train(ctx: RunContext, launcher: Any = None) -> dict[str, Any]:
         launcher: a ``tasks.launch.Launcher``; default: the one the spec names. Passed in by the Airflow
             operator so that ``on_kill`` can terminate it.
     """
-    from tasks.launch import get_launcher
+    from tasks.artifacts import atomic_write_bytes
+    from tasks.launch import CONFIG_FILE, get_launcher
     from tasks.train import TrainConfig
 
     spec = ctx.spec
@@ -166,6 +167,9 @@ def train(ctx: RunContext, launcher: Any = None) -> dict[str, Any]:
                              training=spec.training, mlflow_tracking_uri=s.mlflow_tracking_uri,
                              mlflow_run_id=run_id)
         launched = launcher.launch(config, nproc=spec.training.nproc, workdir=out)
+        # The published copy of the config names where the model is published, not the temporary folder.
+        atomic_write_bytes(out / CONFIG_FILE, replace(config, output_dir=ctx.store.uri(ctx.key("train")))
+                           .to_json().encode())
     log.info("training finished in %.1f s", launched.duration_s)
     from tasks.artifacts import read_json
 
