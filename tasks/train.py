@@ -21,10 +21,9 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -33,6 +32,7 @@ from torch.utils.data import DistributedSampler, TensorDataset
 
 from tasks import checkpoint
 from tasks.artifacts import write_json
+from tasks.features import FEATURE_SPEC_FILE, TRAIN_FILE, load_split
 from tasks.model import MODEL_FILE, build_model, save_model
 from tasks.spec import ModelSpec, TaskType, TrainingSpec
 
@@ -40,9 +40,6 @@ log = logging.getLogger(__name__)
 
 #: Metrics file written next to ``model.pt`` in the output folder.
 METRICS_FILE = "train_metrics.json"
-# The features folder contract of tasks.features (FEATURE_SPEC_FILE, load_split), read here directly: importing
-# tasks.features also imports scikit-learn, which would add ~1.7 s to the start-up of every rank.
-_FEATURE_SPEC_FILE = "feature_spec.json"
 _TASKS = ("classification", "regression")
 _EVAL_BATCH = 4096
 
@@ -105,7 +102,7 @@ class TrainConfig:
         """
         t = self.training
         data_hash = hashlib.sha256()
-        for name in ("train.parquet", _FEATURE_SPEC_FILE):
+        for name in (TRAIN_FILE, FEATURE_SPEC_FILE):
             with open(Path(self.features_dir) / name, "rb") as fh:
                 while chunk := fh.read(1 << 20):
                     data_hash.update(chunk)
@@ -161,20 +158,11 @@ class _Data:
     n_outputs: int
 
 
-def _read_split(features_dir: Path, split: str, input_dim: int, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    path = features_dir / f"{split}.parquet"
-    table = pq.read_table(path)
-    columns = [f"f{i}" for i in range(input_dim)]
-    missing = [c for c in [*columns, "target"] if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{path} lacks columns {missing[:5]} (feature spec says input_dim={input_dim})")
-    # np.array copies: arrow-backed arrays are read-only, and torch tensors must own writable memory. Row-major,
-    # because batches gather rows (a DataFrame's matrix is column-major).
-    x = torch.from_numpy(np.array(table.select(columns).to_pandas().to_numpy(), dtype=np.float32, order="C"))
-    y = table.column("target").to_numpy()
-    if task == "classification":
-        return x, torch.from_numpy(np.array(y, dtype=np.int64))
-    return x, torch.from_numpy(np.array(y, dtype=np.float32)).unsqueeze(1)
+def _read_split(features_dir: Path, split: Literal["train", "val"], task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = load_split(features_dir, split)
+    # Row-major, because batches gather rows (a DataFrame's matrix is column-major).
+    features, labels = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    return features, (labels if task == "classification" else labels.unsqueeze(1))
 
 
 def _load_data(config: TrainConfig) -> _Data:
@@ -184,15 +172,15 @@ def _load_data(config: TrainConfig) -> _Data:
         ValueError: the folder's task or columns disagree with the config, or labels are out of range.
     """
     folder = Path(config.features_dir)
-    spec = json.loads((folder / _FEATURE_SPEC_FILE).read_text())
+    spec = json.loads((folder / FEATURE_SPEC_FILE).read_text())
     if spec.get("task", config.task) != config.task:
         raise ValueError(f"features in {folder} are for task {spec['task']!r}, but TrainConfig.task is "
                          f"{config.task!r}")
     input_dim, n_classes = int(spec["input_dim"]), int(spec.get("n_classes") or 0)
     if config.task == "classification" and n_classes < 2:
-        raise ValueError(f"{folder / _FEATURE_SPEC_FILE}: classification needs n_classes >= 2, found {n_classes}")
-    x_train, y_train = _read_split(folder, "train", input_dim, config.task)
-    x_val, y_val = _read_split(folder, "val", input_dim, config.task)
+        raise ValueError(f"{folder / FEATURE_SPEC_FILE}: classification needs n_classes >= 2, found {n_classes}")
+    x_train, y_train = _read_split(folder, "train", config.task)
+    x_val, y_val = _read_split(folder, "val", config.task)
     if len(x_train) == 0:
         raise ValueError(f"{folder / 'train.parquet'} has no rows")
     if config.task == "classification":
