@@ -18,7 +18,6 @@ matter (feature scaling) are fitted by ``build_features`` on the train split onl
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.artifacts import atomic_write_bytes
+from tasks.artifacts import write_json
 from tasks.ingest import SNAPSHOT_FILE
 from tasks.schema import infer_column_types, missing_column_message
 from tasks.spec import CleaningSpec, ColumnCleaning, ColumnType, TaskType
@@ -151,7 +150,7 @@ def run_clean(config: CleanConfig, snapshot_dir: Path, out_dir: Path) -> CleanRe
     df = df.reset_index(drop=True)
     out_dir = Path(out_dir)
     df.to_parquet(out_dir / CLEAN_FILE, engine="pyarrow", index=False)
-    report_file = _write_json(out_dir / REPORT_FILE, {
+    report_file = write_json(out_dir / REPORT_FILE, {
         "rows_in": rows_in, "rows_out": len(df), "rules": rules.records, "column_types": kept,
         "target": config.target, "task": config.task})
     log.info("clean: rows in %d out %d dropped %d; %d columns kept; wrote %s", rows_in, len(df), rows_in - len(df),
@@ -315,8 +314,3 @@ def _apply_outliers(df: pd.DataFrame, column: str, policy: ColumnCleaning, rules
     df = df[~outside]
     rules.record("outliers_drop_iqr", column, rows, len(df), 0, detail)
     return df
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> Path:
-    """Write ``obj`` as indented JSON, keeping key order (column order matters to readers)."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())

@@ -10,7 +10,6 @@ import contextlib
 import difflib
 import hashlib
 import importlib.resources
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.artifacts import atomic_write_bytes
+from tasks.artifacts import write_json
 from tasks.spec import SourceSpec
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ def run_ingest(config: IngestConfig, out_dir: Path) -> IngestResult:
     columns = {str(c): str(t) for c, t in df.dtypes.items()}
     result = IngestResult(rows=len(df), columns=columns, sha256=_sha256_file(snapshot), source_uri=source.uri,
                           source_sha256=source_sha256)
-    _write_json(out_dir / MANIFEST_FILE, {
+    write_json(out_dir / MANIFEST_FILE, {
         "source_uri": source.uri,
         "source_sha256": source_sha256,
         "rows": result.rows,
@@ -223,8 +222,3 @@ def _check_unique(names: list[Any], uri: str, where: str = "the header") -> None
     if dupes:
         raise IngestError(f"source {uri}: duplicate column names in {where}: {', '.join(dupes)}; "
                           "rename them so every column name is unique")
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> Path:
-    """Write ``obj`` as indented JSON, keeping key order (column order matters to readers)."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
