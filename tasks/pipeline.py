@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import ArtifactStore, LocalArtifactStore, run_key
+from tasks.artifacts import ArtifactStore, LocalArtifactStore, atomic_write_bytes, read_json, run_key
 from tasks.settings import get_settings
 from tasks.spec import PipelineSpec, load_spec
 
@@ -78,7 +78,6 @@ def ingest(ctx: RunContext) -> dict[str, Any]:
     The snapshot is immutable: a retried or re-run ``ingest`` of the same run returns the snapshot already taken
     instead of re-reading a source that may have changed since, so every later step of the run sees the same rows.
     """
-    from tasks.artifacts import read_json
     from tasks.ingest import MANIFEST_FILE, SNAPSHOT_FILE, IngestConfig, IngestResult, run_ingest
 
     key = ctx.key("ingest")
@@ -152,9 +151,8 @@ def train(ctx: RunContext, launcher: Any = None) -> dict[str, Any]:
         launcher: a ``tasks.launch.Launcher``; default: the one the spec names. Passed in by the Airflow
             operator so that ``on_kill`` can terminate it.
     """
-    from tasks.artifacts import atomic_write_bytes
     from tasks.launch import CONFIG_FILE, get_launcher
-    from tasks.train import TrainConfig
+    from tasks.train import METRICS_FILE, TrainConfig
 
     spec = ctx.spec
     launcher = launcher or get_launcher(spec.training.launcher)
@@ -171,9 +169,7 @@ def train(ctx: RunContext, launcher: Any = None) -> dict[str, Any]:
         atomic_write_bytes(out / CONFIG_FILE, replace(config, output_dir=ctx.store.uri(ctx.key("train")))
                            .to_json().encode())
     log.info("training finished in %.1f s", launched.duration_s)
-    from tasks.artifacts import read_json
-
-    metrics = read_json(ctx.input_dir("train") / "train_metrics.json")
+    metrics = read_json(ctx.input_dir("train") / METRICS_FILE)
     return {"mlflow_run_id": run_id, "duration_s": round(launched.duration_s, 3),
             "final": metrics.get("final", {}), "resumed_from_epoch": metrics.get("resumed_from_epoch"),
             "samples_per_s": metrics.get("samples_per_s"), "model_uri": ctx.store.uri(ctx.key("train"))}
