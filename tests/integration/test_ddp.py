@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import psutil
 import pytest
+from synthetic import write_features
 
 from tasks.launch import LocalTorchrunLauncher, TrainingFailedError, TrainingTimeoutError
 from tasks.model import load_model, predict
@@ -28,18 +28,6 @@ from tasks.train import METRICS_FILE, TrainConfig
 
 pytestmark = pytest.mark.integration
 
-
-def write_features(folder: Path, *, n: int = 600, d: int = 4) -> Path:
-    """A features folder as build_features writes it, with two separable classes."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in (("train", n), ("val", n // 4), ("test", n // 4)):
-        x = rng.normal(size=(rows, d)).astype(np.float32)
-        df = pd.DataFrame({f"f{i}": x[:, i] for i in range(d)})
-        df["target"] = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
-        df.to_parquet(folder / f"{split}.parquet")
-    (folder / "feature_spec.json").write_text(json.dumps({"input_dim": d, "n_classes": 2, "task": "classification"}))
-    return folder
 
 
 def make_config(tmp_path: Path, features: Path, *, checkpoint_dir: Path | None = None, **training) -> TrainConfig:
@@ -60,7 +48,7 @@ def assert_group_gone(pgid: int) -> None:
 
 
 def test_two_ranks_train_with_parameters_in_sync(tmp_path):
-    config = make_config(tmp_path, write_features(tmp_path / "features"))
+    config = make_config(tmp_path, write_features(tmp_path / "features", n=600))
     launcher = LocalTorchrunLauncher()
     result = launcher.launch(config, nproc=2, workdir=tmp_path / "work")
 
@@ -80,7 +68,7 @@ def test_two_ranks_train_with_parameters_in_sync(tmp_path):
 def test_a_crashing_rank_fails_the_launch_quickly_with_its_traceback(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    config = make_config(tmp_path, write_features(tmp_path / "features"), checkpoint_dir=blocker / "ckpt",
+    config = make_config(tmp_path, write_features(tmp_path / "features", n=600), checkpoint_dir=blocker / "ckpt",
                          timeout_s=600)
     launcher = LocalTorchrunLauncher()
     started = time.monotonic()
@@ -99,7 +87,7 @@ def test_a_hung_job_is_killed_at_its_timeout(tmp_path):
     hang_rank0_on_checkpoint(tmp_path / "ckpt")
     # The smallest timeout TrainingSpec allows. Rank 1's collective timeout is as long, but it starts only after
     # the ranks have started up, so the launcher's timeout always comes first.
-    config = make_config(tmp_path, write_features(tmp_path / "features"), timeout_s=10)
+    config = make_config(tmp_path, write_features(tmp_path / "features", n=600), timeout_s=10)
     launcher = LocalTorchrunLauncher(kill_grace_s=3)
     started = time.monotonic()
     with pytest.raises(TrainingTimeoutError) as info:
@@ -113,7 +101,7 @@ def test_a_hung_job_is_killed_at_its_timeout(tmp_path):
 
 
 def test_terminate_from_another_thread_stops_every_rank(tmp_path):
-    features = write_features(tmp_path / "features")
+    features = write_features(tmp_path / "features", n=600)
     hang_rank0_on_checkpoint(tmp_path / "ckpt")  # only terminate() ends this job
     launcher = LocalTorchrunLauncher(kill_grace_s=3)
     errors: list[BaseException] = []

@@ -10,11 +10,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import psutil
 import pytest
 import torch
+from synthetic import write_features
 
 from tasks.launch import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError
 from tasks.spec import ModelSpec, TrainingSpec
@@ -25,18 +24,6 @@ pytestmark = pytest.mark.integration
 EPOCHS = 5
 KILL_AFTER_EPOCH = 2
 
-
-def write_features(folder: Path, *, n: int = 2000, d: int = 8) -> Path:
-    """A features folder as build_features writes it, with three classes."""
-    rng = np.random.default_rng(1)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in (("train", n), ("val", n // 5), ("test", n // 5)):
-        x = rng.normal(size=(rows, d)).astype(np.float32)
-        df = pd.DataFrame({f"f{i}": x[:, i] for i in range(d)})
-        df["target"] = np.digitize(x[:, 0] + x[:, 1] * x[:, 2], [-0.5, 0.5]).astype(np.int64)
-        df.to_parquet(folder / f"{split}.parquet")
-    (folder / "feature_spec.json").write_text(json.dumps({"input_dim": d, "n_classes": 3, "task": "classification"}))
-    return folder
 
 
 def make_config(root: Path, features: Path) -> TrainConfig:
@@ -64,7 +51,7 @@ def final_state(root: Path) -> dict[str, torch.Tensor]:
 
 
 def test_killed_job_resumes_after_its_last_checkpoint_with_identical_final_weights(tmp_path):
-    features = write_features(tmp_path / "features")
+    features = write_features(tmp_path / "features", n=2000, d=8, n_classes=3, seed=1)
     interrupted = make_config(tmp_path / "interrupted", features)
 
     launcher = LocalTorchrunLauncher()

@@ -15,28 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from synthetic import write_features
 
 from tasks.launch import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError, get_launcher
 from tasks.model import load_model, predict
 from tasks.spec import ModelSpec, TrainingSpec
 from tasks.train import METRICS_FILE, TrainConfig, param_checksum, run_train
-
-
-def write_features(folder: Path, *, n: int = 400, d: int = 4, task: str = "classification", seed: int = 0) -> Path:
-    """A features folder as build_features writes it: two separable classes (or a linear target)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in (("train", n), ("val", n // 4), ("test", n // 4)):
-        x = rng.normal(size=(rows, d)).astype(np.float32)
-        df = pd.DataFrame({f"f{i}": x[:, i] for i in range(d)})
-        if task == "classification":
-            df["target"] = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
-        else:
-            df["target"] = (x @ np.linspace(1, 2, d) + 0.5).astype(np.float32)
-        df.to_parquet(folder / f"{split}.parquet")
-    spec = {"input_dim": d, "n_classes": 2 if task == "classification" else 0, "task": task}
-    (folder / "feature_spec.json").write_text(json.dumps(spec))
-    return folder
 
 
 def make_config(tmp_path: Path, features: Path, *, name: str = "run", task: str = "classification",
