@@ -32,7 +32,11 @@ def _params(spec: PipelineSpec) -> dict[str, Param]:
         "seed": Param(t.seed, type="integer", minimum=0, title="Seed",
                       description="Seeds sampling, the split and training: same seed, same model."),
         "nproc": Param(t.nproc, type="integer", minimum=1, maximum=64, title="Worker processes",
-                       description="DDP ranks on the node."),
+                       description="DDP ranks per node."),
+        "launcher": Param(t.launcher, type="string", enum=["local", "docker"], title="Launcher",
+                          description="local: torchrun on the worker's machine; docker: one container per node."),
+        "nodes": Param(t.nodes, type="integer", minimum=1, maximum=256, title="Nodes",
+                       description="Nodes in the training gang (more than one needs the docker launcher)."),
         "sample_fraction": Param(spec.sample_fraction, type="number", exclusiveMinimum=0, maximum=1,
                                  title="Sample fraction", description="Share of source rows used (seeded)."),
     }
@@ -76,8 +80,9 @@ def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         validated = _step("validate", path)(_upstream=ingested)
         cleaned = _step("clean", path)(_upstream=validated)
         features = _step("build_features", path)(_upstream=cleaned)
-        trained = TrainOperator(task_id="train", spec_path=path,
-                                execution_timeout=timedelta(seconds=spec.training.timeout_s + 120))
+        # Airflow counts a deferred task's wait in its execution time: allow the lease wait plus the job.
+        budget_s = spec.training.timeout_s + spec.training.resources.wait_timeout_s + 300
+        trained = TrainOperator(task_id="train", spec_path=path, execution_timeout=timedelta(seconds=budget_s))
         features >> trained
         _step("evaluate", path)(_upstream=trained.output)
     return dag

@@ -1,19 +1,25 @@
-"""``TrainOperator``: runs the ``train`` step through a launcher that ``on_kill`` can stop."""
+"""``TrainOperator`` and ``DockerTrainOperator``: the ``train`` step on devices leased from a resource pool."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from operators.pools import PooledOperator
 
-class TrainOperator(BaseOperator):
+if TYPE_CHECKING:
+    from tasks.pipeline import RunContext
+    from tasks.pools.allocation import Allocation, LeaseRequest
+
+
+class TrainOperator(PooledOperator):
     """Train the model of one pipeline run with the launcher its spec names (local torchrun by default).
 
-    The launched job checkpoints every epoch under the run's key, so an Airflow retry of this task resumes from
-    the last complete epoch instead of starting over.
+    Leases ``training.resources`` (per node, ``training.nodes`` nodes) from the spec's pool first, deferring while
+    the request waits; the job sees only the leased GPUs and CPU cores. The job checkpoints every epoch under the
+    run's key, so an Airflow retry resumes from the last complete epoch instead of starting over.
 
     Args:
         spec_path: the pipeline spec file.
@@ -21,32 +27,61 @@ class TrainOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("spec_path",)
     ui_color = "#f0e4ff"
+    #: Forces a launcher regardless of the spec (``None``: the spec's ``training.launcher`` / the Param).
+    launcher_name: str | None = None
 
     def __init__(self, *, spec_path: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.spec_path = spec_path
         self._launcher: Any = None
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def _context(self, context: Any) -> RunContext:
         from tasks import pipeline
-        from tasks.launch import TrainingFailedError, get_launcher
         from tasks.spec import SpecError
 
+        params = dict(context["params"])
+        if self.launcher_name:
+            params["launcher"] = self.launcher_name
         try:
-            ctx = pipeline.make_context(self.spec_path, context["run_id"], dict(context["params"]))
+            return pipeline.make_context(self.spec_path, context["run_id"], params)
         except SpecError as exc:  # retrying cannot fix a bad spec or Param
             raise AirflowFailException(str(exc)) from exc
+
+    def lease_request(self, context: Any) -> tuple[LeaseRequest, float]:
+        from tasks.pipeline import lease_request
+
+        spec = self._context(context).spec
+        return lease_request(spec), spec.training.resources.wait_timeout_s
+
+    def run_leased(self, context: Any, allocation: Allocation) -> dict[str, Any]:
+        from tasks import pipeline
+        from tasks.launch import TrainingFailedError, get_launcher
+
+        ctx = self._context(context)
         self._launcher = get_launcher(ctx.spec.training.launcher)
         try:
-            return pipeline.train(ctx, self._launcher)
+            return pipeline.train(ctx, self._launcher, allocation=allocation)
         except TrainingFailedError:
             self.log.error("training failed; a retry resumes from the last complete checkpoint")
             raise
         finally:
             self._launcher = None
 
-    def on_kill(self) -> None:
+    def stop_work(self) -> None:
         launcher = self._launcher
         if launcher is not None:
             self.log.info("stopping the training job")
             launcher.terminate()
+
+
+class DockerTrainOperator(TrainOperator):
+    """:class:`TrainOperator` that always runs the job as a gang of Docker containers, one per leased node.
+
+    Each container runs torchrun (c10d rendezvous on the rank-0 node; NCCL on GPUs, gloo on CPU) with the node's
+    leased GPUs as device requests, its cores as the cpuset and its memory as the limit. The gang starts and
+    stops together, restarts from its last checkpoint up to ``training.max_restarts`` times, and its containers
+    and network are removed on every exit path, ``on_kill`` included.
+    """
+
+    launcher_name = "docker"
+    ui_color = "#dbeafe"

@@ -7,6 +7,7 @@ torchrun on this machine; a container launcher implements the same interface.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from tasks.artifacts import atomic_write_bytes
+from tasks.pools.allocation import Allocation
 from tasks.settings import REPO_ROOT
 from tasks.train import TrainConfig
 
@@ -66,13 +68,17 @@ class Launcher(ABC):
     """Starts a training job's ranks and watches them until all have exited."""
 
     @abstractmethod
-    def launch(self, config: TrainConfig, *, nproc: int, workdir: Path) -> LaunchResult:
+    def launch(self, config: TrainConfig, *, nproc: int, workdir: Path,
+               allocation: Allocation | None = None) -> LaunchResult:
         """Run the job to completion.
 
         Args:
-            config: the job; ``config.training.timeout_s`` bounds its whole run.
-            nproc: number of ranks.
+            config: the job; ``config.training.timeout_s`` bounds its whole run and ``max_restarts`` how often the
+                whole job is restarted (from its last complete checkpoint) after a failure.
+            nproc: number of ranks per node.
             workdir: a folder for the config file and the job's log.
+            allocation: the devices leased for the job, one entry per node (rank-0 node first); the job sees only
+                these GPUs and CPU cores. ``None``: no lease (a laptop run outside any pool).
 
         Raises:
             TrainingFailedError: a rank failed (the others are stopped) or :meth:`terminate` was called.
@@ -109,21 +115,32 @@ class LocalTorchrunLauncher(Launcher):
         """Process id of the running torchrun (also its process group id), or ``None``."""
         return self._proc.pid if self._proc else None
 
-    def command(self, config_path: Path, nproc: int) -> list[str]:
-        """The command line that starts the job."""
+    def command(self, config_path: Path, nproc: int, max_restarts: int = 0) -> list[str]:
+        """The command line that starts the job (torchrun restarts all ranks together on a failure)."""
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", TRAIN_MODULE, "--config", str(config_path)]
+                f"--max-restarts={max_restarts}", "-m", TRAIN_MODULE, "--config", str(config_path)]
 
-    def launch(self, config: TrainConfig, *, nproc: int, workdir: Path) -> LaunchResult:
+    def launch(self, config: TrainConfig, *, nproc: int, workdir: Path,
+               allocation: Allocation | None = None) -> LaunchResult:
         if nproc < 1:
             raise ValueError(f"nproc must be at least 1, found {nproc}")
+        if allocation is not None and len(allocation.nodes) != 1:
+            raise ValueError(f"the local launcher runs on one node; the lease has {len(allocation.nodes)}")
         workdir = Path(workdir).resolve()
         config_path = atomic_write_bytes(workdir / CONFIG_FILE, config.to_json().encode())
         # The parent environment passes through unchanged (this reads no setting from it); the repo root goes on
         # PYTHONPATH so that the worker module imports even without an installed package.
         env = {**os.environ, "OMP_NUM_THREADS": str(config.training.threads_per_proc), "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
-        cmd = self.command(config_path, nproc)
+        cpus: set[int] = set()
+        if allocation is not None:
+            node = allocation.master
+            # A job sees only the GPUs it leased: none at all when it leased none.
+            env["CUDA_VISIBLE_DEVICES"] = node.cuda_visible_devices()
+            cpus = _usable_cpus(node.cpus)
+            log.info("lease %s on node %s: GPUs [%s], CPU cores [%s]", allocation.lease_id, node.node,
+                     node.cuda_visible_devices(), node.cpuset())
+        cmd = self.command(config_path, nproc, config.training.max_restarts)
         timeout_s = config.training.timeout_s
         tail: deque[str] = deque(maxlen=self.tail_lines)
         with self._lock:
@@ -133,7 +150,8 @@ class LocalTorchrunLauncher(Launcher):
             start = time.monotonic()
             proc = self._proc = subprocess.Popen(
                 cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                bufsize=1, errors="replace", start_new_session=True)
+                bufsize=1, errors="replace", start_new_session=True,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         assert proc.stdout is not None
         pump = threading.Thread(target=self._pump, args=(proc.stdout, workdir / LOG_FILE, tail),
                                 name="train-log-pump", daemon=True)
@@ -198,7 +216,18 @@ class LocalTorchrunLauncher(Launcher):
             pass
 
 
-_LAUNCHERS: dict[str, type[Launcher]] = {"local": LocalTorchrunLauncher}
+def _usable_cpus(leased: tuple[int, ...]) -> set[int]:
+    """The leased cores this process may run on; an inventory can name cores this machine lacks (a test
+    stand-in, or a node entry meant for another host), and pinning to those would fail."""
+    usable = set(leased) & os.sched_getaffinity(0)
+    if leased and usable != set(leased):
+        log.warning("leased CPU cores %s are not all available here (have %s); pinning to %s",
+                    sorted(leased), sorted(os.sched_getaffinity(0)), sorted(usable) or "no core (not pinned)")
+    return usable
+
+
+_LAUNCHERS: dict[str, str] = {"local": "tasks.launch:LocalTorchrunLauncher",
+                              "docker": "tasks.launch_docker:DockerGangLauncher"}
 
 
 def get_launcher(name: str) -> Launcher:
@@ -209,4 +238,7 @@ def get_launcher(name: str) -> Launcher:
     """
     if name not in _LAUNCHERS:
         raise ValueError(f"unknown launcher {name!r}; available: {', '.join(sorted(_LAUNCHERS))}")
-    return _LAUNCHERS[name]()
+    # Imported on demand: the Docker launcher needs the docker SDK, which a local run never loads.
+    module, cls = _LAUNCHERS[name].split(":")
+    launcher: Launcher = getattr(importlib.import_module(module), cls)()
+    return launcher

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifacts import ArtifactStore, LocalArtifactStore, atomic_write_bytes, read_json, run_key
+from tasks.pools.allocation import Allocation, LeaseRequest, Owner, parse_size
 from tasks.settings import get_settings
 from tasks.spec import PipelineSpec, load_spec
 
@@ -143,14 +144,37 @@ def mlflow_run(ctx: RunContext) -> str:
                       tags={"kiln.spec_hash": ctx.spec.spec_hash(), "kiln.spec_path": ctx.spec_path})
 
 
-def train(ctx: RunContext, launcher: Any = None) -> dict[str, Any]:
+def lease_request(spec: PipelineSpec) -> LeaseRequest:
+    """What the ``train`` step leases: ``training.resources`` per node, on ``training.nodes`` nodes."""
+    t, r = spec.training, spec.training.resources
+    return LeaseRequest(pool=r.pool, nodes=t.nodes, gpus=r.gpus,
+                        gpu_memory_min=parse_size(r.gpu_memory_min, field_name="training.resources.gpu_memory_min"),
+                        cpus=t.lease_cpus(), memory=parse_size(r.memory, field_name="training.resources.memory"),
+                        team=r.team, priority=r.priority, placement=r.placement, ttl_s=float(r.ttl_s),
+                        preemptible=r.preemptible)
+
+
+def train(ctx: RunContext, launcher: Any = None, allocation: Allocation | None = None) -> dict[str, Any]:
     """Train with the spec's launcher into ``<run>/train``; checkpoints survive in ``<run>/checkpoints``.
 
     Args:
         ctx: the run.
         launcher: a ``tasks.launch.Launcher``; default: the one the spec names. Passed in by the Airflow
             operator so that ``on_kill`` can terminate it.
+        allocation: the devices leased for the job; the Airflow operator leases them (deferring while it waits)
+            and passes them in. ``None``: lease here, blocking up to ``training.resources.wait_timeout_s``.
     """
+    if allocation is None:
+        import os
+        import socket
+
+        from tasks.pools.store import LeaseStore, hold
+
+        owner = Owner(run_id=ctx.run_key, task_id="train", host=socket.gethostname(), pid=os.getpid())
+        with hold(LeaseStore.from_settings(), lease_request(ctx.spec), owner,
+                  timeout_s=ctx.spec.training.resources.wait_timeout_s) as leased:
+            return train(ctx, launcher, leased)
+
     from tasks.launch import CONFIG_FILE, get_launcher
     from tasks.train import METRICS_FILE, TrainConfig
 
@@ -164,7 +188,7 @@ def train(ctx: RunContext, launcher: Any = None) -> dict[str, Any]:
                              checkpoint_dir=str(checkpoints), task=spec.task, model=spec.model,
                              training=spec.training, mlflow_tracking_uri=s.mlflow_tracking_uri,
                              mlflow_run_id=run_id)
-        launched = launcher.launch(config, nproc=spec.training.nproc, workdir=out)
+        launched = launcher.launch(config, nproc=spec.training.nproc, workdir=out, allocation=allocation)
         # The published copy of the config names where the model is published, not the temporary folder.
         atomic_write_bytes(out / CONFIG_FILE, replace(config, output_dir=ctx.store.uri(ctx.key("train")))
                            .to_json().encode())

@@ -23,6 +23,14 @@ class Settings:
     """``KILN_MLFLOW_ARTIFACT_ROOT``: where new MLflow experiments keep artifacts."""
     pipelines_dir: Path
     """``KILN_PIPELINES_DIR``: the folder of pipeline spec files (default ``<repo>/dags/pipelines``)."""
+    pools_file: Path | None
+    """``KILN_POOLS_FILE``: the resource-pool inventory (YAML). Unset: one pool ``local`` with this machine's
+    CPUs, memory and GPUs, discovered at run time."""
+    pools_db_url: str
+    """``KILN_POOLS_DB_URL``: SQLAlchemy URL of the lease store (default SQLite under ``$KILN_HOME``; production:
+    ``postgresql+psycopg2://user:pw@host/db``)."""
+    train_image: str
+    """``KILN_TRAIN_IMAGE``: the image the Docker launcher runs when a spec names none (``make image`` builds it)."""
 
 
 def get_settings() -> Settings:
@@ -34,4 +42,7 @@ def get_settings() -> Settings:
         mlflow_tracking_uri=os.environ.get("KILN_MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
         mlflow_artifact_root=os.environ.get("KILN_MLFLOW_ARTIFACT_ROOT") or (home / "mlartifacts").as_uri(),
         pipelines_dir=Path(os.environ.get("KILN_PIPELINES_DIR") or REPO_ROOT / "dags" / "pipelines").resolve(),
+        pools_file=Path(os.environ["KILN_POOLS_FILE"]).resolve() if os.environ.get("KILN_POOLS_FILE") else None,
+        pools_db_url=os.environ.get("KILN_POOLS_DB_URL") or f"sqlite:///{home / 'pools.db'}",
+        train_image=os.environ.get("KILN_TRAIN_IMAGE") or "kiln-train:cpu",
     )

@@ -152,6 +152,56 @@ class ModelSpec(_Strict):
         return self
 
 
+class ResourcesSpec(_Strict):
+    """What the ``train`` step leases from a resource pool, per node, before it starts any worker."""
+
+    pool: str = "local"
+    """A pool of the inventory (``KILN_POOLS_FILE``); ``local`` is this machine when no inventory is given."""
+    team: str = "default"
+    """The team (tenant) whose quota the lease counts against."""
+    priority: int | None = None
+    """Queue priority, higher first; default: the team's priority."""
+    gpus: int = Field(default=0, ge=0, le=64)
+    """GPUs per node (``CUDA_VISIBLE_DEVICES`` / Docker device requests carry the leased ids)."""
+    gpu_memory_min: str | int = 0
+    """Least memory each GPU must have, e.g. ``20GiB`` (0: any)."""
+    cpus: int | None = Field(default=None, ge=1, le=1024)
+    """CPU cores per node, leased as a cpuset; default ``nproc * threads_per_proc``."""
+    memory: str | int = "4GiB"
+    """Memory per node, e.g. ``16GiB``: the containers' limit."""
+    placement: Literal["pack", "spread"] | None = None
+    """Where the gang's nodes go: ``pack`` fills busy nodes first, ``spread`` prefers idle ones; default: the pool's."""
+    wait_timeout_s: int = Field(default=3600, ge=1)
+    """The task fails if the lease is not granted within this time (it waits in the triggerer, not a worker)."""
+    ttl_s: int = Field(default=60, ge=5)
+    """The lease is reclaimed this long after its holder stops heartbeating (a killed worker frees its devices)."""
+    preemptible: bool = False
+    """The job checkpoints, so a higher-priority request may preempt it; it then fails for retry and resumes."""
+
+    @field_validator("gpu_memory_min", "memory")
+    @classmethod
+    def _size(cls, v: str | int) -> str | int:
+        from tasks.pools.allocation import parse_size
+
+        parse_size(v, field_name="size")
+        return v
+
+
+class DockerSpec(_Strict):
+    """Container settings of the ``docker`` launcher."""
+
+    image: str | None = None
+    """The training image; default ``KILN_TRAIN_IMAGE`` (``make image`` builds ``kiln-train:cpu``)."""
+    shm_size: str = "1g"
+    """``/dev/shm`` size: DataLoader workers and NCCL need more than Docker's 64 MB."""
+    ulimits: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    """``{name: [soft, hard]}``, e.g. ``{memlock: [-1, -1]}`` on GPU hosts. Raising a limit above the host's hard
+    limit needs CAP_SYS_RESOURCE in the daemon; without it the container cannot start and the job fails at once."""
+    network: Literal["bridge", "host"] = "bridge"
+    """``bridge``: a private network per job (nodes on one Docker host); ``host``: the node's network, required
+    when the gang spans several Docker hosts (NCCL/gloo connect to the nodes' addresses)."""
+
+
 class TrainingSpec(_Strict):
     """The ``train`` step's settings. The fields in ``PARAM_FIELDS`` can be overridden when a run is triggered."""
 
@@ -166,11 +216,29 @@ class TrainingSpec(_Strict):
     """Worker processes (DDP ranks) on the node."""
     threads_per_proc: int = Field(default=1, ge=1, le=64)
     """torch intra-op threads per rank."""
-    launcher: Literal["local"] = "local"
-    """How workers are started: ``local`` runs torchrun on this machine with gloo on the CPU."""
+    launcher: Literal["local", "docker"] = "local"
+    """How workers are started: ``local`` runs torchrun on this machine; ``docker`` runs one container per node,
+    each running torchrun (gloo on CPU, NCCL on GPUs). Same checkpoints, metrics and outputs either way."""
+    nodes: int = Field(default=1, ge=1, le=256)
+    """Nodes in the gang (``nproc`` ranks on each); more than one needs the ``docker`` launcher."""
+    max_restarts: int = Field(default=0, ge=0, le=100)
+    """Times the whole gang is restarted after a failure, resuming from the last complete checkpoint."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    docker: DockerSpec = Field(default_factory=DockerSpec)
     timeout_s: int = Field(default=1800, ge=10)
     """The whole training job fails if it runs longer than this (a hung peer cannot block a worker forever)."""
     log_every_steps: int = Field(default=20, ge=1)
+
+    @model_validator(mode="after")
+    def _local_is_one_node(self) -> TrainingSpec:
+        if self.launcher == "local" and self.nodes > 1:
+            raise ValueError(f"training.nodes is {self.nodes} but launcher 'local' runs on one node: "
+                             "set training.launcher: docker, or nodes: 1")
+        return self
+
+    def lease_cpus(self) -> int:
+        """CPU cores leased per node."""
+        return self.resources.cpus or self.nproc * self.threads_per_proc
 
 
 class EvaluationSpec(_Strict):
@@ -264,6 +332,8 @@ PARAM_FIELDS: dict[str, tuple[str, ...]] = {
     "batch_size": ("training", "batch_size"),
     "seed": ("training", "seed"),
     "nproc": ("training", "nproc"),
+    "nodes": ("training", "nodes"),
+    "launcher": ("training", "launcher"),
     "sample_fraction": ("sample_fraction",),
 }
 

@@ -354,7 +354,9 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainRes
                  config.task, config.model.type, sum(p.numel() for p in module.parameters()), len(x), len(x_val),
                  env.world_size, t.batch_size, state.epoch + 1, t.epochs)
         if state.resumed_from is None:
-            mlflow.log_params({**{f"training.{k}": v for k, v in t.model_dump(mode="json").items()},
+            # Where the job ran (resources, docker) is the launch's business, not a training hyperparameter.
+            mlflow.log_params({**{f"training.{k}": v for k, v in t.model_dump(mode="json").items()
+                                  if k not in ("resources", "docker")},
                                **{f"model.{k}": v for k, v in config.model.model_dump(mode="json").items()},
                                "task": config.task, "world_size": env.world_size, "fingerprint": fingerprint})
 

@@ -31,7 +31,7 @@ def pytest_configure(config: pytest.Config) -> None:
         MPLBACKEND="Agg",
     )
     for var in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "KILN_ARTIFACT_ROOT", "KILN_MLFLOW_TRACKING_URI",
-                "KILN_MLFLOW_ARTIFACT_ROOT", "KILN_PIPELINES_DIR"):
+                "KILN_MLFLOW_ARTIFACT_ROOT", "KILN_PIPELINES_DIR", "KILN_POOLS_FILE", "KILN_POOLS_DB_URL"):
         os.environ.pop(var, None)
 
 

@@ -43,7 +43,9 @@ def test_pipeline_shape_and_hygiene(dagbag, dag_id: str) -> None:
     for t in dag.tasks:
         assert t.owner == "ml-platform", t.task_id
         assert t.retries >= 1, t.task_id
-    assert set(dag.params.keys()) >= {"epochs", "learning_rate", "batch_size", "seed", "sample_fraction"}
+    from tasks.spec import PARAM_FIELDS
+
+    assert set(dag.params.keys()) == set(PARAM_FIELDS)
 
 
 def test_params_reject_out_of_range(dagbag) -> None:

@@ -40,9 +40,15 @@ def test_minimal_spec_gets_defaults() -> None:
         ({"name": "has space"}, ["field 'name'", "pattern"]),
         ({"target": None}, ["field 'target'"]),
         ({"features": {"test_fraction": 0.5, "val_fraction": 0.45}}, ["field 'features'", "below 0.9"]),
+        ({"training": {"nodes": 2}}, ["field 'training'", "launcher 'local' runs on one node",
+                                      "set training.launcher: docker"]),
+        ({"training": {"launcher": "k8s"}}, ["field 'training.launcher'", "'local' or 'docker'"]),
+        ({"training": {"resources": {"memory": "lots"}}}, ["field 'training.resources.memory'", "16GiB"]),
+        ({"training": {"resources": {"gpu": 1}}}, ["field 'training.resources.gpu'", "did you mean 'gpus'"]),
     ],
     ids=["bad-choice", "misspelled-section", "out-of-range", "misspelled-field", "cnn-without-shape",
-         "metric-for-other-task", "ignored-target", "bad-name", "null-target", "no-train-rows"],
+         "metric-for-other-task", "ignored-target", "bad-name", "null-target", "no-train-rows",
+         "multi-node-local", "unknown-launcher", "bad-memory-size", "misspelled-resource"],
 )
 def test_bad_spec_names_the_field(change: dict, expected: list[str]) -> None:
     with pytest.raises(SpecError) as info:
@@ -91,7 +97,8 @@ def test_overrides_apply_and_validate() -> None:
         spec.with_overrides({"epochs": -1})
     with pytest.raises(SpecError, match="unknown field 'epoch'.*did you mean 'epochs'"):
         spec.with_overrides({"epoch": 3})
-    assert set(PARAM_FIELDS) == {"epochs", "learning_rate", "batch_size", "seed", "nproc", "sample_fraction"}
+    assert set(PARAM_FIELDS) == {"epochs", "learning_rate", "batch_size", "seed", "nproc", "nodes", "launcher",
+                                 "sample_fraction"}
 
 
 def test_load_specs_keeps_valid_ones_and_reports_duplicates(tmp_path: Path) -> None:

@@ -1,0 +1,196 @@
+"""Airflow side of resource pools: a hook for the lease store, a trigger that waits for a grant, and a base
+operator that runs its work on leased devices.
+
+A task that cannot be granted its devices at once defers: the request waits in the pool's queue (FIFO within
+priority) while the triggerer polls it, so it occupies no worker slot. The lease is granted in the triggerer and
+held across the deferral; the resumed task heartbeats it while it works and releases it in ``finally`` and in
+``on_kill``. A worker that dies without either stops heartbeating, and the lease is reclaimed after its TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseHook, BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+if TYPE_CHECKING:
+    from tasks.pools.allocation import Allocation, LeaseRequest, Owner
+    from tasks.pools.store import LeaseStore
+
+#: Extra seconds the deferral may take beyond the request's own wait timeout (the trigger enforces the latter
+#: itself and reports it, so Airflow's generic deferral timeout is only a backstop).
+_DEFER_SLACK_S = 60
+
+
+class ResourcePoolHook(BaseHook):
+    """A stateless client of the lease store named by the settings (``KILN_POOLS_DB_URL``, ``KILN_POOLS_FILE``)."""
+
+    conn_name_attr = "pool_conn_id"
+    hook_name = "kiln resource pool"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def get_store(self) -> LeaseStore:
+        from tasks.pools.store import LeaseStore
+
+        return LeaseStore.from_settings()
+
+
+def owner_from_context(context: Any) -> Owner:
+    """The lease owner for the running task try."""
+    from tasks.pools.allocation import Owner
+
+    ti = context["ti"]
+    return Owner(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, try_number=int(ti.try_number or 0),
+                 host=socket.gethostname(), pid=os.getpid())
+
+
+class PoolLeaseTrigger(BaseTrigger):
+    """Polls a waiting lease request until it is granted, lost, or ``deadline`` (epoch seconds) passes.
+
+    Each poll also heartbeats the waiting entry, so a request whose triggerer died leaves the queue after its TTL.
+    Events: ``{"status": "granted", "allocation": {...}}``, ``{"status": "timeout", "message": ...}`` (the entry is
+    cancelled) or ``{"status": "lost", "message": ...}``.
+    """
+
+    def __init__(self, lease_id: str, deadline: float, poll_s: float = 1.0):
+        super().__init__()
+        self.lease_id = lease_id
+        self.deadline = deadline
+        self.poll_s = poll_s
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("operators.pools.PoolLeaseTrigger",
+                {"lease_id": self.lease_id, "deadline": self.deadline, "poll_s": self.poll_s})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from tasks.pools.allocation import LeaseLostError
+
+        store = await asyncio.to_thread(ResourcePoolHook().get_store)
+        self.log.info("waiting for lease %s", self.lease_id)
+        while True:
+            try:
+                allocation = await asyncio.to_thread(store.try_grant, self.lease_id)
+            except LeaseLostError as exc:
+                yield TriggerEvent({"status": "lost", "lease_id": self.lease_id, "message": str(exc)})
+                return
+            if allocation is not None:
+                self.log.info("lease %s granted", self.lease_id)
+                yield TriggerEvent({"status": "granted", "allocation": allocation.to_dict()})
+                return
+            if time.time() >= self.deadline:
+                await asyncio.to_thread(store.release, self.lease_id, "timeout")
+                yield TriggerEvent({"status": "timeout", "lease_id": self.lease_id,
+                                    "message": "resource request still waiting at its wait timeout; cancelled"})
+                return
+            await asyncio.sleep(self.poll_s)
+
+
+class PooledOperator(BaseOperator):
+    """Base for operators whose work runs on devices leased from a resource pool.
+
+    Subclasses implement :meth:`lease_request` (what to ask for) and :meth:`run_leased` (the work, given the
+    :class:`~tasks.pools.allocation.Allocation`), and :meth:`stop_work` if the work can be interrupted. This base
+    acquires (deferring while the request waits), heartbeats, stops the work if the lease is lost, and releases
+    in ``finally`` and in :meth:`on_kill`.
+    """
+
+    #: Seconds between polls of a waiting request in the triggerer.
+    poll_interval_s: float = 1.0
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._lease_id: str | None = None
+        self._store: LeaseStore | None = None
+
+    # -- to implement ------------------------------------------------------------------------------------------
+    def lease_request(self, context: Any) -> tuple[LeaseRequest, float]:
+        """The request and how long it may wait to be granted, in seconds."""
+        raise NotImplementedError
+
+    def run_leased(self, context: Any, allocation: Allocation) -> Any:
+        """Do the work on ``allocation``'s devices; the return value becomes the task's XCom."""
+        raise NotImplementedError
+
+    def stop_work(self) -> None:
+        """Interrupt :meth:`run_leased` from another thread (on_kill, lost lease). Safe to call twice."""
+
+    # -- the lease protocol --------------------------------------------------------------------------------------
+    def execute(self, context: Any) -> Any:
+        from tasks.pools.allocation import UnsatisfiableRequestError
+
+        request, wait_timeout_s = self.lease_request(context)
+        store = self._store = ResourcePoolHook().get_store()
+        try:
+            store.validate(request)  # a request that can never fit fails now, not after the wait timeout
+        except UnsatisfiableRequestError as exc:
+            raise AirflowFailException(str(exc)) from exc
+        owner = owner_from_context(context)
+        allocation = store.try_acquire(request, owner)
+        if allocation is not None:
+            return self._run(context, allocation)
+        lease_id = store.enqueue(request, owner)
+        self.log.info("%s does not fit now; lease %s waits in the queue of pool %r (deferring, up to %d s)",
+                      request.describe(), lease_id, request.pool, wait_timeout_s)
+        self.defer(trigger=PoolLeaseTrigger(lease_id=lease_id, deadline=time.time() + wait_timeout_s,
+                                            poll_s=self.poll_interval_s),
+                   method_name="execute_granted", timeout=timedelta(seconds=wait_timeout_s + _DEFER_SLACK_S))
+
+    def execute_granted(self, context: Any, event: dict[str, Any]) -> Any:
+        """Resumes after the trigger fired: run on the granted lease, or fail with the trigger's reason."""
+        from tasks.pools.allocation import Allocation
+
+        if event.get("status") != "granted":
+            raise AirflowException(f"lease {event.get('lease_id')} not granted: {event.get('message')}")
+        self._store = self._store or ResourcePoolHook().get_store()
+        return self._run(context, Allocation.from_dict(event["allocation"]))
+
+    def _run(self, context: Any, allocation: Allocation) -> Any:
+        from tasks.pools.allocation import LeaseLostError
+        from tasks.pools.store import KeepAlive
+
+        store = self._store
+        assert store is not None
+        self._lease_id = allocation.lease_id
+        nodes = "; ".join(f"{n.node}: GPUs [{n.cuda_visible_devices()}] CPUs [{n.cpuset()}]"
+                          for n in allocation.nodes)
+        self.log.info("holding lease %s in pool %r (%s)", allocation.lease_id, allocation.pool, nodes)
+        keep = KeepAlive(store, allocation.lease_id, allocation.ttl_s)  # heartbeats from here until stop()
+        watcher = threading.Thread(target=self._stop_if_lost, args=(keep,), name="lease-watch", daemon=True)
+        watcher.start()
+        try:
+            result = self.run_leased(context, allocation)
+            if keep.lost.is_set():
+                raise LeaseLostError(f"lease {allocation.lease_id} was lost while the task ran")
+            return result
+        finally:
+            keep.stop()
+            self._release(store, allocation.lease_id)
+
+    def _stop_if_lost(self, keep: Any) -> None:
+        while not keep.lost.wait(timeout=1.0):
+            if self._lease_id is None:
+                return
+        self.log.error("lease %s lost (heartbeats failed past its TTL): stopping the work", self._lease_id)
+        self.stop_work()
+
+    def _release(self, store: LeaseStore, lease_id: str) -> None:
+        if store.release(lease_id):
+            self.log.info("released lease %s", lease_id)
+        self._lease_id = None
+
+    def on_kill(self) -> None:
+        self.stop_work()
+        lease_id, store = self._lease_id, self._store
+        if lease_id is not None and store is not None:
+            self._release(store, lease_id)

@@ -1,0 +1,81 @@
+"""Keeping a lease alive from a holder's process: a heartbeat thread, and ``hold`` for in-process callers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from tasks.pools.allocation import Allocation, LeaseLostError, LeaseRequest, Owner
+
+if TYPE_CHECKING:
+    from tasks.pools.store import LeaseStore
+
+logger = logging.getLogger(__name__)
+
+
+class KeepAlive:
+    """Heartbeats ``lease_id`` every ``ttl_s / 3`` seconds on a daemon thread, from construction until
+    :meth:`stop`.
+
+    ``lost`` is set (and the thread ends) when the store says the lease is no longer granted: the holder must
+    stop using its devices. A failing database is retried at the next beat; the lease survives that as long as
+    one beat in ``ttl_s`` gets through.
+    """
+
+    def __init__(self, store: LeaseStore, lease_id: str, ttl_s: float):
+        self.store = store
+        self.lease_id = lease_id
+        self.interval_s = ttl_s / 3
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"kiln-keepalive-{lease_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.store.heartbeat(self.lease_id)
+            except LeaseLostError as exc:
+                logger.error("lease %s lost: %s", self.lease_id, exc)
+                self.lost.set()
+                return
+            except Exception as exc:  # a database hiccup: the next beat may get through before the ttl runs out
+                logger.warning("heartbeat of lease %s failed (%s: %s); retrying in %.1fs", self.lease_id,
+                               type(exc).__name__, exc, self.interval_s)
+
+    def stop(self) -> None:
+        """Stop heartbeating (idempotent); returns once the thread has ended."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> KeepAlive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextmanager
+def hold(store: LeaseStore, request: LeaseRequest, owner: Owner, *, timeout_s: float) -> Iterator[Allocation]:
+    """Acquire ``request`` (waiting up to ``timeout_s``), heartbeat it while the block runs, release it after.
+
+    Raises:
+        UnsatisfiableRequestError: it could never fit.
+        PoolTimeoutError: not granted in time.
+        LeaseLostError: at the end of the block, if the lease was lost while it ran (its devices may have been
+            used by another job meanwhile, so the block's results are suspect).
+    """
+    allocation = store.acquire(request, owner, timeout_s=timeout_s)
+    keepalive = KeepAlive(store, allocation.lease_id, request.ttl_s)
+    try:
+        yield allocation
+    finally:
+        keepalive.stop()
+        store.release(allocation.lease_id)
+    if keepalive.lost.is_set():
+        raise LeaseLostError(f"lease {allocation.lease_id} expired while it was held: no heartbeat got through "
+                             f"within its ttl of {request.ttl_s:g}s")

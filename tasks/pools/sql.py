@@ -1,0 +1,199 @@
+"""The lease store's hot-path SQL and :class:`Tx`, which sends it in as few round trips as each database allows.
+
+On PostgreSQL the engine runs in autocommit mode and a write transaction is opened by hand: ``BEGIN`` travels
+with the first batch and ``COMMIT`` with the last, so a grant costs two round trips (lock + read, then write +
+commit) and a release one (a single statement with data-modifying CTEs). The pool row's lock is then held for one
+round trip plus the commit, which is what bounds a pool's grant rate. SQLite runs the same statements one by one
+inside ``BEGIN IMMEDIATE`` (in-process calls, no round trips).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, CursorResult
+from sqlalchemy.sql.elements import TextClause
+
+LIVE = "('waiting', 'granted')"
+LIVE_COLUMNS = "id, pool, state, team, priority, seq, request, allocation, ttl_s, expires_at, created_at"
+_PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+
+
+@dataclass(frozen=True)
+class Stmt:
+    """A hot-path statement with ``:named`` parameters. On PostgreSQL each connection prepares it once
+    (``PREPARE kiln_<name>``), so executing it skips parsing and planning, which cost more server CPU than
+    running these one-row statements."""
+
+    name: str
+    sql: str
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(_PARAM.findall(self.sql)))
+
+    def prepare_sql(self) -> str:
+        index = {p: i + 1 for i, p in enumerate(self.params)}
+        return f"PREPARE kiln_{self.name} AS " + _PARAM.sub(lambda m: f"${index[m.group(1)]}", self.sql)
+
+    def execute_sql(self) -> str:
+        return f"EXECUTE kiln_{self.name}({', '.join(':' + p for p in self.params)})" if self.params else \
+            f"EXECUTE kiln_{self.name}"
+
+
+BUMP_POOL = Stmt("bump_pool", "UPDATE kiln_pools SET seq = seq + 1 WHERE name = :pool")
+LOCK_POOL = Stmt("lock_pool", "SELECT name FROM kiln_pools WHERE name = :pool FOR UPDATE")
+LOCK_POOL_OF = Stmt("lock_pool_of", "SELECT name FROM kiln_pools WHERE name = (SELECT pool FROM kiln_leases "
+                                    "WHERE id = :id) FOR UPDATE")
+LOCK_LEASE = Stmt("lock_lease", "SELECT id FROM kiln_leases WHERE id = :id FOR UPDATE")
+SELECT_LIVE = Stmt("select_live", f"SELECT {LIVE_COLUMNS} FROM kiln_leases WHERE pool = :pool AND state IN {LIVE}")
+SELECT_LIVE_AND_OWN = Stmt("select_live_and_own", f"SELECT {LIVE_COLUMNS} FROM kiln_leases WHERE pool = (SELECT "
+                                                  f"pool FROM kiln_leases WHERE id = :id) AND (state IN {LIVE} OR "
+                                                  "id = :id)")
+LOCK_TEAM = Stmt("lock_team", "SELECT name FROM kiln_teams WHERE name = :team FOR UPDATE")
+TEAM_USAGE = Stmt("team_usage", "SELECT COALESCE(SUM(gpus), 0), COALESCE(SUM(cpus), 0), COALESCE(SUM(memory), 0) "
+                                "FROM kiln_leases WHERE team = :team AND state = 'granted'")
+_LEASE_COLUMNS = ("id", "pool", "team", "priority", "state", "request", "allocation", "devices", "gpus", "cpus",
+                  "memory", "dag_id", "run_id", "task_id", "try_number", "host", "pid", "ttl_s", "preemptible",
+                  "created_at", "granted_at", "expires_at")
+INSERT_LEASE = Stmt("insert_lease", f"INSERT INTO kiln_leases ({', '.join(_LEASE_COLUMNS)}, seq) VALUES "
+                                    f"({', '.join(':' + c for c in _LEASE_COLUMNS)}, "
+                                    "(SELECT seq FROM kiln_pools WHERE name = :pool))")
+GRANT_WAITING = Stmt("grant_waiting", "UPDATE kiln_leases SET state = 'granted', allocation = :allocation, "
+                                      "devices = :devices, granted_at = :now, expires_at = :expires_at "
+                                      "WHERE id = :id AND state = 'waiting'")
+TOUCH_WAITING = Stmt("touch_waiting", "UPDATE kiln_leases SET expires_at = :expires_at WHERE id = :id AND "
+                                      "state = 'waiting'")
+INSERT_EVENT = Stmt("insert_event", "INSERT INTO kiln_lease_events (ts, lease_id, pool, event, devices, detail) "
+                                    "VALUES (:now, :id, :pool, :event, :devices, :detail)")
+#: PostgreSQL: all device rows of a grant from three parallel arrays (one prepared statement for any count).
+INSERT_DEVICES_PG = Stmt("insert_devices", "INSERT INTO kiln_lease_devices (lease_id, pool, node, kind, device) "
+                                           "SELECT :id, :pool, unnest(CAST(:nodes AS text[])), "
+                                           "unnest(CAST(:kinds AS text[])), unnest(CAST(:device_ids AS text[]))")
+HEARTBEAT = Stmt("heartbeat", "UPDATE kiln_leases SET expires_at = :now + ttl_s WHERE id = :id AND "
+                              "state = 'granted'")
+EXPIRE = Stmt("expire", f"UPDATE kiln_leases SET state = 'expired', ended_at = :now WHERE pool = :pool AND "
+                        f"state IN {LIVE} AND expires_at < :now RETURNING id, pool, devices")
+_END = ("UPDATE kiln_leases SET state = CASE WHEN state = 'granted' THEN 'released' ELSE 'cancelled' END, "
+        f"ended_at = :now WHERE id = :id AND state IN {LIVE} RETURNING id, pool, state, devices")
+_EVENT_OF_END = ("CASE WHEN state = 'released' THEN 'release' WHEN :reason = 'timeout' THEN 'timeout' "
+                 "ELSE 'cancel' END")
+#: PostgreSQL: end the lease, free its devices and audit it in one statement (one round trip in autocommit).
+RELEASE_PG = Stmt("release", f"WITH l AS ({_END}), d AS (DELETE FROM kiln_lease_devices WHERE lease_id IN "
+                             f"(SELECT id FROM l)) INSERT INTO kiln_lease_events (ts, lease_id, pool, event, "
+                             f"devices, detail) SELECT :now, id, pool, {_EVENT_OF_END}, devices, :reason FROM l "
+                             "RETURNING event")
+#: SQLite: the same in three statements (no data-modifying CTEs there), inside BEGIN IMMEDIATE.
+END_LEASE = Stmt("end_lease", _END)
+DELETE_DEVICES_OF = Stmt("delete_devices_of", "DELETE FROM kiln_lease_devices WHERE lease_id = :id")
+
+PREPARED = (BUMP_POOL, LOCK_POOL, LOCK_POOL_OF, LOCK_LEASE, SELECT_LIVE, SELECT_LIVE_AND_OWN, LOCK_TEAM, TEAM_USAGE,
+            INSERT_LEASE, GRANT_WAITING, TOUCH_WAITING, INSERT_EVENT, INSERT_DEVICES_PG, HEARTBEAT, EXPIRE,
+            RELEASE_PG)
+
+
+def prepare_all(dbapi_connection: Any) -> None:
+    """Prepare the hot statements on a new PostgreSQL connection (an engine ``connect`` event handler)."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("; ".join(s.prepare_sql() for s in PREPARED))
+    cursor.close()
+    if not dbapi_connection.autocommit:
+        dbapi_connection.commit()
+
+
+_FLUSH = "BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT"
+
+_TEXT: dict[str, TextClause] = {}
+
+
+def _text(sql: str) -> TextClause:
+    # One TextClause per distinct statement: SQLAlchemy then reuses its compiled form without re-hashing the text.
+    clause = _TEXT.get(sql)
+    if clause is None:
+        if len(_TEXT) > 512:
+            _TEXT.clear()
+        clause = _TEXT[sql] = text(sql)
+    return clause
+
+
+def insert_devices(count: int) -> str:
+    """A multi-row insert of ``count`` device rows with parameters ``:n0, :k0, :d0, :n1, ...``."""
+    rows = ", ".join(f"(:id, :pool, :n{i}, :k{i}, :d{i})" for i in range(count))
+    return f"INSERT INTO kiln_lease_devices (lease_id, pool, node, kind, device) VALUES {rows}"
+
+
+def insert_events(count: int) -> str:
+    """A multi-row insert of ``count`` audit events with per-row ``:i{i}, :p{i}, :v{i}, :e{i}``."""
+    rows = ", ".join(f"(:now, :i{i}, :p{i}, :e{i}, :v{i}, :detail)" for i in range(count))
+    return f"INSERT INTO kiln_lease_events (ts, lease_id, pool, event, devices, detail) VALUES {rows}"
+
+
+def delete_devices_of(count: int) -> str:
+    """Delete the device rows of ``count`` leases ``:i0, :i1, ...``."""
+    return f"DELETE FROM kiln_lease_devices WHERE lease_id IN ({', '.join(f':i{i}' for i in range(count))})"
+
+
+class Tx:
+    """A write transaction whose statements go out in batches.
+
+    Batched (PostgreSQL, autocommit connection): each :meth:`run` is one round trip, its statements joined by
+    ``;``, and only the last statement's rows come back; the first call sends ``BEGIN`` too and :meth:`commit`
+    sends ``COMMIT`` with its statements. Unbatched (SQLite, inside an SQLAlchemy transaction): statements run one
+    by one and the enclosing transaction commits. Lock statements (``FOR UPDATE``) are skipped on SQLite, whose
+    ``BEGIN IMMEDIATE`` already holds the one write lock.
+    """
+
+    def __init__(self, conn: Connection, *, batched: bool):
+        self.conn = conn
+        self.batched = batched
+        self.open = False
+        self.done = False
+
+    def run(self, statements: Sequence[Stmt | str], params: dict[str, Any]) -> CursorResult:
+        """Execute ``statements`` in order; return the last one's result."""
+        if not self.batched:
+            result = None
+            for st in statements:
+                sql = st.sql if isinstance(st, Stmt) else st
+                if not sql.endswith("FOR UPDATE"):
+                    result = self.conn.execute(_text(sql), params)
+            assert result is not None, "a batch needs at least one statement that is not a lock"
+            return result
+        sql = "; ".join(st.execute_sql() if isinstance(st, Stmt) else st for st in statements)
+        if not self.open:
+            sql, self.open = "BEGIN; " + sql, True
+        return self.conn.execute(_text(sql), params)
+
+    def once(self, statement: Stmt, params: dict[str, Any]) -> CursorResult:
+        """Execute one statement as its own transaction (autocommit: one round trip) when nothing is open yet."""
+        if self.batched and not self.open:
+            self.done = True
+            return self.conn.execute(_text(statement.execute_sql()), params)
+        return self.run([statement], params)
+
+    def make_durable(self) -> None:
+        """Wait until everything this session committed is on disk (PostgreSQL; SQLite commits are already).
+
+        The store's PostgreSQL sessions commit asynchronously. A synchronous commit of a transaction that has an
+        id flushes the WAL up to its own commit record, which lies after every earlier commit, so the grant
+        just made survives a server crash before its holder ever hears of it.
+        """
+        if self.batched:
+            self.conn.execute(_text(_FLUSH))
+
+    def commit(self, statements: Sequence[Stmt | str] = (), params: dict[str, Any] | None = None) -> None:
+        """Execute ``statements`` and commit (in one round trip when batched)."""
+        self.done = True
+        if not self.batched:
+            if statements:
+                self.run(statements, params or {})
+            return
+        if not self.open and not statements:
+            return
+        sql = "; ".join([*(st.execute_sql() if isinstance(st, Stmt) else st for st in statements), "COMMIT"])
+        self.conn.execute(_text(sql if self.open else "BEGIN; " + sql), params or {})
+        self.open = False

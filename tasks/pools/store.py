@@ -1,0 +1,471 @@
+"""The lease store: all-or-nothing grants of pool devices, a FIFO-within-priority queue, TTLs and an audit trail.
+
+Every process (Airflow workers, the triggerer, CLIs, tests) opens its own :class:`LeaseStore` on the same database;
+the database is the only coordinator, so no daemon is needed. See :mod:`tasks.pools.schema` for how grants are
+serialised. A lease lives ``ttl_s`` seconds past its last heartbeat (:class:`KeepAlive` sends them); an expired
+lease's devices are reclaimed by the next grant in its pool that would not fit otherwise, or by ``reap()``.
+
+Typical in-process use::
+
+    store = LeaseStore.from_settings()
+    with hold(store, LeaseRequest(pool="a100", gpus=2, memory=parse_size("32GiB")), Owner(host="me", pid=1),
+              timeout_s=600) as allocation:
+        run_job(allocation.master.cuda_visible_devices())
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
+
+from tasks.pools import sql
+from tasks.pools.allocation import (
+    Allocation,
+    LeaseLostError,
+    LeaseRequest,
+    NodeAllocation,
+    Owner,
+    PoolError,
+    PoolTimeoutError,
+    format_size,
+)
+from tasks.pools.inventory import Inventory, Pool
+from tasks.pools.keepalive import KeepAlive, hold
+from tasks.pools.placement import UsageTracker, check_satisfiable, place
+from tasks.pools.records import (
+    LIVE_STATES,
+    AuditEvent,
+    LeaseRecord,
+    allocation_json,
+    build_snapshot,
+    devices_json,
+)
+from tasks.pools.schema import READ_ONLY, create_schema, events, leases, make_engine
+from tasks.pools.sql import Tx
+
+__all__ = ["AuditEvent", "KeepAlive", "LeaseNotFoundError", "LeaseRecord", "LeaseStore", "PoolTimeoutError", "hold"]
+
+logger = logging.getLogger(__name__)
+
+#: A process sweeps every pool for expired leases at most this often while its requests wait (real seconds).
+SWEEP_INTERVAL_S = 2.0
+_CACHE_MAX = 4096
+
+
+class LeaseNotFoundError(PoolError, LookupError):
+    """No lease has this id."""
+
+
+class LeaseStore:
+    """Leases on the pools of ``inventory``, kept in the database at ``url`` (SQLite or PostgreSQL).
+
+    Args:
+        url: SQLAlchemy URL, e.g. ``sqlite:////var/kiln/pools.db`` or ``postgresql+psycopg2://u:pw@host/db``.
+        inventory: the pools and teams; every process using one database must load the same inventory.
+        clock: seconds since the epoch; tests inject a fake one to expire leases without waiting.
+    """
+
+    def __init__(self, url: str, inventory: Inventory, *, clock: Callable[[], float] = time.time):
+        self.url = url
+        self.inventory = inventory
+        self._clock = clock
+        self._engine = make_engine(url)
+        self._batched = self._engine.dialect.name == "postgresql"
+        create_schema(self._engine, sorted(inventory.pools), sorted(inventory.teams))
+        self._next_sweep = 0.0
+        self._valid: set[LeaseRequest] = set()
+        self._allocations: dict[str, Allocation] = {}  # granted allocations never change: parse each once
+        self._usage: dict[str, UsageTracker] = {}
+
+    @classmethod
+    def from_settings(cls) -> LeaseStore:
+        """The store at ``KILN_POOLS_DB_URL`` over the inventory at ``KILN_POOLS_FILE`` (or this machine)."""
+        from tasks.settings import get_settings
+
+        return cls(get_settings().pools_db_url, Inventory.from_settings())
+
+    def close(self) -> None:
+        """Close the database connections of this process."""
+        self._engine.dispose()
+
+    def __enter__(self) -> LeaseStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- transactions -------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[Tx]:
+        if not self._batched:
+            with self._engine.begin() as conn:
+                yield Tx(conn, batched=False)
+            return
+        with self._engine.connect() as conn:
+            tx = Tx(conn, batched=True)
+            try:
+                yield tx
+                if tx.open:
+                    tx.commit()
+            except BaseException:
+                if tx.open:  # closing the connection makes the server roll back and drop the pool lock
+                    conn.invalidate()
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            conn.execution_options(**{READ_ONLY: True})
+            with conn.begin():
+                yield conn
+
+    # --- the grant decision -------------------------------------------------------------------------------
+
+    def _priority(self, request: LeaseRequest) -> int:
+        return request.priority if request.priority is not None else self.inventory.teams[request.team].priority
+
+    def _allocation(self, row: Any) -> Allocation:
+        allocation = self._allocations.get(row.id)
+        if allocation is None:
+            if len(self._allocations) >= _CACHE_MAX:
+                self._allocations.clear()
+            allocation = self._allocations[row.id] = Allocation.from_json(row.allocation)
+        return allocation
+
+    def _team_over(self, tx: Tx, team_name: str, request: LeaseRequest, *, lock: bool) -> bool:
+        """Whether granting ``request`` would take ``team_name`` over its quota (False when it has none)."""
+        team = self.inventory.teams.get(team_name)
+        quota = (team.quota_gpus, team.quota_cpus, team.quota_memory) if team else (None, None, None)
+        if quota == (None, None, None):
+            return False
+        # Quotas span pools, whose grants run in parallel on PostgreSQL: the team's row serialises them.
+        used = tx.run([sql.LOCK_TEAM, sql.TEAM_USAGE] if lock else [sql.TEAM_USAGE], {"team": team_name}).one()
+        asked = (request.gpus * request.nodes, request.cpus * request.nodes, request.memory * request.nodes)
+        return any(q is not None and u + a > q for u, a, q in zip(used, asked, quota, strict=True))
+
+    def _decide(self, tx: Tx, pool: Pool, request: LeaseRequest, priority: int, seq: int | None,
+                lease_id: str | None, rows: Sequence[Any]) -> tuple[NodeAllocation, ...] | None:
+        """The devices to grant now, or None: a waiter is ahead in the queue, it does not fit, or over quota.
+
+        A waiter ahead (higher priority, or equal and earlier) blocks the request, unless that waiter is itself
+        held back only by its own team's quota and belongs to another team: one team at its ceiling must not
+        stall the pool for everyone.
+        """
+        granted: dict[str, Allocation] = {}
+        for r in rows:
+            if r.state == "granted":
+                granted[r.id] = self._allocation(r)
+            elif r.id != lease_id and (r.priority > priority or (r.priority == priority
+                                                                 and (seq is None or r.seq < seq))):
+                if r.team == request.team or not self._team_over(
+                        tx, r.team, LeaseRequest.from_dict(json.loads(r.request)), lock=False):
+                    return None
+        nodes = place(pool, self._usage.setdefault(pool.name, UsageTracker()).update(granted), request)
+        if nodes is None or self._team_over(tx, request.team, request, lock=True):
+            return None
+        return nodes
+
+    def _decide_or_reap(self, tx: Tx, pool: Pool, request: LeaseRequest, priority: int, seq: int | None,
+                        lease_id: str | None, rows: Sequence[Any], now: float,
+                        reread: tuple[str, dict[str, Any]]) -> tuple[NodeAllocation, ...] | None:
+        # Expired leases only matter when something does not fit, so the reap runs on that path alone.
+        nodes = self._decide(tx, pool, request, priority, seq, lease_id, rows)
+        if nodes is None and self._reap(tx, now, pool.name):
+            rows = tx.run([reread[0]], reread[1]).all()
+            nodes = self._decide(tx, pool, request, priority, seq, lease_id, rows)
+        return nodes
+
+    def _grant_statements(self, allocation: Allocation, params: dict[str, Any]) -> list[str]:
+        """Statements (and their parameters, added to ``params``) recording the devices and the grant event."""
+        count = 0
+        for n in allocation.nodes:
+            for kind, ids in (("gpu", n.gpus), ("cpu", n.cpus)):
+                for d in ids:
+                    params.update({f"n{count}": n.node, f"k{count}": kind, f"d{count}": str(d)})
+                    count += 1
+        params.update(event="grant", detail="")
+        # The UNIQUE constraint on the device rows makes the database refuse a device held twice.
+        return [sql.insert_devices(count), sql.INSERT_EVENT] if count else [sql.INSERT_EVENT]
+
+    def _reap(self, tx: Tx, now: float, pool: str, lock: Sequence[str] = ()) -> list[str]:
+        expired = tx.run([*lock, sql.EXPIRE], {"now": now, "pool": pool}).all()
+        if not expired:
+            return []
+        params: dict[str, Any] = {"now": now, "detail": "no heartbeat within ttl"}
+        for i, r in enumerate(expired):
+            params.update({f"i{i}": r.id, f"p{i}": r.pool, f"v{i}": r.devices, f"e{i}": "expire"})
+        tx.run([sql.delete_devices_of(len(expired)), sql.insert_events(len(expired))], params)
+        ids = [r.id for r in expired]
+        logger.warning("expired %d lease(s) whose holders stopped heartbeating: %s", len(ids), ", ".join(ids))
+        return ids
+
+    def _sweep_if_due(self) -> None:
+        """Reap every pool now and then while requests wait: a dead lease in another pool may hold team quota."""
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+            self.reap()
+
+    def _lease_params(self, lease_id: str, request: LeaseRequest, owner: Owner) -> dict[str, Any]:
+        """The new lease row's values, less the time and the allocation (prepared before the pool is locked)."""
+        return {"id": lease_id, "pool": request.pool, "team": request.team, "priority": self._priority(request),
+                "state": "waiting", "request": json.dumps(request.to_dict()), "allocation": None,
+                "devices": "{}", "gpus": request.gpus * request.nodes, "cpus": request.cpus * request.nodes,
+                "memory": request.memory * request.nodes, "dag_id": owner.dag_id, "run_id": owner.run_id,
+                "task_id": owner.task_id, "try_number": owner.try_number, "host": owner.host, "pid": owner.pid,
+                "ttl_s": request.ttl_s, "preemptible": request.preemptible, "granted_at": None}
+
+    @staticmethod
+    def _stamp(values: dict[str, Any], now: float, allocation: Allocation | None = None) -> dict[str, Any]:
+        values.update(now=now, created_at=now, expires_at=now + values["ttl_s"])
+        if allocation is not None:
+            values.update(state="granted", allocation=allocation_json(allocation), devices=devices_json(allocation),
+                          granted_at=now)
+        return values
+
+    # --- public API ---------------------------------------------------------------------------------------
+
+    def validate(self, request: LeaseRequest) -> None:
+        """Raise :class:`UnsatisfiableRequestError` if ``request`` could never be granted (see
+        :func:`tasks.pools.placement.check_satisfiable`)."""
+        if request not in self._valid:
+            check_satisfiable(self.inventory, request)
+            if len(self._valid) >= _CACHE_MAX:
+                self._valid.clear()
+            self._valid.add(request)
+
+    def try_acquire(self, request: LeaseRequest, owner: Owner) -> Allocation | None:
+        """Grant ``request`` now if it fits and no one of higher or equal priority waits before it in its pool.
+
+        Returns:
+            The allocation, or None (nothing is left behind: no queue entry).
+
+        Raises:
+            UnsatisfiableRequestError: it could never fit.
+        """
+        self.validate(request)
+        pool, lease_id, params = self.inventory.pools[request.pool], uuid.uuid4().hex, {"pool": request.pool}
+        values = self._lease_params(lease_id, request, owner)
+        with self._tx() as tx:
+            now = self._clock()
+            rows = tx.run([sql.BUMP_POOL, sql.SELECT_LIVE], params).all()
+            nodes = self._decide_or_reap(tx, pool, request, self._priority(request), None, None, rows, now,
+                                         (sql.SELECT_LIVE, params))
+            if nodes is None:
+                tx.commit()
+                allocation = None
+            else:
+                allocation = Allocation(lease_id=lease_id, pool=pool.name, nodes=nodes, ttl_s=request.ttl_s)
+                self._stamp(values, now, allocation)
+                tx.commit([sql.INSERT_LEASE, *self._grant_statements(allocation, values)], values)
+                tx.make_durable()  # the pool lock is already released: concurrent clients share this fsync
+        if allocation is None:
+            self._sweep_if_due()
+            return None
+        logger.info("granted lease %s to %s: %s", lease_id, owner.label(), request.describe())
+        return allocation
+
+    def enqueue(self, request: LeaseRequest, owner: Owner) -> str:
+        """Queue ``request`` (state ``waiting``) and return its lease id; poll :meth:`try_grant` with it at least
+        every ``ttl_s / 3`` seconds, or the entry expires.
+
+        Raises:
+            UnsatisfiableRequestError: it could never fit (nothing is queued).
+        """
+        self.validate(request)
+        lease_id = uuid.uuid4().hex
+        with self._tx() as tx:
+            values = self._stamp(self._lease_params(lease_id, request, owner), self._clock())
+            values.update(event="request", detail=f"{request.describe()} for {owner.label()}")
+            tx.commit([sql.BUMP_POOL, sql.INSERT_LEASE, sql.INSERT_EVENT], values)
+            tx.make_durable()
+        logger.info("queued lease %s for %s: %s", lease_id, owner.label(), request.describe())
+        return lease_id
+
+    def try_grant(self, lease_id: str) -> Allocation | None:
+        """Grant the queued entry ``lease_id`` if it heads its pool's queue and fits; heartbeat it either way.
+
+        Returns:
+            The allocation (also when it was granted before), or None while it must keep waiting.
+
+        Raises:
+            LeaseLostError: the entry was cancelled, expired or released, or never existed.
+        """
+        lost = allocation = None
+        with self._tx() as tx:
+            now = self._clock()
+            # The entry's own row is locked too: a concurrent cancel waits until this grant decision commits.
+            rows = tx.run([sql.LOCK_POOL_OF, sql.LOCK_LEASE, sql.SELECT_LIVE_AND_OWN], {"id": lease_id}).all()
+            own = next((r for r in rows if r.id == lease_id), None)
+            if own is None or own.state not in LIVE_STATES:
+                lost = own.state if own else "unknown"
+            elif own.state == "granted":
+                allocation = self._allocation(own)
+            elif own.expires_at < now:  # its poller stalled past the ttl: others may have moved up meanwhile
+                self._reap(tx, now, own.pool)
+                lost = "expired"
+            else:
+                allocation = self._grant_waiting(tx, own, rows, now)
+            tx.commit()
+            if allocation is not None:
+                tx.make_durable()
+        if lost is not None:
+            raise LeaseLostError(f"queued lease {lease_id} is {lost}: it was cancelled, or not polled within its "
+                                 "ttl")
+        if allocation is None:
+            self._sweep_if_due()
+        return allocation
+
+    def _grant_waiting(self, tx: Tx, own: Any, rows: Sequence[Any], now: float) -> Allocation | None:
+        request = LeaseRequest.from_dict(json.loads(own.request))
+        values: dict[str, Any] = {"id": own.id, "pool": own.pool, "now": now, "expires_at": now + own.ttl_s}
+        nodes = self._decide_or_reap(tx, self.inventory.pools[own.pool], request, own.priority, own.seq, own.id,
+                                     rows, now, (sql.SELECT_LIVE_AND_OWN, {"id": own.id}))
+        if nodes is None:
+            tx.commit([sql.TOUCH_WAITING], values)
+            return None
+        allocation = Allocation(lease_id=own.id, pool=own.pool, nodes=nodes, ttl_s=own.ttl_s)
+        values.update(allocation=allocation_json(allocation), devices=devices_json(allocation))
+        tx.commit([sql.GRANT_WAITING, *self._grant_statements(allocation, values)], values)
+        logger.info("granted queued lease %s after %.1fs: %s", own.id, now - own.created_at, request.describe())
+        return allocation
+
+    def acquire(self, request: LeaseRequest, owner: Owner, *, timeout_s: float, poll_s: float = 0.5) -> Allocation:
+        """Block until ``request`` is granted (queueing it if it does not fit now) or ``timeout_s`` passes.
+
+        Raises:
+            UnsatisfiableRequestError: it could never fit.
+            PoolTimeoutError: not granted in time; the queue entry is cancelled and the message names the request
+                and the pool's usage.
+        """
+        allocation = self.try_acquire(request, owner)
+        if allocation is not None:
+            return allocation
+        lease_id = self.enqueue(request, owner)
+        deadline = time.monotonic() + timeout_s
+        poll_s = min(poll_s, request.ttl_s / 3)
+        try:
+            while True:
+                allocation = self.try_grant(lease_id)
+                if allocation is not None:
+                    return allocation
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(poll_s, left))
+        except BaseException:  # interrupted or failed: leave no queue entry (or lease) behind
+            self.release(lease_id, reason="cancelled")
+            raise
+        usage = self.describe_usage(request.pool)
+        self.release(lease_id, reason="timeout")
+        raise PoolTimeoutError(f"no grant within {timeout_s:g}s for {request.describe()} (team {request.team!r}); "
+                               f"{usage}")
+
+    def heartbeat(self, lease_id: str) -> None:
+        """Push the granted lease's expiry ``ttl_s`` past now.
+
+        Raises:
+            LeaseLostError: the lease is no longer granted (expired, released), so its devices may be someone
+                else's.
+        """
+        with self._tx() as tx:
+            changed = tx.once(sql.HEARTBEAT, {"id": lease_id, "now": self._clock()}).rowcount
+        if changed != 1:
+            raise LeaseLostError(f"lease {lease_id} is {self._state(lease_id) or 'unknown'}, no longer granted: its "
+                                 "devices may belong to another job now")
+
+    def release(self, lease_id: str, reason: str = "released") -> bool:
+        """End a granted lease (freeing its devices) or cancel a queued one. Idempotent.
+
+        Args:
+            reason: recorded in the audit history; ``timeout`` records a ``timeout`` event for a queued entry.
+
+        Returns:
+            True if this call changed something; False if it had already ended or does not exist.
+        """
+        params = {"id": lease_id, "now": self._clock(), "reason": reason}
+        with self._tx() as tx:
+            if tx.batched:
+                event = tx.once(sql.RELEASE_PG, params).scalar()
+            else:
+                row = tx.run([sql.END_LEASE], params).first()
+                event = None if row is None else (
+                    "release" if row.state == "released" else "timeout" if reason == "timeout" else "cancel")
+                if row is not None:
+                    params.update(pool=row.pool, event=event, devices=row.devices, detail=reason)
+                    tx.run([sql.DELETE_DEVICES_OF, sql.INSERT_EVENT], params)
+        if event is None:
+            return False
+        logger.info("%s lease %s (%s)", event, lease_id, reason)
+        return True
+
+    def reap(self) -> list[str]:
+        """Expire every granted lease and queue entry past its ``expires_at`` and free their devices.
+
+        Returns:
+            The ids expired.
+        """
+        expired: list[str] = []
+        for pool in sorted(self.inventory.pools):
+            with self._tx() as tx:
+                expired += self._reap(tx, self._clock(), pool, lock=[sql.LOCK_POOL])
+                tx.commit()
+        return expired
+
+    def _state(self, lease_id: str) -> str | None:
+        with self._read() as conn:
+            return conn.execute(select(leases.c.state).where(leases.c.id == lease_id)).scalar()
+
+    def lease(self, lease_id: str) -> LeaseRecord:
+        """The stored record of ``lease_id``.
+
+        Raises:
+            LeaseNotFoundError: no such lease.
+        """
+        with self._read() as conn:
+            row = conn.execute(select(leases).where(leases.c.id == lease_id)).one_or_none()
+        if row is None:
+            raise LeaseNotFoundError(f"no lease {lease_id!r} in {self.url}")
+        return LeaseRecord.from_row(row)
+
+    def leases(self, pool: str | None = None) -> list[LeaseRecord]:
+        """Waiting and granted leases (of ``pool``, or all), in arrival order."""
+        stmt = select(leases).where(leases.c.state.in_(LIVE_STATES)).order_by(leases.c.pool, leases.c.seq)
+        if pool is not None:
+            stmt = stmt.where(leases.c.pool == pool)
+        with self._read() as conn:
+            return [LeaseRecord.from_row(r) for r in conn.execute(stmt)]
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able state: per pool its nodes' capacity and usage, the queue in grant order, active leases with
+        owner and age; per team its quota and usage (see :func:`tasks.pools.records.build_snapshot`)."""
+        return build_snapshot(self.inventory, self.leases(), self._clock())
+
+    def describe_usage(self, pool: str) -> str:
+        """One line: each node's used/total devices and the queue length, for messages."""
+        snap = self.snapshot()["pools"].get(pool)
+        if snap is None:
+            return f"pool {pool!r} is not in the inventory"
+        nodes = "; ".join(f"{name} {n['gpus']['used']}/{n['gpus']['total']} GPUs, {n['cpus']['used']}/"
+                          f"{n['cpus']['total']} CPUs, {format_size(n['memory']['used'])}/"
+                          f"{format_size(n['memory']['total'])}" for name, n in snap["nodes"].items())
+        return (f"pool {pool!r} now: {nodes}; {len(snap['leases'])} lease(s) held, {len(snap['waiting'])} "
+                f"request(s) waiting")
+
+    def history(self, pool: str | None = None, *, lease_id: str | None = None) -> list[AuditEvent]:
+        """Audit events in id order (for one pool, the order its grants and releases took effect)."""
+        stmt = select(events).order_by(events.c.id)
+        if pool is not None:
+            stmt = stmt.where(events.c.pool == pool)
+        if lease_id is not None:
+            stmt = stmt.where(events.c.lease_id == lease_id)
+        with self._read() as conn:
+            return [AuditEvent.from_row(r) for r in conn.execute(stmt)]

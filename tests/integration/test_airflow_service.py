@@ -1,0 +1,87 @@
+"""Real Airflow services (api-server, scheduler, dag-processor, triggerer as separate processes) run a DAG.
+
+The smoke DAG's first task is a deferrable sensor: the run only succeeds if the scheduler, a LocalExecutor worker,
+the triggerer and the execution API all work together, and the sensor must be seen ``deferred`` (waiting in the
+triggerer, not holding a worker). After ``stop()`` no process of the harness may be left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import psutil
+import pytest
+from airflow_service import AirflowService, temporary_postgres_database
+
+pytestmark = pytest.mark.integration
+
+log = logging.getLogger(__name__)
+
+SERVICE_DAGS = Path(__file__).resolve().parents[1] / "service_dags"
+DAG_ID = "smoke_service"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _live_group_members(groups: set[int]) -> list[int]:
+    """Pids of non-zombie processes in the given process groups (checked independently of the harness)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) in groups and _alive(proc.pid):
+                found.append(proc.pid)
+        except ProcessLookupError:
+            continue
+    return found
+
+
+def _run_smoke_dag(home: Path, db_url: str | None) -> None:
+    started = time.monotonic()
+    svc = AirflowService(SERVICE_DAGS, db_url=db_url, home=home)
+    with svc:
+        dag = svc.wait_for_dag(DAG_ID, timeout=90)
+        assert not dag["is_paused"], "DAGs must start unpaused in the harness"
+        seen: dict[str, set[str | None]] = defaultdict(set)
+
+        def record(tis: list[dict]) -> None:
+            for ti in tis:
+                seen[ti["task_id"]].add(ti["state"])
+
+        run_started = time.monotonic()
+        run_id = svc.trigger(DAG_ID, conf={"origin": "test_airflow_service"})
+        state = svc.wait_for_run(DAG_ID, run_id, timeout=120, on_poll=record)
+        run_seconds = time.monotonic() - run_started
+
+        tis = {ti["task_id"]: ti for ti in svc.task_instances(DAG_ID, run_id)}
+        assert state == "success", f"run {run_id} ended {state}: { {k: v['state'] for k, v in tis.items()} }"
+        assert {ti["state"] for ti in tis.values()} == {"success"}
+        assert "deferred" in seen["wait"], f"the sensor never showed as deferred; states seen {dict(seen)}"
+        assert "smoke-ok" in svc.task_log(DAG_ID, run_id, "report", tis["report"]["try_number"])
+
+        groups = set(svc.component_pids.values())
+        pids = svc.process_ids()
+        assert groups <= set(pids), "the components should be among the harness processes"
+    log.info("%s: ready after %.1f s (%s), run %.1f s, total with stop %.1f s", svc.db_url.split(":")[0],
+             svc.startup_seconds, svc.timings, run_seconds, time.monotonic() - started)
+    assert [pid for pid in pids if _alive(pid)] == [], "processes of the harness survived stop()"
+    assert _live_group_members(groups) == [], "a component's process group survived stop()"
+    assert svc.process_ids() == []
+
+
+def test_smoke_dag_runs_on_sqlite(tmp_path: Path) -> None:
+    _run_smoke_dag(tmp_path / "airflow", db_url=None)
+
+
+@pytest.mark.postgres
+def test_smoke_dag_runs_on_postgres(tmp_path: Path) -> None:
+    with temporary_postgres_database() as db_url:
+        _run_smoke_dag(tmp_path / "airflow", db_url=db_url)
