@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,35 @@ def airflow_db() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database ``kiln_test_<random>`` for the session, dropped at its end.
+
+    The server is ``KILN_TEST_POSTGRES_URL`` (default: the local one, superuser ``postgres``, trust auth). Tests
+    that need it fail, never skip, when it does not answer: ``make test`` must exercise them.
+    """
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    admin_url = os.environ.get("KILN_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    name = f"kiln_test_{uuid.uuid4().hex[:12]}"
+    problem = None
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        problem = str(exc.orig).strip()
+    if problem is not None:
+        admin.dispose()
+        pytest.fail(f"PostgreSQL does not answer at {make_url(admin_url).render_as_string()}: {problem}\n"
+                    "run `make postgres` to start the local server (or set KILN_TEST_POSTGRES_URL)", pytrace=False)
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -147,7 +147,8 @@ def _could_host(node: Node, request: LeaseRequest) -> bool:
 
 
 def _largest(nodes: Iterable[Node], size: Callable[[Node], int]) -> tuple[int, str]:
-    return max(((size(n), n.name) for n in nodes), default=(0, "-"))
+    biggest = max(nodes, key=size, default=None)  # the first of equals, in inventory order
+    return (size(biggest), biggest.name) if biggest is not None else (0, "-")
 
 
 def check_satisfiable(inventory: Inventory, request: LeaseRequest) -> None:

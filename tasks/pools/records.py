@@ -6,11 +6,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.pools.allocation import Allocation, LeaseRequest, Owner
+from tasks.pools.allocation import Allocation, LeaseRequest, Owner, PoolError
 from tasks.pools.inventory import Inventory
 from tasks.pools.placement import usage_of
 
 LIVE_STATES = ("waiting", "granted")
+
+
+class LeaseNotFoundError(PoolError, LookupError):
+    """No lease has this id."""
 
 
 @dataclass(frozen=True)
@@ -34,10 +38,12 @@ class LeaseRecord:
     """Reclaimed after this unless heartbeated (meaningful while waiting or granted)."""
     ended_at: float | None
     seq: int = 0
-    """Arrival order in its pool: the queue is served by priority, then ``seq``."""
+    """Queue position in its pool (the queue is served by priority, then ``seq``); a lease granted without
+    queueing carries the pool's current counter."""
 
     @classmethod
     def from_row(cls, row: Any) -> LeaseRecord:
+        """From a ``kiln_leases`` row."""
         owner = Owner(dag_id=row.dag_id, run_id=row.run_id, task_id=row.task_id, try_number=row.try_number,
                       host=row.host, pid=row.pid)
         return cls(id=row.id, pool=row.pool, team=row.team, priority=row.priority, state=row.state, owner=owner,
@@ -63,6 +69,7 @@ class AuditEvent:
 
     @classmethod
     def from_row(cls, row: Any) -> AuditEvent:
+        """From a ``kiln_lease_events`` row."""
         return cls(id=row.id, ts=row.ts, lease_id=row.lease_id, pool=row.pool, event=row.event,
                    devices=json.loads(row.devices or "{}"), detail=row.detail)
 

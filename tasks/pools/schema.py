@@ -1,8 +1,9 @@
 """The lease store's tables and engine set-up, for SQLite (embedded default) and PostgreSQL.
 
-Concurrency model: every grant happens in a transaction that first locks its pool's row in ``kiln_pools``
-(``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite ``BEGIN IMMEDIATE`` takes the database's single write lock),
-so the grants of one pool are serialised and each sees the previous one's devices. ``kiln_lease_devices`` has one
+Concurrency model: every grant happens in a transaction that first takes its pool's lock (on PostgreSQL a
+transaction-level advisory lock keyed by the pool's name, see :mod:`tasks.pools.sql`; on SQLite ``BEGIN
+IMMEDIATE`` takes the database's single write lock), so the grants of one pool are serialised and each sees the
+previous one's devices. ``kiln_lease_devices`` has one
 row per held GPU/CPU with a UNIQUE constraint, so even a buggy caller cannot make the database record a device
 twice. Releases, heartbeats and expiries only ever free devices, so they need no pool lock (a grant that starts
 after a release committed sees the devices free; one that started before still sees them held).
@@ -37,15 +38,17 @@ from sqlalchemy.engine import Connection, make_url
 logger = logging.getLogger(__name__)
 
 metadata = MetaData()
+_LIVE = "state IN ('waiting', 'granted')"
+_GRANTED = "state = 'granted'"
 
 pools = Table(
     "kiln_pools", metadata,
     Column("name", String(64), primary_key=True),
-    Column("seq", BigInteger, nullable=False, default=0),  # arrival counter: FIFO order within a priority
+    Column("seq", BigInteger, nullable=False, default=0),  # arrival counter of queued requests (FIFO)
 )
 
 teams = Table(
-    "kiln_teams", metadata,  # lock rows: a team with a quota is locked while one of its leases is granted
+    "kiln_teams", metadata,  # the teams known to this database (their locks are advisory, like the pools')
     Column("name", String(64), primary_key=True),
 )
 
@@ -76,8 +79,10 @@ leases = Table(
     Column("granted_at", Float),
     Column("expires_at", Float, nullable=False),
     Column("ended_at", Float),
-    Index("ix_kiln_leases_pool_state", "pool", "state", "expires_at"),
-    Index("ix_kiln_leases_team_state", "team", "state"),
+    # Partial indexes over live leases only: the hot queries then cost the same however long the history grows
+    # (ended leases stay in the table for lease() and history, but never in these indexes).
+    Index("ix_kiln_leases_live", "pool", "expires_at", postgresql_where=text(_LIVE), sqlite_where=text(_LIVE)),
+    Index("ix_kiln_leases_team_granted", "team", postgresql_where=text(_GRANTED), sqlite_where=text(_GRANTED)),
 )
 
 devices = Table(

@@ -23,9 +23,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.engine import Connection
-
 from tasks.pools import sql
 from tasks.pools.allocation import (
     Allocation,
@@ -33,22 +30,14 @@ from tasks.pools.allocation import (
     LeaseRequest,
     NodeAllocation,
     Owner,
-    PoolError,
     PoolTimeoutError,
-    format_size,
 )
 from tasks.pools.inventory import Inventory, Pool
 from tasks.pools.keepalive import KeepAlive, hold
 from tasks.pools.placement import UsageTracker, check_satisfiable, place
-from tasks.pools.records import (
-    LIVE_STATES,
-    AuditEvent,
-    LeaseRecord,
-    allocation_json,
-    build_snapshot,
-    devices_json,
-)
-from tasks.pools.schema import READ_ONLY, create_schema, events, leases, make_engine
+from tasks.pools.queries import LeaseQueries
+from tasks.pools.records import LIVE_STATES, AuditEvent, LeaseNotFoundError, LeaseRecord, allocation_json, devices_json
+from tasks.pools.schema import create_schema, make_engine
 from tasks.pools.sql import Tx
 
 __all__ = ["AuditEvent", "KeepAlive", "LeaseNotFoundError", "LeaseRecord", "LeaseStore", "PoolTimeoutError", "hold"]
@@ -60,11 +49,7 @@ SWEEP_INTERVAL_S = 2.0
 _CACHE_MAX = 4096
 
 
-class LeaseNotFoundError(PoolError, LookupError):
-    """No lease has this id."""
-
-
-class LeaseStore:
+class LeaseStore(LeaseQueries):
     """Leases on the pools of ``inventory``, kept in the database at ``url`` (SQLite or PostgreSQL).
 
     Args:
@@ -111,6 +96,10 @@ class LeaseStore:
                 yield Tx(conn, batched=False)
             return
         with self._engine.connect() as conn:
+            info = conn.connection.info
+            if "kiln_prepared" not in info:  # once per connection; the tables exist by now
+                sql.prepare_all(conn.connection.dbapi_connection)
+                info["kiln_prepared"] = True
             tx = Tx(conn, batched=True)
             try:
                 yield tx
@@ -120,13 +109,6 @@ class LeaseStore:
                 if tx.open:  # closing the connection makes the server roll back and drop the pool lock
                     conn.invalidate()
                 raise
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._engine.connect() as conn:
-            conn.execution_options(**{READ_ONLY: True})
-            with conn.begin():
-                yield conn
 
     # --- the grant decision -------------------------------------------------------------------------------
 
@@ -147,7 +129,7 @@ class LeaseStore:
         quota = (team.quota_gpus, team.quota_cpus, team.quota_memory) if team else (None, None, None)
         if quota == (None, None, None):
             return False
-        # Quotas span pools, whose grants run in parallel on PostgreSQL: the team's row serialises them.
+        # Quotas span pools, whose grants run in parallel on PostgreSQL: the team's lock serialises them.
         used = tx.run([sql.LOCK_TEAM, sql.TEAM_USAGE] if lock else [sql.TEAM_USAGE], {"team": team_name}).one()
         asked = (request.gpus * request.nodes, request.cpus * request.nodes, request.memory * request.nodes)
         return any(q is not None and u + a > q for u, a, q in zip(used, asked, quota, strict=True))
@@ -176,7 +158,7 @@ class LeaseStore:
 
     def _decide_or_reap(self, tx: Tx, pool: Pool, request: LeaseRequest, priority: int, seq: int | None,
                         lease_id: str | None, rows: Sequence[Any], now: float,
-                        reread: tuple[str, dict[str, Any]]) -> tuple[NodeAllocation, ...] | None:
+                        reread: tuple[sql.Stmt, dict[str, Any]]) -> tuple[NodeAllocation, ...] | None:
         # Expired leases only matter when something does not fit, so the reap runs on that path alone.
         nodes = self._decide(tx, pool, request, priority, seq, lease_id, rows)
         if nodes is None and self._reap(tx, now, pool.name):
@@ -184,19 +166,23 @@ class LeaseStore:
             nodes = self._decide(tx, pool, request, priority, seq, lease_id, rows)
         return nodes
 
-    def _grant_statements(self, allocation: Allocation, params: dict[str, Any]) -> list[str]:
-        """Statements (and their parameters, added to ``params``) recording the devices and the grant event."""
-        count = 0
-        for n in allocation.nodes:
-            for kind, ids in (("gpu", n.gpus), ("cpu", n.cpus)):
-                for d in ids:
-                    params.update({f"n{count}": n.node, f"k{count}": kind, f"d{count}": str(d)})
-                    count += 1
+    def _grant_statements(self, tx: Tx, allocation: Allocation, params: dict[str, Any]) -> list[sql.Stmt | str]:
+        """Statements (their parameters added to ``params``) recording the devices and the grant event."""
+        devices = [(n.node, kind, str(d)) for n in allocation.nodes
+                   for kind, ids in (("gpu", n.gpus), ("cpu", n.cpus)) for d in ids]
         params.update(event="grant", detail="")
+        if not devices:
+            return [sql.INSERT_EVENT]
         # The UNIQUE constraint on the device rows makes the database refuse a device held twice.
-        return [sql.insert_devices(count), sql.INSERT_EVENT] if count else [sql.INSERT_EVENT]
+        if tx.batched:
+            params.update(nodes=[d[0] for d in devices], kinds=[d[1] for d in devices],
+                          device_ids=[d[2] for d in devices])
+            return [sql.INSERT_DEVICES_PG, sql.INSERT_EVENT]
+        for i, (node, kind, device) in enumerate(devices):
+            params.update({f"n{i}": node, f"k{i}": kind, f"d{i}": device})
+        return [sql.insert_devices(len(devices)), sql.INSERT_EVENT]
 
-    def _reap(self, tx: Tx, now: float, pool: str, lock: Sequence[str] = ()) -> list[str]:
+    def _reap(self, tx: Tx, now: float, pool: str, lock: Sequence[sql.Stmt] = ()) -> list[str]:
         expired = tx.run([*lock, sql.EXPIRE], {"now": now, "pool": pool}).all()
         if not expired:
             return []
@@ -256,7 +242,7 @@ class LeaseStore:
         values = self._lease_params(lease_id, request, owner)
         with self._tx() as tx:
             now = self._clock()
-            rows = tx.run([sql.BUMP_POOL, sql.SELECT_LIVE], params).all()
+            rows = tx.run([sql.LOCK_POOL, sql.SELECT_LIVE], params).all()
             nodes = self._decide_or_reap(tx, pool, request, self._priority(request), None, None, rows, now,
                                          (sql.SELECT_LIVE, params))
             if nodes is None:
@@ -265,7 +251,7 @@ class LeaseStore:
             else:
                 allocation = Allocation(lease_id=lease_id, pool=pool.name, nodes=nodes, ttl_s=request.ttl_s)
                 self._stamp(values, now, allocation)
-                tx.commit([sql.INSERT_LEASE, *self._grant_statements(allocation, values)], values)
+                tx.commit([sql.INSERT_LEASE, *self._grant_statements(tx, allocation, values)], values)
                 tx.make_durable()  # the pool lock is already released: concurrent clients share this fsync
         if allocation is None:
             self._sweep_if_due()
@@ -285,7 +271,7 @@ class LeaseStore:
         with self._tx() as tx:
             values = self._stamp(self._lease_params(lease_id, request, owner), self._clock())
             values.update(event="request", detail=f"{request.describe()} for {owner.label()}")
-            tx.commit([sql.BUMP_POOL, sql.INSERT_LEASE, sql.INSERT_EVENT], values)
+            tx.commit([sql.LOCK_POOL, sql.BUMP_POOL, sql.INSERT_LEASE, sql.INSERT_EVENT], values)
             tx.make_durable()
         logger.info("queued lease %s for %s: %s", lease_id, owner.label(), request.describe())
         return lease_id
@@ -334,7 +320,7 @@ class LeaseStore:
             return None
         allocation = Allocation(lease_id=own.id, pool=own.pool, nodes=nodes, ttl_s=own.ttl_s)
         values.update(allocation=allocation_json(allocation), devices=devices_json(allocation))
-        tx.commit([sql.GRANT_WAITING, *self._grant_statements(allocation, values)], values)
+        tx.commit([sql.GRANT_WAITING, *self._grant_statements(tx, allocation, values)], values)
         logger.info("granted queued lease %s after %.1fs: %s", own.id, now - own.created_at, request.describe())
         return allocation
 
@@ -419,53 +405,3 @@ class LeaseStore:
                 expired += self._reap(tx, self._clock(), pool, lock=[sql.LOCK_POOL])
                 tx.commit()
         return expired
-
-    def _state(self, lease_id: str) -> str | None:
-        with self._read() as conn:
-            return conn.execute(select(leases.c.state).where(leases.c.id == lease_id)).scalar()
-
-    def lease(self, lease_id: str) -> LeaseRecord:
-        """The stored record of ``lease_id``.
-
-        Raises:
-            LeaseNotFoundError: no such lease.
-        """
-        with self._read() as conn:
-            row = conn.execute(select(leases).where(leases.c.id == lease_id)).one_or_none()
-        if row is None:
-            raise LeaseNotFoundError(f"no lease {lease_id!r} in {self.url}")
-        return LeaseRecord.from_row(row)
-
-    def leases(self, pool: str | None = None) -> list[LeaseRecord]:
-        """Waiting and granted leases (of ``pool``, or all), in arrival order."""
-        stmt = select(leases).where(leases.c.state.in_(LIVE_STATES)).order_by(leases.c.pool, leases.c.seq)
-        if pool is not None:
-            stmt = stmt.where(leases.c.pool == pool)
-        with self._read() as conn:
-            return [LeaseRecord.from_row(r) for r in conn.execute(stmt)]
-
-    def snapshot(self) -> dict[str, Any]:
-        """JSON-able state: per pool its nodes' capacity and usage, the queue in grant order, active leases with
-        owner and age; per team its quota and usage (see :func:`tasks.pools.records.build_snapshot`)."""
-        return build_snapshot(self.inventory, self.leases(), self._clock())
-
-    def describe_usage(self, pool: str) -> str:
-        """One line: each node's used/total devices and the queue length, for messages."""
-        snap = self.snapshot()["pools"].get(pool)
-        if snap is None:
-            return f"pool {pool!r} is not in the inventory"
-        nodes = "; ".join(f"{name} {n['gpus']['used']}/{n['gpus']['total']} GPUs, {n['cpus']['used']}/"
-                          f"{n['cpus']['total']} CPUs, {format_size(n['memory']['used'])}/"
-                          f"{format_size(n['memory']['total'])}" for name, n in snap["nodes"].items())
-        return (f"pool {pool!r} now: {nodes}; {len(snap['leases'])} lease(s) held, {len(snap['waiting'])} "
-                f"request(s) waiting")
-
-    def history(self, pool: str | None = None, *, lease_id: str | None = None) -> list[AuditEvent]:
-        """Audit events in id order (for one pool, the order its grants and releases took effect)."""
-        stmt = select(events).order_by(events.c.id)
-        if pool is not None:
-            stmt = stmt.where(events.c.pool == pool)
-        if lease_id is not None:
-            stmt = stmt.where(events.c.lease_id == lease_id)
-        with self._read() as conn:
-            return [AuditEvent.from_row(r) for r in conn.execute(stmt)]
