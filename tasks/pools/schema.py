@@ -12,6 +12,7 @@ after a release committed sees the devices free; one that started before still s
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -122,6 +123,8 @@ def make_engine(url: str) -> Engine:
         if u.database in (None, "", ":memory:"):
             raise ValueError(f"pools_db_url: the lease store needs a database file shared by all processes, "
                              f"found {url!r}; use sqlite:////path/to/pools.db")
+        # The embedded default lives under KILN_HOME, which a first run may not have created yet.
+        Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(u, connect_args={"timeout": _SQLITE_BUSY_S, "check_same_thread": False})
         _sqlite_transactions(engine)
         return engine

@@ -344,3 +344,13 @@ def test_the_database_itself_refuses_a_device_held_twice(store: LeaseStore, url:
         conn.execute(sa.text("INSERT INTO kiln_lease_devices (lease_id, pool, node, kind, device) "
                              "VALUES ('intruder', 'gpu', 'node-a', 'gpu', '0')"))
     engine.dispose()
+
+
+def test_sqlite_store_creates_its_folder(tmp_path: Path) -> None:
+    # The embedded default sits under KILN_HOME, which does not exist before a first run.
+    store = LeaseStore(f"sqlite:///{tmp_path / 'new' / 'home' / 'pools.db'}", INVENTORY)
+    try:
+        assert store.try_acquire(req(gpus=1), Owner(host="h", pid=1)) is not None
+    finally:
+        store.close()
+    assert (tmp_path / "new" / "home" / "pools.db").exists()
