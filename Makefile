@@ -14,12 +14,15 @@ export AIRFLOW__CORE__PARALLELISM ?= 4
 export GX_ANALYTICS_ENABLED ?= false
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test bench lint airflow-init mlflow-ui clean
+.PHONY: install demo test bench lint airflow-init mlflow-ui clean docker-engine image postgres
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make demo   - install, initialise Airflow (SQLite), run the penguins pipeline end to end"
 	@echo "make test   - install and run the whole test suite"
+	@echo "make docker-engine - install (Debian) and start a Docker engine unless one answers"
+	@echo "make image  - build the CPU training test image kiln-train:cpu (docker/README.md)"
+	@echo "make postgres - start the local PostgreSQL (lease-store tests and benchmark) unless it answers"
 	@echo "make bench  - run the benchmarks and write BENCHMARKS.md"
 	@echo "make lint   - ruff and mypy"
 	@echo "make mlflow-ui - MLflow UI on http://127.0.0.1:5000 over var/mlflow.db"
@@ -48,11 +51,25 @@ demo: install airflow-init
 	@$(PY) -m operators.cli run penguins_species --log $(KILN_HOME)/logs/demo.log $(if $(CONF),--conf '$(CONF)') \
 	  || { echo "demo failed; last lines of $(KILN_HOME)/logs/demo.log:"; tail -40 $(KILN_HOME)/logs/demo.log; exit 1; }
 
-test: install
+test: install image postgres
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-bench: install airflow-init
+# The Docker launcher's tests run real containers: an engine (dockerd started by hand where there is no systemd,
+# its log and pid under $(KILN_HOME)) and the CPU test image, rebuilt only when its inputs change.
+docker-engine:
+	@docker/engine.sh $(KILN_HOME)
+
+image: docker-engine install
+	@PYTHON=$(PY) docker/build-test-image.sh
+
+bench: install airflow-init image postgres
 	$(PY) bench/run_all.py
+
+# The resource-pool lease store's tests and benchmark run against the local PostgreSQL (trust auth, 127.0.0.1:5432).
+postgres:
+	@pg_isready -h 127.0.0.1 -p 5432 -q || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
+	@for i in $$(seq 30); do pg_isready -h 127.0.0.1 -p 5432 -q && exit 0; sleep 1; done; \
+	  echo "PostgreSQL does not answer on 127.0.0.1:5432 (see /var/log/postgresql)"; exit 1
 
 lint: install
 	$(VENV)/bin/ruff check tasks operators dags tests bench
