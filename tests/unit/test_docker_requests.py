@@ -10,16 +10,16 @@ import pytest
 from docker.errors import APIError, ImageNotFound
 from docker.types import DeviceRequest, Ulimit
 
-from tasks.launch import get_launcher
-from tasks.launch_docker import (
+from tasks.docker_containers import (
     ROOT_FALLBACK_USER,
-    DockerGangLauncher,
-    _container_user,
     bind_volumes,
     container_kwargs,
+    container_user,
     describe_refusal,
     torchrun_command,
 )
+from tasks.launch import get_launcher
+from tasks.launch_docker import DockerGangLauncher
 from tasks.pools.allocation import Allocation, NodeAllocation
 from tasks.spec import DockerSpec, ModelSpec, TrainingSpec
 from tasks.train import TrainConfig
@@ -135,21 +135,21 @@ def test_a_separate_work_folder_is_mounted_read_only(tmp_path):
     (1234, None, "1234:{gid}"),
     (0, "50000:0", "50000:0"),
 ], ids=["root-launcher-falls-back-to-uid-1000", "non-root-launcher-keeps-its-ids", "explicit-user"])
-def test_container_user(monkeypatch, euid, user, expected):
+def testcontainer_user(monkeypatch, euid, user, expected):
     import os
 
     monkeypatch.setattr(os, "geteuid", lambda: euid)
-    assert _container_user(user) == expected.format(gid=os.getegid())
+    assert container_user(user) == expected.format(gid=os.getegid())
 
 
 @pytest.mark.parametrize("user", ["0:0", "root", "1000"], ids=["uid-0", "a-name", "no-gid"])
 def test_a_root_or_malformed_user_is_refused(user):
     with pytest.raises(ValueError, match="non-root 'uid:gid'"):
-        _container_user(user)
+        container_user(user)
 
 
-# Engine errors built from the messages dockerd returns for these refusals (see /work/shared/notes/docker.md
-# section 5); they are values passed to a pure function, not a mocked engine.
+# Engine errors built from the messages dockerd 20.10 returns for these refusals (docker/README.md, "What this
+# machine kind refuses"); they are values passed to a pure function, not a mocked engine.
 @pytest.mark.parametrize(("error", "words"), [
     (APIError("500 Server Error", explanation='could not select device driver "" with capabilities: [[gpu]]'),
      ["no GPU runtime", "NVIDIA Container Toolkit", "training.resources.gpus: 0"]),
