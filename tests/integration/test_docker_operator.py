@@ -50,7 +50,7 @@ def test_on_kill_stops_the_gang_and_releases_its_lease(two_node_pool: docker.Doc
     from tasks.pools.store import LeaseStore
 
     run_id = "manual__docker_operator_kill"
-    params = {"nodes": 2, "nproc": 1, "epochs": 10_000}
+    params = {"launcher": "docker", "nodes": 2, "nproc": 1, "epochs": 10_000}
     ctx = pipeline.make_context(SPEC, run_id, params)
     for step in ("ingest", "validate", "clean", "build_features"):
         getattr(pipeline, step)(ctx)

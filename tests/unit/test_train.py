@@ -229,14 +229,14 @@ def test_cli_runs_as_a_single_process_without_torchrun(tmp_path, features, valid
 
 def test_unknown_launcher_lists_the_available_ones():
     assert isinstance(get_launcher("local"), LocalTorchrunLauncher)
-    with pytest.raises(ValueError, match="unknown launcher 'k8s'; available: local"):
+    with pytest.raises(ValueError, match="unknown launcher 'k8s'; available: docker, local"):
         get_launcher("k8s")
 
 
 class _StubbornLauncher(LocalTorchrunLauncher):
     """Runs a job that ignores SIGTERM instead of torchrun, to exercise the kill path without torch start-up."""
 
-    def command(self, config_path: Path, nproc: int) -> list[str]:
+    def command(self, config_path: Path, nproc: int, max_restarts: int = 0) -> list[str]:
         code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
                 "time.sleep(600)")
         return [sys.executable, "-c", code]
