@@ -5,7 +5,6 @@ releases the lease. The two "nodes" are inventory entries on this machine's one 
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 import docker
 import pytest
 import yaml
+from docker_engine import ready_engine
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 
@@ -26,14 +26,7 @@ INVENTORY = {"pools": {"local": {"placement": "spread", "nodes": [
 
 @pytest.fixture
 def two_node_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> docker.DockerClient:
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        pytest.fail(f"no Docker engine answers ({exc}): run `make docker-engine image`")
-    build = subprocess.run([str(REPO / "docker" / "build-test-image.sh")], capture_output=True, text=True,
-                           env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHON": str(REPO / ".venv/bin/python")})
-    assert build.returncode == 0, f"run `make docker-engine image`:\n{build.stdout[-2000:]}{build.stderr[-2000:]}"
+    client = ready_engine()
     inventory = tmp_path / "pools.yaml"
     inventory.write_text(yaml.safe_dump(INVENTORY))
     monkeypatch.setenv("KILN_POOLS_FILE", str(inventory))

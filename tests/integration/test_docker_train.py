@@ -9,13 +9,13 @@ Needs a Docker engine and the test image: ``make docker-engine image`` (``make t
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import docker
 import pytest
+from docker_engine import ready_engine
 from synthetic import write_features
 
 from tasks import pipeline
@@ -37,19 +37,7 @@ GIB = 1024**3
 
 @pytest.fixture(scope="module")
 def engine() -> docker.DockerClient:
-    """The local Docker engine with a test image built from the current sources; fails (never skips) without."""
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        pytest.fail(f"no Docker engine answers ({exc}): run `make docker-engine image`")
-    # The containers must run the code under test: rebuild the image's code layer if tasks/ changed since `make
-    # image` (seconds; a no-op when it is current, as in CI).
-    build = subprocess.run([str(REPO / "docker" / "build-test-image.sh")], capture_output=True, text=True,
-                           env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHON": str(REPO / ".venv/bin/python")})
-    if build.returncode != 0:
-        pytest.fail(f"the test image kiln-train:cpu could not be built: run `make docker-engine image`\n"
-                    f"{build.stdout[-2000:]}{build.stderr[-2000:]}")
+    client = ready_engine()
     yield client
     client.close()
 
