@@ -43,7 +43,8 @@ class TrainingFailedError(RuntimeError):
         self.exit_code = exit_code
         self.log_tail = log_tail
         reason = reason or f"exited with code {exit_code}"
-        super().__init__(f"training job {reason}; last output lines:\n{log_tail}")
+        tail = f"; last output lines:\n{log_tail}" if log_tail.strip() else ""
+        super().__init__(f"training job {reason}{tail}")
 
 
 class TrainingTimeoutError(TrainingFailedError):
