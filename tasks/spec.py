@@ -369,10 +369,12 @@ def _format_error(err: Any) -> str:
         return f"field '{field}': " + _unknown_key(str(loc[-1]), allowed)
     if err["type"] == "missing":
         return f"field '{field}': required but missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(err.get("input"), dict):  # a cross-field check on a section: its message names the fields
+        return f"field '{field}': {msg}"
     found = json.dumps(err.get("input"), default=str)
     if len(found) > 80:
         found = found[:77] + "..."
-    msg = err["msg"].removeprefix("Value error, ")
     return f"field '{field}': {msg} (found {found})"
 
 
