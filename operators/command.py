@@ -70,7 +70,9 @@ class PooledCommandOperator(PooledOperator):
         env = {**os.environ, **self.env, "CUDA_VISIBLE_DEVICES": node.cuda_visible_devices(),
                "KILN_LEASE_ID": allocation.lease_id, "KILN_CPUSET": node.cpuset(),
                "KILN_MEMORY_LIMIT": str(node.memory)}
-        cores = set(node.cpus) & os.sched_getaffinity(0)
+        from tasks.launch import usable_cpus
+
+        cores = usable_cpus(node.cpus)
         tail: deque[str] = deque(maxlen=50)
         self._proc = proc = subprocess.Popen(
             self.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,

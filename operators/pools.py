@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -33,12 +32,6 @@ _DEFER_SLACK_S = 60
 
 class ResourcePoolHook(BaseHook):
     """A stateless client of the lease store named by the settings (``KILN_POOLS_DB_URL``, ``KILN_POOLS_FILE``)."""
-
-    conn_name_attr = "pool_conn_id"
-    hook_name = "kiln resource pool"
-
-    def __init__(self) -> None:
-        super().__init__()
 
     def get_store(self) -> LeaseStore:
         from tasks.pools.store import LeaseStore
@@ -78,22 +71,25 @@ class PoolLeaseTrigger(BaseTrigger):
 
         store = await asyncio.to_thread(ResourcePoolHook().get_store)
         self.log.info("waiting for lease %s", self.lease_id)
-        while True:
-            try:
-                allocation = await asyncio.to_thread(store.try_grant, self.lease_id)
-            except LeaseLostError as exc:
-                yield TriggerEvent({"status": "lost", "lease_id": self.lease_id, "message": str(exc)})
-                return
-            if allocation is not None:
-                self.log.info("lease %s granted", self.lease_id)
-                yield TriggerEvent({"status": "granted", "allocation": allocation.to_dict()})
-                return
-            if time.time() >= self.deadline:
-                await asyncio.to_thread(store.release, self.lease_id, "timeout")
-                yield TriggerEvent({"status": "timeout", "lease_id": self.lease_id,
-                                    "message": "resource request still waiting at its wait timeout; cancelled"})
-                return
-            await asyncio.sleep(self.poll_s)
+        try:
+            while True:
+                try:
+                    allocation = await asyncio.to_thread(store.try_grant, self.lease_id)
+                except LeaseLostError as exc:
+                    yield TriggerEvent({"status": "lost", "lease_id": self.lease_id, "message": str(exc)})
+                    return
+                if allocation is not None:
+                    self.log.info("lease %s granted", self.lease_id)
+                    yield TriggerEvent({"status": "granted", "allocation": allocation.to_dict()})
+                    return
+                if time.time() >= self.deadline:
+                    await asyncio.to_thread(store.release, self.lease_id, "timeout")
+                    yield TriggerEvent({"status": "timeout", "lease_id": self.lease_id,
+                                        "message": "resource request still waiting at its wait timeout; cancelled"})
+                    return
+                await asyncio.sleep(self.poll_s)
+        finally:
+            store.close()
 
 
 class PooledOperator(BaseOperator):
@@ -134,12 +130,14 @@ class PooledOperator(BaseOperator):
         try:
             store.validate(request)  # a request that can never fit fails now, not after the wait timeout
         except UnsatisfiableRequestError as exc:
+            store.close()
             raise AirflowFailException(str(exc)) from exc
         owner = owner_from_context(context)
         allocation = store.try_acquire(request, owner)
         if allocation is not None:
             return self._run(context, allocation)
         lease_id = store.enqueue(request, owner)
+        store.close()  # the task leaves its worker while it waits; the trigger opens a store of its own
         self.log.info("%s does not fit now; lease %s waits in the queue of pool %r (deferring, up to %d s)",
                       request.describe(), lease_id, request.pool, wait_timeout_s)
         self.defer(trigger=PoolLeaseTrigger(lease_id=lease_id, deadline=time.time() + wait_timeout_s,
@@ -152,7 +150,7 @@ class PooledOperator(BaseOperator):
 
         if event.get("status") != "granted":
             raise AirflowException(f"lease {event.get('lease_id')} not granted: {event.get('message')}")
-        self._store = self._store or ResourcePoolHook().get_store()
+        self._store = ResourcePoolHook().get_store()
         return self._run(context, Allocation.from_dict(event["allocation"]))
 
     def _run(self, context: Any, allocation: Allocation) -> Any:
@@ -165,9 +163,8 @@ class PooledOperator(BaseOperator):
         nodes = "; ".join(f"{n.node}: GPUs [{n.cuda_visible_devices()}] CPUs [{n.cpuset()}]"
                           for n in allocation.nodes)
         self.log.info("holding lease %s in pool %r (%s)", allocation.lease_id, allocation.pool, nodes)
-        keep = KeepAlive(store, allocation.lease_id, allocation.ttl_s)  # heartbeats from here until stop()
-        watcher = threading.Thread(target=self._stop_if_lost, args=(keep,), name="lease-watch", daemon=True)
-        watcher.start()
+        # Heartbeats from here until stop(); a lost lease stops the work, since its devices may be re-granted.
+        keep = KeepAlive(store, allocation.lease_id, allocation.ttl_s, on_lost=self.stop_work)
         try:
             result = self.run_leased(context, allocation)
             if keep.lost.is_set():
@@ -176,13 +173,7 @@ class PooledOperator(BaseOperator):
         finally:
             keep.stop()
             self._release(store, allocation.lease_id)
-
-    def _stop_if_lost(self, keep: Any) -> None:
-        while not keep.lost.wait(timeout=1.0):
-            if self._lease_id is None:
-                return
-        self.log.error("lease %s lost (heartbeats failed past its TTL): stopping the work", self._lease_id)
-        self.stop_work()
+            store.close()
 
     def _release(self, store: LeaseStore, lease_id: str) -> None:
         if store.release(lease_id):

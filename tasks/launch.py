@@ -138,7 +138,7 @@ class LocalTorchrunLauncher(Launcher):
             node = allocation.master
             # A job sees only the GPUs it leased: none at all when it leased none.
             env["CUDA_VISIBLE_DEVICES"] = node.cuda_visible_devices()
-            cpus = _usable_cpus(node.cpus)
+            cpus = usable_cpus(node.cpus)
             log.info("lease %s on node %s: GPUs [%s], CPU cores [%s]", allocation.lease_id, node.node,
                      node.cuda_visible_devices(), node.cpuset())
         cmd = self.command(config_path, nproc, config.training.max_restarts)
@@ -217,7 +217,7 @@ class LocalTorchrunLauncher(Launcher):
             pass
 
 
-def _usable_cpus(leased: tuple[int, ...]) -> set[int]:
+def usable_cpus(leased: tuple[int, ...]) -> set[int]:
     """The leased cores this process may run on; an inventory can name cores this machine lacks (a test
     stand-in, or a node entry meant for another host), and pinning to those would fail."""
     usable = set(leased) & os.sched_getaffinity(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -20,14 +20,16 @@ class KeepAlive:
     """Heartbeats ``lease_id`` every ``ttl_s / 3`` seconds on a daemon thread, from construction until
     :meth:`stop`.
 
-    ``lost`` is set (and the thread ends) when the store says the lease is no longer granted: the holder must
-    stop using its devices. A failing database is retried at the next beat; the lease survives that as long as
-    one beat in ``ttl_s`` gets through.
+    ``lost`` is set, ``on_lost`` is called (on the heartbeat thread) and the thread ends when the store says the
+    lease is no longer granted: the holder must stop using its devices. A failing database is retried at the next
+    beat; the lease survives that as long as one beat in ``ttl_s`` gets through.
     """
 
-    def __init__(self, store: LeaseStore, lease_id: str, ttl_s: float):
+    def __init__(self, store: LeaseStore, lease_id: str, ttl_s: float,
+                 on_lost: Callable[[], None] | None = None):
         self.store = store
         self.lease_id = lease_id
+        self.on_lost = on_lost
         self.interval_s = ttl_s / 3
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -41,6 +43,8 @@ class KeepAlive:
             except LeaseLostError as exc:
                 logger.error("lease %s lost: %s", self.lease_id, exc)
                 self.lost.set()
+                if self.on_lost is not None:
+                    self.on_lost()
                 return
             except Exception as exc:  # a database hiccup: the next beat may get through before the ttl runs out
                 logger.warning("heartbeat of lease %s failed (%s: %s); retrying in %.1fs", self.lease_id,

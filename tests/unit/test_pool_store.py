@@ -300,13 +300,15 @@ def test_keepalive_heartbeats_and_reports_a_lost_lease(url: str) -> None:
     with LeaseStore(url, INVENTORY) as store:
         a = store.acquire(req(gpus=1, ttl_s=0.3), OWNER, timeout_s=5)
         first = store.lease(a.lease_id).expires_at
-        keepalive = KeepAlive(store, a.lease_id, 0.3)
+        called = threading.Event()
+        keepalive = KeepAlive(store, a.lease_id, 0.3, on_lost=called.set)
         deadline = time.monotonic() + 5
         while store.lease(a.lease_id).expires_at == first and time.monotonic() < deadline:
             time.sleep(0.02)
         assert store.lease(a.lease_id).expires_at > first
         store.release(a.lease_id)  # as if an operator released it by hand
         assert keepalive.lost.wait(5)
+        assert called.is_set()  # the holder was told, so it can stop using the devices
         keepalive.stop()
         keepalive.stop()
 
