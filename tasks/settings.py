@@ -31,6 +31,16 @@ class Settings:
     ``postgresql+psycopg2://user:pw@host/db``)."""
     train_image: str
     """``KILN_TRAIN_IMAGE``: the image the Docker launcher runs when a spec names none (``make image`` builds it)."""
+    serving_dir: Path
+    """``KILN_SERVING_DIR``: per-model deployment files, bundle caches, server logs and pid files (default
+    ``$KILN_HOME/serving``)."""
+    serve_host: str
+    """``KILN_SERVE_HOST``: the address the model server listens on (default ``127.0.0.1``)."""
+    serve_port: int
+    """``KILN_SERVE_PORT``: the port of the model server the deploy step starts or reloads (default 8765)."""
+    serve_token: str | None
+    """``KILN_SERVE_TOKEN``: bearer token of the model server's predict and admin endpoints. Unset: a random token
+    is generated once into ``$KILN_SERVING_DIR/token`` (mode 0600)."""
 
 
 def get_settings() -> Settings:
@@ -45,4 +55,18 @@ def get_settings() -> Settings:
         pools_file=Path(os.environ["KILN_POOLS_FILE"]).resolve() if os.environ.get("KILN_POOLS_FILE") else None,
         pools_db_url=os.environ.get("KILN_POOLS_DB_URL") or f"sqlite:///{home / 'pools.db'}",
         train_image=os.environ.get("KILN_TRAIN_IMAGE") or "kiln-train:cpu",
+        serving_dir=Path(os.environ.get("KILN_SERVING_DIR") or home / "serving").resolve(),
+        serve_host=os.environ.get("KILN_SERVE_HOST") or "127.0.0.1",
+        serve_port=_int_env("KILN_SERVE_PORT", 8765),
+        serve_token=os.environ.get("KILN_SERVE_TOKEN") or None,
     )
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, found {raw!r}") from None

@@ -33,7 +33,8 @@ def pytest_configure(config: pytest.Config) -> None:
         MPLBACKEND="Agg",
     )
     for var in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "KILN_ARTIFACT_ROOT", "KILN_MLFLOW_TRACKING_URI",
-                "KILN_MLFLOW_ARTIFACT_ROOT", "KILN_PIPELINES_DIR", "KILN_POOLS_FILE", "KILN_POOLS_DB_URL"):
+                "KILN_MLFLOW_ARTIFACT_ROOT", "KILN_PIPELINES_DIR", "KILN_POOLS_FILE", "KILN_POOLS_DB_URL",
+                "KILN_SERVING_DIR", "KILN_SERVE_HOST", "KILN_SERVE_PORT", "KILN_SERVE_TOKEN"):
         os.environ.pop(var, None)
 
 
