@@ -12,9 +12,10 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import DAG, Param, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from operators.train import TrainOperator
+from tasks.pipeline import RELEASE_STEPS
 from tasks.settings import get_settings
 from tasks.spec import PipelineSpec, load_specs
 
@@ -39,6 +40,11 @@ def _params(spec: PipelineSpec) -> dict[str, Param]:
                        description="Nodes in the training gang (more than one needs the docker launcher)."),
         "sample_fraction": Param(spec.sample_fraction, type="number", exclusiveMinimum=0, maximum=1,
                                  title="Sample fraction", description="Share of source rows used (seeded)."),
+        "deployment": Param(spec.deployment.strategy, type="string", enum=["direct", "canary", "none"],
+                            title="Deployment",
+                            description="direct: serve a candidate that passes the gate at once; canary: a share of "
+                                        "traffic first, promoted or rolled back on its error rate and latency; "
+                                        "none: move the registry's champion alias only."),
     }
 
 
@@ -47,13 +53,19 @@ def _step(name: str, spec_path: str):
 
     def run_step(params: dict[str, Any] | None = None, run_id: str | None = None, **_upstream: Any) -> Any:
         from tasks import pipeline
+        from tasks.infra_validate import InfraValidationError
+        from tasks.release import GateRejectedError
+        from tasks.rollout import DeploymentFailedError
         from tasks.spec import SpecError
         from tasks.validate import DataValidationError
 
         try:
             ctx = pipeline.make_context(spec_path, run_id or "manual", dict(params or {}))
-            return getattr(pipeline, name)(ctx)
-        except (SpecError, DataValidationError) as exc:  # retrying cannot fix bad data or a bad spec
+            return pipeline.step_function(name)(ctx)
+        except GateRejectedError as exc:  # a rejected candidate is an outcome, not a failure: skip the rollout
+            raise AirflowSkipException(str(exc)) from exc
+        # Retrying cannot fix bad data, a bad spec, or a candidate that failed in the serving runtime.
+        except (SpecError, DataValidationError, InfraValidationError, DeploymentFailedError) as exc:
             raise AirflowFailException(str(exc)) from exc
 
     run_step.__name__ = name
@@ -61,7 +73,11 @@ def _step(name: str, spec_path: str):
 
 
 def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
-    """The DAG of one pipeline spec: ingest >> validate >> clean >> build_features >> train >> evaluate."""
+    """The DAG of one pipeline spec: ingest >> validate >> clean >> build_features >> train >> evaluate >>
+    register >> gate >> infra_validate >> deploy >> verify >> promote.
+
+    A candidate the gate rejects leaves ``gate`` successful (its decision is the output) and the rollout skipped.
+    """
     summary = (spec.description.strip().splitlines() or [spec.name])[0]
     with DAG(
         dag_id=spec.name,
@@ -84,7 +100,9 @@ def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         budget_s = spec.training.timeout_s + spec.training.resources.wait_timeout_s + 300
         trained = TrainOperator(task_id="train", spec_path=path, execution_timeout=timedelta(seconds=budget_s))
         features >> trained
-        _step("evaluate", path)(_upstream=trained.output)
+        upstream: Any = _step("evaluate", path)(_upstream=trained.output)
+        for name in RELEASE_STEPS:
+            upstream = _step(name, path)(_upstream=upstream)
     return dag
 
 

@@ -23,6 +23,9 @@ from tasks.spec import PipelineSpec, load_spec
 log = logging.getLogger(__name__)
 
 STEPS = ("ingest", "validate", "clean", "build_features", "train", "evaluate")
+#: The steps after ``evaluate``, by module: the candidate is registered and gated, then rolled out.
+RELEASE_STEPS = {"register": "tasks.release", "gate": "tasks.release", "infra_validate": "tasks.rollout",
+                 "deploy": "tasks.rollout", "verify": "tasks.rollout", "promote": "tasks.rollout"}
 #: Scratch key (under the run key) where training keeps checkpoints across task retries.
 CHECKPOINTS = "checkpoints"
 
@@ -216,12 +219,37 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
     return {**result, "mlflow_run_id": run_id}
 
 
-def run_all(ctx: RunContext) -> dict[str, Any]:
-    """Run every step in this process, in order; returns each step's result and the total duration."""
+def step_function(name: str) -> Callable[[RunContext], dict[str, Any]]:
+    """The function that runs step ``name`` (one of ``STEPS`` or ``RELEASE_STEPS``)."""
+    if name in RELEASE_STEPS:
+        import importlib
+
+        return getattr(importlib.import_module(RELEASE_STEPS[name]), name)
+    if name not in STEPS:
+        raise ValueError(f"unknown step {name!r}; steps: {', '.join([*STEPS, *RELEASE_STEPS])}")
+    return globals()[name]
+
+
+def run_all(ctx: RunContext, release: bool = True) -> dict[str, Any]:
+    """Run every step in this process, in order; returns each step's result and the total duration.
+
+    A candidate the gate rejects ends the run after ``gate`` (the later steps are recorded as skipped, with the
+    reason), as the DAG skips them.
+
+    Args:
+        ctx: the run.
+        release: also run ``RELEASE_STEPS`` (register, gate, deploy ...); ``False`` stops after ``evaluate``.
+    """
+    from tasks.release import GateRejectedError
+
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
-    for step in STEPS:
+    for step in [*STEPS, *(RELEASE_STEPS if release else ())]:
         log.info("step %s", step)
-        results[step] = globals()[step](ctx)
+        try:
+            results[step] = step_function(step)(ctx)
+        except GateRejectedError as exc:
+            results[step] = {"skipped": str(exc)}
+            log.info("step %s skipped: %s", step, exc)
     results["duration_s"] = round(time.perf_counter() - t0, 3)
     return results

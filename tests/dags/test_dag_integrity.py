@@ -12,7 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
-PIPELINE_STEPS = ["ingest", "validate", "clean", "build_features", "train", "evaluate"]
+PIPELINE_STEPS = ["ingest", "validate", "clean", "build_features", "train", "evaluate", "register", "gate",
+                  "infra_validate", "deploy", "verify", "promote"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_no_import_errors(dagbag) -> None:
 
 def test_one_dag_per_shipped_spec(dagbag) -> None:
     specs = sorted(p.stem for p in (DAGS / "pipelines").glob("*.yaml"))
-    assert sorted(dagbag.dag_ids) == specs
+    assert sorted(dagbag.dag_ids) == sorted([*specs, "kiln_champion"])
 
 
 @pytest.mark.parametrize("dag_id", ["penguins_species", "digits_cnn"], ids=["tabular", "image"])
@@ -91,9 +92,20 @@ def test_invalid_spec_is_an_import_error_naming_file_and_field(tmp_path: Path) -
     finally:
         os.environ.clear()
         os.environ.update(old)
-    assert bag.dag_ids == ["penguins_species"]  # the valid spec still becomes a DAG
+    assert sorted(bag.dag_ids) == ["kiln_champion", "penguins_species"]  # the valid spec still becomes a DAG
     assert list(bag.import_errors) == [str(DAGS / "kiln_spec_errors.py")]
     message = next(iter(bag.import_errors.values()))
     assert "broken.yaml" in message
     assert "field 'task'" in message and "clasification" in message and "'classification'" in message
     assert "field 'training.epochs'" in message
+
+
+def test_champion_dag_params(dagbag) -> None:
+    from airflow.sdk.definitions.param import ParamsDict
+
+    dag = dagbag.dags["kiln_champion"]
+    assert dag.params["model"] in ("digits_cnn", "penguins_species")
+    params = ParamsDict(dict(dag.params.items()))
+    with pytest.raises(Exception, match="reason"):  # a move is always explained
+        params.update({"reason": ""})
+        params.validate()

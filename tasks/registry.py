@@ -1,0 +1,197 @@
+"""The model registry: MLflow's, with one registered model per pipeline and a ``champion`` alias.
+
+Every evaluated candidate becomes a model version whose source is the bundle logged to its training run, tagged
+with the data hash, spec hash, code version and run ids. Only :meth:`Registry.set_champion` moves the ``champion``
+alias (the gate's pass, an explicit approval, or a rollback), and each move is appended to the registered model's
+``kiln.champion_history`` tag (who, when, why), which is what :meth:`Registry.rollback` walks back through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+#: Registered-model tag holding the alias moves, newest last (JSON list, bounded to ``HISTORY_LIMIT`` entries).
+HISTORY_TAG = "kiln.champion_history"
+HISTORY_LIMIT = 25
+#: Model-version tag tying a version to the pipeline run that produced it (one version per run).
+RUN_KEY_TAG = "kiln.run_key"
+#: Folder of the training run's MLflow artifacts that holds the bundle (the version's source).
+BUNDLE_ARTIFACT_PATH = "bundle"
+
+
+class RegistryError(RuntimeError):
+    """A registry request that cannot be carried out (unknown model or version, nothing to roll back to)."""
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One registered version of a pipeline's model."""
+
+    name: str
+    version: str
+    run_id: str
+    source: str
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"name": self.name, "version": self.version, "run_id": self.run_id, "source": self.source,
+                "tags": dict(self.tags), "aliases": list(self.aliases)}
+
+
+def _info(mv: Any) -> ModelVersionInfo:
+    return ModelVersionInfo(name=mv.name, version=str(mv.version), run_id=mv.run_id or "", source=mv.source,
+                            tags=dict(mv.tags or {}), aliases=tuple(getattr(mv, "aliases", None) or ()))
+
+
+class Registry:
+    """MLflow model registry access for kiln's pipelines (a stateless client: safe to make per call)."""
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def register(self, name: str, run_id: str, bundle_dir: Path, tags: dict[str, str]) -> ModelVersionInfo:
+        """Log ``bundle_dir`` to the training run and register it as a new version of ``name``.
+
+        Idempotent per pipeline run: a retried step finds the version already made for ``tags[RUN_KEY_TAG]``
+        and returns it instead of adding another.
+
+        Args:
+            name: the registered model (the pipeline name).
+            run_id: the MLflow run that trained the model.
+            bundle_dir: the exported bundle folder.
+            tags: version tags; must include ``RUN_KEY_TAG``.
+        """
+        existing = self.find_by_run_key(name, tags[RUN_KEY_TAG])
+        if existing is not None:
+            log.info("model %s version %s already registered for %s", name, existing.version, tags[RUN_KEY_TAG])
+            return existing
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name, description=f"Models of the kiln pipeline '{name}'.")
+        self.client.log_artifacts(run_id, str(bundle_dir), artifact_path=BUNDLE_ARTIFACT_PATH)
+        source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT_PATH}"
+        mv = self.client.create_model_version(name, source, run_id=run_id, tags=tags)
+        log.info("registered %s version %s from run %s", name, mv.version, run_id)
+        return _info(mv)
+
+    def find_by_run_key(self, name: str, run_key: str) -> ModelVersionInfo | None:
+        """The version registered for one pipeline run, if any."""
+        found = self.client.search_model_versions(f"name = '{name}' and tags.`{RUN_KEY_TAG}` = '{run_key}'")
+        return _info(found[0]) if found else None
+
+    def version(self, name: str, version: str) -> ModelVersionInfo:
+        """One version.
+
+        Raises:
+            RegistryError: no such model or version.
+        """
+        try:
+            return _info(self.client.get_model_version(name, str(version)))
+        except MlflowException:
+            known = ", ".join(v.version for v in self.versions(name)) or "none"
+            raise RegistryError(f"model '{name}' has no version {version!r} (versions: {known})") from None
+
+    def versions(self, name: str) -> list[ModelVersionInfo]:
+        """All versions of ``name``, oldest first (empty when the model does not exist)."""
+        found = [_info(mv) for mv in self.client.search_model_versions(f"name = '{name}'")]
+        return sorted(found, key=lambda v: int(v.version))
+
+    def champion(self, name: str) -> ModelVersionInfo | None:
+        """The version the ``champion`` alias points at, or ``None`` (no model yet, or never promoted)."""
+        try:
+            return _info(self.client.get_model_version_by_alias(name, CHAMPION))
+        except MlflowException:
+            return None
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """The champion alias moves, oldest first: ``{version, previous, action, reason, actor, at}``."""
+        try:
+            raw = self.client.get_registered_model(name).tags.get(HISTORY_TAG)
+        except MlflowException:
+            return []
+        return json.loads(raw) if raw else []
+
+    def set_champion(self, name: str, version: str, *, action: str, reason: str,
+                     actor: str = "kiln") -> ModelVersionInfo | None:
+        """Point ``champion`` at ``version`` and record the move; returns the previous champion.
+
+        Args:
+            name: the registered model.
+            version: the version to promote.
+            action: ``gate``, ``approve`` or ``rollback`` (recorded).
+            reason: why, in a sentence (recorded).
+            actor: who moved it (a DAG run, a user).
+
+        Raises:
+            RegistryError: the version does not exist.
+        """
+        target = self.version(name, version)
+        previous = self.champion(name)
+        self.client.set_registered_model_alias(name, CHAMPION, target.version)
+        entry = {"version": target.version, "previous": previous.version if previous else None, "action": action,
+                 "reason": reason, "actor": actor, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        history = [*self.history(name), entry][-HISTORY_LIMIT:]
+        self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        self.client.set_model_version_tag(name, target.version, "kiln.promoted", f"{action}: {reason}"[:4000])
+        log.info("%s champion: version %s -> %s (%s: %s)", name, previous.version if previous else "none",
+                 target.version, action, reason)
+        return previous
+
+    def rollback_target(self, name: str) -> str:
+        """The version a rollback without an explicit target returns to: the champion before the current one.
+
+        Raises:
+            RegistryError: there is no earlier champion.
+        """
+        current = self.champion(name)
+        if current is None:
+            raise RegistryError(f"model '{name}' has no champion to roll back from")
+        history = self.history(name)
+        # Walk back to the most recent move onto the current champion; its predecessor is the target.
+        for entry in reversed(history):
+            if entry["version"] == current.version and entry["previous"] not in (None, current.version):
+                return str(entry["previous"])
+        raise RegistryError(f"model '{name}' has no earlier champion than version {current.version}; name the "
+                            "version to roll back to")
+
+    def fetch_bundle(self, version: ModelVersionInfo, cache_dir: Path) -> Path:
+        """A local copy of a version's bundle under ``cache_dir/v<version>`` (downloaded once, atomically).
+
+        Versions are immutable, so a cached copy is reused as it is.
+        """
+        import mlflow.artifacts
+
+        final = Path(cache_dir) / f"v{version.version}"
+        if final.is_dir():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-v{version.version}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp),
+                                                           tracking_uri=self.tracking_uri))
+            try:
+                got.rename(final)
+            except OSError:
+                if not final.is_dir():  # another process fetched it first: theirs is the same immutable version
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
