@@ -14,7 +14,7 @@ export AIRFLOW__CORE__PARALLELISM ?= 4
 export GX_ANALYTICS_ENABLED ?= false
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test bench lint airflow-init mlflow-ui clean docker-engine image postgres
+.PHONY: install demo test bench lint airflow-init mlflow-ui clean docker-engine image postgres wrk serve-stop
 .DEFAULT_GOAL := help
 
 help:
@@ -26,6 +26,7 @@ help:
 	@echo "make bench  - run the benchmarks and write BENCHMARKS.md"
 	@echo "make lint   - ruff and mypy"
 	@echo "make mlflow-ui - MLflow UI on http://127.0.0.1:5000 over var/mlflow.db"
+	@echo "make serve-stop - stop the model servers the pipelines started (var/serving/<model>/server.pid)"
 
 install: $(VENV)/.installed
 
@@ -62,8 +63,16 @@ docker-engine:
 image: docker-engine install
 	@PYTHON=$(PY) docker/build-test-image.sh
 
-bench: install airflow-init image postgres
+bench: install airflow-init image postgres wrk
 	$(PY) bench/run_all.py
+
+# The serving benchmark's load generator (a Python client would saturate a core before the servers do).
+wrk:
+	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+
+serve-stop:
+	@for pid in $(KILN_HOME)/serving/*/server.pid; do [ -f "$$pid" ] || continue; \
+	  $(PY) -c 'import sys; from pathlib import Path; from tasks.serving.process import stop_server; stop_server(Path(sys.argv[1]).parent)' "$$pid"; done
 
 # The resource-pool lease store's tests and benchmark run against the local PostgreSQL (trust auth, 127.0.0.1:5432).
 postgres:
@@ -78,5 +87,5 @@ lint: install
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(KILN_HOME)/mlflow.db --host 127.0.0.1 --port 5000
 
-clean:
+clean: serve-stop
 	rm -rf $(KILN_HOME)

@@ -42,8 +42,10 @@ def run_dag(dag_id: str, conf: dict[str, Any]) -> dict[str, Any]:
     duration = time.perf_counter() - t0
     tis = {ti.task_id: ti for ti in sorted(dr.get_task_instances(),
                                            key=lambda ti: (ti.start_date is None, ti.start_date))}
-    evaluated = tis["evaluate"].xcom_pull(task_ids="evaluate") if "evaluate" in tis else None
-    trained = tis["train"].xcom_pull(task_ids="train") if "train" in tis else None
+    def output(task_id: str) -> Any:
+        return tis[task_id].xcom_pull(task_ids=task_id) if task_id in tis else None
+
+    evaluated, trained, gated, deployed = output("evaluate"), output("train"), output("gate"), output("deploy")
     return {
         "dag_id": dag_id,
         "run_id": dr.run_id,
@@ -52,6 +54,9 @@ def run_dag(dag_id: str, conf: dict[str, Any]) -> dict[str, Any]:
         "metrics": (evaluated or {}).get("metrics", {}),
         "thresholds": (evaluated or {}).get("threshold_checks", {}),
         "mlflow_run_id": (evaluated or trained or {}).get("mlflow_run_id"),
+        "gate": {k: gated[k] for k in ("decision", "reason", "candidate")} if gated else None,
+        "served": {"url": deployed.get("url"), "version": deployed.get("version")}
+        if deployed and deployed.get("url") else None,
         "duration_s": round(duration, 2),
     }
 
@@ -91,7 +96,28 @@ def _print_summary(result: dict[str, Any]) -> None:
     lines.append(f"  log             {result['log']}")
     lines.append(f"  MLflow run      {result['mlflow_run_id']}  "
                  f"(make mlflow-ui, then http://127.0.0.1:5000)")
+    if result["gate"]:
+        lines.append(f"  gate            version {result['gate']['candidate']['version']} "
+                     f"{result['gate']['decision']}: {result['gate']['reason']}")
+    if result["served"]:
+        from tasks.serving.auth import token_path
+
+        token = "$KILN_SERVE_TOKEN" if s.serve_token else f"$(cat {token_path(s)})"
+        lines.append(f"  served          {result['served']['url']} (version {result['served']['version']}); try:")
+        lines.append(f"    curl -H \"Authorization: Bearer {token}\" -H 'Content-Type: application/json' "
+                     f"-d '{_example_body(result['dag_id'])}' {result['served']['url']}/predict")
     sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _example_body(model: str) -> str:
+    """A ``/predict`` body holding the first sample row of the served champion's bundle."""
+    from tasks.bundle import load_bundle
+    from tasks.models_cli import spec_named
+    from tasks.rollout import Endpoint
+
+    deployment = Endpoint.of(spec_named(model)).current()
+    raw, _ = load_bundle(deployment.champion.bundle).sample()
+    return json.dumps({"records": json.loads(raw.head(1).to_json(orient="records"))})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,12 +35,32 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     for var in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "KILN_ARTIFACT_ROOT", "KILN_MLFLOW_TRACKING_URI",
                 "KILN_MLFLOW_ARTIFACT_ROOT", "KILN_PIPELINES_DIR", "KILN_POOLS_FILE", "KILN_POOLS_DB_URL",
-                "KILN_SERVING_DIR", "KILN_SERVE_HOST", "KILN_SERVE_PORT", "KILN_SERVE_TOKEN"):
+                "KILN_SERVING_DIR", "KILN_SERVE_HOST", "KILN_SERVE_TOKEN"):
         os.environ.pop(var, None)
+    # Model servers that the deploy steps start listen here, not on the default port a user's server may hold.
+    os.environ["KILN_SERVE_PORT"] = str(free_port())
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    stop_model_servers(_STATE / "kiln" / "serving")
     shutil.rmtree(_STATE, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_model_servers(serving_dir: Path) -> None:
+    """Stop every detached model server that the deploy steps started under ``serving_dir``."""
+    if not serving_dir.is_dir():
+        return
+    from tasks.serving.process import PID_FILE, stop_server
+
+    for pid_file in serving_dir.glob(f"*/{PID_FILE}"):
+        stop_server(pid_file.parent)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
