@@ -157,17 +157,24 @@ class Registry:
     def rollback_target(self, name: str) -> str:
         """The version a rollback without an explicit target returns to: the champion before the current one.
 
+        The history is read as a stack: a promotion or approval pushes its version, a rollback pops back down to
+        the version it restored. So two rollbacks in a row go two champions back, never forth again.
+
         Raises:
             RegistryError: there is no earlier champion.
         """
         current = self.champion(name)
         if current is None:
             raise RegistryError(f"model '{name}' has no champion to roll back from")
-        history = self.history(name)
-        # Walk back to the most recent move onto the current champion; its predecessor is the target.
-        for entry in reversed(history):
-            if entry["version"] == current.version and entry["previous"] not in (None, current.version):
-                return str(entry["previous"])
+        stack: list[str] = []
+        for entry in self.history(name):
+            version = str(entry["version"])
+            if entry["action"] == "rollback" and version in stack:
+                del stack[stack.index(version) + 1:]
+            else:
+                stack = [v for v in stack if v != version] + [version]
+        if stack and stack[-1] == current.version and len(stack) >= 2:
+            return stack[-2]
         raise RegistryError(f"model '{name}' has no earlier champion than version {current.version}; name the "
                             "version to roll back to")
 
