@@ -23,6 +23,8 @@ from tasks.spec import CLASSIFICATION_METRICS, HIGHER_IS_BETTER, REGRESSION_METR
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+#: The model's outputs on the test split, row for row (probabilities or values): what serving must reproduce.
+PREDICTIONS_FILE = "test_predictions.npy"
 CONFUSION_PNG = "confusion_matrix.png"
 RESIDUALS_PNG = "residuals.png"
 #: Folder inside the MLflow run that receives the report and the plot.
@@ -174,6 +176,7 @@ def run_evaluate(config: EvaluateConfig, features_dir: Path, model_dir: Path, ou
     model = load_model(model_dir)
     _check_compatible(config, spec, model.meta, features_dir, Path(model_dir))
     y_pred = predict(model, x)
+    np.save(out_dir / PREDICTIONS_FILE, y_pred)
     plain = compute_metrics(config.task, y, y_pred, spec.get("n_classes"))
     metrics = {f"{SPLIT}/{k}": v for k, v in plain.items()}
     checks = check_thresholds(plain, config.thresholds)

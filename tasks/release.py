@@ -76,13 +76,14 @@ def bundle_cache(model: str) -> Path:
 def register(ctx: RunContext) -> dict[str, Any]:
     """Export the trained model to ``<run>/bundle`` and register it as a version of the pipeline's model."""
     from tasks.bundle import ExportConfig, export_bundle
+    from tasks.evaluate import METRICS_FILE
     from tasks.features import TEST_RAW_FILE
     from tasks.ingest import MANIFEST_FILE
     from tasks.registry import RUN_KEY_TAG
 
     spec = ctx.spec
     run_id = mlflow_run(ctx)
-    evaluation = read_json(ctx.input_dir("evaluate") / "metrics.json")
+    evaluation = read_json(ctx.input_dir("evaluate") / METRICS_FILE)
     tags = {RUN_KEY_TAG: ctx.run_key, "kiln.mlflow_run_id": run_id, "kiln.spec_hash": spec.spec_hash(),
             "kiln.data_hash": read_json(ctx.input_dir("ingest") / MANIFEST_FILE)["sha256"],
             "kiln.test_data_hash": file_sha256(ctx.input_dir("build_features") / TEST_RAW_FILE),
@@ -112,23 +113,12 @@ def _aligned_probabilities(probs: np.ndarray, classes: tuple[str, ...] | None,
     return out / np.clip(out.sum(axis=1, keepdims=True), 1e-12, None)
 
 
-def _gate_config(ctx: RunContext) -> Any:
-    from tasks.gate import GateConfig, SliceCheck
-
-    spec, g = ctx.spec, ctx.spec.evaluation.gate
-    return GateConfig(task=spec.task, primary_metric=spec.primary_metric, thresholds=dict(spec.evaluation.thresholds),
-                      margin=g.margin, method=g.method, bootstrap_samples=g.bootstrap_samples,
-                      confidence=g.confidence, seed=spec.training.seed,
-                      slices=tuple(SliceCheck(column=s.column, min_rows=s.min_rows, thresholds=dict(s.thresholds),
-                                              max_regression=s.max_regression) for s in g.slices))
-
-
 def gate(ctx: RunContext) -> dict[str, Any]:
     """Decide whether this run's candidate may replace the champion; publish and log the decision record."""
     from tasks.bundle import load_bundle
-    from tasks.features import TEST_RAW_FILE, load_split
-    from tasks.gate import decide
-    from tasks.model import load_model, predict
+    from tasks.evaluate import PREDICTIONS_FILE
+    from tasks.features import FEATURE_SPEC_FILE, TEST_RAW_FILE, load_split
+    from tasks.gate import GateConfig, decide
     from tasks.registry import RUN_KEY_TAG
     from tasks.transform import FeatureTransform
 
@@ -138,10 +128,10 @@ def gate(ctx: RunContext) -> dict[str, Any]:
     if candidate is None:
         raise RuntimeError(f"no registered version of {spec.name} for run {ctx.run_key}; run the register step")
     features_dir = ctx.input_dir("build_features")
-    x_test, y_test = load_split(features_dir, "test")
+    _, y_test = load_split(features_dir, "test")
     raw_test = pd.read_parquet(features_dir / TEST_RAW_FILE)
-    transform = FeatureTransform.load(features_dir / "feature_spec.json")
-    candidate_pred = predict(load_model(ctx.input_dir("train")), x_test)
+    transform = FeatureTransform.load(features_dir / FEATURE_SPEC_FILE)
+    candidate_pred = np.load(ctx.input_dir("evaluate") / PREDICTIONS_FILE)
     champion = reg.champion(spec.name)
     champion_pred = None
     if champion is not None and champion.version != candidate.version:
@@ -149,7 +139,7 @@ def gate(ctx: RunContext) -> dict[str, Any]:
         champion_pred = bundle.predict_frame(raw_test)
         if spec.task == "classification":
             champion_pred = _aligned_probabilities(champion_pred, bundle.classes, transform.classes)
-    decision = decide(_gate_config(ctx), y_test, candidate_pred, champion_pred, transform.n_classes, raw_test)
+    decision = decide(GateConfig.from_spec(spec), y_test, candidate_pred, champion_pred, transform.n_classes, raw_test)
     reason = decision.reason
     if champion is not None and champion.version == candidate.version:
         reason = f"version {candidate.version} is already the champion; {reason}"

@@ -1,5 +1,5 @@
 """Both example pipelines end to end through real Airflow (``dag.test()``: metadata DB, task instances, XCom),
-real Great Expectations, a real 2-process torchrun on gloo, and MLflow on SQLite."""
+real Great Expectations, a real 2-process torchrun on gloo, MLflow on SQLite, and a real model server."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import yaml
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = ["ingest", "validate", "clean", "build_features", "train", "evaluate"]
+STEPS = ["ingest", "validate", "clean", "build_features", "train", "evaluate", "register", "gate"]
+ROLLOUT = ["infra_validate", "deploy", "verify", "promote"]
 
 
 def _bag():
@@ -34,8 +35,8 @@ def _run(bag, dag_id: str, conf: dict):
 @pytest.mark.parametrize(
     ("dag_id", "conf", "min_accuracy", "rows"),
     [("penguins_species", {"epochs": 15}, 0.85, 344),
-     ("digits_cnn", {"epochs": 3, "sample_fraction": 0.6}, 0.7, 1078)],
-    ids=["tabular-mlp", "image-cnn"],
+     ("digits_cnn", {"epochs": 3, "sample_fraction": 0.6, "deployment": "none"}, 0.7, 1078)],
+    ids=["tabular-mlp-served", "image-cnn-registry-only"],
 )
 def test_pipeline_runs_end_to_end(airflow_db, dag_id: str, conf: dict, min_accuracy: float, rows: int) -> None:
     from mlflow.tracking import MlflowClient
@@ -44,8 +45,14 @@ def test_pipeline_runs_end_to_end(airflow_db, dag_id: str, conf: dict, min_accur
     from tasks.settings import get_settings
 
     dr, tis = _run(_bag(), dag_id, conf)
-    assert {t: str(ti.state) for t, ti in tis.items()} == dict.fromkeys(STEPS, "success")
+    gated = tis["gate"].xcom_pull(task_ids="gate")
+    rollout = "success" if gated["passed"] else "skipped"
+    assert {t: str(ti.state) for t, ti in tis.items()} == {**dict.fromkeys(STEPS, "success"),
+                                                          **dict.fromkeys(ROLLOUT, rollout)}
     assert str(dr.state) == "success"
+    if dag_id == "penguins_species":  # the first model of a fresh registry passes on thresholds alone
+        assert gated["passed"] and gated["champion"] is None and "no champion" in gated["reason"]
+        _assert_served(tis, gated["candidate"]["version"])
 
     evaluated = tis["evaluate"].xcom_pull(task_ids="evaluate")
     assert evaluated["metrics"]["test/accuracy"] >= min_accuracy
@@ -92,3 +99,46 @@ def test_validation_failure_stops_the_run(airflow_db, tmp_path: Path, monkeypatc
         [("expect_column_values_to_be_between", "body_mass_g", 10)]
     assert sorted(p.name for p in run_dir.iterdir()) == ["ingest", "validate"]
     shutil.rmtree(run_dir)
+
+
+def _assert_served(tis: dict, version: str) -> None:
+    """The deployed endpoint answers raw records with the promoted version's predictions."""
+    from tasks.bundle import load_bundle
+    from tasks.registry import Registry
+    from tasks.serving.auth import resolve_token
+    from tasks.serving.client import ServingClient
+    from tasks.settings import get_settings
+
+    deployed = tis["deploy"].xcom_pull(task_ids="deploy")
+    assert Registry(get_settings().mlflow_tracking_uri).champion("penguins_species").version == version
+    bundle = load_bundle(read_deployment_champion("penguins_species"))
+    raw, expected = bundle.sample()
+    with ServingClient(deployed["url"], resolve_token(get_settings())) as client:
+        served = client.predict(raw.head(5).to_dict(orient="records"))
+    assert served["version"] == version
+    assert [p["label"] for p in served["predictions"]] == list(bundle.format_predictions(expected[:5])[i]["label"]
+                                                               for i in range(5))
+
+
+def read_deployment_champion(model: str) -> str:
+    from tasks.serving.deployment import read_deployment
+    from tasks.settings import get_settings
+
+    return read_deployment(get_settings().serving_dir / model / "deployment.json").champion.bundle
+
+
+def test_rejected_candidate_skips_the_rollout(airflow_db) -> None:
+    """A crippled training run is gated out: `gate` succeeds with the reason, the rollout is skipped, not failed."""
+    from tasks.registry import Registry
+    from tasks.settings import get_settings
+
+    registry = Registry(get_settings().mlflow_tracking_uri)
+    before = registry.champion("penguins_species")
+    dr, tis = _run(_bag(), "penguins_species", {"epochs": 1, "learning_rate": 1e-5})
+    gated = tis["gate"].xcom_pull(task_ids="gate")
+    assert gated["passed"] is False and "below threshold" in gated["reason"]
+    assert {t: str(tis[t].state) for t in ROLLOUT} == dict.fromkeys(ROLLOUT, "skipped")
+    assert str(dr.state) == "success"
+    after = registry.champion("penguins_species")
+    assert (after.version if after else None) == (before.version if before else None)
+    assert registry.version("penguins_species", gated["candidate"]["version"]).tags["kiln.gate"] == "failed"

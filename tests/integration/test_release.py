@@ -1,0 +1,116 @@
+"""The release loop in process, on real parts: MLflow registry (SQLite), torchrun training, a real model server.
+
+A crippled training config never becomes champion and a better one does, with decision records that say why;
+the served model answers raw test records exactly as the evaluate step predicted them (train/serve parity); and a
+rollback serves the earlier version's exact predictions again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = REPO / "dags" / "pipelines" / "penguins_species.yaml"
+MODEL = "penguins_species"
+
+
+def _run(run_id: str, **params) -> dict:
+    from tasks import pipeline
+
+    ctx = pipeline.make_context(SPEC, run_id, params)
+    results = pipeline.run_all(ctx)
+    results["ctx"] = ctx
+    return results
+
+
+def _served(records: list[dict]) -> dict:
+    from tasks.models_cli import spec_named
+    from tasks.rollout import Endpoint
+
+    with Endpoint.of(spec_named(MODEL)).client() as client:
+        return client.predict(records)
+
+
+def _probabilities(served: dict) -> np.ndarray:
+    return np.array([list(p["probabilities"].values()) for p in served["predictions"]])
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict:
+    """Three runs in order: a good first model, a crippled one, a better one (module-scoped: ~1 min of training)."""
+    good = _run("good", epochs=20)
+    crippled = _run("crippled", epochs=1, learning_rate=1e-5)
+    better = _run("better", epochs=40)
+    return {"good": good, "crippled": crippled, "better": better}
+
+
+def test_crippled_never_becomes_champion_and_better_does(runs: dict) -> None:
+    from tasks.artifacts import read_json
+    from tasks.release import registry
+
+    good, crippled, better = runs["good"]["gate"], runs["crippled"]["gate"], runs["better"]["gate"]
+    assert good["passed"] and good["champion"] is None and "first model" in good["reason"]
+    assert runs["good"]["promote"]["champion"] == good["candidate"]["version"]
+
+    assert not crippled["passed"]
+    assert crippled["champion"]["version"] == good["candidate"]["version"]  # compared with the then champion
+    assert "accuracy" in crippled["reason"] and "threshold" in crippled["reason"]
+    assert set(runs["crippled"]) >= {"infra_validate", "deploy", "verify", "promote"}
+    assert all("skipped" in runs["crippled"][s] for s in ("infra_validate", "deploy", "verify", "promote"))
+
+    assert better["passed"] and better["champion"]["version"] == good["candidate"]["version"]
+    assert "champion" in better["reason"]
+    reg = registry()
+    assert reg.champion(MODEL).version == better["candidate"]["version"]
+    assert reg.version(MODEL, crippled["candidate"]["version"]).tags["kiln.gate"] == "failed"
+    assert [h["version"] for h in reg.history(MODEL)] == [good["candidate"]["version"],
+                                                          better["candidate"]["version"]]
+
+    # The decision record is published with the run and logged to the candidate's MLflow run, same content.
+    ctx = runs["crippled"]["ctx"]
+    published = read_json(ctx.input_dir("gate") / "decision.json")
+    logged = reg.client.download_artifacts(crippled["candidate"]["run_id"], "gate/decision.json")
+    assert read_json(logged) == published
+    assert published["reason"] == crippled["reason"] and published["decision"] == "failed"
+    assert published["test_data_hash"] == reg.version(MODEL, crippled["candidate"]["version"]).tags[
+        "kiln.test_data_hash"]
+    for key in ("candidate", "champion", "thresholds", "candidate_metrics", "champion_metrics", "checks", "reason"):
+        assert published[key] is not None, key
+
+
+def test_served_predictions_equal_the_evaluate_step(runs: dict) -> None:
+    from tasks.evaluate import PREDICTIONS_FILE
+    from tasks.features import TEST_RAW_FILE
+
+    ctx = runs["better"]["ctx"]
+    raw = pd.read_parquet(ctx.input_dir("build_features") / TEST_RAW_FILE)
+    records = [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in raw.to_dict(orient="records")]
+    served = _served(records)
+    assert served["version"] == runs["better"]["gate"]["candidate"]["version"]
+    evaluated = np.load(ctx.input_dir("evaluate") / PREDICTIONS_FILE)
+    np.testing.assert_allclose(_probabilities(served), evaluated, atol=1e-5)
+
+
+def test_rollback_serves_the_earlier_versions_exact_predictions(runs: dict) -> None:
+    from tasks.bundle import load_bundle
+    from tasks.features import TEST_RAW_FILE
+    from tasks.models_cli import main
+    from tasks.release import registry
+
+    good_version = runs["good"]["gate"]["candidate"]["version"]
+    raw = pd.read_parquet(runs["good"]["ctx"].input_dir("build_features") / TEST_RAW_FILE)
+    records = [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in raw.to_dict(orient="records")]
+    expected = load_bundle(runs["good"]["ctx"].input_dir("bundle")).predict_records(records)
+    assert main(["rollback", MODEL, "--reason", "the better model misbehaves in production"]) == 0
+    assert registry().champion(MODEL).version == good_version
+    served = _served(records)
+    assert served["version"] == good_version
+    assert np.array_equal(_probabilities(served).astype(np.float32), expected)
+    assert registry().history(MODEL)[-1]["action"] == "rollback"
+    assert main(["rollback", MODEL, "--to", "999", "--reason", "no such version"]) == 2
