@@ -111,13 +111,13 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 def _example_body(model: str) -> str:
     """A ``/predict`` body holding the first sample row of the served champion's bundle."""
-    from tasks.bundle import load_bundle
+    from tasks.bundle import load_bundle, records_from_frame
     from tasks.models_cli import spec_named
     from tasks.rollout import Endpoint
 
     deployment = Endpoint.of(spec_named(model)).current()
     raw, _ = load_bundle(deployment.champion.bundle).sample()
-    return json.dumps({"records": json.loads(raw.head(1).to_json(orient="records"))})
+    return json.dumps({"records": records_from_frame(raw.head(1))})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.artifacts import read_json, write_json
-from tasks.pipeline import RunContext, mlflow_run
+from tasks.pipeline import RunContext
 from tasks.settings import REPO_ROOT, get_settings
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,11 @@ def register(ctx: RunContext) -> dict[str, Any]:
     from tasks.features import TEST_RAW_FILE
     from tasks.ingest import MANIFEST_FILE
     from tasks.registry import RUN_KEY_TAG
+    from tasks.tracking import find_run
 
     spec = ctx.spec
-    run_id = mlflow_run(ctx)
+    # The training run, found without reopening it: evaluate marked it finished.
+    run_id = find_run(get_settings().mlflow_tracking_uri, spec.name, ctx.run_key)
     evaluation = read_json(ctx.input_dir("evaluate") / METRICS_FILE)
     tags = {RUN_KEY_TAG: ctx.run_key, "kiln.mlflow_run_id": run_id, "kiln.spec_hash": spec.spec_hash(),
             "kiln.data_hash": read_json(ctx.input_dir("ingest") / MANIFEST_FILE)["sha256"],

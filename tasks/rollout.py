@@ -168,10 +168,10 @@ def _restore(endpoint: Endpoint, previous: dict[str, Any] | None, model: str) ->
 
 def _check_parity(client: Any, bundle_dir: Path, tolerance: float) -> dict[str, Any]:
     """Replay the bundle's sample through the live endpoint; the candidate's answers must match training's."""
-    from tasks.bundle import load_bundle
+    from tasks.bundle import load_bundle, records_from_frame
 
     raw, expected = load_bundle(bundle_dir).sample()
-    records = raw.to_dict(orient="records")
+    records = records_from_frame(raw)
     served = client.predict(records)
     got = np.array([[p["probabilities"][c] for c in p["probabilities"]] if "probabilities" in p else p["value"]
                     for p in served["predictions"]], dtype=np.float64)
@@ -200,7 +200,7 @@ def verify(ctx: RunContext) -> dict[str, Any]:
         GateRejectedError: the gate rejected the candidate.
         DeploymentFailedError: the candidate failed; the previous deployment is restored.
     """
-    from tasks.bundle import load_bundle
+    from tasks.bundle import load_bundle, records_from_frame
     from tasks.serving.canary import CanaryPolicy, watch_canary
 
     require_passed(ctx)
@@ -221,7 +221,7 @@ def verify(ctx: RunContext) -> dict[str, Any]:
         policy = CanaryPolicy(share=c.share, min_requests=c.min_requests, window_s=c.window_s,
                               max_error_rate_increase=c.max_error_rate_increase,
                               max_latency_ratio=c.max_latency_ratio)
-        records = load_bundle(ctx.input_dir("bundle")).sample()[0].to_dict(orient="records")
+        records = records_from_frame(load_bundle(ctx.input_dir("bundle")).sample()[0])
         stop = threading.Event()
         # Enough probe requests that the canary's share reaches min_requests well within the window.
         rate = max(5.0, 3 * c.min_requests / (c.share * c.window_s))

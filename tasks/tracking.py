@@ -46,6 +46,21 @@ def ensure_run(tracking_uri: str, artifact_root: str, experiment: str, run_key: 
     return run.info.run_id
 
 
+def find_run(tracking_uri: str, experiment: str, run_key: str) -> str:
+    """The MLflow run id of ``run_key``, left as it is (a finished run stays finished).
+
+    Raises:
+        LookupError: the pipeline run has no MLflow run (its training step has not run).
+    """
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                               max_results=1) if exp else []
+    if not found:
+        raise LookupError(f"no MLflow run of {run_key} in experiment '{experiment}'; run its train step first")
+    return found[0].info.run_id
+
+
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark an MLflow run as ended (``FINISHED`` or ``FAILED``)."""
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)

@@ -103,7 +103,7 @@ def test_validation_failure_stops_the_run(airflow_db, tmp_path: Path, monkeypatc
 
 def _assert_served(tis: dict, version: str) -> None:
     """The deployed endpoint answers raw records with the promoted version's predictions."""
-    from tasks.bundle import load_bundle
+    from tasks.bundle import load_bundle, records_from_frame
     from tasks.registry import Registry
     from tasks.serving.auth import resolve_token
     from tasks.serving.client import ServingClient
@@ -114,7 +114,7 @@ def _assert_served(tis: dict, version: str) -> None:
     bundle = load_bundle(read_deployment_champion("penguins_species"))
     raw, expected = bundle.sample()
     with ServingClient(deployed["url"], resolve_token(get_settings())) as client:
-        served = client.predict(raw.head(5).to_dict(orient="records"))
+        served = client.predict(records_from_frame(raw.head(5)))
     assert served["version"] == version
     assert [p["label"] for p in served["predictions"]] == list(bundle.format_predictions(expected[:5])[i]["label"]
                                                                for i in range(5))

@@ -85,12 +85,13 @@ def test_crippled_never_becomes_champion_and_better_does(runs: dict) -> None:
 
 
 def test_served_predictions_equal_the_evaluate_step(runs: dict) -> None:
+    from tasks.bundle import records_from_frame
     from tasks.evaluate import PREDICTIONS_FILE
     from tasks.features import TEST_RAW_FILE
 
     ctx = runs["better"]["ctx"]
     raw = pd.read_parquet(ctx.input_dir("build_features") / TEST_RAW_FILE)
-    records = [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in raw.to_dict(orient="records")]
+    records = records_from_frame(raw)
     served = _served(records)
     assert served["version"] == runs["better"]["gate"]["candidate"]["version"]
     evaluated = np.load(ctx.input_dir("evaluate") / PREDICTIONS_FILE)
@@ -98,14 +99,14 @@ def test_served_predictions_equal_the_evaluate_step(runs: dict) -> None:
 
 
 def test_rollback_serves_the_earlier_versions_exact_predictions(runs: dict) -> None:
-    from tasks.bundle import load_bundle
+    from tasks.bundle import load_bundle, records_from_frame
     from tasks.features import TEST_RAW_FILE
     from tasks.models_cli import main
     from tasks.release import registry
 
     good_version = runs["good"]["gate"]["candidate"]["version"]
     raw = pd.read_parquet(runs["good"]["ctx"].input_dir("build_features") / TEST_RAW_FILE)
-    records = [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in raw.to_dict(orient="records")]
+    records = records_from_frame(raw)
     expected = load_bundle(runs["good"]["ctx"].input_dir("bundle")).predict_records(records)
     assert main(["rollback", MODEL, "--reason", "the better model misbehaves in production"]) == 0
     assert registry().champion(MODEL).version == good_version

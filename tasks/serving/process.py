@@ -1,0 +1,297 @@
+"""The embedded default serving endpoint: one local model-server process per model, detached from its caller.
+
+:func:`ensure_server` makes a server answer on ``host:port`` with the given deployment: a kiln server of the same
+model already listening there is told to reload its deployment file; otherwise ``python -m tasks.serving`` is
+started in its own session (so it outlives the step that started it), with its output in ``<run_dir>/server.log``
+and its pid in ``<run_dir>/server.pid``. :func:`stop_server` stops the server a pid file names.
+
+The bearer token reaches the server through its environment, never its command line (which any local user can
+read with ``ps``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.artifacts import atomic_write_bytes
+from tasks.serving.client import READY_POLL_S, ServingClient, ServingError
+from tasks.serving.deployment import Deployment, read_deployment
+from tasks.settings import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "server.pid"
+LOG_FILE = "server.log"
+#: The module a server process runs.
+SERVER_MODULE = "tasks.serving"
+#: The setting that moves the server to another port; named in the port-conflict error.
+PORT_SETTING = "KILN_SERVE_PORT"
+#: Timeout of the probes that identify what listens on a port.
+PROBE_TIMEOUT_S = 3.0
+
+# Servers started by this process, kept so that they are reaped (no zombies) and waited on properly.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class PortInUseError(ServingError):
+    """The port is held by something other than a kiln model server of this model."""
+
+
+class ServerStartError(ServingError):
+    """The server process exited, or did not become ready, during start-up. ``log_tail`` holds its output."""
+
+    def __init__(self, message: str, log_tail: str):
+        self.log_tail = log_tail
+        tail = f"; last output lines:\n{log_tail}" if log_tail.strip() else ""
+        super().__init__(f"{message}{tail}")
+
+
+@dataclass(frozen=True)
+class ServerHandle:
+    """A running model server."""
+
+    url: str
+    pid: int
+    """The server's process id; -1 when it was started elsewhere and ``run_dir`` holds no pid file for it."""
+    log_file: Path
+    deployment: Path
+
+
+def _connect_host(host: str) -> str:
+    """The address to reach a server listening on ``host`` (a wildcard address is reached through loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def server_url(host: str, port: int) -> str:
+    """The base URL of a server listening on ``host:port``."""
+    connect = _connect_host(host)
+    return f"http://[{connect}]:{port}" if ":" in connect else f"http://{connect}:{port}"
+
+
+def _port_taken(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((_connect_host(host), port), timeout=PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _read_pid(run_dir: Path) -> int | None:
+    try:
+        return int((run_dir / PID_FILE).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def ensure_server(deployment: Path, *, host: str, port: int, token: str, run_dir: Path,
+                  start_timeout_s: float = 60) -> ServerHandle:
+    """Make a model server answer on ``host:port`` with what ``deployment`` describes.
+
+    Args:
+        deployment: the deployment file (JSON) the server serves.
+        host: listen address (``Settings.serve_host``).
+        port: listen port (``Settings.serve_port``).
+        token: bearer token of the server's predict and admin endpoints.
+        run_dir: where the server's log and pid file go (e.g. ``<serving_dir>/<model>``).
+        start_timeout_s: how long a new server may take to load its models.
+
+    Returns:
+        The running server; it has loaded the deployment's champion version.
+
+    Raises:
+        PortInUseError: the port is held by a foreign listener or by the server of another model.
+        ServerStartError: a new server exited or did not become ready in time (the message holds its log tail).
+        ServingError: a running server refused the token or could not load the new deployment (it keeps serving
+            its old models).
+        DeploymentError: the deployment file is missing or invalid.
+    """
+    deployment = Path(deployment).resolve()
+    run_dir = Path(run_dir).resolve()
+    dep = read_deployment(deployment)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    url = server_url(host, port)
+    if _port_taken(host, port):
+        with ServingClient(url, token, timeout_s=max(PROBE_TIMEOUT_S, start_timeout_s)) as client:
+            _reload_running(client, dep, port, start_timeout_s)
+        return ServerHandle(url=url, pid=_read_pid(run_dir) or -1, log_file=run_dir / LOG_FILE,
+                            deployment=deployment)
+    return _start(deployment, dep, host=host, port=port, token=token, run_dir=run_dir,
+                  start_timeout_s=start_timeout_s)
+
+
+def _reload_running(client: ServingClient, dep: Deployment, port: int, start_timeout_s: float) -> None:
+    """Tell the kiln server of ``dep.model`` listening on ``port`` to reload; refuse anything else there."""
+    foreign = (f"port {port} is taken by something that is not the kiln model server of {dep.model!r}; stop it "
+               f"or choose another port with the setting {PORT_SETTING}")
+    with ServingClient(client.url, None, timeout_s=PROBE_TIMEOUT_S) as probe:
+        if not probe.health():
+            raise PortInUseError(foreign, url=client.url)
+        try:
+            ready = probe.ready() or probe.wait_ready(start_timeout_s)  # a server still loading its models
+        except ServingError as exc:
+            raise PortInUseError(f"{foreign} ({exc})", url=client.url) from exc
+    if not isinstance(ready, dict) or "model" not in ready:
+        raise PortInUseError(foreign, url=client.url)
+    if ready["model"] != dep.model:
+        raise PortInUseError(f"port {port} is taken by the kiln model server of {ready['model']!r}, not "
+                             f"{dep.model!r}; give each model its own port with the setting {PORT_SETTING}",
+                             url=client.url)
+    log.info("model server of %r already answers on %s; reloading its deployment", dep.model, client.url)
+    try:
+        body = client.reload()
+    except ServingError as exc:
+        if exc.status == 401:
+            raise ServingError(f"the model server on port {port} refused the token (KILN_SERVE_TOKEN or the "
+                               "serving token file differs from the one it was started with)", url=client.url,
+                               status=401) from exc
+        raise
+    served = str(body["champion"]["version"])
+    if served != str(dep.champion.version):
+        raise ServingError(f"after a reload the server on port {port} serves champion version {served}, not "
+                           f"{dep.champion.version}: it reads another deployment file; stop it or use another "
+                           f"port ({PORT_SETTING})", url=client.url)
+
+
+def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: str, run_dir: Path,
+           start_timeout_s: float) -> ServerHandle:
+    """Start a detached server process and wait until it serves the deployment's champion."""
+    log_file = run_dir / LOG_FILE
+    cmd = [sys.executable, "-m", SERVER_MODULE, "--deployment", str(deployment), "--host", host,
+           "--port", str(port)]
+    # The parent environment passes through unchanged (this reads no setting from it); the repo root goes on
+    # PYTHONPATH so that the server module imports even without an installed package.
+    env = {**os.environ, "KILN_SERVE_TOKEN": token, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    offset = log_file.stat().st_size if log_file.exists() else 0
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    _children[proc.pid] = proc
+    atomic_write_bytes(run_dir / PID_FILE, f"{proc.pid}\n".encode())
+    log.info("started model server of %r (pid %d) on %s:%d, log %s", dep.model, proc.pid, host, port, log_file)
+    url = server_url(host, port)
+    deadline = time.monotonic() + start_timeout_s
+    with ServingClient(url, token, timeout_s=PROBE_TIMEOUT_S) as client:
+        while True:
+            code = proc.poll()
+            if code is not None:
+                (run_dir / PID_FILE).unlink(missing_ok=True)
+                _children.pop(proc.pid, None)
+                raise ServerStartError(f"model server of {dep.model!r} exited with code {code} during start-up "
+                                       f"(log {log_file})", _log_tail(log_file, offset))
+            ready = client.ready()
+            if ready is not None and str(ready["champion"]["version"]) == str(dep.champion.version):
+                break
+            if time.monotonic() >= deadline:
+                stop_server(run_dir)
+                raise ServerStartError(f"model server of {dep.model!r} was not ready on {url} within "
+                                       f"{start_timeout_s:g} s and was stopped (log {log_file})",
+                                       _log_tail(log_file, offset))
+            time.sleep(READY_POLL_S)
+    log.info("model server of %r ready on %s: champion %s, canary %s", dep.model, url, dep.champion.version,
+             dep.canary.version if dep.canary else "none")
+    return ServerHandle(url=url, pid=proc.pid, log_file=log_file, deployment=deployment)
+
+
+def _log_tail(log_file: Path, offset: int, lines: int = 30) -> str:
+    try:
+        with open(log_file, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(deque(text.splitlines(), maxlen=lines))
+
+
+def _alive(pid: int) -> bool:
+    proc = _children.get(pid)
+    if proc is not None:
+        return proc.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        # A dead child of this process (started before a pid-file hand-over) stays a zombie until reaped.
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def _is_server(pid: int) -> bool:
+    """Whether ``pid`` is a live model-server process (not a reused pid of something else)."""
+    if not _alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS): trust the pid file
+    return SERVER_MODULE.encode() in cmdline
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        # start_new_session made the server the leader of its own group: signal anything it spawned too.
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_exit(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def stop_server(run_dir: Path, timeout_s: float = 10) -> bool:
+    """Stop the server whose pid ``<run_dir>/server.pid`` holds: SIGTERM, then SIGKILL after ``timeout_s``.
+
+    Args:
+        run_dir: the folder :func:`ensure_server` was given.
+        timeout_s: grace period for a clean shutdown.
+
+    Returns:
+        Whether a running server was stopped (``False``: no pid file, or its process had already exited). The
+        pid file is removed either way.
+    """
+    run_dir = Path(run_dir)
+    pid = _read_pid(run_dir)
+    if pid is None:
+        return False
+    try:
+        if not _is_server(pid):
+            log.info("model server pid %d (from %s) is not running", pid, run_dir / PID_FILE)
+            return False
+        log.info("stopping model server pid %d", pid)
+        _signal(pid, signal.SIGTERM)
+        if not _wait_exit(pid, timeout_s):
+            log.warning("model server pid %d still running %g s after SIGTERM; sending SIGKILL", pid, timeout_s)
+            _signal(pid, signal.SIGKILL)
+            _wait_exit(pid, 5.0)
+        return True
+    finally:
+        _children.pop(pid, None)
+        (run_dir / PID_FILE).unlink(missing_ok=True)
