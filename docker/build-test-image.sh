@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build the CPU test image kiln-train:cpu on a machine with no container registry.
+# Build the CPU test images kiln-train:cpu and kiln-serve:cpu on a machine with no container registry.
 #
-# Two layers, each skipped when an image built from the same inputs exists:
+# Three layers, each skipped when an image built from the same inputs exists:
 #   kiln-train-base:<hash>  the dependencies: this machine's Python interpreter (its whole prefix, without the
 #                           site-packages), the libraries it and the wheels link against (found with ldd), and a
 #                           fresh `pip install` of docker/train-requirements.txt pinned by requirements.lock, from
@@ -9,16 +9,21 @@
 #                           container runs on its own filesystem, nothing of the host is mounted into it.
 #                           The interpreter keeps its host path (RUNPATH and the pip-written scripts point there).
 #   kiln-train:cpu          docker/train-cpu.Dockerfile on top: the tasks/ code, a non-root user, the entrypoint.
-#                           Labelled kiln.input-hash=<hash of the base and the tasks/ sources>.
-# The production image is docker/train.Dockerfile (CUDA base from a registry); see docker/README.md.
+#                           Labelled kiln.input-hash=<hash of the base, the Dockerfile and the tasks/ sources>.
+#   kiln-serve:cpu          docker/serve-cpu.Dockerfile on the same base: the tasks/ code, a non-root user, the
+#                           model server as entrypoint. Labelled the same way with its own hash.
+# The production images are docker/train.Dockerfile (CUDA base from a registry) and docker/serve.Dockerfile
+# (python:3.11-slim from a registry); see docker/README.md.
 #
 # Usage: docker/build-test-image.sh [--check]
-#   --check  exit 0 if the image is up to date with the sources, 1 (with the command to run) if not.
-# Environment: PYTHON (default .venv/bin/python), IMAGE (default kiln-train:cpu).
+#   --check  exit 0 if both images are up to date with the sources, 1 (with the command to run) if not.
+# Environment: PYTHON (default .venv/bin/python), IMAGE (default kiln-train:cpu), SERVE_IMAGE (default
+# kiln-serve:cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 IMAGE=${IMAGE:-kiln-train:cpu}
+SERVE_IMAGE=${SERVE_IMAGE:-kiln-serve:cpu}
 LABEL=kiln.input-hash
 
 prefix=$("$PYTHON" -c 'import sys; print(sys.base_prefix)')
@@ -26,26 +31,33 @@ pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 base_hash=$( { cat docker/build-test-image.sh docker/train-requirements.txt requirements.lock
                echo "$prefix $("$PYTHON" -V) $(uname -m)"; } | sha256sum | cut -c1-16)
 base=kiln-train-base:$base_hash
-hash=$( { echo "$base"; cat docker/train-cpu.Dockerfile
-          find tasks -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | LC_ALL=C sort -z \
-            | xargs -0 sha256sum; } | sha256sum | cut -c1-16)
+sources=$(find tasks -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
+code_hash() { { echo "$base"; cat "$1"; echo "$sources"; } | sha256sum | cut -c1-16; }
+hash=$(code_hash docker/train-cpu.Dockerfile)
+serve_hash=$(code_hash docker/serve-cpu.Dockerfile)
 
-current() { docker image inspect -f "{{ index .Config.Labels \"$LABEL\" }}" "$IMAGE" 2>/dev/null || true; }
-if [ "$(current)" = "$hash" ]; then
-  [ "${1:-}" = --check ] || echo "$IMAGE is up to date ($LABEL=$hash)"
+current() { docker image inspect -f "{{ index .Config.Labels \"$LABEL\" }}" "$1" 2>/dev/null || true; }
+up_to_date() { [ "$(current "$IMAGE")" = "$hash" ] && [ "$(current "$SERVE_IMAGE")" = "$serve_hash" ]; }
+if up_to_date; then
+  [ "${1:-}" = --check ] || echo "$IMAGE and $SERVE_IMAGE are up to date ($LABEL=$hash, $serve_hash)"
   exit 0
 fi
 if [ "${1:-}" = --check ]; then
-  state="missing"
-  [ -z "$(current)" ] || state="out of date ($LABEL=$(current), the sources give $hash)"
-  echo "$IMAGE is $state: run make docker-engine image" >&2
+  for pair in "$IMAGE $hash" "$SERVE_IMAGE $serve_hash"; do
+    set -- $pair
+    found=$(current "$1")
+    [ "$found" = "$2" ] && continue
+    state="missing"
+    [ -z "$found" ] || state="out of date ($LABEL=$found, the sources give $2)"
+    echo "$1 is $state: run make docker-engine image" >&2
+  done
   exit 1
 fi
-# One build at a time on this engine; a build that waited may find the image already made.
+# One build at a time on this engine; a build that waited may find the images already made.
 exec 9>"${TMPDIR:-/tmp}/kiln-build-test-image.lock"
 flock 9
-if [ "$(current)" = "$hash" ]; then
-  echo "$IMAGE is up to date ($LABEL=$hash)"
+if up_to_date; then
+  echo "$IMAGE and $SERVE_IMAGE are up to date ($LABEL=$hash, $serve_hash)"
   exit 0
 fi
 
@@ -89,15 +101,25 @@ if ! docker image inspect "$base" >/dev/null 2>&1; then
   echo "imported $base in $((SECONDS - start)) s"
 fi
 
-ctx=$work/context
-mkdir -p "$ctx"
-cp docker/train-cpu.Dockerfile "$ctx/Dockerfile"
-tar -c --exclude=__pycache__ --exclude='*.pyc' tasks | tar -C "$ctx" -x
-# (The legacy builder: no buildx here. The grep drops its deprecation notice.)
-docker build -q --build-arg BASE="$base" --label "$LABEL=$hash" --label "kiln.base=$base" -t "$IMAGE" "$ctx" \
-  >/dev/null 2> >(grep -v -e "^DEPRECATED: The legacy builder" -e "buildx" -e "^ *$" >&2)
+# build_code_image IMAGE HASH DOCKERFILE: the code layer on the base, unless IMAGE already has HASH.
+build_code_image() {
+  if [ "$(current "$1")" = "$2" ]; then
+    echo "$1 is up to date ($LABEL=$2)"
+    return
+  fi
+  local ctx
+  ctx=$work/context-$(basename "$3" .Dockerfile)
+  mkdir -p "$ctx"
+  cp "$3" "$ctx/Dockerfile"
+  tar -c --exclude=__pycache__ --exclude='*.pyc' tasks | tar -C "$ctx" -x
+  # (The legacy builder: no buildx here. The grep drops its deprecation notice.)
+  docker build -q --build-arg BASE="$base" --label "$LABEL=$2" --label "kiln.base=$base" -t "$1" "$ctx" \
+    >/dev/null 2> >(grep -v -e "^DEPRECATED: The legacy builder" -e "buildx" -e "^ *$" >&2)
+  echo "built $1 ($LABEL=$2, $(docker image inspect -f '{{.Size}}' "$1" | numfmt --to=iec)) in $((SECONDS - start)) s"
+}
+build_code_image "$IMAGE" "$hash" docker/train-cpu.Dockerfile
+build_code_image "$SERVE_IMAGE" "$serve_hash" docker/serve-cpu.Dockerfile
 # Earlier builds: dangling top layers and bases of other input hashes (a base is about 1.3 GB).
 docker image prune -f --filter "label=$LABEL" >/dev/null
 docker image ls kiln-train-base --format '{{.Repository}}:{{.Tag}}' | grep -vx "$base" \
   | xargs -r docker rmi >/dev/null 2>&1 || true
-echo "built $IMAGE ($LABEL=$hash, $(docker image inspect -f '{{.Size}}' "$IMAGE" | numfmt --to=iec)) in $((SECONDS - start)) s"

@@ -1,0 +1,353 @@
+"""The model server's HTTP app (Starlette on uvicorn): predict, health, ready, metrics, reload, stats.
+
+``POST /predict`` is the hot path and is written for it: the body is parsed with orjson from the raw bytes, the
+token is compared in constant time against the raw header, metric children are bound in advance, responses are
+pre-serialised bytes, and the records of concurrent requests share one forward pass (:mod:`.batching`). Each
+request is routed to the canary with probability ``share``; a canary that fails inside the model is counted and
+the request is answered by the champion, so a canary never fails a user request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tasks.bundle import RecordError
+from tasks.serving.auth import BearerAuth
+from tasks.serving.deployment import read_deployment
+from tasks.serving.metrics import METRICS_CONTENT_TYPE, ServerMetrics
+from tasks.serving.models import ModelSet, Variant, build_model_set, freeze_heap, load_bundles
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+_HEALTH = orjson.dumps({"status": "ok"})
+_UNAUTHORIZED = orjson.dumps({"detail": "missing or invalid bearer token (Authorization: Bearer <token>)"})
+_NOT_READY = orjson.dumps({"detail": "no model is loaded"})
+#: Seconds after a reload before the heap is frozen again (see ``models.freeze_heap``).
+REFREEZE_DELAY_S = 1.0
+#: Seconds between two log lines about the same kind of model failure (each failure is counted in the metrics).
+FAILURE_LOG_INTERVAL_S = 10.0
+
+
+class _ThrottledLog:
+    """Logs a recurring failure at most once per ``interval_s``, with the number of occurrences since the last line
+    (under load a broken model fails thousands of requests a second; each is counted in the metrics anyway)."""
+
+    def __init__(self, level: int, interval_s: float = FAILURE_LOG_INTERVAL_S):
+        self.level = level
+        self.interval_s = interval_s
+        self._logged_at = -interval_s
+        self._unlogged = 0
+
+    def __call__(self, message: str, *args: Any, exc_info: BaseException | None = None) -> None:
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at < self.interval_s:
+            return
+        log.log(self.level, message + " (%d time(s) since the last such line)", *args, self._unlogged,
+                exc_info=exc_info)
+        self._logged_at, self._unlogged = now, 0
+
+
+class ServerState:
+    """Everything the handlers share: the current model set and how to replace it.
+
+    Args:
+        deployment_path: the deployment file ``/admin/reload`` and SIGHUP re-read.
+        models: the model set to serve from the start (``None``: ``/ready`` answers 503 until a reload).
+        metrics: the metric families (``models`` must have been built with them).
+        token: the bearer token of ``/predict`` and ``/admin/*``.
+        max_batch: the most records per request, and rows per forward pass.
+        max_wait_s: how long a batch waits for more requests (0: none).
+        seed: seed of the canary routing (``None``: from the OS).
+    """
+
+    def __init__(self, deployment_path: str | Path, models: ModelSet | None, metrics: ServerMetrics, token: str,
+                 *, max_batch: int, max_wait_s: float = 0.0, seed: int | None = None):
+        self.deployment_path = Path(deployment_path)
+        self.models = models
+        self.metrics = metrics
+        self.auth = BearerAuth(token)
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.random = random.Random(seed).random
+        self._reload_lock = asyncio.Lock()
+        self.log_canary_failure = _ThrottledLog(logging.WARNING)
+        self.log_champion_failure = _ThrottledLog(logging.ERROR)
+        if models is not None:
+            self._publish(models)
+
+    def _publish(self, models: ModelSet) -> None:
+        versions = {"champion": models.champion.version}
+        if models.canary is not None:
+            versions["canary"] = models.canary.version
+        self.metrics.set_loaded(versions, models.share)
+
+    async def reload(self) -> ModelSet:
+        """Re-read the deployment file, load and warm its new bundles off the event loop, then swap.
+
+        Unchanged versions are reused; the new set starts with fresh statistics. Reloads run one at a time.
+
+        Raises:
+            DeploymentError: the deployment file is missing or invalid.
+            ModelLoadError: a bundle could not be loaded or failed its warm-up.
+        """
+        async with self._reload_lock:
+            try:
+                deployment = read_deployment(self.deployment_path)
+                loaded = self.models.bundles if self.models is not None else {}
+                bundles = await asyncio.to_thread(load_bundles, deployment, loaded)
+                models = build_model_set(deployment, bundles, self.metrics, max_batch=self.max_batch,
+                                         max_wait_s=self.max_wait_s)
+            except Exception:
+                self.metrics.reloads_failed.inc()
+                raise
+            self.models = models  # the one swap: requests from now on see the new set
+            self._publish(models)
+            self.metrics.reloads_ok.inc()
+            # Once the batches queued on the old set are answered, the new models join the frozen heap.
+            asyncio.get_running_loop().call_later(REFREEZE_DELAY_S, freeze_heap)
+            log.info("reloaded %s: champion %s, canary %s", self.deployment_path, models.champion.version,
+                     f"{models.canary.version} (share {models.share:g})" if models.canary else "none")
+            return models
+
+
+def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status, headers, media_type=JSON)
+
+
+def _invalid(errors: list[dict[str, str]]) -> Response:
+    return _json(orjson.dumps({"detail": errors}), 422)
+
+
+class _ModelFailure(Exception):
+    """A prediction failed inside the model (raised, or returned non-finite values)."""
+
+
+def _describe(exc: BaseException) -> str:
+    """One line about ``exc``: TorchScript errors carry a multi-line traceback whose last line is the error."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else ""
+    return last if len(lines) > 1 and "Error" in last.split(":", 1)[0] else f"{type(exc).__name__}: {last}"
+
+
+def _parse(body: bytes, max_batch: int) -> list[Any] | Response:
+    """The records of a predict body, or the 422/413 response refusing it."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return _invalid([{"field": "body", "message": f"is not valid JSON: {exc}"}])
+    if not isinstance(payload, dict):
+        return _invalid([{"field": "body", "message": 'must be a JSON object {"records": [{...}, ...]}, found '
+                                                      f"{type(payload).__name__}"}])
+    if "records" not in payload:
+        return _invalid([{"field": "records", "message": "is required: a list of record objects"}])
+    records = payload["records"]
+    if not isinstance(records, list):
+        return _invalid([{"field": "records", "message": f"must be a list of objects, found "
+                                                         f"{type(records).__name__}"}])
+    if not records:
+        return _invalid([{"field": "records", "message": "must hold at least one record"}])
+    if len(records) > max_batch:
+        return _json(orjson.dumps({"detail": f"a request may hold at most {max_batch} records, found "
+                                             f"{len(records)}; split it"}), 413)
+    errors = [{"field": f"records[{i}]", "message": f"must be an object (column name to value), found "
+                                                    f"{type(r).__name__}"}
+              for i, r in enumerate(records) if not isinstance(r, dict)]
+    return _invalid(errors[:20]) if errors else records
+
+
+async def _predict_on(variant: Variant, x: np.ndarray) -> bytes:
+    """Predict ``x`` in ``variant``'s next batch; the 200 body.
+
+    Raises:
+        _ModelFailure: the forward pass raised, or returned non-finite values or a bad shape.
+    """
+    try:
+        y = await variant.batcher.submit(x)
+        if not np.isfinite(y).all():
+            raise ValueError("the model returned non-finite values")
+        predictions = variant.bundle.format_predictions(y)
+    except Exception as exc:  # noqa: BLE001 - every model failure is the caller's to count and answer
+        raise _ModelFailure(_describe(exc)) from exc
+    return variant.head + orjson.dumps(predictions) + b"}"
+
+
+def _answered(variant: Variant, body: bytes, n: int, started: float) -> Response:
+    took = time.perf_counter() - started
+    m = variant.metrics
+    m.ok.inc()
+    m.records.inc(n)
+    m.latency.observe(took)
+    variant.stats.latencies_ms.append(took * 1000)
+    return _json(body)
+
+
+async def _serve_champion(state: ServerState, champion: Variant, records: list[Any], started: float) -> Response:
+    try:
+        x = champion.bundle.transform_records(records)
+    except RecordError as exc:
+        champion.metrics.invalid.inc()
+        return _invalid(exc.errors)
+    except Exception as exc:  # noqa: BLE001 - a bug in the bundle's transform is a model failure, not a crash
+        return _champion_failed(state, champion, f"in its transform: {_describe(exc)}", exc)
+    champion.stats.requests += 1
+    try:
+        body = await _predict_on(champion, x)
+    except _ModelFailure as exc:
+        return _champion_failed(state, champion, str(exc), exc.__cause__, counted=True)
+    return _answered(champion, body, len(records), started)
+
+
+def _champion_failed(state: ServerState, champion: Variant, reason: str, cause: BaseException | None,
+                     counted: bool = False) -> Response:
+    """Count a champion failure and answer 500 with a short detail."""
+    if not counted:
+        champion.stats.requests += 1
+    champion.stats.errors += 1
+    champion.metrics.model_errors.inc()
+    champion.metrics.failed.inc()
+    state.log_champion_failure("champion version %s failed: %s", champion.version, reason, exc_info=cause)
+    return _json(orjson.dumps({"detail": f"the model failed: {reason}"}), 500)
+
+
+async def _serve_canary(state: ServerState, models: ModelSet, records: list[Any], started: float) -> Response:
+    canary, champion = models.canary, models.champion
+    assert canary is not None
+    try:
+        x = canary.bundle.transform_records(records)
+    except RecordError as exc:
+        # Refused by the canary's transform: the user's fault only if the champion refuses the records too.
+        response = await _serve_champion(state, champion, records, started)
+        if response.status_code == 200:
+            _canary_failed(state, canary, champion, f"its transform refused records the champion accepts: {exc}")
+        return response
+    except Exception as exc:  # noqa: BLE001 - a canary failure never fails the request: the champion answers
+        _canary_failed(state, canary, champion, f"in its transform: {_describe(exc)}")
+        return await _serve_champion(state, champion, records, started)
+    try:
+        body = await _predict_on(canary, x)
+    except _ModelFailure as exc:
+        _canary_failed(state, canary, champion, str(exc))
+        return await _serve_champion(state, champion, records, started)
+    canary.stats.requests += 1
+    return _answered(canary, body, len(records), started)
+
+
+def _canary_failed(state: ServerState, canary: Variant, champion: Variant, reason: str) -> None:
+    canary.stats.requests += 1
+    canary.stats.errors += 1
+    canary.metrics.model_errors.inc()
+    state.log_canary_failure("canary version %s failed (%s); answered by champion version %s", canary.version,
+                             reason, champion.version)
+
+
+class _Endpoints:
+    """The route handlers over one :class:`ServerState`."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.refused = state.metrics.refused_by_status
+        self._signal_tasks: set[asyncio.Task[Any]] = set()
+
+    async def predict(self, request: Request) -> Response:
+        started = time.perf_counter()
+        state = self.state
+        if not state.auth.check(request.scope["headers"]):
+            self.refused["401"].inc()
+            return _json(_UNAUTHORIZED, 401, {"WWW-Authenticate": "Bearer"})
+        models = state.models  # this request's model set, whatever a reload does meanwhile
+        if models is None:
+            self.refused["503"].inc()
+            return _json(_NOT_READY, 503)
+        records = _parse(await request.body(), state.max_batch)
+        if isinstance(records, Response):
+            self.refused[str(records.status_code)].inc()
+            return records
+        if models.canary is not None and state.random() < models.share:
+            return await _serve_canary(state, models, records, started)
+        return await _serve_champion(state, models.champion, records, started)
+
+    async def health(self, request: Request) -> Response:
+        return _json(_HEALTH)
+
+    async def ready(self, request: Request) -> Response:
+        models = self.state.models
+        return _json(orjson.dumps(models.ready())) if models is not None else _json(_NOT_READY, 503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    async def reload(self, request: Request) -> Response:
+        if not self.state.auth.check(request.scope["headers"]):
+            return _json(_UNAUTHORIZED, 401, {"WWW-Authenticate": "Bearer"})
+        try:
+            models = await self.state.reload()
+        except Exception as exc:  # noqa: BLE001 - the old models keep serving; the caller gets the reason
+            log.error("reload of %s failed; the previous models keep serving: %s", self.state.deployment_path, exc)
+            return _json(orjson.dumps({"detail": f"reload failed, the previous models keep serving: {exc}"}), 409)
+        return _json(orjson.dumps(models.ready()))
+
+    async def stats(self, request: Request) -> Response:
+        if not self.state.auth.check(request.scope["headers"]):
+            return _json(_UNAUTHORIZED, 401, {"WWW-Authenticate": "Bearer"})
+        models = self.state.models
+        return _json(orjson.dumps(models.stats())) if models is not None else _json(_NOT_READY, 503)
+
+    async def _reload_on_signal(self) -> None:
+        log.info("SIGHUP: reloading %s", self.state.deployment_path)
+        try:
+            await self.state.reload()
+        except Exception as exc:  # noqa: BLE001 - a signal has no caller to answer; the old models serve on
+            log.error("reload on SIGHUP failed; the previous models keep serving: %s", exc)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload_on_signal())
+        self._signal_tasks.add(task)  # a reference, so the task is not collected before it ends
+        task.add_done_callback(self._signal_tasks.discard)
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """SIGHUP reloads the deployment while the app runs (the handler needs uvicorn's running loop)."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+
+def create_app(state: ServerState) -> Starlette:
+    """The HTTP app over ``state``; SIGHUP reloads the deployment while it runs.
+
+    Args:
+        state: the shared server state (holds the model set, metrics, token and batch settings).
+
+    Returns:
+        A Starlette (ASGI) app: ``POST /predict``, ``GET /health``, ``GET /ready``, ``GET /metrics``,
+        ``POST /admin/reload``, ``GET /admin/stats``.
+    """
+    endpoints = _Endpoints(state)
+    return Starlette(routes=[
+        Route("/predict", endpoints.predict, methods=["POST"]),
+        Route("/health", endpoints.health, methods=["GET"]),
+        Route("/ready", endpoints.ready, methods=["GET"]),
+        Route("/metrics", endpoints.metrics, methods=["GET"]),
+        Route("/admin/reload", endpoints.reload, methods=["POST"]),
+        Route("/admin/stats", endpoints.stats, methods=["GET"]),
+    ], lifespan=endpoints.lifespan)

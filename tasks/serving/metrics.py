@@ -1,0 +1,137 @@
+"""What the model server counts: Prometheus series for ``/metrics`` and per-variant statistics for ``/admin/stats``.
+
+Every series a request touches is a metric child bound once (when a model set is loaded), so the request path
+increments a bound counter instead of looking labels up. The ``/admin/stats`` statistics are plain Python
+counters and a bounded window of latencies, replaced on every reload (the canary is judged on its own traffic).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+#: ``Content-Type`` of the ``/metrics`` response.
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: Latencies kept per variant for the ``/admin/stats`` percentiles.
+STATS_WINDOW = 10_000
+#: Request latency buckets in seconds: sub-millisecond model calls up to requests that queue behind big batches.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: Rows per forward pass.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+#: The HTTP statuses a request that reached a model can end with.
+MODEL_STATUSES = ("200", "422", "500")
+#: The statuses of requests refused before a model was chosen.
+REFUSED_STATUSES = ("401", "413", "422", "503")
+
+
+@dataclass(frozen=True)
+class VariantMetrics:
+    """The bound metric children of one served variant (``champion`` or ``canary``) and version."""
+
+    ok: Any
+    """Requests answered 200 by this variant."""
+    invalid: Any
+    """Requests refused with 422 by this variant's feature transform."""
+    failed: Any
+    """Requests answered 500 (a model failure of the champion)."""
+    latency: Any
+    """Request duration histogram of this variant."""
+    batch_rows: Any
+    """Rows per forward pass of this variant."""
+    records: Any
+    """Records predicted by this variant."""
+    model_errors: Any
+    """Forward passes (or transforms) that raised or returned non-finite values."""
+
+
+class ServerMetrics:
+    """The server's Prometheus registry and metric families.
+
+    Args:
+        registry: where to register; a new one by default (so several servers may live in one test process).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("kiln_serve_requests", "Predict requests that reached a model, by variant, version "
+                                "and HTTP status", ["variant", "version", "status"], registry=r)
+        self.refused = Counter("kiln_serve_refused_requests", "Predict requests refused before a model was chosen "
+                               "(bad token, bad body, too many records, no model)", ["status"], registry=r)
+        self.latency = Histogram("kiln_serve_request_duration_seconds", "Predict request duration inside the "
+                                 "server, by the variant that answered", ["variant"], buckets=LATENCY_BUCKETS,
+                                 registry=r)
+        self.batch_rows = Histogram("kiln_serve_batch_rows", "Rows per forward pass (micro-batches of "
+                                    "concurrent requests)", ["variant"], buckets=BATCH_BUCKETS, registry=r)
+        self.records = Counter("kiln_serve_records_predicted", "Records predicted", ["variant", "version"],
+                               registry=r)
+        self.model_errors = Counter("kiln_serve_model_errors", "Model failures (exceptions or non-finite outputs) "
+                                    "by variant and version; canary failures are retried on the champion",
+                                    ["variant", "version"], registry=r)
+        self.reloads = Counter("kiln_serve_reloads", "Deployment reloads by outcome", ["outcome"], registry=r)
+        self.loaded = Gauge("kiln_serve_model_loaded", "1 for each served variant and version", ["variant",
+                            "version"], registry=r)
+        self.canary_share = Gauge("kiln_serve_canary_share", "Share of requests routed to the canary (0: none)",
+                                  registry=r)
+        self.refused_by_status = {s: self.refused.labels(s) for s in REFUSED_STATUSES}
+        self.reloads_ok = self.reloads.labels("ok")
+        self.reloads_failed = self.reloads.labels("failed")
+        self._loaded_labels: list[tuple[str, str]] = []
+
+    def bind(self, variant: str, version: str) -> VariantMetrics:
+        """The metric children of ``variant`` serving ``version`` (created at zero, so they show before use)."""
+        return VariantMetrics(
+            ok=self.requests.labels(variant, version, "200"),
+            invalid=self.requests.labels(variant, version, "422"),
+            failed=self.requests.labels(variant, version, "500"),
+            latency=self.latency.labels(variant), batch_rows=self.batch_rows.labels(variant),
+            records=self.records.labels(variant, version), model_errors=self.model_errors.labels(variant, version))
+
+    def set_loaded(self, versions: dict[str, str], canary_share: float) -> None:
+        """Publish which versions are served now (``{"champion": "3", "canary": "4"}``) and the canary share."""
+        for labels in self._loaded_labels:
+            self.loaded.remove(*labels)
+        self._loaded_labels = list(versions.items())
+        for variant, version in self._loaded_labels:
+            self.loaded.labels(variant, version).set(1)
+        self.canary_share.set(canary_share)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every series."""
+        return generate_latest(self.registry)
+
+
+class VariantStats:
+    """Requests, errors and a window of latencies of one variant since the last reload (``/admin/stats``).
+
+    Args:
+        version: the served version.
+        window: how many latest latencies the percentiles are computed over.
+    """
+
+    __slots__ = ("version", "requests", "errors", "latencies_ms")
+
+    def __init__(self, version: str, window: int = STATS_WINDOW):
+        self.version = version
+        self.requests = 0
+        self.errors = 0
+        self.latencies_ms: deque[float] = deque(maxlen=window)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"version", "requests", "errors", "p50_ms", "p99_ms"}``; percentiles are ``None`` before traffic."""
+        ordered = sorted(self.latencies_ms)
+        return {"version": self.version, "requests": self.requests, "errors": self.errors,
+                "p50_ms": _percentile(ordered, 50), "p99_ms": _percentile(ordered, 99)}
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of sorted values, rounded to microseconds."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return round(ordered[rank - 1], 3)

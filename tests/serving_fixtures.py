@@ -1,0 +1,137 @@
+"""Real model bundles for the serving tests: a tiny classifier trained in process and exported as a bundle.
+
+:func:`make_bundle` runs the real steps on a small synthetic table (``build_features``, ``run_train`` at world
+size 1, ``export_bundle``) and returns the bundle folder; :func:`records` gives raw rows of that table as a client
+sends them. The ``bundle_factory`` fixture caches bundles per session (training takes about a second each), so
+import it into a test module (``from serving_fixtures import bundle_factory  # noqa: F401``) and call it with the
+seed that tells two versions apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+#: The raw columns of the synthetic table (the label is ``species``).
+NUMERIC = ("bill_length_mm", "bill_depth_mm", "flipper_length_mm")
+CATEGORICAL = ("island",)
+TARGET = "species"
+CLASSES = ("Adelie", "Chinstrap", "Gentoo")
+ISLANDS = ("Biscoe", "Dream", "Torgersen")
+#: A valid bill length so far outside the data that a "poison" bundle's network raises on it (see
+#: :func:`make_failing_bundle`); a healthy model answers it like any other value.
+POISON_BILL_LENGTH = 1e9
+
+
+def raw_table(n: int = 300, seed: int = 0) -> pd.DataFrame:
+    """A penguin-like table: three species told apart by their measurements, the island a weak hint."""
+    rng = np.random.default_rng(seed)
+    species = rng.integers(0, 3, n)
+    centers = np.array([[39.0, 18.5, 190.0], [49.0, 18.5, 196.0], [47.0, 15.0, 217.0]])
+    x = centers[species] + rng.normal(scale=[2.5, 1.0, 6.0], size=(n, 3))
+    df = pd.DataFrame({name: x[:, i] for i, name in enumerate(NUMERIC)})
+    island = np.where(rng.random(n) < 0.6, species, rng.integers(0, 3, n))
+    df["island"] = pd.array(np.array(ISLANDS)[island], dtype="string")
+    df[TARGET] = pd.array(np.array(CLASSES)[species], dtype="string")
+    return df
+
+
+def records(n: int = 1, seed: int = 1) -> list[dict[str, Any]]:
+    """``n`` raw rows as JSON-ready records (the input of ``POST /predict``), without the label."""
+    df = raw_table(max(n, 3), seed).head(n).drop(columns=[TARGET])
+    return json.loads(df.to_json(orient="records"))
+
+
+def make_bundle(root: Path, *, seed: int = 0, epochs: int = 4) -> Path:
+    """Train a tiny MLP on :func:`raw_table` and export it as a bundle.
+
+    Args:
+        root: an empty working folder; the bundle is ``root / "bundle"``.
+        seed: seed of the data and the training run (different seeds give different models).
+        epochs: training epochs.
+
+    Returns:
+        The bundle folder (loadable with ``tasks.bundle.load_bundle``).
+    """
+    from tasks.bundle import ExportConfig, export_bundle
+    from tasks.features import FeaturesConfig, run_build_features
+    from tasks.spec import FeaturesSpec, ModelSpec, TrainingSpec
+    from tasks.train import TrainConfig, run_train
+
+    clean, features, train = root / "clean", root / "features", root / "train"
+    for folder in (clean, features, train):
+        folder.mkdir(parents=True)
+    raw_table(seed=seed).to_parquet(clean / "clean.parquet", index=False)
+    types = {**dict.fromkeys(NUMERIC, "numeric"), "island": "categorical", TARGET: "categorical"}
+    (clean / "clean_report.json").write_text(json.dumps({"column_types": types, "target": TARGET,
+                                                         "task": "classification"}))
+    run_build_features(FeaturesConfig(TARGET, "classification", FeaturesSpec(), seed=seed), clean, features)
+    config = TrainConfig(features_dir=str(features), output_dir=str(train), checkpoint_dir=str(root / "ckpt"),
+                         task="classification", model=ModelSpec(hidden_sizes=[16]),
+                         training=TrainingSpec(epochs=epochs, batch_size=16, learning_rate=5e-3, seed=seed,
+                                               log_every_steps=1000))
+    run_train(config)
+    return export_bundle(ExportConfig(features_dir=features, model_dir=train), root / "bundle").bundle_dir
+
+
+class _Failing(nn.Module):
+    """A network that raises on rows holding a feature beyond ``threshold`` in magnitude (like a model with a bug
+    that only some inputs reach), and otherwise answers as the wrapped one."""
+
+    def __init__(self, inner: nn.Module, threshold: float):
+        super().__init__()
+        self.inner = inner
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x.abs() > self.threshold).any()):
+            raise RuntimeError("the model failed on an input beyond its threshold")
+        return self.inner(x)
+
+
+def make_failing_bundle(good: Path, out: Path, *, fails_on: Literal["poison", "always"]) -> Path:
+    """A copy of bundle ``good`` whose network raises inside the forward pass, with a consistent manifest.
+
+    Args:
+        good: a bundle folder from :func:`make_bundle`.
+        out: where to write the copy (must not exist).
+        fails_on: ``poison``: only on records with ``bill_length_mm`` = :data:`POISON_BILL_LENGTH` (the bundle's
+            own sample passes, so it loads and warms up); ``always``: on every input (its warm-up fails).
+
+    Returns:
+        ``out``, loadable with ``tasks.bundle.load_bundle`` (the file hashes match).
+    """
+    from tasks.bundle import MANIFEST_FILE, MODEL_FILE
+
+    shutil.copytree(good, out)
+    inner = torch.jit.load(str(good / MODEL_FILE), map_location="cpu")
+    # Standardised features of real rows stay within a few units; the poison value lands near 1e8.
+    failing = torch.jit.script(_Failing(inner, 1e6 if fails_on == "poison" else 0.0))
+    torch.jit.save(failing, str(out / MODEL_FILE))
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["files"][MODEL_FILE] = hashlib.sha256((out / MODEL_FILE).read_bytes()).hexdigest()
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``bundle_factory(seed=0)``: the bundle folder of a tiny model trained with ``seed`` (cached per session)."""
+    made: dict[int, Path] = {}
+
+    def factory(seed: int = 0) -> Path:
+        if seed not in made:
+            made[seed] = make_bundle(tmp_path_factory.mktemp(f"bundle-seed{seed}"), seed=seed)
+        return made[seed]
+
+    return factory
