@@ -7,6 +7,7 @@ rollback serves the earlier version's exact predictions again.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +43,23 @@ def _probabilities(served: dict) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def runs() -> dict:
-    """Three runs in order: a good first model, a crippled one, a better one (module-scoped: ~1 min of training)."""
-    good = _run("good", epochs=20)
-    crippled = _run("crippled", epochs=1, learning_rate=1e-5)
-    better = _run("better", epochs=40)
-    return {"good": good, "crippled": crippled, "better": better}
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Three runs in order: a good first model, a crippled one, a better one (module-scoped: ~1 min of training).
+
+    They get a registry, artifact store and model server of their own, so the first is the model's first version.
+    """
+    from conftest import stop_model_servers
+
+    home = tmp_path_factory.mktemp("release-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KILN_HOME", str(home))
+        try:
+            good = _run("good", epochs=20)
+            crippled = _run("crippled", epochs=1, learning_rate=1e-5)
+            better = _run("better", epochs=40)
+            yield {"good": good, "crippled": crippled, "better": better}
+        finally:
+            stop_model_servers(home / "serving")
 
 
 def test_crippled_never_becomes_champion_and_better_does(runs: dict) -> None:
