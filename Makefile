@@ -21,7 +21,7 @@ help:
 	@echo "make demo   - install, initialise Airflow (SQLite), run the penguins pipeline end to end"
 	@echo "make test   - install and run the whole test suite"
 	@echo "make docker-engine - install (Debian) and start a Docker engine unless one answers"
-	@echo "make image  - build the CPU training test image kiln-train:cpu (docker/README.md)"
+	@echo "make image  - build the CPU test images kiln-train:cpu and kiln-serve:cpu (docker/README.md)"
 	@echo "make postgres - start the local PostgreSQL (lease-store tests and benchmark) unless it answers"
 	@echo "make bench  - run the benchmarks and write BENCHMARKS.md"
 	@echo "make lint   - ruff and mypy"

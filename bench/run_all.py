@@ -2,7 +2,9 @@
 
 Each benchmark is a script whose last printed line is a JSON object
 ``{"name", "value", "unit", "peer", "peer_value", "ratio", "target"}``. Rows are appended, so the file keeps
-the history of every run; each row names its command, its peer measured in the same run, and the date.
+the history of every run; each row names its command, its peer measured in the same run, and the date. A result
+may add ``details`` (a markdown table of every measured cell): it is written to ``bench/results/<name>.md``,
+replacing the previous run's.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ def main() -> int:
                f"{r['ratio']:.3f} | {r['target']} | {_met(r['ratio'], r['target'])} |\n")
         with OUT.open("a") as fh:
             fh.write(row)
+        if r.get("details"):
+            details = BENCH / "results" / f"{r['name']}.md"
+            details.parent.mkdir(exist_ok=True)
+            details.write_text(f"# {r['name']}: every cell of the {dt.date.today().isoformat()} run\n\n"
+                               f"`python bench/{script.name}` (row in BENCHMARKS.md)\n\n{r['details']}\n")
         print("  " + row.strip(), flush=True)
     return 1 if failed else 0
 

@@ -324,7 +324,8 @@ def report(results: dict[tuple[str, int, int], dict], names: list[str]) -> None:
                      f"{ours['p99_ms']:.1f} ms, target <= {TARGET_P99_MS:g} ms; ours / bare FastAPI "
                      f"{vs_bare:.2f} at {bare['rps']:.0f} req/s, target >= {TARGET_VS_BARE:g})"),
             "peer_value": round(mlf["rps"], 3), "ratio": round(ours["rps"] / mlf["rps"], 3),
-            "target": f">= {TARGET_VS_MLFLOW:g}", "ours_vs_bare": round(vs_bare, 3), "cells": cells}
+            "target": f">= {TARGET_VS_MLFLOW:g}", "ours_vs_bare": round(vs_bare, 3), "cells": cells,
+            "details": markdown_table(results, names)}
     print(json.dumps(line), flush=True)
 
 

@@ -12,9 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def ready_engine() -> docker.DockerClient:
-    """A client of the local engine, with ``kiln-train:cpu`` current; fails (never skips) the test without one.
+    """A client of the local engine, with ``kiln-train:cpu`` and ``kiln-serve:cpu`` current; fails (never skips)
+    the test without them.
 
-    The containers must run the code under test, so the image's code layer is rebuilt if ``tasks/`` changed
+    The containers must run the code under test, so the images' code layers are rebuilt if ``tasks/`` changed
     since ``make image`` (seconds; a no-op when it is current, as in CI).
     """
     try:
@@ -25,6 +26,6 @@ def ready_engine() -> docker.DockerClient:
     build = subprocess.run([str(REPO / "docker" / "build-test-image.sh")], capture_output=True, text=True,
                            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHON": str(REPO / ".venv/bin/python")})
     if build.returncode != 0:
-        pytest.fail(f"the test image kiln-train:cpu could not be built: run `make docker-engine image`\n"
-                    f"{build.stdout[-2000:]}{build.stderr[-2000:]}")
+        pytest.fail("the test images kiln-train:cpu and kiln-serve:cpu could not be built: run "
+                    f"`make docker-engine image`\n{build.stdout[-2000:]}{build.stderr[-2000:]}")
     return client
