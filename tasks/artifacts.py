@@ -9,6 +9,7 @@ The embedded default is :class:`LocalArtifactStore` (a directory). Other stores 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -125,6 +126,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def write_json(path: str | Path, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON, keeping key order (column order matters to readers)."""
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json(path: str | Path) -> Any:

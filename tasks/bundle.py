@@ -18,7 +18,6 @@ folder that is incomplete, altered or of another format version (:class:`BundleE
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import math
@@ -35,7 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from tasks.artifacts import atomic_write_bytes, read_json, write_json
+from tasks.artifacts import atomic_write_bytes, file_sha256, read_json, write_json
 from tasks.features import FEATURE_SPEC_FILE, TEST_RAW_FILE
 from tasks.records import RecordError, RecordTransform, records_from_frame
 from tasks.transform import FeatureTransform
@@ -347,7 +346,7 @@ def _write_rest(out_dir: Path, transform: FeatureTransform, sample: pd.DataFrame
         "format_version": BUNDLE_FORMAT_VERSION, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__, "task": transform.task, "model": provenance["model"],
         "metadata": dict(provenance["metadata"]), "sample_rows": len(sample),
-        "files": {name: _sha256(out_dir / name) for name in CONTENT_FILES},
+        "files": {name: file_sha256(out_dir / name) for name in CONTENT_FILES},
     })
     return read_json(out_dir / MANIFEST_FILE)  # as readers see it (e.g. paths in the model meta as strings)
 
@@ -373,7 +372,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     for name in CONTENT_FILES:
         if not (path / name).is_file():
             raise BundleError(f"bundle {path} lacks {name}; the folder is incomplete: {_REEXPORT}")
-        if manifest["files"].get(name) != _sha256(path / name):
+        if manifest["files"].get(name) != file_sha256(path / name):
             raise BundleError(f"bundle file {path / name} does not match its sha256 in {MANIFEST_FILE} (altered or "
                               f"partly copied); copy the bundle again or {_REEXPORT}")
     return manifest
@@ -430,7 +429,3 @@ def _self_check(out_dir: Path, sample: pd.DataFrame, expected: np.ndarray) -> fl
                               "network does not export faithfully: check the model type and torch version")
         max_abs_diff = max(max_abs_diff, diff)
     return max_abs_diff
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import importlib.resources
 import logging
 from collections import Counter
@@ -23,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.artifacts import write_json
+from tasks.artifacts import file_sha256, write_json
 from tasks.spec import SourceSpec
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ def run_ingest(config: IngestConfig, out_dir: Path) -> IngestResult:
     """
     source = config.source
     with _local_file(source.uri) as path:
-        source_sha256 = _sha256_file(path)
+        source_sha256 = file_sha256(path)
         df = _read(path, source)
     log.info("read %s: %d rows, %d columns", source.uri, len(df), len(df.columns))
     if df.empty:
@@ -108,7 +107,7 @@ def run_ingest(config: IngestConfig, out_dir: Path) -> IngestResult:
     snapshot = out_dir / SNAPSHOT_FILE
     df.to_parquet(snapshot, engine="pyarrow", index=False)
     columns = {str(c): str(t) for c, t in df.dtypes.items()}
-    result = IngestResult(rows=len(df), columns=columns, sha256=_sha256_file(snapshot), source_uri=source.uri,
+    result = IngestResult(rows=len(df), columns=columns, sha256=file_sha256(snapshot), source_uri=source.uri,
                           source_sha256=source_sha256)
     write_json(out_dir / MANIFEST_FILE, {
         "source_uri": source.uri,
@@ -169,14 +168,6 @@ def _package_resource(uri: str) -> Any:
     if not node.is_file():
         raise IngestError(f"source.uri {uri!r}: '{resource}' in package '{package}' is a folder, not a file")
     return node
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read(path: Path, source: SourceSpec) -> pd.DataFrame:

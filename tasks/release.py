@@ -10,7 +10,6 @@ MLflow. A rejected candidate is not an error of the step: the decision is the st
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import subprocess
 from importlib import metadata
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.artifacts import read_json, write_json
+from tasks.artifacts import file_sha256, read_json, write_json
 from tasks.pipeline import RunContext
 from tasks.settings import REPO_ROOT, get_settings
 
@@ -50,15 +49,6 @@ def code_version() -> str:
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):  # no git, or not a checkout (an installed package)
         return f"kiln-{metadata.version('kiln')}"
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def registry():  # noqa: ANN201 (tasks.registry imports MLflow: kept out of module import time)
