@@ -46,13 +46,15 @@ def _probabilities(served: dict) -> np.ndarray:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """Three runs in order: a good first model, a crippled one, a better one (module-scoped: ~1 min of training).
 
-    They get a registry, artifact store and model server of their own, so the first is the model's first version.
+    They get a registry, artifact store and model server (port) of their own, so the first is the model's first
+    version.
     """
-    from conftest import stop_model_servers
+    from conftest import free_port, stop_model_servers
 
     home = tmp_path_factory.mktemp("release-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KILN_HOME", str(home))
+        mp.setenv("KILN_SERVE_PORT", str(free_port()))  # the session's port may hold another test's server
         try:
             good = _run("good", epochs=20)
             crippled = _run("crippled", epochs=1, learning_rate=1e-5)

@@ -98,7 +98,22 @@ def test_overrides_apply_and_validate() -> None:
     with pytest.raises(SpecError, match="unknown field 'epoch'.*did you mean 'epochs'"):
         spec.with_overrides({"epoch": 3})
     assert set(PARAM_FIELDS) == {"epochs", "learning_rate", "batch_size", "seed", "nproc", "nodes", "launcher",
-                                 "sample_fraction"}
+                                 "sample_fraction", "deployment"}
+    assert spec.with_overrides({"deployment": "canary"}).deployment.strategy == "canary"
+    with pytest.raises(SpecError, match="deployment.strategy"):
+        spec.with_overrides({"deployment": "blue-green"})
+
+
+@pytest.mark.parametrize(("section", "field"), [
+    ({"evaluation": {"gate": {"slices": [{"column": "x", "thresholds": {"rmse": 1.0}}]}}}, "rmse"),
+    ({"evaluation": {"gate": {"margin": -0.1}}}, "evaluation.gate.margin"),
+    ({"evaluation": {"gate": {"method": "bayes"}}}, "evaluation.gate.method"),
+    ({"deployment": {"canary": {"share": 1.5}}}, "deployment.canary.share"),
+    ({"deployment": {"port": 70000}}, "deployment.port"),
+], ids=["slice-metric-of-other-task", "negative-margin", "unknown-method", "share-above-one", "port-out-of-range"])
+def test_gate_and_deployment_sections_are_validated(section: dict, field: str) -> None:
+    with pytest.raises(SpecError, match=field):
+        parse_spec({**MINIMAL, **section}, "t.yaml")
 
 
 def test_load_specs_keeps_valid_ones_and_reports_duplicates(tmp_path: Path) -> None:
