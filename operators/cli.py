@@ -116,6 +116,8 @@ def _example_body(model: str) -> str:
     from tasks.rollout import Endpoint
 
     deployment = Endpoint.of(spec_named(model)).current()
+    if deployment is None:
+        return '{"records": [{...}]}'
     raw, _ = load_bundle(deployment.champion.bundle).sample()
     return json.dumps({"records": records_from_frame(raw.head(1))})
 

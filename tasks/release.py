@@ -14,7 +14,7 @@ import logging
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,9 @@ import pandas as pd
 from tasks.artifacts import file_sha256, read_json, write_json
 from tasks.pipeline import RunContext
 from tasks.settings import REPO_ROOT, get_settings
+
+if TYPE_CHECKING:
+    from tasks.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,8 @@ def code_version() -> str:
         return f"kiln-{metadata.version('kiln')}"
 
 
-def registry():  # noqa: ANN201 (tasks.registry imports MLflow: kept out of module import time)
-    """The configured model registry."""
+def registry() -> Registry:
+    """The configured model registry (imported here: ``tasks.registry`` imports MLflow)."""
     from tasks.registry import Registry
 
     return Registry(get_settings().mlflow_tracking_uri)
@@ -125,22 +128,24 @@ def gate(ctx: RunContext) -> dict[str, Any]:
     transform = FeatureTransform.load(features_dir / FEATURE_SPEC_FILE)
     candidate_pred = np.load(ctx.input_dir("evaluate") / PREDICTIONS_FILE)
     champion = reg.champion(spec.name)
+    # A rerun of a promoted run's gate finds its candidate already champion: nothing to compare with.
+    compared = champion if champion is not None and champion.version != candidate.version else None
     champion_pred = None
-    if champion is not None and champion.version != candidate.version:
-        bundle = load_bundle(reg.fetch_bundle(champion, bundle_cache(spec.name)))
+    if compared is not None:
+        bundle = load_bundle(reg.fetch_bundle(compared, bundle_cache(spec.name)))
         champion_pred = bundle.predict_frame(raw_test)
         if spec.task == "classification":
             champion_pred = _aligned_probabilities(champion_pred, bundle.classes, transform.classes)
     decision = decide(GateConfig.from_spec(spec), y_test, candidate_pred, champion_pred, transform.n_classes, raw_test)
     reason = decision.reason
-    if champion is not None and champion.version == candidate.version:
+    if champion is not None and compared is None:
         reason = f"version {candidate.version} is already the champion; {reason}"
     record = {
         "model": spec.name, "decision": "passed" if decision.passed else "failed", "passed": decision.passed,
         "reason": reason,
         "candidate": {"version": candidate.version, "run_id": candidate.run_id, "run_key": ctx.run_key},
-        "champion": ({"version": champion.version, "run_id": champion.run_id,
-                      "run_key": champion.tags.get(RUN_KEY_TAG)} if champion_pred is not None else None),
+        "champion": ({"version": compared.version, "run_id": compared.run_id,
+                      "run_key": compared.tags.get(RUN_KEY_TAG)} if compared is not None else None),
         "test_data_hash": candidate.tags.get("kiln.test_data_hash"), "data_hash": candidate.tags.get("kiln.data_hash"),
         "test_rows": len(y_test), "spec_hash": spec.spec_hash(), "primary_metric": spec.primary_metric,
         "thresholds": dict(spec.evaluation.thresholds), "gate": spec.evaluation.gate.model_dump(mode="json"),
@@ -153,7 +158,7 @@ def gate(ctx: RunContext) -> dict[str, Any]:
     return record
 
 
-def _log_decision(reg: Any, record: dict[str, Any]) -> None:
+def _log_decision(reg: Registry, record: dict[str, Any]) -> None:
     """The decision record on the candidate's MLflow run (file + tags) and on its model version (tags)."""
     run_id, version = record["candidate"]["run_id"], record["candidate"]["version"]
     reg.client.log_dict(run_id, record, f"{MLFLOW_GATE_PATH}/{DECISION_FILE}")

@@ -16,7 +16,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,11 @@ from tasks.pipeline import RunContext
 from tasks.release import bundle_cache, registry, require_passed
 from tasks.settings import get_settings
 from tasks.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    from tasks.serving.client import ServingClient
+    from tasks.serving.deployment import Deployment, ModelRef
+    from tasks.serving.process import ServerHandle
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ class Endpoint:
         s = get_settings()
         return cls(spec.name, s.serve_host, spec.deployment.port or s.serve_port, s.serving_dir / spec.name)
 
-    def serve(self, deployment: Any) -> Any:
+    def serve(self, deployment: Deployment) -> ServerHandle:
         """Write ``deployment`` and make the server serve it: reload a running server, or start one."""
         from tasks.serving.auth import resolve_token
         from tasks.serving.deployment import write_deployment
@@ -66,7 +71,7 @@ class Endpoint:
         return ensure_server(self.deployment, host=self.host, port=self.port,
                              token=resolve_token(get_settings()), run_dir=self.run_dir)
 
-    def client(self) -> Any:
+    def client(self) -> ServingClient:
         """A client of the running server."""
         from tasks.serving.auth import resolve_token
         from tasks.serving.client import ServingClient
@@ -74,14 +79,14 @@ class Endpoint:
 
         return ServingClient(server_url(self.host, self.port), resolve_token(get_settings()))
 
-    def current(self) -> Any:
+    def current(self) -> Deployment | None:
         """The deployment being served, or ``None`` before the first deploy."""
         from tasks.serving.deployment import read_deployment
 
         return read_deployment(self.deployment) if self.deployment.is_file() else None
 
 
-def _candidate_ref(ctx: RunContext, decision: dict[str, Any]) -> Any:
+def _candidate_ref(ctx: RunContext, decision: dict[str, Any]) -> ModelRef:
     """The candidate's registered bundle, fetched into the serving cache (the server never reads run folders)."""
     from tasks.serving.deployment import ModelRef
 
@@ -166,7 +171,7 @@ def _restore(endpoint: Endpoint, previous: dict[str, Any] | None, model: str) ->
                 previous["champion"]["version"])
 
 
-def _check_parity(client: Any, bundle_dir: Path, tolerance: float) -> dict[str, Any]:
+def _check_parity(client: ServingClient, bundle_dir: Path, tolerance: float) -> dict[str, Any]:
     """Replay the bundle's sample through the live endpoint; the candidate's answers must match training's."""
     from tasks.bundle import load_bundle, records_from_frame
 
@@ -179,7 +184,8 @@ def _check_parity(client: Any, bundle_dir: Path, tolerance: float) -> dict[str, 
     return {"rows": len(records), "max_abs_diff": diff, "version": served["version"], "passed": diff <= tolerance}
 
 
-def _probe_traffic(client: Any, records: list[dict[str, Any]], stop: threading.Event, rate_per_s: float) -> None:
+def _probe_traffic(client: ServingClient, records: list[dict[str, Any]], stop: threading.Event,
+                   rate_per_s: float) -> None:
     """Replay sample rows one per request while a canary is watched (live traffic adds to it)."""
     i = 0
     while not stop.wait(1.0 / rate_per_s):
@@ -245,12 +251,16 @@ def promote(ctx: RunContext) -> dict[str, Any]:
 
     decision = require_passed(ctx)
     version = decision["candidate"]["version"]
+    record = read_json(ctx.input_dir("deploy") / REPORT_FILE)
+    if record["strategy"] == "canary":  # served first: the alias never names a version the endpoint lacks
+        endpoint = Endpoint.of(ctx.spec)
+        current = endpoint.current()
+        if current is None or current.canary is None or current.canary.version != version:
+            raise DeploymentFailedError(f"the {ctx.spec.name} endpoint no longer serves version {version} as its "
+                                        f"canary ({endpoint.deployment}); rerun the deploy step")
+        endpoint.serve(promote_canary(current))
     previous = registry().set_champion(ctx.spec.name, version, action="gate", reason=decision["reason"],
                                        actor=ctx.run_key)
-    record = read_json(ctx.input_dir("deploy") / REPORT_FILE)
-    if record["strategy"] == "canary":
-        endpoint = Endpoint.of(ctx.spec)
-        endpoint.serve(promote_canary(endpoint.current()))
     result = {"model": ctx.spec.name, "champion": version, "previous": previous.version if previous else None,
               "strategy": record["strategy"], "reason": decision["reason"]}
     with ctx.store.writer(ctx.key("promote")) as out:

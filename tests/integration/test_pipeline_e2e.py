@@ -142,3 +142,36 @@ def test_rejected_candidate_skips_the_rollout(airflow_db) -> None:
     after = registry.champion("penguins_species")
     assert (after.version if after else None) == (before.version if before else None)
     assert registry.version("penguins_species", gated["candidate"]["version"]).tags["kiln.gate"] == "failed"
+
+
+def test_champion_dag_approves_and_rolls_back(airflow_db) -> None:
+    """The kiln_champion DAG: an explicit approval serves a gated-out version, a rollback restores the champion."""
+    from tasks.registry import Registry
+    from tasks.serving.auth import resolve_token
+    from tasks.serving.client import ServingClient
+    from tasks.settings import get_settings
+
+    registry = Registry(get_settings().mlflow_tracking_uri)
+    champion = registry.champion("penguins_species")
+    others = [v.version for v in registry.versions("penguins_species") if v.version != (champion and champion.version)]
+    assert champion is not None and others, "needs the served and the rejected runs of the tests above"
+
+    # A DagBag per run: dag.test() leaves the run's conf in the DAG object's params.
+    dr, tis = _run(_bag(), "kiln_champion", {"model": "penguins_species", "action": "approve", "version": others[-1],
+                                          "reason": "reviewed by hand"})
+    assert str(dr.state) == "success"
+    moved = tis["set_champion"].xcom_pull(task_ids="set_champion")
+    assert (moved["champion"], moved["previous"]) == (others[-1], champion.version)
+    with ServingClient(moved["url"], resolve_token(get_settings())) as client:
+        assert client.ready()["champion"]["version"] == others[-1]
+
+        dr, tis = _run(_bag(), "kiln_champion", {"model": "penguins_species", "action": "rollback",
+                                              "reason": "approval was a mistake"})
+        assert str(dr.state) == "success"
+        assert registry.champion("penguins_species").version == champion.version
+        assert client.ready()["champion"]["version"] == champion.version
+    assert [h["action"] for h in registry.history("penguins_species")][-2:] == ["approve", "rollback"]
+
+    dr, tis = _run(_bag(), "kiln_champion", {"model": "penguins_species", "action": "approve", "version": "999",
+                                          "reason": "no such version"})
+    assert str(dr.state) == "failed" and str(tis["set_champion"].state) == "failed"

@@ -129,3 +129,29 @@ def test_rollback_serves_the_earlier_versions_exact_predictions(runs: dict) -> N
     assert np.array_equal(_probabilities(served).astype(np.float32), expected)
     assert registry().history(MODEL)[-1]["action"] == "rollback"
     assert main(["rollback", MODEL, "--to", "999", "--reason", "no such version"]) == 2
+
+
+def test_canary_is_judged_on_live_traffic_then_promoted(runs: dict, tmp_path: Path) -> None:
+    """deploy (canary) → verify (probe traffic, judged on error rate and latency) → promote, in the same registry."""
+    import yaml
+
+    from tasks import pipeline
+    from tasks.release import registry
+    from tasks.rollout import Endpoint
+    from tasks.spec import load_spec
+
+    spec = yaml.safe_load(SPEC.read_text())
+    spec["deployment"] = {"strategy": "canary", "canary": {"share": 0.5, "min_requests": 10, "window_s": 60}}
+    canary_spec = tmp_path / "penguins_species.yaml"
+    canary_spec.write_text(yaml.safe_dump(spec))
+    before = registry().champion(MODEL).version
+    results = pipeline.run_all(pipeline.make_context(canary_spec, "canary", {"epochs": 20}))
+    version = results["gate"]["candidate"]["version"]
+    assert results["gate"]["passed"], results["gate"]["reason"]
+    assert results["deploy"]["strategy"] == "canary"
+    assert results["verify"]["promote"] is True and results["verify"]["stats"]["canary"]["requests"] >= 10
+    assert results["promote"] == {**results["promote"], "champion": version, "previous": before}
+    deployment = Endpoint.of(load_spec(canary_spec)).current()
+    assert deployment.champion.version == version and deployment.canary is None
+    assert _served([{"bill_length_mm": 40.0, "bill_depth_mm": 18.0, "flipper_length_mm": 190.0,
+                     "body_mass_g": 3800.0, "island": "Dream", "sex": "male", "year": "2008"}])["version"] == version
