@@ -50,6 +50,9 @@ def test_pipeline_runs_end_to_end(airflow_db, dag_id: str, conf: dict, min_accur
     assert {t: str(ti.state) for t, ti in tis.items()} == {**dict.fromkeys(STEPS, "success"),
                                                           **dict.fromkeys(ROLLOUT, rollout)}
     assert str(dr.state) == "success"
+    if dag_id == "digits_cnn":  # the spec asks for bootstrap bounds: every threshold check carries one
+        assert gated["method"] == "bootstrap"
+        assert all(c["bound"] is not None for c in gated["checks"] if c["kind"] == "threshold")
     if dag_id == "penguins_species":  # the first model of a fresh registry passes on thresholds alone
         assert gated["passed"] and gated["champion"] is None and "no champion" in gated["reason"]
         _assert_served(tis, gated["candidate"]["version"])

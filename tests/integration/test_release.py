@@ -71,6 +71,8 @@ def test_crippled_never_becomes_champion_and_better_does(runs: dict) -> None:
     good, crippled, better = runs["good"]["gate"], runs["crippled"]["gate"], runs["better"]["gate"]
     assert good["passed"] and good["champion"] is None and "first model" in good["reason"]
     assert runs["good"]["promote"]["champion"] == good["candidate"]["version"]
+    slices = {c["name"] for c in good["checks"] if c["kind"] == "slice"}  # the spec's island slices
+    assert any(name.startswith("slice island=") for name in slices), good["checks"]
 
     assert not crippled["passed"]
     assert crippled["champion"]["version"] == good["candidate"]["version"]  # compared with the then champion
