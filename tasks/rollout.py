@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from tasks.artifacts import read_json, write_json
 from tasks.pipeline import RunContext
 from tasks.release import bundle_cache, registry, require_passed
@@ -174,14 +172,14 @@ def _restore(endpoint: Endpoint, previous: dict[str, Any] | None, model: str) ->
 def _check_parity(client: ServingClient, bundle_dir: Path, tolerance: float) -> dict[str, Any]:
     """Replay the bundle's sample through the live endpoint; the candidate's answers must match training's."""
     from tasks.bundle import load_bundle, records_from_frame
+    from tasks.infra_validate import compare_predictions
 
-    raw, expected = load_bundle(bundle_dir).sample()
-    records = records_from_frame(raw)
-    served = client.predict(records)
-    got = np.array([[p["probabilities"][c] for c in p["probabilities"]] if "probabilities" in p else p["value"]
-                    for p in served["predictions"]], dtype=np.float64)
-    diff = float(np.abs(got - expected.reshape(got.shape)).max()) if len(got) else 0.0
-    return {"rows": len(records), "max_abs_diff": diff, "version": served["version"], "passed": diff <= tolerance}
+    bundle = load_bundle(bundle_dir)
+    raw, expected = bundle.sample()
+    served = client.predict(records_from_frame(raw))
+    diff, problem = compare_predictions(served["predictions"], bundle.format_predictions(expected))
+    return {"rows": len(raw), "max_abs_diff": diff, "version": served["version"], "problem": problem,
+            "passed": problem is None and diff <= tolerance}
 
 
 def _probe_traffic(client: ServingClient, records: list[dict[str, Any]], stop: threading.Event,
@@ -220,8 +218,9 @@ def verify(ctx: RunContext) -> dict[str, Any]:
             result = _check_parity(client, ctx.input_dir("bundle"), ctx.spec.deployment.infra_validation.tolerance)
             if not result["passed"]:
                 _restore(endpoint, record["previous"], ctx.spec.name)
-                raise DeploymentFailedError(f"version {record['version']} served predictions that differ from "
-                                            f"training's by {result['max_abs_diff']:.3g}; rolled back")
+                raise DeploymentFailedError(
+                    f"version {record['version']} served predictions that differ from training's by "
+                    f"{result['max_abs_diff']:.3g} ({result['problem'] or 'values'}); rolled back")
             return {"strategy": "direct", **result}
         c = ctx.spec.deployment.canary
         policy = CanaryPolicy(share=c.share, min_requests=c.min_requests, window_s=c.window_s,
