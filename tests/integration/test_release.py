@@ -157,3 +157,32 @@ def test_canary_is_judged_on_live_traffic_then_promoted(runs: dict, tmp_path: Pa
     assert deployment.champion.version == version and deployment.canary is None
     assert _served([{"bill_length_mm": 40.0, "bill_depth_mm": 18.0, "flipper_length_mm": 190.0,
                      "body_mass_g": 3800.0, "island": "Dream", "sex": "male", "year": "2008"}])["version"] == version
+
+
+def test_verify_failure_restores_the_previous_deployment(runs: dict) -> None:
+    """A candidate whose live answers differ from its training-side predictions is taken out again by verify."""
+    from tasks import pipeline
+    from tasks.artifacts import file_sha256, read_json, write_json
+    from tasks.bundle import MANIFEST_FILE, SAMPLE_PREDICTIONS_FILE
+    from tasks.models_cli import spec_named
+    from tasks.rollout import DeploymentFailedError, Endpoint
+
+    endpoint = Endpoint.of(spec_named(MODEL))
+    before = endpoint.current()
+    ctx = pipeline.make_context(SPEC, "diverges", {"epochs": 20})
+    for step in [*pipeline.STEPS, "register", "gate", "infra_validate", "deploy"]:
+        pipeline.step_function(step)(ctx)
+    assert endpoint.current().champion.version != before.champion.version  # the candidate is live
+    # What the run expects from its candidate no longer matches what the endpoint answers.
+    bundle = ctx.input_dir("bundle")
+    expected = np.load(bundle / SAMPLE_PREDICTIONS_FILE)
+    np.save(bundle / SAMPLE_PREDICTIONS_FILE, expected[:, ::-1].copy())
+    manifest = read_json(bundle / MANIFEST_FILE)
+    manifest["files"][SAMPLE_PREDICTIONS_FILE] = file_sha256(bundle / SAMPLE_PREDICTIONS_FILE)
+    write_json(bundle / MANIFEST_FILE, manifest)
+
+    with pytest.raises(DeploymentFailedError, match="rolled back"):
+        pipeline.step_function("verify")(ctx)
+    assert endpoint.current().champion == before.champion
+    assert _served([{"bill_length_mm": 40.0, "bill_depth_mm": 18.0, "flipper_length_mm": 190.0, "body_mass_g": 3800.0,
+                     "island": "Dream", "sex": "male", "year": "2008"}])["version"] == before.champion.version
