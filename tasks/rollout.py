@@ -131,8 +131,8 @@ def deploy(ctx: RunContext) -> dict[str, Any]:
         log.info("deployment.strategy is none: the candidate is not served")
         return {"strategy": "none"}
     endpoint = Endpoint.of(ctx.spec)
-    previous = endpoint.current()
     ref = _candidate_ref(ctx, decision)
+    previous = _replaced(ctx, endpoint, ref.version)
     if previous is None:
         if strategy == "canary":
             log.info("no model of %s is served yet: a canary needs a champion to compare with; deploying directly",
@@ -152,6 +152,23 @@ def deploy(ctx: RunContext) -> dict[str, Any]:
     write_json(ctx.input_dir("deploy") / REPORT_FILE, record)
     log.info("deployed %s version %s (%s) at %s", ctx.spec.name, ref.version, strategy, handle.url)
     return record
+
+
+def _replaced(ctx: RunContext, endpoint: Endpoint, version: str) -> Deployment | None:
+    """The deployment this run's candidate replaces.
+
+    Normally the one being served. But if it already serves ``version`` (an earlier attempt of this step got that
+    far before failing), it is the one that attempt recorded, so that a retry never takes its own half-finished
+    deployment for the previous good state.
+    """
+    from tasks.serving.deployment import Deployment
+
+    current = endpoint.current()
+    served = {current.champion.version, current.canary.version if current.canary else None} if current else set()
+    if version in served and ctx.store.exists(ctx.key("deploy")):
+        recorded = read_json(ctx.input_dir("deploy") / REPORT_FILE)["previous"]
+        return Deployment.from_dict(recorded) if recorded else None
+    return current
 
 
 def _restore(endpoint: Endpoint, previous: dict[str, Any] | None, model: str) -> None:

@@ -173,6 +173,8 @@ def test_verify_failure_restores_the_previous_deployment(runs: dict) -> None:
     for step in [*pipeline.STEPS, "register", "gate", "infra_validate", "deploy"]:
         pipeline.step_function(step)(ctx)
     assert endpoint.current().champion.version != before.champion.version  # the candidate is live
+    pipeline.step_function("deploy")(ctx)  # a retried deploy still knows what the run replaced
+    assert read_json(ctx.input_dir("deploy") / "report.json")["previous"]["champion"] == before.champion.to_dict()
     # What the run expects from its candidate no longer matches what the endpoint answers.
     bundle = ctx.input_dir("bundle")
     expected = np.load(bundle / SAMPLE_PREDICTIONS_FILE)
