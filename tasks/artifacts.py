@@ -4,7 +4,8 @@ Every step writes into a fresh temporary folder handed out by :meth:`ArtifactSto
 returns without error is that folder published under its key, replacing an earlier version in one rename. A step
 that fails leaves the previously published output exactly as it was. Nothing reads "latest": callers pass keys.
 
-The embedded default is :class:`LocalArtifactStore` (a directory). Other stores (S3) implement the same interface.
+The embedded default is :class:`LocalArtifactStore` (a directory); ``tasks.artifacts_s3.S3ArtifactStore`` keeps
+artifacts in an S3 bucket behind the same interface. :func:`store_for_root` picks one from ``KILN_ARTIFACT_ROOT``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,48 @@ from typing import Any
 
 class ArtifactNotFoundError(FileNotFoundError):
     """A key was read that no step has published."""
+
+
+class ArtifactStoreError(RuntimeError):
+    """The store itself failed: a missing bucket, denied access, rejected credentials, an unreachable endpoint,
+    or published bytes that no longer match their recorded sha256. The message names the place and the fix."""
+
+
+def key_parts(key: str) -> list[str]:
+    """The ``/``-separated names of an artifact key.
+
+    Raises:
+        ValueError: the key is empty or holds ``.``, ``..`` or ``.v`` (where the S3 store keeps versions).
+    """
+    parts = [p for p in key.split("/") if p]
+    if not parts or any(p in (".", "..", ".v") for p in parts):
+        raise ValueError(f"invalid artifact key {key!r}: use '/'-separated names without '.', '..' or '.v'")
+    return parts
+
+
+def store_for_root(root: str | Path) -> ArtifactStore:
+    """The artifact store that ``root`` (the value of ``KILN_ARTIFACT_ROOT``) names.
+
+    Args:
+        root: a local folder, or ``s3://bucket/prefix`` for an S3 (or S3-compatible, see ``KILN_S3_ENDPOINT_URL``)
+            bucket whose downloads are cached under ``$KILN_HOME/cache/s3``.
+
+    Returns:
+        A :class:`LocalArtifactStore` for a path, an ``S3ArtifactStore`` for an ``s3://`` URI.
+
+    Raises:
+        ValueError: ``root`` is a URI of another scheme, or an ``s3://`` URI without a bucket.
+    """
+    text = str(root)
+    if "://" not in text:
+        return LocalArtifactStore(text)
+    if not text.startswith("s3://"):
+        raise ValueError(f"KILN_ARTIFACT_ROOT={text!r} is not supported: use a local folder or s3://bucket/prefix")
+    from tasks.artifacts_s3 import S3ArtifactStore  # boto3 is imported only when an S3 root is configured
+    from tasks.settings import get_settings
+
+    settings = get_settings()
+    return S3ArtifactStore(text, cache_dir=settings.home / "cache" / "s3", endpoint_url=settings.s3_endpoint_url)
 
 
 def run_key(pipeline: str, run_id: str) -> str:
@@ -67,10 +110,7 @@ class LocalArtifactStore(ArtifactStore):
         self.root = Path(root).resolve()
 
     def _final(self, key: str) -> Path:
-        parts = [p for p in key.split("/") if p]
-        if not parts or any(p in (".", "..") for p in parts):
-            raise ValueError(f"invalid artifact key {key!r}: use '/'-separated names without '.' or '..'")
-        return self.root.joinpath(*parts)
+        return self.root.joinpath(*key_parts(key))
 
     @contextmanager
     def writer(self, key: str) -> Iterator[Path]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import ArtifactStore, LocalArtifactStore, atomic_write_bytes, read_json, run_key
+from tasks.artifacts import ArtifactStore, atomic_write_bytes, read_json, run_key, store_for_root
 from tasks.pools.allocation import Allocation, LeaseRequest, Owner, parse_size
 from tasks.settings import get_settings
 from tasks.spec import PipelineSpec, load_spec
@@ -58,8 +58,8 @@ def _publish(ctx: RunContext, step: str, run: Callable[[Path], Any]) -> dict[str
 
 
 def default_store() -> ArtifactStore:
-    """The configured artifact store (the local directory by default)."""
-    return LocalArtifactStore(get_settings().artifact_root)
+    """The store ``KILN_ARTIFACT_ROOT`` names: a local folder (the default) or an ``s3://bucket/prefix``."""
+    return store_for_root(get_settings().artifact_root)
 
 
 def make_context(spec_path: str | Path, run_id: str, params: dict[str, Any] | None = None,

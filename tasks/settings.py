@@ -15,8 +15,12 @@ class Settings:
 
     home: Path
     """``KILN_HOME``: root of all local state (default ``<repo>/var``)."""
-    artifact_root: Path
-    """``KILN_ARTIFACT_ROOT``: the local artifact store (default ``$KILN_HOME/artifacts``)."""
+    artifact_root: Path | str
+    """``KILN_ARTIFACT_ROOT``: the artifact store: a local folder (a resolved ``Path``, default
+    ``$KILN_HOME/artifacts``) or an ``s3://bucket/prefix`` URI (kept as a ``str``)."""
+    s3_endpoint_url: str | None
+    """``KILN_S3_ENDPOINT_URL``: the endpoint of an S3-compatible store (MinIO, Ceph, a local test server) for an
+    ``s3://`` artifact root. Unset: AWS's own endpoint for the region of the standard AWS configuration."""
     mlflow_tracking_uri: str
     """``KILN_MLFLOW_TRACKING_URI``: MLflow tracking + registry (default SQLite under ``$KILN_HOME``)."""
     mlflow_artifact_root: str
@@ -48,7 +52,8 @@ def get_settings() -> Settings:
     home = Path(os.environ.get("KILN_HOME") or REPO_ROOT / "var").resolve()
     return Settings(
         home=home,
-        artifact_root=Path(os.environ.get("KILN_ARTIFACT_ROOT") or home / "artifacts").resolve(),
+        artifact_root=_artifact_root(os.environ.get("KILN_ARTIFACT_ROOT") or str(home / "artifacts")),
+        s3_endpoint_url=os.environ.get("KILN_S3_ENDPOINT_URL") or None,
         mlflow_tracking_uri=os.environ.get("KILN_MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
         mlflow_artifact_root=os.environ.get("KILN_MLFLOW_ARTIFACT_ROOT") or (home / "mlartifacts").as_uri(),
         pipelines_dir=Path(os.environ.get("KILN_PIPELINES_DIR") or REPO_ROOT / "dags" / "pipelines").resolve(),
@@ -60,6 +65,11 @@ def get_settings() -> Settings:
         serve_port=_int_env("KILN_SERVE_PORT", 8765),
         serve_token=os.environ.get("KILN_SERVE_TOKEN") or None,
     )
+
+
+def _artifact_root(raw: str) -> Path | str:
+    # A URI names a remote store and must not be resolved against the working directory like a path.
+    return raw if "://" in raw else Path(raw).resolve()
 
 
 def _int_env(name: str, default: int) -> int:

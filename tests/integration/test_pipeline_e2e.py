@@ -59,7 +59,7 @@ def test_pipeline_runs_end_to_end(airflow_db, dag_id: str, conf: dict, min_accur
 
     evaluated = tis["evaluate"].xcom_pull(task_ids="evaluate")
     assert evaluated["metrics"]["test/accuracy"] >= min_accuracy
-    run_dir = get_settings().artifact_root / run_key(dag_id, dr.run_id)
+    run_dir = Path(get_settings().artifact_root) / run_key(dag_id, dr.run_id)
     assert read_json(run_dir / "ingest" / "manifest.json")["rows"] == rows
     assert read_json(run_dir / "validate" / "validation.json")["success"] is True
     assert (run_dir / "validate" / "data_docs" / "index.html").is_file()
@@ -94,7 +94,7 @@ def test_validation_failure_stops_the_run(airflow_db, tmp_path: Path, monkeypatc
     assert str(tis["ingest"].state) == "success"
     assert str(tis["validate"].state) == "failed"
     assert {str(tis[t].state) for t in STEPS[2:]} == {"upstream_failed"}
-    run_dir = get_settings().artifact_root / run_key("penguins_bad", dr.run_id)
+    run_dir = Path(get_settings().artifact_root) / run_key("penguins_bad", dr.run_id)
     report = read_json(run_dir / "validate" / "validation.json")
     assert report["success"] is False
     failed = [r for r in report["expectations"] if not r["success"]]

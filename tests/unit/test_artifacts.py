@@ -65,3 +65,39 @@ def test_atomic_write(tmp_path: Path) -> None:
     atomic_write_bytes(target, b"{}")
     assert read_json(target) == {}
     assert [p.name for p in target.parent.iterdir()] == ["x.json"]
+
+
+def test_store_for_root_picks_the_store_by_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.artifacts import LocalArtifactStore, store_for_root
+    from tasks.artifacts_s3 import S3ArtifactStore
+
+    assert isinstance(store_for_root(str(tmp_path)), LocalArtifactStore)
+    monkeypatch.setenv("KILN_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    store = store_for_root("s3://my-bucket/some/prefix/")
+    assert isinstance(store, S3ArtifactStore)
+    assert (store.bucket, store.prefix, store.endpoint) == ("my-bucket", "some/prefix", "http://127.0.0.1:9")
+    assert store.uri("p/r/ingest") == "s3://my-bucket/some/prefix/p/r/ingest"
+    assert store.scratch("p/r/checkpoints").is_dir()
+    with pytest.raises(ValueError, match="KILN_ARTIFACT_ROOT='gs://b/p' is not supported"):
+        store_for_root("gs://b/p")
+    with pytest.raises(ValueError, match="names no bucket"):
+        store_for_root("s3:///prefix")
+
+
+def test_settings_keep_an_s3_root_as_a_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tasks.settings import get_settings
+
+    monkeypatch.setenv("KILN_ARTIFACT_ROOT", "s3://bucket/kiln")
+    assert get_settings().artifact_root == "s3://bucket/kiln"
+    monkeypatch.setenv("KILN_ARTIFACT_ROOT", str(tmp_path / "a" / ".." / "b"))
+    assert get_settings().artifact_root == tmp_path / "b"
+
+
+@pytest.mark.parametrize("key", ["", "/", "a/../b", "./a", "a/.v/b"],
+                         ids=["empty", "slash", "dotdot", "dot", "versions"])
+def test_key_parts_refuses_reserved_names(key: str) -> None:
+    from tasks.artifacts import key_parts
+
+    with pytest.raises(ValueError, match="invalid artifact key"):
+        key_parts(key)
+    assert key_parts("/a//b/") == ["a", "b"]

@@ -1,0 +1,152 @@
+"""An S3 API on loopback for the ``s3`` tests: moto's standalone server in its own process.
+
+boto3 talks to it over HTTP exactly as to AWS. moto keeps its buckets in memory, so a test that needs the endpoint
+to die mid-upload and come back with its data kills a TCP forwarder between the store and moto instead (also its
+own process, started by running this file): to the store that is exactly an S3 endpoint going away and coming
+back, and the bucket's contents survive for the checks after the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+#: The test session's credentials and region; moto accepts any keys unless IAM checks are switched on.
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    """Return once ``port`` accepts connections; fail with the process's output if it exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise RuntimeError(f"process {proc.args} exited with {proc.returncode} before listening:\n{out[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)  # the poll interval of a wait-for condition
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s ({proc.args})")
+
+
+def _kill(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@dataclass
+class S3Endpoint:
+    """moto on ``moto_port`` and a forwarder on ``port``; stores under test use :attr:`url` (the forwarder)."""
+
+    moto_port: int
+    port: int
+    extra_env: dict[str, str] = field(default_factory=dict)
+    moto: subprocess.Popen[bytes] | None = None
+    forwarder: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def moto_url(self) -> str:
+        """moto itself, for checks that must not go through the forwarder the test kills."""
+        return f"http://127.0.0.1:{self.moto_port}"
+
+    def start(self) -> None:
+        env = {**os.environ, **AWS_ENV, **self.extra_env}
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.moto_port)]
+        self.moto = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wait_for_port(self.moto_port, self.moto)
+        self.start_forwarder()
+
+    def start_forwarder(self) -> None:
+        self.forwarder = subprocess.Popen([sys.executable, __file__, str(self.port), str(self.moto_port)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.forwarder)
+
+    def kill_forwarder(self) -> None:
+        """SIGKILL the endpoint the store talks to: open connections reset, new ones are refused."""
+        _kill(self.forwarder)
+
+    def stop(self) -> None:
+        _kill(self.forwarder)
+        _kill(self.moto)
+        for proc in (self.forwarder, self.moto):
+            if proc is not None and proc.stdout is not None:
+                proc.stdout.close()
+
+    def client(self, direct: bool = False, **kwargs: Any) -> Any:
+        """A plain boto3 S3 client for set-up and checks (``direct``: to moto, bypassing the forwarder)."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.moto_url if direct else self.url, region_name="us-east-1",
+                            **kwargs)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[S3Endpoint]:
+    """moto behind a forwarder for the whole session, with the test credentials in the environment."""
+    endpoint = S3Endpoint(moto_port=free_port(), port=free_port())
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in AWS_ENV.items():
+            mp.setenv(name, value)
+        # Keep a developer's own AWS profile and config files out of the tests.
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_CONFIG_FILE", str(Path(os.devnull)))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(Path(os.devnull)))
+        endpoint.start()
+        try:
+            yield endpoint
+        finally:
+            endpoint.stop()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _forward(listen_port: int, target_port: int) -> None:
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", target_port)
+        except OSError:
+            client_w.close()
+            return
+        await asyncio.gather(_pipe(client_r, server_w), _pipe(server_r, client_w))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", listen_port, reuse_address=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":  # python tests/s3_server.py LISTEN_PORT TARGET_PORT: a plain TCP forwarder
+    asyncio.run(_forward(int(sys.argv[1]), int(sys.argv[2])))
