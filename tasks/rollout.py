@@ -53,6 +53,13 @@ class Endpoint:
         """The deployment file the server reads."""
         return self.run_dir / DEPLOYMENT_FILE
 
+    @property
+    def url(self) -> str:
+        """The base URL clients use."""
+        from tasks.serving.process import server_url
+
+        return server_url(self.host, self.port)
+
     @classmethod
     def of(cls, spec: PipelineSpec) -> Endpoint:
         """The endpoint of a pipeline: its ``deployment.port`` or ``KILN_SERVE_PORT``."""
@@ -73,9 +80,8 @@ class Endpoint:
         """A client of the running server."""
         from tasks.serving.auth import resolve_token
         from tasks.serving.client import ServingClient
-        from tasks.serving.process import server_url
 
-        return ServingClient(server_url(self.host, self.port), resolve_token(get_settings()))
+        return ServingClient(self.url, resolve_token(get_settings()))
 
     def current(self) -> Deployment | None:
         """The deployment being served, or ``None`` before the first deploy."""
@@ -143,14 +149,12 @@ def deploy(ctx: RunContext) -> dict[str, Any]:
         new = with_canary(previous, ref, ctx.spec.deployment.canary.share)
     else:
         new = with_champion(previous, ref)
-    record = {"strategy": strategy, "version": ref.version, "url": None,
+    record = {"strategy": strategy, "version": ref.version, "url": endpoint.url,
               "previous": previous.to_dict() if previous else None}
     with ctx.store.writer(ctx.key("deploy")) as out:  # before serving: verify must be able to restore
         write_json(out / REPORT_FILE, record)
-    handle = endpoint.serve(new)
-    record["url"] = handle.url
-    write_json(ctx.input_dir("deploy") / REPORT_FILE, record)
-    log.info("deployed %s version %s (%s) at %s", ctx.spec.name, ref.version, strategy, handle.url)
+    endpoint.serve(new)
+    log.info("deployed %s version %s (%s) at %s", ctx.spec.name, ref.version, strategy, endpoint.url)
     return record
 
 
@@ -302,15 +306,14 @@ def set_champion(spec: PipelineSpec, version: str | None, *, action: str, reason
 
     reg = registry()
     target = reg.version(spec.name, version or reg.rollback_target(spec.name))
-    previous = reg.set_champion(spec.name, target.version, action=action, reason=reason, actor=actor)
-    result: dict[str, Any] = {"model": spec.name, "champion": target.version,
-                              "previous": previous.version if previous else None, "action": action, "url": None}
     endpoint = Endpoint.of(spec)
     current = endpoint.current()
+    # Served first (as in promote): the alias never names a version the endpoint lacks.
     if current is not None:  # the model is served: serve the new champion (without any canary in flight)
         ref = ModelRef(version=target.version, bundle=str(reg.fetch_bundle(target, bundle_cache(spec.name))))
-        handle = endpoint.serve(with_champion(drop_canary(current) if current.canary else current, ref))
+        endpoint.serve(with_champion(drop_canary(current) if current.canary else current, ref))
         with endpoint.client() as client:
             client.wait_ready(60, version=target.version)
-        result["url"] = handle.url
-    return result
+    previous = reg.set_champion(spec.name, target.version, action=action, reason=reason, actor=actor)
+    return {"model": spec.name, "champion": target.version, "previous": previous.version if previous else None,
+            "action": action, "url": endpoint.url if current is not None else None}

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tasks.spec import ModelSpec
+
 
 def write_features(folder: Path, *, n: int = 400, d: int = 4, task: str = "classification", n_classes: int = 2,
                    seed: int = 0) -> Path:
@@ -33,3 +35,32 @@ def write_features(folder: Path, *, n: int = 400, d: int = 4, task: str = "class
     spec = {"input_dim": d, "n_classes": n_classes if task == "classification" else 0, "task": task}
     (folder / "feature_spec.json").write_text(json.dumps(spec))
     return folder
+
+
+def write_run_dirs(tmp_path: Path, df: pd.DataFrame, column_types: dict[str, str], task: str,
+                   model_spec: ModelSpec | None = None) -> tuple[Path, Path]:
+    """A ``build_features`` folder made by the real step from ``df`` (target column ``y``), and an untrained
+    network saved next to it as the ``train`` step would (``model_spec`` default: an MLP with one layer of 8).
+
+    Returns:
+        ``(features_dir, model_dir)``.
+    """
+    import torch
+
+    from tasks.features import FeaturesConfig, run_build_features
+    from tasks.model import MODEL_FILE, build_model, save_model
+    from tasks.spec import FeaturesSpec
+
+    clean, features, model = tmp_path / "clean", tmp_path / "features", tmp_path / "model"
+    for folder in (clean, features, model):
+        folder.mkdir()
+    df.to_parquet(clean / "clean.parquet", index=False)
+    (clean / "clean_report.json").write_text(json.dumps({"column_types": column_types, "target": "y",
+                                                         "task": task}))
+    result = run_build_features(FeaturesConfig("y", task, FeaturesSpec(), seed=0), clean, features)
+    n_outputs = result.n_classes or 1
+    torch.manual_seed(0)
+    spec = model_spec or ModelSpec(hidden_sizes=[8])
+    save_model(model / MODEL_FILE, build_model(spec, result.input_dim, n_outputs), model_spec=spec,
+               input_dim=result.input_dim, n_outputs=n_outputs, task=task)
+    return features, model

@@ -107,27 +107,22 @@ def test_validation_failure_stops_the_run(airflow_db, tmp_path: Path, monkeypatc
 def _assert_served(tis: dict, version: str) -> None:
     """The deployed endpoint answers raw records with the promoted version's predictions."""
     from tasks.bundle import load_bundle, records_from_frame
+    from tasks.models_cli import spec_named
     from tasks.registry import Registry
+    from tasks.rollout import Endpoint
     from tasks.serving.auth import resolve_token
     from tasks.serving.client import ServingClient
     from tasks.settings import get_settings
 
     deployed = tis["deploy"].xcom_pull(task_ids="deploy")
     assert Registry(get_settings().mlflow_tracking_uri).champion("penguins_species").version == version
-    bundle = load_bundle(read_deployment_champion("penguins_species"))
+    bundle = load_bundle(Endpoint.of(spec_named("penguins_species")).current().champion.bundle)
     raw, expected = bundle.sample()
     with ServingClient(deployed["url"], resolve_token(get_settings())) as client:
         served = client.predict(records_from_frame(raw.head(5)))
     assert served["version"] == version
     assert [p["label"] for p in served["predictions"]] == list(bundle.format_predictions(expected[:5])[i]["label"]
                                                                for i in range(5))
-
-
-def read_deployment_champion(model: str) -> str:
-    from tasks.serving.deployment import read_deployment
-    from tasks.settings import get_settings
-
-    return read_deployment(get_settings().serving_dir / model / "deployment.json").champion.bundle
 
 
 def test_rejected_candidate_skips_the_rollout(airflow_db) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from s3_server import S3Endpoint, free_port, s3_endpoint  # noqa: F401
+from conftest import free_port
+from s3_server import S3Endpoint, s3_endpoint  # noqa: F401
 
 from tasks import pipeline
 from tasks.artifacts import ArtifactNotFoundError, ArtifactStoreError

@@ -7,7 +7,6 @@ import hashlib
 import http.server
 import os
 import shutil
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import serving_fixtures
 import torch
+from conftest import free_port
 from serving_fixtures import make_bundle, records
 
 from tasks.artifacts import read_json, write_json
@@ -46,12 +46,6 @@ MODEL = "penguins_species"
 
 #: The session's cache of tiny trained bundles (a fixture), shared with the other serving tests.
 bundle_factory = serving_fixtures.bundle_factory
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture()
@@ -90,7 +84,7 @@ def _server_processes_with(marker: str) -> list[int]:
 def test_ensure_server_starts_a_detached_server_then_reloads_it(tmp_path: Path, server_dir: Path,
                                                                 bundle_factory: Callable[..., Path]) -> None:
     deployment = _deploy(tmp_path / "deployment.json", bundle_factory(0))
-    port = _free_port()
+    port = free_port()
 
     first = ensure_server(deployment, host=HOST, port=port, token=TOKEN, run_dir=server_dir)
 
@@ -154,7 +148,7 @@ def test_a_server_that_cannot_load_its_bundle_fails_to_start_with_its_log(tmp_pa
     deployment = _deploy(tmp_path / "deployment.json", missing)
 
     with pytest.raises(ServerStartError, match="exited with code 2") as info:
-        ensure_server(deployment, host=HOST, port=_free_port(), token=TOKEN, run_dir=server_dir, start_timeout_s=60)
+        ensure_server(deployment, host=HOST, port=free_port(), token=TOKEN, run_dir=server_dir, start_timeout_s=60)
 
     assert str(missing) in info.value.log_tail
     assert not (server_dir / "server.pid").exists()
@@ -282,7 +276,7 @@ def _serve_with_canary(tmp_path: Path, server_dir: Path, champion: Path, canary:
         Path, str]:
     deployment = _deploy(tmp_path / "deployment.json", champion)
     write_deployment(deployment, with_canary(read_deployment(deployment), ModelRef("2", str(canary)), share))
-    handle = ensure_server(deployment, host=HOST, port=_free_port(), token=TOKEN, run_dir=server_dir)
+    handle = ensure_server(deployment, host=HOST, port=free_port(), token=TOKEN, run_dir=server_dir)
     return deployment, handle.url
 
 

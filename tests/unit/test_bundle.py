@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from synthetic import write_run_dirs
 
 from tasks.bundle import (
     BUNDLE_FORMAT_VERSION,
@@ -26,11 +27,11 @@ from tasks.bundle import (
     export_bundle,
     load_bundle,
 )
-from tasks.features import FEATURE_SPEC_FILE, TEST_RAW_FILE, FeaturesConfig, run_build_features
+from tasks.features import FEATURE_SPEC_FILE, TEST_RAW_FILE
 from tasks.model import MODEL_FILE as TRAINED_MODEL_FILE
 from tasks.model import build_model, load_model, predict, save_model
 from tasks.records import records_from_frame
-from tasks.spec import FeaturesSpec, ModelSpec
+from tasks.spec import ModelSpec
 
 PROVENANCE = {"pipeline": "penguins", "run_key": "penguins/r1", "code_version": "abc123"}
 
@@ -52,18 +53,7 @@ def make_run_dirs(tmp_path: Path, task: str, model_spec: ModelSpec | None = None
     else:
         df["y"] = 2 * df["b"] + rng.normal(scale=0.1, size=n)
     types["y"] = "categorical" if task == "classification" else "numeric"
-    clean, features, model = tmp_path / "clean", tmp_path / "features", tmp_path / "model"
-    for folder in (clean, features, model):
-        folder.mkdir()
-    df.to_parquet(clean / "clean.parquet", index=False)
-    (clean / "clean_report.json").write_text(json.dumps({"column_types": types, "target": "y", "task": task}))
-    result = run_build_features(FeaturesConfig("y", task, FeaturesSpec(), seed=0), clean, features)
-    n_outputs = result.n_classes or 1
-    torch.manual_seed(0)
-    spec = model_spec or ModelSpec(hidden_sizes=[8])
-    save_model(model / TRAINED_MODEL_FILE, build_model(spec, result.input_dim, n_outputs), model_spec=spec,
-               input_dim=result.input_dim, n_outputs=n_outputs, task=task)
-    return features, model
+    return write_run_dirs(tmp_path, df, types, task, model_spec)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from synthetic import write_run_dirs
 
 from tasks.evaluate import (
     CONFUSION_PNG,
@@ -20,9 +20,9 @@ from tasks.evaluate import (
     compute_metrics,
     run_evaluate,
 )
-from tasks.features import TEST_FILE, FeaturesConfig, run_build_features
+from tasks.features import TEST_FILE
 from tasks.model import MODEL_FILE, build_model, save_model
-from tasks.spec import FeaturesSpec, ModelSpec
+from tasks.spec import ModelSpec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -99,18 +99,7 @@ def make_run_dirs(tmp_path: Path, task: str) -> tuple[Path, Path]:
         df["y"] = 2 * df["a"] + rng.normal(scale=0.1, size=n)
     types = {"a": "numeric", "b": "numeric", "kind": "categorical",
              "y": "categorical" if task == "classification" else "numeric"}
-    clean, features, model = tmp_path / "clean", tmp_path / "features", tmp_path / "model"
-    for folder in (clean, features, model):
-        folder.mkdir()
-    df.to_parquet(clean / "clean.parquet", index=False)
-    (clean / "clean_report.json").write_text(json.dumps({"column_types": types, "target": "y", "task": task}))
-    result = run_build_features(FeaturesConfig("y", task, FeaturesSpec(), seed=0), clean, features)
-    n_outputs = result.n_classes or 1
-    torch.manual_seed(0)
-    spec = ModelSpec(hidden_sizes=[8])
-    save_model(model / MODEL_FILE, build_model(spec, result.input_dim, n_outputs), model_spec=spec,
-               input_dim=result.input_dim, n_outputs=n_outputs, task=task)
-    return features, model
+    return write_run_dirs(tmp_path, df, types, task)
 
 
 def test_run_evaluate_classification_writes_report_and_confusion_matrix(tmp_path):
