@@ -14,7 +14,7 @@ export AIRFLOW__CORE__PARALLELISM ?= 4
 export GX_ANALYTICS_ENABLED ?= false
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test bench lint airflow-init mlflow-ui clean docker-engine image postgres wrk serve-stop
+.PHONY: install demo test bench lint airflow-init mlflow-ui clean docker-engine image postgres redis wrk serve-stop up down status chromium
 .DEFAULT_GOAL := help
 
 help:
@@ -26,6 +26,9 @@ help:
 	@echo "make bench  - run the benchmarks and write BENCHMARKS.md"
 	@echo "make lint   - ruff and mypy"
 	@echo "make mlflow-ui - MLflow UI on http://127.0.0.1:5000 over var/mlflow.db"
+	@echo "make up     - start Airflow (UI + REST), MLflow and the model servers as services; PROFILE=prod for"
+	@echo "             PostgreSQL + CeleryExecutor on Redis (README: Service mode)"
+	@echo "make down   - stop everything make up started; make status - what runs"
 	@echo "make serve-stop - stop the model servers the pipelines started (var/serving/<model>/server.pid)"
 
 install: $(VENV)/.installed
@@ -52,7 +55,7 @@ demo: install airflow-init
 	@$(PY) -m operators.cli run penguins_species --log $(KILN_HOME)/logs/demo.log $(if $(CONF),--conf '$(CONF)') \
 	  || { echo "demo failed; last lines of $(KILN_HOME)/logs/demo.log:"; tail -40 $(KILN_HOME)/logs/demo.log; exit 1; }
 
-test: install image postgres
+test: install image postgres redis chromium
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The Docker launcher's tests run real containers: an engine (dockerd started by hand where there is no systemd,
@@ -71,8 +74,30 @@ wrk:
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
 serve-stop:
-	@for pid in $(KILN_HOME)/serving/*/server.pid; do [ -f "$$pid" ] || continue; \
-	  $(PY) -c 'import sys; from pathlib import Path; from tasks.serving.process import stop_server; stop_server(Path(sys.argv[1]).parent)' "$$pid"; done
+	@[ ! -x $(PY) ] || $(PY) -m tasks.models_cli stop
+
+# Service mode. PROFILE=embedded (SQLite, LocalExecutor) or prod (PostgreSQL + CeleryExecutor on Redis); every
+# setting is an environment variable (README: Service mode).
+PROFILE ?= embedded
+up: install $(if $(filter prod,$(PROFILE)),postgres redis)
+	@KILN_PROFILE=$(PROFILE) $(PY) -m operators.service up
+
+down:
+	@[ ! -x $(PY) ] || $(PY) -m operators.service down
+
+status:
+	@$(PY) -m operators.service status
+
+redis:
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@mkdir -p $(KILN_HOME); redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 \
+	  --save "" --appendonly no --logfile $(KILN_HOME)/redis.log
+	@for i in $$(seq 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && exit 0; sleep 1; done; \
+	  echo "Redis does not answer on 127.0.0.1:6379 (see $(KILN_HOME)/redis.log)"; exit 1
+
+# The browser test drives Debian's Chromium through Playwright (no browser download).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 # The resource-pool lease store's tests and benchmark run against the local PostgreSQL (trust auth, 127.0.0.1:5432).
 postgres:
@@ -87,5 +112,5 @@ lint: install
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(KILN_HOME)/mlflow.db --host 127.0.0.1 --port 5000
 
-clean: serve-stop
+clean: down serve-stop
 	rm -rf $(KILN_HOME)

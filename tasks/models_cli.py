@@ -7,6 +7,8 @@
                                              server, if running, serves it at once
     kiln-models approve MODEL VERSION --reason TEXT
                                              an explicit approval: make VERSION champion without a passing gate
+    kiln-models serve --json                 start (or reload) the model server of every deployed pipeline
+    kiln-models stop                         stop every model server the pipelines started
 
 The same moves run in Airflow as the ``kiln_champion`` DAG.
 """
@@ -75,6 +77,25 @@ def _move(args: argparse.Namespace) -> Any:
     return f"{result['model']}: champion {result['previous'] or 'none'} -> {result['champion']}{served}"
 
 
+def _serve(args: argparse.Namespace) -> Any:
+    from tasks.rollout import Endpoint
+
+    urls = {}
+    for _path, spec in load_specs(get_settings().pipelines_dir)[0]:
+        endpoint = Endpoint.of(spec)
+        if (deployment := endpoint.current()) is not None:
+            urls[spec.name] = endpoint.serve(deployment).url
+    return urls
+
+
+def _stop(args: argparse.Namespace) -> Any:
+    from tasks.serving.process import PID_FILE, stop_server
+
+    stopped = [pid.parent.name for pid in sorted(get_settings().serving_dir.glob(f"*/{PID_FILE}"))
+               if stop_server(pid.parent)]
+    return f"stopped: {', '.join(stopped) or 'none running'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``kiln-models``; returns the exit code (2 for a request that cannot be carried out)."""
     parser = argparse.ArgumentParser(prog="kiln-models", description=__doc__.split("\n\n")[0])
@@ -95,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--actor", default=None, help="who (default cli:<user>)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=_move)
+    serve = sub.add_parser("serve", help="start the model server of every pipeline that has a deployment")
+    serve.add_argument("--json", action="store_true")
+    serve.set_defaults(func=_serve)
+    sub.add_parser("stop", help="stop every model server the pipelines started").set_defaults(func=_stop, json=False)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from tasks.registry import RegistryError

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,25 +47,80 @@ class Settings:
     serve_token: str | None
     """``KILN_SERVE_TOKEN``: bearer token of the model server's predict and admin endpoints. Unset: a random token
     is generated once into ``$KILN_SERVING_DIR/token`` (mode 0600)."""
+    mlflow_ui_url: str
+    """``KILN_MLFLOW_UI_URL``: the MLflow UI that the Airflow UI's extra links point at (default
+    ``http://127.0.0.1:5000``, where ``make up`` serves it)."""
 
 
-def get_settings() -> Settings:
-    """Read the settings from the environment now (not cached, so tests may change the environment)."""
-    home = Path(os.environ.get("KILN_HOME") or REPO_ROOT / "var").resolve()
+def get_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings from ``environ`` (default: the environment, now; not cached, so tests may change it)."""
+    env = os.environ if environ is None else environ
+    home = Path(env.get("KILN_HOME") or REPO_ROOT / "var").resolve()
     return Settings(
         home=home,
-        artifact_root=_artifact_root(os.environ.get("KILN_ARTIFACT_ROOT") or str(home / "artifacts")),
-        s3_endpoint_url=os.environ.get("KILN_S3_ENDPOINT_URL") or None,
-        mlflow_tracking_uri=os.environ.get("KILN_MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
-        mlflow_artifact_root=os.environ.get("KILN_MLFLOW_ARTIFACT_ROOT") or (home / "mlartifacts").as_uri(),
-        pipelines_dir=Path(os.environ.get("KILN_PIPELINES_DIR") or REPO_ROOT / "dags" / "pipelines").resolve(),
-        pools_file=Path(os.environ["KILN_POOLS_FILE"]).resolve() if os.environ.get("KILN_POOLS_FILE") else None,
-        pools_db_url=os.environ.get("KILN_POOLS_DB_URL") or f"sqlite:///{home / 'pools.db'}",
-        train_image=os.environ.get("KILN_TRAIN_IMAGE") or "kiln-train:cpu",
-        serving_dir=Path(os.environ.get("KILN_SERVING_DIR") or home / "serving").resolve(),
-        serve_host=os.environ.get("KILN_SERVE_HOST") or "127.0.0.1",
-        serve_port=_int_env("KILN_SERVE_PORT", 8765),
-        serve_token=os.environ.get("KILN_SERVE_TOKEN") or None,
+        artifact_root=_artifact_root(env.get("KILN_ARTIFACT_ROOT") or str(home / "artifacts")),
+        s3_endpoint_url=env.get("KILN_S3_ENDPOINT_URL") or None,
+        mlflow_tracking_uri=env.get("KILN_MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
+        mlflow_artifact_root=env.get("KILN_MLFLOW_ARTIFACT_ROOT") or (home / "mlartifacts").as_uri(),
+        pipelines_dir=Path(env.get("KILN_PIPELINES_DIR") or REPO_ROOT / "dags" / "pipelines").resolve(),
+        pools_file=Path(env["KILN_POOLS_FILE"]).resolve() if env.get("KILN_POOLS_FILE") else None,
+        pools_db_url=env.get("KILN_POOLS_DB_URL") or f"sqlite:///{home / 'pools.db'}",
+        train_image=env.get("KILN_TRAIN_IMAGE") or "kiln-train:cpu",
+        serving_dir=Path(env.get("KILN_SERVING_DIR") or home / "serving").resolve(),
+        serve_host=env.get("KILN_SERVE_HOST") or "127.0.0.1",
+        serve_port=_int_env("KILN_SERVE_PORT", 8765, env),
+        serve_token=env.get("KILN_SERVE_TOKEN") or None,
+        mlflow_ui_url=(env.get("KILN_MLFLOW_UI_URL") or "http://127.0.0.1:5000").rstrip("/"),
+    )
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """How ``make up`` runs the platform as services. Every field has a default for the embedded profile."""
+
+    profile: Literal["embedded", "prod"]
+    """``KILN_PROFILE``: ``embedded`` (SQLite everywhere, LocalExecutor) or ``prod`` (PostgreSQL for Airflow,
+    MLflow and the lease store; CeleryExecutor on a Redis broker)."""
+    airflow_host: str
+    """``KILN_AIRFLOW_HOST``: the address the Airflow api-server (UI and REST) listens on (default ``127.0.0.1``)."""
+    airflow_port: int
+    """``KILN_AIRFLOW_PORT``: its port (default 8080)."""
+    mlflow_port: int
+    """``KILN_MLFLOW_PORT``: the port of the MLflow server ``make up`` starts (default 5000)."""
+    postgres_url: str
+    """``KILN_POSTGRES_URL``: the PostgreSQL server of the ``prod`` profile, as ``postgresql://user[:pw]@host:port``
+    without a database; the profile uses the databases ``kiln_airflow``, ``kiln_mlflow`` and ``kiln_pools`` on it
+    and creates them when missing (default ``postgresql://postgres@127.0.0.1:5432``)."""
+    celery_broker_url: str
+    """``KILN_CELERY_BROKER_URL``: the ``prod`` profile's Celery broker (default ``redis://127.0.0.1:6379/0``)."""
+    celery_workers: int
+    """``KILN_CELERY_WORKERS``: how many Celery workers the ``prod`` profile starts (default 2)."""
+    celery_concurrency: int
+    """``KILN_CELERY_CONCURRENCY``: task slots of each worker (default 2)."""
+
+
+def get_service_settings(environ: Mapping[str, str] | None = None) -> ServiceSettings:
+    """Read the service settings from ``environ`` (default: the environment, now).
+
+    Raises:
+        ValueError: a value is malformed; the message names the variable and the allowed values.
+    """
+    env = os.environ if environ is None else environ
+    profile = env.get("KILN_PROFILE") or "embedded"
+    if profile not in ("embedded", "prod"):
+        raise ValueError(f"environment variable KILN_PROFILE must be 'embedded' or 'prod', found {profile!r}")
+    workers = _int_env("KILN_CELERY_WORKERS", 2, env)
+    if workers < 1:
+        raise ValueError(f"environment variable KILN_CELERY_WORKERS must be at least 1, found {workers}")
+    return ServiceSettings(
+        profile=profile,  # type: ignore[arg-type]
+        airflow_host=env.get("KILN_AIRFLOW_HOST") or "127.0.0.1",
+        airflow_port=_int_env("KILN_AIRFLOW_PORT", 8080, env),
+        mlflow_port=_int_env("KILN_MLFLOW_PORT", 5000, env),
+        postgres_url=(env.get("KILN_POSTGRES_URL") or "postgresql://postgres@127.0.0.1:5432").rstrip("/"),
+        celery_broker_url=env.get("KILN_CELERY_BROKER_URL") or "redis://127.0.0.1:6379/0",
+        celery_workers=workers,
+        celery_concurrency=_int_env("KILN_CELERY_CONCURRENCY", 2, env),
     )
 
 
@@ -72,8 +129,8 @@ def _artifact_root(raw: str) -> Path | str:
     return raw if "://" in raw else Path(raw).resolve()
 
 
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name)
+def _int_env(name: str, default: int, environ: Mapping[str, str] | None = None) -> int:
+    raw = (os.environ if environ is None else environ).get(name)
     if not raw:
         return default
     try:
