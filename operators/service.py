@@ -28,7 +28,6 @@ import httpx
 import psutil
 
 from operators.service_env import (
-    PROD_DATABASES,
     USERNAME,
     ServicePaths,
     ensure_postgres_databases,
@@ -115,12 +114,14 @@ class Service:
                                  "--port", str(s.mlflow_port), "--workers", "1"]),
         ]
         if s.profile == "prod":
+            log_port = int(self.env.get("AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT") or 8793)
             for i in range(1, s.celery_workers + 1):
                 name = f"celery-worker-{i}"
                 comps.append(Component(
                     name, [airflow, "celery", "worker", "--celery-hostname", f"kiln-w{i}@%h", "--concurrency",
                            str(s.celery_concurrency), "--pid", str(self.paths.run_dir / f"{name}.pid")],
-                    ready_log_line=f"kiln-w{i}@", env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(8793 + i)}))
+                    # Each worker serves its task logs on a port of its own.
+                    ready_log_line=f"kiln-w{i}@", env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(log_port + i)}))
         return comps
 
     # Start -----------------------------------------------------------------------------------------------------
@@ -142,8 +143,7 @@ class Service:
         for folder in (self.paths.run_dir, self.paths.log_dir):
             folder.mkdir(parents=True, exist_ok=True)
         try:
-            if self.settings.profile == "prod":
-                ensure_postgres_databases(self.settings.postgres_url, list(PROD_DATABASES.values()))
+            ensure_postgres_databases(self.env)
             self._migrate()
             for comp in self.components():
                 self._launch(comp)

@@ -96,29 +96,45 @@ def postgres_database_url(server_url: str, database: str, driver: str = "postgre
     return f"{driver}://{parts.netloc}/{database}"
 
 
-def ensure_postgres_databases(server_url: str, names: list[str]) -> None:
-    """Create each database on the server unless it exists (the prod profile's first ``make up``).
+#: The variables naming the databases of the prod profile (each may point anywhere).
+DATABASE_VARIABLES = ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "KILN_MLFLOW_TRACKING_URI", "KILN_POOLS_DB_URL")
+
+
+def ensure_postgres_databases(env: Mapping[str, str]) -> list[str]:
+    """Create each PostgreSQL database that ``DATABASE_VARIABLES`` name in ``env`` unless it exists.
+
+    Returns:
+        The databases created.
 
     Raises:
-        RuntimeError: the server cannot be reached; the message names it and how to start it.
+        RuntimeError: a server cannot be reached; the message names it, the variable and the fix.
     """
     import psycopg2
+    from sqlalchemy.engine import make_url
 
-    try:
-        admin = psycopg2.connect(postgres_database_url(server_url, "postgres", driver="postgresql"))
-    except psycopg2.OperationalError as exc:
-        raise RuntimeError(f"PostgreSQL at {urlsplit(server_url).hostname}:{urlsplit(server_url).port} does not "
-                           f"answer ({str(exc).strip()}); start it (make postgres) or set KILN_POSTGRES_URL") from exc
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            for name in names:
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+    created = []
+    for var in DATABASE_VARIABLES:
+        raw = env.get(var, "")
+        if not raw.startswith("postgres"):
+            continue
+        url = make_url(raw)
+        try:
+            admin = psycopg2.connect(host=url.host, port=url.port or 5432, user=url.username,
+                                     password=url.password, dbname="postgres")
+        except psycopg2.OperationalError as exc:
+            raise RuntimeError(f"{var}: PostgreSQL at {url.host}:{url.port or 5432} does not answer "
+                               f"({str(exc).strip()}); start it (make postgres) or set KILN_POSTGRES_URL") from exc
+        admin.autocommit = True
+        try:
+            with admin.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (url.database,))
                 if cur.fetchone() is None:
-                    cur.execute(f'CREATE DATABASE "{name}"')
-                    log.info("created PostgreSQL database %s", name)
-    finally:
-        admin.close()
+                    cur.execute(f'CREATE DATABASE "{url.database}"')
+                    created.append(url.database)
+                    log.info("created PostgreSQL database %s for %s", url.database, var)
+        finally:
+            admin.close()
+    return created
 
 
 def service_environment(settings: ServiceSettings, paths: ServicePaths, base: Mapping[str, str],
