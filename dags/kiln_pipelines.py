@@ -1,7 +1,8 @@
 """DAG factory: one Airflow DAG per pipeline spec file in the pipelines folder (``dags/pipelines/*.yaml``).
 
-Wiring only: each task calls one function of ``tasks.pipeline``; heavy imports happen inside task bodies so this
-file parses quickly. Invalid spec files are skipped here and reported by ``kiln_spec_errors.py``.
+Wiring only: each task runs one function of ``tasks.pipeline`` (``PipelineStepOperator``, ``TrainOperator``);
+heavy imports happen inside task bodies so this file parses quickly. Invalid spec files are skipped here and
+reported by ``kiln_spec_errors.py``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import DAG, Param, task
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, chain
 
+from operators.step import PipelineStepOperator
 from operators.train import TrainOperator
 from tasks.pipeline import RELEASE_STEPS
 from tasks.settings import get_settings
@@ -48,28 +49,14 @@ def _params(spec: PipelineSpec) -> dict[str, Param]:
     }
 
 
-def _step(name: str, spec_path: str):
-    """A TaskFlow task named ``name`` that runs ``tasks.pipeline.<name>`` for the current run."""
-
-    def run_step(params: dict[str, Any] | None = None, run_id: str | None = None, **_upstream: Any) -> Any:
-        from tasks import pipeline
-        from tasks.infra_validate import InfraValidationError
-        from tasks.release import GateRejectedError
-        from tasks.rollout import DeploymentFailedError
-        from tasks.spec import SpecError
-        from tasks.validate import DataValidationError
-
-        try:
-            ctx = pipeline.make_context(spec_path, run_id or "manual", dict(params or {}))
-            return pipeline.step_function(name)(ctx)
-        except GateRejectedError as exc:  # a rejected candidate is an outcome, not a failure: skip the rollout
-            raise AirflowSkipException(str(exc)) from exc
-        # Retrying cannot fix bad data, a bad spec, or a candidate that failed in the serving runtime.
-        except (SpecError, DataValidationError, InfraValidationError, DeploymentFailedError) as exc:
-            raise AirflowFailException(str(exc)) from exc
-
-    run_step.__name__ = name
-    return task(task_id=name)(run_step)
+def _schedule(spec: PipelineSpec) -> Any:
+    """The spec's cron schedule, its Asset, both (either starts a run), or None (triggered runs only)."""
+    if spec.asset is None:
+        return spec.schedule
+    asset = Asset(spec.asset)
+    if spec.schedule is None:
+        return asset
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(spec.schedule, timezone="UTC"), assets=asset)
 
 
 def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
@@ -77,13 +64,14 @@ def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     register >> gate >> infra_validate >> deploy >> verify >> promote.
 
     A candidate the gate rejects leaves ``gate`` successful (its decision is the output) and the rollout skipped.
+    Each step's task page links to the run's MLflow run (and the validation report, the gate decision).
     """
     summary = (spec.description.strip().splitlines() or [spec.name])[0]
     with DAG(
         dag_id=spec.name,
         description=summary[:200],
         doc_md=f"{spec.description}\n\nSpec file: `{spec_path}` (hash `{spec.spec_hash()[:12]}`)",
-        schedule=spec.schedule,
+        schedule=_schedule(spec),
         start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
         catchup=False,
         max_active_runs=4,
@@ -92,17 +80,14 @@ def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         default_args={"owner": spec.owner, "retries": 1, "retry_delay": timedelta(seconds=10)},
     ) as dag:
         path = str(spec_path)
-        ingested = _step("ingest", path)()
-        validated = _step("validate", path)(_upstream=ingested)
-        cleaned = _step("clean", path)(_upstream=validated)
-        features = _step("build_features", path)(_upstream=cleaned)
+        prepared = [PipelineStepOperator(task_id=name, spec_path=path)
+                    for name in ("ingest", "validate", "clean", "build_features")]
+        chain(*prepared)
         # Airflow counts a deferred task's wait in its execution time: allow the lease wait plus the job.
         budget_s = spec.training.timeout_s + spec.training.resources.wait_timeout_s + 300
         trained = TrainOperator(task_id="train", spec_path=path, execution_timeout=timedelta(seconds=budget_s))
-        features >> trained
-        upstream: Any = _step("evaluate", path)(_upstream=trained.output)
-        for name in RELEASE_STEPS:
-            upstream = _step(name, path)(_upstream=upstream)
+        chain(prepared[-1], trained,
+              *(PipelineStepOperator(task_id=name, spec_path=path) for name in ("evaluate", *RELEASE_STEPS)))
     return dag
 
 

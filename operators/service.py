@@ -120,8 +120,9 @@ class Service:
                 comps.append(Component(
                     name, [airflow, "celery", "worker", "--celery-hostname", f"kiln-w{i}@%h", "--concurrency",
                            str(s.celery_concurrency), "--pid", str(self.paths.run_dir / f"{name}.pid")],
-                    # Each worker serves its task logs on a port of its own.
-                    ready_log_line=f"kiln-w{i}@", env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(log_port + i)}))
+                    # Each worker serves its task logs on a port of its own (the triggerer has log_port + 1).
+                    ready_log_line=f"kiln-w{i}@",
+                    env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(log_port + 1 + i)}))
         return comps
 
     # Start -----------------------------------------------------------------------------------------------------

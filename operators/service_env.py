@@ -130,7 +130,7 @@ def ensure_postgres_databases(env: Mapping[str, str]) -> list[str]:
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (url.database,))
                 if cur.fetchone() is None:
                     cur.execute(f'CREATE DATABASE "{url.database}"')
-                    created.append(url.database)
+                    created.append(str(url.database))
                     log.info("created PostgreSQL database %s for %s", url.database, var)
         finally:
             admin.close()

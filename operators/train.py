@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from airflow.sdk import BaseOperatorLink
 from airflow.sdk.exceptions import AirflowFailException
 
 from operators.pools import PooledOperator
+from operators.step import step_links
 
 if TYPE_CHECKING:
     from tasks.pipeline import RunContext
@@ -34,6 +36,10 @@ class TrainOperator(PooledOperator):
         super().__init__(**kwargs)
         self.spec_path = spec_path
         self._launcher: Any = None
+
+    @property
+    def operator_extra_links(self) -> tuple[BaseOperatorLink, ...]:  # type: ignore[override]
+        return step_links("train")
 
     def _context(self, context: Any) -> RunContext:
         from tasks import pipeline

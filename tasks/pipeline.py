@@ -104,7 +104,10 @@ def validate(ctx: RunContext) -> dict[str, Any]:
     Raises:
         DataValidationError: an expectation failed (after the report was published).
     """
-    from tasks.validate import ValidateConfig, ValidateResult, run_validate
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import finish_run
+    from tasks.validate import MLFLOW_VALIDATION_PATH, ValidateConfig, ValidateResult, run_validate
 
     spec = ctx.spec
     config = ValidateConfig(target=spec.target, task=spec.task, columns=dict(spec.columns),
@@ -116,7 +119,14 @@ def validate(ctx: RunContext) -> dict[str, Any]:
         return outcome["result"]
 
     published = _publish(ctx, "validate", run)
-    replace(outcome["result"], report_file=published["report_file"]).raise_for_failure()
+    # The report goes to the run's MLflow run too, where people open it (the Airflow UI links there).
+    s = get_settings()
+    run_id = mlflow_run(ctx)
+    MlflowClient(s.mlflow_tracking_uri).log_artifacts(run_id, str(ctx.input_dir("validate")), MLFLOW_VALIDATION_PATH)
+    result = replace(outcome["result"], report_file=published["report_file"])
+    if not result.success:
+        finish_run(s.mlflow_tracking_uri, run_id, status="FAILED")
+    result.raise_for_failure()
     return published
 
 

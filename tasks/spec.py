@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -327,7 +328,12 @@ class PipelineSpec(_Strict):
     owner: str = "ml-platform"
     tags: list[str] = Field(default_factory=list)
     schedule: str | None = None
-    """A cron expression or preset (``@daily``); none means runs are only triggered."""
+    """A cron expression (``0 3 * * *``, UTC) or preset (``@daily``); runs start at its times, with no catch-up of
+    times missed while the pipeline was paused or the scheduler down. None: no timed runs."""
+    asset: str | None = None
+    """URI of the Airflow Asset that stands for this pipeline's input data (``s3://bucket/raw/penguins/``,
+    ``file:///data/penguins.csv``, ``kiln://penguins/raw``): each event on it (posted to the REST API when new data
+    lands, or emitted by an upstream DAG) starts a run. With ``schedule`` as well, either starts one."""
     source: SourceSpec
     target: str = Field(min_length=1)
     task: TaskType
@@ -342,6 +348,29 @@ class PipelineSpec(_Strict):
     training: TrainingSpec = TrainingSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     deployment: DeploymentSpec = DeploymentSpec()
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        from croniter import croniter
+
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a cron expression ('minute hour day month weekday', e.g. '0 3 * * *') "
+                             "or a preset (@hourly, @daily, @weekly, @monthly, @yearly)")
+        return value
+
+    @field_validator("asset")
+    @classmethod
+    def _asset_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or not rest or any(c.isspace() for c in value):
+            raise ValueError(f"{value!r} is not a URI: write scheme://location, e.g. s3://bucket/raw/ or "
+                             "kiln://penguins/raw")
+        if scheme == "airflow":
+            raise ValueError("the 'airflow' URI scheme is reserved by Airflow; use another, e.g. kiln://")
+        return value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineSpec:

@@ -34,7 +34,7 @@ def ensure_run(tracking_uri: str, artifact_root: str, experiment: str, run_key: 
     """
     client = MlflowClient(tracking_uri)
     exp_id = ensure_experiment(client, experiment, artifact_root)
-    run_id = _run_of(client, exp_id, run_key)
+    run_id = run_of(client, exp_id, run_key)
     if run_id:
         client.update_run(run_id, status="RUNNING")
         log.info("reusing MLflow run %s for %s", run_id, run_key)
@@ -53,13 +53,13 @@ def find_run(tracking_uri: str, experiment: str, run_key: str) -> str:
     """
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    run_id = _run_of(client, exp.experiment_id, run_key) if exp else None
+    run_id = run_of(client, exp.experiment_id, run_key) if exp else None
     if not run_id:
         raise LookupError(f"no MLflow run of {run_key} in experiment '{experiment}'; run its train step first")
     return run_id
 
 
-def _run_of(client: MlflowClient, experiment_id: str, run_key: str) -> str | None:
+def run_of(client: MlflowClient, experiment_id: str, run_key: str) -> str | None:
     """The id of the run tagged with ``run_key`` in one experiment, if any."""
     found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
                                max_results=1)

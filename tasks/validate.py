@@ -29,6 +29,8 @@ from tasks.spec import ColumnType, ExpectationSpec, ExpectationsSpec, TaskType
 log = logging.getLogger(__name__)
 
 VALIDATION_FILE = "validation.json"
+#: Where the report is logged in the run's MLflow run (the Airflow UI links to it there).
+MLFLOW_VALIDATION_PATH = "validation"
 DOCS_DIR = "data_docs"
 
 _SITE = "kiln"

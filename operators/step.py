@@ -1,0 +1,97 @@
+"""``PipelineStepOperator``: one step of a pipeline run (``tasks.pipeline.<step>``), with links to its outputs.
+
+Each step's task page in the Airflow UI gets buttons to what the step produced in the run's MLflow run: the run
+itself, the data-validation report (``validate``), the gate's decision record (``gate``). The step's return value
+(row counts, metrics, the gate decision) is its XCom, shown on the same page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator, BaseOperatorLink
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+if TYPE_CHECKING:
+    from airflow.sdk.types import TaskInstanceKey
+
+
+class _StepLink(BaseOperatorLink):
+    """A link of a step to its run's MLflow run; computed once the step finished (Airflow stores it as XCom)."""
+
+    name = ""
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        from tasks.links import step_links
+
+        spec_path = getattr(operator, "spec_path", None)
+        return step_links(spec_path, ti_key.run_id, operator.task_id).get(self.name, "") if spec_path else ""
+
+
+class MlflowRunLink(_StepLink):
+    """The run's MLflow run: parameters, metrics, model and every artifact."""
+
+    name = "MLflow run"
+
+
+class ValidationReportLink(_StepLink):
+    """The Great Expectations report of the run's data snapshot."""
+
+    name = "Validation report"
+
+
+class GateDecisionLink(_StepLink):
+    """The gate's decision record: both models' metrics, every check, the reason."""
+
+    name = "Gate decision"
+
+
+LINKS: dict[str, type[_StepLink]] = {link.name: link for link in (MlflowRunLink, ValidationReportLink,
+                                                                     GateDecisionLink)}
+
+
+def step_links(step: str) -> tuple[BaseOperatorLink, ...]:
+    """The extra links of a step's task (which step shows which: ``tasks.links.link_names``)."""
+    from tasks.links import link_names
+
+    return tuple(LINKS[name]() for name in link_names(step))
+
+
+class PipelineStepOperator(BaseOperator):
+    """Run ``tasks.pipeline.<task_id>`` for the current pipeline run and return its result (the XCom).
+
+    A rejected candidate is an outcome, not a failure: the gate's ``GateRejectedError`` in a rollout step becomes
+    a skip. Errors that a retry cannot fix (bad data, a bad spec or Param, a candidate that failed in the serving
+    runtime) fail the task without retrying.
+
+    Args:
+        spec_path: the pipeline spec file.
+    """
+
+    template_fields: Sequence[str] = ("spec_path",)
+    ui_color = "#e4f0ff"
+
+    def __init__(self, *, spec_path: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec_path = spec_path
+
+    @property
+    def operator_extra_links(self) -> tuple[BaseOperatorLink, ...]:  # type: ignore[override]
+        return step_links(self.task_id)
+
+    def execute(self, context: Any) -> Any:
+        from tasks import pipeline
+        from tasks.infra_validate import InfraValidationError
+        from tasks.release import GateRejectedError
+        from tasks.rollout import DeploymentFailedError
+        from tasks.spec import SpecError
+        from tasks.validate import DataValidationError
+
+        try:
+            ctx = pipeline.make_context(self.spec_path, context["run_id"], dict(context["params"]))
+            return pipeline.step_function(self.task_id)(ctx)
+        except GateRejectedError as exc:
+            raise AirflowSkipException(str(exc)) from exc
+        except (SpecError, DataValidationError, InfraValidationError, DeploymentFailedError) as exc:
+            raise AirflowFailException(str(exc)) from exc
