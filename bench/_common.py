@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def write_synthetic_features(folder: Path, *, rows: int, dim: int, n_classes: int, seed: int = 0) -> Path:
     """A features folder in the ``build_features`` layout (``f0..f{d-1}`` + ``target``, ``feature_spec.json``).
@@ -43,3 +45,76 @@ def emit(name: str, value: float, unit: str, peer: str, peer_value: float, targe
     ratio = value / peer_value if ratio is None else ratio
     print(json.dumps({"name": name, "value": round(value, 3), "unit": unit, "peer": peer,
                       "peer_value": round(peer_value, 3), "ratio": round(ratio, 3), "target": target}))
+
+
+#: Runs ``tasks.pipeline.run_all`` once: argv = spec path, run id, Params as JSON; prints the result as JSON.
+_IN_PROCESS_RUN = """
+import json, sys, time
+from tasks import pipeline
+t0 = time.perf_counter()
+ctx = pipeline.make_context(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
+results = pipeline.run_all(ctx)
+print(json.dumps({"duration_s": time.perf_counter() - t0, "steps": [k for k in results if k != "duration_s"]}))
+"""
+
+
+def isolated_environ(home: Path, **overrides: str) -> dict[str, str]:
+    """This process's environment without any ``AIRFLOW*``/``KILN_*`` variable, with ``KILN_HOME=home``.
+
+    A benchmark's pipeline then keeps its artifacts, MLflow store, pools DB and model servers' state under
+    ``home``, never in the user's ``var/`` or wherever their own ``KILN_*`` settings point.
+
+    Args:
+        home: the private ``KILN_HOME``.
+        overrides: variables set last (a free ``KILN_SERVE_PORT``, so that a deploy step does not reload a model
+            server of the user's on the default port).
+    """
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "KILN_"))}
+    venv_bin = str(Path(sys.executable).parent)
+    env.update(KILN_HOME=str(home), GX_ANALYTICS_ENABLED="false", MPLBACKEND="Agg",
+               PATH=venv_bin + os.pathsep + env.get("PATH", ""), **overrides)
+    return env
+
+
+def run_pipeline_in_process(spec: Path, params: dict, run_id: str, env: dict[str, str]) -> dict:
+    """Run every step of a pipeline with ``tasks.pipeline.run_all`` in one fresh Python process.
+
+    The clock starts after ``tasks.pipeline`` is imported and covers ``make_context`` + ``run_all``. A deploy
+    step leaves a model server running: stop it with :func:`stop_model_servers`.
+
+    Args:
+        spec: the pipeline spec file.
+        params: trigger-time Params, as a DAG run's conf carries them.
+        run_id: the run id the artifacts are keyed by.
+        env: the process's environment (:func:`isolated_environ`).
+
+    Returns:
+        ``{"duration_s": seconds, "steps": [the steps run]}``.
+
+    Raises:
+        RuntimeError: the pipeline failed; the message carries the tail of its output.
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _IN_PROCESS_RUN, str(spec), run_id, json.dumps(params)],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec.name} in one process exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def stop_model_servers(env: dict[str, str]) -> None:
+    """Stop every model server started under ``env``'s ``KILN_HOME`` (``kiln-models stop``; idempotent).
+
+    Raises:
+        subprocess.CalledProcessError: ``kiln-models stop`` failed.
+    """
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "tasks.models_cli", "stop"], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=120)

@@ -153,7 +153,7 @@ def run_rounds(size_mib: int, rounds: int) -> dict[str, list[dict[str, float]]]:
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         os.environ.pop(name, None)
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
-    endpoint = S3Endpoint(moto_port=conftest.free_port(), port=conftest.free_port(), extra_env={"MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(4 << 30)})
+    endpoint = S3Endpoint(moto_port=conftest.free_port(), port=conftest.free_port())
     results: dict[str, list[dict[str, float]]] = {s: [] for s in SIDES}
     try:
         endpoint.start()

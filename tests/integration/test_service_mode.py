@@ -1,0 +1,160 @@
+"""Service mode end to end, on both profiles: the services ``make up`` runs, driven through the REST API.
+
+``embedded``: SQLite for Airflow, MLflow and the lease store, LocalExecutor. ``prod``: PostgreSQL for all three
+(fresh databases), CeleryExecutor with two workers on a Redis broker. In each, the tabular pipeline is triggered
+with the official ``apache-airflow-client`` and must succeed with its outputs reachable from the run (gate
+decision, metrics, links to the MLflow run and the validation report); bad conf is refused by the Params
+schema; an Asset event starts a run; and ``down`` leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import airflow_client.client as ac
+import httpx
+import psutil
+import pytest
+import yaml
+from airflow_client.client.api.asset_api import AssetApi
+from airflow_client.client.api.dag_api import DAGApi
+from airflow_client.client.api.dag_run_api import DagRunApi
+from airflow_client.client.api.task_instance_api import TaskInstanceApi
+from airflow_client.client.api.x_com_api import XComApi
+from airflow_client.client.models.create_asset_events_body import CreateAssetEventsBody
+from airflow_client.client.models.dag_run_mutable_states import DagRunMutableStates
+from airflow_client.client.models.dag_run_patch_body import DAGRunPatchBody
+from kiln_service import EXAMPLE_SPECS, REPO, Platform, running_service
+
+pytestmark = pytest.mark.integration
+
+log = logging.getLogger(__name__)
+
+DAG_ID = "penguins_species"
+ASSET = "kiln://penguins/raw"
+#: Quick but real: enough epochs to pass the spec's thresholds, one worker process.
+CONF = {"epochs": 20, "nproc": 1}
+
+
+@pytest.fixture(scope="module", params=["embedded", "prod"])
+def platform(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The platform's services on one profile, with the penguins pipeline also fed by an Asset."""
+    tmp = tmp_path_factory.mktemp(f"service-{request.param}")
+    spec = yaml.safe_load((EXAMPLE_SPECS / f"{DAG_ID}.yaml").read_text())
+    spec["asset"] = ASSET
+    (tmp / "specs").mkdir()
+    (tmp / "specs" / f"{DAG_ID}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    started = time.monotonic()
+    with running_service(tmp, profile=request.param, specs=[tmp / "specs" / f"{DAG_ID}.yaml"]) as platform:
+        log.info("%s profile ready in %.1f s", request.param, time.monotonic() - started)
+        yield platform
+
+
+def _wait_for_dag(platform: Platform, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            DAGApi(platform.api).get_dag(DAG_ID)
+            return
+        except ac.ApiException as exc:
+            if exc.status != 404 or time.monotonic() > deadline:
+                raise
+
+
+def test_rest_trigger_runs_the_tabular_pipeline(platform: Platform) -> None:
+    _wait_for_dag(platform)
+    run_id = platform.trigger(DAG_ID, CONF)
+    assert platform.wait(DAG_ID, run_id) == "success", platform.service.log_tails()
+
+    run = DagRunApi(platform.api).get_dag_run(DAG_ID, run_id)
+    assert run.conf == CONF
+    tis = TaskInstanceApi(platform.api).get_task_instances(DAG_ID, run_id).task_instances
+    states = {ti.task_id: ti.state.value for ti in tis}
+    assert len(states) == 12 and set(states.values()) == {"success"}, states
+
+    xcom = XComApi(platform.api)
+    decision = xcom.get_xcom_entry(DAG_ID, "gate", run_id, "return_value", deserialize=True).actual_instance.value
+    decision = json.loads(decision) if isinstance(decision, str) else decision
+    assert decision["passed"] is True, decision
+    assert decision["candidate_metrics"]["accuracy"] >= 0.9
+
+    # The UI's buttons: links to the run's MLflow run, its validation report and gate decision, all live.
+    instances = TaskInstanceApi(platform.api)
+    gate_links = instances.get_extra_links(DAG_ID, run_id, "gate").extra_links
+    validate_links = instances.get_extra_links(DAG_ID, run_id, "validate").extra_links
+    mlflow_url = platform.service.mlflow_url
+    assert gate_links["MLflow run"].startswith(f"{mlflow_url}/#/experiments/")
+    assert gate_links["Gate decision"].endswith("/artifactPath/gate/decision.json")
+    assert validate_links["Validation report"].endswith("/artifactPath/validation/validation.json")
+    mlflow_run_id = gate_links["MLflow run"].rsplit("/runs/", 1)[1]
+    with httpx.Client(base_url=mlflow_url, timeout=30) as mlflow:
+        for path, key in (("gate/decision.json", "checks"), ("validation/validation.json", "expectations")):
+            artifact = mlflow.get("/get-artifact", params={"path": path, "run_uuid": mlflow_run_id})
+            assert artifact.status_code == 200 and key in artifact.json(), (path, artifact.text[:300])
+        run_info = mlflow.get("/api/2.0/mlflow/runs/get", params={"run_id": mlflow_run_id}).json()["run"]
+    logged = {m["key"]: m["value"] for m in run_info["data"]["metrics"]}
+    assert logged["test/accuracy"] == pytest.approx(decision["candidate_metrics"]["accuracy"])
+
+
+@pytest.mark.parametrize(("conf", "message"), [
+    ({"epochs": 0}, "Invalid input for param epochs: 0 is less than the minimum of 1"),
+    ({"launcher": "k8s"}, "Invalid input for param launcher: 'k8s' is not one of ['local', 'docker']"),
+    ({"sample_fraction": 2}, "Invalid input for param sample_fraction: 2 is greater than the maximum of 1"),
+], ids=["below-minimum", "not-in-enum", "above-maximum"])
+def test_invalid_conf_is_refused_with_the_schema_message(platform: Platform, conf: dict, message: str) -> None:
+    with pytest.raises(ac.ApiException) as raised:
+        platform.trigger(DAG_ID, conf)
+    assert raised.value.status == 400
+    assert message in json.loads(raised.value.body)["detail"]
+
+
+def test_dag_shows_doc_tags_and_typed_params(platform: Platform) -> None:
+    details = DAGApi(platform.api).get_dag_details(DAG_ID)
+    assert "Classify penguin **species**" in details.doc_md
+    assert {"kiln", "tabular", "classification"} <= {t.name for t in details.tags}
+    assert details.params["epochs"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 10_000,
+                                                  "title": "Epochs"}
+    assert details.params["epochs"]["description"] == "Passes over the training split."
+    assert details.params["deployment"]["schema"]["enum"] == ["direct", "canary", "none"]
+
+
+def test_an_asset_event_starts_a_run(platform: Platform) -> None:
+    assets = AssetApi(platform.api)
+    found = assets.get_assets(uri_pattern=ASSET).assets
+    assert [a.uri for a in found] == [ASSET]
+    before = {r.dag_run_id for r in DagRunApi(platform.api).get_dag_runs(DAG_ID).dag_runs}
+    assets.create_asset_event(CreateAssetEventsBody(asset_id=found[0].id, extra={"rows": 344}))
+    deadline = time.monotonic() + 60
+    while not (new := [r for r in DagRunApi(platform.api).get_dag_runs(DAG_ID).dag_runs
+                       if r.dag_run_id not in before]):
+        assert time.monotonic() < deadline, "no run 60 s after the asset event"
+        time.sleep(0.5)
+    assert new[0].run_type.value == "asset_triggered"
+    # The run uses the spec's defaults: no need to finish it here (the REST test covers a whole run).
+    DagRunApi(platform.api).patch_dag_run(DAG_ID, new[0].dag_run_id,
+                                          DAGRunPatchBody(state=DagRunMutableStates.FAILED))
+
+
+def test_down_stops_everything_and_status_says_so(platform: Platform) -> None:
+    service = platform.service
+    env = {**service.env, "PYTHONPATH": str(REPO)}
+    status = subprocess.run([sys.executable, "-m", "operators.service", "status"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 0 and json.loads(status.stdout)["running"] is True
+    groups = set(service.state()["pids"].values())
+    members = service.process_ids(groups)
+    assert len(members) > len(groups), "components run worker processes of their own"
+    service.down()
+    left = [pid for pid in members if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert left == [], "processes survived down()"
+    assert service.process_ids(groups) == set()
+    status = subprocess.run([sys.executable, "-m", "operators.service", "status"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 3 and json.loads(status.stdout)["running"] is False
+    assert not os.path.exists(Path(service.paths.run_dir) / "service.json")
