@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pytest
 from airflow_client.client.api.dag_run_api import DagRunApi
@@ -120,7 +120,7 @@ def test_trigger_from_ui_with_changed_params(platform: Platform, page: Page) -> 
         newest = runs.get_dag_runs(DAG_ID, order_by=["-run_after"], limit=1).dag_runs
         assert newest and newest[0].dag_run_id not in before, f"no new {DAG_ID} run after submitting the form"
         run_id = newest[0].dag_run_id
-        assert quote(run_id, safe="") in page.url, f"the UI opened {page.url}, not the new run {run_id}"
+        assert unquote(page.url).endswith(f"/runs/{run_id}"), f"the UI opened {page.url}, not the new run {run_id}"
         state = platform.wait(DAG_ID, run_id, timeout=RUN_TIMEOUT_S)
         _open_run_page(page, platform, run_id, state)
     except (PlaywrightError, AssertionError, TimeoutError) as exc:
