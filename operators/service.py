@@ -111,7 +111,10 @@ class Service:
             Component("triggerer", [airflow, "triggerer"]),
             Component("mlflow", [str(self._bin / "mlflow"), "server", "--backend-store-uri", kiln.mlflow_tracking_uri,
                                  "--default-artifact-root", kiln.mlflow_artifact_root, "--host", "127.0.0.1",
-                                 "--port", str(s.mlflow_port), "--workers", "1"]),
+                                 "--port", str(s.mlflow_port), "--workers", "1"],
+                      # MLflow's job runner (huey consumers for its GenAI jobs) adds eight idle processes and
+                      # ~0.5 GB; nothing here submits such jobs.
+                      env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
         ]
         if s.profile == "prod":
             log_port = int(self.env.get("AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT") or 8793)
@@ -139,7 +142,7 @@ class Service:
         """
         if (state := self.state()) and self.running(state):
             log.info("services already running (%s)", self.url)
-            return state
+            return {**state, "model_servers": self._serve_deployments()}
         started = time.monotonic()
         for folder in (self.paths.run_dir, self.paths.log_dir):
             folder.mkdir(parents=True, exist_ok=True)
@@ -274,7 +277,7 @@ class Service:
                 proc.poll()  # reap our own children, or they stay zombies
             time.sleep(0.2)
         if alive:
-            log.warning("still alive %.0f s after SIGTERM, killing: %s", timeout, sorted(alive))
+            log.warning("still alive %.0f s after SIGTERM, killing: %s", timeout, _describe(alive))
             for pid in alive:
                 with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -286,6 +289,15 @@ class Service:
                        capture_output=True, timeout=120)
         self._state_file().unlink(missing_ok=True)
         return sorted(alive)
+
+
+def _describe(pids: set[int]) -> str:
+    """``pid (command line)`` of each process, for the log."""
+    out = []
+    for pid in sorted(pids):
+        with suppress(psutil.NoSuchProcess):
+            out.append(f"{pid} ({' '.join(psutil.Process(pid).cmdline())[:80]})")
+    return ", ".join(out)
 
 
 def _get_json(http: httpx.Client, url: str) -> dict[str, Any]:

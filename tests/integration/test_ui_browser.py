@@ -31,7 +31,7 @@ FORM_VALUES = {"Epochs": ("epochs", 3), "Worker processes": ("nproc", 1)}
 """Trigger-form field label -> (Param name, value): few epochs on one rank keep the run short."""
 # Tall enough for the whole trigger dialog (about 1,500 px): a taller dialog scrolls inside its own container,
 # which element and full-page screenshots both cut off. The UI's pages fill the viewport, so a "full page" is it.
-VIEWPORT = {"width": 1440, "height": 1700}
+VIEWPORT = {"width": 1600, "height": 1700}
 UI_TIMEOUT_MS = 60_000  # generous: the api-server shares two cores with the pipeline's tasks and other tests
 RUN_TIMEOUT_S = 600.0
 
