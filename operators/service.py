@@ -246,49 +246,75 @@ class Service:
 
     def process_ids(self, groups: set[int]) -> set[int]:
         """Live processes of the given process groups and all their descendants."""
-        found: set[int] = set()
-        for leader in groups:
-            with suppress(psutil.NoSuchProcess):
-                found.update(c.pid for c in psutil.Process(leader).children(recursive=True))
-        for proc in psutil.process_iter():
-            with suppress(ProcessLookupError, psutil.NoSuchProcess):
-                if os.getpgid(proc.pid) in groups:
-                    found.add(proc.pid)
-        return {pid for pid in found | groups if _alive(pid)}
+        return process_tree(groups)
 
     def down(self, timeout: float = 30.0) -> list[int]:
-        """SIGTERM every component's process group, wait, SIGKILL what is left; stop the model servers.
-
-        A TERM to a single Airflow process can orphan its children, so whole groups are signalled, and
-        descendants that left their group are found from the process tree before the signal. Idempotent.
+        """Stop every component (:func:`stop_process_groups`) and the model servers; idempotent.
 
         Returns:
             The pids that had to be killed.
         """
         state = self.state() or {}
         groups = set(state.get("pids", {}).values()) | {p.pid for p in self._procs.values()}
-        members = self.process_ids(groups)
-        for pgid in groups:
-            with suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while (alive := {pid for pid in members if _alive(pid)}) and time.monotonic() < deadline:
-            for proc in self._procs.values():
-                proc.poll()  # reap our own children, or they stay zombies
-            time.sleep(0.2)
-        if alive:
-            log.warning("still alive %.0f s after SIGTERM, killing: %s", timeout, _describe(alive))
-            for pid in alive:
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for proc in self._procs.values():
-            with suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
+        killed = stop_process_groups(groups, list(self._procs.values()), timeout)
         self._procs.clear()
         subprocess.run([sys.executable, "-m", "tasks.models_cli", "stop"], env=self.env,
                        capture_output=True, timeout=120)
         self._state_file().unlink(missing_ok=True)
-        return sorted(alive)
+        return killed
+
+
+def process_tree(groups: set[int]) -> set[int]:
+    """Live processes of the given process groups (ids = their leaders' pids) and all their descendants, also
+    those that started a session of their own."""
+    found: set[int] = set()
+    for leader in groups:
+        with suppress(psutil.NoSuchProcess):
+            found.update(c.pid for c in psutil.Process(leader).children(recursive=True))
+    for proc in psutil.process_iter():
+        with suppress(ProcessLookupError, psutil.NoSuchProcess):
+            if os.getpgid(proc.pid) in groups:
+                found.add(proc.pid)
+    return {pid for pid in found | groups if _alive(pid)}
+
+
+def stop_process_groups(groups: set[int], children: list[subprocess.Popen], timeout: float,
+                        also: set[int] | None = None) -> list[int]:
+    """SIGTERM whole process groups, wait up to ``timeout`` s for them and every descendant, SIGKILL the rest.
+
+    A TERM to a single Airflow process can orphan its children, so whole groups are signalled; descendants that
+    left their group (a session of their own) are found from the process tree first and signalled one by one.
+
+    Args:
+        groups: process group ids (= their leaders' pids).
+        children: the leaders this process started itself, reaped while waiting (or they stay zombies).
+        also: more pids to stop (descendants seen earlier that may have left the tree since).
+
+    Returns:
+        The pids that had to be killed.
+    """
+    members = process_tree(groups) | {pid for pid in also or () if _alive(pid)}
+    for pgid in groups:
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGTERM)
+    for pid in members:
+        with suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) not in groups:
+                os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while (alive := {pid for pid in members if _alive(pid)}) and time.monotonic() < deadline:
+        for proc in children:
+            proc.poll()
+        time.sleep(0.2)
+    if alive:
+        log.warning("still alive %.0f s after SIGTERM, killing: %s", timeout, _describe(alive))
+        for pid in alive:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for proc in children:
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+    return sorted(alive)
 
 
 def _describe(pids: set[int]) -> str:

@@ -20,14 +20,13 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
@@ -35,6 +34,8 @@ from urllib.parse import quote
 import httpx
 import psutil
 from cryptography.fernet import Fernet
+
+from operators.service import process_tree, stop_process_groups
 
 log = logging.getLogger(__name__)
 
@@ -241,46 +242,19 @@ class AirflowService:
         Every pid once returned is remembered, so a descendant that left its group (setsid) is still tracked.
         """
         groups = set(self.component_pids.values())
-        for leader in groups:
-            with suppress(psutil.NoSuchProcess):
-                self._known.update(c.pid for c in psutil.Process(leader).children(recursive=True))
-        for proc in psutil.process_iter():
-            with suppress(ProcessLookupError):
-                if os.getpgid(proc.pid) in groups:
-                    self._known.add(proc.pid)
+        self._known.update(process_tree(groups))
         return sorted(pid for pid in self._known | groups if _alive(pid))
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM every component's process group, wait, SIGKILL what is left; idempotent.
-
-        A TERM to a single airflow process can orphan its children, so whole groups are signalled, and
-        descendants that left the group are tracked by pid.
-        """
+        """Stop every component (``operators.service.stop_process_groups``), including descendants seen by
+        :meth:`process_ids`; idempotent."""
         if self._stopped:
             return
         self._stopped = True
         atexit.unregister(self.stop)
         started = time.monotonic()
-        self.process_ids()
-        for proc in self._procs.values():
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while (alive := self.process_ids()) and time.monotonic() < deadline:
-            for proc in self._procs.values():
-                proc.poll()  # reap leaders, or they stay zombies until the end of this process
-            time.sleep(0.2)
-        if alive:
-            log.warning("Airflow processes still alive %.0f s after SIGTERM, killing: %s", timeout, alive)
-            for proc in self._procs.values():
-                with suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            for pid in alive:
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for proc in self._procs.values():
-            with suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
+        stop_process_groups(set(self.component_pids.values()), list(self._procs.values()), timeout,
+                            also=set(self.process_ids()))
         for logfile in self._logs:
             logfile.close()
         self._client.close()
