@@ -36,10 +36,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -138,15 +137,6 @@ def empty_bucket(client: Any, bucket: str) -> None:
             client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
 
 
-def _drain(stream: IO[bytes] | None) -> None:
-    """Read a server's output pipe to its end: moto logs every request, and a full pipe would stall it."""
-    try:
-        while stream is not None and stream.read(1 << 16):
-            pass
-    except (OSError, ValueError):  # closed by S3Endpoint.stop() while reading
-        pass
-
-
 def run_rounds(size_mib: int, rounds: int) -> dict[str, list[dict[str, float]]]:
     """Start moto, write the source file and run the rounds; everything is removed again on the way out."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -162,8 +152,6 @@ def run_rounds(size_mib: int, rounds: int) -> dict[str, list[dict[str, float]]]:
     results: dict[str, list[dict[str, float]]] = {s: [] for s in SIDES}
     try:
         endpoint.start()
-        for proc in (endpoint.moto, endpoint.forwarder):
-            threading.Thread(target=_drain, args=(proc.stdout if proc else None,), daemon=True).start()
         client, bucket = endpoint.client(direct=True), "kiln-bench"
         client.create_bucket(Bucket=bucket)
         t0 = time.perf_counter()

@@ -14,11 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from conftest import free_port
@@ -27,12 +28,17 @@ from conftest import free_port
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    """Return once ``port`` accepts connections; fail with the process's output if it exits first."""
+def _output(log: IO[bytes]) -> str:
+    log.seek(0)
+    return log.read().decode(errors="replace")
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: IO[bytes], timeout_s: float = 60.0) -> None:
+    """Return once ``port`` accepts connections; fail with the process's output (``log``) if it exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            out = _output(log)
             raise RuntimeError(f"process {proc.args} exited with {proc.returncode} before listening:\n{out[-3000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -57,6 +63,9 @@ class S3Endpoint:
     extra_env: dict[str, str] = field(default_factory=dict)
     moto: subprocess.Popen[bytes] | None = None
     forwarder: subprocess.Popen[bytes] | None = None
+    #: The processes' output goes to unnamed temporary files: moto logs every request, and a pipe nobody reads
+    #: would fill up and stall the server.
+    _logs: list[IO[bytes]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -70,14 +79,20 @@ class S3Endpoint:
     def start(self) -> None:
         env = {**os.environ, **AWS_ENV, **self.extra_env}
         cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.moto_port)]
-        self.moto = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        wait_for_port(self.moto_port, self.moto)
+        log = self._log()
+        self.moto = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.moto_port, self.moto, log)
         self.start_forwarder()
 
+    def _log(self) -> IO[bytes]:
+        self._logs.append(tempfile.TemporaryFile())
+        return self._logs[-1]
+
     def start_forwarder(self) -> None:
+        log = self._log()
         self.forwarder = subprocess.Popen([sys.executable, __file__, str(self.port), str(self.moto_port)],
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, self.forwarder)
+                                          stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.forwarder, log)
 
     def kill_forwarder(self) -> None:
         """SIGKILL the endpoint the store talks to: open connections reset, new ones are refused."""
@@ -86,9 +101,9 @@ class S3Endpoint:
     def stop(self) -> None:
         _kill(self.forwarder)
         _kill(self.moto)
-        for proc in (self.forwarder, self.moto):
-            if proc is not None and proc.stdout is not None:
-                proc.stdout.close()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
 
     def client(self, direct: bool = False, **kwargs: Any) -> Any:
         """A plain boto3 S3 client for set-up and checks (``direct``: to moto, bypassing the forwarder)."""

@@ -39,6 +39,8 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed (run `make chromium`)"),
+    # Above the suite's 600 s: start-up, a run allowed RUN_TIMEOUT_S (whose timeout reports the log tails), stop.
+    pytest.mark.timeout(RUN_TIMEOUT_S + 600),
 ]
 
 
