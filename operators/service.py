@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,8 +52,9 @@ class Component:
 
     name: str
     argv: list[str]
-    ready_log_line: str | None = None
-    """A line fragment the component logs once ready (Celery workers have no HTTP health endpoint)."""
+    ready_pattern: str | None = None
+    """A regular expression the component's log matches once it is ready (Celery workers have no HTTP health
+    endpoint)."""
     env: dict[str, str] = field(default_factory=dict)
     """Variables of this component only (a Celery worker's own log-server port)."""
 
@@ -124,7 +126,7 @@ class Service:
                     name, [airflow, "celery", "worker", "--celery-hostname", f"kiln-w{i}@%h", "--concurrency",
                            str(s.celery_concurrency), "--pid", str(self.paths.run_dir / f"{name}.pid")],
                     # Each worker serves its task logs on a port of its own (the triggerer has log_port + 1).
-                    ready_log_line=f"kiln-w{i}@",
+                    ready_pattern=rf"kiln-w{i}@\S+ ready\.",
                     env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(log_port + 1 + i)}))
         return comps
 
@@ -143,6 +145,9 @@ class Service:
         if (state := self.state()) and self.running(state):
             log.info("services already running (%s)", self.url)
             return {**state, "model_servers": self._serve_deployments()}
+        if state:  # some components died: stop the rest before starting anew, or their ports stay taken
+            log.warning("services of %s were partly running; stopping them first", self.paths.home)
+            self.down()
         started = time.monotonic()
         for folder in (self.paths.run_dir, self.paths.log_dir):
             folder.mkdir(parents=True, exist_ok=True)
@@ -195,9 +200,8 @@ class Service:
                     pending -= {"api-server", "scheduler", "dag-processor", "triggerer"}
                 if "mlflow" in pending and _get_status(http, f"{self.mlflow_url}/health") == 200:
                     pending.discard("mlflow")
-                for name in [n for n in pending if comps[n].ready_log_line]:
-                    if f"{comps[name].ready_log_line}" in tail(self.paths.log_dir / f"{name}.log", 200) and \
-                            " ready." in tail(self.paths.log_dir / f"{name}.log", 200):
+                for name in [n for n in pending if comps[n].ready_pattern]:
+                    if re.search(comps[name].ready_pattern or "", tail(self.paths.log_dir / f"{name}.log", 200)):
                         pending.discard(name)
                 if pending and time.monotonic() - started > timeout:
                     raise ServiceError(f"not healthy after {timeout:.0f} s: {sorted(pending)}; health {health}\n"
