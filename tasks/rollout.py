@@ -135,7 +135,10 @@ def deploy(ctx: RunContext) -> dict[str, Any]:
     strategy = ctx.spec.deployment.strategy
     if strategy == "none":
         log.info("deployment.strategy is none: the candidate is not served")
-        return {"strategy": "none"}
+        record: dict[str, Any] = {"strategy": "none"}
+        with ctx.store.writer(ctx.key("deploy")) as out:  # verify and promote read it
+            write_json(out / REPORT_FILE, record)
+        return record
     endpoint = Endpoint.of(ctx.spec)
     ref = _candidate_ref(ctx, decision)
     previous = _replaced(ctx, endpoint, ref.version)

@@ -188,3 +188,23 @@ def test_verify_failure_restores_the_previous_deployment(runs: dict) -> None:
     assert endpoint.current().champion == before.champion
     assert _served([{"bill_length_mm": 40.0, "bill_depth_mm": 18.0, "flipper_length_mm": 190.0, "body_mass_g": 3800.0,
                      "island": "Dream", "sex": "male", "year": "2008"}])["version"] == before.champion.version
+
+
+def test_deployment_none_moves_the_alias_and_leaves_the_endpoint_alone(runs: dict) -> None:
+    """``deployment: none`` (the Param): the gate's winner becomes champion in the registry; nothing is served."""
+    from tasks import pipeline
+    from tasks.models_cli import spec_named
+    from tasks.release import registry
+
+    served_before = _served([{"bill_length_mm": 40.0, "bill_depth_mm": 18.0, "flipper_length_mm": 190.0,
+                              "body_mass_g": 3800.0, "island": "Dream", "sex": "male", "year": "2008"}])
+    before = spec_named(MODEL)
+    results = pipeline.run_all(pipeline.make_context(SPEC, "registry-only", {"epochs": 40, "deployment": "none"}))
+    assert results["gate"]["passed"], results["gate"]["reason"]
+    assert results["deploy"] == {"strategy": "none"} and results["verify"] == {"strategy": "none"}
+    version = results["gate"]["candidate"]["version"]
+    assert results["promote"]["champion"] == version and registry().champion(MODEL).version == version
+    served_after = _served([{"bill_length_mm": 40.0, "bill_depth_mm": 18.0, "flipper_length_mm": 190.0,
+                             "body_mass_g": 3800.0, "island": "Dream", "sex": "male", "year": "2008"}])
+    assert served_after["version"] == served_before["version"] != version
+    assert before.deployment.strategy == "direct"  # the spec is unchanged; the Param chose none for this run
