@@ -104,16 +104,21 @@ class Service:
     def components(self) -> list[Component]:
         """The processes of this profile, in start order."""
         airflow = str(self._bin / "airflow")
+        preloaded = [sys.executable, "-m", "operators.preload"]
         s = self.settings
+        # One machine: the api-server reads task logs from the shared log folder, so the log servers (an extra
+        # process of ~100 MB each) only matter when workers run elsewhere (prod).
+        local_logs = ["--skip-serve-logs"] if s.profile == "embedded" else []
         kiln = get_settings(self.env)
         comps = [
             Component("api-server", [airflow, "api-server", "--host", s.airflow_host, "--port", str(s.airflow_port)]),
-            Component("scheduler", [airflow, "scheduler"]),
+            # Its LocalExecutor workers fork every task process: start them with the steps' libraries loaded.
+            Component("scheduler", [*preloaded, "scheduler", *local_logs]),
             Component("dag-processor", [airflow, "dag-processor"]),
-            Component("triggerer", [airflow, "triggerer"]),
-            Component("mlflow", [str(self._bin / "mlflow"), "server", "--backend-store-uri", kiln.mlflow_tracking_uri,
-                                 "--default-artifact-root", kiln.mlflow_artifact_root, "--host", "127.0.0.1",
-                                 "--port", str(s.mlflow_port), "--workers", "1"],
+            Component("triggerer", [airflow, "triggerer", *local_logs]),
+            Component("mlflow", [sys.executable, "-m", "operators.mlflow_server", "--backend-store-uri",
+                                 kiln.mlflow_tracking_uri, "--default-artifact-root", kiln.mlflow_artifact_root,
+                                 "--host", "127.0.0.1", "--port", str(s.mlflow_port), "--workers", "1"],
                       # MLflow's job runner (huey consumers for its GenAI jobs) adds eight idle processes and
                       # ~0.5 GB; nothing here submits such jobs.
                       env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
@@ -123,7 +128,7 @@ class Service:
             for i in range(1, s.celery_workers + 1):
                 name = f"celery-worker-{i}"
                 comps.append(Component(
-                    name, [airflow, "celery", "worker", "--celery-hostname", f"kiln-w{i}@%h", "--concurrency",
+                    name, [*preloaded, "celery", "worker", "--celery-hostname", f"kiln-w{i}@%h", "--concurrency",
                            str(s.celery_concurrency), "--pid", str(self.paths.run_dir / f"{name}.pid")],
                     # Each worker serves its task logs on a port of its own (the triggerer has log_port + 1).
                     ready_pattern=rf"kiln-w{i}@\S+ ready\.",
