@@ -176,6 +176,8 @@ def service_environment(settings: ServiceSettings, paths: ServicePaths, base: Ma
         "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
         "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+        # An idle loop every 0.25 s (default 1 s): the next task of a run starts sooner, for a few % of one core.
+        "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",
     }
     if settings.profile == "prod":
         pg = settings.postgres_url
