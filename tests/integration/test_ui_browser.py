@@ -1,6 +1,7 @@
 """The Airflow UI in a real headless Chromium (Debian's ``chromium``, driven by Playwright): log in, open the
-tabular pipeline, trigger it with changed Params from the trigger form, wait for success, and keep screenshots of
-the filled form and of the finished run under ``var/test-artifacts/``.
+tabular pipeline, trigger it with changed Params from the trigger form, wait for success, find the gate decision's
+link on the gate task's page, and keep screenshots of the filled form, the finished run and the gate task under
+``var/test-artifacts/``.
 
 No browser is downloaded: Playwright launches the system Chromium by its path (``make chromium`` installs it).
 """
@@ -112,6 +113,15 @@ def _open_run_page(page: Page, platform: Platform, run_id: str, state: str) -> N
     expect(train_row).to_be_visible(timeout=UI_TIMEOUT_MS)
 
 
+def _open_gate_task(page: Page, platform: Platform, run_id: str) -> str:
+    """Open the run's ``gate`` task page; return the href of its "Gate decision" extra-link button."""
+    page.goto(f"{platform.url}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/tasks/gate")
+    link = page.get_by_role("link", name="Gate decision")
+    expect(link).to_be_visible(timeout=UI_TIMEOUT_MS)
+    expect(page.get_by_role("link", name="MLflow run")).to_be_visible(timeout=UI_TIMEOUT_MS)
+    return link.get_attribute("href") or ""
+
+
 def test_trigger_from_ui_with_changed_params(platform: Platform, page: Page) -> None:
     """Params changed in the UI's trigger form reach the run's conf and its training step; the run succeeds."""
     runs = DagRunApi(platform.api)
@@ -125,10 +135,14 @@ def test_trigger_from_ui_with_changed_params(platform: Platform, page: Page) -> 
         assert unquote(page.url).endswith(f"/runs/{run_id}"), f"the UI opened {page.url}, not the new run {run_id}"
         state = platform.wait(DAG_ID, run_id, timeout=RUN_TIMEOUT_S)
         _open_run_page(page, platform, run_id, state)
+        _screenshot(page, "ui_penguins_run.png")
+        # The run's outputs from its task pages: the gate's buttons lead to the decision record in MLflow.
+        gate_href = _open_gate_task(page, platform, run_id)
+        _screenshot(page, "ui_penguins_gate.png")
     except (PlaywrightError, AssertionError, TimeoutError) as exc:
         shot = _screenshot(page, "ui_penguins_failure.png")
         raise AssertionError(f"{exc}\nscreenshot: {shot}\n{platform.service.log_tails()}") from exc
-    _screenshot(page, "ui_penguins_run.png")
+    assert gate_href.startswith(platform.service.mlflow_url) and gate_href.endswith("gate/decision.json"), gate_href
 
     run = runs.get_dag_run(DAG_ID, run_id)
     sent = dict(FORM_VALUES.values())
