@@ -116,6 +116,7 @@ def _open_run_page(page: Page, platform: Platform, run_id: str, state: str) -> N
 def _open_gate_task(page: Page, platform: Platform, run_id: str) -> str:
     """Open the run's ``gate`` task page; return the href of its "Gate decision" extra-link button."""
     page.goto(f"{platform.url}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/tasks/gate")
+    page.get_by_text("Details", exact=True).first.click()  # the UI lists a task's "Extra Links" on this tab
     link = page.get_by_role("link", name="Gate decision")
     expect(link).to_be_visible(timeout=UI_TIMEOUT_MS)
     expect(page.get_by_role("link", name="MLflow run")).to_be_visible(timeout=UI_TIMEOUT_MS)
