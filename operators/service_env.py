@@ -179,6 +179,8 @@ def service_environment(settings: ServiceSettings, paths: ServicePaths, base: Ma
         # An idle loop every 0.25 s (default 1 s): the next task of a run starts sooner, for a few % of one core.
         "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",
     }
+    if base.get("KILN_S3_ENDPOINT_URL"):  # the MLflow server shows artifacts of an s3:// root from there too
+        defaults["MLFLOW_S3_ENDPOINT_URL"] = base["KILN_S3_ENDPOINT_URL"]
     if settings.profile == "prod":
         pg = settings.postgres_url
         defaults.update({

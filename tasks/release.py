@@ -57,7 +57,9 @@ def code_version() -> str:
 def registry() -> Registry:
     """The configured model registry (imported here: ``tasks.registry`` imports MLflow)."""
     from tasks.registry import Registry
+    from tasks.tracking import use_s3_endpoint
 
+    use_s3_endpoint()  # versions' bundles are logged to, and fetched from, the MLflow artifact root
     return Registry(get_settings().mlflow_tracking_uri)
 
 

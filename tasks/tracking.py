@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from mlflow.tracking import MlflowClient
+
+from tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 #: Tag that ties an MLflow run to a pipeline run's artifact key.
 RUN_KEY_TAG = "kiln.run_key"
+
+
+def use_s3_endpoint() -> None:
+    """Point MLflow's S3 artifact repository at ``KILN_S3_ENDPOINT_URL``, so that an ``s3://`` MLflow artifact
+    root can live on the same S3-compatible endpoint as the artifact store.
+
+    MLflow takes its S3 endpoint only from the ``MLFLOW_S3_ENDPOINT_URL`` environment variable, read each time it
+    creates an S3 client: this copies kiln's setting there (and so to the processes kiln starts). This is the one
+    place kiln sets it; call it before MLflow reads or writes artifacts. An ``MLFLOW_S3_ENDPOINT_URL`` that is
+    already set is kept: it was chosen for MLflow explicitly.
+    """
+    endpoint = get_settings().s3_endpoint_url
+    if endpoint:
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str) -> str:
@@ -32,6 +49,7 @@ def ensure_run(tracking_uri: str, artifact_root: str, experiment: str, run_key: 
         run_key: the pipeline run's artifact key, recorded as a tag.
         tags: extra tags for a new run.
     """
+    use_s3_endpoint()  # the validation report and plots logged to this run may go to s3://
     client = MlflowClient(tracking_uri)
     exp_id = ensure_experiment(client, experiment, artifact_root)
     run_id = run_of(client, exp_id, run_key)

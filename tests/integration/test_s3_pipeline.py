@@ -1,0 +1,89 @@
+"""The whole penguins pipeline with its artifacts, and MLflow's, in an S3 bucket (moto's server on loopback)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, free_port, stop_model_servers
+from s3_server import S3Endpoint, s3_endpoint  # noqa: F401
+
+from tasks import pipeline
+from tasks.artifacts_s3 import MANIFEST, VERSIONS, S3ArtifactStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.s3]
+
+PARAMS = {"epochs": 5, "nproc": 1}
+
+
+def list_keys(client: Any, bucket: str, prefix: str) -> set[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {obj["Key"] for page in pages for obj in page.get("Contents", [])}
+
+
+def read_object(client: Any, bucket: str, key: str) -> bytes:
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def test_pipeline_on_s3(s3_endpoint: S3Endpoint, tmp_path: Path,  # noqa: F811
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step publishes a committed, hash-verified version to the bucket, none to local disk; the MLflow run's
+    artifacts land in the same bucket under their own prefix."""
+    bucket = f"kiln-{uuid.uuid4().hex[:10]}"
+    client = s3_endpoint.client(direct=True)
+    client.create_bucket(Bucket=bucket)
+    home = tmp_path / "kiln"
+    monkeypatch.setenv("KILN_HOME", str(home))
+    monkeypatch.setenv("KILN_SERVE_PORT", str(free_port()))
+    monkeypatch.setenv("KILN_ARTIFACT_ROOT", f"s3://{bucket}/kiln")
+    monkeypatch.setenv("KILN_S3_ENDPOINT_URL", s3_endpoint.url)
+    monkeypatch.setenv("KILN_MLFLOW_ARTIFACT_ROOT", f"s3://{bucket}/mlflow")
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)  # kiln sets it; restored after the test
+
+    ctx = pipeline.make_context(REPO / "dags" / "pipelines" / "penguins_species.yaml", "manual__s3_pipeline",
+                                PARAMS)
+    assert isinstance(ctx.store, S3ArtifactStore)
+    try:
+        results = pipeline.run_all(ctx)
+    finally:
+        stop_model_servers(home / "serving")
+    assert results["gate"]["passed"], results["gate"]["reason"]
+    assert results["promote"], "the run went through to the end of the rollout"
+
+    # The store: one committed version per step, every file of it present with the recorded sha256, nothing else.
+    objects = list_keys(client, bucket, "kiln/")
+    run_prefix = f"kiln/{ctx.run_key}/"
+    assert objects and all(o.startswith(run_prefix) for o in objects), sorted(objects)[:5]
+    steps = {o[len(run_prefix):].split("/", 1)[0] for o in objects}
+    assert steps >= {*pipeline.STEPS, "bundle", "gate", "infra_validate", "deploy", "promote"}, sorted(steps)
+    committed: set[str] = set()
+    for step in sorted(steps):
+        base = f"{run_prefix}{step}"
+        assert f"{base}/{MANIFEST}" in objects, f"{step} has objects but no committed manifest"
+        manifest = json.loads(read_object(client, bucket, f"{base}/{MANIFEST}"))
+        assert manifest["files"], f"{step} published no files"
+        committed.add(f"{base}/{MANIFEST}")
+        for rel, meta in manifest["files"].items():
+            obj = f"{base}/{VERSIONS}/{manifest['version']}/{rel}"
+            assert obj in objects, f"{obj} is in the manifest of {step} but not in the bucket"
+            data = read_object(client, bucket, obj)
+            assert (hashlib.sha256(data).hexdigest(), len(data)) == (meta["sha256"], meta["size"]), obj
+            committed.add(obj)
+    assert objects - committed == set(), "objects outside a committed version (a partial or stale upload)"
+    assert not (home / "artifacts").exists() or not any((home / "artifacts").rglob("*")), \
+        "step outputs were written to the local artifact folder"
+
+    # MLflow: the run's artifacts and the registered model's bundle are in the bucket under the mlflow prefix.
+    run_id = results["evaluate"]["mlflow_run_id"]
+    run_artifacts = f"mlflow/{ctx.spec.name}/{run_id}/artifacts/"
+    logged = {o[len(run_artifacts):] for o in list_keys(client, bucket, run_artifacts)}
+    assert "gate/decision.json" in logged, sorted(logged)
+    assert json.loads(read_object(client, bucket, f"{run_artifacts}gate/decision.json"))["passed"] is True
+    for folder in ("bundle/", "evaluate/", "validation/"):
+        assert any(name.startswith(folder) for name in logged), f"no {folder} artifacts in {sorted(logged)}"
+    assert "evaluate/confusion_matrix.png" in logged
+    assert list_keys(client, bucket, "mlflow/") == list_keys(client, bucket, f"mlflow/{ctx.spec.name}/")
