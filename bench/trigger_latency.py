@@ -49,7 +49,7 @@ from airflow_client.client.exceptions import NotFoundException  # noqa: E402
 from airflow_service import free_ports  # noqa: E402
 from kiln_service import Platform, running_service  # noqa: E402
 
-from operators.service import Service  # noqa: E402
+from operators.service import Service, process_tree  # noqa: E402
 
 log = logging.getLogger("trigger_latency")
 
@@ -116,7 +116,7 @@ def idle_pss(service: Service) -> dict[str, tuple[int, int]]:
     per_component = {}
     for name, leader in state["pids"].items():
         total, count = 0, 0
-        for pid in sorted(service.process_ids({leader})):
+        for pid in sorted(process_tree({leader})):
             try:
                 total += read_pss(pid)
                 count += 1

@@ -66,7 +66,8 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -244,7 +245,7 @@ class Service:
     @staticmethod
     def running(state: Mapping[str, Any]) -> bool:
         """Whether every component of a state record is alive."""
-        return bool(state.get("pids")) and all(_alive(pid) for pid in state["pids"].values())
+        return bool(state.get("pids")) and all(alive(pid) for pid in state["pids"].values())
 
     def log_tails(self, names: Any = None, lines: int = 30) -> str:
         """The last lines of the named components' logs (default: all), each under a header."""
@@ -252,10 +253,6 @@ class Service:
         return "\n".join(f"--- {n}.log ---\n{tail(self.paths.log_dir / f'{n}.log', lines)}" for n in names)
 
     # Stop ------------------------------------------------------------------------------------------------------
-
-    def process_ids(self, groups: set[int]) -> set[int]:
-        """Live processes of the given process groups and all their descendants."""
-        return process_tree(groups)
 
     def down(self, timeout: float = 30.0) -> list[int]:
         """Stop every component (:func:`stop_process_groups`) and the model servers; idempotent.
@@ -284,7 +281,7 @@ def process_tree(groups: set[int]) -> set[int]:
         with suppress(ProcessLookupError, psutil.NoSuchProcess):
             if os.getpgid(proc.pid) in groups:
                 found.add(proc.pid)
-    return {pid for pid in found | groups if _alive(pid)}
+    return {pid for pid in found | groups if alive(pid)}
 
 
 def stop_process_groups(groups: set[int], children: list[subprocess.Popen], timeout: float,
@@ -302,7 +299,7 @@ def stop_process_groups(groups: set[int], children: list[subprocess.Popen], time
     Returns:
         The pids that had to be killed.
     """
-    members = process_tree(groups) | {pid for pid in also or () if _alive(pid)}
+    members = process_tree(groups) | {pid for pid in also or () if alive(pid)}
     for pgid in groups:
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGTERM)
@@ -311,19 +308,19 @@ def stop_process_groups(groups: set[int], children: list[subprocess.Popen], time
             if os.getpgid(pid) not in groups:
                 os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while (alive := {pid for pid in members if _alive(pid)}) and time.monotonic() < deadline:
+    while (left := {pid for pid in members if alive(pid)}) and time.monotonic() < deadline:
         for proc in children:
             proc.poll()
         time.sleep(0.2)
-    if alive:
-        log.warning("still alive %.0f s after SIGTERM, killing: %s", timeout, _describe(alive))
-        for pid in alive:
+    if left:
+        log.warning("still alive %.0f s after SIGTERM, killing: %s", timeout, _describe(left))
+        for pid in left:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     for proc in children:
         with suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
-    return sorted(alive)
+    return sorted(left)
 
 
 def _describe(pids: set[int]) -> str:

@@ -7,6 +7,7 @@ itself, the data-validation report (``validate``), the gate's decision record (`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +24,16 @@ class _StepLink(BaseOperatorLink):
     name = ""
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        from tasks.links import step_links
-
         spec_path = getattr(operator, "spec_path", None)
-        return step_links(spec_path, ti_key.run_id, operator.task_id).get(self.name, "") if spec_path else ""
+        return _links(spec_path, ti_key.run_id, operator.task_id).get(self.name, "") if spec_path else ""
+
+
+@functools.lru_cache(maxsize=4)
+def _links(spec_path: str, run_id: str, step: str) -> dict[str, str]:
+    """All links of one step, looked up in MLflow once for the step's buttons (Airflow asks link by link)."""
+    from tasks.links import step_links
+
+    return step_links(spec_path, run_id, step)
 
 
 class MlflowRunLink(_StepLink):

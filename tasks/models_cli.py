@@ -89,11 +89,9 @@ def _serve(args: argparse.Namespace) -> Any:
 
 
 def _stop(args: argparse.Namespace) -> Any:
-    from tasks.serving.process import PID_FILE, stop_server
+    from tasks.serving.process import stop_servers
 
-    stopped = [pid.parent.name for pid in sorted(get_settings().serving_dir.glob(f"*/{PID_FILE}"))
-               if stop_server(pid.parent)]
-    return f"stopped: {', '.join(stopped) or 'none running'}"
+    return f"stopped: {', '.join(stop_servers(get_settings().serving_dir)) or 'none running'}"
 
 
 def main(argv: list[str] | None = None) -> int:

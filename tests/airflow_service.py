@@ -32,10 +32,9 @@ from typing import IO, Any
 from urllib.parse import quote
 
 import httpx
-import psutil
 from cryptography.fernet import Fernet
 
-from operators.service import process_tree, stop_process_groups
+from operators.service import alive, process_tree, stop_process_groups, tail
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +66,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    """Return the last ``lines`` lines of a text file ('' if it does not exist)."""
-    if not path.exists():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 class AirflowService:
@@ -243,7 +235,7 @@ class AirflowService:
         """
         groups = set(self.component_pids.values())
         self._known.update(process_tree(groups))
-        return sorted(pid for pid in self._known | groups if _alive(pid))
+        return sorted(pid for pid in self._known | groups if alive(pid))
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop every component (``operators.service.stop_process_groups``), including descendants seen by
@@ -369,13 +361,6 @@ class AirflowService:
             else:
                 lines.append(str(record))
         return "\n".join(lines)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @contextmanager

@@ -55,12 +55,9 @@ def free_port() -> int:
 
 def stop_model_servers(serving_dir: Path) -> None:
     """Stop every detached model server that the deploy steps started under ``serving_dir``."""
-    if not serving_dir.is_dir():
-        return
-    from tasks.serving.process import PID_FILE, stop_server
+    from tasks.serving.process import stop_servers
 
-    for pid_file in serving_dir.glob(f"*/{PID_FILE}"):
-        stop_server(pid_file.parent)
+    stop_servers(serving_dir)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,8 +1,8 @@
 """The platform's own services (``operators.service``, what ``make up`` runs) inside a test or benchmark.
 
 ``running_service`` starts them on free ports with a private ``KILN_HOME`` and pipelines folder, on the
-embedded profile or on the prod profile (fresh PostgreSQL databases, a Redis database of its own, Celery
-workers), and yields a :class:`Platform`: the REST client (the official ``apache-airflow-client``) with a token,
+embedded profile or on the prod profile (fresh PostgreSQL databases, a Celery queue of its own on the local Redis,
+Celery workers), and yields a :class:`Platform`: the REST client (the official ``apache-airflow-client``) with a token,
 plus the paths. Everything is stopped, and the databases dropped, on exit.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
+import secrets
 import shutil
 import time
 import urllib.request
@@ -44,10 +44,6 @@ class Platform:
     pipelines_dir: Path
     api: ac.ApiClient
 
-    def token(self) -> str:
-        """A fresh JWT from ``POST /auth/token`` (the client has no call for it)."""
-        return get_token(self.url, self.username, self.password)
-
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
         """Trigger a run through the REST API (``logical_date`` null) and return its run id."""
         run = DagRunApi(self.api).trigger_dag_run(dag_id, TriggerDAGRunPostBody(conf=conf or {}))
@@ -71,16 +67,6 @@ def get_token(url: str, username: str, password: str) -> str:
                                  data=json.dumps({"username": username, "password": password}).encode())
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.load(resp)["access_token"]
-
-
-def _redis_database(broker: str) -> str:
-    """A Redis database (1-15) of its own for this service's Celery queue, emptied first."""
-    import redis
-
-    index = random.randint(1, 15)
-    url = f"{broker.rsplit('/', 1)[0]}/{index}"
-    redis.Redis.from_url(url).flushdb()
-    return url
 
 
 @contextmanager
@@ -109,7 +95,9 @@ def running_service(tmp: Path, *, profile: str = "embedded", specs: list[Path] |
             for var in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "KILN_MLFLOW_TRACKING_URI", "KILN_POOLS_DB_URL"):
                 environ[var] = stack.enter_context(temporary_postgres_database())
             environ["AIRFLOW__CELERY__RESULT_BACKEND"] = "db+" + environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
-            environ["KILN_CELERY_BROKER_URL"] = _redis_database("redis://127.0.0.1:6379/0")
+            # A Celery queue of its own on the machine's Redis: workers of other services never take its tasks,
+            # and nothing in Redis is emptied.
+            environ["AIRFLOW__OPERATORS__DEFAULT_QUEUE"] = f"kiln-test-{secrets.token_hex(4)}"
         environ.update(extra_env or {})
         service = Service.from_environment(environ)
         stack.callback(service.down)

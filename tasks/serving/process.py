@@ -295,3 +295,12 @@ def stop_server(run_dir: Path, timeout_s: float = 10) -> bool:
     finally:
         _children.pop(pid, None)
         (run_dir / PID_FILE).unlink(missing_ok=True)
+
+
+def stop_servers(serving_dir: Path) -> list[str]:
+    """Stop every model server started under ``serving_dir`` (one ``<model>/server.pid`` each).
+
+    Returns:
+        The models whose running server was stopped.
+    """
+    return [pid.parent.name for pid in sorted(Path(serving_dir).glob(f"*/{PID_FILE}")) if stop_server(pid.parent)]

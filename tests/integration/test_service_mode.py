@@ -1,10 +1,10 @@
 """Service mode end to end, on both profiles: the services ``make up`` runs, driven through the REST API.
 
 ``embedded``: SQLite for Airflow, MLflow and the lease store, LocalExecutor. ``prod``: PostgreSQL for all three
-(fresh databases), CeleryExecutor with two workers on a Redis broker. In each, the tabular pipeline is triggered
-with the official ``apache-airflow-client`` and must succeed with its outputs reachable from the run (gate
-decision, metrics, links to the MLflow run and the validation report); bad conf is refused by the Params
-schema; an Asset event starts a run; and ``down`` leaves no process behind.
+(fresh databases), CeleryExecutor with two workers on a Redis broker (a queue of their own). In each, the tabular
+pipeline is triggered with the official ``apache-airflow-client`` and must succeed with its outputs reachable from
+the run (gate decision, metrics, links to the MLflow run and the validation report); bad conf is refused by the
+Params schema; an Asset event starts a run; and ``down`` leaves no process behind.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from airflow_client.client.models.create_asset_events_body import CreateAssetEve
 from airflow_client.client.models.dag_run_mutable_states import DagRunMutableStates
 from airflow_client.client.models.dag_run_patch_body import DAGRunPatchBody
 from kiln_service import EXAMPLE_SPECS, REPO, Platform, running_service
+
+from operators.service import process_tree
 
 pytestmark = pytest.mark.integration
 
@@ -65,6 +67,7 @@ def _wait_for_dag(platform: Platform, timeout: float = 90.0) -> None:
         except ac.ApiException as exc:
             if exc.status != 404 or time.monotonic() > deadline:
                 raise
+        time.sleep(0.5)
 
 
 def test_rest_trigger_runs_the_tabular_pipeline(platform: Platform) -> None:
@@ -148,12 +151,12 @@ def test_down_stops_everything_and_status_says_so(platform: Platform) -> None:
                             text=True, timeout=60)
     assert status.returncode == 0 and json.loads(status.stdout)["running"] is True
     groups = set(service.state()["pids"].values())
-    members = service.process_ids(groups)
+    members = process_tree(groups)
     assert len(members) > len(groups), "components run worker processes of their own"
     service.down()
     left = [pid for pid in members if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert left == [], "processes survived down()"
-    assert service.process_ids(groups) == set()
+    assert process_tree(groups) == set()
     status = subprocess.run([sys.executable, "-m", "operators.service", "status"], env=env, capture_output=True,
                             text=True, timeout=60)
     assert status.returncode == 3 and json.loads(status.stdout)["running"] is False
