@@ -4,7 +4,8 @@ Each benchmark is a script whose last printed line is a JSON object
 ``{"name", "value", "unit", "peer", "peer_value", "ratio", "target"}``. Rows are appended, so the file keeps
 the history of every run; each row names its command, its peer measured in the same run, and the date. A result
 may add ``details`` (a markdown table of every measured cell): it is written to ``bench/results/<name>.md``,
-replacing the previous run's.
+replacing the previous run's. A benchmark that cannot run on this machine (``gpu_training`` without a CUDA GPU)
+prints ``{"name", "skipped": reason}`` instead and gets no row.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def main() -> int:
         except (RuntimeError, json.JSONDecodeError, IndexError) as exc:
             print(f"  FAILED: {exc}", flush=True)
             failed += 1
+            continue
+        if r.get("skipped"):
+            print(f"  skipped: {r['skipped']}", flush=True)
             continue
         row = (f"| {dt.date.today().isoformat()} | {r['name']} | `python bench/{script.name}` | "
                f"{r['value']:.4g} {r['unit']} | {r['peer']}: {r['peer_value']:.4g} {r['unit']} | "

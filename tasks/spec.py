@@ -235,6 +235,10 @@ class TrainingSpec(_Strict):
         if self.launcher == "local" and self.nodes > 1:
             raise ValueError(f"training.nodes is {self.nodes} but launcher 'local' runs on one node: "
                              "set training.launcher: docker, or nodes: 1")
+        if 0 < self.resources.gpus < self.nproc:
+            raise ValueError(f"training.nproc is {self.nproc} but training.resources.gpus is {self.resources.gpus}: "
+                             "DDP runs one rank per GPU (NCCL cannot share one), so set nproc to at most the GPUs "
+                             "leased per node")
         return self
 
     def lease_cpus(self) -> int:

@@ -274,6 +274,10 @@ class _State:
 def _setup_device(env: _DistEnv, config: TrainConfig) -> torch.device:
     torch.set_num_threads(config.training.threads_per_proc)
     cuda = torch.cuda.is_available()
+    if cuda and env.local_rank >= torch.cuda.device_count():
+        raise ValueError(f"rank {env.rank} is local rank {env.local_rank} but this node shows only "
+                         f"{torch.cuda.device_count()} GPU(s): lease one GPU per rank (training.resources.gpus = "
+                         "training.nproc), or hide the GPUs (CUDA_VISIBLE_DEVICES='') to train on CPU")
     device = torch.device(f"cuda:{env.local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -283,6 +287,15 @@ def _setup_device(env: _DistEnv, config: TrainConfig) -> torch.device:
         timeout = timedelta(seconds=min(config.training.timeout_s, 300))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return device
+
+
+def _device_facts(device: torch.device) -> dict[str, Any]:
+    """Where the job ran, for ``train_metrics.json``: the device (and GPU model), how many GPUs the lease let the
+    rank see, the DDP backend and the AMP dtype."""
+    cuda = device.type == "cuda"
+    return {"device": device.type, "device_name": torch.cuda.get_device_name(device) if cuda else None,
+            "visible_gpus": torch.cuda.device_count(), "backend": dist.get_backend() if dist.is_initialized() else None,
+            "amp": "bf16" if cuda else None}
 
 
 def run_train(config: TrainConfig) -> TrainResult:
@@ -350,9 +363,10 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainRes
     bs, log_every = t.batch_size, t.log_every_steps
     mlflow = _MlflowLogger(config, enabled=is_main)
     if is_main:
-        log.info("training %s %s: %d params, %d train / %d val rows, world_size %d, batch %d per rank, epochs %d-%d",
-                 config.task, config.model.type, sum(p.numel() for p in module.parameters()), len(x), len(x_val),
-                 env.world_size, t.batch_size, state.epoch + 1, t.epochs)
+        log.info("training %s %s: %d params, %d train / %d val rows, world_size %d, batch %d per rank, epochs %d-%d "
+                 "on %s", config.task, config.model.type, sum(p.numel() for p in module.parameters()), len(x),
+                 len(x_val), env.world_size, t.batch_size, state.epoch + 1, t.epochs,
+                 " ".join(f"{k}={v}" for k, v in _device_facts(device).items() if v is not None))
         if state.resumed_from is None:
             # Where the job ran (resources, docker) is the launch's business, not a training hyperparameter.
             mlflow.log_params({**{f"training.{k}": v for k, v in t.model_dump(mode="json").items()
@@ -418,6 +432,7 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainRes
                    n_outputs=data.n_outputs, task=config.task, extra=meta)
         write_json(out / METRICS_FILE, {
             "history": history, "final": final, "samples_per_s": samples_per_s, "world_size": env.world_size,
+            **_device_facts(device),
             "epochs_run": state.epoch, "resumed_from_epoch": state.resumed_from, "param_checksums": checksums,
             "fingerprint": fingerprint})
         log.info("wrote %s and %s (params in sync across %d ranks: %s)", out / MODEL_FILE, out / METRICS_FILE,

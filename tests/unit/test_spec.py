@@ -45,10 +45,12 @@ def test_minimal_spec_gets_defaults() -> None:
         ({"training": {"launcher": "k8s"}}, ["field 'training.launcher'", "'local' or 'docker'"]),
         ({"training": {"resources": {"memory": "lots"}}}, ["field 'training.resources.memory'", "16GiB"]),
         ({"training": {"resources": {"gpu": 1}}}, ["field 'training.resources.gpu'", "did you mean 'gpus'"]),
+        ({"training": {"nproc": 2, "resources": {"gpus": 1}}}, ["field 'training'", "one rank per GPU",
+                                                                "set nproc to at most"]),
     ],
     ids=["bad-choice", "misspelled-section", "out-of-range", "misspelled-field", "cnn-without-shape",
          "metric-for-other-task", "ignored-target", "bad-name", "null-target", "no-train-rows",
-         "multi-node-local", "unknown-launcher", "bad-memory-size", "misspelled-resource"],
+         "multi-node-local", "unknown-launcher", "bad-memory-size", "misspelled-resource", "more-ranks-than-gpus"],
 )
 def test_bad_spec_names_the_field(change: dict, expected: list[str]) -> None:
     with pytest.raises(SpecError) as info:
