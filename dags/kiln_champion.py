@@ -44,10 +44,12 @@ with DAG(
 
     @task(task_id="set_champion")
     def set_champion(params: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
+        from operators.s3_credentials import use_s3_connection
         from tasks.models_cli import spec_named
         from tasks.registry import RegistryError
         from tasks.rollout import set_champion as move
 
+        use_s3_connection()  # the rollout records and bundles may live in an S3 store
         p = dict(params or {})
         if p["action"] == "approve" and not p.get("version"):
             raise AirflowFailException("Param 'version' is required to approve: name the version to promote")

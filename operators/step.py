@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from operators.s3_credentials import use_s3_connection
+
 if TYPE_CHECKING:
     from airflow.sdk.types import TaskInstanceKey
 
@@ -95,6 +97,7 @@ class PipelineStepOperator(BaseOperator):
         from tasks.spec import SpecError
         from tasks.validate import DataValidationError
 
+        use_s3_connection()
         try:
             ctx = pipeline.make_context(self.spec_path, context["run_id"], dict(context["params"]))
             return pipeline.step_function(self.task_id)(ctx)

@@ -9,6 +9,7 @@ from airflow.sdk import BaseOperatorLink
 from airflow.sdk.exceptions import AirflowFailException
 
 from operators.pools import PooledOperator
+from operators.s3_credentials import use_s3_connection
 from operators.step import step_links
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class TrainOperator(PooledOperator):
         from tasks import pipeline
         from tasks.spec import SpecError
 
+        use_s3_connection()
         params = dict(context["params"])
         if self.launcher_name:
             params["launcher"] = self.launcher_name

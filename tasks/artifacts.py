@@ -78,6 +78,10 @@ def run_key(pipeline: str, run_id: str) -> str:
 class ArtifactStore(ABC):
     """Where step outputs live. Keys are ``/``-separated, e.g. ``penguins/manual_2026-11-22/ingest``."""
 
+    #: Whether :meth:`scratch` folders are part of the store (every machine that uses the store sees them). When
+    #: not, work that must outlive this machine (training checkpoints) is published through :meth:`writer` too.
+    durable_scratch: bool = True
+
     @abstractmethod
     def writer(self, key: str) -> AbstractContextManager[Path]:
         """Context manager: yields an empty local folder; publishes it under ``key`` on a clean exit."""
@@ -100,7 +104,8 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def scratch(self, key: str) -> Path:
-        """A persistent local working folder (e.g. checkpoints) that survives task retries."""
+        """A persistent local working folder (e.g. checkpoints) that survives task retries on this machine, and
+        on every machine when :attr:`durable_scratch` is true."""
 
 
 class LocalArtifactStore(ArtifactStore):

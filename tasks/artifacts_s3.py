@@ -9,11 +9,13 @@ Layout under ``s3://bucket/prefix``::
 A writer uploads every file under a fresh version prefix and writes the manifest last, with one ``put_object``
 (atomic in S3). Readers only ever follow a manifest, so a half-uploaded version is invisible and a failed upload
 leaves the previous manifest, the previous good state, in place. One writer per key at a time (steps are
-run-keyed): after its commit a writer deletes every other version prefix of its key.
+run-keyed): after its commit a writer deletes every other version prefix of its key and aborts the multipart
+uploads a killed writer left under them.
 
 Reads download a version once into a local cache, ``<cache_dir>/<bucket>/<prefix>/<key>/<version>/``, verifying
-every sha256. Credentials come from the standard AWS chain only (environment variables, profile, instance role)
-and never appear in messages or logs.
+every sha256; caching a key's new version deletes its older cached ones. Credentials come from the standard AWS
+chain (environment variables, profile, instance role; in Airflow tasks, ``KILN_S3_CONNECTION_ID`` puts a
+connection's there) and never appear in messages or logs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,6 +82,8 @@ class S3ArtifactStore(ArtifactStore):
         transfer: multipart settings of uploads and downloads (default :data:`TRANSFER`).
     """
 
+    durable_scratch = False  # scratch folders are on the local disk of the machine that asked for them
+
     def __init__(self, uri: str, *, cache_dir: str | Path, endpoint_url: str | None = None, max_attempts: int = 5,
                  transfer: TransferConfig | None = None):
         self.bucket, self.prefix = parse_s3_uri(uri)
@@ -109,13 +112,14 @@ class S3ArtifactStore(ArtifactStore):
         local = self._local(key)
         staging = self.cache_dir / ".staging"
         staging.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="write-", dir=staging))
+        tmp = _fresh_dir(staging, "write-")
         try:
             yield tmp  # an exception in the body propagates from here: nothing is uploaded
             version = self._publish(key, tmp)
             # The staged files are exactly the published version: keep them as its cache entry (no download).
             local.mkdir(parents=True, exist_ok=True)
             _rename_into(tmp, local / version)
+            _prune_cache(local, keep=version)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -128,20 +132,21 @@ class S3ArtifactStore(ArtifactStore):
         if final.is_dir():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=final.parent))
+        tmp = _fresh_dir(final.parent, f".tmp-{version}-")
         try:
             self._download(key, manifest, tmp)
             _rename_into(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        _prune_cache(final.parent, keep=version)
         return final
 
     def exists(self, key: str) -> bool:
         return self._read_manifest(key) is not None
 
     def scratch(self, key: str) -> Path:
-        """A persistent folder on THIS machine (``<cache_dir>/.scratch/...``); it is not uploaded to the bucket,
-        so a retry on another machine starts from an empty folder."""
+        """A persistent folder on THIS machine (``<cache_dir>/.scratch/...``); it is not uploaded to the bucket
+        (``tasks.checkpoint_sync`` publishes what a retry elsewhere needs)."""
         path = self.cache_dir.joinpath(".scratch", self.bucket, *self.prefix.split("/"), *key_parts(key))
         path.mkdir(parents=True, exist_ok=True)
         return path
@@ -180,16 +185,28 @@ class S3ArtifactStore(ArtifactStore):
         return version
 
     def _sweep(self, key: str, keep: str) -> None:
-        """Delete every version prefix of ``key`` but ``keep`` (best effort: a leftover only costs storage)."""
-        versions = f"{self._base(key)}/{VERSIONS}/"
+        """Delete every version prefix of ``key`` but ``keep``, and abort the multipart uploads left under them by
+        a process killed mid-upload (S3 keeps, and bills, their parts until then). Best effort: a leftover only
+        costs storage, and the next commit of the key tries again."""
+        versions, kept = f"{self._base(key)}/{VERSIONS}/", f"{self._base(key)}/{VERSIONS}/{keep}/"
         try:
             stale = [obj["Key"] for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=versions) for obj in page.get("Contents", [])
-                if not obj["Key"].startswith(f"{versions}{keep}/")]
+                if not obj["Key"].startswith(kept)]
+            uploads = [(u["Key"], u["UploadId"]) for page in self.client.get_paginator(
+                "list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=versions)
+                for u in page.get("Uploads", []) if not u["Key"].startswith(kept)]
         except (ClientError, BotoCoreError) as exc:
             log.warning("could not list old versions of %s: %s", self.uri(key), self._store_error(exc, "listing"))
             return
         self._delete_best_effort(stale, f"old versions of {self.uri(key)}")
+        for obj, upload_id in uploads:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=obj, UploadId=upload_id)
+                log.info("aborted an unfinished multipart upload of s3://%s/%s", self.bucket, obj)
+            except (ClientError, BotoCoreError) as exc:
+                log.warning("could not abort the multipart upload of s3://%s/%s: %s", self.bucket, obj,
+                            self._store_error(exc, "aborting an upload"))
 
     def _delete_best_effort(self, keys: list[str], what: str) -> None:
         try:
@@ -261,11 +278,28 @@ class S3ArtifactStore(ArtifactStore):
                                       f"{error.get('Message', '')}")
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return ArtifactStoreError(f"no AWS credentials for bucket {bucket!r} at {endpoint}: set "
-                                      "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+                                      "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or (in Airflow) "
+                                      "KILN_S3_CONNECTION_ID to an aws connection")
         if isinstance(exc, (S3ConnectionError, HTTPClientError)):
             return ArtifactStoreError(f"cannot reach the S3 endpoint {endpoint} (bucket {bucket!r}) while {action}: "
                                       f"{type(exc).__name__}; start it or fix KILN_S3_ENDPOINT_URL")
         return ArtifactStoreError(f"S3 failure while {action} in bucket {bucket!r} at {endpoint}: {exc}")
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new, empty folder with the umask's mode, as the local store makes them (``mkdtemp`` would make it 0700,
+    and the training containers, which run as another user, could not read the cached version it becomes)."""
+    path = parent / f"{prefix}{uuid.uuid4().hex}"
+    path.mkdir()
+    return path
+
+
+def _prune_cache(folder: Path, keep: str) -> None:
+    """Delete the cached versions of one key other than ``keep``: the manifest no longer names them, so no reader
+    is sent there again, and a key rewritten often (checkpoints) would otherwise fill the disk."""
+    for entry in folder.iterdir():
+        if entry.name != keep and not entry.name.startswith(".tmp-"):  # .tmp-: another reader's download
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _rename_into(tmp: Path, final: Path) -> None:

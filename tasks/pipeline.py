@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -168,7 +169,8 @@ def lease_request(spec: PipelineSpec) -> LeaseRequest:
 
 
 def train(ctx: RunContext, launcher: Any = None, allocation: Allocation | None = None) -> dict[str, Any]:
-    """Train with the spec's launcher into ``<run>/train``; checkpoints survive in ``<run>/checkpoints``.
+    """Train with the spec's launcher into ``<run>/train``; checkpoints survive in ``<run>/checkpoints`` (published
+    there as they are written when the store's scratch folders are local to this machine, as on S3).
 
     Args:
         ctx: the run.
@@ -188,6 +190,7 @@ def train(ctx: RunContext, launcher: Any = None, allocation: Allocation | None =
                   timeout_s=ctx.spec.training.resources.wait_timeout_s) as leased:
             return train(ctx, launcher, leased)
 
+    from tasks.checkpoint_sync import CheckpointMirror
     from tasks.launch import CONFIG_FILE, get_launcher
     from tasks.train import METRICS_FILE, TrainConfig
 
@@ -196,7 +199,10 @@ def train(ctx: RunContext, launcher: Any = None, allocation: Allocation | None =
     run_id = mlflow_run(ctx)
     s = get_settings()
     checkpoints = ctx.store.scratch(ctx.key(CHECKPOINTS))
-    with ctx.store.writer(ctx.key("train")) as out:
+    # Where the scratch folder is this machine's alone (S3), each checkpoint is also published under the same key,
+    # and the newest published one comes back first: a retry on another machine resumes too.
+    with CheckpointMirror(ctx.store, ctx.key(CHECKPOINTS), checkpoints) as mirror, \
+            ctx.store.writer(ctx.key("train")) as out:
         config = TrainConfig(features_dir=str(ctx.input_dir("build_features")), output_dir=str(out),
                              checkpoint_dir=str(checkpoints), task=spec.task, model=spec.model,
                              training=spec.training, mlflow_tracking_uri=s.mlflow_tracking_uri,
@@ -205,6 +211,8 @@ def train(ctx: RunContext, launcher: Any = None, allocation: Allocation | None =
         # The published copy of the config names where the model is published, not the temporary folder.
         atomic_write_bytes(out / CONFIG_FILE, replace(config, output_dir=ctx.store.uri(ctx.key("train")))
                            .to_json().encode())
+    if mirror.active:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the store has the last one; this disk need not keep it
     log.info("training finished in %.1f s", launched.duration_s)
     metrics = read_json(ctx.input_dir("train") / METRICS_FILE)
     return {"mlflow_run_id": run_id, "duration_s": round(launched.duration_s, 3),

@@ -23,6 +23,10 @@ class Settings:
     s3_endpoint_url: str | None
     """``KILN_S3_ENDPOINT_URL``: the endpoint of an S3-compatible store (MinIO, Ceph, a local test server) for an
     ``s3://`` artifact root. Unset: AWS's own endpoint for the region of the standard AWS configuration."""
+    s3_connection_id: str | None
+    """``KILN_S3_CONNECTION_ID``: an Airflow connection (amazon provider's ``aws`` fields: login = access key id,
+    password = secret key, extras ``aws_session_token``, ``region_name``, ``endpoint_url``) whose credentials each
+    task uses for S3. Unset: the standard AWS chain (environment variables, profile, instance role)."""
     mlflow_tracking_uri: str
     """``KILN_MLFLOW_TRACKING_URI``: MLflow tracking + registry (default SQLite under ``$KILN_HOME``)."""
     mlflow_artifact_root: str
@@ -60,6 +64,7 @@ def get_settings(environ: Mapping[str, str] | None = None) -> Settings:
         home=home,
         artifact_root=_artifact_root(env.get("KILN_ARTIFACT_ROOT") or str(home / "artifacts")),
         s3_endpoint_url=env.get("KILN_S3_ENDPOINT_URL") or None,
+        s3_connection_id=env.get("KILN_S3_CONNECTION_ID") or None,
         mlflow_tracking_uri=env.get("KILN_MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
         mlflow_artifact_root=env.get("KILN_MLFLOW_ARTIFACT_ROOT") or (home / "mlartifacts").as_uri(),
         pipelines_dir=Path(env.get("KILN_PIPELINES_DIR") or REPO_ROOT / "dags" / "pipelines").resolve(),

@@ -35,7 +35,8 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     for var in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "KILN_ARTIFACT_ROOT", "KILN_MLFLOW_TRACKING_URI",
                 "KILN_MLFLOW_ARTIFACT_ROOT", "KILN_PIPELINES_DIR", "KILN_POOLS_FILE", "KILN_POOLS_DB_URL",
-                "KILN_SERVING_DIR", "KILN_SERVE_HOST", "KILN_SERVE_TOKEN", "KILN_S3_ENDPOINT_URL"):
+                "KILN_SERVING_DIR", "KILN_SERVE_HOST", "KILN_SERVE_TOKEN", "KILN_S3_ENDPOINT_URL",
+                "KILN_S3_CONNECTION_ID"):
         os.environ.pop(var, None)
     # Model servers that the deploy steps start listen here, not on the default port a user's server may hold.
     os.environ["KILN_SERVE_PORT"] = str(free_port())

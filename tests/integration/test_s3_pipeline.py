@@ -74,6 +74,8 @@ def test_pipeline_on_s3(s3_endpoint: S3Endpoint, tmp_path: Path,  # noqa: F811
             assert (hashlib.sha256(data).hexdigest(), len(data)) == (meta["sha256"], meta["size"]), obj
             committed.add(obj)
     assert objects - committed == set(), "objects outside a committed version (a partial or stale upload)"
+    checkpoints = json.loads(read_object(client, bucket, f"{run_prefix}{pipeline.CHECKPOINTS}/{MANIFEST}"))
+    assert list(checkpoints["files"]) == [f"epoch_{PARAMS['epochs']:04d}.pt"], "the last checkpoint is in the bucket"
     assert not (home / "artifacts").exists() or not any((home / "artifacts").rglob("*")), \
         "step outputs were written to the local artifact folder"
 

@@ -93,6 +93,35 @@ def test_overwrite_publishes_new_version_and_removes_old(s3_endpoint: S3Endpoint
     assert sorted(p.name for p in fresh.iterdir()) == ["x.txt"] and (fresh / "x.txt").read_bytes() == b"two"
 
 
+def test_a_commit_aborts_multipart_uploads_a_killed_writer_left(s3_endpoint: S3Endpoint, bucket: str,  # noqa: F811
+                                                                   tmp_path: Path) -> None:
+    """A writer killed mid-upload leaves an unfinished multipart upload whose parts S3 keeps (and bills); the next
+    commit of the key aborts it. An upload under another key is not touched."""
+    client = s3_endpoint.client(direct=True)
+    leftovers = {}
+    for key in ("k", "other"):
+        obj = f"kiln/{key}/.v/{uuid.uuid4().hex}/big.bin"
+        upload = client.create_multipart_upload(Bucket=bucket, Key=obj)["UploadId"]
+        client.upload_part(Bucket=bucket, Key=obj, UploadId=upload, PartNumber=1, Body=os.urandom(5 * MB))
+        leftovers[key] = obj
+
+    publish(make_store(s3_endpoint, bucket, tmp_path / "cache"), "k", {"x.txt": b"one"})
+
+    unfinished = [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+    assert unfinished == [leftovers["other"]]
+
+
+def test_the_cache_keeps_only_the_current_version_of_a_key(s3_endpoint: S3Endpoint, bucket: str,  # noqa: F811
+                                                           tmp_path: Path) -> None:
+    writer, reader = (make_store(s3_endpoint, bucket, tmp_path / name) for name in ("writer", "reader"))
+    for i in range(3):
+        publish(writer, "k", {"x.txt": f"v{i}".encode()})
+        assert (reader.path("k") / "x.txt").read_bytes() == f"v{i}".encode()
+    current = manifest(s3_endpoint, bucket, "k")["version"]
+    for store in (writer, reader):
+        assert [p.name for p in store._local("k").iterdir()] == [current]
+
+
 def test_exception_in_writer_uploads_nothing(s3_endpoint: S3Endpoint, bucket: str, tmp_path: Path) -> None:  # noqa: F811
     store = make_store(s3_endpoint, bucket, tmp_path / "cache")
     publish(store, "k", {"x.txt": b"good"})
