@@ -89,7 +89,7 @@ class S3ArtifactStore(ArtifactStore):
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.cache_dir = Path(cache_dir).resolve()
         self.transfer = transfer or TRANSFER
-        config = Config(retries={"mode": "standard", "max_attempts": max_attempts}, connect_timeout=10,
+        config = Config(retries={"mode": "standard", "total_max_attempts": max_attempts}, connect_timeout=10,
                         read_timeout=60)
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
         self.endpoint = self.client.meta.endpoint_url
@@ -274,8 +274,9 @@ class S3ArtifactStore(ArtifactStore):
                 return ArtifactStoreError(f"access denied to bucket {bucket!r} at {endpoint} while {action}: grant "
                                           "these credentials s3:GetObject, s3:PutObject, s3:DeleteObject and "
                                           f"s3:ListBucket on s3://{bucket}/{self.prefix}, or fix KILN_ARTIFACT_ROOT")
-            return ArtifactStoreError(f"S3 error {code} while {action} in bucket {bucket!r} at {endpoint}: "
-                                      f"{error.get('Message', '')}")
+            attempts = exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
+            return ArtifactStoreError(f"S3 error {code} while {action} in bucket {bucket!r} at {endpoint} (after "
+                                      f"{attempts} attempt(s) with backoff): {error.get('Message', '')}")
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return ArtifactStoreError(f"no AWS credentials for bucket {bucket!r} at {endpoint}: set "
                                       "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or (in Airflow) "

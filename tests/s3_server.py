@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -94,6 +95,19 @@ class S3Endpoint:
                                           stdout=log, stderr=subprocess.STDOUT)
         wait_for_port(self.port, self.forwarder, log)
 
+    @contextmanager
+    def throttling(self, gets: int) -> Iterator[str]:
+        """A second way in to moto that answers the first ``gets`` GET requests with 503 SlowDown, as a throttling
+        S3 does; yields its URL."""
+        port, log = free_port(), self._log()
+        proc = subprocess.Popen([sys.executable, __file__, str(port), str(self.moto_port), str(gets)],
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, proc, log)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            _kill(proc)
+
     def kill_forwarder(self) -> None:
         """SIGKILL the endpoint the store talks to: open connections reset, new ones are refused."""
         _kill(self.forwarder)
@@ -143,13 +157,35 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-async def _forward(listen_port: int, target_port: int) -> None:
+_SLOW_DOWN_BODY = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                   b"<Message>Please reduce your request rate.</Message></Error>")
+#: What AWS answers a client it throttles (and what the store must retry, with backoff).
+SLOW_DOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+             b"Content-Length: %d\r\n\r\n" % len(_SLOW_DOWN_BODY) + _SLOW_DOWN_BODY)
+
+
+async def _forward(listen_port: int, target_port: int, throttle_gets: int = 0) -> None:
+    """Forward TCP connections; with ``throttle_gets``, answer the first request of that many connections that
+    start with a GET with 503 SlowDown instead (a throttled client opens a new connection for its retry)."""
+    throttled = 0
+
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        nonlocal throttled
+        head = b""
+        if throttled < throttle_gets:
+            head = await client_r.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET "):
+                throttled += 1
+                client_w.write(SLOW_DOWN)
+                await client_w.drain()
+                client_w.close()
+                return
         try:
             server_r, server_w = await asyncio.open_connection("127.0.0.1", target_port)
         except OSError:
             client_w.close()
             return
+        server_w.write(head)
         await asyncio.gather(_pipe(client_r, server_w), _pipe(server_r, client_w))
 
     server = await asyncio.start_server(handle, "127.0.0.1", listen_port, reuse_address=True)
@@ -157,5 +193,5 @@ async def _forward(listen_port: int, target_port: int) -> None:
         await server.serve_forever()
 
 
-if __name__ == "__main__":  # python tests/s3_server.py LISTEN_PORT TARGET_PORT: a plain TCP forwarder
-    asyncio.run(_forward(int(sys.argv[1]), int(sys.argv[2])))
+if __name__ == "__main__":  # python tests/s3_server.py LISTEN_PORT TARGET_PORT [THROTTLE_GETS]: a TCP forwarder
+    asyncio.run(_forward(*(int(a) for a in sys.argv[1:4])))

@@ -122,6 +122,20 @@ def test_the_cache_keeps_only_the_current_version_of_a_key(s3_endpoint: S3Endpoi
         assert [p.name for p in store._local("k").iterdir()] == [current]
 
 
+def test_throttled_requests_are_retried_with_backoff(s3_endpoint: S3Endpoint, bucket: str,  # noqa: F811
+                                                     tmp_path: Path) -> None:
+    publish(make_store(s3_endpoint, bucket, tmp_path / "writer"), "k", {"x.txt": b"data"})
+
+    with s3_endpoint.throttling(gets=2) as url:  # two 503 SlowDown answers, then the real one
+        reader = S3ArtifactStore(f"s3://{bucket}/kiln", cache_dir=tmp_path / "a", endpoint_url=url, max_attempts=3)
+        assert (reader.path("k") / "x.txt").read_bytes() == b"data"
+
+    with s3_endpoint.throttling(gets=2) as url:  # the same throttling outlasts 2 attempts
+        reader = S3ArtifactStore(f"s3://{bucket}/kiln", cache_dir=tmp_path / "b", endpoint_url=url, max_attempts=2)
+        with pytest.raises(ArtifactStoreError, match=r"SlowDown while reading the manifest of s3://.*after 2 attempt"):
+            reader.path("k")
+
+
 def test_exception_in_writer_uploads_nothing(s3_endpoint: S3Endpoint, bucket: str, tmp_path: Path) -> None:  # noqa: F811
     store = make_store(s3_endpoint, bucket, tmp_path / "cache")
     publish(store, "k", {"x.txt": b"good"})
