@@ -303,8 +303,10 @@ class InfraValidationSpec(_Strict):
 
     tolerance: float = Field(default=1e-5, gt=0)
     """Largest allowed difference between served and training-side predictions (train/serve parity)."""
-    latency_budget_ms: float = Field(default=50.0, gt=0)
-    """p99 latency of one-row requests allowed in the serving runtime."""
+    latency_budget_ms: float = Field(default=500.0, gt=0)
+    """p99 latency of one-row requests allowed in the serving runtime. The default only catches a runtime that is
+    broken-slow (seconds per row) on a busy laptop; set your service's objective here (the serving benchmark
+    measures p99 of 8-13 ms on 2 cores)."""
     requests: int = Field(default=50, ge=1, le=10_000)
     """One-row requests replayed to time it."""
 

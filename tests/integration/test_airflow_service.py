@@ -62,7 +62,10 @@ def _run_smoke_dag(home: Path, db_url: str | None) -> None:
         run_seconds = time.monotonic() - run_started
 
         tis = {ti["task_id"]: ti for ti in svc.task_instances(DAG_ID, run_id)}
-        assert state == "success", f"run {run_id} ended {state}: { {k: v['state'] for k, v in tis.items()} }"
+        if state != "success":  # say why in the failure itself: the harness's folder is gone afterwards
+            logs = "\n".join(f"--- {k} ({v['state']}):\n{svc.task_log(DAG_ID, run_id, k, v['try_number'])[-3000:]}"
+                             for k, v in tis.items() if v["state"] == "failed")
+            pytest.fail(f"run {run_id} ended {state}: { {k: v['state'] for k, v in tis.items()} }\n{logs}")
         assert {ti["state"] for ti in tis.values()} == {"success"}
         assert "deferred" in seen["wait"], f"the sensor never showed as deferred; states seen {dict(seen)}"
         assert "smoke-ok" in svc.task_log(DAG_ID, run_id, "report", tis["report"]["try_number"])
