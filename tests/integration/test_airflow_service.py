@@ -65,6 +65,11 @@ def _run_smoke_dag(home: Path, db_url: str | None) -> None:
         if state != "success":  # say why in the failure itself: the harness's folder is gone afterwards
             logs = "\n".join(f"--- {k} ({v['state']}):\n{svc.task_log(DAG_ID, run_id, k, v['try_number'])[-3000:]}"
                              for k, v in tis.items() if v["state"] == "failed")
+            # A task that fails before it logs (not started, lost by the executor) shows up only in these.
+            for name in ("scheduler.log", "triggerer.log"):
+                text = (svc.home / name).read_text(errors="replace") if (svc.home / name).exists() else ""
+                notable = [line for line in text.splitlines() if "wait" in line or "rror" in line or "ail" in line]
+                logs += f"\n--- {name} (lines naming the task, errors, failures):\n" + "\n".join(notable[-40:])
             pytest.fail(f"run {run_id} ended {state}: { {k: v['state'] for k, v in tis.items()} }\n{logs}")
         assert {ti["state"] for ti in tis.values()} == {"success"}
         assert "deferred" in seen["wait"], f"the sensor never showed as deferred; states seen {dict(seen)}"
