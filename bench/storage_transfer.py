@@ -5,9 +5,9 @@ to moto directly, not through the test forwarder). One 1 GiB file of cheap pseud
 ``os.urandom`` MiB, its first 8 bytes replaced by the MiB's index) is moved by two sides:
 
 * ours: published through ``S3ArtifactStore.writer`` (the file is hard-linked into the staging folder, as a step
-  would have written it there: sha256 pass, multipart upload with :data:`tasks.artifacts_s3.TRANSFER`, manifest,
-  sweep), then read back by a second store with an empty cache through ``path()`` (manifest, download, sha256
-  check against the manifest).
+  would have written it there: multipart upload with :data:`tasks.artifacts_s3.TRANSFER` while a thread computes
+  the sha256, manifest, sweep), then read back by a second store with an empty cache through ``path()`` (manifest,
+  download, sha256 check against the manifest).
 * peer: ``client.upload_file`` and ``client.download_file`` with no ``Config``: boto3's TransferManager with its
   default ``TransferConfig`` (8 MiB parts, 10 threads), no checksum pass.
 

@@ -76,7 +76,7 @@ def test_round_trip_nested_and_multipart(s3_endpoint: S3Endpoint, bucket: str, t
     big = f"kiln/p/run1/ingest/.v/{m['version']}/big.bin"
     head = s3_endpoint.client(direct=True).head_object(Bucket=bucket, Key=big)
     assert "-" in head["ETag"], "a 50 MB file goes up as a multipart upload"
-    assert head["Metadata"]["sha256"] == sha(files["big.bin"])
+    assert head["ContentLength"] == 50 * MB
 
 
 def test_overwrite_publishes_new_version_and_removes_old(s3_endpoint: S3Endpoint, bucket: str,  # noqa: F811
