@@ -3,13 +3,16 @@
 boto3 talks to it over HTTP exactly as to AWS. moto keeps its buckets in memory, so a test that needs the endpoint
 to die mid-upload and come back with its data kills a TCP forwarder between the store and moto instead (also its
 own process, started by running this file): to the store that is exactly an S3 endpoint going away and coming
-back, and the bucket's contents survive for the checks after the restart.
+back, and the bucket's contents survive for the checks after the restart. A forwarder can also be told to die by
+itself in the middle of the first upload into a version prefix, so the cut lands inside a step's publish whatever
+the step's timing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,11 +92,17 @@ class S3Endpoint:
         self._logs.append(tempfile.TemporaryFile())
         return self._logs[-1]
 
-    def start_forwarder(self) -> None:
+    def start_forwarder(self, die_mid_upload: bool = False) -> None:
+        """Start the forwarder on :attr:`port`; ``die_mid_upload``: it exits by itself halfway through the body of
+        the first PUT into a version prefix (``…/.v/…``), as an endpoint that goes away mid-upload."""
         log = self._log()
-        self.forwarder = subprocess.Popen([sys.executable, __file__, str(self.port), str(self.moto_port)],
-                                          stdout=log, stderr=subprocess.STDOUT)
+        self.forwarder = subprocess.Popen([sys.executable, __file__, str(self.port), str(self.moto_port), "0",
+                                           str(int(die_mid_upload))], stdout=log, stderr=subprocess.STDOUT)
         wait_for_port(self.port, self.forwarder, log)
+
+    def forwarder_died(self) -> bool:
+        """Whether the forwarder has exited (by itself, unless :meth:`kill_forwarder` was called)."""
+        return self.forwarder is not None and self.forwarder.poll() is not None
 
     @contextmanager
     def throttling(self, gets: int) -> Iterator[str]:
@@ -157,6 +166,36 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
+#: The request line of an upload (a PutObject or an UploadPart) into a version prefix of the store.
+_VERSION_PUT = re.compile(rb"PUT [^ ]*/\.v/[^ ]* HTTP/1\.1\r\n")
+
+
+async def _pipe_until_version_put(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Forward as :func:`_pipe` does until a request uploads into a version prefix; forward that request's head and
+    half of the body bytes that come with or after it, then exit the whole process: every connection drops."""
+    tail = b""  # the end of the previous read, for a request line split across two reads
+    try:
+        while data := await reader.read(1 << 16):
+            window = tail + data
+            match = _VERSION_PUT.search(window)
+            head_end = window.find(b"\r\n\r\n", match.end()) if match else -1
+            if head_end < 0:  # no such upload yet, or its head goes on in the next read
+                writer.write(data)
+                await writer.drain()
+                tail = window[-512:]
+                continue
+            body_start = head_end + 4
+            writer.write(window[len(tail):body_start])
+            body = window[body_start:] or await reader.read(1 << 16)
+            writer.write(body[:len(body) // 2])
+            await writer.drain()
+            os._exit(1)
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
 _SLOW_DOWN_BODY = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
                    b"<Message>Please reduce your request rate.</Message></Error>")
 #: What AWS answers a client it throttles (and what the store must retry, with backoff).
@@ -164,9 +203,10 @@ SLOW_DOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnec
              b"Content-Length: %d\r\n\r\n" % len(_SLOW_DOWN_BODY) + _SLOW_DOWN_BODY)
 
 
-async def _forward(listen_port: int, target_port: int, throttle_gets: int = 0) -> None:
+async def _forward(listen_port: int, target_port: int, throttle_gets: int = 0, die_mid_upload: int = 0) -> None:
     """Forward TCP connections; with ``throttle_gets``, answer the first request of that many connections that
-    start with a GET with 503 SlowDown instead (a throttled client opens a new connection for its retry)."""
+    start with a GET with 503 SlowDown instead (a throttled client opens a new connection for its retry); with
+    ``die_mid_upload``, exit halfway through the first upload into a version prefix."""
     throttled = 0
 
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
@@ -186,12 +226,13 @@ async def _forward(listen_port: int, target_port: int, throttle_gets: int = 0) -
             client_w.close()
             return
         server_w.write(head)
-        await asyncio.gather(_pipe(client_r, server_w), _pipe(server_r, client_w))
+        upstream = _pipe_until_version_put if die_mid_upload else _pipe
+        await asyncio.gather(upstream(client_r, server_w), _pipe(server_r, client_w))
 
     server = await asyncio.start_server(handle, "127.0.0.1", listen_port, reuse_address=True)
     async with server:
         await server.serve_forever()
 
 
-if __name__ == "__main__":  # python tests/s3_server.py LISTEN_PORT TARGET_PORT [THROTTLE_GETS]: a TCP forwarder
-    asyncio.run(_forward(*(int(a) for a in sys.argv[1:4])))
+if __name__ == "__main__":  # python tests/s3_server.py LISTEN TARGET [THROTTLE_GETS [DIE_MID_UPLOAD]]: a forwarder
+    asyncio.run(_forward(*(int(a) for a in sys.argv[1:5])))

@@ -89,3 +89,68 @@ def test_pipeline_on_s3(s3_endpoint: S3Endpoint, tmp_path: Path,  # noqa: F811
         assert any(name.startswith(folder) for name in logged), f"no {folder} artifacts in {sorted(logged)}"
     assert "evaluate/confusion_matrix.png" in logged
     assert list_keys(client, bucket, "mlflow/") == list_keys(client, bucket, f"mlflow/{ctx.spec.name}/")
+
+
+def test_a_step_cut_off_mid_upload_fails_cleanly_and_its_retry_succeeds(s3_endpoint: S3Endpoint,  # noqa: F811
+                                                                         tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The endpoint goes away halfway through a step's upload, first on a step's first run, then on a re-run of a
+    step with a committed version: the step fails naming the endpoint, readers see nothing new, and once the
+    endpoint is back the retried step publishes and the next step reads it."""
+    from tasks.artifacts import ArtifactStoreError
+
+    bucket = f"kiln-{uuid.uuid4().hex[:10]}"
+    client = s3_endpoint.client(direct=True)
+    client.create_bucket(Bucket=bucket)
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "kiln"))
+    monkeypatch.setenv("KILN_ARTIFACT_ROOT", f"s3://{bucket}/kiln")
+    monkeypatch.setenv("KILN_S3_ENDPOINT_URL", s3_endpoint.url)
+    ctx = pipeline.make_context(REPO / "dags" / "pipelines" / "penguins_species.yaml", "manual__s3_outage")
+    clean_prefix = f"kiln/{ctx.run_key}/clean/"
+
+    def cut_off(step: Any) -> ArtifactStoreError:
+        s3_endpoint.kill_forwarder()
+        s3_endpoint.start_forwarder(die_mid_upload=True)
+        try:
+            with pytest.raises(ArtifactStoreError) as caught:
+                step(ctx)
+            assert s3_endpoint.forwarder_died(), "the endpoint was to go away mid-upload, and did not"
+        finally:
+            s3_endpoint.kill_forwarder()
+            s3_endpoint.start_forwarder()
+        assert f"cannot reach the S3 endpoint {s3_endpoint.url} (bucket '{bucket}')" in str(caught.value)
+        return caught.value
+
+    def committed(step: str) -> tuple[str, set[str]]:
+        """The step's committed version and every object under the step's key."""
+        manifest = json.loads(read_object(client, bucket, f"kiln/{ctx.run_key}/{step}/{MANIFEST}"))
+        return manifest["version"], list_keys(client, bucket, f"kiln/{ctx.run_key}/{step}/")
+
+    pipeline.ingest(ctx)
+    pipeline.validate(ctx)
+
+    # A first run cut off: no version, and no object at all under the key.
+    cut_off(pipeline.clean)
+    assert not ctx.store.exists(ctx.key("clean"))
+    assert list_keys(client, bucket, clean_prefix) == set(), "a cut-off upload left objects behind"
+    staging = tmp_path / "kiln" / "cache" / "s3" / ".staging"
+    assert not staging.exists() or not any(staging.iterdir()), "the failed step left its staging folder"
+
+    pipeline.clean(ctx)  # the retry
+    first, objects = committed("clean")
+    assert objects and all(o == f"{clean_prefix}{MANIFEST}" or f"/{VERSIONS}/{first}/" in o for o in objects)
+
+    # A re-run cut off: the committed version is untouched, for this machine's cache and for a fresh reader.
+    cut_off(pipeline.clean)
+    assert committed("clean") == (first, objects)
+    fresh = S3ArtifactStore(f"s3://{bucket}/kiln", cache_dir=tmp_path / "fresh", endpoint_url=s3_endpoint.url)
+    assert sorted(p.name for p in fresh.path(ctx.key("clean")).iterdir()) == \
+        sorted(p.name for p in ctx.store.path(ctx.key("clean")).iterdir())
+
+    pipeline.clean(ctx)
+    second, objects = committed("clean")
+    assert second != first
+    assert all(o == f"{clean_prefix}{MANIFEST}" or f"/{VERSIONS}/{second}/" in o for o in objects), \
+        "the retry's commit leaves only its own version"
+    features = pipeline.build_features(ctx)
+    assert features, "the next step read the retried step's output"
