@@ -128,6 +128,23 @@ def ensure_server(deployment: Path, *, host: str, port: int, token: str, run_dir
                   start_timeout_s=start_timeout_s)
 
 
+def _describe_listener(port: int) -> str:
+    """`` (pid N, deployment F)`` of the local process listening on ``port``, for an error message; ``""`` when it
+    cannot be told (another user's process, or a platform where listing sockets needs privileges)."""
+    import psutil
+
+    try:
+        pid = next((c.pid for c in psutil.net_connections("tcp")
+                    if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid), None)
+        if pid is None:
+            return ""
+        cmdline = psutil.Process(pid).cmdline()
+    except (psutil.Error, OSError):
+        return ""
+    served = cmdline[cmdline.index("--deployment") + 1] if "--deployment" in cmdline[:-1] else None
+    return f" (pid {pid}, deployment {served})" if served else f" (pid {pid})"
+
+
 def _reload_running(client: ServingClient, dep: Deployment, port: int, start_timeout_s: float) -> None:
     """Tell the kiln server of ``dep.model`` listening on ``port`` to reload; refuse anything else there."""
     foreign = (f"port {port} is taken by something that is not the kiln model server of {dep.model!r}; stop it "
@@ -150,9 +167,12 @@ def _reload_running(client: ServingClient, dep: Deployment, port: int, start_tim
         body = client.reload()
     except ServingError as exc:
         if exc.status == 401:
-            raise ServingError(f"the model server on port {port} refused the token (KILN_SERVE_TOKEN or the "
-                               "serving token file differs from the one it was started with)", url=client.url,
-                               status=401) from exc
+            raise ServingError(
+                f"the model server of {dep.model!r} on port {port}{_describe_listener(port)} refused this kiln's "
+                "token: it was started by another kiln home (another checkout or KILN_HOME) or with another "
+                "KILN_SERVE_TOKEN; stop it (make serve-stop in the checkout that started it, or kill its pid) or "
+                f"serve this one on another port with the setting {PORT_SETTING}", url=client.url,
+                status=401) from exc
         raise
     served = str(body["champion"]["version"])
     if served != str(dep.champion.version):

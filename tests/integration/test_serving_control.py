@@ -100,8 +100,11 @@ def test_ensure_server_starts_a_detached_server_then_reloads_it(tmp_path: Path, 
         with ServingClient(first.url, "not-the-token") as stranger, pytest.raises(ServingError) as refused:
             stranger.predict(records(1))
         assert refused.value.status == 401 and "not-the-token" not in str(refused.value)
-        with pytest.raises(ServingError, match="refused the token"):
+        with pytest.raises(ServingError, match="refused this kiln's token") as foreign:
             ensure_server(deployment, host=HOST, port=port, token="not-the-token", run_dir=server_dir)
+        # The message says which process holds the port and how to get past it.
+        assert f"(pid {first.pid}, deployment {deployment.resolve()})" in str(foreign.value)
+        assert "make serve-stop" in str(foreign.value) and "KILN_SERVE_PORT" in str(foreign.value)
 
         write_deployment(deployment, with_champion(read_deployment(deployment), ModelRef("2", str(bundle_factory(1)))))
         second = ensure_server(deployment, host=HOST, port=port, token=TOKEN, run_dir=server_dir)
