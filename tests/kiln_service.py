@@ -89,7 +89,11 @@ def running_service(tmp: Path, *, profile: str = "embedded", specs: list[Path] |
     environ.update(KILN_HOME=str(home), KILN_PIPELINES_DIR=str(pipelines), KILN_PROFILE=profile,
                    KILN_AIRFLOW_PORT=str(airflow_port), KILN_MLFLOW_PORT=str(mlflow_port),
                    KILN_SERVE_PORT=str(serve_port), AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(log_port),
-                   AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(trigger_port))
+                   AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(trigger_port),
+                   # A 500 from the REST API then carries the failing statement, the database's own error and the
+                   # traceback, so a test that gets one fails with the cause instead of a lookup id in a log that
+                   # is deleted with the test's folder.
+                   AIRFLOW__API__EXPOSE_STACKTRACE="True")
     with ExitStack() as stack:
         if profile == "prod":
             for var in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "KILN_MLFLOW_TRACKING_URI", "KILN_POOLS_DB_URL"):
