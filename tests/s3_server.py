@@ -155,34 +155,24 @@ def s3_endpoint() -> Iterator[S3Endpoint]:
             endpoint.stop()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(1 << 16):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
-
-
 #: The request line of an upload (a PutObject or an UploadPart) into a version prefix of the store.
 _VERSION_PUT = re.compile(rb"PUT [^ ]*/\.v/[^ ]* HTTP/1\.1\r\n")
 
 
-async def _pipe_until_version_put(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Forward as :func:`_pipe` does until a request uploads into a version prefix; forward that request's head and
-    half of the body bytes that come with or after it, then exit the whole process: every connection drops."""
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, die_mid_upload: bool = False) -> None:
+    """Copy ``reader`` to ``writer``; with ``die_mid_upload``, once a request uploads into a version prefix, copy
+    its head and half of the body bytes that come with or after it, then exit the whole process (every connection
+    drops)."""
     tail = b""  # the end of the previous read, for a request line split across two reads
     try:
         while data := await reader.read(1 << 16):
             window = tail + data
-            match = _VERSION_PUT.search(window)
+            match = _VERSION_PUT.search(window) if die_mid_upload else None
             head_end = window.find(b"\r\n\r\n", match.end()) if match else -1
             if head_end < 0:  # no such upload yet, or its head goes on in the next read
                 writer.write(data)
                 await writer.drain()
-                tail = window[-512:]
+                tail = window[-512:] if die_mid_upload else b""
                 continue
             body_start = head_end + 4
             writer.write(window[len(tail):body_start])
@@ -226,8 +216,7 @@ async def _forward(listen_port: int, target_port: int, throttle_gets: int = 0, d
             client_w.close()
             return
         server_w.write(head)
-        upstream = _pipe_until_version_put if die_mid_upload else _pipe
-        await asyncio.gather(upstream(client_r, server_w), _pipe(server_r, client_w))
+        await asyncio.gather(_pipe(client_r, server_w, bool(die_mid_upload)), _pipe(server_r, client_w))
 
     server = await asyncio.start_server(handle, "127.0.0.1", listen_port, reuse_address=True)
     async with server:

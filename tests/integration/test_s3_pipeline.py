@@ -13,6 +13,7 @@ from conftest import REPO, free_port, stop_model_servers
 from s3_server import S3Endpoint, s3_endpoint  # noqa: F401
 
 from tasks import pipeline
+from tasks.artifacts import ArtifactStoreError
 from tasks.artifacts_s3 import MANIFEST, VERSIONS, S3ArtifactStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
@@ -97,8 +98,6 @@ def test_a_step_cut_off_mid_upload_fails_cleanly_and_its_retry_succeeds(s3_endpo
     """The endpoint goes away halfway through a step's upload, first on a step's first run, then on a re-run of a
     step with a committed version: the step fails naming the endpoint, readers see nothing new, and once the
     endpoint is back the retried step publishes and the next step reads it."""
-    from tasks.artifacts import ArtifactStoreError
-
     bucket = f"kiln-{uuid.uuid4().hex[:10]}"
     client = s3_endpoint.client(direct=True)
     client.create_bucket(Bucket=bucket)
@@ -108,7 +107,7 @@ def test_a_step_cut_off_mid_upload_fails_cleanly_and_its_retry_succeeds(s3_endpo
     ctx = pipeline.make_context(REPO / "dags" / "pipelines" / "penguins_species.yaml", "manual__s3_outage")
     clean_prefix = f"kiln/{ctx.run_key}/clean/"
 
-    def cut_off(step: Any) -> ArtifactStoreError:
+    def cut_off(step: Any) -> None:
         s3_endpoint.kill_forwarder()
         s3_endpoint.start_forwarder(die_mid_upload=True)
         try:
@@ -119,12 +118,11 @@ def test_a_step_cut_off_mid_upload_fails_cleanly_and_its_retry_succeeds(s3_endpo
             s3_endpoint.kill_forwarder()
             s3_endpoint.start_forwarder()
         assert f"cannot reach the S3 endpoint {s3_endpoint.url} (bucket '{bucket}')" in str(caught.value)
-        return caught.value
 
-    def committed(step: str) -> tuple[str, set[str]]:
-        """The step's committed version and every object under the step's key."""
-        manifest = json.loads(read_object(client, bucket, f"kiln/{ctx.run_key}/{step}/{MANIFEST}"))
-        return manifest["version"], list_keys(client, bucket, f"kiln/{ctx.run_key}/{step}/")
+    def committed() -> tuple[str, set[str]]:
+        """The clean step's committed version and every object under its key."""
+        manifest = json.loads(read_object(client, bucket, f"{clean_prefix}{MANIFEST}"))
+        return manifest["version"], list_keys(client, bucket, clean_prefix)
 
     pipeline.ingest(ctx)
     pipeline.validate(ctx)
@@ -133,22 +131,22 @@ def test_a_step_cut_off_mid_upload_fails_cleanly_and_its_retry_succeeds(s3_endpo
     cut_off(pipeline.clean)
     assert not ctx.store.exists(ctx.key("clean"))
     assert list_keys(client, bucket, clean_prefix) == set(), "a cut-off upload left objects behind"
-    staging = tmp_path / "kiln" / "cache" / "s3" / ".staging"
+    staging = ctx.store.cache_dir / ".staging"
     assert not staging.exists() or not any(staging.iterdir()), "the failed step left its staging folder"
 
     pipeline.clean(ctx)  # the retry
-    first, objects = committed("clean")
+    first, objects = committed()
     assert objects and all(o == f"{clean_prefix}{MANIFEST}" or f"/{VERSIONS}/{first}/" in o for o in objects)
 
     # A re-run cut off: the committed version is untouched, for this machine's cache and for a fresh reader.
     cut_off(pipeline.clean)
-    assert committed("clean") == (first, objects)
+    assert committed() == (first, objects)
     fresh = S3ArtifactStore(f"s3://{bucket}/kiln", cache_dir=tmp_path / "fresh", endpoint_url=s3_endpoint.url)
     assert sorted(p.name for p in fresh.path(ctx.key("clean")).iterdir()) == \
         sorted(p.name for p in ctx.store.path(ctx.key("clean")).iterdir())
 
     pipeline.clean(ctx)
-    second, objects = committed("clean")
+    second, objects = committed()
     assert second != first
     assert all(o == f"{clean_prefix}{MANIFEST}" or f"/{VERSIONS}/{second}/" in o for o in objects), \
         "the retry's commit leaves only its own version"
