@@ -52,7 +52,7 @@ $(AIRFLOW_HOME)/.migrated: $(VENV)/.installed
 airflow-init: $(AIRFLOW_HOME)/.migrated
 
 demo: install airflow-init
-	@$(PY) -m operators.cli run penguins_species --log $(KILN_HOME)/logs/demo.log $(if $(CONF),--conf '$(CONF)') \
+	@$(PY) -m kiln.operators.runner run penguins_species --log $(KILN_HOME)/logs/demo.log $(if $(CONF),--conf '$(CONF)') \
 	  || { echo "demo failed; last lines of $(KILN_HOME)/logs/demo.log:"; tail -40 $(KILN_HOME)/logs/demo.log; exit 1; }
 
 test: install image postgres redis chromium
@@ -74,19 +74,19 @@ wrk:
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
 serve-stop:
-	@[ ! -x $(PY) ] || $(PY) -m tasks.models_cli stop
+	@[ ! -x $(PY) ] || $(PY) -m kiln.tasks.cli.models stop
 
 # Service mode. PROFILE=embedded (SQLite, LocalExecutor) or prod (PostgreSQL + CeleryExecutor on Redis); every
 # setting is an environment variable (README: Service mode).
 PROFILE ?= embedded
 up: install $(if $(filter prod,$(PROFILE)),postgres redis)
-	@KILN_PROFILE=$(PROFILE) $(PY) -m operators.service up
+	@KILN_PROFILE=$(PROFILE) $(PY) -m kiln.tasks.services.supervisor up
 
 down:
-	@[ ! -x $(PY) ] || $(PY) -m operators.service down
+	@[ ! -x $(PY) ] || $(PY) -m kiln.tasks.services.supervisor down
 
 status:
-	@$(PY) -m operators.service status
+	@$(PY) -m kiln.tasks.services.supervisor status
 
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }

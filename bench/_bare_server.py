@@ -20,7 +20,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from tasks.model import load_model
+from kiln.tasks.training.networks import load_model
 
 
 def create_app(model_dir: str) -> FastAPI:

@@ -47,10 +47,10 @@ def emit(name: str, value: float, unit: str, peer: str, peer_value: float, targe
                       "peer_value": round(peer_value, 3), "ratio": round(ratio, 3), "target": target}))
 
 
-#: Runs ``tasks.pipeline.run_all`` once: argv = spec path, run id, Params as JSON; prints the result as JSON.
+#: Runs ``kiln.tasks.pipeline.context.run_all`` once: argv = spec path, run id, Params as JSON; prints the result as JSON.
 _IN_PROCESS_RUN = """
 import json, sys, time
-from tasks import pipeline
+from kiln.tasks.pipeline import context as pipeline
 t0 = time.perf_counter()
 ctx = pipeline.make_context(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
 results = pipeline.run_all(ctx)
@@ -80,9 +80,9 @@ def isolated_environ(home: Path, **overrides: str) -> dict[str, str]:
 
 
 def run_pipeline_in_process(spec: Path, params: dict, run_id: str, env: dict[str, str]) -> dict:
-    """Run every step of a pipeline with ``tasks.pipeline.run_all`` in one fresh Python process.
+    """Run every step of a pipeline with ``kiln.tasks.pipeline.context.run_all`` in one fresh Python process.
 
-    The clock starts after ``tasks.pipeline`` is imported and covers ``make_context`` + ``run_all``. A deploy
+    The clock starts after ``kiln.tasks.pipeline.context`` is imported and covers ``make_context`` + ``run_all``. A deploy
     step leaves a model server running: stop it with :func:`stop_model_servers`.
 
     Args:
@@ -116,5 +116,5 @@ def stop_model_servers(env: dict[str, str]) -> None:
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-m", "tasks.models_cli", "stop"], cwd=REPO, env=env, check=True,
+    subprocess.run([sys.executable, "-m", "kiln.tasks.cli.models", "stop"], cwd=REPO, env=env, check=True,
                    capture_output=True, timeout=120)

@@ -30,11 +30,11 @@ from pathlib import Path
 
 from _common import emit, steady_samples_per_s, write_synthetic_features
 
-from tasks.launch import Launcher, LocalTorchrunLauncher
-from tasks.launch_docker import DockerGangLauncher
-from tasks.pools.allocation import Allocation, NodeAllocation
-from tasks.spec import ModelSpec, TrainingSpec
-from tasks.train import METRICS_FILE, TrainConfig
+from kiln.tasks.launch.base import Launcher, LocalTorchrunLauncher
+from kiln.tasks.launch.docker_gang import DockerGangLauncher
+from kiln.tasks.pools.allocation import Allocation, NodeAllocation
+from kiln.tasks.spec import ModelSpec, TrainingSpec
+from kiln.tasks.training.loop import METRICS_FILE, TrainConfig
 
 ROWS, DIM, CLASSES, BATCH, EPOCHS, PAIRS = 120_000, 64, 10, 4096, 6, 3
 MODEL = ModelSpec(hidden_sizes=[512, 512, 256])
@@ -68,7 +68,7 @@ def measure(kind: str, features: Path, root: Path) -> tuple[float, float]:
                                                nproc=1 if docker else 2))
     launcher: Launcher = DockerGangLauncher() if docker else LocalTorchrunLauncher()
     watcher = _FirstStep()
-    relay = logging.getLogger("tasks.launch_docker" if docker else "tasks.launch")
+    relay = logging.getLogger("kiln.tasks.launch.docker_gang" if docker else "kiln.tasks.launch.base")
     relay.addHandler(watcher)
     try:
         started = time.monotonic()
@@ -87,8 +87,8 @@ def measure(kind: str, features: Path, root: Path) -> tuple[float, float]:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("tasks.launch").setLevel(logging.INFO)  # the relayed lines reach the handler
-    logging.getLogger("tasks.launch_docker").setLevel(logging.INFO)
+    logging.getLogger("kiln.tasks.launch.base").setLevel(logging.INFO)  # the relayed lines reach the handler
+    logging.getLogger("kiln.tasks.launch.docker_gang").setLevel(logging.INFO)
     logging.getLogger().handlers[0].setLevel(logging.WARNING)  # but are not printed
     runs: dict[str, list[tuple[float, float]]] = {"local": [], "docker": []}
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:

@@ -2,7 +2,7 @@
 
 Both sides use the same spec, data and settings, each in its own state folder warmed by one run. The Airflow run is
 ``dag.test()`` (real metadata DB, task instances and XCom, tasks in-process); the peer is
-``tasks.pipeline.run_all``. Ratio = Airflow seconds / plain seconds (best of ROUNDS each); target <= 1.3.
+``kiln.tasks.pipeline.context.run_all``. Ratio = Airflow seconds / plain seconds (best of ROUNDS each); target <= 1.3.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ ROUNDS = 2
 
 AIRFLOW_RUN = """
 import json, sys
-from operators.cli import run_dag
+from kiln.operators.runner import run_dag
 r = run_dag("penguins_species", json.loads(sys.argv[1]))
 assert r["state"] == "success", r
 print(json.dumps({"duration_s": r["duration_s"]}))
@@ -30,7 +30,7 @@ print(json.dumps({"duration_s": r["duration_s"]}))
 
 PLAIN_RUN = """
 import json, sys, time
-from tasks import pipeline
+from kiln.tasks.pipeline import context as pipeline
 t0 = time.perf_counter()
 ctx = pipeline.make_context("dags/pipelines/penguins_species.yaml", f"bench_plain_{time.time_ns()}",
                              json.loads(sys.argv[1]))

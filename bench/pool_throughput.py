@@ -31,9 +31,9 @@ from pathlib import Path
 from _common import emit
 from sqlalchemy import create_engine, text
 
-from tasks.pools.allocation import LeaseRequest, Owner
-from tasks.pools.inventory import GpuDevice, Inventory, Node, Pool, Team
-from tasks.pools.store import LeaseStore
+from kiln.tasks.pools.allocation import LeaseRequest, Owner
+from kiln.tasks.pools.inventory import GpuDevice, Inventory, Node, Pool, Team
+from kiln.tasks.pools.store import LeaseStore
 
 CLIENTS = (1, 8, 32)
 DURATION_S = 5.0

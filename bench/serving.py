@@ -4,8 +4,8 @@ The model is the penguins example pipeline's MLP (``dags/pipelines/penguins_spec
 the pipeline in this process under a temporary ``KILN_HOME``. Three servers serve it, one process each, all
 pinned to the same core (``taskset -c 1``) with one torch thread:
 
-* ours: ``python -m tasks.serving`` over a deployment whose champion is the bundle exported from the run
-  (``tasks.bundle.export_bundle``); ``POST /predict`` with ``{"records": [...]}`` and a bearer token.
+* ours: ``python -m kiln.tasks.serving`` over a deployment whose champion is the bundle exported from the run
+  (``kiln.tasks.bundle.load.export_bundle``); ``POST /predict`` with ``{"records": [...]}`` and a bearer token.
 * mlflow: ``mlflow models serve --env-manager local --workers 1`` of a pyfunc logged into the run's temporary
   MLflow store; ``POST /invocations`` with ``{"dataframe_records": [...]}``. The pyfunc (``bench/_mlflow_model.py``)
   takes the same raw columns and applies the same fitted ``FeatureTransform`` before the network, rather than
@@ -139,7 +139,7 @@ def _free_port() -> int:
 
 def train_penguins(home: Path) -> tuple[Path, Path]:
     """Run the example pipeline in this process under ``home``; returns (features folder, model folder)."""
-    from tasks import pipeline
+    from kiln.tasks.pipeline import context as pipeline
 
     t0 = time.perf_counter()
     ctx = pipeline.make_context(SPEC, "bench_serving")
@@ -152,7 +152,7 @@ def train_penguins(home: Path) -> tuple[Path, Path]:
 
 def raw_rows(features_dir: Path, target: str) -> pd.DataFrame:
     """The run's raw test rows without the label, repeated to at least max(ROWS) rows."""
-    from tasks.features import TEST_RAW_FILE
+    from kiln.tasks.steps.build_features import TEST_RAW_FILE
 
     df = pd.read_parquet(features_dir / TEST_RAW_FILE).drop(columns=[target])
     while len(df) < max(ROWS):
@@ -177,9 +177,9 @@ def server_env(home: Path) -> dict[str, str]:
 
 
 def make_ours(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFrame, model_name: str) -> Server:
-    """Export the bundle, write a deployment with it as champion, and describe ``python -m tasks.serving``."""
-    from tasks.bundle import ExportConfig, export_bundle
-    from tasks.serving.deployment import Deployment, ModelRef, utc_now, write_deployment
+    """Export the bundle, write a deployment with it as champion, and describe ``python -m kiln.tasks.serving``."""
+    from kiln.tasks.bundle.load import ExportConfig, export_bundle
+    from kiln.tasks.serving.deployment import Deployment, ModelRef, utc_now, write_deployment
 
     bundle = tmp / "bundle"
     export_bundle(ExportConfig(features_dir, model_dir), bundle)
@@ -188,7 +188,7 @@ def make_ours(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFrame
                                             canary=None, updated_at=utc_now()))
     port = _free_port()
     bodies = write_bodies(tmp, "ours", lambda n: '{"records": ' + rows.head(n).to_json(orient="records") + "}")
-    return Server("ours", [sys.executable, "-m", "tasks.serving", "--deployment", str(deployment),
+    return Server("ours", [sys.executable, "-m", "kiln.tasks.serving", "--deployment", str(deployment),
                            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                   f"http://127.0.0.1:{port}/predict", f"http://127.0.0.1:{port}/health", bodies,
                   lambda body: [p["label"] for p in body["predictions"]], token=TOKEN,
@@ -200,9 +200,9 @@ def make_mlflow(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFra
     """Log the raw-records pyfunc into this run's MLflow store and describe ``mlflow models serve`` of it."""
     import mlflow
 
-    from tasks.features import FEATURE_SPEC_FILE
-    from tasks.settings import get_settings
-    from tasks.tracking import ensure_experiment
+    from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE
+    from kiln.tasks.settings import get_settings
+    from kiln.tasks.tracking.runs import ensure_experiment
 
     s = get_settings()
     uri = s.mlflow_tracking_uri
@@ -227,8 +227,8 @@ def make_mlflow(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFra
 
 def make_bare(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFrame) -> Server:
     """Describe ``bench/_bare_server.py``; its bodies are the same rows, transformed as the pipeline does."""
-    from tasks.features import FEATURE_SPEC_FILE
-    from tasks.transform import FeatureTransform
+    from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE
+    from kiln.tasks.features.transform import FeatureTransform
 
     transform = FeatureTransform.load(features_dir / FEATURE_SPEC_FILE)
     x = transform.transform(rows)
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         for var in ("KILN_ARTIFACT_ROOT", "KILN_MLFLOW_TRACKING_URI", "KILN_MLFLOW_ARTIFACT_ROOT", "KILN_SERVING_DIR"):
             os.environ.pop(var, None)
         features_dir, model_dir = train_penguins(tmp / "home")
-        from tasks.spec import load_spec
+        from kiln.tasks.spec import load_spec
 
         spec = load_spec(SPEC)
         rows = raw_rows(features_dir, spec.target)

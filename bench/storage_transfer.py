@@ -5,7 +5,7 @@ to moto directly, not through the test forwarder). One 1 GiB file of cheap pseud
 ``os.urandom`` MiB, its first 8 bytes replaced by the MiB's index) is moved by two sides:
 
 * ours: published through ``S3ArtifactStore.writer`` (the file is hard-linked into the staging folder, as a step
-  would have written it there: multipart upload with :data:`tasks.artifacts_s3.TRANSFER` while a thread computes
+  would have written it there: multipart upload with :data:`kiln.tasks.storage.s3.TRANSFER` while a thread computes
   the sha256, manifest, sweep), then read back by a second store with an empty cache through ``path()`` (manifest,
   download, sha256 check against the manifest).
 * peer: ``client.upload_file`` and ``client.download_file`` with no ``Config``: boto3's TransferManager with its
@@ -54,7 +54,7 @@ CHILD_TIMEOUT_S = 1800
 
 def transfer_ours(endpoint: str, bucket: str, source: Path, work: Path) -> tuple[float, float]:
     """Publish ``source`` through a store and read it back through another with an empty cache; returns seconds."""
-    from tasks.artifacts_s3 import S3ArtifactStore
+    from kiln.tasks.storage.s3 import S3ArtifactStore
 
     uri = f"s3://{bucket}/ours"
     writer = S3ArtifactStore(uri, cache_dir=work / "writer-cache", endpoint_url=endpoint)
@@ -178,7 +178,7 @@ def markdown_table(results: dict[str, list[dict[str, float]]], size_mib: int) ->
     """One row per transfer, in the order run."""
     from boto3.s3.transfer import TransferConfig
 
-    from tasks.artifacts_s3 import TRANSFER
+    from kiln.tasks.storage.s3 import TRANSFER
 
     parts = ", ".join(f"{name} {c.multipart_chunksize // MiB} MiB parts x {c.max_concurrency} threads"
                       for name, c in (("ours", TRANSFER), ("peer", TransferConfig())))

@@ -1,4 +1,4 @@
-"""train_harness: throughput of ``tasks.train.run_train`` against a minimal plain-PyTorch loop.
+"""train_harness: throughput of ``kiln.tasks.training.loop.run_train`` against a minimal plain-PyTorch loop.
 
 Same synthetic data (20,000 rows x 32 features, 4 classes), model (MLP 64-32), batch (64), optimizer (Adam),
 seed and thread count (1) on both sides. Both time the training loop of each epoch, data shuffling included;
@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 from _common import emit, write_synthetic_features
 
-from tasks.model import build_model
-from tasks.spec import ModelSpec, TrainingSpec
-from tasks.train import TrainConfig, run_train
+from kiln.tasks.training.networks import build_model
+from kiln.tasks.spec import ModelSpec, TrainingSpec
+from kiln.tasks.training.loop import TrainConfig, run_train
 
 ROWS, DIM, CLASSES, BATCH, EPOCHS, ROUNDS, SEED, LR = 20_000, 32, 4, 64, 3, 30, 0, 1e-3
 MODEL = ModelSpec(hidden_sizes=[64, 32])

@@ -14,8 +14,8 @@ import pendulum
 from airflow.sdk import DAG, Param, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from tasks.settings import get_settings
-from tasks.spec import load_specs
+from kiln.tasks.settings import get_settings
+from kiln.tasks.spec import load_specs
 
 _models = sorted(spec.name for _, spec in load_specs(get_settings().pipelines_dir)[0])
 
@@ -44,10 +44,10 @@ with DAG(
 
     @task(task_id="set_champion")
     def set_champion(params: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
-        from operators.s3_credentials import use_s3_connection
-        from tasks.models_cli import spec_named
-        from tasks.registry import RegistryError
-        from tasks.rollout import set_champion as move
+        from kiln.operators.s3_credentials import use_s3_connection
+        from kiln.tasks.cli.models import spec_named
+        from kiln.tasks.tracking.registry import RegistryError
+        from kiln.tasks.steps.deploy import set_champion as move
 
         use_s3_connection()  # the rollout records and bundles may live in an S3 store
         p = dict(params or {})

@@ -1,6 +1,6 @@
 """DAG factory: one Airflow DAG per pipeline spec file in the pipelines folder (``dags/pipelines/*.yaml``).
 
-Wiring only: each task runs one function of ``tasks.pipeline`` (``PipelineStepOperator``, ``TrainOperator``);
+Wiring only: each task runs one function of ``kiln.tasks.pipeline.context`` (``PipelineStepOperator``, ``TrainOperator``);
 heavy imports happen inside task bodies so this file parses quickly. Invalid spec files are skipped here and
 reported by ``kiln_spec_errors.py``.
 """
@@ -14,15 +14,15 @@ from typing import Any
 import pendulum
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, chain
 
-from operators.step import PipelineStepOperator
-from operators.train import TrainOperator
-from tasks.pipeline import RELEASE_STEPS
-from tasks.settings import get_settings
-from tasks.spec import PipelineSpec, load_specs
+from kiln.operators.step import PipelineStepOperator
+from kiln.operators.train import TrainOperator
+from kiln.tasks.pipeline.context import RELEASE_STEPS
+from kiln.tasks.settings import get_settings
+from kiln.tasks.spec import PipelineSpec, load_specs
 
 
 def _params(spec: PipelineSpec) -> dict[str, Param]:
-    """Trigger-form Params; each overrides the spec field of the same name (see ``tasks.spec.PARAM_FIELDS``)."""
+    """Trigger-form Params; each overrides the spec field of the same name (see ``kiln.tasks.spec.PARAM_FIELDS``)."""
     t = spec.training
     return {
         "epochs": Param(t.epochs, type="integer", minimum=1, maximum=10_000, title="Epochs",

@@ -6,8 +6,8 @@ names each spec file, the field, what was found and what is allowed.
 
 from __future__ import annotations
 
-from tasks.settings import get_settings
-from tasks.spec import load_specs
+from kiln.tasks.settings import get_settings
+from kiln.tasks.spec import load_specs
 
 _errors = load_specs(get_settings().pipelines_dir)[1]
 if _errors:

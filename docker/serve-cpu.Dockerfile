@@ -5,9 +5,9 @@
 #     kiln-serve:cpu --deployment /deploy/deployment.json
 ARG BASE
 FROM ${BASE}
-COPY tasks /opt/kiln/tasks
+COPY tasks /opt/kiln/kiln/tasks
 # Compiled once here: the container user cannot write __pycache__ under /opt/kiln.
-RUN ["python", "-m", "compileall", "-q", "/opt/kiln/tasks"]
+RUN ["python", "-m", "compileall", "-q", "/opt/kiln/kiln"]
 # In a container the server listens on every interface (the engine publishes the port); state (a generated token
 # when KILN_SERVE_TOKEN is unset) goes under /tmp, the only place the container user may write.
 ENV PYTHONPATH=/opt/kiln PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 KILN_HOME=/tmp/kiln \
@@ -17,5 +17,5 @@ USER 1000:0
 EXPOSE 8765
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:${KILN_SERVE_PORT}/health', timeout=2)" || exit 1
-ENTRYPOINT ["python", "-m", "tasks.serving"]
+ENTRYPOINT ["python", "-m", "kiln.tasks.serving"]
 CMD ["--help"]

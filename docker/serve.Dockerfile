@@ -1,4 +1,4 @@
-# Production serving image: CPU PyTorch plus the kiln code, running the model server `python -m tasks.serving`.
+# Production serving image: CPU PyTorch plus the kiln code, running the model server `python -m kiln.tasks.serving`.
 # Build from the repository root on a builder that can pull the base image, then push it where the serving hosts
 # pull from:
 #   docker build -f docker/serve.Dockerfile -t registry.example.com/ml/kiln-serve:<version> .
@@ -25,9 +25,9 @@ RUN python -c "import sys; v = sys.version_info[:2]; assert v == (3, 11), f'kiln
 # uid 1000 in the root group, as in the training image; it owns nothing in the image and can write only /tmp.
 RUN useradd --uid 1000 --gid 0 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin kiln
 
-COPY tasks /opt/kiln/tasks
+COPY tasks /opt/kiln/kiln/tasks
 # Compiled once here: the container user cannot write __pycache__ under /opt/kiln.
-RUN python -m compileall -q /opt/kiln/tasks
+RUN python -m compileall -q /opt/kiln/kiln
 # The server listens on every interface of the container; a token generated when KILN_SERVE_TOKEN is unset (not
 # recommended in a container: no client can read it) goes under /tmp.
 ENV PYTHONPATH=/opt/kiln KILN_HOME=/tmp/kiln KILN_SERVE_HOST=0.0.0.0 KILN_SERVE_PORT=8765
@@ -37,5 +37,5 @@ EXPOSE 8765
 # /health answers while the process serves; the port follows KILN_SERVE_PORT (set it rather than --port).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:${KILN_SERVE_PORT}/health', timeout=2)" || exit 1
-ENTRYPOINT ["python", "-m", "tasks.serving"]
+ENTRYPOINT ["python", "-m", "kiln.tasks.serving"]
 CMD ["--help"]

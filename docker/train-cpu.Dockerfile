@@ -3,11 +3,11 @@
 # training module as entrypoint.
 ARG BASE
 FROM ${BASE}
-COPY tasks /opt/kiln/tasks
+COPY tasks /opt/kiln/kiln/tasks
 # Compiled once here: the container user cannot write __pycache__ under /opt/kiln.
-RUN ["python", "-m", "compileall", "-q", "/opt/kiln/tasks"]
+RUN ["python", "-m", "compileall", "-q", "/opt/kiln/kiln"]
 ENV PYTHONPATH=/opt/kiln PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /opt/kiln
 USER 1000:0
-ENTRYPOINT ["python", "-m", "tasks.train"]
+ENTRYPOINT ["python", "-m", "kiln.tasks.training.loop"]
 CMD ["--help"]

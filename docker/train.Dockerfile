@@ -19,13 +19,13 @@ RUN python -c "import sys, torch; v = sys.version_info[:2]; assert v == (3, 11),
 # is how a container with an arbitrary uid reaches group-writable mounts (it grants no privilege).
 RUN useradd --uid 1000 --gid 0 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin kiln
 
-COPY tasks /opt/kiln/tasks
+COPY tasks /opt/kiln/kiln/tasks
 # Compiled once here: the container user cannot write __pycache__ under /opt/kiln (nor anywhere: the launcher
 # mounts the root filesystem read-only).
-RUN python -m compileall -q /opt/kiln/tasks
+RUN python -m compileall -q /opt/kiln/kiln
 ENV PYTHONPATH=/opt/kiln
 WORKDIR /opt/kiln
 USER 1000:0
 # `docker run IMAGE --config cfg.json` trains as one process (world size 1); the launcher runs torchrun instead.
-ENTRYPOINT ["python", "-m", "tasks.train"]
+ENTRYPOINT ["python", "-m", "kiln.tasks.training.loop"]
 CMD ["--help"]

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
-from operators.pools import PooledOperator
+from kiln.operators.pools import PooledOperator
 
 if TYPE_CHECKING:
-    from tasks.pools.allocation import Allocation, LeaseRequest
+    from kiln.tasks.pools.allocation import Allocation, LeaseRequest
 
 
 class PooledCommandOperator(PooledOperator):
@@ -56,7 +56,7 @@ class PooledCommandOperator(PooledOperator):
         self._proc: subprocess.Popen[str] | None = None
 
     def lease_request(self, context: Any) -> tuple[LeaseRequest, float]:
-        from tasks.pools.allocation import LeaseRequest, parse_size
+        from kiln.tasks.pools.allocation import LeaseRequest, parse_size
 
         request = LeaseRequest(
             pool=self.resource_pool, gpus=self.gpus, cpus=self.cpus, team=self.team, priority=self.priority,
@@ -70,7 +70,7 @@ class PooledCommandOperator(PooledOperator):
         env = {**os.environ, **self.env, "CUDA_VISIBLE_DEVICES": node.cuda_visible_devices(),
                "KILN_LEASE_ID": allocation.lease_id, "KILN_CPUSET": node.cpuset(),
                "KILN_MEMORY_LIMIT": str(node.memory)}
-        from tasks.launch import usable_cpus
+        from kiln.tasks.launch.base import usable_cpus
 
         cores = usable_cpus(node.cpus)
         tail: deque[str] = deque(maxlen=50)

@@ -22,8 +22,8 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 if TYPE_CHECKING:
-    from tasks.pools.allocation import Allocation, LeaseRequest, Owner
-    from tasks.pools.store import LeaseStore
+    from kiln.tasks.pools.allocation import Allocation, LeaseRequest, Owner
+    from kiln.tasks.pools.store import LeaseStore
 
 #: Extra seconds the deferral may take beyond the request's own wait timeout (the trigger enforces the latter
 #: itself and reports it, so Airflow's generic deferral timeout is only a backstop).
@@ -34,14 +34,14 @@ class ResourcePoolHook(BaseHook):
     """A stateless client of the lease store named by the settings (``KILN_POOLS_DB_URL``, ``KILN_POOLS_FILE``)."""
 
     def get_store(self) -> LeaseStore:
-        from tasks.pools.store import LeaseStore
+        from kiln.tasks.pools.store import LeaseStore
 
         return LeaseStore.from_settings()
 
 
 def owner_from_context(context: Any) -> Owner:
     """The lease owner for the running task try."""
-    from tasks.pools.allocation import Owner
+    from kiln.tasks.pools.allocation import Owner
 
     ti = context["ti"]
     return Owner(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, try_number=int(ti.try_number or 0),
@@ -63,11 +63,11 @@ class PoolLeaseTrigger(BaseTrigger):
         self.poll_s = poll_s
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return ("operators.pools.PoolLeaseTrigger",
+        return ("kiln.operators.pools.PoolLeaseTrigger",
                 {"lease_id": self.lease_id, "deadline": self.deadline, "poll_s": self.poll_s})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from tasks.pools.allocation import LeaseLostError
+        from kiln.tasks.pools.allocation import LeaseLostError
 
         store = await asyncio.to_thread(ResourcePoolHook().get_store)
         self.log.info("waiting for lease %s", self.lease_id)
@@ -96,7 +96,7 @@ class PooledOperator(BaseOperator):
     """Base for operators whose work runs on devices leased from a resource pool.
 
     Subclasses implement :meth:`lease_request` (what to ask for) and :meth:`run_leased` (the work, given the
-    :class:`~tasks.pools.allocation.Allocation`), and :meth:`stop_work` if the work can be interrupted. This base
+    :class:`~kiln.tasks.pools.allocation.Allocation`), and :meth:`stop_work` if the work can be interrupted. This base
     acquires (deferring while the request waits), heartbeats, stops the work if the lease is lost, and releases
     in ``finally`` and in :meth:`on_kill`.
     """
@@ -123,7 +123,7 @@ class PooledOperator(BaseOperator):
 
     # -- the lease protocol --------------------------------------------------------------------------------------
     def execute(self, context: Any) -> Any:
-        from tasks.pools.allocation import UnsatisfiableRequestError
+        from kiln.tasks.pools.allocation import UnsatisfiableRequestError
 
         request, wait_timeout_s = self.lease_request(context)
         store = self._store = ResourcePoolHook().get_store()
@@ -146,7 +146,7 @@ class PooledOperator(BaseOperator):
 
     def execute_granted(self, context: Any, event: dict[str, Any]) -> Any:
         """Resumes after the trigger fired: run on the granted lease, or fail with the trigger's reason."""
-        from tasks.pools.allocation import Allocation
+        from kiln.tasks.pools.allocation import Allocation
 
         if event.get("status") != "granted":
             raise AirflowException(f"lease {event.get('lease_id')} not granted: {event.get('message')}")
@@ -154,8 +154,8 @@ class PooledOperator(BaseOperator):
         return self._run(context, Allocation.from_dict(event["allocation"]))
 
     def _run(self, context: Any, allocation: Allocation) -> Any:
-        from tasks.pools.allocation import LeaseLostError
-        from tasks.pools.store import KeepAlive
+        from kiln.tasks.pools.allocation import LeaseLostError
+        from kiln.tasks.pools.store import KeepAlive
 
         store = self._store
         assert store is not None

@@ -19,7 +19,7 @@ import os
 from airflow.sdk import Connection
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
-from tasks.settings import get_settings
+from kiln.tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
 

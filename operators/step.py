@@ -1,4 +1,4 @@
-"""``PipelineStepOperator``: one step of a pipeline run (``tasks.pipeline.<step>``), with links to its outputs.
+"""``PipelineStepOperator``: one step of a pipeline run (``kiln.tasks.pipeline.context.<step>``), with links to its outputs.
 
 Each step's task page in the Airflow UI gets buttons to what the step produced in the run's MLflow run: the run
 itself, the data-validation report (``validate``), the gate's decision record (``gate``). The step's return value
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from operators.s3_credentials import use_s3_connection
+from kiln.operators.s3_credentials import use_s3_connection
 
 if TYPE_CHECKING:
     from airflow.sdk.types import TaskInstanceKey
@@ -33,7 +33,7 @@ class _StepLink(BaseOperatorLink):
 @functools.lru_cache(maxsize=4)
 def _links(spec_path: str, run_id: str, step: str) -> dict[str, str]:
     """All links of one step, looked up in MLflow once for the step's buttons (Airflow asks link by link)."""
-    from tasks.links import step_links
+    from kiln.operators.links import step_links
 
     return step_links(spec_path, run_id, step)
 
@@ -61,14 +61,14 @@ LINKS: dict[str, type[_StepLink]] = {link.name: link for link in (MlflowRunLink,
 
 
 def step_links(step: str) -> tuple[BaseOperatorLink, ...]:
-    """The extra links of a step's task (which step shows which: ``tasks.links.link_names``)."""
-    from tasks.links import link_names
+    """The extra links of a step's task (which step shows which: ``kiln.operators.links.link_names``)."""
+    from kiln.operators.links import link_names
 
     return tuple(LINKS[name]() for name in link_names(step))
 
 
 class PipelineStepOperator(BaseOperator):
-    """Run ``tasks.pipeline.<task_id>`` for the current pipeline run and return its result (the XCom).
+    """Run ``kiln.tasks.pipeline.context.<task_id>`` for the current pipeline run and return its result (the XCom).
 
     A rejected candidate is an outcome, not a failure: the gate's ``GateRejectedError`` in a rollout step becomes
     a skip. Errors that a retry cannot fix (bad data, a bad spec or Param, a candidate that failed in the serving
@@ -90,12 +90,12 @@ class PipelineStepOperator(BaseOperator):
         return step_links(self.task_id)
 
     def execute(self, context: Any) -> Any:
-        from tasks import pipeline
-        from tasks.infra_validate import InfraValidationError
-        from tasks.release import GateRejectedError
-        from tasks.rollout import DeploymentFailedError
-        from tasks.spec import SpecError
-        from tasks.validate import DataValidationError
+        from kiln.tasks.pipeline import context as pipeline
+        from kiln.tasks.steps.infra_validate import InfraValidationError
+        from kiln.tasks.steps.gate import GateRejectedError
+        from kiln.tasks.steps.deploy import DeploymentFailedError
+        from kiln.tasks.spec import SpecError
+        from kiln.tasks.steps.validate import DataValidationError
 
         use_s3_connection()
         try:

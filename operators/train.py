@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperatorLink
 from airflow.sdk.exceptions import AirflowFailException
 
-from operators.pools import PooledOperator
-from operators.s3_credentials import use_s3_connection
-from operators.step import step_links
+from kiln.operators.pools import PooledOperator
+from kiln.operators.s3_credentials import use_s3_connection
+from kiln.operators.step import step_links
 
 if TYPE_CHECKING:
-    from tasks.pipeline import RunContext
-    from tasks.pools.allocation import Allocation, LeaseRequest
+    from kiln.tasks.pipeline.context import RunContext
+    from kiln.tasks.pools.allocation import Allocation, LeaseRequest
 
 
 class TrainOperator(PooledOperator):
@@ -43,8 +43,8 @@ class TrainOperator(PooledOperator):
         return step_links("train")
 
     def _context(self, context: Any) -> RunContext:
-        from tasks import pipeline
-        from tasks.spec import SpecError
+        from kiln.tasks.pipeline import context as pipeline
+        from kiln.tasks.spec import SpecError
 
         use_s3_connection()
         params = dict(context["params"])
@@ -56,14 +56,14 @@ class TrainOperator(PooledOperator):
             raise AirflowFailException(str(exc)) from exc
 
     def lease_request(self, context: Any) -> tuple[LeaseRequest, float]:
-        from tasks.pipeline import lease_request
+        from kiln.tasks.pipeline.context import lease_request
 
         spec = self._context(context).spec
         return lease_request(spec), spec.training.resources.wait_timeout_s
 
     def run_leased(self, context: Any, allocation: Allocation) -> dict[str, Any]:
-        from tasks import pipeline
-        from tasks.launch import TrainingFailedError, get_launcher
+        from kiln.tasks.pipeline import context as pipeline
+        from kiln.tasks.launch.base import TrainingFailedError, get_launcher
 
         ctx = self._context(context)
         self._launcher = get_launcher(ctx.spec.training.launcher)

@@ -1,4 +1,4 @@
-"""The one place that reads environment variables (torchrun's rank variables excepted, in ``tasks.train``)."""
+"""The one place that reads environment variables (torchrun's rank variables excepted, in ``kiln.tasks.training.loop``)."""
 
 from __future__ import annotations
 

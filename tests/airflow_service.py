@@ -34,7 +34,7 @@ from urllib.parse import quote
 import httpx
 from cryptography.fernet import Fernet
 
-from operators.service import alive, process_tree, stop_process_groups, tail
+from kiln.tasks.services.supervisor import alive, process_tree, stop_process_groups, tail
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class AirflowService:
         return sorted(pid for pid in self._known | groups if alive(pid))
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop every component (``operators.service.stop_process_groups``), including descendants seen by
+        """Stop every component (``kiln.tasks.services.supervisor.stop_process_groups``), including descendants seen by
         :meth:`process_ids`; idempotent."""
         if self._stopped:
             return

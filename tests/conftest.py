@@ -56,7 +56,7 @@ def free_port() -> int:
 
 def stop_model_servers(serving_dir: Path) -> None:
     """Stop every detached model server that the deploy steps started under ``serving_dir``."""
-    from tasks.serving.process import stop_servers
+    from kiln.tasks.serving.process import stop_servers
 
     stop_servers(serving_dir)
 

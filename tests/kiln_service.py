@@ -1,4 +1,4 @@
-"""The platform's own services (``operators.service``, what ``make up`` runs) inside a test or benchmark.
+"""The platform's own services (``kiln.tasks.services.supervisor``, what ``make up`` runs) inside a test or benchmark.
 
 ``running_service`` starts them on free ports with a private ``KILN_HOME`` and pipelines folder, on the
 embedded profile or on the prod profile (fresh PostgreSQL databases, a Celery queue of its own on the local Redis,
@@ -25,7 +25,7 @@ from airflow_client.client.api.dag_run_api import DagRunApi
 from airflow_client.client.models.trigger_dag_run_post_body import TriggerDAGRunPostBody
 from airflow_service import free_ports, temporary_postgres_database
 
-from operators.service import Service
+from kiln.tasks.services.supervisor import Service
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_SPECS = REPO / "dags" / "pipelines"

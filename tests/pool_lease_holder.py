@@ -8,9 +8,9 @@ import os
 import sys
 import threading
 
-from tasks.pools.allocation import LeaseRequest, Owner
-from tasks.pools.inventory import load_inventory
-from tasks.pools.store import KeepAlive, LeaseStore
+from kiln.tasks.pools.allocation import LeaseRequest, Owner
+from kiln.tasks.pools.inventory import load_inventory
+from kiln.tasks.pools.store import KeepAlive, LeaseStore
 
 
 def main() -> None:

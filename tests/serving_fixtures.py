@@ -61,12 +61,12 @@ def make_bundle(root: Path, *, seed: int = 0, epochs: int = 4) -> Path:
         epochs: training epochs.
 
     Returns:
-        The bundle folder (loadable with ``tasks.bundle.load_bundle``).
+        The bundle folder (loadable with ``kiln.tasks.bundle.load.load_bundle``).
     """
-    from tasks.bundle import ExportConfig, export_bundle
-    from tasks.features import FeaturesConfig, run_build_features
-    from tasks.spec import FeaturesSpec, ModelSpec, TrainingSpec
-    from tasks.train import TrainConfig, run_train
+    from kiln.tasks.bundle.load import ExportConfig, export_bundle
+    from kiln.tasks.steps.build_features import FeaturesConfig, run_build_features
+    from kiln.tasks.spec import FeaturesSpec, ModelSpec, TrainingSpec
+    from kiln.tasks.training.loop import TrainConfig, run_train
 
     clean, features, train = root / "clean", root / "features", root / "train"
     for folder in (clean, features, train):
@@ -109,9 +109,9 @@ def make_failing_bundle(good: Path, out: Path, *, fails_on: Literal["poison", "a
             own sample passes, so it loads and warms up); ``always``: on every input (its warm-up fails).
 
     Returns:
-        ``out``, loadable with ``tasks.bundle.load_bundle`` (the file hashes match).
+        ``out``, loadable with ``kiln.tasks.bundle.load.load_bundle`` (the file hashes match).
     """
-    from tasks.bundle import MANIFEST_FILE, MODEL_FILE
+    from kiln.tasks.bundle.load import MANIFEST_FILE, MODEL_FILE
 
     shutil.copytree(good, out)
     inner = torch.jit.load(str(good / MODEL_FILE), map_location="cpu")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.spec import ModelSpec
+from kiln.tasks.spec import ModelSpec
 
 
 def write_features(folder: Path, *, n: int = 400, d: int = 4, task: str = "classification", n_classes: int = 2,
@@ -47,9 +47,9 @@ def write_run_dirs(tmp_path: Path, df: pd.DataFrame, column_types: dict[str, str
     """
     import torch
 
-    from tasks.features import FeaturesConfig, run_build_features
-    from tasks.model import MODEL_FILE, build_model, save_model
-    from tasks.spec import FeaturesSpec
+    from kiln.tasks.steps.build_features import FeaturesConfig, run_build_features
+    from kiln.tasks.training.networks import MODEL_FILE, build_model, save_model
+    from kiln.tasks.spec import FeaturesSpec
 
     clean, features, model = tmp_path / "clean", tmp_path / "features", tmp_path / "model"
     for folder in (clean, features, model):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.pools.allocation import PoolError
+from kiln.tasks.pools.allocation import PoolError
 
 logger = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.pools.allocation import Placement, PoolError, parse_size
-from tasks.pools.discovery import GpuDevice, discover_cpus, discover_gpus, discover_memory
+from kiln.tasks.pools.allocation import Placement, PoolError, parse_size
+from kiln.tasks.pools.discovery import GpuDevice, discover_cpus, discover_gpus, discover_memory
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Inventory:
     @classmethod
     def from_settings(cls) -> Inventory:
         """The inventory named by ``KILN_POOLS_FILE``, or this machine when it is unset."""
-        from tasks.settings import get_settings
+        from kiln.tasks.settings import get_settings
 
         return load_inventory(get_settings().pools_file)
 

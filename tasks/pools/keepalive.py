@@ -8,10 +8,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from tasks.pools.allocation import Allocation, LeaseLostError, LeaseRequest, Owner
+from kiln.tasks.pools.allocation import Allocation, LeaseLostError, LeaseRequest, Owner
 
 if TYPE_CHECKING:
-    from tasks.pools.store import LeaseStore
+    from kiln.tasks.pools.store import LeaseStore
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from tasks.pools.allocation import Allocation, LeaseRequest, NodeAllocation, UnsatisfiableRequestError, format_size
-from tasks.pools.inventory import GpuDevice, Inventory, Node, Pool
+from kiln.tasks.pools.allocation import Allocation, LeaseRequest, NodeAllocation, UnsatisfiableRequestError, format_size
+from kiln.tasks.pools.inventory import GpuDevice, Inventory, Node, Pool
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import Connection
 
-from tasks.pools.allocation import format_size
-from tasks.pools.inventory import Inventory
-from tasks.pools.records import LIVE_STATES, AuditEvent, LeaseNotFoundError, LeaseRecord, build_snapshot
-from tasks.pools.schema import READ_ONLY, events, leases
+from kiln.tasks.pools.allocation import format_size
+from kiln.tasks.pools.inventory import Inventory
+from kiln.tasks.pools.leases import LIVE_STATES, AuditEvent, LeaseNotFoundError, LeaseRecord, build_snapshot
+from kiln.tasks.pools.tables import READ_ONLY, events, leases
 
 
 class LeaseQueries:
-    """Read-only queries of :class:`tasks.pools.store.LeaseStore` (a SQLite reader does not take the write lock)."""
+    """Read-only queries of :class:`kiln.tasks.pools.store.LeaseStore` (a SQLite reader does not take the write lock)."""
 
     url: str
     inventory: Inventory
@@ -56,7 +56,7 @@ class LeaseQueries:
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-able state: per pool its nodes' capacity and usage, the queue in grant order, active leases with
-        owner and age; per team its quota and usage (see :func:`tasks.pools.records.build_snapshot`)."""
+        owner and age; per team its quota and usage (see :func:`kiln.tasks.pools.leases.build_snapshot`)."""
         return build_snapshot(self.inventory, self.leases(), self._clock())
 
     def describe_usage(self, pool: str) -> str:

@@ -1,7 +1,7 @@
 """The lease store: all-or-nothing grants of pool devices, a FIFO-within-priority queue, TTLs and an audit trail.
 
 Every process (Airflow workers, the triggerer, CLIs, tests) opens its own :class:`LeaseStore` on the same database;
-the database is the only coordinator, so no daemon is needed. See :mod:`tasks.pools.schema` for how grants are
+the database is the only coordinator, so no daemon is needed. See :mod:`kiln.tasks.pools.tables` for how grants are
 serialised. A lease lives ``ttl_s`` seconds past its last heartbeat (:class:`KeepAlive` sends them); an expired
 lease's devices are reclaimed by the next grant in its pool that would not fit otherwise, or by ``reap()``.
 
@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from tasks.pools import sql
-from tasks.pools.allocation import (
+from kiln.tasks.pools import sql
+from kiln.tasks.pools.allocation import (
     Allocation,
     LeaseLostError,
     LeaseRequest,
@@ -32,13 +32,13 @@ from tasks.pools.allocation import (
     Owner,
     PoolTimeoutError,
 )
-from tasks.pools.inventory import Inventory, Pool
-from tasks.pools.keepalive import KeepAlive, hold
-from tasks.pools.placement import UsageTracker, check_satisfiable, place
-from tasks.pools.queries import LeaseQueries
-from tasks.pools.records import LIVE_STATES, AuditEvent, LeaseNotFoundError, LeaseRecord, allocation_json, devices_json
-from tasks.pools.schema import create_schema, make_engine
-from tasks.pools.sql import Tx
+from kiln.tasks.pools.inventory import Inventory, Pool
+from kiln.tasks.pools.keepalive import KeepAlive, hold
+from kiln.tasks.pools.placement import UsageTracker, check_satisfiable, place
+from kiln.tasks.pools.queries import LeaseQueries
+from kiln.tasks.pools.leases import LIVE_STATES, AuditEvent, LeaseNotFoundError, LeaseRecord, allocation_json, devices_json
+from kiln.tasks.pools.tables import create_schema, make_engine
+from kiln.tasks.pools.sql import Tx
 
 __all__ = ["AuditEvent", "KeepAlive", "LeaseNotFoundError", "LeaseRecord", "LeaseStore", "PoolTimeoutError", "hold"]
 
@@ -73,7 +73,7 @@ class LeaseStore(LeaseQueries):
     @classmethod
     def from_settings(cls) -> LeaseStore:
         """The store at ``KILN_POOLS_DB_URL`` over the inventory at ``KILN_POOLS_FILE`` (or this machine)."""
-        from tasks.settings import get_settings
+        from kiln.tasks.settings import get_settings
 
         return cls(get_settings().pools_db_url, Inventory.from_settings())
 
@@ -221,7 +221,7 @@ class LeaseStore(LeaseQueries):
 
     def validate(self, request: LeaseRequest) -> None:
         """Raise :class:`UnsatisfiableRequestError` if ``request`` could never be granted (see
-        :func:`tasks.pools.placement.check_satisfiable`)."""
+        :func:`kiln.tasks.pools.placement.check_satisfiable`)."""
         if request not in self._valid:
             check_satisfiable(self.inventory, request)
             if len(self._valid) >= _CACHE_MAX:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.pools.allocation import format_size
+from kiln.tasks.pools.allocation import format_size
 
 _METRICS = (
     ("kiln_pool_gpus_total", "GPUs a node lends", lambda n: n["gpus"]["total"]),

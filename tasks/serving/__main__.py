@@ -1,9 +1,9 @@
-"""``python -m tasks.serving --deployment PATH``: run the model server (uvicorn, uvloop, httptools, one process).
+"""``python -m kiln.tasks.serving --deployment PATH``: run the model server (uvicorn, uvloop, httptools, one process).
 
 The deployment is loaded (bundles loaded and warmed) before the port is opened; a missing or invalid deployment
 file or bundle exits with code 2 and a message naming it. SIGHUP reloads the deployment file (like
 ``POST /admin/reload``); SIGTERM stops gracefully (in-flight requests finish). The bearer token comes from
-``KILN_SERVE_TOKEN`` or the serving token file (``tasks.serving.auth.resolve_token``).
+``KILN_SERVE_TOKEN`` or the serving token file (``kiln.tasks.serving.auth.resolve_token``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ GRACEFUL_SHUTDOWN_S = 30
 
 
 def _parser(default_host: str, default_port: int) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tasks.serving", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m kiln.tasks.serving", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deployment", required=True, help="the deployment file (JSON) to serve")
     parser.add_argument("--host", default=default_host, help=f"listen address (default {default_host}, "
@@ -43,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit code: 0 after a clean stop, 2 when the deployment cannot be loaded.
     """
-    from tasks.settings import get_settings
+    from kiln.tasks.settings import get_settings
 
     settings = get_settings()
     args = _parser(settings.serve_host, settings.serve_port).parse_args(argv)
     if args.max_batch < 1 or args.max_wait_ms < 0 or args.torch_threads < 1:
-        print("python -m tasks.serving: --max-batch and --torch-threads must be >= 1 and --max-wait-ms >= 0",
+        print("python -m kiln.tasks.serving: --max-batch and --torch-threads must be >= 1 and --max-wait-ms >= 0",
               file=sys.stderr)
         return EXIT_BAD_DEPLOYMENT
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -56,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import uvicorn
 
-    from tasks.serving.app import ServerState, create_app
-    from tasks.serving.auth import resolve_token
-    from tasks.serving.deployment import DeploymentError, read_deployment
-    from tasks.serving.metrics import ServerMetrics
-    from tasks.serving.models import ModelLoadError, build_model_set, freeze_heap, load_bundles
+    from kiln.tasks.serving.app import ServerState, create_app
+    from kiln.tasks.serving.auth import resolve_token
+    from kiln.tasks.serving.deployment import DeploymentError, read_deployment
+    from kiln.tasks.serving.metrics import ServerMetrics
+    from kiln.tasks.serving.models import ModelLoadError, build_model_set, freeze_heap, load_bundles
 
     torch.set_num_threads(args.torch_threads)
     metrics = ServerMetrics()
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                                  max_wait_s=args.max_wait_ms / 1000)
         token = resolve_token(settings)
     except (DeploymentError, ModelLoadError, ValueError, OSError) as exc:
-        print(f"python -m tasks.serving: cannot serve {args.deployment}: {exc}", file=sys.stderr)
+        print(f"python -m kiln.tasks.serving: cannot serve {args.deployment}: {exc}", file=sys.stderr)
         return EXIT_BAD_DEPLOYMENT
     freeze_heap()
     state = ServerState(args.deployment, models, metrics, token, max_batch=args.max_batch,

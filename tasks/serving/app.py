@@ -26,11 +26,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tasks.bundle import RecordError
-from tasks.serving.auth import BearerAuth
-from tasks.serving.deployment import read_deployment
-from tasks.serving.metrics import METRICS_CONTENT_TYPE, ServerMetrics
-from tasks.serving.models import ModelSet, Variant, build_model_set, freeze_heap, load_bundles
+from kiln.tasks.bundle.load import RecordError
+from kiln.tasks.serving.auth import BearerAuth
+from kiln.tasks.serving.deployment import read_deployment
+from kiln.tasks.serving.metrics import METRICS_CONTENT_TYPE, ServerMetrics
+from kiln.tasks.serving.models import ModelSet, Variant, build_model_set, freeze_heap, load_bundles
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import secrets
 import time
 from pathlib import Path
 
-from tasks.settings import Settings
+from kiln.tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 

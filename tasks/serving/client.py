@@ -1,4 +1,4 @@
-"""HTTP client of the model server (``python -m tasks.serving``), used by the deploy steps and the tests.
+"""HTTP client of the model server (``python -m kiln.tasks.serving``), used by the deploy steps and the tests.
 
 Every failure raises :class:`ServingError` with a message naming the URL, the HTTP status and the server's
 detail; the bearer token never appears in a message.

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_write_bytes
+from kiln.tasks.storage.artifacts import atomic_write_bytes
 
 
 class DeploymentError(ValueError):
@@ -48,7 +48,7 @@ class ModelRef:
     version: str
     """The registry version (e.g. ``"3"``), reported in every response."""
     bundle: str
-    """Absolute path of the bundle folder (``tasks.bundle.load_bundle`` loads it)."""
+    """Absolute path of the bundle folder (``kiln.tasks.bundle.load.load_bundle`` loads it)."""
 
     def __post_init__(self) -> None:
         _require_text(self.version, "version")
@@ -147,7 +147,7 @@ def read_deployment(path: str | Path) -> Deployment:
     path = Path(path)
     if not path.is_file():
         raise DeploymentNotFoundError(f"deployment file {path} does not exist; write it with "
-                                "tasks.serving.deployment.write_deployment (the deploy step does)")
+                                "kiln.tasks.serving.deployment.write_deployment (the deploy step does)")
     try:
         return Deployment.from_dict(json.loads(path.read_bytes()))
     except json.JSONDecodeError as exc:

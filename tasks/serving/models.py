@@ -16,11 +16,11 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 
-from tasks.bundle import Bundle, load_bundle
-from tasks.records import records_from_frame
-from tasks.serving.batching import MicroBatcher
-from tasks.serving.deployment import Deployment, ModelRef, utc_now
-from tasks.serving.metrics import ServerMetrics, VariantMetrics, VariantStats
+from kiln.tasks.bundle.load import Bundle, load_bundle
+from kiln.tasks.features.records import records_from_frame
+from kiln.tasks.serving.batching import MicroBatcher
+from kiln.tasks.serving.deployment import Deployment, ModelRef, utc_now
+from kiln.tasks.serving.metrics import ServerMetrics, VariantMetrics, VariantStats
 
 log = logging.getLogger(__name__)
 

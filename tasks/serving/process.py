@@ -1,7 +1,7 @@
 """The embedded default serving endpoint: one local model-server process per model, detached from its caller.
 
 :func:`ensure_server` makes a server answer on ``host:port`` with the given deployment: a kiln server of the same
-model already listening there is told to reload its deployment file; otherwise ``python -m tasks.serving`` is
+model already listening there is told to reload its deployment file; otherwise ``python -m kiln.tasks.serving`` is
 started in its own session (so it outlives the step that started it), with its output in ``<run_dir>/server.log``
 and its pid in ``<run_dir>/server.pid``. :func:`stop_server` stops the server a pid file names.
 
@@ -22,17 +22,17 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.artifacts import atomic_write_bytes
-from tasks.serving.client import READY_POLL_S, ServingClient, ServingError
-from tasks.serving.deployment import Deployment, read_deployment
-from tasks.settings import REPO_ROOT
+from kiln.tasks.storage.artifacts import atomic_write_bytes
+from kiln.tasks.serving.client import READY_POLL_S, ServingClient, ServingError
+from kiln.tasks.serving.deployment import Deployment, read_deployment
+from kiln.tasks.settings import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
 PID_FILE = "server.pid"
 LOG_FILE = "server.log"
 #: The module a server process runs.
-SERVER_MODULE = "tasks.serving"
+SERVER_MODULE = "kiln.tasks.serving"
 #: The setting that moves the server to another port; named in the port-conflict error.
 PORT_SETTING = "KILN_SERVE_PORT"
 #: Timeout of the probes that identify what listens on a port.

@@ -44,7 +44,7 @@ def test_pipeline_shape_and_hygiene(dagbag, dag_id: str) -> None:
     for t in dag.tasks:
         assert t.owner == "ml-platform", t.task_id
         assert t.retries >= 1, t.task_id
-    from tasks.spec import PARAM_FIELDS
+    from kiln.tasks.spec import PARAM_FIELDS
 
     assert set(dag.params.keys()) == set(PARAM_FIELDS)
 

@@ -18,7 +18,7 @@ def _dag(tmp_path: Path, **fields: object):
         from kiln_pipelines import build_dag
     finally:
         sys.path.remove(str(REPO / "dags"))
-    from tasks.spec import load_spec
+    from kiln.tasks.spec import load_spec
 
     data = {**yaml.safe_load(SPEC.read_text()), **fields}
     data["source"]["uri"] = "pkg://palmerpenguins/data/penguins.csv"
@@ -61,7 +61,7 @@ def test_cron_and_asset_either_starts_a_run(tmp_path: Path) -> None:
 ], ids=["minute-61", "word", "no-scheme", "reserved-scheme"])
 def test_bad_schedule_or_asset_is_refused_naming_the_field(tmp_path: Path, field: str, value: str,
                                                            message: str) -> None:
-    from tasks.spec import SpecError
+    from kiln.tasks.spec import SpecError
 
     with pytest.raises(SpecError) as raised:
         _dag(tmp_path, **{field: value})

@@ -19,13 +19,13 @@ import pytest
 import torch
 from synthetic import write_features
 
-from tasks.launch import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError
-from tasks.pools.allocation import Allocation, LeaseRequest, Owner
-from tasks.pools.discovery import discover_gpus
-from tasks.pools.inventory import LOCAL_POOL, discover_local
-from tasks.pools.store import LeaseStore
-from tasks.spec import ModelSpec, TrainingSpec
-from tasks.train import METRICS_FILE, TrainConfig
+from kiln.tasks.launch.base import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError
+from kiln.tasks.pools.allocation import Allocation, LeaseRequest, Owner
+from kiln.tasks.pools.discovery import discover_gpus
+from kiln.tasks.pools.inventory import LOCAL_POOL, discover_local
+from kiln.tasks.pools.store import LeaseStore
+from kiln.tasks.spec import ModelSpec, TrainingSpec
+from kiln.tasks.training.loop import METRICS_FILE, TrainConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 
@@ -69,7 +69,7 @@ def test_discovery_lists_every_gpu_torch_sees():
 
 
 def test_leased_gpu_trains_on_cuda_with_nccl_and_bf16(tmp_path, store, caplog):
-    caplog.set_level("INFO", logger="tasks.launch")
+    caplog.set_level("INFO", logger="kiln.tasks.launch.base")
     features = write_features(tmp_path / "features", n=8000, d=8, n_classes=3, seed=2)
     config = make_config(tmp_path, features)
     allocation = lease(store, gpus=1)

@@ -21,10 +21,10 @@ import psutil
 import pytest
 from synthetic import write_features
 
-from tasks.launch import LocalTorchrunLauncher, TrainingFailedError, TrainingTimeoutError
-from tasks.model import load_model, predict
-from tasks.spec import ModelSpec, TrainingSpec
-from tasks.train import METRICS_FILE, TrainConfig
+from kiln.tasks.launch.base import LocalTorchrunLauncher, TrainingFailedError, TrainingTimeoutError
+from kiln.tasks.training.networks import load_model, predict
+from kiln.tasks.spec import ModelSpec, TrainingSpec
+from kiln.tasks.training.loop import METRICS_FILE, TrainConfig
 
 pytestmark = pytest.mark.integration
 

@@ -36,11 +36,11 @@ def two_node_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> docker.Doc
 
 
 def test_on_kill_stops_the_gang_and_releases_its_lease(two_node_pool: docker.DockerClient) -> None:
-    from operators.train import DockerTrainOperator
-    from tasks import pipeline
-    from tasks.launch import TrainingFailedError
-    from tasks.launch_docker import JOB_LABEL
-    from tasks.pools.store import LeaseStore
+    from kiln.operators.train import DockerTrainOperator
+    from kiln.tasks.pipeline import context as pipeline
+    from kiln.tasks.launch.base import TrainingFailedError
+    from kiln.tasks.launch.docker_gang import JOB_LABEL
+    from kiln.tasks.pools.store import LeaseStore
 
     run_id = "manual__docker_operator_kill"
     params = {"launcher": "docker", "nodes": 2, "nproc": 1, "epochs": 10_000}

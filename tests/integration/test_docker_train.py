@@ -18,15 +18,15 @@ import pytest
 from docker_engine import ready_engine
 from synthetic import write_features
 
-from tasks import pipeline
-from tasks.artifacts import read_json
-from tasks.launch import LOG_FILE, TrainingFailedError, TrainingTimeoutError
-from tasks.launch_docker import JOB_LABEL, ContainerStartError, DockerGangLauncher
-from tasks.model import MODEL_FILE
-from tasks.pools.allocation import Allocation, NodeAllocation
-from tasks.settings import get_settings
-from tasks.spec import ModelSpec, TrainingSpec
-from tasks.train import METRICS_FILE, TrainConfig
+from kiln.tasks.pipeline import context as pipeline
+from kiln.tasks.storage.artifacts import read_json
+from kiln.tasks.launch.base import LOG_FILE, TrainingFailedError, TrainingTimeoutError
+from kiln.tasks.launch.docker_gang import JOB_LABEL, ContainerStartError, DockerGangLauncher
+from kiln.tasks.training.networks import MODEL_FILE
+from kiln.tasks.pools.allocation import Allocation, NodeAllocation
+from kiln.tasks.settings import get_settings
+from kiln.tasks.spec import ModelSpec, TrainingSpec
+from kiln.tasks.training.loop import METRICS_FILE, TrainConfig
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 

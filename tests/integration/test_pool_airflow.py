@@ -45,8 +45,8 @@ def _max_concurrent(events: list) -> tuple[int, set[str]]:
 
 
 def test_three_tasks_share_four_gpus_two_at_a_time(tmp_path: Path) -> None:
-    from tasks.pools.inventory import load_inventory
-    from tasks.pools.store import LeaseStore
+    from kiln.tasks.pools.inventory import load_inventory
+    from kiln.tasks.pools.store import LeaseStore
 
     inventory_file = tmp_path / "pools.yaml"
     inventory_file.write_text(yaml.safe_dump(INVENTORY))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.pools.allocation import LeaseRequest, Owner
-from tasks.pools.inventory import load_inventory
-from tasks.pools.store import LeaseStore
+from kiln.tasks.pools.allocation import LeaseRequest, Owner
+from kiln.tasks.pools.inventory import load_inventory
+from kiln.tasks.pools.store import LeaseStore
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ INVENTORY = "pools: {p: {nodes: [{name: box, cpus: 2, memory: 8GiB, gpus: [{inde
 def kill_and_reclaim(url: str, tmp_path: Path, repo_root: Path) -> None:
     inventory = tmp_path / "pools.yaml"
     inventory.write_text(INVENTORY)
-    reaper = subprocess.Popen([sys.executable, "-m", "tasks.pools", "--db", url, "--inventory", str(inventory),
+    reaper = subprocess.Popen([sys.executable, "-m", "kiln.tasks.pools", "--db", url, "--inventory", str(inventory),
                                "reap", "--loop", str(REAP_EVERY_S)], cwd=repo_root)
     holder = subprocess.Popen([sys.executable, str(repo_root / "tests" / "pool_lease_holder.py"), url,
                                str(inventory), str(TTL_S)], cwd=repo_root, stdout=subprocess.PIPE, text=True)

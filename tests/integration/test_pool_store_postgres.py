@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tasks.pools.schema import metadata
+from kiln.tasks.pools.tables import metadata
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

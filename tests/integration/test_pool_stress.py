@@ -18,10 +18,10 @@ from collections import defaultdict
 import pytest
 import sqlalchemy as sa
 
-from tasks.pools.allocation import LeaseRequest, Owner
-from tasks.pools.inventory import GpuDevice, Inventory, Node, Pool, Team
-from tasks.pools.schema import metadata
-from tasks.pools.store import AuditEvent, LeaseStore
+from kiln.tasks.pools.allocation import LeaseRequest, Owner
+from kiln.tasks.pools.inventory import GpuDevice, Inventory, Node, Pool, Team
+from kiln.tasks.pools.tables import metadata
+from kiln.tasks.pools.store import AuditEvent, LeaseStore
 
 pytestmark = pytest.mark.integration
 

@@ -36,14 +36,14 @@ def _context(task_id: str, try_number: int = 1) -> dict:
 
 
 def _op(task_id: str, code: str, **kwargs):
-    from operators.command import PooledCommandOperator
+    from kiln.operators.command import PooledCommandOperator
 
     return PooledCommandOperator(task_id=task_id, command=[sys.executable, "-c", code], resource_pool="gpu",
                                  **kwargs)
 
 
 def _store():
-    from tasks.pools.store import LeaseStore
+    from kiln.tasks.pools.store import LeaseStore
 
     return LeaseStore.from_settings()
 
@@ -76,7 +76,7 @@ def test_a_request_that_can_never_fit_fails_at_once(pool_env: Path, kwargs: dict
 def test_unknown_pool_fails_at_once(pool_env: Path) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
-    from operators.command import PooledCommandOperator
+    from kiln.operators.command import PooledCommandOperator
 
     op = PooledCommandOperator(task_id="t", command=["true"], resource_pool="tpu", gpus=1)
     with pytest.raises(AirflowFailException, match=r"(?s)tpu.*gpu"):
@@ -98,7 +98,7 @@ def test_runs_on_leased_gpus_then_releases(pool_env: Path, capfd: pytest.Capture
 def test_waits_deferred_then_resumes_on_the_granted_lease(pool_env: Path) -> None:
     from airflow.sdk.exceptions import TaskDeferred
 
-    from tasks.pools.allocation import LeaseRequest, Owner
+    from kiln.tasks.pools.allocation import LeaseRequest, Owner
 
     store = _store()
     blocker = store.try_acquire(LeaseRequest(pool="gpu", gpus=2), Owner(host="test", pid=1))
@@ -120,8 +120,8 @@ def test_waits_deferred_then_resumes_on_the_granted_lease(pool_env: Path) -> Non
 
 
 def test_wait_timeout_cancels_the_queued_request(pool_env: Path) -> None:
-    from operators.pools import PoolLeaseTrigger
-    from tasks.pools.allocation import LeaseRequest, Owner
+    from kiln.operators.pools import PoolLeaseTrigger
+    from kiln.tasks.pools.allocation import LeaseRequest, Owner
 
     store = _store()
     store.try_acquire(LeaseRequest(pool="gpu", gpus=2), Owner(host="test", pid=1))

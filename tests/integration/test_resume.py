@@ -15,9 +15,9 @@ import pytest
 import torch
 from synthetic import write_features
 
-from tasks.launch import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError
-from tasks.spec import ModelSpec, TrainingSpec
-from tasks.train import METRICS_FILE, TrainConfig
+from kiln.tasks.launch.base import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError
+from kiln.tasks.spec import ModelSpec, TrainingSpec
+from kiln.tasks.training.loop import METRICS_FILE, TrainConfig
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,10 @@ import pytest
 from s3_server import S3Endpoint, s3_endpoint  # noqa: F401
 from synthetic import write_features
 
-from tasks import pipeline
-from tasks.artifacts_s3 import MANIFEST, VERSIONS, S3ArtifactStore
-from tasks.launch import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError
-from tasks.pools.allocation import Allocation, NodeAllocation
+from kiln.tasks.pipeline import context as pipeline
+from kiln.tasks.storage.s3 import MANIFEST, VERSIONS, S3ArtifactStore
+from kiln.tasks.launch.base import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError
+from kiln.tasks.pools.allocation import Allocation, NodeAllocation
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
 
@@ -63,7 +63,7 @@ def published_epoch(manifest: dict[str, Any] | None) -> int:
 
 
 def test_a_retry_on_a_machine_without_the_first_ones_files_resumes_from_the_bucket(s3_run, caplog):
-    caplog.set_level("INFO", logger="tasks.checkpoint_sync")
+    caplog.set_level("INFO", logger="kiln.tasks.training.checkpoint_sync")
     params = {"epochs": EPOCHS, "nproc": 1, "batch_size": 16}
     ctx = pipeline.make_context(SPEC, "manual__s3_resume", params)
     assert isinstance(ctx.store, S3ArtifactStore)
@@ -114,7 +114,7 @@ def test_a_retry_on_a_machine_without_the_first_ones_files_resumes_from_the_buck
 def test_a_docker_job_reads_and_writes_the_bucket_through_the_host(s3_run):
     from docker_engine import ready_engine
 
-    from tasks.launch_docker import DockerGangLauncher
+    from kiln.tasks.launch.docker_gang import DockerGangLauncher
 
     ready_engine().close()
     ctx = pipeline.make_context(SPEC, "manual__s3_docker", {"epochs": 3, "nproc": 1, "launcher": "docker"})

@@ -57,7 +57,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def test_unset_setting_leaves_the_environment_alone(clean_env: pytest.MonkeyPatch) -> None:
-    from operators.s3_credentials import use_s3_connection
+    from kiln.operators.s3_credentials import use_s3_connection
 
     clean_env.setenv("AWS_ACCESS_KEY_ID", "from-the-chain")
     before = dict(os.environ)
@@ -70,13 +70,13 @@ def test_exports_exactly_the_connection(clean_env: pytest.MonkeyPatch, caplog: p
     nothing else in the environment changes and the log names the id and the key's last four characters only."""
     import boto3
 
-    from operators.s3_credentials import use_s3_connection
+    from kiln.operators.s3_credentials import use_s3_connection
 
     key, password, token = "AKIDCONNECTION0007", secret(), f"token-{uuid.uuid4().hex}"
     conn_id = add_connection(clean_env, key, password, aws_session_token=token, region_name="eu-west-3",
                              endpoint_url="http://127.0.0.1:9")
     before = dict(os.environ)
-    with caplog.at_level("INFO", logger="operators.s3_credentials"):
+    with caplog.at_level("INFO", logger="kiln.operators.s3_credentials"):
         exported = use_s3_connection()
 
     expected = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": password, "AWS_SESSION_TOKEN": token,
@@ -92,7 +92,7 @@ def test_exports_exactly_the_connection(clean_env: pytest.MonkeyPatch, caplog: p
 def test_keeps_the_endpoint_setting_and_drops_a_foreign_session_token(clean_env: pytest.MonkeyPatch) -> None:
     """An explicit KILN_S3_ENDPOINT_URL wins over the connection's; an inherited session token belongs to other
     keys and goes; a region the connection does not name is left as it was."""
-    from operators.s3_credentials import use_s3_connection
+    from kiln.operators.s3_credentials import use_s3_connection
 
     clean_env.setenv("KILN_S3_ENDPOINT_URL", "http://explicit:9000")
     clean_env.setenv("AWS_SESSION_TOKEN", "token-of-other-keys")
@@ -116,7 +116,7 @@ def test_connection_without_keys_fails(clean_env: pytest.MonkeyPatch, login: str
                                        missing: str) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
-    from operators.s3_credentials import use_s3_connection
+    from kiln.operators.s3_credentials import use_s3_connection
 
     conn_id = add_connection(clean_env, login, password, endpoint_url="http://127.0.0.1:9")
     with pytest.raises(AirflowFailException, match=f"{conn_id}.*{missing}") as caught:
@@ -128,7 +128,7 @@ def test_connection_without_keys_fails(clean_env: pytest.MonkeyPatch, login: str
 def test_unknown_connection_names_the_id_and_the_fix(clean_env: pytest.MonkeyPatch) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
-    from operators.s3_credentials import use_s3_connection
+    from kiln.operators.s3_credentials import use_s3_connection
 
     clean_env.setenv("KILN_S3_CONNECTION_ID", "kiln_s3_absent")
     with pytest.raises(AirflowFailException) as caught:
@@ -184,7 +184,7 @@ def test_pipeline_with_credentials_only_in_a_connection(airflow_db: Path, s3_end
     """No AWS variable, profile or config file anywhere: the run gets its keys, region and endpoint from the
     connection alone, publishes every step to the bucket and MLflow's artifacts beside them, and no task output
     shows the secret."""
-    from tasks.artifacts import run_key
+    from kiln.tasks.storage.artifacts import run_key
 
     checker = s3_endpoint.client(direct=True)  # the session's test keys (moto accepts any)
     bucket = f"kiln-conn-{uuid.uuid4().hex[:8]}"

@@ -12,9 +12,9 @@ import pytest
 from conftest import REPO, free_port, stop_model_servers
 from s3_server import S3Endpoint, s3_endpoint  # noqa: F401
 
-from tasks import pipeline
-from tasks.artifacts import ArtifactStoreError
-from tasks.artifacts_s3 import MANIFEST, VERSIONS, S3ArtifactStore
+from kiln.tasks.pipeline import context as pipeline
+from kiln.tasks.storage.artifacts import ArtifactStoreError
+from kiln.tasks.storage.s3 import MANIFEST, VERSIONS, S3ArtifactStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
 

@@ -15,9 +15,9 @@ import pytest
 from conftest import free_port
 from s3_server import S3Endpoint, s3_endpoint  # noqa: F401
 
-from tasks import pipeline
-from tasks.artifacts import ArtifactNotFoundError, ArtifactStoreError
-from tasks.artifacts_s3 import MANIFEST, S3ArtifactStore
+from kiln.tasks.pipeline import context as pipeline
+from kiln.tasks.storage.artifacts import ArtifactNotFoundError, ArtifactStoreError
+from kiln.tasks.storage.s3 import MANIFEST, S3ArtifactStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
 

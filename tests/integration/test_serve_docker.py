@@ -16,8 +16,8 @@ import pytest
 from docker_engine import ready_engine
 from serving_fixtures import bundle_factory, records  # noqa: F401
 
-from tasks.bundle import load_bundle
-from tasks.serving.deployment import Deployment, ModelRef, utc_now, write_deployment
+from kiln.tasks.bundle.load import load_bundle
+from kiln.tasks.serving.deployment import Deployment, ModelRef, utc_now, write_deployment
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 

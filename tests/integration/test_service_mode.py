@@ -32,7 +32,7 @@ from airflow_client.client.models.dag_run_mutable_states import DagRunMutableSta
 from airflow_client.client.models.dag_run_patch_body import DAGRunPatchBody
 from kiln_service import EXAMPLE_SPECS, REPO, Platform, running_service
 
-from operators.service import process_tree
+from kiln.tasks.services.supervisor import process_tree
 
 pytestmark = pytest.mark.integration
 
@@ -147,7 +147,7 @@ def test_an_asset_event_starts_a_run(platform: Platform) -> None:
 def test_down_stops_everything_and_status_says_so(platform: Platform) -> None:
     service = platform.service
     env = {**service.env, "PYTHONPATH": str(REPO)}
-    status = subprocess.run([sys.executable, "-m", "operators.service", "status"], env=env, capture_output=True,
+    status = subprocess.run([sys.executable, "-m", "kiln.tasks.services.supervisor", "status"], env=env, capture_output=True,
                             text=True, timeout=60)
     assert status.returncode == 0 and json.loads(status.stdout)["running"] is True
     groups = set(service.state()["pids"].values())
@@ -157,7 +157,7 @@ def test_down_stops_everything_and_status_says_so(platform: Platform) -> None:
     left = [pid for pid in members if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert left == [], "processes survived down()"
     assert process_tree(groups) == set()
-    status = subprocess.run([sys.executable, "-m", "operators.service", "status"], env=env, capture_output=True,
+    status = subprocess.run([sys.executable, "-m", "kiln.tasks.services.supervisor", "status"], env=env, capture_output=True,
                             text=True, timeout=60)
     assert status.returncode == 3 and json.loads(status.stdout)["running"] is False
     assert not os.path.exists(Path(service.paths.run_dir) / "service.json")

@@ -20,12 +20,12 @@ import torch
 from conftest import free_port
 from serving_fixtures import make_bundle, records
 
-from tasks.artifacts import read_json, write_json
-from tasks.bundle import MANIFEST_FILE, SAMPLE_PREDICTIONS_FILE
-from tasks.infra_validate import InfraValidationConfig, InfraValidationError, run_infra_validation
-from tasks.serving.canary import CanaryPolicy, watch_canary
-from tasks.serving.client import ServingClient, ServingError
-from tasks.serving.deployment import (
+from kiln.tasks.storage.artifacts import read_json, write_json
+from kiln.tasks.bundle.load import MANIFEST_FILE, SAMPLE_PREDICTIONS_FILE
+from kiln.tasks.steps.infra_validate import InfraValidationConfig, InfraValidationError, run_infra_validation
+from kiln.tasks.serving.canary import CanaryPolicy, watch_canary
+from kiln.tasks.serving.client import ServingClient, ServingError
+from kiln.tasks.serving.deployment import (
     Deployment,
     ModelRef,
     drop_canary,
@@ -35,8 +35,8 @@ from tasks.serving.deployment import (
     with_champion,
     write_deployment,
 )
-from tasks.serving.models import WARM_UP_TOLERANCE
-from tasks.serving.process import PortInUseError, ServerStartError, ensure_server, stop_server
+from kiln.tasks.serving.models import WARM_UP_TOLERANCE
+from kiln.tasks.serving.process import PortInUseError, ServerStartError, ensure_server, stop_server
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +76,7 @@ def _server_processes_with(marker: str) -> list[int]:
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if b"tasks.serving" in cmdline and marker.encode() in cmdline and state != "Z":
+        if b"kiln.tasks.serving" in cmdline and marker.encode() in cmdline and state != "Z":
             pids.append(int(proc.name))
     return pids
 
@@ -229,11 +229,11 @@ def _exploding_bundle(root: Path) -> Path:
     known island, so the sample rows and their training-side predictions are unaffected), with weights that make
     all logits infinite: such a request yields NaN probabilities, which the server counts as a model failure.
     """
-    from tasks.bundle import ExportConfig, export_bundle
-    from tasks.features import FEATURE_SPEC_FILE
-    from tasks.model import MODEL_FILE, load_model, save_model
-    from tasks.spec import ModelSpec
-    from tasks.transform import UNKNOWN, FeatureTransform
+    from kiln.tasks.bundle.load import ExportConfig, export_bundle
+    from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE
+    from kiln.tasks.training.networks import MODEL_FILE, load_model, save_model
+    from kiln.tasks.spec import ModelSpec
+    from kiln.tasks.features.transform import UNKNOWN, FeatureTransform
 
     bundle = make_bundle(root, seed=2)
     features, train = root / "features", root / "train"  # the layout make_bundle trains in

@@ -1,4 +1,4 @@
-"""The model server as users meet it: a real ``python -m tasks.serving`` process on a loopback port, serving real
+"""The model server as users meet it: a real ``python -m kiln.tasks.serving`` process on a loopback port, serving real
 bundles of tiny models trained in the test session, called over HTTP.
 
 One server serves the whole module; each test first writes the deployment it needs and reloads it (which also
@@ -25,8 +25,8 @@ from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from serving_fixtures import POISON_BILL_LENGTH, bundle_factory, make_failing_bundle, records  # noqa: F401
 
-from tasks.bundle import load_bundle
-from tasks.serving.deployment import Canary, Deployment, ModelRef, utc_now, write_deployment
+from kiln.tasks.bundle.load import load_bundle
+from kiln.tasks.serving.deployment import Canary, Deployment, ModelRef, utc_now, write_deployment
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +82,7 @@ class Server:
 def start_server(deployment: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tasks.serving", "--deployment", str(deployment), "--host",
+        proc = subprocess.Popen([sys.executable, "-m", "kiln.tasks.serving", "--deployment", str(deployment), "--host",
                                  "127.0.0.1", "--port", str(port), *extra], cwd=REPO, env=server_env(),
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -384,7 +384,7 @@ def test_a_server_that_cannot_load_its_deployment_exits_with_code_2(tmp_path, pr
         named = tmp_path / "no-such-bundle"
         write_deployment(deployment, Deployment("penguins", ModelRef("1", str(named)), None, utc_now()))
 
-    done = subprocess.run([sys.executable, "-m", "tasks.serving", "--deployment", str(deployment), "--port",
+    done = subprocess.run([sys.executable, "-m", "kiln.tasks.serving", "--deployment", str(deployment), "--port",
                            str(free_port())], cwd=REPO, env=server_env(), capture_output=True, text=True,
                           timeout=120)
 

@@ -30,7 +30,7 @@ def _context(run_id: str, params: dict, try_number: int) -> dict:
 
 
 def _live_leases() -> list:
-    from tasks.pools.store import LeaseStore
+    from kiln.tasks.pools.store import LeaseStore
 
     store = LeaseStore.from_settings()
     try:
@@ -40,9 +40,9 @@ def _live_leases() -> list:
 
 
 def test_on_kill_stops_training_and_retry_resumes(tmp_path: Path) -> None:
-    from operators.train import TrainOperator
-    from tasks import pipeline
-    from tasks.launch import TrainingFailedError
+    from kiln.operators.train import TrainOperator
+    from kiln.tasks.pipeline import context as pipeline
+    from kiln.tasks.launch.base import TrainingFailedError
 
     run_id = "manual__operator_kill"
     long_run = {"epochs": 10_000}
@@ -84,7 +84,7 @@ def test_on_kill_stops_training_and_retry_resumes(tmp_path: Path) -> None:
     result = TrainOperator(task_id="train", spec_path=SPEC).execute(_context(run_id, retry, 2))
     assert _live_leases() == []
     assert result["resumed_from_epoch"] == done
-    from tasks.artifacts import read_json
+    from kiln.tasks.storage.artifacts import read_json
 
     history = read_json(ctx.input_dir("train") / "train_metrics.json")["history"]
     assert [h["epoch"] for h in history] == list(range(1, done + 3))

@@ -12,7 +12,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG
 
-from operators.command import PooledCommandOperator
+from kiln.operators.command import PooledCommandOperator
 
 _WORK = "import os, time; print('leased GPUs', os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(8)"
 

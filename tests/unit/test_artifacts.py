@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import (
+from kiln.tasks.storage.artifacts import (
     ArtifactNotFoundError,
     LocalArtifactStore,
     atomic_write_bytes,
@@ -68,8 +68,8 @@ def test_atomic_write(tmp_path: Path) -> None:
 
 
 def test_store_for_root_picks_the_store_by_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.artifacts import LocalArtifactStore, store_for_root
-    from tasks.artifacts_s3 import S3ArtifactStore
+    from kiln.tasks.storage.artifacts import LocalArtifactStore, store_for_root
+    from kiln.tasks.storage.s3 import S3ArtifactStore
 
     assert isinstance(store_for_root(str(tmp_path)), LocalArtifactStore)
     monkeypatch.setenv("KILN_S3_ENDPOINT_URL", "http://127.0.0.1:9")
@@ -85,7 +85,7 @@ def test_store_for_root_picks_the_store_by_root(tmp_path: Path, monkeypatch: pyt
 
 
 def test_settings_keep_an_s3_root_as_a_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from tasks.settings import get_settings
+    from kiln.tasks.settings import get_settings
 
     monkeypatch.setenv("KILN_ARTIFACT_ROOT", "s3://bucket/kiln")
     assert get_settings().artifact_root == "s3://bucket/kiln"
@@ -96,7 +96,7 @@ def test_settings_keep_an_s3_root_as_a_uri(monkeypatch: pytest.MonkeyPatch, tmp_
 @pytest.mark.parametrize("key", ["", "/", "a/../b", "./a", "a/.v/b"],
                          ids=["empty", "slash", "dotdot", "dot", "versions"])
 def test_key_parts_refuses_reserved_names(key: str) -> None:
-    from tasks.artifacts import key_parts
+    from kiln.tasks.storage.artifacts import key_parts
 
     with pytest.raises(ValueError, match="invalid artifact key"):
         key_parts(key)

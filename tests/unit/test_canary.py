@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tasks.serving.canary import CanaryPolicy, CanaryVerdict, judge, watch_canary
+from kiln.tasks.serving.canary import CanaryPolicy, CanaryVerdict, judge, watch_canary
 
 POLICY = CanaryPolicy(share=0.2, min_requests=50, window_s=60, poll_s=1.0, max_error_rate_increase=0.01,
                       max_latency_ratio=2.0, latency_floor_ms=5.0)

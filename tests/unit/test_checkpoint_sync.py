@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import LocalArtifactStore
-from tasks.checkpoint import list_checkpoints
-from tasks.checkpoint_sync import CheckpointMirror
+from kiln.tasks.storage.artifacts import LocalArtifactStore
+from kiln.tasks.training.checkpoints import list_checkpoints
+from kiln.tasks.training.checkpoint_sync import CheckpointMirror
 
 KEY = "demo/run/checkpoints"
 
@@ -21,7 +21,7 @@ class NonDurableStore(LocalArtifactStore):
 
 
 def write_epoch(folder: Path, epoch: int, keep: int = 2) -> None:
-    """What ``tasks.checkpoint.save_checkpoint`` does to the folder, without torch: one file, older ones gone."""
+    """What ``kiln.tasks.training.checkpoints.save_checkpoint`` does to the folder, without torch: one file, older ones gone."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"epoch_{epoch:04d}.pt").write_bytes(f"weights after epoch {epoch}".encode())
     for old, path in list_checkpoints(folder):

@@ -10,7 +10,7 @@ import pytest
 from docker.errors import APIError, ImageNotFound
 from docker.types import DeviceRequest, Ulimit
 
-from tasks.docker_containers import (
+from kiln.tasks.launch.containers import (
     ROOT_FALLBACK_USER,
     bind_volumes,
     container_kwargs,
@@ -18,11 +18,11 @@ from tasks.docker_containers import (
     describe_refusal,
     torchrun_command,
 )
-from tasks.launch import get_launcher
-from tasks.launch_docker import DockerGangLauncher
-from tasks.pools.allocation import Allocation, NodeAllocation
-from tasks.spec import DockerSpec, ModelSpec, TrainingSpec
-from tasks.train import TrainConfig
+from kiln.tasks.launch.base import get_launcher
+from kiln.tasks.launch.docker_gang import DockerGangLauncher
+from kiln.tasks.pools.allocation import Allocation, NodeAllocation
+from kiln.tasks.spec import DockerSpec, ModelSpec, TrainingSpec
+from kiln.tasks.training.loop import TrainConfig
 
 pytestmark = pytest.mark.docker
 
@@ -94,7 +94,7 @@ def test_the_container_runs_torchrun_with_a_c10d_rendezvous():
                            config_path="/runs/r1/train/train_config.json")
     assert cmd == ["python", "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=4",
                    "--rdzv_backend=c10d", "--rdzv_endpoint=kiln-job1-00:29500", "--rdzv_id=job1-0",
-                   "--max-restarts=0", "-m", "tasks.train", "--config", "/runs/r1/train/train_config.json"]
+                   "--max-restarts=0", "-m", "kiln.tasks.training.loop", "--config", "/runs/r1/train/train_config.json"]
     kw = kwargs_for(NodeAllocation("n0"), command=cmd)
     assert kw["entrypoint"] + kw["command"] == cmd
 

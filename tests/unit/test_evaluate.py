@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from synthetic import write_run_dirs
 
-from tasks.evaluate import (
+from kiln.tasks.steps.evaluate import (
     CONFUSION_PNG,
     METRICS_FILE,
     RESIDUALS_PNG,
@@ -20,9 +20,9 @@ from tasks.evaluate import (
     compute_metrics,
     run_evaluate,
 )
-from tasks.features import TEST_FILE
-from tasks.model import MODEL_FILE, build_model, save_model
-from tasks.spec import ModelSpec
+from kiln.tasks.steps.build_features import TEST_FILE
+from kiln.tasks.training.networks import MODEL_FILE, build_model, save_model
+from kiln.tasks.spec import ModelSpec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -179,8 +179,8 @@ def test_model_of_another_width_is_rejected(tmp_path):
 
 
 def test_config_from_the_example_spec_carries_primary_metric_and_thresholds():
-    from tasks.settings import REPO_ROOT
-    from tasks.spec import load_spec
+    from kiln.tasks.settings import REPO_ROOT
+    from kiln.tasks.spec import load_spec
 
     spec = load_spec(REPO_ROOT / "dags" / "pipelines" / "penguins_species.yaml")
 

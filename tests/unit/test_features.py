@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.features import (
+from kiln.tasks.steps.build_features import (
     FEATURE_SPEC_FILE,
     TARGET_COLUMN,
     TEST_FILE,
@@ -21,7 +21,7 @@ from tasks.features import (
     load_split,
     run_build_features,
 )
-from tasks.spec import FeaturesSpec
+from kiln.tasks.spec import FeaturesSpec
 
 OUTPUT_FILES = (TRAIN_FILE, VAL_FILE, TEST_FILE, TEST_RAW_FILE, FEATURE_SPEC_FILE)
 
@@ -258,8 +258,8 @@ def test_load_split_names_a_missing_folder(tmp_path):
 
 
 def test_config_from_the_example_spec_uses_the_training_seed():
-    from tasks.settings import REPO_ROOT
-    from tasks.spec import load_spec
+    from kiln.tasks.settings import REPO_ROOT
+    from kiln.tasks.spec import load_spec
 
     spec = load_spec(REPO_ROOT / "dags" / "pipelines" / "penguins_species.yaml")
 

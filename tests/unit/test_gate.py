@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.bootstrap import resampled_metrics
-from tasks.evaluate import compute_metrics
-from tasks.gate import GateConfig, GateDecision, SliceCheck, _bound_of, decide
+from kiln.tasks.evaluation.resampling import resampled_metrics
+from kiln.tasks.steps.evaluate import compute_metrics
+from kiln.tasks.evaluation.gate_rules import GateConfig, GateDecision, SliceCheck, _bound_of, decide
 
 
 def _classifier(y: np.ndarray, wrong, k: int = 2, confidence: float = 0.8) -> np.ndarray:
@@ -81,7 +81,7 @@ def test_point_decision(task, config, candidate, champion, passed, reason, champ
 
 def test_decision_is_json_ready_and_logged_one_line_per_check(caplog):
     cfg = GateConfig(task="classification", primary_metric="accuracy", thresholds={"accuracy": 0.8, "log_loss": 1.0})
-    caplog.set_level(logging.INFO, logger="tasks.gate")
+    caplog.set_level(logging.INFO, logger="kiln.tasks.evaluation.gate_rules")
 
     decision = decide(cfg, Y_CLF.astype(np.int64), _predictions("classification", 2).astype(np.float32),
                       _predictions("classification", 4), 2)
@@ -331,8 +331,8 @@ def test_slices_given_as_a_list_become_a_tuple():
 
 
 def test_config_from_the_spec_takes_thresholds_and_the_gate_section():
-    from tasks.settings import REPO_ROOT
-    from tasks.spec import load_spec
+    from kiln.tasks.settings import REPO_ROOT
+    from kiln.tasks.spec import load_spec
 
     spec = load_spec(REPO_ROOT / "dags" / "pipelines" / "penguins_species.yaml")
     spec = spec.model_copy(update={"evaluation": spec.evaluation.model_validate({

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks import pipeline
-from tasks.artifacts import LocalArtifactStore
-from tasks.spec import SpecError
+from kiln.tasks.pipeline import context as pipeline
+from kiln.tasks.storage.artifacts import LocalArtifactStore
+from kiln.tasks.spec import SpecError
 
 
 def _spec(tmp_path: Path, rows: int = 40) -> Path:

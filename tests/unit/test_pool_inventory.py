@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.pools import discovery
-from tasks.pools import inventory as inv
-from tasks.pools.discovery import discover_memory, parse_nvidia_smi
-from tasks.pools.inventory import DEFAULT_TEAM, Inventory, InventoryError, discover_local, load_inventory
+from kiln.tasks.pools import discovery
+from kiln.tasks.pools import inventory as inv
+from kiln.tasks.pools.discovery import discover_memory, parse_nvidia_smi
+from kiln.tasks.pools.inventory import DEFAULT_TEAM, Inventory, InventoryError, discover_local, load_inventory
 
 GiB = 1024**3
 

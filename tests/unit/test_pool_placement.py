@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.pools.allocation import Allocation, LeaseRequest, NodeAllocation, UnsatisfiableRequestError
-from tasks.pools.inventory import GpuDevice, Inventory, Node, Pool, Team
-from tasks.pools.placement import NodeUsage, UsageTracker, check_satisfiable, place, usage_of
+from kiln.tasks.pools.allocation import Allocation, LeaseRequest, NodeAllocation, UnsatisfiableRequestError
+from kiln.tasks.pools.inventory import GpuDevice, Inventory, Node, Pool, Team
+from kiln.tasks.pools.placement import NodeUsage, UsageTracker, check_satisfiable, place, usage_of
 
 GiB = 1024**3
 

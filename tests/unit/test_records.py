@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.records import MAX_ERRORS, RecordError, RecordTransform, records_from_frame
-from tasks.transform import FeatureTransform
+from kiln.tasks.features.records import MAX_ERRORS, RecordError, RecordTransform, records_from_frame
+from kiln.tasks.features.transform import FeatureTransform
 
 
 def random_frame(seed: int, n: int) -> pd.DataFrame:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.registry import CHAMPION, RUN_KEY_TAG, Registry, RegistryError
+from kiln.tasks.tracking.registry import CHAMPION, RUN_KEY_TAG, Registry, RegistryError
 
 
 @pytest.fixture()

@@ -1,11 +1,11 @@
-"""Unit tests for column type inference (``tasks.schema``)."""
+"""Unit tests for column type inference (``kiln.tasks.features.column_types``)."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from tasks.schema import SchemaError, infer_column_types
+from kiln.tasks.features.column_types import SchemaError, infer_column_types
 
 
 def frame() -> pd.DataFrame:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from operators.service_env import ServicePaths, service_environment
-from tasks.settings import get_service_settings
+from kiln.tasks.services.environment import ServicePaths, service_environment
+from kiln.tasks.settings import get_service_settings
 
 
 def _env(tmp_path: Path, **base: str) -> dict[str, str]:

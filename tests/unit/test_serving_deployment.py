@@ -11,9 +11,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tasks.serving.auth import BearerAuth, resolve_token, token_path
-from tasks.serving.batching import MicroBatcher
-from tasks.serving.deployment import (
+from kiln.tasks.serving.auth import BearerAuth, resolve_token, token_path
+from kiln.tasks.serving.batching import MicroBatcher
+from kiln.tasks.serving.deployment import (
     Canary,
     Deployment,
     DeploymentError,
@@ -25,7 +25,7 @@ from tasks.serving.deployment import (
     with_champion,
     write_deployment,
 )
-from tasks.settings import get_settings
+from kiln.tasks.settings import get_settings
 
 V3 = ModelRef("3", "/bundles/v3")
 V4 = ModelRef("4", "/bundles/v4")

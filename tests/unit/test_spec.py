@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.spec import PARAM_FIELDS, SpecError, load_spec, load_specs, parse_spec
+from kiln.tasks.spec import PARAM_FIELDS, SpecError, load_spec, load_specs, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES = REPO / "dags" / "pipelines"

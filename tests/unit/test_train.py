@@ -17,10 +17,10 @@ import pytest
 import torch
 from synthetic import write_features
 
-from tasks.launch import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError, get_launcher
-from tasks.model import load_model, predict
-from tasks.spec import ModelSpec, TrainingSpec
-from tasks.train import METRICS_FILE, TrainConfig, param_checksum, run_train
+from kiln.tasks.launch.base import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError, get_launcher
+from kiln.tasks.training.networks import load_model, predict
+from kiln.tasks.spec import ModelSpec, TrainingSpec
+from kiln.tasks.training.loop import METRICS_FILE, TrainConfig, param_checksum, run_train
 
 
 def make_config(tmp_path: Path, features: Path, *, name: str = "run", task: str = "classification",
@@ -46,7 +46,7 @@ def features(tmp_path: Path) -> Path:
 
 def test_loss_decreases_and_outputs_are_written(tmp_path, features, caplog):
     config = make_config(tmp_path, features, epochs=6)
-    with caplog.at_level(logging.INFO, logger="tasks.train"):
+    with caplog.at_level(logging.INFO, logger="kiln.tasks.training.loop"):
         result = run_train(config)
     history = metrics_of(config)["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
@@ -73,7 +73,7 @@ def test_same_seed_gives_identical_weights(tmp_path, features):
 
 
 def test_checkpoints_are_written_atomically_each_epoch_and_only_the_last_two_kept(tmp_path, features, monkeypatch):
-    from tasks import checkpoint
+    from kiln.tasks.training import checkpoints as checkpoint
 
     written, atomic_write = [], checkpoint.atomic_write_bytes
 
@@ -99,7 +99,7 @@ def test_extending_a_finished_job_resumes_and_matches_an_uninterrupted_run(tmp_p
     short = make_config(tmp_path, features, name="resumed", epochs=2, model=model)
     run_train(short)
     extended = dataclasses.replace(short, training=straight.training)
-    with caplog.at_level(logging.INFO, logger="tasks.train"):
+    with caplog.at_level(logging.INFO, logger="kiln.tasks.training.loop"):
         result = run_train(extended)
     assert "resuming from checkpoint epoch 2" in caplog.text
     assert result.resumed_from_epoch == 2 and result.epochs_run == 4
@@ -123,7 +123,7 @@ def test_checkpoint_with_another_fingerprint_is_ignored(tmp_path, features, capl
     run_train(config)
     changed = dataclasses.replace(config, training=config.training.model_copy(update={"learning_rate": 1e-3}))
     assert changed.fingerprint() != config.fingerprint()
-    with caplog.at_level(logging.WARNING, logger="tasks.train"):
+    with caplog.at_level(logging.WARNING, logger="kiln.tasks.training.loop"):
         result = run_train(changed)
     assert result.resumed_from_epoch is None
     assert "epoch_0002.pt: written for another config or data" in caplog.text
@@ -134,7 +134,7 @@ def test_corrupt_checkpoint_is_skipped_for_an_older_one(tmp_path, features, capl
     run_train(config)
     newest = Path(config.checkpoint_dir) / "epoch_0002.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # a torn file, as a full disk would leave it
-    with caplog.at_level(logging.WARNING, logger="tasks.train"):
+    with caplog.at_level(logging.WARNING, logger="kiln.tasks.training.loop"):
         result = run_train(dataclasses.replace(config, training=config.training.model_copy(update={"epochs": 3})))
     assert result.resumed_from_epoch == 1 and result.epochs_run == 3
     assert f"skipping checkpoint {newest}: unreadable" in caplog.text
@@ -216,7 +216,7 @@ def test_cli_runs_as_a_single_process_without_torchrun(tmp_path, features, valid
     config = make_config(tmp_path, features if valid else tmp_path / "missing", epochs=1)
     config_file = tmp_path / "cfg.json"
     config_file.write_text(config.to_json())
-    proc = subprocess.run([sys.executable, "-m", "tasks.train", "--config", str(config_file)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "kiln.tasks.training.loop", "--config", str(config_file)], capture_output=True,
                           text=True, timeout=120)
     if valid:
         assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,1 @@
+"""The model bundle: the self-contained, servable form of a trained model."""

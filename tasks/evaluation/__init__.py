@@ -1,0 +1,1 @@
+"""Scoring models: metrics, bootstrap resampling and the gate's rules."""

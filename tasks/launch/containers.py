@@ -1,0 +1,156 @@
+"""What one container of a training gang is made of: its torchrun command, its ``containers.create`` arguments
+(devices, cpuset, memory, hardening, mounts), the user it runs as, and what an engine's refusal means.
+
+Pure functions, no engine: unit-testable, and the one place that maps a lease onto Docker.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from docker.errors import DockerException, ImageNotFound
+from docker.types import DeviceRequest, Ulimit
+
+from kiln.tasks.launch.base import TRAIN_MODULE
+from kiln.tasks.pools.allocation import NodeAllocation
+from kiln.tasks.spec import DockerSpec
+from kiln.tasks.training.loop import TrainConfig
+
+#: Label on every container and network of a job; its value is :attr:`DockerGangLauncher.job_id`.
+JOB_LABEL = "kiln.job"
+#: The c10d rendezvous port on the rank-0 node.
+RDZV_PORT = 29500
+#: The container user when the launcher itself runs as root: an unprivileged uid in the root *group* (the
+#: convention for arbitrary-uid containers), given group write on exactly the paths the job writes.
+ROOT_FALLBACK_USER = "1000:0"
+
+def torchrun_command(*, nnodes: int, nproc: int, rdzv_endpoint: str, rdzv_id: str, config_path: str,
+                     local_addr: str | None = None) -> list[str]:
+    """The command each container runs: torchrun with a c10d rendezvous, restarts left to the launcher.
+
+    ``local_addr`` (host networking): the address the node announces to the others, instead of its host name,
+    which other hosts may not resolve and which every container on one host shares.
+    """
+    return ["python", "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}", "--max-restarts=0",
+            *([f"--local_addr={local_addr}"] if local_addr else []), "-m", TRAIN_MODULE, "--config", config_path]
+
+
+def container_kwargs(node: NodeAllocation, spec: DockerSpec, *, image: str, name: str, command: list[str],
+                     network: str, user: str, volumes: dict[str, dict[str, str]], labels: dict[str, str],
+                     threads_per_proc: int, workdir: str) -> dict[str, Any]:
+    """The ``client.containers.create(**kwargs)`` arguments for one node of a gang (pure: no engine needed).
+
+    Args:
+        node: the node's lease: its GPUs become a device request, its cores the cpuset, its memory the limit.
+        spec: ``training.docker``: ``shm_size``, ``ulimits`` and ``network`` (``host`` or ``bridge``).
+        network: the job's bridge network name (ignored when ``spec.network`` is ``host``).
+        user: ``uid:gid`` the container runs as (never root).
+        volumes: bind mounts, ``{host_path: {"bind": path, "mode": "ro"|"rw"}}``.
+    """
+    gpus = list(node.gpus)
+    env = {"OMP_NUM_THREADS": str(threads_per_proc), "PYTHONUNBUFFERED": "1", "HOME": "/tmp",
+           # The engine exposes exactly the leased GPUs, renumbered from 0; none at all without a lease, even
+           # where the NVIDIA runtime is the default and the image says NVIDIA_VISIBLE_DEVICES=all.
+           "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(len(gpus))),
+           "NVIDIA_VISIBLE_DEVICES": ",".join(gpus) if gpus else "void"}
+    kwargs: dict[str, Any] = {
+        "image": image, "name": name, "entrypoint": command[:1], "command": command[1:], "user": user,
+        "environment": env, "labels": labels, "volumes": volumes, "working_dir": workdir,
+        "shm_size": spec.shm_size, "init": True, "privileged": False, "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"], "read_only": True, "tmpfs": {"/tmp": "rw,exec,nosuid,nodev"},
+    }
+    if spec.network == "host":
+        kwargs["network_mode"] = "host"
+    else:
+        kwargs.update(network=network, hostname=name)
+    if gpus:
+        kwargs["device_requests"] = [DeviceRequest(device_ids=gpus, capabilities=[["gpu"]])]
+    if node.cpus:
+        kwargs["cpuset_cpus"] = node.cpuset()
+    if node.memory:
+        kwargs.update(mem_limit=node.memory, memswap_limit=node.memory)  # no swap beyond the lease
+    if spec.ulimits:
+        kwargs["ulimits"] = [Ulimit(name=k, soft=soft, hard=hard) for k, (soft, hard) in sorted(spec.ulimits.items())]
+    return kwargs
+
+
+def bind_volumes(config: TrainConfig, workdir: Path) -> dict[str, dict[str, str]]:
+    """Bind mounts at the same absolute paths: features read-only, outputs, checkpoints and a file-based MLflow
+    store read-write (SQLite writes its journal beside the database, so its folder is mounted), the work folder
+    (config file) read-only. A path under a mount of the same mode is left out; the same path twice is read-write
+    if either asks for it."""
+    wanted: list[tuple[str | Path, str]] = [
+        (config.features_dir, "ro"), (workdir, "ro"), (config.output_dir, "rw"), (config.checkpoint_dir, "rw"),
+        *((p, "rw") for p in mlflow_paths(config.mlflow_tracking_uri)[:1])]
+    modes: dict[str, str] = {}
+    for path, mode in wanted:
+        key = str(Path(path).resolve())
+        modes[key] = "rw" if "rw" in (mode, modes.get(key)) else "ro"
+    kept: dict[str, str] = {}
+    for path in sorted(modes):  # parents sort before their children; the nearest kept one decides
+        parent = next((p for p in reversed(kept) if path.startswith(p.rstrip("/") + "/")), None)
+        if parent is None or kept[parent] != modes[path]:
+            kept[path] = modes[path]
+    return {p: {"bind": p, "mode": m} for p, m in kept.items()}
+
+
+def absolute_tracking_uri(uri: str | None) -> str | None:
+    """A file-based MLflow URI with an absolute path (a container's working folder differs from this one's)."""
+    if uri and uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    if uri and (uri.startswith("file:") or "://" not in uri and uri.startswith((".", "/"))):
+        return Path(uri.removeprefix("file://").removeprefix("file:")).resolve().as_uri()
+    return uri
+
+
+def mlflow_paths(uri: str | None) -> list[Path]:
+    """For a file-based tracking URI (absolute): the folder to mount, then the files in it the job writes."""
+    uri = absolute_tracking_uri(uri)
+    if uri and uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return [db.parent, db, *(db.with_name(db.name + s) for s in ("-journal", "-wal", "-shm"))]
+    if uri and uri.startswith("file:"):
+        return [Path(uri.removeprefix("file://"))]
+    return []
+
+
+def container_user(user: str | None) -> str:
+    """``uid:gid`` for the containers: the given one, this process's own, or the fallback when running as root."""
+    chosen = user or (ROOT_FALLBACK_USER if os.geteuid() == 0 else f"{os.geteuid()}:{os.getegid()}")
+    uid, _, gid = chosen.partition(":")
+    if not (uid.isdigit() and gid.isdigit()) or int(uid) == 0:
+        raise ValueError(f"DockerGangLauncher user must be a non-root 'uid:gid', found {chosen!r}")
+    return chosen
+
+
+def share_with_group(path: Path, gid: int, *, recursive: bool) -> None:
+    """Give group ``gid`` read/write (and search, on folders) on ``path``, and below it when ``recursive``."""
+    for p in [path, *(path.rglob("*") if recursive and path.is_dir() else ())]:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        if st.st_gid != gid:
+            os.chown(p, -1, gid)
+        bits = stat.S_IRGRP | stat.S_IWGRP | (stat.S_IXGRP if stat.S_ISDIR(st.st_mode) else 0)
+        if st.st_mode & bits != bits:
+            os.chmod(p, stat.S_IMODE(st.st_mode) | bits)
+
+
+def describe_refusal(node: NodeAllocation, exc: DockerException) -> str:
+    """What the engine refused, in words, with the fix."""
+    text = str(getattr(exc, "explanation", None) or exc)
+    engine = node.docker_url or "the local Docker engine"
+    if "could not select device driver" in text:
+        return (f"{engine} has no GPU runtime ({text}); install the NVIDIA Container Toolkit on that node and "
+                "register it with Docker (nvidia-ctk runtime configure --runtime=docker), or lease no GPUs "
+                "(training.resources.gpus: 0)")
+    if "rlimit" in text:
+        return (f"{engine} may not raise a ulimit above the host's hard limit ({text}); lower "
+                "training.docker.ulimits to at most the host's hard limits, or run dockerd with CAP_SYS_RESOURCE")
+    if isinstance(exc, ImageNotFound) or "No such image" in text:
+        return f"{engine} has no image ({text}); build it with `make image` or pull it onto that node"
+    return f"{engine} refused the container: {text}"

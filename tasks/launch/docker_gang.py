@@ -1,0 +1,417 @@
+"""The ``docker`` launcher: a training job as a gang of containers, one per leased node, each running torchrun.
+
+The gang starts together (every container is created before any is started), dies together (the first non-zero
+exit kills the others at once) and comes back together: up to ``training.max_restarts`` times the whole gang is
+started again, and ``kiln.tasks.training.loop`` resumes from the last complete checkpoint. ``training.timeout_s`` bounds the
+whole job, restarts included. Data, outputs, checkpoints and a SQLite MLflow store are bind-mounted at the same
+absolute paths, so a run writes exactly where :class:`kiln.tasks.launch.base.LocalTorchrunLauncher` would.
+
+Every container and network carries the label ``kiln.job=<id>`` and is removed on every path out of
+:meth:`DockerGangLauncher.launch`, including a refused start (the engine keeps a created container whose start
+failed, e.g. for a GPU request on a host without a GPU runtime).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from docker.client import DockerClient
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.models.containers import Container
+from docker.utils import kwargs_from_env
+
+from kiln.tasks.storage.artifacts import atomic_write_bytes
+from kiln.tasks.launch.containers import (
+    JOB_LABEL,
+    RDZV_PORT,
+    absolute_tracking_uri,
+    bind_volumes,
+    container_kwargs,
+    container_user,
+    describe_refusal,
+    mlflow_paths,
+    share_with_group,
+    torchrun_command,
+)
+from kiln.tasks.launch.base import (
+    CONFIG_FILE,
+    LOG_FILE,
+    Launcher,
+    LaunchResult,
+    TrainingFailedError,
+    TrainingTimeoutError,
+)
+from kiln.tasks.pools.allocation import Allocation, NodeAllocation, format_size
+from kiln.tasks.settings import get_settings
+from kiln.tasks.training.loop import TrainConfig
+
+log = logging.getLogger(__name__)
+
+#: Exit code for a job the engine refused to start (``docker run`` uses 125 for daemon errors).
+ENGINE_ERROR_EXIT = 125
+
+
+class ContainerStartError(TrainingFailedError):
+    """The Docker engine refused to create or start a container of the gang; nothing of the job is left behind.
+
+    ``node`` names the node, ``cause`` says what the engine refused and how to fix it.
+    """
+
+    def __init__(self, node: str, cause: str, log_tail: str = ""):
+        self.node = node
+        self.cause = cause
+        super().__init__(ENGINE_ERROR_EXIT, log_tail, reason=f"could not start on node {node}: {cause}")
+
+
+class _LogSink:
+    """Every container's output, line by line, to this module's logger, ``<workdir>/train.log`` and a tail."""
+
+    def __init__(self, path: Path, tail_lines: int):
+        self.tail: deque[str] = deque(maxlen=tail_lines)
+        self._lock = threading.Lock()
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def write(self, source: str, line: str) -> None:
+        text = f"[{source}] {line}"
+        with self._lock:
+            self.tail.append(text)
+            self._fh.write(text + "\n")
+            self._fh.flush()
+        log.info("%s", text)
+
+    def pump(self, container: Container, source: str) -> None:
+        """Follow one container's log until it exits (the engine sends chunks, not lines)."""
+        pending = b""
+        try:
+            for chunk in container.logs(stream=True, follow=True):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    self.write(source, raw.decode(errors="replace").rstrip("\r"))
+        except (DockerException, OSError):
+            pass  # the container was removed while streaming
+        if pending:
+            self.write(source, pending.decode(errors="replace"))
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How one attempt of the gang ended."""
+
+    status: Literal["ok", "failed", "timeout", "terminated"]
+    node: str = ""
+    exit_code: int = 0
+    detail: str = ""
+
+
+def _start(container: Container) -> DockerException | None:
+    """Start a created container; the engine's refusal is returned (raised by the caller, once all are done)."""
+    try:
+        container.start()
+    except DockerException as exc:
+        return exc
+    return None
+
+
+def _wait(container: Container, index: int, events: queue.Queue[tuple[int, int]]) -> None:
+    """Report a container's exit code (-1 when it was removed or the engine went away)."""
+    try:
+        code = int(container.wait()["StatusCode"])
+    except (DockerException, OSError):
+        code = -1
+    events.put((index, code))
+
+
+class DockerGangLauncher(Launcher):
+    """Runs a training job as one container per leased node (``torchrun --nnodes=N``, c10d rendezvous).
+
+    Networking follows ``training.docker.network``: ``bridge`` creates a private network per job on the one Docker
+    engine that hosts every node, and the nodes meet at the rank-0 container's name; ``host`` uses the nodes'
+    own networks and addresses (a gang across several Docker hosts). The containers run as a non-root
+    ``uid:gid`` with every capability dropped, a read-only root filesystem and a tmpfs ``/tmp``. Each node's
+    engine is ``NodeAllocation.docker_url`` (TLS settings from the docker SDK's ``DOCKER_TLS_VERIFY`` and
+    ``DOCKER_CERT_PATH``), or the default engine when it is ``None``.
+
+    Args:
+        user: ``uid:gid`` for the containers. Default: this process's own; when it runs as root,
+            :data:`ROOT_FALLBACK_USER`, and the job's output and checkpoint folders and a file-based MLflow store
+            get read/write for that group.
+        rdzv_port: the c10d rendezvous port on the rank-0 node.
+        tail_lines: output lines kept for the result and the errors.
+    """
+
+    def __init__(self, *, user: str | None = None, rdzv_port: int = RDZV_PORT, tail_lines: int = 100):
+        self.user = user
+        self.rdzv_port = rdzv_port
+        self.tail_lines = tail_lines
+        self.job_id: str | None = None
+        """The running (or last) job's id: the value of the :data:`JOB_LABEL` label on its containers."""
+        # Re-entrant: terminate() may run in a signal handler on the thread that is inside launch().
+        self._lock = threading.RLock()
+        self._containers: list[Container] = []
+        self._terminated = False
+
+    def launch(self, config: TrainConfig, *, nproc: int, workdir: Path,
+               allocation: Allocation | None = None) -> LaunchResult:
+        """Run the gang to completion (see :meth:`Launcher.launch`).
+
+        Raises:
+            ValueError: a lease that does not fit the config (node count, GPUs per rank, bridge across engines).
+            ContainerStartError: an engine is unreachable, lacks the image, or refused a container (no GPU
+                runtime, a ulimit above the host's hard limit, unknown CPU cores); no restart is tried.
+            TrainingFailedError: a node exited non-zero after ``max_restarts`` restarts, or :meth:`terminate`.
+            TrainingTimeoutError: the job, restarts included, ran past ``training.timeout_s``.
+        """
+        t = config.training
+        nodes = self._check_lease(config, nproc, allocation)
+        user = container_user(self.user)
+        workdir = Path(workdir).resolve()
+        config = replace(config, mlflow_tracking_uri=absolute_tracking_uri(config.mlflow_tracking_uri))
+        atomic_write_bytes(workdir / CONFIG_FILE, config.to_json().encode())
+        self._prepare_paths(config, user)
+        with self._lock:
+            if self._terminated:
+                raise TrainingFailedError(-15, "", reason="was terminated before it started")
+            job = self.job_id = uuid.uuid4().hex[:12]
+        image = t.docker.image or get_settings().train_image
+        sink = _LogSink(workdir / LOG_FILE, self.tail_lines)
+        clients: dict[str | None, DockerClient] = {}
+        start = time.monotonic()
+        try:
+            for n in nodes:
+                if n.docker_url not in clients:
+                    clients[n.docker_url] = _connect(n, pool_size=2 * len(nodes) + 4)
+                _check_image(clients[n.docker_url], n, image)
+            if t.docker.network == "bridge":
+                try:
+                    clients[nodes[0].docker_url].networks.create(f"kiln-{job}", driver="bridge",
+                                                                 labels={JOB_LABEL: job})
+                except DockerException as exc:
+                    raise ContainerStartError(nodes[0].node, describe_refusal(nodes[0], exc)) from exc
+            log.info("job %s: %d node(s) x %d rank(s), image %s, user %s, network %s, timeout %d s", job, len(nodes),
+                     nproc, image, user, t.docker.network, t.timeout_s)
+            for attempt in range(t.max_restarts + 1):
+                kwargs = self._gang(config, nodes, nproc, job, attempt, image=image, user=user, workdir=workdir)
+                outcome = self._run_attempt(clients, nodes, kwargs, sink, deadline=start + t.timeout_s)
+                if outcome.status == "ok":
+                    duration = time.monotonic() - start
+                    log.info("job %s finished in %.1f s", job, duration)
+                    return LaunchResult(exit_code=0, duration_s=duration, log_tail="\n".join(sink.tail))
+                if outcome.status != "failed" or attempt == t.max_restarts:
+                    raise self._error(outcome, t.timeout_s, attempt, "\n".join(sink.tail))
+                sink.write("launcher", f"node {outcome.node} {outcome.detail}; restarting the gang from its last "
+                                       f"checkpoint (restart {attempt + 1} of {t.max_restarts})")
+            raise AssertionError("unreachable: the last attempt returns or raises")
+        finally:
+            self._clean_up(clients, job)
+            sink.close()
+
+    def terminate(self) -> None:
+        with self._lock:
+            self._terminated = True
+            containers = list(self._containers)
+        _kill(containers)
+
+    def _gang(self, config: TrainConfig, nodes: tuple[NodeAllocation, ...], nproc: int, job: str, attempt: int, *,
+              image: str, user: str, workdir: Path) -> list[dict[str, Any]]:
+        """The create arguments of every container of one attempt (fresh names, a fresh rendezvous id)."""
+        t = config.training
+        bridge = t.docker.network == "bridge"
+        names = [f"kiln-{job}-{i:02d}" + (f"-r{attempt}" if attempt else "") for i in range(len(nodes))]
+        endpoint = f"{names[0] if bridge else nodes[0].address}:{self.rdzv_port}"
+        return [container_kwargs(
+            n, t.docker, image=image, name=name, network=f"kiln-{job}", user=user,
+            command=torchrun_command(nnodes=len(nodes), nproc=nproc, rdzv_endpoint=endpoint, rdzv_id=f"{job}-{attempt}",
+                                     config_path=str(workdir / CONFIG_FILE), local_addr=None if bridge else n.address),
+            volumes=bind_volumes(config, workdir), labels={JOB_LABEL: job, "kiln.node": n.node},
+            threads_per_proc=t.threads_per_proc, workdir=str(workdir)) for n, name in zip(nodes, names, strict=True)]
+
+    @staticmethod
+    def _check_lease(config: TrainConfig, nproc: int, allocation: Allocation | None) -> tuple[NodeAllocation, ...]:
+        t = config.training
+        if nproc < 1:
+            raise ValueError(f"nproc must be at least 1, found {nproc}")
+        nodes = allocation.nodes if allocation else tuple(NodeAllocation(node=f"node{i}") for i in range(t.nodes))
+        if len(nodes) != t.nodes:
+            raise ValueError(f"training.nodes is {t.nodes} but the lease has {len(nodes)} node(s)")
+        if t.docker.network == "bridge" and len({n.docker_url for n in nodes}) > 1:
+            raise ValueError("training.docker.network 'bridge' needs every node on one Docker engine, but the lease "
+                             "spans several: set training.docker.network: host")
+        if t.docker.network == "host" and len({n.address for n in nodes}) < len(nodes):
+            raise ValueError("training.docker.network 'host' needs a distinct address per node (the nodes share the "
+                             f"host's network), found {[n.address for n in nodes]}: use bridge on a single host")
+        for n in nodes:
+            if n.gpus and nproc > len(n.gpus):
+                raise ValueError(f"node {n.node}: {nproc} ranks per node but only {len(n.gpus)} leased GPU(s)")
+        return nodes
+
+    @staticmethod
+    def _prepare_paths(config: TrainConfig, user: str) -> None:
+        """Create the bind mounts' sources; as root, give the containers' group write where the job writes."""
+        mlflow = mlflow_paths(config.mlflow_tracking_uri)
+        for folder in (Path(config.output_dir), Path(config.checkpoint_dir), *mlflow[:1]):
+            folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            return  # the containers run as this process's own user (or one the caller set up for)
+        gid = int(user.partition(":")[2])
+        shared = [(Path(config.output_dir), True), (Path(config.checkpoint_dir), True)]
+        shared += [(p, len(mlflow) == 1) for p in mlflow if p.exists()]  # a file store's tree, or SQLite's files
+        log.info("containers run as %s: giving group %d read/write on %s", user, gid,
+                 ", ".join(str(p) for p, _ in shared))
+        for path, recursive in shared:
+            share_with_group(path, gid, recursive=recursive)
+
+    def _run_attempt(self, clients: dict[str | None, DockerClient], nodes: tuple[NodeAllocation, ...],
+                     kwargs: list[dict[str, Any]], sink: _LogSink, deadline: float) -> _Outcome:
+        """Create every container, then start them all, watch them, and remove them (on every path)."""
+        with self._lock:
+            self._containers = []
+        try:
+            for n, kw in zip(nodes, kwargs, strict=True):
+                try:
+                    container = clients[n.docker_url].containers.create(**kw)
+                except DockerException as exc:
+                    raise ContainerStartError(n.node, describe_refusal(n, exc), "\n".join(sink.tail)) from exc
+                with self._lock:
+                    self._containers.append(container)
+            if self._terminated:
+                return _Outcome("terminated", exit_code=-15)
+            # Side by side: the rendezvous waits for the last member, and a terminate() that comes while they
+            # start is caught by _watch, which kills whatever did start.
+            with ThreadPoolExecutor(len(nodes)) as pool:
+                refusals = list(pool.map(_start, self._containers))
+            for n, refusal in zip(nodes, refusals, strict=True):
+                if refusal is not None:
+                    raise ContainerStartError(n.node, describe_refusal(n, refusal), "\n".join(sink.tail)) from refusal
+            events: queue.Queue[tuple[int, int]] = queue.Queue()
+            pumps = [threading.Thread(target=sink.pump, args=(c, n.node), daemon=True)
+                     for n, c in zip(nodes, self._containers, strict=True)]
+            for i, (pump, container) in enumerate(zip(pumps, self._containers, strict=True)):
+                pump.start()
+                threading.Thread(target=_wait, args=(container, i, events), daemon=True).start()
+            outcome = self._watch(nodes, events, deadline)
+            if outcome.status != "ok":
+                _kill(self._containers)  # the whole gang at once: peers of a dead rank would hang
+                outcome = _explain(outcome, nodes, self._containers)
+            for pump in pumps:
+                pump.join(timeout=5)  # the rest of the output, for the error's tail
+            return outcome
+        finally:
+            _remove(self._containers)
+
+    def _watch(self, nodes: tuple[NodeAllocation, ...], events: queue.Queue[tuple[int, int]],
+               deadline: float) -> _Outcome:
+        """Wait until every container exited 0, or the first one failed, or the deadline or terminate() came."""
+        pending = set(range(len(nodes)))
+        while pending:
+            remaining = deadline - time.monotonic()
+            if self._terminated:
+                return _Outcome("terminated", exit_code=-15)
+            if remaining <= 0:
+                return _Outcome("timeout", exit_code=137)
+            try:
+                index, code = events.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if code != 0:
+                status: Literal["failed", "terminated"] = "terminated" if self._terminated else "failed"
+                return _Outcome(status, nodes[index].node, code, f"exited with code {code}")
+            pending.discard(index)
+        return _Outcome("ok")
+
+    @staticmethod
+    def _error(outcome: _Outcome, timeout_s: int, restarts: int, tail: str) -> TrainingFailedError:
+        if outcome.status == "timeout":
+            log.error("training job ran past its %d s timeout; killed every container", timeout_s)
+            return TrainingTimeoutError(timeout_s, outcome.exit_code, tail)
+        if outcome.status == "terminated":
+            return TrainingFailedError(outcome.exit_code, tail, reason="was terminated")
+        after = f" after {restarts} restart(s)" if restarts else ""
+        return TrainingFailedError(outcome.exit_code, tail, reason=f"failed{after}: node {outcome.node} "
+                                                                   f"{outcome.detail}")
+
+    def _clean_up(self, clients: dict[str | None, DockerClient], job: str) -> None:
+        """Remove whatever of the job is left on every engine (found by label), then close the clients."""
+        _remove(self._containers)
+        selector = {"label": f"{JOB_LABEL}={job}"}
+        for url, client in clients.items():
+            try:
+                _remove(client.containers.list(all=True, filters=selector))
+                for network in client.networks.list(filters=selector):
+                    network.remove()
+            except (DockerException, OSError) as exc:
+                log.warning("could not clean up job %s on %s (find leftovers with label %s=%s): %s", job,
+                            url or "the local engine", JOB_LABEL, job, exc)
+            finally:
+                client.close()
+
+
+def _connect(node: NodeAllocation, *, pool_size: int) -> DockerClient:
+    """A client for the node's engine; TLS and the default endpoint come from the docker SDK's environment."""
+    kwargs = kwargs_from_env()
+    if node.docker_url:
+        kwargs["base_url"] = node.docker_url
+    where = node.docker_url or kwargs.get("base_url") or "the default Docker socket"
+    try:
+        client = DockerClient(max_pool_size=pool_size, **kwargs)
+        client.ping()
+    except DockerException as exc:
+        raise ContainerStartError(node.node, f"cannot reach the Docker engine at {where} ({exc}); start it (on a "
+                                             "dev machine: make docker-engine) or fix the node's docker_url in the "
+                                             "pool inventory") from exc
+    return client
+
+
+def _check_image(client: DockerClient, node: NodeAllocation, image: str) -> None:
+    try:
+        client.images.get(image)
+    except ImageNotFound as exc:
+        raise ContainerStartError(node.node, describe_refusal(node, exc)) from exc
+
+
+def _explain(outcome: _Outcome, nodes: tuple[NodeAllocation, ...], containers: list[Container]) -> _Outcome:
+    """Name an out-of-memory kill: the engine records it, the exit code (137) alone does not say it."""
+    index = [n.node for n in nodes].index(outcome.node) if outcome.status == "failed" else -1
+    if not 0 <= index < len(containers):
+        return outcome
+    try:
+        containers[index].reload()
+    except (DockerException, OSError):
+        return outcome
+    if not containers[index].attrs["State"].get("OOMKilled"):
+        return outcome
+    limit = format_size(nodes[index].memory) if nodes[index].memory else "the host's memory"
+    return replace(outcome, detail=f"was killed by the kernel OOM killer at its memory limit ({limit}); lease more "
+                                   "memory (training.resources.memory)")
+
+
+def _kill(containers: list[Container]) -> None:
+    for container in containers:
+        try:
+            container.kill()
+        except (DockerException, OSError):
+            pass  # already exited or removed
+
+
+def _remove(containers: list[Container]) -> None:
+    for container in containers:
+        try:
+            container.remove(force=True)
+        except NotFound:
+            pass
+        except (APIError, OSError) as exc:
+            log.warning("could not remove container %s: %s", container.name, exc)

@@ -1,0 +1,230 @@
+"""The ``infra_validate`` step: load a model bundle in the real serving runtime before it is deployed.
+
+A throwaway ``python -m kiln.tasks.serving`` is started on a free loopback port, with a deployment that holds only this
+bundle and a random token. The bundle's sample rows (raw input, as a client would send it) are replayed over HTTP,
+each row as a one-row request (timed) and all rows as one batch, and the served predictions are compared with the
+predictions the training side recorded for the same rows (train/serve parity). The step fails when the two differ
+by more than ``tolerance``, when a served label is not the most probable class, or when the p99 latency of the
+one-row requests exceeds ``latency_budget_ms``. The server is stopped however the step ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.tasks.bundle.load import load_bundle, records_from_frame
+from kiln.tasks.serving.client import ServingClient, ServingError
+from kiln.tasks.serving.deployment import Deployment, ModelRef, utc_now, write_deployment
+from kiln.tasks.serving.process import ServerStartError, ensure_server, stop_server
+
+log = logging.getLogger(__name__)
+
+#: Largest batch sent in one request (the server's default ``--max-batch``).
+MAX_BATCH = 512
+#: The version the throwaway deployment gives the bundle.
+VALIDATION_VERSION = "infra-validation"
+
+
+@dataclass(frozen=True)
+class InfraValidationConfig:
+    """Settings of the ``infra_validate`` step."""
+
+    bundle_dir: Path
+    """The model bundle to validate (``kiln.tasks.bundle.load.export_bundle`` output)."""
+    tolerance: float = 1e-5
+    """Largest allowed absolute difference between served and training-side probabilities (or values)."""
+    latency_budget_ms: float = 500.0
+    """Largest allowed p99 latency of one-row requests, measured at the client."""
+    requests: int = 50
+    """One-row requests to time; the sample rows are cycled (each row is sent at least once)."""
+    start_timeout_s: float = 60
+    """How long the server may take to load the bundle."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise ValueError(f"InfraValidationConfig.tolerance must be a finite number >= 0, found "
+                             f"{self.tolerance!r}")
+        if not self.latency_budget_ms > 0:
+            raise ValueError(f"InfraValidationConfig.latency_budget_ms must be positive, found "
+                             f"{self.latency_budget_ms!r}")
+        if not 1 <= self.requests <= 10_000:
+            raise ValueError(f"InfraValidationConfig.requests must be between 1 and 10000, found {self.requests!r}")
+        if not self.start_timeout_s > 0:
+            raise ValueError(f"InfraValidationConfig.start_timeout_s must be positive seconds, found "
+                             f"{self.start_timeout_s!r}")
+
+
+@dataclass(frozen=True)
+class InfraValidationResult:
+    """What the serving runtime did with the bundle."""
+
+    passed: bool
+    max_abs_diff: float | None
+    """Largest served-vs-training difference over all rows, one-row and batch (``None``: nothing was served)."""
+    p50_ms: float | None
+    p99_ms: float | None
+    """Latency percentiles of the one-row requests at the client."""
+    rows: int
+    """Sample rows replayed."""
+    requests: int
+    """One-row requests timed."""
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (e.g. for XCom)."""
+        return {"passed": self.passed, "max_abs_diff": self.max_abs_diff, "p50_ms": self.p50_ms,
+                "p99_ms": self.p99_ms, "rows": self.rows, "requests": self.requests, "reason": self.reason}
+
+
+class InfraValidationError(RuntimeError):
+    """The bundle failed infra validation; ``result`` holds the measurements and the reason."""
+
+    def __init__(self, result: InfraValidationResult):
+        self.result = result
+        super().__init__(f"infra validation failed: {result.reason}")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _normalise(prediction: dict[str, Any]) -> tuple[str | None, dict[str, float]]:
+    """``(label, {class: probability})`` of a classification prediction, ``(None, {"value": v})`` otherwise."""
+    if "probabilities" in prediction:
+        probs = {str(k): float(v) for k, v in prediction["probabilities"].items()}
+        return str(prediction["label"]), probs
+    return None, {"value": float(prediction["value"])}
+
+
+def compare_predictions(served: list[dict[str, Any]], expected: list[dict[str, Any]]) -> tuple[float, str | None]:
+    """Largest difference between served and expected predictions, and the first problem found.
+
+    Args:
+        served: predictions from the server (``{"label", "probabilities"}`` or ``{"value"}`` per row).
+        expected: the training side's predictions for the same rows, in the same format.
+
+    Returns:
+        ``(max_abs_diff, problem)``; ``problem`` is ``None`` when every row has the same classes (or a value)
+        and every served label is its most probable class. A non-finite served number makes the difference inf.
+    """
+    if len(served) != len(expected):
+        return math.inf, f"the server returned {len(served)} predictions for {len(expected)} rows"
+    worst = 0.0
+    for i, (got, want) in enumerate(zip(served, expected, strict=True)):
+        label, got_values = _normalise(got)
+        _, want_values = _normalise(want)
+        if set(got_values) != set(want_values):
+            return math.inf, f"row {i}: served keys {sorted(got_values)} differ from expected {sorted(want_values)}"
+        for key, value in got_values.items():
+            diff = abs(value - want_values[key])
+            worst = max(worst, diff if math.isfinite(diff) else math.inf)
+        if label is not None and label != max(got_values, key=got_values.__getitem__):
+            return worst, f"row {i}: served label {label!r} is not the most probable class"
+    return worst, None
+
+
+def run_infra_validation(config: InfraValidationConfig) -> InfraValidationResult:
+    """Serve the bundle from a throwaway server and check parity and latency.
+
+    Args:
+        config: the bundle and the thresholds.
+
+    Returns:
+        The measurements of a bundle that passed.
+
+    Raises:
+        InfraValidationError: parity or latency failed, or the server could not load or serve the bundle.
+        BundleError: the bundle cannot be read at all.
+    """
+    bundle_dir = Path(config.bundle_dir).resolve()
+    bundle = load_bundle(bundle_dir)
+    raw, expected_y = bundle.sample()
+    records = records_from_frame(raw)
+    expected = bundle.format_predictions(np.asarray(expected_y))
+    n_single = max(config.requests, len(records))
+    model = str((bundle.manifest.get("metadata") or {}).get("pipeline") or bundle_dir.name)
+    with tempfile.TemporaryDirectory(prefix="kiln-infra-validate-") as tmp:
+        run_dir = Path(tmp)
+        deployment = write_deployment(run_dir / "deployment.json", Deployment(
+            model=model, champion=ModelRef(VALIDATION_VERSION, str(bundle_dir)), updated_at=utc_now()))
+        token = secrets.token_urlsafe(32)
+        try:
+            handle = ensure_server(deployment, host="127.0.0.1", port=_free_port(), token=token, run_dir=run_dir,
+                                   start_timeout_s=config.start_timeout_s)
+            with ServingClient(handle.url, token) as client:
+                served_single, latencies = _replay_single(client, records, n_single)
+                served_batch = _replay_batch(client, records)
+        except ServerStartError as exc:
+            raise _failed(len(records), f"the serving runtime refused to load the bundle {bundle_dir} (loading, "
+                                        f"its warm-up or its parity check on the sample predictions failed): {exc}"
+                          ) from exc
+        except ServingError as exc:
+            raise _failed(len(records), f"the serving runtime failed to serve the bundle {bundle_dir}: {exc}") \
+                from exc
+        finally:
+            stop_server(run_dir)
+    return _judge(config, bundle_dir, expected, served_single, served_batch, latencies, n_single)
+
+
+def _failed(rows: int, reason: str) -> InfraValidationError:
+    return InfraValidationError(InfraValidationResult(False, None, None, None, rows, 0, reason))
+
+
+def _replay_single(client: ServingClient, records: list[dict[str, Any]],
+                   n: int) -> tuple[list[dict[str, Any]], list[float]]:
+    """``n`` one-row requests cycling over ``records``; the first answer per row and every latency in ms."""
+    served: list[dict[str, Any]] = []
+    latencies: list[float] = []
+    for i in range(n):
+        start = time.perf_counter()
+        body = client.predict([records[i % len(records)]])
+        latencies.append((time.perf_counter() - start) * 1000)
+        if i < len(records):
+            served.append(body["predictions"][0])
+    return served, latencies
+
+
+def _replay_batch(client: ServingClient, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    served: list[dict[str, Any]] = []
+    for start in range(0, len(records), MAX_BATCH):
+        served.extend(client.predict(records[start:start + MAX_BATCH])["predictions"])
+    return served
+
+
+def _judge(config: InfraValidationConfig, bundle_dir: Path, expected: list[dict[str, Any]],
+           served_single: list[dict[str, Any]], served_batch: list[dict[str, Any]], latencies: list[float],
+           n_single: int) -> InfraValidationResult:
+    diff_single, problem_single = compare_predictions(served_single, expected)
+    diff_batch, problem_batch = compare_predictions(served_batch, expected)
+    max_diff = max(diff_single, diff_batch)
+    p50, p99 = (float(v) for v in np.percentile(latencies, [50, 99]))
+    problems = [f"parity (one-row requests): {problem_single}" if problem_single else "",
+                f"parity (batch request): {problem_batch}" if problem_batch else ""]
+    if max_diff > config.tolerance:
+        problems.append(f"parity: served predictions differ from the training-side predictions by up to "
+                        f"{max_diff:.3g} (tolerance {config.tolerance:g})")
+    if p99 > config.latency_budget_ms:
+        problems.append(f"latency: p99 of one-row requests is {p99:.1f} ms, over the budget of "
+                        f"{config.latency_budget_ms:g} ms")
+    problems = [p for p in problems if p]
+    passed = not problems
+    reason = "; ".join(problems) if problems else (
+        f"parity within {config.tolerance:g} (max abs diff {max_diff:.3g}) over {len(expected)} rows; "
+        f"p99 {p99:.1f} ms within {config.latency_budget_ms:g} ms")
+    result = InfraValidationResult(passed, max_diff, p50, p99, len(expected), n_single, reason)
+    log.info("infra validation of %s %s: %s", bundle_dir, "passed" if passed else "FAILED", reason)
+    if not passed:
+        raise InfraValidationError(result)
+    return result

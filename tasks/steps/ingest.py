@@ -1,0 +1,215 @@
+"""The ``ingest`` step: read the source named by the spec and freeze it as a Parquet snapshot plus a manifest.
+
+Every later step reads the snapshot, never the source, so a run is reproducible even if the source changes: the
+manifest records the sha256 of the raw source bytes and of the snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib.resources
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kiln.tasks.storage.artifacts import file_sha256, write_json
+from kiln.tasks.spec import SourceSpec
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_FILE = "snapshot.parquet"
+MANIFEST_FILE = "manifest.json"
+
+_URI_FORMS = "an absolute path, a file:// URI, or pkg://<package>/<resource path>"
+
+
+class IngestError(ValueError):
+    """The source cannot be read into a usable table (missing, unparseable, empty, duplicate column names)."""
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Settings of the ``ingest`` step."""
+
+    source: SourceSpec
+    """Where the raw data comes from and how to parse it."""
+    sample_fraction: float = 1.0
+    """Fraction of rows kept, in ``(0, 1]``; the sample is seeded and keeps the source's row order."""
+    seed: int = 42
+    """Random seed of the sample."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.sample_fraction <= 1:
+            raise ValueError(f"IngestConfig.sample_fraction must be in (0, 1], got {self.sample_fraction}")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What ``ingest`` wrote: the snapshot's shape and fingerprints."""
+
+    rows: int
+    columns: dict[str, str]
+    """Column name to pandas dtype name, in column order."""
+    sha256: str
+    """sha256 of ``snapshot.parquet``."""
+    source_uri: str
+    source_sha256: str
+    """sha256 of the raw source file's bytes."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (the step's XCom value)."""
+        return asdict(self)
+
+
+def run_ingest(config: IngestConfig, out_dir: Path) -> IngestResult:
+    """Read the source and write ``snapshot.parquet`` and ``manifest.json`` into ``out_dir``.
+
+    Args:
+        config: the source and sampling settings.
+        out_dir: an empty folder that the caller publishes once this returns.
+
+    Returns:
+        The snapshot's row count, column dtypes and sha256 digests.
+
+    Raises:
+        IngestError: the source is missing, unreadable, not in the declared format, empty (also after
+            sampling), or has duplicate column names.
+    """
+    source = config.source
+    with _local_file(source.uri) as path:
+        source_sha256 = file_sha256(path)
+        df = _read(path, source)
+    log.info("read %s: %d rows, %d columns", source.uri, len(df), len(df.columns))
+    if df.empty:
+        raise IngestError(f"source {source.uri} has no data rows ({len(df.columns)} columns, 0 rows); "
+                          "point source.uri at a file with data")
+    if config.sample_fraction < 1:
+        rows_in = len(df)
+        df = df.sample(frac=config.sample_fraction, random_state=config.seed).sort_index()
+        log.info("sample fraction %.4g seed %d: rows in %d out %d dropped %d", config.sample_fraction,
+                 config.seed, rows_in, len(df), rows_in - len(df))
+        if df.empty:
+            raise IngestError(f"sample_fraction {config.sample_fraction} of {rows_in} rows in {source.uri} "
+                              "leaves 0 rows; raise sample_fraction")
+    df = df.reset_index(drop=True)
+
+    out_dir = Path(out_dir)
+    snapshot = out_dir / SNAPSHOT_FILE
+    df.to_parquet(snapshot, engine="pyarrow", index=False)
+    columns = {str(c): str(t) for c, t in df.dtypes.items()}
+    result = IngestResult(rows=len(df), columns=columns, sha256=file_sha256(snapshot), source_uri=source.uri,
+                          source_sha256=source_sha256)
+    write_json(out_dir / MANIFEST_FILE, {
+        "source_uri": source.uri,
+        "source_sha256": source_sha256,
+        "rows": result.rows,
+        "columns": columns,
+        "sha256": result.sha256,
+        "sample_fraction": config.sample_fraction,
+        "seed": config.seed,
+        "created_at": datetime.now(UTC).isoformat(),
+    })
+    log.info("wrote %s: %d rows, %d columns, sha256 %s", snapshot, result.rows, len(columns), result.sha256[:12])
+    return result
+
+
+@contextlib.contextmanager
+def _local_file(uri: str) -> Iterator[Path]:
+    """Yield a local path for ``uri`` (a package resource may be extracted to a temporary file)."""
+    if uri.startswith("pkg://"):
+        with importlib.resources.as_file(_package_resource(uri)) as path:
+            yield path
+        return
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise IngestError(f"source.uri {uri!r}: file:// URIs must name a local file (file:///abs/path)")
+        path = Path(unquote(parsed.path))
+    elif "://" in uri:
+        raise IngestError(f"source.uri {uri!r}: unsupported scheme '{parsed.scheme}'; use {_URI_FORMS}")
+    else:
+        path = Path(uri).expanduser().resolve()
+    if not path.is_file():
+        raise IngestError(f"source file {path} does not exist (source.uri {uri!r}); source.uri should point to "
+                          f"an existing file: {_URI_FORMS}")
+    yield path
+
+
+def _package_resource(uri: str) -> Any:
+    """The ``importlib.resources`` traversable named by ``pkg://<package>/<resource path>``."""
+    package, _, resource = uri.removeprefix("pkg://").partition("/")
+    if not package or not resource:
+        raise IngestError(f"source.uri {uri!r}: expected pkg://<package>/<resource path>, "
+                          "e.g. pkg://palmerpenguins/data/penguins.csv")
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise IngestError(f"source.uri {uri!r}: no installed Python package '{package}'; install it or fix "
+                          "the package name") from None
+    node = root
+    for part in resource.split("/"):
+        parent, node = node, node.joinpath(part)
+        if not node.is_file() and not node.is_dir():
+            siblings = [p.name for p in parent.iterdir()] if parent.is_dir() else []
+            close = difflib.get_close_matches(part, siblings, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise IngestError(f"source.uri {uri!r}: package '{package}' has no resource '{resource}' "
+                              f"('{part}' not found{hint})")
+    if not node.is_file():
+        raise IngestError(f"source.uri {uri!r}: '{resource}' in package '{package}' is a folder, not a file")
+    return node
+
+
+def _read(path: Path, source: SourceSpec) -> pd.DataFrame:
+    """Parse ``path`` as the source's format; every parse failure becomes an :class:`IngestError`."""
+    fmt = source.resolved_format()
+    if fmt == "parquet" and (not source.header or source.column_names is not None):
+        raise IngestError(f"source {source.uri}: source.header and source.column_names apply to CSV only; "
+                          "remove them or set source.format: csv")
+    if source.header and source.column_names is not None:
+        raise IngestError(f"source {source.uri}: source.column_names is only used with header: false (the "
+                          "file's header names the columns); remove column_names or set header: false")
+    try:
+        if fmt == "parquet":
+            _check_unique(pq.read_schema(path).names, source.uri)
+            return pd.read_parquet(path, engine="pyarrow")
+        if source.header:
+            header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False)
+            _check_unique(list(header.iloc[0]), source.uri)
+            return pd.read_csv(path)
+        df = pd.read_csv(path, header=None)
+    except pd.errors.EmptyDataError:
+        raise IngestError(f"source {source.uri} is empty (no columns, no rows); point source.uri at a file "
+                          "with data") from None
+    except IngestError:
+        raise
+    except (pa.ArrowException, pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as exc:
+        raise IngestError(f"cannot read source {source.uri} as {fmt}: {exc}. Check that the file is "
+                          f"{fmt} or set source.format to its real format") from None
+    if source.column_names is None:
+        df.columns = [f"col_{i}" for i in range(len(df.columns))]
+        return df
+    if len(source.column_names) != len(df.columns):
+        raise IngestError(f"source {source.uri}: source.column_names has {len(source.column_names)} names "
+                          f"but the file has {len(df.columns)} columns; give exactly one name per column")
+    _check_unique(source.column_names, source.uri, where="source.column_names")
+    df.columns = list(source.column_names)
+    return df
+
+
+def _check_unique(names: list[Any], uri: str, where: str = "the header") -> None:
+    counts = Counter(str(n) for n in names)
+    dupes = sorted(name for name, n in counts.items() if n > 1)
+    if dupes:
+        raise IngestError(f"source {uri}: duplicate column names in {where}: {', '.join(dupes)}; "
+                          "rename them so every column name is unique")

@@ -1,0 +1,333 @@
+"""The ``validate`` step: check the ingested snapshot against data-quality expectations with Great Expectations.
+
+The suite is the spec's declared expectations plus, unless switched off, defaults inferred from the schema. The
+step writes a JSON report and GX Data Docs (HTML) and returns the result without raising on failed expectations:
+the caller publishes the report first, then calls :meth:`ValidateResult.raise_for_failure`, so a failed run still
+leaves its evidence behind.
+
+``great_expectations`` is imported lazily (about 2 s), so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kiln.tasks.storage.artifacts import write_json
+from kiln.tasks.steps.ingest import SNAPSHOT_FILE
+from kiln.tasks.features.column_types import infer_column_types
+from kiln.tasks.spec import ColumnType, ExpectationSpec, ExpectationsSpec, TaskType
+
+log = logging.getLogger(__name__)
+
+VALIDATION_FILE = "validation.json"
+#: Where the report is logged in the run's MLflow run (the Airflow UI links to it there).
+MLFLOW_VALIDATION_PATH = "validation"
+DOCS_DIR = "data_docs"
+
+_SITE = "kiln"
+_REPORT_EXAMPLES = 10
+_MESSAGE_EXAMPLES = 5
+#: dtype names GX compares a numeric column's dtype against (numpy and pandas nullable dtypes).
+NUMERIC_TYPES = [
+    *(f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)),
+    "float16", "float32", "float64",
+    *(f"{kind}{bits}Dtype" for kind in ("Int", "UInt") for bits in (8, 16, 32, 64)),
+    "Float32Dtype", "Float64Dtype",
+]
+#: Expectation fields that GX fills in itself; not offered as kwargs in error messages.
+_INTERNAL_FIELDS = {"id", "rendered_content", "batch_id", "windows"}
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Settings of the ``validate`` step."""
+
+    target: str
+    """The target column; it must exist and never be null."""
+    task: TaskType
+    """``classification`` or ``regression``: decides the target's inferred type."""
+    columns: dict[str, ColumnType]
+    """Declared column types (spec field ``columns``); each must exist."""
+    expectations: ExpectationsSpec
+    """Declared expectations, whether to add the inferred defaults, and the minimum row count."""
+
+
+@dataclass(frozen=True)
+class ValidateResult:
+    """The outcome of a validation run."""
+
+    success: bool
+    evaluated: int
+    """Number of expectations evaluated."""
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    """One dict per failed expectation: type, column, unexpected_count, examples, observed_value, error."""
+    report_file: str = ""
+    """Path of ``validation.json``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (the step's XCom value)."""
+        return _jsonable(asdict(self))
+
+    def raise_for_failure(self) -> None:
+        """Raise :class:`DataValidationError` if any expectation failed.
+
+        Raises:
+            DataValidationError: listing each failed expectation, its column, unexpected count and examples.
+        """
+        if not self.success:
+            raise DataValidationError(self)
+
+
+class DataValidationError(Exception):
+    """The data failed its expectations. ``result`` holds the full :class:`ValidateResult`."""
+
+    def __init__(self, result: ValidateResult):
+        self.result = result
+        lines = [f"data validation failed: {len(result.failed)} of {result.evaluated} expectations failed "
+                 f"(report: {result.report_file})"]
+        for f in result.failed:
+            where = f" column '{f['column']}'" if f.get("column") is not None else ""
+            detail = []
+            if f.get("unexpected_count") is not None:
+                detail.append(f"{f['unexpected_count']} unexpected values")
+            if f.get("examples"):
+                detail.append(f"e.g. {f['examples'][:_MESSAGE_EXAMPLES]}")
+            if f.get("observed_value") is not None:
+                detail.append(f"observed {f['observed_value']}")
+            if f.get("error"):
+                detail.append(f"error: {f['error']}")
+            if f["type"] == "expect_column_to_exist":
+                detail.append("the column is not in the data")
+            lines.append(f"  - {f['type']}{where}: {', '.join(detail) or 'failed'}")
+        super().__init__("\n".join(lines))
+
+
+def build_expectations(config: ValidateConfig, df: pd.DataFrame) -> list[ExpectationSpec]:
+    """The suite to check: the inferred defaults (if ``infer_defaults``) followed by the declared expectations.
+
+    Defaults: the table has at least ``min_rows`` rows; each declared column and the target exists; the target is
+    never null; no column is entirely null; numeric columns have a numeric dtype. A declared column or target that
+    is absent gets only its existence check, which then fails.
+
+    Args:
+        config: the step's settings.
+        df: the snapshot (only its columns and dtypes are used).
+
+    Returns:
+        Expectation specs in evaluation order.
+    """
+    spec = config.expectations
+    if not spec.infer_defaults:
+        return list(spec.declared)
+    types = infer_column_types(df, config.columns, config.target, config.task, strict=False)
+    out = [ExpectationSpec(type="expect_table_row_count_to_be_between", kwargs={"min_value": spec.min_rows})]
+    for column in dict.fromkeys([*config.columns, config.target]):
+        out.append(ExpectationSpec(type="expect_column_to_exist", kwargs={"column": column}))
+    if config.target in types:
+        out.append(ExpectationSpec(type="expect_column_values_to_not_be_null", kwargs={"column": config.target}))
+    for column, ctype in types.items():
+        if ctype == "ignore":
+            continue
+        # Proportion of non-null values strictly above 0: fails only when every value is missing.
+        out.append(ExpectationSpec(type="expect_column_proportion_of_non_null_values_to_be_between",
+                                   kwargs={"column": column, "min_value": 0, "strict_min": True}))
+        if ctype == "numeric":
+            out.append(ExpectationSpec(type="expect_column_values_to_be_in_type_list",
+                                       kwargs={"column": column, "type_list": NUMERIC_TYPES}))
+    return [*out, *spec.declared]
+
+
+def check_expectations(specs: list[ExpectationSpec], where: str = "expectations.declared") -> list[Any]:
+    """Turn specs into GX expectation objects, rejecting unknown types and bad kwargs.
+
+    Args:
+        specs: the expectations.
+        where: the spec field that holds ``specs``, for error messages (``expectations.declared[2]``).
+
+    Returns:
+        ``great_expectations.expectations.Expectation`` instances, one per spec.
+
+    Raises:
+        ValueError: an unknown expectation type (with the closest valid one) or invalid kwargs (naming the
+            expectation, the bad kwarg and the allowed ones).
+    """
+    _import_gx()
+    from great_expectations.expectations.registry import (
+        get_expectation_impl,
+        list_registered_expectation_implementations,
+    )
+
+    known = sorted(list_registered_expectation_implementations())
+    out = []
+    for i, spec in enumerate(specs):
+        if spec.type not in known:
+            close = difflib.get_close_matches(spec.type, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"{where}[{i}] '{spec.type}': unknown expectation type{hint} "
+                             "See https://greatexpectations.io/expectations for the valid types")
+        cls = get_expectation_impl(spec.type)
+        try:
+            out.append(cls(**spec.kwargs))
+        except (ValueError, TypeError) as exc:
+            allowed = [f for f in cls.__fields__ if f not in _INTERNAL_FIELDS]
+            raise ValueError(f"{where}[{i}] '{spec.type}': invalid kwargs {spec.kwargs}: "
+                             f"{_kwargs_problems(exc, allowed)}. Allowed kwargs: {', '.join(allowed)}") from None
+    return out
+
+
+def run_validate(config: ValidateConfig, snapshot_dir: Path, out_dir: Path) -> ValidateResult:
+    """Validate ``snapshot_dir/snapshot.parquet``; write ``validation.json`` and Data Docs into ``out_dir``.
+
+    Args:
+        config: the step's settings.
+        snapshot_dir: the published output of ``ingest``.
+        out_dir: an empty folder that the caller publishes once this returns.
+
+    Returns:
+        The result; failed expectations do not raise here (see :meth:`ValidateResult.raise_for_failure`).
+
+    Raises:
+        ValueError: an unknown expectation type or invalid kwargs in the spec.
+        FileNotFoundError: the snapshot is missing.
+    """
+    snapshot = Path(snapshot_dir) / SNAPSHOT_FILE
+    if not snapshot.is_file():
+        raise FileNotFoundError(f"no snapshot at {snapshot}; run ingest first and pass its output folder")
+    df = pd.read_parquet(snapshot)
+    check_expectations(config.expectations.declared)  # spec errors first, labelled by their place in the spec
+    expectations = check_expectations(build_expectations(config, df), where="suite")
+    out_dir = Path(out_dir)
+    docs_dir = out_dir / DOCS_DIR
+    log.info("validating %s (%d rows, %d columns) against %d expectations", snapshot, len(df), len(df.columns),
+             len(expectations))
+    gx_result = _run_suite(df, expectations, docs_dir)
+
+    report = [_expectation_report(r) for r in gx_result.results]
+    statistics = _jsonable(dict(gx_result.statistics))
+    report_file = write_json(out_dir / VALIDATION_FILE, {
+        "success": bool(gx_result.success), "statistics": statistics, "expectations": report,
+        "snapshot": str(snapshot), "data_docs": str(docs_dir / "index.html")})
+    if not (docs_dir / "index.html").is_file():
+        raise RuntimeError(f"Great Expectations did not write Data Docs to {docs_dir}/index.html")
+    failed = [{"type": r["type"], "column": r["kwargs"].get("column"), "unexpected_count": r["unexpected_count"],
+               "examples": r["partial_unexpected_list"][:_MESSAGE_EXAMPLES], "observed_value": r["observed_value"],
+               "error": r["error"]} for r in report if not r["success"]]
+    result = ValidateResult(success=bool(gx_result.success), evaluated=len(report), failed=failed,
+                            report_file=str(report_file))
+    log.info("validation %s: %d of %d expectations passed; report %s", "passed" if result.success else "FAILED",
+             len(report) - len(failed), len(report), report_file)
+    for f in failed:
+        log.warning("failed %s column %s: unexpected count %s, examples %s, observed %s, error %s", f["type"],
+                    f["column"] or "-", f["unexpected_count"], f["examples"], f["observed_value"], f["error"])
+    return result
+
+
+def _import_gx() -> Any:
+    # GX sends usage analytics on import unless told not to; the workers may have no network at all.
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    return gx
+
+
+def _run_suite(df: pd.DataFrame, expectations: list[Any], docs_dir: Path) -> Any:
+    """Run ``expectations`` on ``df`` in an ephemeral GX context; build Data Docs in ``docs_dir``."""
+    gx = _import_gx()
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    # The default site of an ephemeral context writes to a random temp folder; only ours is wanted.
+    for name in list(context.list_data_docs_sites()):
+        context.delete_data_docs_site(name)
+    context.add_data_docs_site(_SITE, {
+        "class_name": "SiteBuilder",
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+    })
+    batch_def = (context.data_sources.add_pandas(name="snapshot")
+                 .add_dataframe_asset(name="snapshot")
+                 .add_batch_definition_whole_dataframe("whole"))
+    suite = context.suites.add(gx.ExpectationSuite(name="data_quality", expectations=expectations))
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name="validate", data=batch_def, suite=suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name="validate", validation_definitions=[definition],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[_SITE])],
+        result_format={"result_format": "SUMMARY", "partial_unexpected_count": _REPORT_EXAMPLES}))
+    checkpoint_result = checkpoint.run(batch_parameters={"dataframe": df})
+    (validation_result,) = checkpoint_result.run_results.values()
+    return validation_result
+
+
+def _expectation_report(r: Any) -> dict[str, Any]:
+    """One expectation's outcome as JSON-safe data."""
+    cfg = r.expectation_config
+    result = dict(r.result or {})
+    return _jsonable({
+        "type": cfg.type,
+        "kwargs": {k: v for k, v in cfg.kwargs.items() if k != "batch_id"},
+        "success": bool(r.success),
+        "unexpected_count": result.get("unexpected_count"),
+        "partial_unexpected_list": list(result.get("partial_unexpected_list") or [])[:_REPORT_EXAMPLES],
+        "observed_value": result.get("observed_value"),
+        "error": _exception_message(r.exception_info),
+    })
+
+
+def _exception_message(info: Any) -> str | None:
+    """The message of an exception GX caught while evaluating an expectation (flat or keyed by metric)."""
+    if not isinstance(info, dict):
+        return None
+    if "raised_exception" in info:
+        return info.get("exception_message") if info.get("raised_exception") else None
+    messages = [v.get("exception_message") for v in info.values() if isinstance(v, dict) and v.get("raised_exception")]
+    return "; ".join(dict.fromkeys(m for m in messages if m)) or None
+
+
+def _kwargs_problems(exc: Exception, allowed: list[str]) -> str:
+    """A short description of a pydantic error on expectation kwargs: the first problem per field."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    problems: dict[str, str] = {}
+    for err in errors():
+        name = ".".join(str(p) for p in err.get("loc", ())) or "kwargs"
+        if name in problems:
+            continue
+        if err.get("type") == "value_error.extra":
+            close = difflib.get_close_matches(name, allowed, n=1)
+            problems[name] = f"unknown kwarg '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+        elif err.get("type") == "value_error.missing":
+            problems[name] = f"kwarg '{name}' is required"
+        elif name == "__root__":
+            problems[name] = err.get("msg", "")
+        else:
+            problems[name] = f"kwarg '{name}': {err.get('msg', '')}"
+    return "; ".join(problems.values())
+
+
+def _jsonable(obj: Any) -> Any:
+    """Recursively convert numpy scalars, NaN and other non-JSON values into plain JSON values."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if obj is pd.NA or obj is pd.NaT:
+        return None
+    return str(obj)

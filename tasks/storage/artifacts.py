@@ -1,0 +1,187 @@
+"""Artifact store: run-keyed step outputs, published atomically.
+
+Every step writes into a fresh temporary folder handed out by :meth:`ArtifactStore.writer`; only when the step
+returns without error is that folder published under its key, replacing an earlier version in one rename. A step
+that fails leaves the previously published output exactly as it was. Nothing reads "latest": callers pass keys.
+
+The embedded default is :class:`LocalArtifactStore` (a directory); ``kiln.tasks.storage.s3.S3ArtifactStore`` keeps
+artifacts in an S3 bucket behind the same interface. :func:`store_for_root` picks one from ``KILN_ARTIFACT_ROOT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+
+class ArtifactNotFoundError(FileNotFoundError):
+    """A key was read that no step has published."""
+
+
+class ArtifactStoreError(RuntimeError):
+    """The store itself failed: a missing bucket, denied access, rejected credentials, an unreachable endpoint,
+    or published bytes that no longer match their recorded sha256. The message names the place and the fix."""
+
+
+def key_parts(key: str) -> list[str]:
+    """The ``/``-separated names of an artifact key.
+
+    Raises:
+        ValueError: the key is empty or holds ``.``, ``..`` or ``.v`` (where the S3 store keeps versions).
+    """
+    parts = [p for p in key.split("/") if p]
+    if not parts or any(p in (".", "..", ".v") for p in parts):
+        raise ValueError(f"invalid artifact key {key!r}: use '/'-separated names without '.', '..' or '.v'")
+    return parts
+
+
+def store_for_root(root: str | Path) -> ArtifactStore:
+    """The artifact store that ``root`` (the value of ``KILN_ARTIFACT_ROOT``) names.
+
+    Args:
+        root: a local folder, or ``s3://bucket/prefix`` for an S3 (or S3-compatible, see ``KILN_S3_ENDPOINT_URL``)
+            bucket whose downloads are cached under ``$KILN_HOME/cache/s3``.
+
+    Returns:
+        A :class:`LocalArtifactStore` for a path, an ``S3ArtifactStore`` for an ``s3://`` URI.
+
+    Raises:
+        ValueError: ``root`` is a URI of another scheme, or an ``s3://`` URI without a bucket.
+    """
+    text = str(root)
+    if "://" not in text:
+        return LocalArtifactStore(text)
+    if not text.startswith("s3://"):
+        raise ValueError(f"KILN_ARTIFACT_ROOT={text!r} is not supported: use a local folder or s3://bucket/prefix")
+    from kiln.tasks.storage.s3 import S3ArtifactStore  # boto3 is imported only when an S3 root is configured
+    from kiln.tasks.settings import get_settings
+
+    settings = get_settings()
+    return S3ArtifactStore(text, cache_dir=settings.home / "cache" / "s3", endpoint_url=settings.s3_endpoint_url)
+
+
+def run_key(pipeline: str, run_id: str) -> str:
+    """The store prefix of one pipeline run. Airflow run ids hold ``:`` and ``+``; keys keep ``[A-Za-z0-9._-]``."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._") or "run"
+    return f"{pipeline}/{slug}"
+
+
+class ArtifactStore(ABC):
+    """Where step outputs live. Keys are ``/``-separated, e.g. ``penguins/manual_2026-11-22/ingest``."""
+
+    #: Whether :meth:`scratch` folders are part of the store (every machine that uses the store sees them). When
+    #: not, work that must outlive this machine (training checkpoints) is published through :meth:`writer` too.
+    durable_scratch: bool = True
+
+    @abstractmethod
+    def writer(self, key: str) -> AbstractContextManager[Path]:
+        """Context manager: yields an empty local folder; publishes it under ``key`` on a clean exit."""
+
+    @abstractmethod
+    def path(self, key: str) -> Path:
+        """A local folder holding the published contents of ``key``.
+
+        Raises:
+            ArtifactNotFoundError: nothing is published under ``key``.
+        """
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` has been published."""
+
+    @abstractmethod
+    def uri(self, key: str) -> str:
+        """A URI naming ``key`` for people and logs."""
+
+    @abstractmethod
+    def scratch(self, key: str) -> Path:
+        """A persistent local working folder (e.g. checkpoints) that survives task retries on this machine, and
+        on every machine when :attr:`durable_scratch` is true."""
+
+
+class LocalArtifactStore(ArtifactStore):
+    """Artifacts in a local directory tree."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    def _final(self, key: str) -> Path:
+        return self.root.joinpath(*key_parts(key))
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[Path]:
+        final = self._final(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def path(self, key: str) -> Path:
+        final = self._final(key)
+        if not final.is_dir():
+            raise ArtifactNotFoundError(f"no artifact published under {self.uri(key)}")
+        return final
+
+    def exists(self, key: str) -> bool:
+        return self._final(key).is_dir()
+
+    def uri(self, key: str) -> str:
+        return self._final(key).as_uri()
+
+    def scratch(self, key: str) -> Path:
+        path = self._final(key)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary name in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON, keeping key order (column order matters to readers)."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text())

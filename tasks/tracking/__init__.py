@@ -1,0 +1,1 @@
+"""MLflow: the runs of a pipeline and the model registry."""

@@ -1,0 +1,1 @@
+"""The training job the launchers run: its config, the DDP loop, networks and checkpoints."""
