@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
-from kiln.tasks.training.networks import LoadedModel, load_model, predict
 from kiln.tasks.features.transform import FeatureTransform
+from kiln.tasks.training.networks import LoadedModel, load_model, predict
 
 
 class RawRecordsModel(PythonModel):

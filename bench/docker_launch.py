@@ -30,11 +30,12 @@ from pathlib import Path
 
 from _common import emit, steady_samples_per_s, write_synthetic_features
 
-from kiln.tasks.launch.base import Launcher, LocalTorchrunLauncher
+from kiln.tasks.launch.base import Launcher
 from kiln.tasks.launch.docker_gang import DockerGangLauncher
+from kiln.tasks.launch.torchrun import LocalTorchrunLauncher
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation
 from kiln.tasks.spec import ModelSpec, TrainingSpec
-from kiln.tasks.training.loop import METRICS_FILE, TrainConfig
+from kiln.tasks.training.job import METRICS_FILE, TrainConfig
 
 ROWS, DIM, CLASSES, BATCH, EPOCHS, PAIRS = 120_000, 64, 10, 4096, 6, 3
 MODEL = ModelSpec(hidden_sizes=[512, 512, 256])

@@ -200,8 +200,8 @@ def make_mlflow(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFra
     """Log the raw-records pyfunc into this run's MLflow store and describe ``mlflow models serve`` of it."""
     import mlflow
 
-    from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE
     from kiln.tasks.settings import get_settings
+    from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE
     from kiln.tasks.tracking.runs import ensure_experiment
 
     s = get_settings()
@@ -227,8 +227,8 @@ def make_mlflow(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFra
 
 def make_bare(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFrame) -> Server:
     """Describe ``bench/_bare_server.py``; its bodies are the same rows, transformed as the pipeline does."""
-    from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE
     from kiln.tasks.features.transform import FeatureTransform
+    from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE
 
     transform = FeatureTransform.load(features_dir / FEATURE_SPEC_FILE)
     x = transform.transform(rows)

@@ -23,9 +23,10 @@ import pandas as pd
 import torch
 from _common import emit, write_synthetic_features
 
-from kiln.tasks.training.networks import build_model
 from kiln.tasks.spec import ModelSpec, TrainingSpec
-from kiln.tasks.training.loop import TrainConfig, run_train
+from kiln.tasks.training.job import TrainConfig
+from kiln.tasks.training.loop import run_train
+from kiln.tasks.training.networks import build_model
 
 ROWS, DIM, CLASSES, BATCH, EPOCHS, ROUNDS, SEED, LR = 20_000, 32, 4, 64, 3, 30, 0, 1e-3
 MODEL = ModelSpec(hidden_sizes=[64, 32])

@@ -46,8 +46,8 @@ with DAG(
     def set_champion(params: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
         from kiln.operators.s3_credentials import use_s3_connection
         from kiln.tasks.cli.models import spec_named
-        from kiln.tasks.tracking.registry import RegistryError
         from kiln.tasks.steps.deploy import set_champion as move
+        from kiln.tasks.tracking.registry import RegistryError
 
         use_s3_connection()  # the rollout records and bundles may live in an S3 store
         p = dict(params or {})

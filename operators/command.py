@@ -70,7 +70,7 @@ class PooledCommandOperator(PooledOperator):
         env = {**os.environ, **self.env, "CUDA_VISIBLE_DEVICES": node.cuda_visible_devices(),
                "KILN_LEASE_ID": allocation.lease_id, "KILN_CPUSET": node.cpuset(),
                "KILN_MEMORY_LIMIT": str(node.memory)}
-        from kiln.tasks.launch.base import usable_cpus
+        from kiln.tasks.launch.torchrun import usable_cpus
 
         cores = usable_cpus(node.cpus)
         tail: deque[str] = deque(maxlen=50)

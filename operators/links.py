@@ -41,12 +41,12 @@ def step_links(spec_path: str, airflow_run_id: str, step: str) -> dict[str, str]
     """
     from mlflow.tracking import MlflowClient
 
-    from kiln.tasks.storage.artifacts import run_key
-    from kiln.tasks.steps.gate import DECISION_FILE, MLFLOW_GATE_PATH
     from kiln.tasks.settings import get_settings
     from kiln.tasks.spec import load_spec
-    from kiln.tasks.tracking.runs import run_of
+    from kiln.tasks.steps.gate import DECISION_FILE, MLFLOW_GATE_PATH
     from kiln.tasks.steps.validate import MLFLOW_VALIDATION_PATH, VALIDATION_FILE
+    from kiln.tasks.storage.artifacts import run_key
+    from kiln.tasks.tracking.runs import run_of
 
     settings = get_settings()
     spec = load_spec(spec_path)

@@ -91,10 +91,10 @@ class PipelineStepOperator(BaseOperator):
 
     def execute(self, context: Any) -> Any:
         from kiln.tasks.pipeline import context as pipeline
-        from kiln.tasks.steps.infra_validate import InfraValidationError
-        from kiln.tasks.steps.gate import GateRejectedError
-        from kiln.tasks.steps.deploy import DeploymentFailedError
         from kiln.tasks.spec import SpecError
+        from kiln.tasks.steps.deploy import DeploymentFailedError
+        from kiln.tasks.steps.gate import GateRejectedError
+        from kiln.tasks.steps.infra_validate import InfraValidationError
         from kiln.tasks.steps.validate import DataValidationError
 
         use_s3_connection()

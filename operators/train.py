@@ -62,8 +62,8 @@ class TrainOperator(PooledOperator):
         return lease_request(spec), spec.training.resources.wait_timeout_s
 
     def run_leased(self, context: Any, allocation: Allocation) -> dict[str, Any]:
-        from kiln.tasks.pipeline import context as pipeline
         from kiln.tasks.launch.base import TrainingFailedError, get_launcher
+        from kiln.tasks.pipeline import context as pipeline
 
         ctx = self._context(context)
         self._launcher = get_launcher(ctx.spec.training.launcher)

@@ -64,9 +64,10 @@ def make_bundle(root: Path, *, seed: int = 0, epochs: int = 4) -> Path:
         The bundle folder (loadable with ``kiln.tasks.bundle.load.load_bundle``).
     """
     from kiln.tasks.bundle.load import ExportConfig, export_bundle
-    from kiln.tasks.steps.build_features import FeaturesConfig, run_build_features
     from kiln.tasks.spec import FeaturesSpec, ModelSpec, TrainingSpec
-    from kiln.tasks.training.loop import TrainConfig, run_train
+    from kiln.tasks.steps.build_features import FeaturesConfig, run_build_features
+    from kiln.tasks.training.job import TrainConfig
+    from kiln.tasks.training.loop import run_train
 
     clean, features, train = root / "clean", root / "features", root / "train"
     for folder in (clean, features, train):

@@ -47,9 +47,9 @@ def write_run_dirs(tmp_path: Path, df: pd.DataFrame, column_types: dict[str, str
     """
     import torch
 
+    from kiln.tasks.spec import FeaturesSpec
     from kiln.tasks.steps.build_features import FeaturesConfig, run_build_features
     from kiln.tasks.training.networks import MODEL_FILE, build_model, save_model
-    from kiln.tasks.spec import FeaturesSpec
 
     clean, features, model = tmp_path / "clean", tmp_path / "features", tmp_path / "model"
     for folder in (clean, features, model):

@@ -34,10 +34,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kiln.tasks.storage.artifacts import atomic_write_bytes, file_sha256, read_json, write_json
-from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE, TEST_RAW_FILE
 from kiln.tasks.features.records import RecordError, RecordTransform, records_from_frame
 from kiln.tasks.features.transform import FeatureTransform
+from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE, TEST_RAW_FILE
+from kiln.tasks.storage.artifacts import atomic_write_bytes, file_sha256, read_json, write_json
 
 __all__ = ["BUNDLE_FORMAT_VERSION", "MANIFEST_FILE", "MODEL_FILE", "SAMPLE_FILE", "SAMPLE_PREDICTIONS_FILE",
            "SIGNATURE_FILE", "Bundle", "BundleError", "ExportConfig", "ExportResult", "RecordError", "export_bundle",
@@ -261,7 +261,9 @@ def export_bundle(config: ExportConfig, out_dir: Path) -> ExportResult:
             non-finite values, or the exported module's predictions on the sample differ from training's by
             more than :data:`EXPORT_TOLERANCE`.
     """
-    from kiln.tasks.training.networks import MODEL_FILE as TRAINED_MODEL_FILE  # training code: needed to export, never to load
+    from kiln.tasks.training.networks import (
+        MODEL_FILE as TRAINED_MODEL_FILE,  # training code: needed to export, never to load
+    )
     from kiln.tasks.training.networks import load_model, predict
 
     out_dir = Path(out_dir)

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from kiln.tasks.evaluation.resampling import resampled_metrics
-from kiln.tasks.steps.evaluate import compute_metrics
 from kiln.tasks.spec import CLASSIFICATION_METRICS, HIGHER_IS_BETTER, REGRESSION_METRICS, PipelineSpec, TaskType
+from kiln.tasks.steps.evaluate import compute_metrics
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any, Literal, get_args
 import numpy as np
 import pandas as pd
 
-from kiln.tasks.storage.artifacts import read_json, write_json
 from kiln.tasks.spec import TaskType
+from kiln.tasks.storage.artifacts import read_json, write_json
 
 Scaling = Literal["standard", "minmax", "none"]
 #: Version of the ``FeatureTransform.to_dict`` layout; ``from_dict`` refuses other versions.

@@ -14,10 +14,9 @@ from typing import Any
 from docker.errors import DockerException, ImageNotFound
 from docker.types import DeviceRequest, Ulimit
 
-from kiln.tasks.launch.base import TRAIN_MODULE
 from kiln.tasks.pools.allocation import NodeAllocation
 from kiln.tasks.spec import DockerSpec
-from kiln.tasks.training.loop import TrainConfig
+from kiln.tasks.training.job import TRAIN_MODULE, TrainConfig
 
 #: Label on every container and network of a job; its value is :attr:`DockerGangLauncher.job_id`.
 JOB_LABEL = "kiln.job"

@@ -30,7 +30,13 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.utils import kwargs_from_env
 
-from kiln.tasks.storage.artifacts import atomic_write_bytes
+from kiln.tasks.launch.base import (
+    LOG_FILE,
+    Launcher,
+    LaunchResult,
+    TrainingFailedError,
+    TrainingTimeoutError,
+)
 from kiln.tasks.launch.containers import (
     JOB_LABEL,
     RDZV_PORT,
@@ -43,17 +49,10 @@ from kiln.tasks.launch.containers import (
     share_with_group,
     torchrun_command,
 )
-from kiln.tasks.launch.base import (
-    CONFIG_FILE,
-    LOG_FILE,
-    Launcher,
-    LaunchResult,
-    TrainingFailedError,
-    TrainingTimeoutError,
-)
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation, format_size
 from kiln.tasks.settings import get_settings
-from kiln.tasks.training.loop import TrainConfig
+from kiln.tasks.storage.artifacts import atomic_write_bytes
+from kiln.tasks.training.job import CONFIG_FILE, TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kiln.tasks.storage.artifacts import ArtifactStore, atomic_write_bytes, read_json, run_key, store_for_root
 from kiln.tasks.pools.allocation import Allocation, LeaseRequest, Owner, parse_size
 from kiln.tasks.settings import get_settings
 from kiln.tasks.spec import PipelineSpec, load_spec
+from kiln.tasks.storage.artifacts import ArtifactStore, atomic_write_bytes, read_json, run_key, store_for_root
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ def validate(ctx: RunContext) -> dict[str, Any]:
     """
     from mlflow.tracking import MlflowClient
 
-    from kiln.tasks.tracking.runs import finish_run
     from kiln.tasks.steps.validate import MLFLOW_VALIDATION_PATH, ValidateConfig, ValidateResult, run_validate
+    from kiln.tasks.tracking.runs import finish_run
 
     spec = ctx.spec
     config = ValidateConfig(target=spec.target, task=spec.task, columns=dict(spec.columns),
@@ -190,9 +190,9 @@ def train(ctx: RunContext, launcher: Any = None, allocation: Allocation | None =
                   timeout_s=ctx.spec.training.resources.wait_timeout_s) as leased:
             return train(ctx, launcher, leased)
 
+    from kiln.tasks.launch.base import get_launcher
     from kiln.tasks.training.checkpoint_sync import CheckpointMirror
-    from kiln.tasks.launch.base import CONFIG_FILE, get_launcher
-    from kiln.tasks.training.loop import METRICS_FILE, TrainConfig
+    from kiln.tasks.training.job import CONFIG_FILE, METRICS_FILE, TrainConfig
 
     spec = ctx.spec
     launcher = launcher or get_launcher(spec.training.launcher)

@@ -34,11 +34,18 @@ from kiln.tasks.pools.allocation import (
 )
 from kiln.tasks.pools.inventory import Inventory, Pool
 from kiln.tasks.pools.keepalive import KeepAlive, hold
+from kiln.tasks.pools.leases import (
+    LIVE_STATES,
+    AuditEvent,
+    LeaseNotFoundError,
+    LeaseRecord,
+    allocation_json,
+    devices_json,
+)
 from kiln.tasks.pools.placement import UsageTracker, check_satisfiable, place
 from kiln.tasks.pools.queries import LeaseQueries
-from kiln.tasks.pools.leases import LIVE_STATES, AuditEvent, LeaseNotFoundError, LeaseRecord, allocation_json, devices_json
-from kiln.tasks.pools.tables import create_schema, make_engine
 from kiln.tasks.pools.sql import Tx
+from kiln.tasks.pools.tables import create_schema, make_engine
 
 __all__ = ["AuditEvent", "KeepAlive", "LeaseNotFoundError", "LeaseRecord", "LeaseStore", "PoolTimeoutError", "hold"]
 

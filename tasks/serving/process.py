@@ -22,10 +22,10 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.tasks.storage.artifacts import atomic_write_bytes
 from kiln.tasks.serving.client import READY_POLL_S, ServingClient, ServingError
 from kiln.tasks.serving.deployment import Deployment, read_deployment
 from kiln.tasks.settings import REPO_ROOT
+from kiln.tasks.storage.artifacts import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,6 @@ from typing import Any, Literal, get_args
 import numpy as np
 import pandas as pd
 
-from kiln.tasks.storage.artifacts import read_json, write_json
-from kiln.tasks.spec import FeaturesSpec, PipelineSpec, TaskType
 from kiln.tasks.features.transform import (  # noqa: F401  (re-exported: the transform is part of this step's API)
     FORMAT_VERSION,
     UNKNOWN,
@@ -26,6 +24,8 @@ from kiln.tasks.features.transform import (  # noqa: F401  (re-exported: the tra
     NumericColumn,
     require_columns,
 )
+from kiln.tasks.spec import FeaturesSpec, PipelineSpec, TaskType
+from kiln.tasks.storage.artifacts import read_json, write_json
 
 log = logging.getLogger(__name__)
 

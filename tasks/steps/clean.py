@@ -25,10 +25,10 @@ from typing import Any
 
 import pandas as pd
 
-from kiln.tasks.storage.artifacts import write_json
-from kiln.tasks.steps.ingest import SNAPSHOT_FILE
 from kiln.tasks.features.column_types import infer_column_types, missing_column_message
 from kiln.tasks.spec import CleaningSpec, ColumnCleaning, ColumnType, TaskType
+from kiln.tasks.steps.ingest import SNAPSHOT_FILE
+from kiln.tasks.storage.artifacts import write_json
 
 log = logging.getLogger(__name__)
 

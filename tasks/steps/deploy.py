@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.tasks.storage.artifacts import read_json, write_json
 from kiln.tasks.pipeline.context import RunContext
-from kiln.tasks.steps.gate import bundle_cache, registry, require_passed
 from kiln.tasks.settings import get_settings
 from kiln.tasks.spec import PipelineSpec
+from kiln.tasks.steps.gate import bundle_cache, registry, require_passed
+from kiln.tasks.storage.artifacts import read_json, write_json
 
 if TYPE_CHECKING:
     from kiln.tasks.serving.client import ServingClient

@@ -15,10 +15,10 @@ from typing import Any, Literal, get_args
 import numpy as np
 from sklearn import metrics as skm
 
-from kiln.tasks.storage.artifacts import read_json, write_json
-from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE, load_split
-from kiln.tasks.training.networks import load_model, predict
 from kiln.tasks.spec import CLASSIFICATION_METRICS, HIGHER_IS_BETTER, REGRESSION_METRICS, PipelineSpec, TaskType
+from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE, load_split
+from kiln.tasks.storage.artifacts import read_json, write_json
+from kiln.tasks.training.networks import load_model, predict
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from kiln.tasks.storage.artifacts import file_sha256, read_json, write_json
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.settings import REPO_ROOT, get_settings
+from kiln.tasks.storage.artifacts import file_sha256, read_json, write_json
 
 if TYPE_CHECKING:
     from kiln.tasks.tracking.registry import Registry
@@ -71,8 +71,8 @@ def bundle_cache(model: str) -> Path:
 def register(ctx: RunContext) -> dict[str, Any]:
     """Export the trained model to ``<run>/bundle`` and register it as a version of the pipeline's model."""
     from kiln.tasks.bundle.load import ExportConfig, export_bundle
-    from kiln.tasks.steps.evaluate import METRICS_FILE
     from kiln.tasks.steps.build_features import TEST_RAW_FILE
+    from kiln.tasks.steps.evaluate import METRICS_FILE
     from kiln.tasks.steps.ingest import MANIFEST_FILE
     from kiln.tasks.tracking.registry import RUN_KEY_TAG
     from kiln.tasks.tracking.runs import find_run
@@ -113,11 +113,11 @@ def _aligned_probabilities(probs: np.ndarray, classes: tuple[str, ...] | None,
 def gate(ctx: RunContext) -> dict[str, Any]:
     """Decide whether this run's candidate may replace the champion; publish and log the decision record."""
     from kiln.tasks.bundle.load import load_bundle
-    from kiln.tasks.steps.evaluate import PREDICTIONS_FILE
-    from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE, TEST_RAW_FILE, load_split
     from kiln.tasks.evaluation.gate_rules import GateConfig, decide
-    from kiln.tasks.tracking.registry import RUN_KEY_TAG
     from kiln.tasks.features.transform import FeatureTransform
+    from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE, TEST_RAW_FILE, load_split
+    from kiln.tasks.steps.evaluate import PREDICTIONS_FILE
+    from kiln.tasks.tracking.registry import RUN_KEY_TAG
 
     spec = ctx.spec
     reg = registry()

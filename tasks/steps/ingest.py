@@ -22,8 +22,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kiln.tasks.storage.artifacts import file_sha256, write_json
 from kiln.tasks.spec import SourceSpec
+from kiln.tasks.storage.artifacts import file_sha256, write_json
 
 log = logging.getLogger(__name__)
 

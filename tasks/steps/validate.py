@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kiln.tasks.storage.artifacts import write_json
-from kiln.tasks.steps.ingest import SNAPSHOT_FILE
 from kiln.tasks.features.column_types import infer_column_types
 from kiln.tasks.spec import ColumnType, ExpectationSpec, ExpectationsSpec, TaskType
+from kiln.tasks.steps.ingest import SNAPSHOT_FILE
+from kiln.tasks.storage.artifacts import write_json
 
 log = logging.getLogger(__name__)
 

@@ -62,8 +62,8 @@ def store_for_root(root: str | Path) -> ArtifactStore:
         return LocalArtifactStore(text)
     if not text.startswith("s3://"):
         raise ValueError(f"KILN_ARTIFACT_ROOT={text!r} is not supported: use a local folder or s3://bucket/prefix")
-    from kiln.tasks.storage.s3 import S3ArtifactStore  # boto3 is imported only when an S3 root is configured
     from kiln.tasks.settings import get_settings
+    from kiln.tasks.storage.s3 import S3ArtifactStore  # boto3 is imported only when an S3 root is configured
 
     settings = get_settings()
     return S3ArtifactStore(text, cache_dir=settings.home / "cache" / "s3", endpoint_url=settings.s3_endpoint_url)

@@ -39,7 +39,13 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError, PartialCredentialsError
 from botocore.exceptions import ConnectionError as S3ConnectionError
 
-from kiln.tasks.storage.artifacts import ArtifactNotFoundError, ArtifactStore, ArtifactStoreError, file_sha256, key_parts
+from kiln.tasks.storage.artifacts import (
+    ArtifactNotFoundError,
+    ArtifactStore,
+    ArtifactStoreError,
+    file_sha256,
+    key_parts,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""The ``train`` step: data-parallel training of a :mod:`kiln.tasks.training.networks` network with PyTorch DDP.
+"""The training loop: data-parallel training of a :mod:`kiln.tasks.training.networks` network with PyTorch DDP.
 
-One entrypoint, ``python -m kiln.tasks.training.loop --config cfg.json``, runs unchanged under torchrun (any number of
+One entrypoint, ``python -m kiln.tasks.training --config cfg.json``, runs unchanged under torchrun (any number of
 processes), inside a container, and as a single process on a laptop CPU; :func:`run_train` is the same code for
 tests and notebooks. Rank 0 checkpoints every epoch; a restarted job resumes after the newest checkpoint whose
 fingerprint matches its config and data, so a retried task continues where the last try died, with the same
@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -30,105 +30,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from kiln.tasks.training import checkpoints as checkpoint
+from kiln.tasks.features.splits import FEATURE_SPEC_FILE, load_split
 from kiln.tasks.storage.artifacts import write_json
-from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE, TRAIN_FILE, load_split
+from kiln.tasks.training import checkpoints as checkpoint
+from kiln.tasks.training.job import METRICS_FILE, TrainConfig, TrainResult
 from kiln.tasks.training.networks import MODEL_FILE, build_model, save_model
-from kiln.tasks.spec import ModelSpec, TaskType, TrainingSpec
 
 log = logging.getLogger(__name__)
 
-#: Metrics file written next to ``model.pt`` in the output folder.
-METRICS_FILE = "train_metrics.json"
-_TASKS = ("classification", "regression")
 _EVAL_BATCH = 4096
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything one training job needs; serialised to JSON for the worker processes."""
-
-    features_dir: str
-    """Folder written by ``build_features``: ``train/val.parquet`` (columns ``f0..f{d-1}``, ``target``) and
-    ``feature_spec.json``."""
-    output_dir: str
-    """Where rank 0 writes ``model.pt`` and ``train_metrics.json`` at the end."""
-    checkpoint_dir: str
-    """Per-epoch checkpoints; must persist across task retries and belong to this one job."""
-    task: TaskType
-    """``classification`` or ``regression``; must match the features folder."""
-    model: ModelSpec
-    """The network to build (``kiln.tasks.training.networks.build_model``)."""
-    training: TrainingSpec
-    """Epochs, per-rank batch size, optimizer, seed, threads per rank, timeout and log interval."""
-    mlflow_tracking_uri: str | None = None
-    """MLflow tracking URI for ``mlflow_run_id``; ``None`` uses MLflow's default."""
-    mlflow_run_id: str | None = None
-    """An existing MLflow run to log params and per-epoch metrics to; ``None`` logs nothing to MLflow."""
-
-    def __post_init__(self) -> None:
-        if self.task not in _TASKS:
-            raise ValueError(f"TrainConfig.task must be one of {', '.join(_TASKS)}, found {self.task!r}")
-        if not isinstance(self.model, ModelSpec) or not isinstance(self.training, TrainingSpec):
-            raise TypeError("TrainConfig.model must be a ModelSpec and TrainConfig.training a TrainingSpec")
-        for name in ("features_dir", "output_dir", "checkpoint_dir"):
-            if not getattr(self, name):
-                raise ValueError(f"TrainConfig.{name} must be a non-empty path")
-
-    def to_json(self) -> str:
-        """The config as JSON (pydantic fields dumped in JSON mode)."""
-        data = {**asdict(self), "model": self.model.model_dump(mode="json"),
-                "training": self.training.model_dump(mode="json")}
-        return json.dumps(data, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        """Parse :meth:`to_json` output.
-
-        Raises:
-            ValueError, pydantic.ValidationError: malformed JSON or invalid fields.
-        """
-        data = json.loads(text)
-        data["model"] = ModelSpec.model_validate(data["model"])
-        data["training"] = TrainingSpec.model_validate(data["training"])
-        return cls(**data)
-
-    def fingerprint(self) -> str:
-        """sha256 of everything a checkpoint must share with this config to be resumed from.
-
-        Reads the train split and feature spec to hash them. Leaves out ``epochs`` (so a finished job can be
-        extended), paths, MLflow ids and the number of ranks (a job may resume on another ``nproc``: it then
-        continues correctly but not bit-identically, since the global batch and RNG streams change).
-        """
-        t = self.training
-        data_hash = hashlib.sha256()
-        for name in (TRAIN_FILE, FEATURE_SPEC_FILE):
-            with open(Path(self.features_dir) / name, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    data_hash.update(chunk)
-        identity = {"model": self.model.model_dump(mode="json"), "task": self.task, "optimizer": t.optimizer,
-                    "learning_rate": t.learning_rate, "weight_decay": t.weight_decay, "batch_size": t.batch_size,
-                    "seed": t.seed, "data": data_hash.hexdigest()}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a training job produced (the same on every rank)."""
-
-    epochs_run: int
-    """Epochs the saved model has been trained for in total, resumed epochs included."""
-    resumed_from_epoch: int | None
-    """The checkpoint epoch this run continued from; ``None`` for a fresh start."""
-    metrics: dict[str, float]
-    """The last epoch's metrics (``train/loss``, ``val/loss``, ``val/accuracy`` or ``val/rmse``)."""
-    samples_per_s: float | None
-    """Global training throughput of this run's epochs (all ranks, training loop only); ``None`` if none ran."""
-    model_file: str
-    world_size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -442,8 +352,8 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainRes
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m kiln.tasks.training.loop --config cfg.json``; exits 0 on success, 1 on any error."""
-    parser = argparse.ArgumentParser(prog="python -m kiln.tasks.training.loop", description=__doc__.splitlines()[0])
+    """CLI: ``python -m kiln.tasks.training --config cfg.json``; exits 0 on success, 1 on any error."""
+    parser = argparse.ArgumentParser(prog="python -m kiln.tasks.training", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=Path, help="TrainConfig JSON file")
     args = parser.parse_args(argv)
     rank = _dist_env().rank

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from kiln.tasks.storage.artifacts import atomic_write_bytes
 from kiln.tasks.spec import ModelSpec, TaskType
+from kiln.tasks.storage.artifacts import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,14 @@ import pytest
 import torch
 from synthetic import write_features
 
-from kiln.tasks.launch.base import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError
+from kiln.tasks.launch.base import LOG_FILE, TrainingFailedError
+from kiln.tasks.launch.torchrun import LocalTorchrunLauncher
 from kiln.tasks.pools.allocation import Allocation, LeaseRequest, Owner
 from kiln.tasks.pools.discovery import discover_gpus
 from kiln.tasks.pools.inventory import LOCAL_POOL, discover_local
 from kiln.tasks.pools.store import LeaseStore
 from kiln.tasks.spec import ModelSpec, TrainingSpec
-from kiln.tasks.training.loop import METRICS_FILE, TrainConfig
+from kiln.tasks.training.job import METRICS_FILE, TrainConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 

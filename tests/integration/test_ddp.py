@@ -21,10 +21,11 @@ import psutil
 import pytest
 from synthetic import write_features
 
-from kiln.tasks.launch.base import LocalTorchrunLauncher, TrainingFailedError, TrainingTimeoutError
-from kiln.tasks.training.networks import load_model, predict
+from kiln.tasks.launch.base import TrainingFailedError, TrainingTimeoutError
+from kiln.tasks.launch.torchrun import LocalTorchrunLauncher
 from kiln.tasks.spec import ModelSpec, TrainingSpec
-from kiln.tasks.training.loop import METRICS_FILE, TrainConfig
+from kiln.tasks.training.job import METRICS_FILE, TrainConfig
+from kiln.tasks.training.networks import load_model, predict
 
 pytestmark = pytest.mark.integration
 

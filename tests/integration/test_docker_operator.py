@@ -37,9 +37,9 @@ def two_node_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> docker.Doc
 
 def test_on_kill_stops_the_gang_and_releases_its_lease(two_node_pool: docker.DockerClient) -> None:
     from kiln.operators.train import DockerTrainOperator
-    from kiln.tasks.pipeline import context as pipeline
     from kiln.tasks.launch.base import TrainingFailedError
     from kiln.tasks.launch.docker_gang import JOB_LABEL
+    from kiln.tasks.pipeline import context as pipeline
     from kiln.tasks.pools.store import LeaseStore
 
     run_id = "manual__docker_operator_kill"

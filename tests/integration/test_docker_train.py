@@ -18,15 +18,15 @@ import pytest
 from docker_engine import ready_engine
 from synthetic import write_features
 
-from kiln.tasks.pipeline import context as pipeline
-from kiln.tasks.storage.artifacts import read_json
 from kiln.tasks.launch.base import LOG_FILE, TrainingFailedError, TrainingTimeoutError
 from kiln.tasks.launch.docker_gang import JOB_LABEL, ContainerStartError, DockerGangLauncher
-from kiln.tasks.training.networks import MODEL_FILE
+from kiln.tasks.pipeline import context as pipeline
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation
 from kiln.tasks.settings import get_settings
 from kiln.tasks.spec import ModelSpec, TrainingSpec
-from kiln.tasks.training.loop import METRICS_FILE, TrainConfig
+from kiln.tasks.storage.artifacts import read_json
+from kiln.tasks.training.job import METRICS_FILE, TrainConfig
+from kiln.tasks.training.networks import MODEL_FILE
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 

@@ -41,8 +41,8 @@ def _run(bag, dag_id: str, conf: dict):
 def test_pipeline_runs_end_to_end(airflow_db, dag_id: str, conf: dict, min_accuracy: float, rows: int) -> None:
     from mlflow.tracking import MlflowClient
 
-    from kiln.tasks.storage.artifacts import read_json, run_key
     from kiln.tasks.settings import get_settings
+    from kiln.tasks.storage.artifacts import read_json, run_key
 
     dr, tis = _run(_bag(), dag_id, conf)
     gated = tis["gate"].xcom_pull(task_ids="gate")
@@ -76,8 +76,8 @@ def test_pipeline_runs_end_to_end(airflow_db, dag_id: str, conf: dict, min_accur
 
 def test_validation_failure_stops_the_run(airflow_db, tmp_path: Path, monkeypatch) -> None:
     """Bad data fails `validate` with the failed expectations listed; nothing downstream runs or is written."""
-    from kiln.tasks.storage.artifacts import read_json, run_key
     from kiln.tasks.settings import get_settings
+    from kiln.tasks.storage.artifacts import read_json, run_key
 
     raw = pd.read_csv(importlib.resources.files("palmerpenguins") / "data" / "penguins.csv")
     raw.loc[:9, "body_mass_g"] = 99_999.0  # ten impossible masses
@@ -108,11 +108,11 @@ def _assert_served(tis: dict, version: str) -> None:
     """The deployed endpoint answers raw records with the promoted version's predictions."""
     from kiln.tasks.bundle.load import load_bundle, records_from_frame
     from kiln.tasks.cli.models import spec_named
-    from kiln.tasks.tracking.registry import Registry
-    from kiln.tasks.steps.deploy import Endpoint
     from kiln.tasks.serving.auth import resolve_token
     from kiln.tasks.serving.client import ServingClient
     from kiln.tasks.settings import get_settings
+    from kiln.tasks.steps.deploy import Endpoint
+    from kiln.tasks.tracking.registry import Registry
 
     deployed = tis["deploy"].xcom_pull(task_ids="deploy")
     assert Registry(get_settings().mlflow_tracking_uri).champion("penguins_species").version == version
@@ -127,8 +127,8 @@ def _assert_served(tis: dict, version: str) -> None:
 
 def test_rejected_candidate_skips_the_rollout(airflow_db) -> None:
     """A crippled training run is gated out: `gate` succeeds with the reason, the rollout is skipped, not failed."""
-    from kiln.tasks.tracking.registry import Registry
     from kiln.tasks.settings import get_settings
+    from kiln.tasks.tracking.registry import Registry
 
     registry = Registry(get_settings().mlflow_tracking_uri)
     before = registry.champion("penguins_species")
@@ -144,10 +144,10 @@ def test_rejected_candidate_skips_the_rollout(airflow_db) -> None:
 
 def test_champion_dag_approves_and_rolls_back(airflow_db) -> None:
     """The kiln_champion DAG: an explicit approval serves a gated-out version, a rollback restores the champion."""
-    from kiln.tasks.tracking.registry import Registry
     from kiln.tasks.serving.auth import resolve_token
     from kiln.tasks.serving.client import ServingClient
     from kiln.tasks.settings import get_settings
+    from kiln.tasks.tracking.registry import Registry
 
     registry = Registry(get_settings().mlflow_tracking_uri)
     champion = registry.champion("penguins_species")

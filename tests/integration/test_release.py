@@ -65,8 +65,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 
 def test_crippled_never_becomes_champion_and_better_does(runs: dict) -> None:
-    from kiln.tasks.storage.artifacts import read_json
     from kiln.tasks.steps.gate import registry
+    from kiln.tasks.storage.artifacts import read_json
 
     good, crippled, better = runs["good"]["gate"], runs["crippled"]["gate"], runs["better"]["gate"]
     assert good["passed"] and good["champion"] is None and "first model" in good["reason"]
@@ -102,8 +102,8 @@ def test_crippled_never_becomes_champion_and_better_does(runs: dict) -> None:
 
 def test_served_predictions_equal_the_evaluate_step(runs: dict) -> None:
     from kiln.tasks.bundle.load import records_from_frame
-    from kiln.tasks.steps.evaluate import PREDICTIONS_FILE
     from kiln.tasks.steps.build_features import TEST_RAW_FILE
+    from kiln.tasks.steps.evaluate import PREDICTIONS_FILE
 
     ctx = runs["better"]["ctx"]
     raw = pd.read_parquet(ctx.input_dir("build_features") / TEST_RAW_FILE)
@@ -116,8 +116,8 @@ def test_served_predictions_equal_the_evaluate_step(runs: dict) -> None:
 
 def test_rollback_serves_the_earlier_versions_exact_predictions(runs: dict) -> None:
     from kiln.tasks.bundle.load import load_bundle, records_from_frame
-    from kiln.tasks.steps.build_features import TEST_RAW_FILE
     from kiln.tasks.cli.models import main
+    from kiln.tasks.steps.build_features import TEST_RAW_FILE
     from kiln.tasks.steps.gate import registry
 
     good_version = runs["good"]["gate"]["candidate"]["version"]
@@ -138,9 +138,9 @@ def test_canary_is_judged_on_live_traffic_then_promoted(runs: dict, tmp_path: Pa
     import yaml
 
     from kiln.tasks.pipeline import context as pipeline
-    from kiln.tasks.steps.gate import registry
-    from kiln.tasks.steps.deploy import Endpoint
     from kiln.tasks.spec import load_spec
+    from kiln.tasks.steps.deploy import Endpoint
+    from kiln.tasks.steps.gate import registry
 
     spec = yaml.safe_load(SPEC.read_text())
     spec["deployment"] = {"strategy": "canary", "canary": {"share": 0.5, "min_requests": 10, "window_s": 60}}
@@ -161,11 +161,11 @@ def test_canary_is_judged_on_live_traffic_then_promoted(runs: dict, tmp_path: Pa
 
 def test_verify_failure_restores_the_previous_deployment(runs: dict) -> None:
     """A candidate whose live answers differ from its training-side predictions is taken out again by verify."""
-    from kiln.tasks.pipeline import context as pipeline
-    from kiln.tasks.storage.artifacts import file_sha256, read_json, write_json
     from kiln.tasks.bundle.load import MANIFEST_FILE, SAMPLE_PREDICTIONS_FILE
     from kiln.tasks.cli.models import spec_named
+    from kiln.tasks.pipeline import context as pipeline
     from kiln.tasks.steps.deploy import DeploymentFailedError, Endpoint
+    from kiln.tasks.storage.artifacts import file_sha256, read_json, write_json
 
     endpoint = Endpoint.of(spec_named(MODEL))
     before = endpoint.current()
@@ -192,8 +192,8 @@ def test_verify_failure_restores_the_previous_deployment(runs: dict) -> None:
 
 def test_deployment_none_moves_the_alias_and_leaves_the_endpoint_alone(runs: dict) -> None:
     """``deployment: none`` (the Param): the gate's winner becomes champion in the registry; nothing is served."""
-    from kiln.tasks.pipeline import context as pipeline
     from kiln.tasks.cli.models import spec_named
+    from kiln.tasks.pipeline import context as pipeline
     from kiln.tasks.steps.gate import registry
 
     served_before = _served([{"bill_length_mm": 40.0, "bill_depth_mm": 18.0, "flipper_length_mm": 190.0,

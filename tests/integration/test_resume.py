@@ -15,9 +15,10 @@ import pytest
 import torch
 from synthetic import write_features
 
-from kiln.tasks.launch.base import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError
+from kiln.tasks.launch.base import LOG_FILE, TrainingFailedError
+from kiln.tasks.launch.torchrun import LocalTorchrunLauncher
 from kiln.tasks.spec import ModelSpec, TrainingSpec
-from kiln.tasks.training.loop import METRICS_FILE, TrainConfig
+from kiln.tasks.training.job import METRICS_FILE, TrainConfig
 
 pytestmark = pytest.mark.integration
 

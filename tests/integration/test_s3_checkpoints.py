@@ -16,10 +16,11 @@ import pytest
 from s3_server import S3Endpoint, s3_endpoint  # noqa: F401
 from synthetic import write_features
 
+from kiln.tasks.launch.base import LOG_FILE, TrainingFailedError
+from kiln.tasks.launch.torchrun import LocalTorchrunLauncher
 from kiln.tasks.pipeline import context as pipeline
-from kiln.tasks.storage.s3 import MANIFEST, VERSIONS, S3ArtifactStore
-from kiln.tasks.launch.base import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation
+from kiln.tasks.storage.s3 import MANIFEST, VERSIONS, S3ArtifactStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
 

@@ -20,9 +20,7 @@ import torch
 from conftest import free_port
 from serving_fixtures import make_bundle, records
 
-from kiln.tasks.storage.artifacts import read_json, write_json
 from kiln.tasks.bundle.load import MANIFEST_FILE, SAMPLE_PREDICTIONS_FILE
-from kiln.tasks.steps.infra_validate import InfraValidationConfig, InfraValidationError, run_infra_validation
 from kiln.tasks.serving.canary import CanaryPolicy, watch_canary
 from kiln.tasks.serving.client import ServingClient, ServingError
 from kiln.tasks.serving.deployment import (
@@ -37,6 +35,8 @@ from kiln.tasks.serving.deployment import (
 )
 from kiln.tasks.serving.models import WARM_UP_TOLERANCE
 from kiln.tasks.serving.process import PortInUseError, ServerStartError, ensure_server, stop_server
+from kiln.tasks.steps.infra_validate import InfraValidationConfig, InfraValidationError, run_infra_validation
+from kiln.tasks.storage.artifacts import read_json, write_json
 
 pytestmark = pytest.mark.integration
 
@@ -230,10 +230,10 @@ def _exploding_bundle(root: Path) -> Path:
     all logits infinite: such a request yields NaN probabilities, which the server counts as a model failure.
     """
     from kiln.tasks.bundle.load import ExportConfig, export_bundle
+    from kiln.tasks.features.transform import UNKNOWN, FeatureTransform
+    from kiln.tasks.spec import ModelSpec
     from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE
     from kiln.tasks.training.networks import MODEL_FILE, load_model, save_model
-    from kiln.tasks.spec import ModelSpec
-    from kiln.tasks.features.transform import UNKNOWN, FeatureTransform
 
     bundle = make_bundle(root, seed=2)
     features, train = root / "features", root / "train"  # the layout make_bundle trains in

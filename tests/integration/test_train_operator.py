@@ -41,8 +41,8 @@ def _live_leases() -> list:
 
 def test_on_kill_stops_training_and_retry_resumes(tmp_path: Path) -> None:
     from kiln.operators.train import TrainOperator
-    from kiln.tasks.pipeline import context as pipeline
     from kiln.tasks.launch.base import TrainingFailedError
+    from kiln.tasks.pipeline import context as pipeline
 
     run_id = "manual__operator_kill"
     long_run = {"epochs": 10_000}

@@ -19,8 +19,8 @@ from kiln_service import Platform, running_service
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect, sync_playwright
 
-from kiln.tasks.storage.artifacts import read_json, run_key
 from kiln.tasks.settings import get_settings
+from kiln.tasks.storage.artifacts import read_json, run_key
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from kiln.tasks.bundle.load import (
     export_bundle,
     load_bundle,
 )
+from kiln.tasks.features.records import records_from_frame
+from kiln.tasks.spec import ModelSpec
 from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE, TEST_RAW_FILE
 from kiln.tasks.training.networks import MODEL_FILE as TRAINED_MODEL_FILE
 from kiln.tasks.training.networks import build_model, load_model, predict, save_model
-from kiln.tasks.features.records import records_from_frame
-from kiln.tasks.spec import ModelSpec
 
 PROVENANCE = {"pipeline": "penguins", "run_key": "penguins/r1", "code_version": "abc123"}
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from kiln.tasks.storage.artifacts import LocalArtifactStore
-from kiln.tasks.training.checkpoints import list_checkpoints
 from kiln.tasks.training.checkpoint_sync import CheckpointMirror
+from kiln.tasks.training.checkpoints import list_checkpoints
 
 KEY = "demo/run/checkpoints"
 

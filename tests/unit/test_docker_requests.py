@@ -10,6 +10,7 @@ import pytest
 from docker.errors import APIError, ImageNotFound
 from docker.types import DeviceRequest, Ulimit
 
+from kiln.tasks.launch.base import get_launcher
 from kiln.tasks.launch.containers import (
     ROOT_FALLBACK_USER,
     bind_volumes,
@@ -18,11 +19,10 @@ from kiln.tasks.launch.containers import (
     describe_refusal,
     torchrun_command,
 )
-from kiln.tasks.launch.base import get_launcher
 from kiln.tasks.launch.docker_gang import DockerGangLauncher
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation
 from kiln.tasks.spec import DockerSpec, ModelSpec, TrainingSpec
-from kiln.tasks.training.loop import TrainConfig
+from kiln.tasks.training.job import TrainConfig
 
 pytestmark = pytest.mark.docker
 

@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 from synthetic import write_run_dirs
 
+from kiln.tasks.spec import ModelSpec
+from kiln.tasks.steps.build_features import TEST_FILE
 from kiln.tasks.steps.evaluate import (
     CONFUSION_PNG,
     METRICS_FILE,
@@ -20,9 +22,7 @@ from kiln.tasks.steps.evaluate import (
     compute_metrics,
     run_evaluate,
 )
-from kiln.tasks.steps.build_features import TEST_FILE
 from kiln.tasks.training.networks import MODEL_FILE, build_model, save_model
-from kiln.tasks.spec import ModelSpec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kiln.tasks.spec import FeaturesSpec
 from kiln.tasks.steps.build_features import (
     FEATURE_SPEC_FILE,
     TARGET_COLUMN,
@@ -21,7 +22,6 @@ from kiln.tasks.steps.build_features import (
     load_split,
     run_build_features,
 )
-from kiln.tasks.spec import FeaturesSpec
 
 OUTPUT_FILES = (TRAIN_FILE, VAL_FILE, TEST_FILE, TEST_RAW_FILE, FEATURE_SPEC_FILE)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kiln.tasks.steps.ingest import MANIFEST_FILE, SNAPSHOT_FILE, IngestConfig, IngestError, run_ingest
 from kiln.tasks.spec import SourceSpec, load_spec
+from kiln.tasks.steps.ingest import MANIFEST_FILE, SNAPSHOT_FILE, IngestConfig, IngestError, run_ingest
 
 REPO = Path(__file__).resolve().parents[2]
 CSV = "a,b,label\n1,2.5,x\n3,4.5,y\n5,,x\n7,8.5,z\n"

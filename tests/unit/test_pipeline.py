@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from kiln.tasks.pipeline import context as pipeline
-from kiln.tasks.storage.artifacts import LocalArtifactStore
 from kiln.tasks.spec import SpecError
+from kiln.tasks.storage.artifacts import LocalArtifactStore
 
 
 def _spec(tmp_path: Path, rows: int = 40) -> Path:

@@ -17,10 +17,12 @@ import pytest
 import torch
 from synthetic import write_features
 
-from kiln.tasks.launch.base import LOG_FILE, LocalTorchrunLauncher, TrainingFailedError, get_launcher
-from kiln.tasks.training.networks import load_model, predict
+from kiln.tasks.launch.base import LOG_FILE, TrainingFailedError, get_launcher
+from kiln.tasks.launch.torchrun import LocalTorchrunLauncher
 from kiln.tasks.spec import ModelSpec, TrainingSpec
-from kiln.tasks.training.loop import METRICS_FILE, TrainConfig, param_checksum, run_train
+from kiln.tasks.training.job import METRICS_FILE, TrainConfig
+from kiln.tasks.training.loop import param_checksum, run_train
+from kiln.tasks.training.networks import load_model, predict
 
 
 def make_config(tmp_path: Path, features: Path, *, name: str = "run", task: str = "classification",

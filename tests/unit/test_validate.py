@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kiln.tasks.steps.ingest import SNAPSHOT_FILE, IngestConfig, run_ingest
 from kiln.tasks.spec import ExpectationSpec, ExpectationsSpec, load_spec
+from kiln.tasks.steps.ingest import SNAPSHOT_FILE, IngestConfig, run_ingest
 from kiln.tasks.steps.validate import (
     DOCS_DIR,
     VALIDATION_FILE,

@@ -1,0 +1,112 @@
+"""The training job: the config a launcher hands to every worker process, and what the job produced.
+
+A launcher writes :class:`TrainConfig` as ``train_config.json`` into the job's work folder and starts the
+workers with ``python -m kiln.tasks.training --config train_config.json``; rank 0 writes the network
+(:data:`kiln.tasks.training.networks.MODEL_FILE`) and ``train_metrics.json`` into ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.tasks.features.splits import FEATURE_SPEC_FILE, TRAIN_FILE
+from kiln.tasks.spec import ModelSpec, TaskType, TrainingSpec
+
+#: The config file a launcher writes into its work folder for the workers.
+CONFIG_FILE = "train_config.json"
+#: Metrics file written next to the network in the output folder.
+METRICS_FILE = "train_metrics.json"
+#: The module the workers run (``python -m kiln.tasks.training``).
+TRAIN_MODULE = "kiln.tasks.training"
+_TASKS = ("classification", "regression")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training job needs; serialised to JSON for the worker processes."""
+
+    features_dir: str
+    """Folder written by ``build_features``: ``train/val.parquet`` (columns ``f0..f{d-1}``, ``target``) and
+    ``feature_spec.json``."""
+    output_dir: str
+    """Where rank 0 writes ``model.pt`` and ``train_metrics.json`` at the end."""
+    checkpoint_dir: str
+    """Per-epoch checkpoints; must persist across task retries and belong to this one job."""
+    task: TaskType
+    """``classification`` or ``regression``; must match the features folder."""
+    model: ModelSpec
+    """The network to build (``kiln.tasks.training.networks.build_model``)."""
+    training: TrainingSpec
+    """Epochs, per-rank batch size, optimizer, seed, threads per rank, timeout and log interval."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI for ``mlflow_run_id``; ``None`` uses MLflow's default."""
+    mlflow_run_id: str | None = None
+    """An existing MLflow run to log params and per-epoch metrics to; ``None`` logs nothing to MLflow."""
+
+    def __post_init__(self) -> None:
+        if self.task not in _TASKS:
+            raise ValueError(f"TrainConfig.task must be one of {', '.join(_TASKS)}, found {self.task!r}")
+        if not isinstance(self.model, ModelSpec) or not isinstance(self.training, TrainingSpec):
+            raise TypeError("TrainConfig.model must be a ModelSpec and TrainConfig.training a TrainingSpec")
+        for name in ("features_dir", "output_dir", "checkpoint_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"TrainConfig.{name} must be a non-empty path")
+
+    def to_json(self) -> str:
+        """The config as JSON (pydantic fields dumped in JSON mode)."""
+        data = {**asdict(self), "model": self.model.model_dump(mode="json"),
+                "training": self.training.model_dump(mode="json")}
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        """Parse :meth:`to_json` output.
+
+        Raises:
+            ValueError, pydantic.ValidationError: malformed JSON or invalid fields.
+        """
+        data = json.loads(text)
+        data["model"] = ModelSpec.model_validate(data["model"])
+        data["training"] = TrainingSpec.model_validate(data["training"])
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        """sha256 of everything a checkpoint must share with this config to be resumed from.
+
+        Reads the train split and feature spec to hash them. Leaves out ``epochs`` (so a finished job can be
+        extended), paths, MLflow ids and the number of ranks (a job may resume on another ``nproc``: it then
+        continues correctly but not bit-identically, since the global batch and RNG streams change).
+        """
+        t = self.training
+        data_hash = hashlib.sha256()
+        for name in (TRAIN_FILE, FEATURE_SPEC_FILE):
+            with open(Path(self.features_dir) / name, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    data_hash.update(chunk)
+        identity = {"model": self.model.model_dump(mode="json"), "task": self.task, "optimizer": t.optimizer,
+                    "learning_rate": t.learning_rate, "weight_decay": t.weight_decay, "batch_size": t.batch_size,
+                    "seed": t.seed, "data": data_hash.hexdigest()}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training job produced (the same on every rank)."""
+
+    epochs_run: int
+    """Epochs the saved model has been trained for in total, resumed epochs included."""
+    resumed_from_epoch: int | None
+    """The checkpoint epoch this run continued from; ``None`` for a fresh start."""
+    metrics: dict[str, float]
+    """The last epoch's metrics (``train/loss``, ``val/loss``, ``val/accuracy`` or ``val/rmse``)."""
+    samples_per_s: float | None
+    """Global training throughput of this run's epochs (all ranks, training loop only); ``None`` if none ran."""
+    model_file: str
+    world_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
