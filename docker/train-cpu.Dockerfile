@@ -9,5 +9,5 @@ RUN ["python", "-m", "compileall", "-q", "/opt/kiln/kiln"]
 ENV PYTHONPATH=/opt/kiln PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /opt/kiln
 USER 1000:0
-ENTRYPOINT ["python", "-m", "kiln.tasks.training.loop"]
+ENTRYPOINT ["python", "-m", "kiln.tasks.training"]
 CMD ["--help"]

@@ -27,5 +27,5 @@ ENV PYTHONPATH=/opt/kiln
 WORKDIR /opt/kiln
 USER 1000:0
 # `docker run IMAGE --config cfg.json` trains as one process (world size 1); the launcher runs torchrun instead.
-ENTRYPOINT ["python", "-m", "kiln.tasks.training.loop"]
+ENTRYPOINT ["python", "-m", "kiln.tasks.training"]
 CMD ["--help"]

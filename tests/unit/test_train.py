@@ -48,7 +48,7 @@ def features(tmp_path: Path) -> Path:
 
 def test_loss_decreases_and_outputs_are_written(tmp_path, features, caplog):
     config = make_config(tmp_path, features, epochs=6)
-    with caplog.at_level(logging.INFO, logger="kiln.tasks.training.loop"):
+    with caplog.at_level(logging.INFO, logger="kiln.tasks.training"):
         result = run_train(config)
     history = metrics_of(config)["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
@@ -101,7 +101,7 @@ def test_extending_a_finished_job_resumes_and_matches_an_uninterrupted_run(tmp_p
     short = make_config(tmp_path, features, name="resumed", epochs=2, model=model)
     run_train(short)
     extended = dataclasses.replace(short, training=straight.training)
-    with caplog.at_level(logging.INFO, logger="kiln.tasks.training.loop"):
+    with caplog.at_level(logging.INFO, logger="kiln.tasks.training"):
         result = run_train(extended)
     assert "resuming from checkpoint epoch 2" in caplog.text
     assert result.resumed_from_epoch == 2 and result.epochs_run == 4
@@ -125,7 +125,7 @@ def test_checkpoint_with_another_fingerprint_is_ignored(tmp_path, features, capl
     run_train(config)
     changed = dataclasses.replace(config, training=config.training.model_copy(update={"learning_rate": 1e-3}))
     assert changed.fingerprint() != config.fingerprint()
-    with caplog.at_level(logging.WARNING, logger="kiln.tasks.training.loop"):
+    with caplog.at_level(logging.WARNING, logger="kiln.tasks.training"):
         result = run_train(changed)
     assert result.resumed_from_epoch is None
     assert "epoch_0002.pt: written for another config or data" in caplog.text
@@ -136,7 +136,7 @@ def test_corrupt_checkpoint_is_skipped_for_an_older_one(tmp_path, features, capl
     run_train(config)
     newest = Path(config.checkpoint_dir) / "epoch_0002.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # a torn file, as a full disk would leave it
-    with caplog.at_level(logging.WARNING, logger="kiln.tasks.training.loop"):
+    with caplog.at_level(logging.WARNING, logger="kiln.tasks.training"):
         result = run_train(dataclasses.replace(config, training=config.training.model_copy(update={"epochs": 3})))
     assert result.resumed_from_epoch == 1 and result.epochs_run == 3
     assert f"skipping checkpoint {newest}: unreadable" in caplog.text
@@ -218,7 +218,7 @@ def test_cli_runs_as_a_single_process_without_torchrun(tmp_path, features, valid
     config = make_config(tmp_path, features if valid else tmp_path / "missing", epochs=1)
     config_file = tmp_path / "cfg.json"
     config_file.write_text(config.to_json())
-    proc = subprocess.run([sys.executable, "-m", "kiln.tasks.training.loop", "--config", str(config_file)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "kiln.tasks.training", "--config", str(config_file)], capture_output=True,
                           text=True, timeout=120)
     if valid:
         assert proc.returncode == 0, proc.stdout + proc.stderr
