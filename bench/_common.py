@@ -50,10 +50,11 @@ def emit(name: str, value: float, unit: str, peer: str, peer_value: float, targe
 #: Runs ``kiln.tasks.pipeline.context.run_all`` once: argv = spec path, run id, Params as JSON; prints the result as JSON.
 _IN_PROCESS_RUN = """
 import json, sys, time
-from kiln.tasks.pipeline import context as pipeline
+from kiln.tasks.pipeline.context import make_context
+from kiln.tasks.pipeline.runner import run_all
 t0 = time.perf_counter()
-ctx = pipeline.make_context(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
-results = pipeline.run_all(ctx)
+ctx = make_context(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
+results = run_all(ctx)
 print(json.dumps({"duration_s": time.perf_counter() - t0, "steps": [k for k in results if k != "duration_s"]}))
 """
 

@@ -30,11 +30,12 @@ print(json.dumps({"duration_s": r["duration_s"]}))
 
 PLAIN_RUN = """
 import json, sys, time
-from kiln.tasks.pipeline import context as pipeline
+from kiln.tasks.pipeline.context import make_context
+from kiln.tasks.pipeline.runner import run_all
 t0 = time.perf_counter()
-ctx = pipeline.make_context("dags/pipelines/penguins_species.yaml", f"bench_plain_{time.time_ns()}",
+ctx = make_context("dags/pipelines/penguins_species.yaml", f"bench_plain_{time.time_ns()}",
                              json.loads(sys.argv[1]))
-pipeline.run_all(ctx)
+run_all(ctx)
 print(json.dumps({"duration_s": time.perf_counter() - t0}))
 """
 

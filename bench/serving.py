@@ -139,20 +139,22 @@ def _free_port() -> int:
 
 def train_penguins(home: Path) -> tuple[Path, Path]:
     """Run the example pipeline in this process under ``home``; returns (features folder, model folder)."""
-    from kiln.tasks.pipeline import context as pipeline
+    from kiln.tasks.pipeline import keys
+    from kiln.tasks.pipeline.context import make_context
+    from kiln.tasks.pipeline.runner import run_all
 
     t0 = time.perf_counter()
-    ctx = pipeline.make_context(SPEC, "bench_serving")
-    for step in pipeline.STEPS:  # ingest .. evaluate: the release steps would register and deploy the model
-        getattr(pipeline, step)(ctx)
-    print(f"trained the penguins MLP in {time.perf_counter() - t0:.1f} s (pipeline steps {', '.join(pipeline.STEPS)}"
+    ctx = make_context(SPEC, "bench_serving")
+    # ingest .. evaluate: the release steps would register and deploy the model
+    steps = run_all(ctx, until=keys.EVALUATE).results
+    print(f"trained the penguins MLP in {time.perf_counter() - t0:.1f} s (pipeline steps {', '.join(steps)}"
           f"; KILN_HOME={home})", flush=True)
     return ctx.input_dir("build_features"), ctx.input_dir("train")
 
 
 def raw_rows(features_dir: Path, target: str) -> pd.DataFrame:
     """The run's raw test rows without the label, repeated to at least max(ROWS) rows."""
-    from kiln.tasks.steps.build_features import TEST_RAW_FILE
+    from kiln.tasks.features.splits import TEST_RAW_FILE
 
     df = pd.read_parquet(features_dir / TEST_RAW_FILE).drop(columns=[target])
     while len(df) < max(ROWS):
@@ -178,7 +180,7 @@ def server_env(home: Path) -> dict[str, str]:
 
 def make_ours(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFrame, model_name: str) -> Server:
     """Export the bundle, write a deployment with it as champion, and describe ``python -m kiln.tasks.serving``."""
-    from kiln.tasks.bundle.load import ExportConfig, export_bundle
+    from kiln.tasks.bundle.export import ExportConfig, export_bundle
     from kiln.tasks.serving.deployment import Deployment, ModelRef, utc_now, write_deployment
 
     bundle = tmp / "bundle"
@@ -200,8 +202,8 @@ def make_mlflow(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFra
     """Log the raw-records pyfunc into this run's MLflow store and describe ``mlflow models serve`` of it."""
     import mlflow
 
+    from kiln.tasks.features.transform import FEATURE_SPEC_FILE
     from kiln.tasks.settings import get_settings
-    from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE
     from kiln.tasks.tracking.runs import ensure_experiment
 
     s = get_settings()
@@ -227,8 +229,7 @@ def make_mlflow(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFra
 
 def make_bare(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFrame) -> Server:
     """Describe ``bench/_bare_server.py``; its bodies are the same rows, transformed as the pipeline does."""
-    from kiln.tasks.features.transform import FeatureTransform
-    from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE
+    from kiln.tasks.features.transform import FEATURE_SPEC_FILE, FeatureTransform
 
     transform = FeatureTransform.load(features_dir / FEATURE_SPEC_FILE)
     x = transform.transform(rows)

@@ -45,8 +45,8 @@ with DAG(
     @task(task_id="set_champion")
     def set_champion(params: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
         from kiln.operators.s3_credentials import use_s3_connection
-        from kiln.tasks.cli.models import spec_named
-        from kiln.tasks.steps.deploy import set_champion as move
+        from kiln.tasks.pipeline.champion import set_champion as move
+        from kiln.tasks.spec import spec_named
         from kiln.tasks.tracking.registry import RegistryError
 
         use_s3_connection()  # the rollout records and bundles may live in an S3 store
@@ -55,7 +55,7 @@ with DAG(
             raise AirflowFailException("Param 'version' is required to approve: name the version to promote")
         try:
             return move(spec_named(p["model"]), p.get("version") or None, action=p["action"], reason=p["reason"],
-                        actor=f"dag:kiln_champion/{run_id}")
+                        actor=f"dag:kiln_champion/{run_id}").to_dict()
         except (LookupError, RegistryError) as exc:  # an unknown model or version: retrying cannot fix it
             raise AirflowFailException(str(exc)) from exc
 

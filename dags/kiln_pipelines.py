@@ -1,8 +1,8 @@
 """DAG factory: one Airflow DAG per pipeline spec file in the pipelines folder (``dags/pipelines/*.yaml``).
 
-Wiring only: each task runs one function of ``kiln.tasks.pipeline.context`` (``PipelineStepOperator``, ``TrainOperator``);
-heavy imports happen inside task bodies so this file parses quickly. Invalid spec files are skipped here and
-reported by ``kiln_spec_errors.py``.
+Wiring only: one task per step of :data:`kiln.tasks.pipeline.steps.STEPS`, in its order (``PipelineStepOperator``;
+``TrainOperator`` for the step that runs on leased devices). The steps import their libraries when they run, so this
+file parses quickly. Invalid spec files are skipped here and reported by ``kiln_spec_errors.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, P
 
 from kiln.operators.step import PipelineStepOperator
 from kiln.operators.train import TrainOperator
-from kiln.tasks.pipeline.context import RELEASE_STEPS
+from kiln.tasks.pipeline.steps import STEPS
 from kiln.tasks.settings import get_settings
 from kiln.tasks.spec import PipelineSpec, load_specs
 
@@ -80,14 +80,10 @@ def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         default_args={"owner": spec.owner, "retries": 1, "retry_delay": timedelta(seconds=10)},
     ) as dag:
         path = str(spec_path)
-        prepared = [PipelineStepOperator(task_id=name, spec_path=path)
-                    for name in ("ingest", "validate", "clean", "build_features")]
-        chain(*prepared)
         # Airflow counts a deferred task's wait in its execution time: allow the lease wait plus the job.
         budget_s = spec.training.timeout_s + spec.training.resources.wait_timeout_s + 300
-        trained = TrainOperator(task_id="train", spec_path=path, execution_timeout=timedelta(seconds=budget_s))
-        chain(prepared[-1], trained,
-              *(PipelineStepOperator(task_id=name, spec_path=path) for name in ("evaluate", *RELEASE_STEPS)))
+        chain(*(TrainOperator(spec_path=path, execution_timeout=timedelta(seconds=budget_s)) if step.leased
+                else PipelineStepOperator(step=step, spec_path=path) for step in STEPS))
     return dag
 
 

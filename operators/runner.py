@@ -112,8 +112,8 @@ def _print_summary(result: dict[str, Any]) -> None:
 def _example_body(model: str) -> str:
     """A ``/predict`` body holding the first sample row of the served champion's bundle."""
     from kiln.tasks.bundle.load import load_bundle, records_from_frame
-    from kiln.tasks.cli.models import spec_named
-    from kiln.tasks.steps.deploy import Endpoint
+    from kiln.tasks.pipeline.endpoint import Endpoint
+    from kiln.tasks.spec import spec_named
 
     deployment = Endpoint.of(spec_named(model)).current()
     if deployment is None:

@@ -1,4 +1,5 @@
-"""``PipelineStepOperator``: one step of a pipeline run (``kiln.tasks.pipeline.context.<step>``), with links to its outputs.
+"""``PipelineStepOperator``: one step of a pipeline run (:data:`kiln.tasks.pipeline.steps.STEPS`), with links to its
+outputs.
 
 Each step's task page in the Airflow UI gets buttons to what the step produced in the run's MLflow run: the run
 itself, the data-validation report (``validate``), the gate's decision record (``gate``). The step's return value
@@ -7,101 +8,70 @@ itself, the data-validation report (``validate``), the gate's decision record (`
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from kiln.operators.links import step_links
 from kiln.operators.s3_credentials import use_s3_connection
 
 if TYPE_CHECKING:
-    from airflow.sdk.types import TaskInstanceKey
+    from kiln.tasks.pipeline.context import RunContext
+    from kiln.tasks.pipeline.steps import Step
 
 
-class _StepLink(BaseOperatorLink):
-    """A link of a step to its run's MLflow run; computed once the step finished (Airflow stores it as XCom)."""
+def run_context(spec_path: str, context: Any, overrides: dict[str, Any] | None = None) -> RunContext:
+    """The run a task belongs to: the spec with the run's Params applied, keyed by the Airflow run id.
 
-    name = ""
+    Raises:
+        AirflowFailException: the spec or a Param is invalid (a retry cannot fix it).
+    """
+    from kiln.tasks.pipeline.context import make_context
+    from kiln.tasks.spec import SpecError
 
-    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        spec_path = getattr(operator, "spec_path", None)
-        return _links(spec_path, ti_key.run_id, operator.task_id).get(self.name, "") if spec_path else ""
-
-
-@functools.lru_cache(maxsize=4)
-def _links(spec_path: str, run_id: str, step: str) -> dict[str, str]:
-    """All links of one step, looked up in MLflow once for the step's buttons (Airflow asks link by link)."""
-    from kiln.operators.links import step_links
-
-    return step_links(spec_path, run_id, step)
-
-
-class MlflowRunLink(_StepLink):
-    """The run's MLflow run: parameters, metrics, model and every artifact."""
-
-    name = "MLflow run"
-
-
-class ValidationReportLink(_StepLink):
-    """The Great Expectations report of the run's data snapshot."""
-
-    name = "Validation report"
-
-
-class GateDecisionLink(_StepLink):
-    """The gate's decision record: both models' metrics, every check, the reason."""
-
-    name = "Gate decision"
-
-
-LINKS: dict[str, type[_StepLink]] = {link.name: link for link in (MlflowRunLink, ValidationReportLink,
-                                                                     GateDecisionLink)}
-
-
-def step_links(step: str) -> tuple[BaseOperatorLink, ...]:
-    """The extra links of a step's task (which step shows which: ``kiln.operators.links.link_names``)."""
-    from kiln.operators.links import link_names
-
-    return tuple(LINKS[name]() for name in link_names(step))
+    use_s3_connection()
+    try:
+        return make_context(spec_path, context["run_id"], {**context["params"], **(overrides or {})})
+    except SpecError as exc:
+        raise AirflowFailException(str(exc)) from exc
 
 
 class PipelineStepOperator(BaseOperator):
-    """Run ``kiln.tasks.pipeline.context.<task_id>`` for the current pipeline run and return its result (the XCom).
+    """Run one step of the current pipeline run and return its result as the task's XCom.
 
     A rejected candidate is an outcome, not a failure: the gate's ``GateRejectedError`` in a rollout step becomes
     a skip. Errors that a retry cannot fix (bad data, a bad spec or Param, a candidate that failed in the serving
     runtime) fail the task without retrying.
 
     Args:
+        step: the step (one of :data:`kiln.tasks.pipeline.steps.STEPS`); the task id defaults to its name.
         spec_path: the pipeline spec file.
     """
 
     template_fields: Sequence[str] = ("spec_path",)
     ui_color = "#e4f0ff"
 
-    def __init__(self, *, spec_path: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, step: Step, spec_path: str, **kwargs: Any) -> None:
+        super().__init__(**{"task_id": step.name, **kwargs})
+        self.step = step
         self.spec_path = spec_path
 
     @property
     def operator_extra_links(self) -> tuple[BaseOperatorLink, ...]:  # type: ignore[override]
-        return step_links(self.task_id)
+        return step_links(self.step.name)
 
     def execute(self, context: Any) -> Any:
-        from kiln.tasks.pipeline import context as pipeline
-        from kiln.tasks.spec import SpecError
-        from kiln.tasks.steps.deploy import DeploymentFailedError
-        from kiln.tasks.steps.gate import GateRejectedError
+        from kiln.tasks.pipeline.endpoint import DeploymentFailedError
+        from kiln.tasks.pipeline.gate_decision import GateRejectedError
         from kiln.tasks.steps.infra_validate import InfraValidationError
         from kiln.tasks.steps.validate import DataValidationError
 
-        use_s3_connection()
+        ctx = run_context(self.spec_path, context)
         try:
-            ctx = pipeline.make_context(self.spec_path, context["run_id"], dict(context["params"]))
-            return pipeline.step_function(self.task_id)(ctx)
+            return self.step.run(ctx).to_dict()
         except GateRejectedError as exc:
             raise AirflowSkipException(str(exc)) from exc
-        except (SpecError, DataValidationError, InfraValidationError, DeploymentFailedError) as exc:
+        except (DataValidationError, InfraValidationError, DeploymentFailedError) as exc:
             raise AirflowFailException(str(exc)) from exc

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperatorLink
-from airflow.sdk.exceptions import AirflowFailException
 
+from kiln.operators.links import step_links
 from kiln.operators.pools import PooledOperator
-from kiln.operators.s3_credentials import use_s3_connection
-from kiln.operators.step import step_links
+from kiln.operators.step import run_context
+from kiln.tasks.pipeline import keys
 
 if TYPE_CHECKING:
     from kiln.tasks.pipeline.context import RunContext
@@ -34,41 +34,31 @@ class TrainOperator(PooledOperator):
     launcher_name: str | None = None
 
     def __init__(self, *, spec_path: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**{"task_id": keys.TRAIN, **kwargs})
         self.spec_path = spec_path
         self._launcher: Any = None
 
     @property
     def operator_extra_links(self) -> tuple[BaseOperatorLink, ...]:  # type: ignore[override]
-        return step_links("train")
+        return step_links(keys.TRAIN)
 
     def _context(self, context: Any) -> RunContext:
-        from kiln.tasks.pipeline import context as pipeline
-        from kiln.tasks.spec import SpecError
-
-        use_s3_connection()
-        params = dict(context["params"])
-        if self.launcher_name:
-            params["launcher"] = self.launcher_name
-        try:
-            return pipeline.make_context(self.spec_path, context["run_id"], params)
-        except SpecError as exc:  # retrying cannot fix a bad spec or Param
-            raise AirflowFailException(str(exc)) from exc
+        return run_context(self.spec_path, context, {"launcher": self.launcher_name} if self.launcher_name else None)
 
     def lease_request(self, context: Any) -> tuple[LeaseRequest, float]:
-        from kiln.tasks.pipeline.context import lease_request
+        from kiln.tasks.steps.train import lease_request
 
         spec = self._context(context).spec
         return lease_request(spec), spec.training.resources.wait_timeout_s
 
     def run_leased(self, context: Any, allocation: Allocation) -> dict[str, Any]:
         from kiln.tasks.launch.base import TrainingFailedError, get_launcher
-        from kiln.tasks.pipeline import context as pipeline
+        from kiln.tasks.steps.train import train
 
         ctx = self._context(context)
         self._launcher = get_launcher(ctx.spec.training.launcher)
         try:
-            return pipeline.train(ctx, self._launcher, allocation=allocation)
+            return train(ctx, self._launcher, allocation=allocation).to_dict()
         except TrainingFailedError:
             self.log.error("training failed; a retry resumes from the last complete checkpoint")
             raise

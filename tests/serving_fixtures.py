@@ -63,9 +63,9 @@ def make_bundle(root: Path, *, seed: int = 0, epochs: int = 4) -> Path:
     Returns:
         The bundle folder (loadable with ``kiln.tasks.bundle.load.load_bundle``).
     """
-    from kiln.tasks.bundle.load import ExportConfig, export_bundle
+    from kiln.tasks.bundle.export import ExportConfig, export_bundle
     from kiln.tasks.spec import FeaturesSpec, ModelSpec, TrainingSpec
-    from kiln.tasks.steps.build_features import FeaturesConfig, run_build_features
+    from kiln.tasks.steps.build_features import BuildFeaturesConfig, run_build_features
     from kiln.tasks.training.job import TrainConfig
     from kiln.tasks.training.loop import run_train
 
@@ -76,7 +76,7 @@ def make_bundle(root: Path, *, seed: int = 0, epochs: int = 4) -> Path:
     types = {**dict.fromkeys(NUMERIC, "numeric"), "island": "categorical", TARGET: "categorical"}
     (clean / "clean_report.json").write_text(json.dumps({"column_types": types, "target": TARGET,
                                                          "task": "classification"}))
-    run_build_features(FeaturesConfig(TARGET, "classification", FeaturesSpec(), seed=seed), clean, features)
+    run_build_features(BuildFeaturesConfig(TARGET, "classification", FeaturesSpec(), seed=seed), clean, features)
     config = TrainConfig(features_dir=str(features), output_dir=str(train), checkpoint_dir=str(root / "ckpt"),
                          task="classification", model=ModelSpec(hidden_sizes=[16]),
                          training=TrainingSpec(epochs=epochs, batch_size=16, learning_rate=5e-3, seed=seed,

@@ -48,7 +48,7 @@ def write_run_dirs(tmp_path: Path, df: pd.DataFrame, column_types: dict[str, str
     import torch
 
     from kiln.tasks.spec import FeaturesSpec
-    from kiln.tasks.steps.build_features import FeaturesConfig, run_build_features
+    from kiln.tasks.steps.build_features import BuildFeaturesConfig, run_build_features
     from kiln.tasks.training.networks import MODEL_FILE, build_model, save_model
 
     clean, features, model = tmp_path / "clean", tmp_path / "features", tmp_path / "model"
@@ -57,7 +57,7 @@ def write_run_dirs(tmp_path: Path, df: pd.DataFrame, column_types: dict[str, str
     df.to_parquet(clean / "clean.parquet", index=False)
     (clean / "clean_report.json").write_text(json.dumps({"column_types": column_types, "target": "y",
                                                          "task": task}))
-    result = run_build_features(FeaturesConfig("y", task, FeaturesSpec(), seed=0), clean, features)
+    result = run_build_features(BuildFeaturesConfig("y", task, FeaturesSpec(), seed=0), clean, features)
     n_outputs = result.n_classes or 1
     torch.manual_seed(0)
     spec = model_spec or ModelSpec(hidden_sizes=[8])

@@ -1,8 +1,8 @@
 """The model bundle: the self-contained, servable form of a trained model.
 
 A bundle is a folder that a model server loads without the training code: the network as TorchScript (its output
-is exactly what :func:`kiln.tasks.training.networks.predict` gives: softmax probabilities or regression values), the fitted
-feature transform, a signature of inputs and outputs, sample raw rows with the predictions training made for
+is exactly what :func:`kiln.tasks.training.networks.predict` gives: softmax probabilities or regression values),
+the fitted feature transform, a signature of inputs and outputs, sample raw rows with the predictions training made for
 them (for parity checks before and after deployment), and a manifest with versions and provenance::
 
     bundle.json               format_version, created_at, torch version, model meta, provenance, file hashes
@@ -12,36 +12,30 @@ them (for parity checks before and after deployment), and a manifest with versio
     sample.parquet            raw sample rows (input columns only) from the test split
     sample_predictions.npy    training-side predictions of those rows
 
-:func:`export_bundle` writes one and checks it by loading it back; :func:`load_bundle` reads one, refusing a
-folder that is incomplete, altered or of another format version (:class:`BundleError`).
+:func:`kiln.tasks.bundle.export.export_bundle` writes one and checks it by loading it back; :func:`load_bundle` reads
+one, refusing a folder that is incomplete, altered or of another format version (:class:`BundleError`). A model
+server imports this module only: loading needs neither the training code nor the pipeline's spec.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from kiln.tasks.features.records import RecordError, RecordTransform, records_from_frame
-from kiln.tasks.features.transform import FeatureTransform
-from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE, TEST_RAW_FILE
-from kiln.tasks.storage.artifacts import atomic_write_bytes, file_sha256, read_json, write_json
+from kiln.tasks.features.transform import FEATURE_SPEC_FILE, FeatureTransform
+from kiln.tasks.storage.artifacts import file_sha256, read_json
 
 __all__ = ["BUNDLE_FORMAT_VERSION", "MANIFEST_FILE", "MODEL_FILE", "SAMPLE_FILE", "SAMPLE_PREDICTIONS_FILE",
-           "SIGNATURE_FILE", "Bundle", "BundleError", "ExportConfig", "ExportResult", "RecordError", "export_bundle",
-           "load_bundle", "records_from_frame"]
+           "SIGNATURE_FILE", "Bundle", "BundleError", "RecordError", "load_bundle", "records_from_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -56,69 +50,11 @@ MANIFEST_FILE = "bundle.json"
 CONTENT_FILES = (MODEL_FILE, FEATURE_SPEC_FILE, SIGNATURE_FILE, SAMPLE_FILE, SAMPLE_PREDICTIONS_FILE)
 #: Largest difference allowed between the exported module's predictions and training's on the sample.
 EXPORT_TOLERANCE = 1e-5
-_REEXPORT = "re-export it with kiln.tasks.bundle.load.export_bundle (the register step)"
+_REEXPORT = "re-export it with kiln.tasks.bundle.export.export_bundle (the register step)"
 
 
 class BundleError(ValueError):
     """A bundle that cannot be written or loaded: unreadable, incomplete, altered or of another format."""
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """Settings of :func:`export_bundle`."""
-
-    features_dir: Path
-    """The ``build_features`` output folder (``feature_spec.json``, ``test_raw.parquet``)."""
-    model_dir: Path
-    """The ``train`` output folder (``model.pt``)."""
-    sample_rows: int = 64
-    """Raw test rows kept as the bundle's sample (fewer if the test split is smaller); at least 1."""
-    metadata: dict[str, str] = field(default_factory=dict)
-    """Provenance copied into ``bundle.json`` (e.g. pipeline, run_key, mlflow_run_id, spec_hash, data_hash,
-    code_version)."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "features_dir", Path(self.features_dir))
-        object.__setattr__(self, "model_dir", Path(self.model_dir))
-        if isinstance(self.sample_rows, bool) or not isinstance(self.sample_rows, int) or self.sample_rows < 1:
-            raise ValueError(f"ExportConfig.sample_rows must be an integer >= 1, found {self.sample_rows!r}")
-        if not isinstance(self.metadata, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
-            raise ValueError(f"ExportConfig.metadata must map strings to strings, found {self.metadata!r}; "
-                             "convert values with str() first")
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    """What :func:`export_bundle` wrote."""
-
-    bundle_dir: Path
-    manifest: dict[str, Any]
-    """The content of ``bundle.json``."""
-    sample_rows: int
-    """Rows in ``sample.parquet``."""
-    max_abs_diff: float
-    """Largest difference between the bundle's and training's predictions on the sample."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (e.g. for XCom)."""
-        return {"bundle_dir": str(self.bundle_dir), "manifest": self.manifest, "sample_rows": self.sample_rows,
-                "max_abs_diff": self.max_abs_diff}
-
-
-class _Servable(nn.Module):
-    """The network plus the output head of :func:`kiln.tasks.training.networks.predict`, so the bundle needs no training code."""
-
-    def __init__(self, network: nn.Module, classification: bool):
-        super().__init__()
-        self.network = network
-        self.classification = classification
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.network(x)
-        if self.classification:
-            return torch.softmax(out, dim=1)
-        return out.squeeze(1)
 
 
 class Bundle:
@@ -245,55 +181,6 @@ class Bundle:
         return f"Bundle({str(self.path)!r}, task={self.task!r}, inputs={len(self.input_columns)})"
 
 
-def export_bundle(config: ExportConfig, out_dir: Path) -> ExportResult:
-    """Write the bundle of a trained model into ``out_dir`` and check it by loading it back.
-
-    Args:
-        config: where the features and the model are, sample size and provenance.
-        out_dir: the folder to write into (created if needed; the caller publishes it).
-
-    Returns:
-        The manifest and the largest prediction difference found by the self-check.
-
-    Raises:
-        FileNotFoundError: ``feature_spec.json``, ``test_raw.parquet`` or ``model.pt`` is missing.
-        BundleError: the model does not fit the features, the test split is empty, the model predicts
-            non-finite values, or the exported module's predictions on the sample differ from training's by
-            more than :data:`EXPORT_TOLERANCE`.
-    """
-    from kiln.tasks.training.networks import (
-        MODEL_FILE as TRAINED_MODEL_FILE,  # training code: needed to export, never to load
-    )
-    from kiln.tasks.training.networks import load_model, predict
-
-    out_dir = Path(out_dir)
-    spec_path, raw_path = config.features_dir / FEATURE_SPEC_FILE, config.features_dir / TEST_RAW_FILE
-    for path in (spec_path, raw_path, config.model_dir / TRAINED_MODEL_FILE):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; run build_features and train before exporting")
-    transform = FeatureTransform.load(spec_path)
-    model = load_model(config.model_dir)
-    _check_model_fits(model.meta, transform)
-    sample = pd.read_parquet(raw_path, columns=transform.input_columns).head(config.sample_rows)
-    if sample.empty:
-        raise BundleError(f"{raw_path} has 0 rows: the bundle needs sample rows for its parity check; "
-                          "give the test split at least one row (features.test_fraction)")
-    sample = sample.reset_index(drop=True)
-    expected = predict(model, transform.transform(sample))
-    if not np.isfinite(expected).all():
-        raise BundleError(f"the model in {config.model_dir} predicts non-finite values for the sample rows of "
-                          f"{raw_path}; training diverged: lower the learning rate or check the features")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / MODEL_FILE, _script_bytes(model.module, transform.task))
-    atomic_write_bytes(out_dir / FEATURE_SPEC_FILE, spec_path.read_bytes())
-    manifest = _write_rest(out_dir, transform, sample, expected, {"model": model.meta, "metadata": config.metadata})
-    max_abs_diff = _self_check(out_dir, sample, expected)
-    log.info("export_bundle: %s model (%d inputs -> %d features) exported to %s; %d sample rows, max abs diff "
-             "%.3g", transform.task, len(transform.input_columns), transform.input_dim, out_dir, len(sample),
-             max_abs_diff)
-    return ExportResult(bundle_dir=out_dir, manifest=manifest, sample_rows=len(sample), max_abs_diff=max_abs_diff)
-
-
 def load_bundle(path: str | Path) -> Bundle:
     """Load a bundle folder written by :func:`export_bundle`.
 
@@ -321,36 +208,17 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"bundle {path} has an unreadable file ({exc}); {_REEXPORT}") from None
     outputs = (len(sample),) if transform.classes is None else (len(sample), len(transform.classes))
     if sample_predictions.shape != outputs or list(sample.columns) != transform.input_columns \
-            or signature != _signature(transform):
+            or signature != signature_of(transform):
         raise BundleError(f"bundle {path}: {SIGNATURE_FILE}, {SAMPLE_FILE} or {SAMPLE_PREDICTIONS_FILE} do not "
                           f"fit {FEATURE_SPEC_FILE}; {_REEXPORT}")
     try:
-        with _torchscript_without_deprecation_warnings():
+        with quiet_torchscript():
             module = torch.jit.load(str(path / MODEL_FILE), map_location="cpu")
     except (RuntimeError, ValueError, OSError) as exc:
         raise BundleError(f"bundle file {path / MODEL_FILE} cannot be loaded as TorchScript by torch "
                           f"{torch.__version__} (exported with torch {manifest.get('torch_version')}): {exc}; "
                           f"{_REEXPORT}") from None
     return Bundle(path, manifest, transform, signature, module.eval(), sample, sample_predictions)
-
-
-def _write_rest(out_dir: Path, transform: FeatureTransform, sample: pd.DataFrame, expected: np.ndarray,
-                provenance: dict[str, Any]) -> dict[str, Any]:
-    """Write the signature, the sample and, last, the manifest (with every file's hash); the manifest."""
-    write_json(out_dir / SIGNATURE_FILE, _signature(transform))
-    buf = io.BytesIO()
-    sample.to_parquet(buf, index=False)
-    atomic_write_bytes(out_dir / SAMPLE_FILE, buf.getvalue())
-    buf = io.BytesIO()
-    np.save(buf, expected, allow_pickle=False)
-    atomic_write_bytes(out_dir / SAMPLE_PREDICTIONS_FILE, buf.getvalue())
-    write_json(out_dir / MANIFEST_FILE, {
-        "format_version": BUNDLE_FORMAT_VERSION, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__, "task": transform.task, "model": provenance["model"],
-        "metadata": dict(provenance["metadata"]), "sample_rows": len(sample),
-        "files": {name: file_sha256(out_dir / name) for name in CONTENT_FILES},
-    })
-    return read_json(out_dir / MANIFEST_FILE)  # as readers see it (e.g. paths in the model meta as strings)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -380,25 +248,16 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_model_fits(meta: dict[str, Any], transform: FeatureTransform) -> None:
-    """The trained network must take the transform's features and give its outputs."""
-    found = (meta.get("task"), meta.get("input_dim"), meta.get("n_outputs"))
-    wanted = (transform.task, transform.input_dim, transform.n_outputs)
-    if found != wanted:
-        raise BundleError(f"model.pt (task, input_dim, n_outputs) = {found} does not fit the feature spec's "
-                          f"{wanted}; export the model trained on these features")
-
-
-def _script_bytes(network: nn.Module, task: str) -> bytes:
-    """The network and its output head as serialized TorchScript."""
-    buf = io.BytesIO()
-    with _torchscript_without_deprecation_warnings():
-        torch.jit.save(torch.jit.script(_Servable(network, task == "classification").eval()), buf)
-    return buf.getvalue()
+def signature_of(transform: FeatureTransform) -> dict[str, Any]:
+    """Inputs and outputs of the bundle; every input accepts null (imputed or the unknown category)."""
+    inputs = [{"name": c.name, "type": "numeric", "nullable": True} for c in transform.numeric] + \
+        [{"name": c.name, "type": "categorical", "nullable": True} for c in transform.categorical]
+    return {"inputs": inputs, "outputs": {"task": transform.task,
+                                          "classes": list(transform.classes) if transform.classes else None}}
 
 
 @contextmanager
-def _torchscript_without_deprecation_warnings() -> Iterator[None]:
+def quiet_torchscript() -> Iterator[None]:
     """Silence torch's notice that TorchScript is deprecated (torch >= 2.10), and only that notice.
 
     TorchScript is still the bundle format: it loads without the Python classes and runs every network here
@@ -407,27 +266,3 @@ def _torchscript_without_deprecation_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
         yield
-
-
-def _signature(transform: FeatureTransform) -> dict[str, Any]:
-    """Inputs and outputs of the bundle; every input accepts null (imputed or the unknown category)."""
-    inputs = [{"name": c.name, "type": "numeric", "nullable": True} for c in transform.numeric] + \
-        [{"name": c.name, "type": "categorical", "nullable": True} for c in transform.categorical]
-    return {"inputs": inputs, "outputs": {"task": transform.task,
-                                          "classes": list(transform.classes) if transform.classes else None}}
-
-
-def _self_check(out_dir: Path, sample: pd.DataFrame, expected: np.ndarray) -> float:
-    """Load the written bundle and replay the sample through both serving paths; the largest difference."""
-    bundle = load_bundle(out_dir)
-    max_abs_diff = 0.0
-    for path, got in (("frame", bundle.predict_frame(sample)),
-                      ("records", bundle.predict_records(records_from_frame(sample)))):
-        diff = float(np.max(np.abs(got.astype(np.float64) - expected))) if got.shape == expected.shape \
-            else math.inf
-        if not diff <= EXPORT_TOLERANCE:  # also catches NaN
-            raise BundleError(f"the exported bundle in {out_dir} predicts the sample ({path} path) with max abs "
-                              f"diff {diff:.3g} from training's predictions (allowed {EXPORT_TOLERANCE:g}); the "
-                              "network does not export faithfully: check the model type and torch version")
-        max_abs_diff = max(max_abs_diff, diff)
-    return max_abs_diff

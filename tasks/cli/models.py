@@ -23,26 +23,13 @@ import sys
 from typing import Any
 
 from kiln.tasks.settings import get_settings
-from kiln.tasks.spec import PipelineSpec, load_specs
-
-
-def spec_named(name: str) -> PipelineSpec:
-    """The pipeline spec whose ``name`` is ``name`` in the pipelines folder.
-
-    Raises:
-        LookupError: no valid spec has that name (the message lists the ones that do exist).
-    """
-    folder = get_settings().pipelines_dir
-    specs = {spec.name: spec for _, spec in load_specs(folder)[0]}
-    if name not in specs:
-        raise LookupError(f"no pipeline named '{name}' in {folder}; pipelines: {', '.join(sorted(specs)) or 'none'}")
-    return specs[name]
+from kiln.tasks.spec import load_specs, spec_named
 
 
 def _list(args: argparse.Namespace) -> Any:
-    from kiln.tasks.steps.gate import registry
+    from kiln.tasks.tracking.registry import Registry
 
-    rows = [v.to_dict() for v in registry().versions(args.model)]
+    rows = [v.to_dict() for v in Registry.from_settings().versions(args.model)]
     if args.json:
         return rows
     if not rows:
@@ -56,9 +43,9 @@ def _list(args: argparse.Namespace) -> Any:
 
 
 def _history(args: argparse.Namespace) -> Any:
-    from kiln.tasks.steps.gate import registry
+    from kiln.tasks.tracking.registry import Registry
 
-    rows = registry().history(args.model)
+    rows = Registry.from_settings().history(args.model)
     if args.json:
         return rows
     return "\n".join(f"{h['at']}  {h['previous'] or '-':>4} -> {h['version']:<4} {h['action']:<8} by {h['actor']}: "
@@ -66,19 +53,18 @@ def _history(args: argparse.Namespace) -> Any:
 
 
 def _move(args: argparse.Namespace) -> Any:
-    from kiln.tasks.steps.deploy import set_champion
+    from kiln.tasks.pipeline.champion import set_champion
 
     actor = args.actor or f"cli:{getpass.getuser()}"
-    result = set_champion(spec_named(args.model), args.version, action=args.command, reason=args.reason,
-                          actor=actor)
+    move = set_champion(spec_named(args.model), args.version, action=args.command, reason=args.reason, actor=actor)
     if args.json:
-        return result
-    served = f"; served at {result['url']}" if result["url"] else " (the model is not being served)"
-    return f"{result['model']}: champion {result['previous'] or 'none'} -> {result['champion']}{served}"
+        return move.to_dict()
+    served = f"; served at {move.url}" if move.url else " (the model is not being served)"
+    return f"{move.model}: champion {move.previous or 'none'} -> {move.champion}{served}"
 
 
 def _serve(args: argparse.Namespace) -> Any:
-    from kiln.tasks.steps.deploy import Endpoint
+    from kiln.tasks.pipeline.endpoint import Endpoint
 
     urls = {}
     for _path, spec in load_specs(get_settings().pipelines_dir)[0]:

@@ -19,9 +19,9 @@ from typing import Any, Literal, get_args
 import numpy as np
 import pandas as pd
 
+from kiln.tasks.evaluation.metrics import compute_metrics
 from kiln.tasks.evaluation.resampling import resampled_metrics
 from kiln.tasks.spec import CLASSIFICATION_METRICS, HIGHER_IS_BETTER, REGRESSION_METRICS, PipelineSpec, TaskType
-from kiln.tasks.steps.evaluate import compute_metrics
 
 log = logging.getLogger(__name__)
 

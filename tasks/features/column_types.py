@@ -9,10 +9,12 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Iterable
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from kiln.tasks.spec import ColumnType, TaskType
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,11 @@ def missing_column_message(column: str, available: Iterable[str], role: str) -> 
 
 def dtype_column_type(series: pd.Series) -> ColumnType:
     """``"numeric"`` for numeric dtypes (booleans excluded), ``"categorical"`` for everything else."""
-    if pd.api.types.is_bool_dtype(series.dtype):
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    if is_bool_dtype(series.dtype):
         return "categorical"
-    return "numeric" if pd.api.types.is_numeric_dtype(series.dtype) else "categorical"
+    return "numeric" if is_numeric_dtype(series.dtype) else "categorical"
 
 
 def infer_column_types(df: pd.DataFrame, declared: dict[str, ColumnType], target: str, task: TaskType, *,

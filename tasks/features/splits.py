@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
+from kiln.tasks.features.transform import FEATURE_SPEC_FILE
 from kiln.tasks.storage.artifacts import read_json
 
 if TYPE_CHECKING:
@@ -24,8 +25,6 @@ VAL_FILE = "val.parquet"
 TEST_FILE = "test.parquet"
 #: The raw test rows (input columns as the source had them), for scoring champions and serving parity checks.
 TEST_RAW_FILE = "test_raw.parquet"
-#: The fitted feature transform plus the split's sizes.
-FEATURE_SPEC_FILE = "feature_spec.json"
 #: Name of the encoded label column in the split files (the feature columns are ``f0..f{d-1}``).
 TARGET_COLUMN = "target"
 SPLIT_FILES = {"train": TRAIN_FILE, "val": VAL_FILE, "test": TEST_FILE}

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
 
-from kiln.tasks.spec import TaskType
 from kiln.tasks.storage.artifacts import read_json, write_json
 
+if TYPE_CHECKING:
+    from kiln.tasks.spec import TaskType
+
 Scaling = Literal["standard", "minmax", "none"]
+#: The file a fitted transform is saved to (by ``build_features``, and inside every model bundle).
+FEATURE_SPEC_FILE = "feature_spec.json"
 #: Version of the ``FeatureTransform.to_dict`` layout; ``from_dict`` refuses other versions.
 FORMAT_VERSION = 1
 UNKNOWN = "__unknown__"

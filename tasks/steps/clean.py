@@ -19,21 +19,20 @@ matter (feature scaling) are fitted by ``build_features`` on the train split onl
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from kiln.tasks.features.column_types import infer_column_types, missing_column_message
-from kiln.tasks.spec import CleaningSpec, ColumnCleaning, ColumnType, TaskType
-from kiln.tasks.steps.ingest import SNAPSHOT_FILE
+from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.context import RunContext
+from kiln.tasks.spec import CleaningSpec, ColumnCleaning, ColumnType, PipelineSpec, TaskType
 from kiln.tasks.storage.artifacts import write_json
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import pandas as pd
 
-CLEAN_FILE = "clean.parquet"
-REPORT_FILE = "clean_report.json"
+log = logging.getLogger(__name__)
 
 _MISSING_ALLOWED: dict[str, tuple[str, ...]] = {
     "numeric": ("drop_row", "mean", "median", "mode", "constant", "keep"),
@@ -57,6 +56,11 @@ class CleanConfig:
     """Declared column types (spec field ``columns``); others are inferred."""
     cleaning: CleaningSpec
     """Duplicate handling and the per-column missing-value and outlier policies."""
+
+    @classmethod
+    def from_spec(cls, spec: PipelineSpec) -> CleanConfig:
+        """The config a pipeline spec implies."""
+        return cls(target=spec.target, task=spec.task, columns=dict(spec.columns), cleaning=spec.cleaning)
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,9 @@ def run_clean(config: CleanConfig, snapshot_dir: Path, out_dir: Path) -> CleanRe
             ``fill_value``; a regression target holds no numbers; or a rule removed the last rows.
         FileNotFoundError: the snapshot is missing.
     """
-    snapshot = Path(snapshot_dir) / SNAPSHOT_FILE
+    import pandas as pd
+
+    snapshot = Path(snapshot_dir) / keys.SNAPSHOT_FILE
     if not snapshot.is_file():
         raise FileNotFoundError(f"no snapshot at {snapshot}; run ingest first and pass its output folder")
     df = pd.read_parquet(snapshot)
@@ -149,14 +155,21 @@ def run_clean(config: CleanConfig, snapshot_dir: Path, out_dir: Path) -> CleanRe
 
     df = df.reset_index(drop=True)
     out_dir = Path(out_dir)
-    df.to_parquet(out_dir / CLEAN_FILE, engine="pyarrow", index=False)
-    report_file = write_json(out_dir / REPORT_FILE, {
+    df.to_parquet(out_dir / keys.CLEAN_FILE, engine="pyarrow", index=False)
+    report_file = write_json(out_dir / keys.CLEAN_REPORT_FILE, {
         "rows_in": rows_in, "rows_out": len(df), "rules": rules.records, "column_types": kept,
         "target": config.target, "task": config.task})
     log.info("clean: rows in %d out %d dropped %d; %d columns kept; wrote %s", rows_in, len(df), rows_in - len(df),
-             len(kept), out_dir / CLEAN_FILE)
+             len(kept), out_dir / keys.CLEAN_FILE)
     return CleanResult(rows_in=rows_in, rows_out=len(df), dropped=rows_in - len(df), column_types=kept,
                        report_file=str(report_file))
+
+
+def clean(ctx: RunContext) -> CleanResult:
+    """Clean the validated snapshot into ``<run>/clean``."""
+    config = CleanConfig.from_spec(ctx.spec)
+    result = ctx.publish(keys.CLEAN, lambda out: run_clean(config, ctx.input_dir(keys.INGEST), out))
+    return replace(result, report_file=str(ctx.input_dir(keys.CLEAN) / keys.CLEAN_REPORT_FILE))
 
 
 def resolve_policies(config: CleanConfig, types: dict[str, ColumnType], columns: list[str]
@@ -232,6 +245,8 @@ def _as_number(value: Any) -> float | None:
 
 
 def _coerce(s: pd.Series, column: str, ctype: str, config: CleanConfig, rules: _Rules) -> pd.Series:
+    import pandas as pd
+
     """``s`` as numbers or strings; records the values that did not survive."""
     rows = len(s)
     if ctype == "numeric":

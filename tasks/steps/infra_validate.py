@@ -18,14 +18,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.context import RunContext
+from kiln.tasks.pipeline.gate_decision import require_passed
+from kiln.tasks.spec import PipelineSpec
+from kiln.tasks.storage.artifacts import write_json
 
-from kiln.tasks.bundle.load import load_bundle, records_from_frame
-from kiln.tasks.serving.client import ServingClient, ServingError
-from kiln.tasks.serving.deployment import Deployment, ModelRef, utc_now, write_deployment
-from kiln.tasks.serving.process import ServerStartError, ensure_server, stop_server
+if TYPE_CHECKING:
+    from kiln.tasks.serving.client import ServingClient
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ VALIDATION_VERSION = "infra-validation"
 
 
 @dataclass(frozen=True)
-class InfraValidationConfig:
+class InfraValidateConfig:
     """Settings of the ``infra_validate`` step."""
 
     bundle_dir: Path
@@ -52,20 +54,27 @@ class InfraValidationConfig:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
-            raise ValueError(f"InfraValidationConfig.tolerance must be a finite number >= 0, found "
+            raise ValueError(f"InfraValidateConfig.tolerance must be a finite number >= 0, found "
                              f"{self.tolerance!r}")
         if not self.latency_budget_ms > 0:
-            raise ValueError(f"InfraValidationConfig.latency_budget_ms must be positive, found "
+            raise ValueError(f"InfraValidateConfig.latency_budget_ms must be positive, found "
                              f"{self.latency_budget_ms!r}")
         if not 1 <= self.requests <= 10_000:
-            raise ValueError(f"InfraValidationConfig.requests must be between 1 and 10000, found {self.requests!r}")
+            raise ValueError(f"InfraValidateConfig.requests must be between 1 and 10000, found {self.requests!r}")
         if not self.start_timeout_s > 0:
-            raise ValueError(f"InfraValidationConfig.start_timeout_s must be positive seconds, found "
+            raise ValueError(f"InfraValidateConfig.start_timeout_s must be positive seconds, found "
                              f"{self.start_timeout_s!r}")
+
+    @classmethod
+    def from_spec(cls, spec: PipelineSpec, bundle_dir: Path) -> InfraValidateConfig:
+        """The config of ``deployment.infra_validation`` for the bundle in ``bundle_dir``."""
+        v = spec.deployment.infra_validation
+        return cls(bundle_dir=bundle_dir, tolerance=v.tolerance, latency_budget_ms=v.latency_budget_ms,
+                   requests=v.requests)
 
 
 @dataclass(frozen=True)
-class InfraValidationResult:
+class InfraValidateResult:
     """What the serving runtime did with the bundle."""
 
     passed: bool
@@ -89,7 +98,7 @@ class InfraValidationResult:
 class InfraValidationError(RuntimeError):
     """The bundle failed infra validation; ``result`` holds the measurements and the reason."""
 
-    def __init__(self, result: InfraValidationResult):
+    def __init__(self, result: InfraValidateResult):
         self.result = result
         super().__init__(f"infra validation failed: {result.reason}")
 
@@ -100,42 +109,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _normalise(prediction: dict[str, Any]) -> tuple[str | None, dict[str, float]]:
-    """``(label, {class: probability})`` of a classification prediction, ``(None, {"value": v})`` otherwise."""
-    if "probabilities" in prediction:
-        probs = {str(k): float(v) for k, v in prediction["probabilities"].items()}
-        return str(prediction["label"]), probs
-    return None, {"value": float(prediction["value"])}
-
-
-def compare_predictions(served: list[dict[str, Any]], expected: list[dict[str, Any]]) -> tuple[float, str | None]:
-    """Largest difference between served and expected predictions, and the first problem found.
-
-    Args:
-        served: predictions from the server (``{"label", "probabilities"}`` or ``{"value"}`` per row).
-        expected: the training side's predictions for the same rows, in the same format.
-
-    Returns:
-        ``(max_abs_diff, problem)``; ``problem`` is ``None`` when every row has the same classes (or a value)
-        and every served label is its most probable class. A non-finite served number makes the difference inf.
-    """
-    if len(served) != len(expected):
-        return math.inf, f"the server returned {len(served)} predictions for {len(expected)} rows"
-    worst = 0.0
-    for i, (got, want) in enumerate(zip(served, expected, strict=True)):
-        label, got_values = _normalise(got)
-        _, want_values = _normalise(want)
-        if set(got_values) != set(want_values):
-            return math.inf, f"row {i}: served keys {sorted(got_values)} differ from expected {sorted(want_values)}"
-        for key, value in got_values.items():
-            diff = abs(value - want_values[key])
-            worst = max(worst, diff if math.isfinite(diff) else math.inf)
-        if label is not None and label != max(got_values, key=got_values.__getitem__):
-            return worst, f"row {i}: served label {label!r} is not the most probable class"
-    return worst, None
-
-
-def run_infra_validation(config: InfraValidationConfig) -> InfraValidationResult:
+def run_infra_validate(config: InfraValidateConfig) -> InfraValidateResult:
     """Serve the bundle from a throwaway server and check parity and latency.
 
     Args:
@@ -148,6 +122,13 @@ def run_infra_validation(config: InfraValidationConfig) -> InfraValidationResult
         InfraValidationError: parity or latency failed, or the server could not load or serve the bundle.
         BundleError: the bundle cannot be read at all.
     """
+    import numpy as np
+
+    from kiln.tasks.bundle.load import load_bundle, records_from_frame
+    from kiln.tasks.serving.client import ServingClient, ServingError
+    from kiln.tasks.serving.deployment import Deployment, ModelRef, utc_now, write_deployment
+    from kiln.tasks.serving.process import ServerStartError, ensure_server, stop_server
+
     bundle_dir = Path(config.bundle_dir).resolve()
     bundle = load_bundle(bundle_dir)
     raw, expected_y = bundle.sample()
@@ -179,7 +160,7 @@ def run_infra_validation(config: InfraValidationConfig) -> InfraValidationResult
 
 
 def _failed(rows: int, reason: str) -> InfraValidationError:
-    return InfraValidationError(InfraValidationResult(False, None, None, None, rows, 0, reason))
+    return InfraValidationError(InfraValidateResult(False, None, None, None, rows, 0, reason))
 
 
 def _replay_single(client: ServingClient, records: list[dict[str, Any]],
@@ -203,9 +184,34 @@ def _replay_batch(client: ServingClient, records: list[dict[str, Any]]) -> list[
     return served
 
 
-def _judge(config: InfraValidationConfig, bundle_dir: Path, expected: list[dict[str, Any]],
+def infra_validate(ctx: RunContext) -> InfraValidateResult:
+    """Load the candidate's bundle in the serving runtime and check parity and latency before any deployment.
+
+    The report goes to ``<run>/infra_validate/report.json`` whether the candidate passes or not.
+
+    Raises:
+        GateRejectedError: the gate rejected the candidate.
+        InfraValidationError: parity or latency failed (the report is published first).
+    """
+    require_passed(ctx)
+    config = InfraValidateConfig.from_spec(ctx.spec, ctx.input_dir(keys.BUNDLE))
+    try:
+        result = run_infra_validate(config)
+    except InfraValidationError as exc:
+        failed = exc.result
+        ctx.publish(keys.INFRA_VALIDATE, lambda out: write_json(out / keys.REPORT_FILE, failed.to_dict()))
+        raise
+    ctx.publish(keys.INFRA_VALIDATE, lambda out: write_json(out / keys.REPORT_FILE, result.to_dict()))
+    return result
+
+
+def _judge(config: InfraValidateConfig, bundle_dir: Path, expected: list[dict[str, Any]],
            served_single: list[dict[str, Any]], served_batch: list[dict[str, Any]], latencies: list[float],
-           n_single: int) -> InfraValidationResult:
+           n_single: int) -> InfraValidateResult:
+    import numpy as np
+
+    from kiln.tasks.serving.parity import compare_predictions
+
     diff_single, problem_single = compare_predictions(served_single, expected)
     diff_batch, problem_batch = compare_predictions(served_batch, expected)
     max_diff = max(diff_single, diff_batch)
@@ -223,7 +229,7 @@ def _judge(config: InfraValidationConfig, bundle_dir: Path, expected: list[dict[
     reason = "; ".join(problems) if problems else (
         f"parity within {config.tolerance:g} (max abs diff {max_diff:.3g}) over {len(expected)} rows; "
         f"p99 {p99:.1f} ms within {config.latency_budget_ms:g} ms")
-    result = InfraValidationResult(passed, max_diff, p50, p99, len(expected), n_single, reason)
+    result = InfraValidateResult(passed, max_diff, p50, p99, len(expected), n_single, reason)
     log.info("infra validation of %s %s: %s", bundle_dir, "passed" if passed else "FAILED", reason)
     if not passed:
         raise InfraValidationError(result)

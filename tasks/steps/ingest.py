@@ -1,7 +1,8 @@
 """The ``ingest`` step: read the source named by the spec and freeze it as a Parquet snapshot plus a manifest.
 
 Every later step reads the snapshot, never the source, so a run is reproducible even if the source changes: the
-manifest records the sha256 of the raw source bytes and of the snapshot.
+manifest records the sha256 of the raw source bytes and of the snapshot. A run takes its snapshot once: a retried
+``ingest`` of the same run returns the snapshot already taken.
 """
 
 from __future__ import annotations
@@ -15,20 +16,18 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
+from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.context import RunContext
+from kiln.tasks.spec import PipelineSpec, SourceSpec
+from kiln.tasks.storage.artifacts import file_sha256, read_json, write_json
 
-from kiln.tasks.spec import SourceSpec
-from kiln.tasks.storage.artifacts import file_sha256, write_json
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
-
-SNAPSHOT_FILE = "snapshot.parquet"
-MANIFEST_FILE = "manifest.json"
 
 _URI_FORMS = "an absolute path, a file:// URI, or pkg://<package>/<resource path>"
 
@@ -51,6 +50,11 @@ class IngestConfig:
     def __post_init__(self) -> None:
         if not 0 < self.sample_fraction <= 1:
             raise ValueError(f"IngestConfig.sample_fraction must be in (0, 1], got {self.sample_fraction}")
+
+    @classmethod
+    def from_spec(cls, spec: PipelineSpec) -> IngestConfig:
+        """The config a pipeline spec implies (the sample is seeded by ``training.seed``)."""
+        return cls(source=spec.source, sample_fraction=spec.sample_fraction, seed=spec.training.seed)
 
 
 @dataclass(frozen=True)
@@ -104,12 +108,12 @@ def run_ingest(config: IngestConfig, out_dir: Path) -> IngestResult:
     df = df.reset_index(drop=True)
 
     out_dir = Path(out_dir)
-    snapshot = out_dir / SNAPSHOT_FILE
+    snapshot = out_dir / keys.SNAPSHOT_FILE
     df.to_parquet(snapshot, engine="pyarrow", index=False)
     columns = {str(c): str(t) for c, t in df.dtypes.items()}
     result = IngestResult(rows=len(df), columns=columns, sha256=file_sha256(snapshot), source_uri=source.uri,
                           source_sha256=source_sha256)
-    write_json(out_dir / MANIFEST_FILE, {
+    write_json(out_dir / keys.SNAPSHOT_MANIFEST_FILE, {
         "source_uri": source.uri,
         "source_sha256": source_sha256,
         "rows": result.rows,
@@ -120,6 +124,24 @@ def run_ingest(config: IngestConfig, out_dir: Path) -> IngestResult:
         "created_at": datetime.now(UTC).isoformat(),
     })
     log.info("wrote %s: %d rows, %d columns, sha256 %s", snapshot, result.rows, len(columns), result.sha256[:12])
+    return result
+
+
+def ingest(ctx: RunContext) -> IngestResult:
+    """Snapshot the source into ``<run>/ingest``, once per run.
+
+    The snapshot is immutable: a retried or re-run ``ingest`` of the same run returns the snapshot already taken
+    instead of re-reading a source that may have changed since, so every later step of the run sees the same rows.
+    """
+    key = ctx.key(keys.INGEST)
+    if ctx.store.exists(key):
+        manifest = read_json(ctx.input_dir(keys.INGEST) / keys.SNAPSHOT_MANIFEST_FILE)
+        log.info("snapshot for %s already taken (%d rows, sha256 %s); reusing it", ctx.run_key, manifest["rows"],
+                 manifest["sha256"][:12])
+        return IngestResult(**{k: v for k, v in manifest.items() if k in IngestResult.__dataclass_fields__})
+    config = IngestConfig.from_spec(ctx.spec)
+    result = ctx.publish(keys.INGEST, lambda out: run_ingest(config, out))
+    (ctx.input_dir(keys.INGEST) / keys.SNAPSHOT_FILE).chmod(0o444)
     return result
 
 
@@ -172,6 +194,10 @@ def _package_resource(uri: str) -> Any:
 
 def _read(path: Path, source: SourceSpec) -> pd.DataFrame:
     """Parse ``path`` as the source's format; every parse failure becomes an :class:`IngestError`."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     fmt = source.resolved_format()
     if fmt == "parquet" and (not source.header or source.column_names is not None):
         raise IngestError(f"source {source.uri}: source.header and source.column_names apply to CSV only; "

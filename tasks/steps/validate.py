@@ -14,24 +14,21 @@ import difflib
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from kiln.tasks.features.column_types import infer_column_types
-from kiln.tasks.spec import ColumnType, ExpectationSpec, ExpectationsSpec, TaskType
-from kiln.tasks.steps.ingest import SNAPSHOT_FILE
+from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.context import RunContext
+from kiln.tasks.settings import get_settings
+from kiln.tasks.spec import ColumnType, ExpectationSpec, ExpectationsSpec, PipelineSpec, TaskType
 from kiln.tasks.storage.artifacts import write_json
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import pandas as pd
 
-VALIDATION_FILE = "validation.json"
-#: Where the report is logged in the run's MLflow run (the Airflow UI links to it there).
-MLFLOW_VALIDATION_PATH = "validation"
-DOCS_DIR = "data_docs"
+log = logging.getLogger(__name__)
 
 _SITE = "kiln"
 _REPORT_EXAMPLES = 10
@@ -59,6 +56,11 @@ class ValidateConfig:
     """Declared column types (spec field ``columns``); each must exist."""
     expectations: ExpectationsSpec
     """Declared expectations, whether to add the inferred defaults, and the minimum row count."""
+
+    @classmethod
+    def from_spec(cls, spec: PipelineSpec) -> ValidateConfig:
+        """The config a pipeline spec implies."""
+        return cls(target=spec.target, task=spec.task, columns=dict(spec.columns), expectations=spec.expectations)
 
 
 @dataclass(frozen=True)
@@ -199,21 +201,23 @@ def run_validate(config: ValidateConfig, snapshot_dir: Path, out_dir: Path) -> V
         ValueError: an unknown expectation type or invalid kwargs in the spec.
         FileNotFoundError: the snapshot is missing.
     """
-    snapshot = Path(snapshot_dir) / SNAPSHOT_FILE
+    import pandas as pd
+
+    snapshot = Path(snapshot_dir) / keys.SNAPSHOT_FILE
     if not snapshot.is_file():
         raise FileNotFoundError(f"no snapshot at {snapshot}; run ingest first and pass its output folder")
     df = pd.read_parquet(snapshot)
     check_expectations(config.expectations.declared)  # spec errors first, labelled by their place in the spec
     expectations = check_expectations(build_expectations(config, df), where="suite")
     out_dir = Path(out_dir)
-    docs_dir = out_dir / DOCS_DIR
+    docs_dir = out_dir / keys.DATA_DOCS_DIR
     log.info("validating %s (%d rows, %d columns) against %d expectations", snapshot, len(df), len(df.columns),
              len(expectations))
     gx_result = _run_suite(df, expectations, docs_dir)
 
     report = [_expectation_report(r) for r in gx_result.results]
     statistics = _jsonable(dict(gx_result.statistics))
-    report_file = write_json(out_dir / VALIDATION_FILE, {
+    report_file = write_json(out_dir / keys.VALIDATION_FILE, {
         "success": bool(gx_result.success), "statistics": statistics, "expectations": report,
         "snapshot": str(snapshot), "data_docs": str(docs_dir / "index.html")})
     if not (docs_dir / "index.html").is_file():
@@ -228,6 +232,30 @@ def run_validate(config: ValidateConfig, snapshot_dir: Path, out_dir: Path) -> V
     for f in failed:
         log.warning("failed %s column %s: unexpected count %s, examples %s, observed %s, error %s", f["type"],
                     f["column"] or "-", f["unexpected_count"], f["examples"], f["observed_value"], f["error"])
+    return result
+
+
+def validate(ctx: RunContext) -> ValidateResult:
+    """Check the snapshot against the spec's expectations; the report is published even when it fails.
+
+    Raises:
+        DataValidationError: an expectation failed (after the report was published and logged to MLflow).
+    """
+    from mlflow.tracking import MlflowClient
+
+    from kiln.tasks.tracking.runs import finish_run
+
+    config = ValidateConfig.from_spec(ctx.spec)
+    result = ctx.publish(keys.VALIDATE, lambda out: run_validate(config, ctx.input_dir(keys.INGEST), out))
+    published = ctx.input_dir(keys.VALIDATE)
+    result = replace(result, report_file=str(published / keys.VALIDATION_FILE))
+    # The report goes to the run's MLflow run too, where people open it (the Airflow UI links there).
+    tracking_uri = get_settings().mlflow_tracking_uri
+    run_id = ctx.mlflow_run()
+    MlflowClient(tracking_uri).log_artifacts(run_id, str(published), keys.MLFLOW_VALIDATION_PATH)
+    if not result.success:
+        finish_run(tracking_uri, run_id, status="FAILED")
+    result.raise_for_failure()
     return result
 
 
@@ -322,6 +350,9 @@ def _jsonable(obj: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple | set):
         return [_jsonable(v) for v in obj]
+    import numpy as np
+    import pandas as pd
+
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):

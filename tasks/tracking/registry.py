@@ -65,6 +65,16 @@ class Registry:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
+    @classmethod
+    def from_settings(cls) -> Registry:
+        """The registry ``KILN_MLFLOW_TRACKING_URI`` names, with MLflow's artifact store reachable (versions'
+        bundles are logged to, and fetched from, the MLflow artifact root, which may be on S3)."""
+        from kiln.tasks.settings import get_settings
+        from kiln.tasks.tracking.runs import use_s3_endpoint
+
+        use_s3_endpoint()
+        return cls(get_settings().mlflow_tracking_uri)
+
     def register(self, name: str, run_id: str, bundle_dir: Path, tags: dict[str, str]) -> ModelVersionInfo:
         """Log ``bundle_dir`` to the training run and register it as a new version of ``name``.
 

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.tasks.features.splits import FEATURE_SPEC_FILE, TRAIN_FILE
+from kiln.tasks.features.splits import TRAIN_FILE
+from kiln.tasks.features.transform import FEATURE_SPEC_FILE
 from kiln.tasks.spec import ModelSpec, TaskType, TrainingSpec
 
 #: The config file a launcher writes into its work folder for the workers.
@@ -94,7 +95,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class TrainJobResult:
     """What a training job produced (the same on every rank)."""
 
     epochs_run: int

@@ -30,10 +30,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from kiln.tasks.features.splits import FEATURE_SPEC_FILE, load_split
+from kiln.tasks.features.splits import load_split
+from kiln.tasks.features.transform import FEATURE_SPEC_FILE
 from kiln.tasks.storage.artifacts import write_json
 from kiln.tasks.training import checkpoints as checkpoint
-from kiln.tasks.training.job import METRICS_FILE, TrainConfig, TrainResult
+from kiln.tasks.training.job import METRICS_FILE, TrainConfig, TrainJobResult
 from kiln.tasks.training.networks import MODEL_FILE, build_model, save_model
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ def _device_facts(device: torch.device) -> dict[str, Any]:
             "amp": "bf16" if cuda else None}
 
 
-def run_train(config: TrainConfig) -> TrainResult:
+def run_train(config: TrainConfig) -> TrainJobResult:
     """Train (or resume training) and write ``model.pt`` + ``train_metrics.json`` from rank 0.
 
     Runs as one process when no torchrun rank variables are set, else as one DDP rank (creating and destroying the
@@ -228,7 +229,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     return result
 
 
-def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainResult:
+def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainJobResult:
     t, is_main, distributed = config.training, env.rank == 0, dist.is_initialized()
     data = _load_data(config)
     fingerprint = config.fingerprint()
@@ -347,7 +348,7 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainRes
             "fingerprint": fingerprint})
         log.info("wrote %s and %s (params in sync across %d ranks: %s)", out / MODEL_FILE, out / METRICS_FILE,
                  env.world_size, len({c["sha256"] for c in checksums}) == 1)
-    return TrainResult(epochs_run=state.epoch, resumed_from_epoch=state.resumed_from, metrics=final,
+    return TrainJobResult(epochs_run=state.epoch, resumed_from_epoch=state.resumed_from, metrics=final,
                        samples_per_s=samples_per_s, model_file=str(out / MODEL_FILE), world_size=env.world_size)
 
 

@@ -39,15 +39,16 @@ def test_on_kill_stops_the_gang_and_releases_its_lease(two_node_pool: docker.Doc
     from kiln.operators.train import DockerTrainOperator
     from kiln.tasks.launch.base import TrainingFailedError
     from kiln.tasks.launch.docker_gang import JOB_LABEL
-    from kiln.tasks.pipeline import context as pipeline
+    from kiln.tasks.pipeline import keys
+    from kiln.tasks.pipeline.context import make_context
+    from kiln.tasks.pipeline.runner import run_all
     from kiln.tasks.pools.store import LeaseStore
 
     run_id = "manual__docker_operator_kill"
     params = {"launcher": "docker", "nodes": 2, "nproc": 1, "epochs": 10_000}
-    ctx = pipeline.make_context(SPEC, run_id, params)
-    for step in ("ingest", "validate", "clean", "build_features"):
-        getattr(pipeline, step)(ctx)
-    checkpoints = ctx.store.scratch(ctx.key(pipeline.CHECKPOINTS))
+    ctx = make_context(SPEC, run_id, params)
+    run_all(ctx, until=keys.BUILD_FEATURES)
+    checkpoints = ctx.store.scratch(ctx.key(keys.CHECKPOINTS))
     op = DockerTrainOperator(task_id="train", spec_path=SPEC)
     context = {"run_id": run_id, "params": params,
                "ti": SimpleNamespace(dag_id="penguins_species", run_id=run_id, task_id="train", try_number=1)}

@@ -20,10 +20,14 @@ from synthetic import write_features
 
 from kiln.tasks.launch.base import LOG_FILE, TrainingFailedError, TrainingTimeoutError
 from kiln.tasks.launch.docker_gang import JOB_LABEL, ContainerStartError, DockerGangLauncher
-from kiln.tasks.pipeline import context as pipeline
+from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.context import make_context
+from kiln.tasks.pipeline.runner import run_all
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation
 from kiln.tasks.settings import get_settings
 from kiln.tasks.spec import ModelSpec, TrainingSpec
+from kiln.tasks.steps.evaluate import evaluate
+from kiln.tasks.steps.train import train
 from kiln.tasks.storage.artifacts import read_json
 from kiln.tasks.training.job import METRICS_FILE, TrainConfig
 from kiln.tasks.training.networks import MODEL_FILE
@@ -95,12 +99,11 @@ def launch_in_thread(launcher: DockerGangLauncher, config: TrainConfig, workdir:
 def test_a_two_node_gang_trains_the_penguins_pipeline_in_containers(engine):
     from mlflow.tracking import MlflowClient
 
-    ctx = pipeline.make_context(SPEC, "docker_gang", {"launcher": "docker", "nodes": 2, "nproc": 1, "epochs": 5})
-    for step in ("ingest", "validate", "clean", "build_features"):
-        getattr(pipeline, step)(ctx)
+    ctx = make_context(SPEC, "docker_gang", {"launcher": "docker", "nodes": 2, "nproc": 1, "epochs": 5})
+    run_all(ctx, until=keys.BUILD_FEATURES)
     launcher = DockerGangLauncher()
 
-    trained = pipeline.train(ctx, launcher, allocation=two_nodes())
+    trained = train(ctx, launcher, allocation=two_nodes())
 
     out = ctx.input_dir("train")  # where the local launcher publishes too
     metrics = read_json(out / METRICS_FILE)
@@ -117,7 +120,7 @@ def test_a_two_node_gang_trains_the_penguins_pipeline_in_containers(engine):
                                                                                   "train/loss")
     assert len(history) == 5
     # The host reads what the containers wrote: the evaluate step scores the published model.
-    assert pipeline.evaluate(ctx)["metrics"]["test/accuracy"] > 0.8
+    assert evaluate(ctx).metrics["test/accuracy"] > 0.8
     assert leftovers(engine, launcher.job_id) == []
 
 

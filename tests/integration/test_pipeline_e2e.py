@@ -107,11 +107,11 @@ def test_validation_failure_stops_the_run(airflow_db, tmp_path: Path, monkeypatc
 def _assert_served(tis: dict, version: str) -> None:
     """The deployed endpoint answers raw records with the promoted version's predictions."""
     from kiln.tasks.bundle.load import load_bundle, records_from_frame
-    from kiln.tasks.cli.models import spec_named
+    from kiln.tasks.pipeline.endpoint import Endpoint
     from kiln.tasks.serving.auth import resolve_token
     from kiln.tasks.serving.client import ServingClient
     from kiln.tasks.settings import get_settings
-    from kiln.tasks.steps.deploy import Endpoint
+    from kiln.tasks.spec import spec_named
     from kiln.tasks.tracking.registry import Registry
 
     deployed = tis["deploy"].xcom_pull(task_ids="deploy")

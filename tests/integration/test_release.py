@@ -22,17 +22,18 @@ MODEL = "penguins_species"
 
 
 def _run(run_id: str, **params) -> dict:
-    from kiln.tasks.pipeline import context as pipeline
+    from kiln.tasks.pipeline.context import make_context
+    from kiln.tasks.pipeline.runner import run_all
 
-    ctx = pipeline.make_context(SPEC, run_id, params)
-    results = pipeline.run_all(ctx)
+    ctx = make_context(SPEC, run_id, params)
+    results = run_all(ctx)
     results["ctx"] = ctx
     return results
 
 
 def _served(records: list[dict]) -> dict:
-    from kiln.tasks.cli.models import spec_named
-    from kiln.tasks.steps.deploy import Endpoint
+    from kiln.tasks.pipeline.endpoint import Endpoint
+    from kiln.tasks.spec import spec_named
 
     with Endpoint.of(spec_named(MODEL)).client() as client:
         return client.predict(records)
@@ -65,8 +66,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 
 def test_crippled_never_becomes_champion_and_better_does(runs: dict) -> None:
-    from kiln.tasks.steps.gate import registry
     from kiln.tasks.storage.artifacts import read_json
+    from kiln.tasks.tracking.registry import Registry
 
     good, crippled, better = runs["good"]["gate"], runs["crippled"]["gate"], runs["better"]["gate"]
     assert good["passed"] and good["champion"] is None and "first model" in good["reason"]
@@ -82,7 +83,7 @@ def test_crippled_never_becomes_champion_and_better_does(runs: dict) -> None:
 
     assert better["passed"] and better["champion"]["version"] == good["candidate"]["version"]
     assert "champion" in better["reason"]
-    reg = registry()
+    reg = Registry.from_settings()
     assert reg.champion(MODEL).version == better["candidate"]["version"]
     assert reg.version(MODEL, crippled["candidate"]["version"]).tags["kiln.gate"] == "failed"
     assert [h["version"] for h in reg.history(MODEL)] == [good["candidate"]["version"],
@@ -102,8 +103,8 @@ def test_crippled_never_becomes_champion_and_better_does(runs: dict) -> None:
 
 def test_served_predictions_equal_the_evaluate_step(runs: dict) -> None:
     from kiln.tasks.bundle.load import records_from_frame
-    from kiln.tasks.steps.build_features import TEST_RAW_FILE
-    from kiln.tasks.steps.evaluate import PREDICTIONS_FILE
+    from kiln.tasks.features.splits import TEST_RAW_FILE
+    from kiln.tasks.pipeline.keys import PREDICTIONS_FILE
 
     ctx = runs["better"]["ctx"]
     raw = pd.read_parquet(ctx.input_dir("build_features") / TEST_RAW_FILE)
@@ -117,19 +118,19 @@ def test_served_predictions_equal_the_evaluate_step(runs: dict) -> None:
 def test_rollback_serves_the_earlier_versions_exact_predictions(runs: dict) -> None:
     from kiln.tasks.bundle.load import load_bundle, records_from_frame
     from kiln.tasks.cli.models import main
-    from kiln.tasks.steps.build_features import TEST_RAW_FILE
-    from kiln.tasks.steps.gate import registry
+    from kiln.tasks.features.splits import TEST_RAW_FILE
+    from kiln.tasks.tracking.registry import Registry
 
     good_version = runs["good"]["gate"]["candidate"]["version"]
     raw = pd.read_parquet(runs["good"]["ctx"].input_dir("build_features") / TEST_RAW_FILE)
     records = records_from_frame(raw)
     expected = load_bundle(runs["good"]["ctx"].input_dir("bundle")).predict_records(records)
     assert main(["rollback", MODEL, "--reason", "the better model misbehaves in production"]) == 0
-    assert registry().champion(MODEL).version == good_version
+    assert Registry.from_settings().champion(MODEL).version == good_version
     served = _served(records)
     assert served["version"] == good_version
     assert np.array_equal(_probabilities(served).astype(np.float32), expected)
-    assert registry().history(MODEL)[-1]["action"] == "rollback"
+    assert Registry.from_settings().history(MODEL)[-1]["action"] == "rollback"
     assert main(["rollback", MODEL, "--to", "999", "--reason", "no such version"]) == 2
 
 
@@ -137,17 +138,18 @@ def test_canary_is_judged_on_live_traffic_then_promoted(runs: dict, tmp_path: Pa
     """deploy (canary) → verify (probe traffic, judged on error rate and latency) → promote, in the same registry."""
     import yaml
 
-    from kiln.tasks.pipeline import context as pipeline
+    from kiln.tasks.pipeline.context import make_context
+    from kiln.tasks.pipeline.endpoint import Endpoint
+    from kiln.tasks.pipeline.runner import run_all
     from kiln.tasks.spec import load_spec
-    from kiln.tasks.steps.deploy import Endpoint
-    from kiln.tasks.steps.gate import registry
+    from kiln.tasks.tracking.registry import Registry
 
     spec = yaml.safe_load(SPEC.read_text())
     spec["deployment"] = {"strategy": "canary", "canary": {"share": 0.5, "min_requests": 10, "window_s": 60}}
     canary_spec = tmp_path / "penguins_species.yaml"
     canary_spec.write_text(yaml.safe_dump(spec))
-    before = registry().champion(MODEL).version
-    results = pipeline.run_all(pipeline.make_context(canary_spec, "canary", {"epochs": 20}))
+    before = Registry.from_settings().champion(MODEL).version
+    results = run_all(make_context(canary_spec, "canary", {"epochs": 20}))
     version = results["gate"]["candidate"]["version"]
     assert results["gate"]["passed"], results["gate"]["reason"]
     assert results["deploy"]["strategy"] == "canary"
@@ -162,18 +164,21 @@ def test_canary_is_judged_on_live_traffic_then_promoted(runs: dict, tmp_path: Pa
 def test_verify_failure_restores_the_previous_deployment(runs: dict) -> None:
     """A candidate whose live answers differ from its training-side predictions is taken out again by verify."""
     from kiln.tasks.bundle.load import MANIFEST_FILE, SAMPLE_PREDICTIONS_FILE
-    from kiln.tasks.cli.models import spec_named
-    from kiln.tasks.pipeline import context as pipeline
-    from kiln.tasks.steps.deploy import DeploymentFailedError, Endpoint
+    from kiln.tasks.pipeline import keys
+    from kiln.tasks.pipeline.context import make_context
+    from kiln.tasks.pipeline.endpoint import DeploymentFailedError, Endpoint
+    from kiln.tasks.pipeline.runner import run_all
+    from kiln.tasks.spec import spec_named
+    from kiln.tasks.steps.deploy import deploy
+    from kiln.tasks.steps.verify import verify
     from kiln.tasks.storage.artifacts import file_sha256, read_json, write_json
 
     endpoint = Endpoint.of(spec_named(MODEL))
     before = endpoint.current()
-    ctx = pipeline.make_context(SPEC, "diverges", {"epochs": 20})
-    for step in [*pipeline.STEPS, "register", "gate", "infra_validate", "deploy"]:
-        pipeline.step_function(step)(ctx)
+    ctx = make_context(SPEC, "diverges", {"epochs": 20})
+    run_all(ctx, until=keys.DEPLOY)
     assert endpoint.current().champion.version != before.champion.version  # the candidate is live
-    pipeline.step_function("deploy")(ctx)  # a retried deploy still knows what the run replaced
+    deploy(ctx)  # a retried deploy still knows what the run replaced
     assert read_json(ctx.input_dir("deploy") / "report.json")["previous"]["champion"] == before.champion.to_dict()
     # What the run expects from its candidate no longer matches what the endpoint answers.
     bundle = ctx.input_dir("bundle")
@@ -184,7 +189,7 @@ def test_verify_failure_restores_the_previous_deployment(runs: dict) -> None:
     write_json(bundle / MANIFEST_FILE, manifest)
 
     with pytest.raises(DeploymentFailedError, match="rolled back"):
-        pipeline.step_function("verify")(ctx)
+        verify(ctx)
     assert endpoint.current().champion == before.champion
     assert _served([{"bill_length_mm": 40.0, "bill_depth_mm": 18.0, "flipper_length_mm": 190.0, "body_mass_g": 3800.0,
                      "island": "Dream", "sex": "male", "year": "2008"}])["version"] == before.champion.version
@@ -192,18 +197,19 @@ def test_verify_failure_restores_the_previous_deployment(runs: dict) -> None:
 
 def test_deployment_none_moves_the_alias_and_leaves_the_endpoint_alone(runs: dict) -> None:
     """``deployment: none`` (the Param): the gate's winner becomes champion in the registry; nothing is served."""
-    from kiln.tasks.cli.models import spec_named
-    from kiln.tasks.pipeline import context as pipeline
-    from kiln.tasks.steps.gate import registry
+    from kiln.tasks.pipeline.context import make_context
+    from kiln.tasks.pipeline.runner import run_all
+    from kiln.tasks.spec import spec_named
+    from kiln.tasks.tracking.registry import Registry
 
     served_before = _served([{"bill_length_mm": 40.0, "bill_depth_mm": 18.0, "flipper_length_mm": 190.0,
                               "body_mass_g": 3800.0, "island": "Dream", "sex": "male", "year": "2008"}])
     before = spec_named(MODEL)
-    results = pipeline.run_all(pipeline.make_context(SPEC, "registry-only", {"epochs": 40, "deployment": "none"}))
+    results = run_all(make_context(SPEC, "registry-only", {"epochs": 40, "deployment": "none"}))
     assert results["gate"]["passed"], results["gate"]["reason"]
     assert results["deploy"] == {"strategy": "none"} and results["verify"] == {"strategy": "none"}
     version = results["gate"]["candidate"]["version"]
-    assert results["promote"]["champion"] == version and registry().champion(MODEL).version == version
+    assert results["promote"]["champion"] == version and Registry.from_settings().champion(MODEL).version == version
     served_after = _served([{"bill_length_mm": 40.0, "bill_depth_mm": 18.0, "flipper_length_mm": 190.0,
                              "body_mass_g": 3800.0, "island": "Dream", "sex": "male", "year": "2008"}])
     assert served_after["version"] == served_before["version"] != version

@@ -18,8 +18,10 @@ from synthetic import write_features
 
 from kiln.tasks.launch.base import LOG_FILE, TrainingFailedError
 from kiln.tasks.launch.torchrun import LocalTorchrunLauncher
-from kiln.tasks.pipeline import context as pipeline
+from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.context import RunContext, make_context
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation
+from kiln.tasks.steps.train import train
 from kiln.tasks.storage.s3 import MANIFEST, VERSIONS, S3ArtifactStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
@@ -42,14 +44,14 @@ def s3_run(s3_endpoint: S3Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     return {"bucket": bucket, "client": client, "home": home}
 
 
-def publish_features(ctx: pipeline.RunContext, rows: int) -> None:
+def publish_features(ctx: RunContext, rows: int) -> None:
     """Synthetic features as the run's ``build_features`` output, straight into the bucket."""
     with ctx.store.writer(ctx.key("build_features")) as out:
         write_features(out, n=rows, d=8, n_classes=3, seed=7)
 
 
-def checkpoint_manifest(s3_run: dict[str, Any], ctx: pipeline.RunContext) -> dict[str, Any] | None:
-    key = f"kiln/{ctx.run_key}/{pipeline.CHECKPOINTS}/{MANIFEST}"
+def checkpoint_manifest(s3_run: dict[str, Any], ctx: RunContext) -> dict[str, Any] | None:
+    key = f"kiln/{ctx.run_key}/{keys.CHECKPOINTS}/{MANIFEST}"
     try:
         return json.loads(s3_run["client"].get_object(Bucket=s3_run["bucket"], Key=key)["Body"].read())
     except s3_run["client"].exceptions.NoSuchKey:
@@ -66,7 +68,7 @@ def published_epoch(manifest: dict[str, Any] | None) -> int:
 def test_a_retry_on_a_machine_without_the_first_ones_files_resumes_from_the_bucket(s3_run, caplog):
     caplog.set_level("INFO", logger="kiln.tasks.training.checkpoint_sync")
     params = {"epochs": EPOCHS, "nproc": 1, "batch_size": 16}
-    ctx = pipeline.make_context(SPEC, "manual__s3_resume", params)
+    ctx = make_context(SPEC, "manual__s3_resume", params)
     assert isinstance(ctx.store, S3ArtifactStore)
     publish_features(ctx, rows=24000)  # ~1.5 s an epoch on one core: time to act between checkpoints
 
@@ -75,7 +77,7 @@ def test_a_retry_on_a_machine_without_the_first_ones_files_resumes_from_the_buck
 
     def first_try() -> None:
         try:
-            pipeline.train(ctx, launcher)
+            train(ctx, launcher)
         except BaseException as exc:
             errors.append(exc)
 
@@ -94,8 +96,8 @@ def test_a_retry_on_a_machine_without_the_first_ones_files_resumes_from_the_buck
 
     # Another machine: nothing of the first one's disk (cached features, scratch checkpoints) is there.
     shutil.rmtree(s3_run["home"] / "cache")
-    retry = pipeline.make_context(SPEC, "manual__s3_resume", params)
-    result = pipeline.train(retry)
+    retry = make_context(SPEC, "manual__s3_resume", params)
+    result = train(retry)
 
     assert result["resumed_from_epoch"] == stored
     assert f"restored checkpoint epoch {stored} from s3://{s3_run['bucket']}/kiln/" in caplog.text
@@ -104,10 +106,10 @@ def test_a_retry_on_a_machine_without_the_first_ones_files_resumes_from_the_buck
     final = checkpoint_manifest(s3_run, retry)
     assert published_epoch(final) == EPOCHS
     objects = s3_run["client"].list_objects_v2(Bucket=s3_run["bucket"],
-                                               Prefix=f"kiln/{retry.run_key}/{pipeline.CHECKPOINTS}/")["Contents"]
+                                               Prefix=f"kiln/{retry.run_key}/{keys.CHECKPOINTS}/")["Contents"]
     assert {o["Key"].rsplit("/", 1)[-1] for o in objects} == {MANIFEST, f"epoch_{EPOCHS:04d}.pt"}
     assert all(f"/{VERSIONS}/{final['version']}/" in o["Key"] for o in objects if not o["Key"].endswith(MANIFEST))
-    assert not retry.store.scratch(retry.key(pipeline.CHECKPOINTS)).joinpath(f"epoch_{EPOCHS:04d}.pt").exists(), \
+    assert not retry.store.scratch(retry.key(keys.CHECKPOINTS)).joinpath(f"epoch_{EPOCHS:04d}.pt").exists(), \
         "after a published model the local copy of the checkpoints is removed"
 
 
@@ -118,12 +120,12 @@ def test_a_docker_job_reads_and_writes_the_bucket_through_the_host(s3_run):
     from kiln.tasks.launch.docker_gang import DockerGangLauncher
 
     ready_engine().close()
-    ctx = pipeline.make_context(SPEC, "manual__s3_docker", {"epochs": 3, "nproc": 1, "launcher": "docker"})
+    ctx = make_context(SPEC, "manual__s3_docker", {"epochs": 3, "nproc": 1, "launcher": "docker"})
     publish_features(ctx, rows=2000)
     one_node = Allocation(lease_id="s3-docker", pool="local",
                           nodes=(NodeAllocation("n0", cpus=(0,), memory=2 * 1024**3),))
 
-    result = pipeline.train(ctx, DockerGangLauncher(), allocation=one_node)
+    result = train(ctx, DockerGangLauncher(), allocation=one_node)
 
     assert result["model_uri"] == f"s3://{s3_run['bucket']}/kiln/{ctx.run_key}/train"
     model = json.loads(s3_run["client"].get_object(Bucket=s3_run["bucket"],

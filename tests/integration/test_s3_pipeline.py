@@ -12,7 +12,14 @@ import pytest
 from conftest import REPO, free_port, stop_model_servers
 from s3_server import S3Endpoint, s3_endpoint  # noqa: F401
 
-from kiln.tasks.pipeline import context as pipeline
+from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.context import make_context
+from kiln.tasks.pipeline.runner import run_all
+from kiln.tasks.pipeline.steps import STEPS
+from kiln.tasks.steps.build_features import build_features
+from kiln.tasks.steps.clean import clean
+from kiln.tasks.steps.ingest import ingest
+from kiln.tasks.steps.validate import validate
 from kiln.tasks.storage.artifacts import ArtifactStoreError
 from kiln.tasks.storage.s3 import MANIFEST, VERSIONS, S3ArtifactStore
 
@@ -45,11 +52,11 @@ def test_pipeline_on_s3(s3_endpoint: S3Endpoint, tmp_path: Path,  # noqa: F811
     monkeypatch.setenv("KILN_MLFLOW_ARTIFACT_ROOT", f"s3://{bucket}/mlflow")
     monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)  # kiln sets it; restored after the test
 
-    ctx = pipeline.make_context(REPO / "dags" / "pipelines" / "penguins_species.yaml", "manual__s3_pipeline",
+    ctx = make_context(REPO / "dags" / "pipelines" / "penguins_species.yaml", "manual__s3_pipeline",
                                 PARAMS)
     assert isinstance(ctx.store, S3ArtifactStore)
     try:
-        results = pipeline.run_all(ctx)
+        results = run_all(ctx)
     finally:
         stop_model_servers(home / "serving")
     assert results["gate"]["passed"], results["gate"]["reason"]
@@ -60,7 +67,7 @@ def test_pipeline_on_s3(s3_endpoint: S3Endpoint, tmp_path: Path,  # noqa: F811
     run_prefix = f"kiln/{ctx.run_key}/"
     assert objects and all(o.startswith(run_prefix) for o in objects), sorted(objects)[:5]
     steps = {o[len(run_prefix):].split("/", 1)[0] for o in objects}
-    assert steps >= {*pipeline.STEPS, "bundle", "gate", "infra_validate", "deploy", "promote"}, sorted(steps)
+    assert steps >= {*STEPS, "bundle", "gate", "infra_validate", "deploy", "promote"}, sorted(steps)
     committed: set[str] = set()
     for step in sorted(steps):
         base = f"{run_prefix}{step}"
@@ -75,7 +82,7 @@ def test_pipeline_on_s3(s3_endpoint: S3Endpoint, tmp_path: Path,  # noqa: F811
             assert (hashlib.sha256(data).hexdigest(), len(data)) == (meta["sha256"], meta["size"]), obj
             committed.add(obj)
     assert objects - committed == set(), "objects outside a committed version (a partial or stale upload)"
-    checkpoints = json.loads(read_object(client, bucket, f"{run_prefix}{pipeline.CHECKPOINTS}/{MANIFEST}"))
+    checkpoints = json.loads(read_object(client, bucket, f"{run_prefix}{keys.CHECKPOINTS}/{MANIFEST}"))
     assert list(checkpoints["files"]) == [f"epoch_{PARAMS['epochs']:04d}.pt"], "the last checkpoint is in the bucket"
     assert not (home / "artifacts").exists() or not any((home / "artifacts").rglob("*")), \
         "step outputs were written to the local artifact folder"
@@ -104,7 +111,7 @@ def test_a_step_cut_off_mid_upload_fails_cleanly_and_its_retry_succeeds(s3_endpo
     monkeypatch.setenv("KILN_HOME", str(tmp_path / "kiln"))
     monkeypatch.setenv("KILN_ARTIFACT_ROOT", f"s3://{bucket}/kiln")
     monkeypatch.setenv("KILN_S3_ENDPOINT_URL", s3_endpoint.url)
-    ctx = pipeline.make_context(REPO / "dags" / "pipelines" / "penguins_species.yaml", "manual__s3_outage")
+    ctx = make_context(REPO / "dags" / "pipelines" / "penguins_species.yaml", "manual__s3_outage")
     clean_prefix = f"kiln/{ctx.run_key}/clean/"
 
     def cut_off(step: Any) -> None:
@@ -124,31 +131,31 @@ def test_a_step_cut_off_mid_upload_fails_cleanly_and_its_retry_succeeds(s3_endpo
         manifest = json.loads(read_object(client, bucket, f"{clean_prefix}{MANIFEST}"))
         return manifest["version"], list_keys(client, bucket, clean_prefix)
 
-    pipeline.ingest(ctx)
-    pipeline.validate(ctx)
+    ingest(ctx)
+    validate(ctx)
 
     # A first run cut off: no version, and no object at all under the key.
-    cut_off(pipeline.clean)
+    cut_off(clean)
     assert not ctx.store.exists(ctx.key("clean"))
     assert list_keys(client, bucket, clean_prefix) == set(), "a cut-off upload left objects behind"
     staging = ctx.store.cache_dir / ".staging"
     assert not staging.exists() or not any(staging.iterdir()), "the failed step left its staging folder"
 
-    pipeline.clean(ctx)  # the retry
+    clean(ctx)  # the retry
     first, objects = committed()
     assert objects and all(o == f"{clean_prefix}{MANIFEST}" or f"/{VERSIONS}/{first}/" in o for o in objects)
 
     # A re-run cut off: the committed version is untouched, for this machine's cache and for a fresh reader.
-    cut_off(pipeline.clean)
+    cut_off(clean)
     assert committed() == (first, objects)
     fresh = S3ArtifactStore(f"s3://{bucket}/kiln", cache_dir=tmp_path / "fresh", endpoint_url=s3_endpoint.url)
     assert sorted(p.name for p in fresh.path(ctx.key("clean")).iterdir()) == \
         sorted(p.name for p in ctx.store.path(ctx.key("clean")).iterdir())
 
-    pipeline.clean(ctx)
+    clean(ctx)
     second, objects = committed()
     assert second != first
     assert all(o == f"{clean_prefix}{MANIFEST}" or f"/{VERSIONS}/{second}/" in o for o in objects), \
         "the retry's commit leaves only its own version"
-    features = pipeline.build_features(ctx)
+    features = build_features(ctx)
     assert features, "the next step read the retried step's output"

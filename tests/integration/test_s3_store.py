@@ -15,7 +15,11 @@ import pytest
 from conftest import free_port
 from s3_server import S3Endpoint, s3_endpoint  # noqa: F401
 
-from kiln.tasks.pipeline import context as pipeline
+from kiln.tasks.pipeline.context import make_context
+from kiln.tasks.steps.build_features import build_features
+from kiln.tasks.steps.clean import clean
+from kiln.tasks.steps.ingest import ingest
+from kiln.tasks.steps.validate import validate
 from kiln.tasks.storage.artifacts import ArtifactNotFoundError, ArtifactStoreError
 from kiln.tasks.storage.s3 import MANIFEST, S3ArtifactStore
 
@@ -268,10 +272,10 @@ def test_pipeline_steps_publish_to_s3(s3_endpoint: S3Endpoint, bucket: str,  # n
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KILN_ARTIFACT_ROOT", f"s3://{bucket}/kiln")
     monkeypatch.setenv("KILN_S3_ENDPOINT_URL", s3_endpoint.url)
-    ctx = pipeline.make_context(REPO / "dags" / "pipelines" / "penguins_species.yaml", "manual__s3_steps")
+    ctx = make_context(REPO / "dags" / "pipelines" / "penguins_species.yaml", "manual__s3_steps")
     assert isinstance(ctx.store, S3ArtifactStore)
 
-    for step in (pipeline.ingest, pipeline.validate, pipeline.clean, pipeline.build_features):
+    for step in (ingest, validate, clean, build_features):
         step(ctx)
 
     client = s3_endpoint.client(direct=True)

@@ -35,7 +35,7 @@ from kiln.tasks.serving.deployment import (
 )
 from kiln.tasks.serving.models import WARM_UP_TOLERANCE
 from kiln.tasks.serving.process import PortInUseError, ServerStartError, ensure_server, stop_server
-from kiln.tasks.steps.infra_validate import InfraValidationConfig, InfraValidationError, run_infra_validation
+from kiln.tasks.steps.infra_validate import InfraValidateConfig, InfraValidationError, run_infra_validate
 from kiln.tasks.storage.artifacts import read_json, write_json
 
 pytestmark = pytest.mark.integration
@@ -161,12 +161,12 @@ def test_a_server_that_cannot_load_its_bundle_fails_to_start_with_its_log(tmp_pa
                          ids=["within_budget", "over_budget"])
 def test_infra_validation_serves_the_bundle_with_training_parity(bundle_factory: Callable[..., Path],
                                                                  budget_ms: float, passes: bool) -> None:
-    config = InfraValidationConfig(bundle_dir=bundle_factory(0), latency_budget_ms=budget_ms, requests=80)
+    config = InfraValidateConfig(bundle_dir=bundle_factory(0), latency_budget_ms=budget_ms, requests=80)
     if passes:
-        result = run_infra_validation(config)
+        result = run_infra_validate(config)
     else:
         with pytest.raises(InfraValidationError, match="latency") as info:
-            run_infra_validation(config)
+            run_infra_validate(config)
         result = info.value.result
 
     assert result.passed is passes
@@ -199,7 +199,7 @@ def test_infra_validation_fails_when_served_predictions_drift_from_training(
     bundle = _tampered(bundle_factory(0), tmp_path / "bundle", nudge)
 
     with pytest.raises(InfraValidationError, match="parity") as info:
-        run_infra_validation(InfraValidationConfig(bundle_dir=bundle, tolerance=1e-5, latency_budget_ms=10_000))
+        run_infra_validate(InfraValidateConfig(bundle_dir=bundle, tolerance=1e-5, latency_budget_ms=10_000))
 
     result = info.value.result
     assert not result.passed and result.max_abs_diff == pytest.approx(drift, rel=0.2)
@@ -216,7 +216,7 @@ def test_infra_validation_fails_when_the_runtime_refuses_the_bundle(tmp_path: Pa
     bundle = _tampered(bundle_factory(0), tmp_path / "bundle", swap_classes)
 
     with pytest.raises(InfraValidationError, match="parity check") as info:
-        run_infra_validation(InfraValidationConfig(bundle_dir=bundle, latency_budget_ms=10_000))
+        run_infra_validate(InfraValidateConfig(bundle_dir=bundle, latency_budget_ms=10_000))
 
     assert "sample predictions" in info.value.result.reason and not info.value.result.passed
     assert _server_processes_with("kiln-infra-validate-") == []
@@ -229,10 +229,9 @@ def _exploding_bundle(root: Path) -> Path:
     known island, so the sample rows and their training-side predictions are unaffected), with weights that make
     all logits infinite: such a request yields NaN probabilities, which the server counts as a model failure.
     """
-    from kiln.tasks.bundle.load import ExportConfig, export_bundle
-    from kiln.tasks.features.transform import UNKNOWN, FeatureTransform
+    from kiln.tasks.bundle.export import ExportConfig, export_bundle
+    from kiln.tasks.features.transform import FEATURE_SPEC_FILE, UNKNOWN, FeatureTransform
     from kiln.tasks.spec import ModelSpec
-    from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE
     from kiln.tasks.training.networks import MODEL_FILE, load_model, save_model
 
     bundle = make_bundle(root, seed=2)

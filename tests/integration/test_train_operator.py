@@ -42,14 +42,15 @@ def _live_leases() -> list:
 def test_on_kill_stops_training_and_retry_resumes(tmp_path: Path) -> None:
     from kiln.operators.train import TrainOperator
     from kiln.tasks.launch.base import TrainingFailedError
-    from kiln.tasks.pipeline import context as pipeline
+    from kiln.tasks.pipeline import keys
+    from kiln.tasks.pipeline.context import make_context
+    from kiln.tasks.pipeline.runner import run_all
 
     run_id = "manual__operator_kill"
     long_run = {"epochs": 10_000}
-    ctx = pipeline.make_context(SPEC, run_id, long_run)
-    for step in ("ingest", "validate", "clean", "build_features"):
-        getattr(pipeline, step)(ctx)
-    checkpoints = ctx.store.scratch(ctx.key(pipeline.CHECKPOINTS))
+    ctx = make_context(SPEC, run_id, long_run)
+    run_all(ctx, until=keys.BUILD_FEATURES)
+    checkpoints = ctx.store.scratch(ctx.key(keys.CHECKPOINTS))
 
     op = TrainOperator(task_id="train", spec_path=SPEC)
     outcome: dict[str, BaseException] = {}

@@ -14,6 +14,7 @@ import pytest
 import torch
 from synthetic import write_run_dirs
 
+from kiln.tasks.bundle.export import ExportConfig, export_bundle
 from kiln.tasks.bundle.load import (
     BUNDLE_FORMAT_VERSION,
     MANIFEST_FILE,
@@ -22,14 +23,13 @@ from kiln.tasks.bundle.load import (
     SAMPLE_PREDICTIONS_FILE,
     SIGNATURE_FILE,
     BundleError,
-    ExportConfig,
     RecordError,
-    export_bundle,
     load_bundle,
 )
 from kiln.tasks.features.records import records_from_frame
+from kiln.tasks.features.splits import TEST_RAW_FILE
+from kiln.tasks.features.transform import FEATURE_SPEC_FILE
 from kiln.tasks.spec import ModelSpec
-from kiln.tasks.steps.build_features import FEATURE_SPEC_FILE, TEST_RAW_FILE
 from kiln.tasks.training.networks import MODEL_FILE as TRAINED_MODEL_FILE
 from kiln.tasks.training.networks import build_model, load_model, predict, save_model
 

@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 
 from kiln.tasks.features.column_types import SchemaError
+from kiln.tasks.pipeline.keys import CLEAN_FILE, SNAPSHOT_FILE
+from kiln.tasks.pipeline.keys import CLEAN_REPORT_FILE as REPORT_FILE
 from kiln.tasks.spec import CleaningSpec, load_spec
-from kiln.tasks.steps.clean import CLEAN_FILE, REPORT_FILE, CleanConfig, CleanError, run_clean
-from kiln.tasks.steps.ingest import SNAPSHOT_FILE, IngestConfig, run_ingest
+from kiln.tasks.steps.clean import CleanConfig, CleanError, run_clean
+from kiln.tasks.steps.ingest import IngestConfig, run_ingest
 from kiln.tasks.steps.validate import ValidateConfig, run_validate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,17 +11,11 @@ import pandas as pd
 import pytest
 from synthetic import write_run_dirs
 
+from kiln.tasks.evaluation.metrics import check_thresholds, compute_metrics
+from kiln.tasks.features.splits import TEST_FILE
+from kiln.tasks.pipeline.keys import METRICS_FILE
 from kiln.tasks.spec import ModelSpec
-from kiln.tasks.steps.build_features import TEST_FILE
-from kiln.tasks.steps.evaluate import (
-    CONFUSION_PNG,
-    METRICS_FILE,
-    RESIDUALS_PNG,
-    EvaluateConfig,
-    check_thresholds,
-    compute_metrics,
-    run_evaluate,
-)
+from kiln.tasks.steps.evaluate import CONFUSION_PNG, RESIDUALS_PNG, EvaluateConfig, run_evaluate
 from kiln.tasks.training.networks import MODEL_FILE, build_model, save_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -9,19 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kiln.tasks.features.splits import TARGET_COLUMN, TEST_FILE, TEST_RAW_FILE, TRAIN_FILE, VAL_FILE, load_split
+from kiln.tasks.features.transform import FEATURE_SPEC_FILE, FeatureTransform
 from kiln.tasks.spec import FeaturesSpec
-from kiln.tasks.steps.build_features import (
-    FEATURE_SPEC_FILE,
-    TARGET_COLUMN,
-    TEST_FILE,
-    TEST_RAW_FILE,
-    TRAIN_FILE,
-    VAL_FILE,
-    FeaturesConfig,
-    FeatureTransform,
-    load_split,
-    run_build_features,
-)
+from kiln.tasks.steps.build_features import BuildFeaturesConfig, run_build_features
 
 OUTPUT_FILES = (TRAIN_FILE, VAL_FILE, TEST_FILE, TEST_RAW_FILE, FEATURE_SPEC_FILE)
 
@@ -59,7 +50,7 @@ def build(tmp_path: Path, df: pd.DataFrame, *, seed: int = 7, name: str = "out",
     clean = write_clean(tmp_path / "clean", df, types, target, task)
     out = tmp_path / name
     out.mkdir()
-    config = FeaturesConfig(target=target, task=task, features=FeaturesSpec(**features), seed=seed)
+    config = BuildFeaturesConfig(target=target, task=task, features=FeaturesSpec(**features), seed=seed)
     return out, run_build_features(config, clean, out)
 
 
@@ -246,7 +237,7 @@ def test_regression_targets_stay_unscaled_floats(tmp_path):
 def test_clean_report_that_disagrees_with_the_config_is_rejected(tmp_path):
     df = penguins_like({"a": 10, "b": 10})
     clean = write_clean(tmp_path / "clean", df, TYPES, "island", "classification")
-    config = FeaturesConfig(target="species", task="classification", features=FeaturesSpec(), seed=0)
+    config = BuildFeaturesConfig(target="species", task="classification", features=FeaturesSpec(), seed=0)
 
     with pytest.raises(ValueError, match="clean_report.json has target 'island'"):
         run_build_features(config, clean, tmp_path)
@@ -263,7 +254,7 @@ def test_config_from_the_example_spec_uses_the_training_seed():
 
     spec = load_spec(REPO_ROOT / "dags" / "pipelines" / "penguins_species.yaml")
 
-    config = FeaturesConfig.from_spec(spec)
+    config = BuildFeaturesConfig.from_spec(spec)
 
     assert (config.target, config.task, config.seed) == ("species", "classification", spec.training.seed)
     assert config.features == spec.features

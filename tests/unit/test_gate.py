@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from kiln.tasks.evaluation.gate_rules import GateConfig, GateDecision, SliceCheck, _bound_of, decide
+from kiln.tasks.evaluation.metrics import compute_metrics
 from kiln.tasks.evaluation.resampling import resampled_metrics
-from kiln.tasks.steps.evaluate import compute_metrics
 
 
 def _classifier(y: np.ndarray, wrong, k: int = 2, confidence: float = 0.8) -> np.ndarray:

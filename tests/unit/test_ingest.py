@@ -11,8 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from kiln.tasks.pipeline.keys import SNAPSHOT_FILE
+from kiln.tasks.pipeline.keys import SNAPSHOT_MANIFEST_FILE as MANIFEST_FILE
 from kiln.tasks.spec import SourceSpec, load_spec
-from kiln.tasks.steps.ingest import MANIFEST_FILE, SNAPSHOT_FILE, IngestConfig, IngestError, run_ingest
+from kiln.tasks.steps.ingest import IngestConfig, IngestError, run_ingest
 
 REPO = Path(__file__).resolve().parents[2]
 CSV = "a,b,label\n1,2.5,x\n3,4.5,y\n5,,x\n7,8.5,z\n"

@@ -8,16 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from kiln.tasks.pipeline.keys import DATA_DOCS_DIR as DOCS_DIR
+from kiln.tasks.pipeline.keys import SNAPSHOT_FILE, VALIDATION_FILE
 from kiln.tasks.spec import ExpectationSpec, ExpectationsSpec, load_spec
-from kiln.tasks.steps.ingest import SNAPSHOT_FILE, IngestConfig, run_ingest
-from kiln.tasks.steps.validate import (
-    DOCS_DIR,
-    VALIDATION_FILE,
-    DataValidationError,
-    ValidateConfig,
-    build_expectations,
-    run_validate,
-)
+from kiln.tasks.steps.ingest import IngestConfig, run_ingest
+from kiln.tasks.steps.validate import DataValidationError, ValidateConfig, build_expectations, run_validate
 
 REPO = Path(__file__).resolve().parents[2]
 

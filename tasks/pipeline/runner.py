@@ -1,0 +1,61 @@
+"""Every step of a run in this process, in order: for notebooks, tests and benchmarks (the DAG runs them as tasks)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.tasks.pipeline.context import RunContext, StepResult
+from kiln.tasks.pipeline.gate_decision import GateRejectedError
+from kiln.tasks.pipeline.steps import STEPS, step_named
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What each step of an in-process run returned."""
+
+    results: dict[str, StepResult] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Steps skipped because the gate rejected the candidate, with the reason."""
+    duration_s: float = 0.0
+
+    def __getitem__(self, step: str) -> StepResult:
+        return self.results[step]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Each step's result as a dict (a skipped step: ``{"skipped": reason}``), and the duration."""
+        return {**{k: v.to_dict() for k, v in self.results.items()},
+                **{k: {"skipped": v} for k, v in self.skipped.items()}, "duration_s": self.duration_s}
+
+
+def run_all(ctx: RunContext, until: str | None = None) -> RunResult:
+    """Run every step in this process, in order, up to and including ``until`` (default: all of them).
+
+    A candidate the gate rejects ends the run after ``gate`` (the later steps are recorded as skipped, with the
+    reason), as the DAG skips them.
+
+    Args:
+        ctx: the run.
+        until: the last step to run, e.g. ``keys.EVALUATE`` to stop before the release steps.
+
+    Raises:
+        KeyError: ``until`` names no step.
+    """
+    last = step_named(until).name if until else STEPS[-1].name
+    t0 = time.perf_counter()
+    run = RunResult()
+    for step in STEPS:
+        log.info("step %s", step.name)
+        try:
+            run.results[step.name] = step.run(ctx)
+        except GateRejectedError as exc:
+            run.skipped[step.name] = str(exc)
+            log.info("step %s skipped: %s", step.name, exc)
+        if step.name == last:
+            break
+    run.duration_s = round(time.perf_counter() - t0, 3)
+    return run

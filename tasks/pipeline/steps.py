@@ -1,0 +1,66 @@
+"""The one ordered list of a pipeline run's steps: the DAG factory, the operators and the in-process runner all
+read it.
+
+Each step is a function of the run's context that publishes its output under its key and returns a typed result
+(its Airflow task's XCom); its module in :mod:`kiln.tasks.steps` is named as its task id. The step modules import
+their heavy libraries inside their functions, so importing this list costs a DAG file almost nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.context import RunContext, StepResult
+from kiln.tasks.steps.build_features import build_features
+from kiln.tasks.steps.clean import clean
+from kiln.tasks.steps.deploy import deploy
+from kiln.tasks.steps.evaluate import evaluate
+from kiln.tasks.steps.gate import gate
+from kiln.tasks.steps.infra_validate import infra_validate
+from kiln.tasks.steps.ingest import ingest
+from kiln.tasks.steps.promote import promote
+from kiln.tasks.steps.register import register
+from kiln.tasks.steps.train import train
+from kiln.tasks.steps.validate import validate
+from kiln.tasks.steps.verify import verify
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a run."""
+
+    name: str
+    """The Airflow task id, the step's module name and the key of its output."""
+    run: Callable[[RunContext], StepResult]
+    leased: bool = False
+    """It runs on devices leased from a resource pool (the DAG gives it the leasing operator)."""
+
+
+STEPS: tuple[Step, ...] = (
+    Step(keys.INGEST, ingest),
+    Step(keys.VALIDATE, validate),
+    Step(keys.CLEAN, clean),
+    Step(keys.BUILD_FEATURES, build_features),
+    Step(keys.TRAIN, train, leased=True),
+    Step(keys.EVALUATE, evaluate),
+    Step(keys.REGISTER, register),
+    Step(keys.GATE, gate),
+    Step(keys.INFRA_VALIDATE, infra_validate),
+    Step(keys.DEPLOY, deploy),
+    Step(keys.VERIFY, verify),
+    Step(keys.PROMOTE, promote),
+)
+
+
+def step_named(name: str) -> Step:
+    """The step whose task id is ``name``.
+
+    Raises:
+        KeyError: no such step (the message lists them).
+    """
+    for step in STEPS:
+        if step.name == name:
+            return step
+    raise KeyError(f"unknown step {name!r}; steps: {', '.join(s.name for s in STEPS)}")

@@ -1,0 +1,37 @@
+"""What every part of the pipeline spec shares: its strict base model, its error, and the task and metric names."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+TaskType = Literal["classification", "regression"]
+ColumnType = Literal["numeric", "categorical", "ignore"]
+
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "roc_auc", "log_loss")
+REGRESSION_METRICS = ("rmse", "mae", "r2")
+#: Metrics where a larger value is better; the gate compares in this direction.
+HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "roc_auc": True, "log_loss": False,
+                    "rmse": False, "mae": False, "r2": True}
+
+
+class SpecError(ValueError):
+    """A spec file (or a trigger-time override) is invalid. ``problems`` holds one line per bad field."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid pipeline spec {source}:\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def unknown_key(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown field '{key}'{hint} allowed: {', '.join(allowed)}"

@@ -1,0 +1,194 @@
+"""Pipeline spec: the one declarative file a user writes to add a pipeline for a tabular dataset.
+
+A spec is YAML, validated on load into frozen pydantic models. Every error names the file, the field, what was
+found and what is allowed, so that a typo never surfaces later as a confusing failure inside a step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from kiln.tasks.spec.base import (
+    CLASSIFICATION_METRICS,
+    REGRESSION_METRICS,
+    ColumnType,
+    SpecError,
+    TaskType,
+    _Strict,
+    unknown_key,
+)
+from kiln.tasks.spec.data import CleaningSpec, ExpectationsSpec, FeaturesSpec, SourceSpec
+from kiln.tasks.spec.release import DeploymentSpec, EvaluationSpec
+from kiln.tasks.spec.training import ModelSpec, TrainingSpec
+
+
+class PipelineSpec(_Strict):
+    """A whole pipeline: one DAG is made from each spec file."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,99}$")
+    """The DAG id and MLflow experiment name."""
+    description: str = ""
+    """Markdown shown as the DAG's documentation."""
+    owner: str = "ml-platform"
+    tags: list[str] = Field(default_factory=list)
+    schedule: str | None = None
+    """A cron expression (``0 3 * * *``, UTC) or preset (``@daily``); runs start at its times, with no catch-up of
+    times missed while the pipeline was paused or the scheduler down. None: no timed runs."""
+    asset: str | None = None
+    """URI of the Airflow Asset that stands for this pipeline's input data (``s3://bucket/raw/penguins/``,
+    ``file:///data/penguins.csv``, ``kiln://penguins/raw``): each event on it (posted to the REST API when new data
+    lands, or emitted by an upstream DAG) starts a run. With ``schedule`` as well, either starts one."""
+    source: SourceSpec
+    target: str = Field(min_length=1)
+    task: TaskType
+    columns: dict[str, ColumnType] = Field(default_factory=dict)
+    """Optional column types; others are inferred (numbers are numeric, everything else categorical)."""
+    sample_fraction: float = Field(default=1.0, gt=0, le=1)
+    """Fraction of source rows kept at ingest (seeded), for quick runs on large data."""
+    expectations: ExpectationsSpec = ExpectationsSpec()
+    cleaning: CleaningSpec = CleaningSpec()
+    features: FeaturesSpec = FeaturesSpec()
+    model: ModelSpec = ModelSpec()
+    training: TrainingSpec = TrainingSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    deployment: DeploymentSpec = DeploymentSpec()
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        from croniter import croniter
+
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a cron expression ('minute hour day month weekday', e.g. '0 3 * * *') "
+                             "or a preset (@hourly, @daily, @weekly, @monthly, @yearly)")
+        return value
+
+    @field_validator("asset")
+    @classmethod
+    def _asset_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or not rest or any(c.isspace() for c in value):
+            raise ValueError(f"{value!r} is not a URI: write scheme://location, e.g. s3://bucket/raw/ or "
+                             "kiln://penguins/raw")
+        if scheme == "airflow":
+            raise ValueError("the 'airflow' URI scheme is reserved by Airflow; use another, e.g. kiln://")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineSpec:
+        if self.columns.get(self.target) == "ignore":
+            raise ValueError(f"the target column '{self.target}' cannot have type 'ignore'")
+        allowed = self.metric_names()
+        slice_metrics = [m for s in self.evaluation.gate.slices for m in s.thresholds]
+        for name in [*self.evaluation.thresholds, *slice_metrics,
+                     *([self.evaluation.primary_metric] if self.evaluation.primary_metric else [])]:
+            if name not in allowed:
+                raise ValueError(f"metric '{name}' is not computed for task '{self.task}'; "
+                                 f"allowed: {', '.join(allowed)}")
+        return self
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics ``evaluate`` computes for this spec's task."""
+        return CLASSIFICATION_METRICS if self.task == "classification" else REGRESSION_METRICS
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric models are compared on."""
+        return self.evaluation.primary_metric or ("accuracy" if self.task == "classification" else "rmse")
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON form: two specs that mean the same have the same hash."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "trigger params") -> PipelineSpec:
+        """A copy with trigger-time Params applied (keys of ``PARAM_FIELDS``; ``None`` values are ignored).
+
+        Raises:
+            SpecError: an unknown key or a value the spec would reject.
+        """
+        data = self.model_dump(mode="json")
+        problems = []
+        for key, value in overrides.items():
+            if key not in PARAM_FIELDS:
+                problems.append(unknown_key(key, list(PARAM_FIELDS)))
+                continue
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = PARAM_FIELDS[key]
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        if problems:
+            raise SpecError(source, problems)
+        return parse_spec(data, source)
+
+
+#: Trigger-time Params and the spec field each one overrides.
+PARAM_FIELDS: dict[str, tuple[str, ...]] = {
+    "epochs": ("training", "epochs"),
+    "learning_rate": ("training", "learning_rate"),
+    "batch_size": ("training", "batch_size"),
+    "seed": ("training", "seed"),
+    "nproc": ("training", "nproc"),
+    "nodes": ("training", "nodes"),
+    "launcher": ("training", "launcher"),
+    "sample_fraction": ("sample_fraction",),
+    "deployment": ("deployment", "strategy"),
+}
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed at ``loc`` (the location of an unknown key's parent)."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        ann = fields[part].annotation
+        # dict[str, Model] and Model | None: find the model class inside.
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return list(current.model_fields) if current is not None else []
+
+
+def _format_error(err: Any) -> str:
+    loc = tuple(err["loc"])
+    field = ".".join(str(p) for p in loc) or "<top level>"
+    if err["type"] == "extra_forbidden":
+        parent = tuple(p for p in loc[:-1] if isinstance(p, str))
+        allowed = _allowed_fields(PipelineSpec, parent)
+        return f"field '{field}': " + unknown_key(str(loc[-1]), allowed)
+    if err["type"] == "missing":
+        return f"field '{field}': required but missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(err.get("input"), dict):  # a cross-field check on a section: its message names the fields
+        return f"field '{field}': {msg}"
+    found = json.dumps(err.get("input"), default=str)
+    if len(found) > 80:
+        found = found[:77] + "..."
+    return f"field '{field}': {msg} (found {found})"
+
+
+def parse_spec(data: Any, source: str) -> PipelineSpec:
+    """Validate an already-parsed mapping.
+
+    Raises:
+        SpecError: listing every invalid field.
+    """
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"the spec must be a mapping of fields, found {type(data).__name__}"])
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, [_format_error(e) for e in exc.errors()]) from None

@@ -1,0 +1,75 @@
+"""The ``register`` step: export the trained model as a bundle and make it a version of the pipeline's model.
+
+The bundle (:mod:`kiln.tasks.bundle`) goes to ``<run>/bundle`` and to the training run in MLflow; the new version of
+the registered model (named as the pipeline) is tagged with its provenance: the run key and MLflow run, the spec
+hash, the ingest snapshot's and the test split's hashes, the code version and the test score.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from typing import Any
+
+from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.context import RunContext
+from kiln.tasks.settings import REPO_ROOT, get_settings
+from kiln.tasks.storage.artifacts import file_sha256, read_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    """The registered version of the candidate."""
+
+    model: str
+    version: str
+    mlflow_run_id: str
+    bundle_uri: str
+    tags: dict[str, str]
+    """Provenance tags of the version (``kiln.run_key``, ``kiln.data_hash``, ``kiln.code_version``, ...)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (the step's XCom value)."""
+        return asdict(self)
+
+
+def code_version() -> str:
+    """The git commit of the code (``-dirty`` with uncommitted changes), else the installed package version."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout (an installed package)
+        return f"kiln-{metadata.version('kiln')}"
+
+
+def register(ctx: RunContext) -> RegisterResult:
+    """Export the trained model to ``<run>/bundle`` and register it as a version of the pipeline's model."""
+    from kiln.tasks.bundle.export import ExportConfig, export_bundle
+    from kiln.tasks.features.splits import TEST_RAW_FILE
+    from kiln.tasks.tracking.registry import RUN_KEY_TAG, Registry
+    from kiln.tasks.tracking.runs import find_run
+
+    spec = ctx.spec
+    # The training run, found without reopening it: evaluate marked it finished.
+    run_id = find_run(get_settings().mlflow_tracking_uri, spec.name, ctx.run_key)
+    evaluation = read_json(ctx.input_dir(keys.EVALUATE) / keys.METRICS_FILE)
+    tags = {RUN_KEY_TAG: ctx.run_key, "kiln.mlflow_run_id": run_id, "kiln.spec_hash": spec.spec_hash(),
+            "kiln.data_hash": read_json(ctx.input_dir(keys.INGEST) / keys.SNAPSHOT_MANIFEST_FILE)["sha256"],
+            "kiln.test_data_hash": file_sha256(ctx.input_dir(keys.BUILD_FEATURES) / TEST_RAW_FILE),
+            "kiln.code_version": code_version(),
+            f"kiln.test/{spec.primary_metric}": str(evaluation.get(f"test/{spec.primary_metric}"))}
+    config = ExportConfig(features_dir=ctx.input_dir(keys.BUILD_FEATURES), model_dir=ctx.input_dir(keys.TRAIN),
+                          metadata={"pipeline": spec.name, **tags})
+    ctx.publish(keys.BUNDLE, lambda out: export_bundle(config, out))
+    version = Registry.from_settings().register(spec.name, run_id, ctx.input_dir(keys.BUNDLE), tags)
+    log.info("candidate: %s version %s (%s %s)", spec.name, version.version, spec.primary_metric,
+             tags[f"kiln.test/{spec.primary_metric}"])
+    return RegisterResult(model=spec.name, version=version.version, mlflow_run_id=run_id,
+                          bundle_uri=ctx.store.uri(ctx.key(keys.BUNDLE)), tags=tags)
