@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
 import pytest
+
+if TYPE_CHECKING:
+    from kiln.tasks.pipeline.context import RunContext
+    from kiln.tasks.pipeline.runner import RunResult
 
 pytestmark = pytest.mark.integration
 
@@ -21,14 +26,17 @@ SPEC = REPO / "dags" / "pipelines" / "penguins_species.yaml"
 MODEL = "penguins_species"
 
 
-def _run(run_id: str, **params) -> dict:
+class Run(NamedTuple):
+    result: RunResult
+    ctx: RunContext
+
+
+def _run(run_id: str, **params) -> Run:
     from kiln.tasks.pipeline.context import make_context
     from kiln.tasks.pipeline.runner import run_all
 
     ctx = make_context(SPEC, run_id, params)
-    results = run_all(ctx)
-    results["ctx"] = ctx
-    return results
+    return Run(run_all(ctx), ctx)
 
 
 def _served(records: list[dict]) -> dict:
@@ -69,33 +77,32 @@ def test_crippled_never_becomes_champion_and_better_does(runs: dict) -> None:
     from kiln.tasks.storage.artifacts import read_json
     from kiln.tasks.tracking.registry import Registry
 
-    good, crippled, better = runs["good"]["gate"], runs["crippled"]["gate"], runs["better"]["gate"]
-    assert good["passed"] and good["champion"] is None and "first model" in good["reason"]
-    assert runs["good"]["promote"]["champion"] == good["candidate"]["version"]
-    slices = {c["name"] for c in good["checks"] if c["kind"] == "slice"}  # the spec's island slices
-    assert any(name.startswith("slice island=") for name in slices), good["checks"]
+    good, crippled, better = runs["good"].result["gate"], runs["crippled"].result["gate"], runs["better"].result["gate"]
+    assert good.passed and good.champion is None and "first model" in good.reason
+    assert runs["good"].result["promote"].champion == good.candidate_version
+    slices = {c["name"] for c in good.checks if c["kind"] == "slice"}  # the spec's island slices
+    assert any(name.startswith("slice island=") for name in slices), good.checks
 
-    assert not crippled["passed"]
-    assert crippled["champion"]["version"] == good["candidate"]["version"]  # compared with the then champion
-    assert "accuracy" in crippled["reason"] and "threshold" in crippled["reason"]
-    assert set(runs["crippled"]) >= {"infra_validate", "deploy", "verify", "promote"}
-    assert all("skipped" in runs["crippled"][s] for s in ("infra_validate", "deploy", "verify", "promote"))
+    assert not crippled.passed
+    assert crippled.champion["version"] == good.candidate_version  # compared with the then champion
+    assert "accuracy" in crippled.reason and "threshold" in crippled.reason
+    assert set(runs["crippled"].result.skipped) == {"infra_validate", "deploy", "verify", "promote"}
 
-    assert better["passed"] and better["champion"]["version"] == good["candidate"]["version"]
-    assert "champion" in better["reason"]
+    assert better.passed and better.champion["version"] == good.candidate_version
+    assert "champion" in better.reason
     reg = Registry.from_settings()
-    assert reg.champion(MODEL).version == better["candidate"]["version"]
-    assert reg.version(MODEL, crippled["candidate"]["version"]).tags["kiln.gate"] == "failed"
-    assert [h["version"] for h in reg.history(MODEL)] == [good["candidate"]["version"],
-                                                          better["candidate"]["version"]]
+    assert reg.champion(MODEL).version == better.candidate_version
+    assert reg.version(MODEL, crippled.candidate_version).tags["kiln.gate"] == "failed"
+    assert [h["version"] for h in reg.history(MODEL)] == [good.candidate_version,
+                                                          better.candidate_version]
 
     # The decision record is published with the run and logged to the candidate's MLflow run, same content.
-    ctx = runs["crippled"]["ctx"]
+    ctx = runs["crippled"].ctx
     published = read_json(ctx.input_dir("gate") / "decision.json")
-    logged = reg.client.download_artifacts(crippled["candidate"]["run_id"], "gate/decision.json")
+    logged = reg.client.download_artifacts(crippled.candidate["run_id"], "gate/decision.json")
     assert read_json(logged) == published
-    assert published["reason"] == crippled["reason"] and published["decision"] == "failed"
-    assert published["test_data_hash"] == reg.version(MODEL, crippled["candidate"]["version"]).tags[
+    assert published["reason"] == crippled.reason and published["decision"] == "failed"
+    assert published["test_data_hash"] == reg.version(MODEL, crippled.candidate_version).tags[
         "kiln.test_data_hash"]
     for key in ("candidate", "champion", "thresholds", "candidate_metrics", "champion_metrics", "checks", "reason"):
         assert published[key] is not None, key
@@ -106,11 +113,11 @@ def test_served_predictions_equal_the_evaluate_step(runs: dict) -> None:
     from kiln.tasks.features.splits import TEST_RAW_FILE
     from kiln.tasks.pipeline.keys import PREDICTIONS_FILE
 
-    ctx = runs["better"]["ctx"]
+    ctx = runs["better"].ctx
     raw = pd.read_parquet(ctx.input_dir("build_features") / TEST_RAW_FILE)
     records = records_from_frame(raw)
     served = _served(records)
-    assert served["version"] == runs["better"]["gate"]["candidate"]["version"]
+    assert served["version"] == runs["better"].result["gate"].candidate_version
     evaluated = np.load(ctx.input_dir("evaluate") / PREDICTIONS_FILE)
     np.testing.assert_allclose(_probabilities(served), evaluated, atol=1e-5)
 
@@ -121,10 +128,10 @@ def test_rollback_serves_the_earlier_versions_exact_predictions(runs: dict) -> N
     from kiln.tasks.features.splits import TEST_RAW_FILE
     from kiln.tasks.tracking.registry import Registry
 
-    good_version = runs["good"]["gate"]["candidate"]["version"]
-    raw = pd.read_parquet(runs["good"]["ctx"].input_dir("build_features") / TEST_RAW_FILE)
+    good_version = runs["good"].result["gate"].candidate_version
+    raw = pd.read_parquet(runs["good"].ctx.input_dir("build_features") / TEST_RAW_FILE)
     records = records_from_frame(raw)
-    expected = load_bundle(runs["good"]["ctx"].input_dir("bundle")).predict_records(records)
+    expected = load_bundle(runs["good"].ctx.input_dir("bundle")).predict_records(records)
     assert main(["rollback", MODEL, "--reason", "the better model misbehaves in production"]) == 0
     assert Registry.from_settings().champion(MODEL).version == good_version
     served = _served(records)
@@ -150,11 +157,12 @@ def test_canary_is_judged_on_live_traffic_then_promoted(runs: dict, tmp_path: Pa
     canary_spec.write_text(yaml.safe_dump(spec))
     before = Registry.from_settings().champion(MODEL).version
     results = run_all(make_context(canary_spec, "canary", {"epochs": 20}))
-    version = results["gate"]["candidate"]["version"]
-    assert results["gate"]["passed"], results["gate"]["reason"]
-    assert results["deploy"]["strategy"] == "canary"
-    assert results["verify"]["promote"] is True and results["verify"]["stats"]["canary"]["requests"] >= 10
-    assert results["promote"] == {**results["promote"], "champion": version, "previous": before}
+    version = results["gate"].candidate_version
+    assert results["gate"].passed, results["gate"].reason
+    assert results["deploy"].strategy == "canary"
+    verdict = results["verify"].details
+    assert verdict["promote"] is True and verdict["stats"]["canary"]["requests"] >= 10
+    assert (results["promote"].champion, results["promote"].previous) == (version, before)
     deployment = Endpoint.of(load_spec(canary_spec)).current()
     assert deployment.champion.version == version and deployment.canary is None
     assert _served([{"bill_length_mm": 40.0, "bill_depth_mm": 18.0, "flipper_length_mm": 190.0,
@@ -206,10 +214,10 @@ def test_deployment_none_moves_the_alias_and_leaves_the_endpoint_alone(runs: dic
                               "body_mass_g": 3800.0, "island": "Dream", "sex": "male", "year": "2008"}])
     before = spec_named(MODEL)
     results = run_all(make_context(SPEC, "registry-only", {"epochs": 40, "deployment": "none"}))
-    assert results["gate"]["passed"], results["gate"]["reason"]
-    assert results["deploy"] == {"strategy": "none"} and results["verify"] == {"strategy": "none"}
-    version = results["gate"]["candidate"]["version"]
-    assert results["promote"]["champion"] == version and Registry.from_settings().champion(MODEL).version == version
+    assert results["gate"].passed, results["gate"].reason
+    assert results["deploy"].strategy == "none" and results["verify"].strategy == "none"
+    version = results["gate"].candidate_version
+    assert results["promote"].champion == version and Registry.from_settings().champion(MODEL).version == version
     served_after = _served([{"bill_length_mm": 40.0, "bill_depth_mm": 18.0, "flipper_length_mm": 190.0,
                              "body_mass_g": 3800.0, "island": "Dream", "sex": "male", "year": "2008"}])
     assert served_after["version"] == served_before["version"] != version

@@ -99,7 +99,7 @@ def test_a_retry_on_a_machine_without_the_first_ones_files_resumes_from_the_buck
     retry = make_context(SPEC, "manual__s3_resume", params)
     result = train(retry)
 
-    assert result["resumed_from_epoch"] == stored
+    assert result.resumed_from_epoch == stored
     assert f"restored checkpoint epoch {stored} from s3://{s3_run['bucket']}/kiln/" in caplog.text
     log = (retry.input_dir("train") / LOG_FILE).read_text()
     assert f"resuming from checkpoint epoch {stored}" in log and f"epoch {EPOCHS}/{EPOCHS} done" in log
@@ -127,7 +127,7 @@ def test_a_docker_job_reads_and_writes_the_bucket_through_the_host(s3_run):
 
     result = train(ctx, DockerGangLauncher(), allocation=one_node)
 
-    assert result["model_uri"] == f"s3://{s3_run['bucket']}/kiln/{ctx.run_key}/train"
+    assert result.model_uri == f"s3://{s3_run['bucket']}/kiln/{ctx.run_key}/train"
     model = json.loads(s3_run["client"].get_object(Bucket=s3_run["bucket"],
                                                    Key=f"kiln/{ctx.run_key}/train/{MANIFEST}")["Body"].read())
     assert {"model.pt", "train_metrics.json", LOG_FILE} <= set(model["files"])
