@@ -19,34 +19,12 @@ from kiln.operators.train import TrainOperator
 from kiln.tasks.pipeline.steps import STEPS
 from kiln.tasks.settings import get_settings
 from kiln.tasks.spec import PipelineSpec, load_specs
+from kiln.tasks.spec.params import param_schemas
 
 
 def _params(spec: PipelineSpec) -> dict[str, Param]:
-    """Trigger-form Params; each overrides the spec field of the same name (see ``kiln.tasks.spec.PARAM_FIELDS``)."""
-    t = spec.training
-    return {
-        "epochs": Param(t.epochs, type="integer", minimum=1, maximum=10_000, title="Epochs",
-                        description="Passes over the training split."),
-        "learning_rate": Param(t.learning_rate, type="number", exclusiveMinimum=0, maximum=10,
-                               title="Learning rate"),
-        "batch_size": Param(t.batch_size, type="integer", minimum=1, maximum=65_536, title="Batch size",
-                            description="Per worker process."),
-        "seed": Param(t.seed, type="integer", minimum=0, title="Seed",
-                      description="Seeds sampling, the split and training: same seed, same model."),
-        "nproc": Param(t.nproc, type="integer", minimum=1, maximum=64, title="Worker processes",
-                       description="DDP ranks per node."),
-        "launcher": Param(t.launcher, type="string", enum=["local", "docker"], title="Launcher",
-                          description="local: torchrun on the worker's machine; docker: one container per node."),
-        "nodes": Param(t.nodes, type="integer", minimum=1, maximum=256, title="Nodes",
-                       description="Nodes in the training gang (more than one needs the docker launcher)."),
-        "sample_fraction": Param(spec.sample_fraction, type="number", exclusiveMinimum=0, maximum=1,
-                                 title="Sample fraction", description="Share of source rows used (seeded)."),
-        "deployment": Param(spec.deployment.strategy, type="string", enum=["direct", "canary", "none"],
-                            title="Deployment",
-                            description="direct: serve a candidate that passes the gate at once; canary: a share of "
-                                        "traffic first, promoted or rolled back on its error rate and latency; "
-                                        "none: move the registry's champion alias only."),
-    }
+    """Trigger-form Params, each described by the spec field it overrides (``kiln.tasks.spec.params``)."""
+    return {name: Param(**schema) for name, schema in param_schemas(spec).items()}
 
 
 def _schedule(spec: PipelineSpec) -> Any:

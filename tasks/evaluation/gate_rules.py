@@ -14,18 +14,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
 
 from kiln.tasks.evaluation.metrics import compute_metrics
 from kiln.tasks.evaluation.resampling import resampled_metrics
-from kiln.tasks.spec import CLASSIFICATION_METRICS, HIGHER_IS_BETTER, REGRESSION_METRICS, PipelineSpec, TaskType
+from kiln.tasks.spec import HIGHER_IS_BETTER, GateSpec, PipelineSpec, TaskType
+from kiln.tasks.spec.base import metric_problem
 
 log = logging.getLogger(__name__)
 
-GateMethod = Literal["point", "bootstrap"]
 #: A bootstrap check fails when fewer than this share of the resamples define its metric.
 MIN_VALID_FRACTION = 0.5
 #: A slice column with more distinct values than this is rejected (it is not categorical).
@@ -38,120 +38,35 @@ _TOLERANCE = 1e-12
 _Samples = tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_thresholds_field(owner: str, thresholds: Any) -> None:
-    if not isinstance(thresholds, dict):
-        raise ValueError(f"{owner} must be a dict of metric name to number, found {type(thresholds).__name__}")
-    for name, value in thresholds.items():
-        if not _is_number(value):
-            raise ValueError(f"{owner}[{name!r}] must be a finite number, found {value!r}")
-
-
-@dataclass(frozen=True)
-class SliceCheck:
-    """Per-slice checks on one raw input column; each distinct value (nulls: ``null``) is one slice.
-
-    Slice checks compare point estimates under either gate method.
-    """
-
-    column: str
-    """A raw input column, categorical or low-cardinality (at most ``MAX_SLICE_VALUES`` values)."""
-    min_rows: int = 20
-    """Slices with fewer test rows are reported as skipped, never failed."""
-    thresholds: dict[str, float] = field(default_factory=dict)
-    """Per-slice metric thresholds, minimum or (error metrics) maximum, as for the global ones."""
-    max_regression: float | None = None
-    """On the primary metric: how far a slice's value may trail the champion's on the same slice; none: no check."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.column, str) or not self.column:
-            raise ValueError(f"SliceCheck.column must be a non-empty column name, found {self.column!r}")
-        if not isinstance(self.min_rows, int) or isinstance(self.min_rows, bool) or self.min_rows < 1:
-            raise ValueError(f"SliceCheck.min_rows must be an integer >= 1, found {self.min_rows!r}")
-        _check_thresholds_field("SliceCheck.thresholds", self.thresholds)
-        if self.max_regression is not None and not (_is_number(self.max_regression) and self.max_regression >= 0):
-            raise ValueError(f"SliceCheck.max_regression must be a number >= 0 or None, found {self.max_regression!r}")
-        if not self.thresholds and self.max_regression is None:
-            raise ValueError(f"SliceCheck for column {self.column!r} checks nothing; set thresholds and/or "
-                             "max_regression")
-
-
 @dataclass(frozen=True)
 class GateConfig:
-    """Settings of the ``gate`` step."""
+    """Settings of the gate's decision: the spec's ``evaluation`` settings for one task."""
 
     task: TaskType
     """``classification`` or ``regression``."""
     primary_metric: str
     """The metric the candidate is compared with the champion on (plain name, e.g. ``accuracy``)."""
     thresholds: dict[str, float] = field(default_factory=dict)
-    """Per plain metric name, the minimum (or, for error metrics, maximum) value the candidate must reach."""
-    margin: float = 0.0
-    """How far the candidate may trail the champion on the primary metric and still pass (>= 0)."""
-    method: GateMethod = "point"
-    """``point``: compare point estimates; ``bootstrap``: compare one-sided confidence bounds."""
-    bootstrap_samples: int = 1000
-    """Number of bootstrap resamples of the test rows (>= 100)."""
-    confidence: float = 0.95
-    """One-sided confidence level of the bootstrap bounds, in (0.5, 1)."""
+    """``evaluation.thresholds``: per plain metric name, the minimum (or, for error metrics, maximum) value."""
+    rules: GateSpec = field(default_factory=GateSpec)
+    """``evaluation.gate``: margin, method, bootstrap samples and confidence, slice checks (validated there)."""
     seed: int = 0
     """Seed of the bootstrap's random generator; the same seed gives the same decision."""
-    slices: tuple[SliceCheck, ...] = ()
-    """Per-slice checks, at most one per column."""
 
     def __post_init__(self) -> None:
         if self.task not in get_args(TaskType):
             raise ValueError(f"GateConfig.task must be one of {get_args(TaskType)}, found {self.task!r}")
-        allowed = CLASSIFICATION_METRICS if self.task == "classification" else REGRESSION_METRICS
-        if self.primary_metric not in allowed:
-            raise ValueError(f"GateConfig.primary_metric {self.primary_metric!r} is not computed for task "
-                             f"'{self.task}'; allowed: {', '.join(allowed)}")
-        _check_thresholds_field("GateConfig.thresholds", self.thresholds)
-        for name in self.thresholds:
-            if name not in allowed:
-                raise ValueError(f"GateConfig.thresholds: metric {name!r} is not computed for task '{self.task}'; "
-                                 f"allowed: {', '.join(allowed)}")
-        if not (_is_number(self.margin) and self.margin >= 0):
-            raise ValueError(f"GateConfig.margin must be a finite number >= 0, found {self.margin!r}")
-        if self.method not in get_args(GateMethod):
-            raise ValueError(f"GateConfig.method must be one of {get_args(GateMethod)}, found {self.method!r}")
-        if not isinstance(self.bootstrap_samples, int) or isinstance(self.bootstrap_samples, bool) \
-                or self.bootstrap_samples < 100:
-            raise ValueError(f"GateConfig.bootstrap_samples must be an integer >= 100, found "
-                             f"{self.bootstrap_samples!r}")
-        if not (_is_number(self.confidence) and 0.5 < self.confidence < 1):
-            raise ValueError(f"GateConfig.confidence must be in (0.5, 1), e.g. 0.95, found {self.confidence!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"GateConfig.seed must be an integer >= 0, found {self.seed!r}")
-        self._check_slices(allowed)
-
-    def _check_slices(self, allowed: tuple[str, ...]) -> None:
-        if isinstance(self.slices, list):
-            object.__setattr__(self, "slices", tuple(self.slices))  # frozen, but a list is an honest mistake
-        if not isinstance(self.slices, tuple) or not all(isinstance(s, SliceCheck) for s in self.slices):
-            raise ValueError(f"GateConfig.slices must be a tuple of SliceCheck, found {self.slices!r}")
-        columns = [s.column for s in self.slices]
-        if len(set(columns)) != len(columns):
-            raise ValueError(f"GateConfig.slices names a column more than once ({columns}); merge those checks")
-        for s in self.slices:
-            for name in s.thresholds:
-                if name not in allowed:
-                    raise ValueError(f"GateConfig.slices[{s.column!r}].thresholds: metric {name!r} is not computed "
-                                     f"for task '{self.task}'; allowed: {', '.join(allowed)}")
+        slice_metrics = [m for s in self.rules.slices for m in s.thresholds]
+        problem = metric_problem(self.task, [self.primary_metric, *self.thresholds, *slice_metrics])
+        if problem:
+            raise ValueError(f"GateConfig: {problem}")
 
     @classmethod
     def from_spec(cls, spec: PipelineSpec) -> GateConfig:
         """The config a pipeline spec implies: ``evaluation`` thresholds and ``evaluation.gate``; the bootstrap is
         seeded with ``training.seed`` so that a rerun of the same run decides the same."""
-        g = spec.evaluation.gate
         return cls(task=spec.task, primary_metric=spec.primary_metric, thresholds=dict(spec.evaluation.thresholds),
-                   margin=g.margin, method=g.method, bootstrap_samples=g.bootstrap_samples, confidence=g.confidence,
-                   seed=spec.training.seed,
-                   slices=tuple(SliceCheck(column=s.column, min_rows=s.min_rows, thresholds=dict(s.thresholds),
-                                           max_regression=s.max_regression) for s in g.slices))
+                   rules=spec.evaluation.gate, seed=spec.training.seed)
 
 
 @dataclass(frozen=True)
@@ -204,7 +119,7 @@ def decide(config: GateConfig, y_true: np.ndarray, candidate_pred: np.ndarray, c
         champion_pred: the champion's predictions on the same rows, in the candidate's class order; None for the
             first model.
         n_classes: number of classes (None for regression).
-        slice_frame: raw input columns of the same rows in the same order; required when ``config.slices`` is set.
+        slice_frame: raw input columns of the same rows in the same order; required when ``config.rules.slices`` is set.
 
     Returns:
         The decision with one entry per check.
@@ -219,13 +134,13 @@ def decide(config: GateConfig, y_true: np.ndarray, candidate_pred: np.ndarray, c
     cand = compute_metrics(config.task, y_true, candidate_pred, n_classes)
     champ = None if champion_pred is None else compute_metrics(config.task, y_true, champion_pred, n_classes)
     samples: _Samples | None = None
-    if config.method == "bootstrap":
+    if config.rules.method == "bootstrap":
         samples = _bootstrap(config, y_true, candidate_pred, champion_pred, n_classes)
     checks = [_threshold_check(config, "threshold", f"threshold {m}", m, t, cand, n_classes,
                                None if samples is None else samples[0].get(m), where="")
               for m, t in config.thresholds.items()]
     checks.append(_champion_check(config, cand, champ, n_classes, samples))
-    if config.slices:
+    if config.rules.slices:
         assert slice_frame is not None  # checked above
         checks += _slice_checks(config, y_true, candidate_pred, champion_pred, n_classes, slice_frame)
     passed = all(c["passed"] for c in checks)
@@ -235,18 +150,18 @@ def decide(config: GateConfig, y_true: np.ndarray, candidate_pred: np.ndarray, c
                  ("passed" if c["passed"] else "FAILED"), c["detail"])
     log.log(logging.INFO if passed else logging.WARNING, "gate %s", reason)
     return GateDecision(passed=passed, reason=reason, checks=checks, candidate_metrics=cand, champion_metrics=champ,
-                        method=config.method)
+                        method=config.rules.method)
 
 
 def _check_slice_frame(config: GateConfig, frame: pd.DataFrame | None, n_rows: int) -> None:
-    if not config.slices:
+    if not config.rules.slices:
         return
     if frame is None:
-        raise ValueError(f"GateConfig.slices checks columns {[s.column for s in config.slices]} but no slice_frame "
-                         "was given; pass the raw test rows")
+        raise ValueError(f"the gate's slices check columns {[s.column for s in config.rules.slices]} but no "
+                         "slice_frame was given; pass the raw test rows")
     if len(frame) != n_rows:
         raise ValueError(f"slice_frame has {len(frame)} rows but y_true has {n_rows}; pass the same test rows")
-    for s in config.slices:
+    for s in config.rules.slices:
         if s.column not in frame.columns:
             raise ValueError(f"slice column {s.column!r} is not in slice_frame; present: {', '.join(map(str, frame))}")
 
@@ -278,7 +193,7 @@ def _bound_of(samples: np.ndarray, higher_is_better: bool, config: GateConfig) -
     used = f"{len(valid)} of {len(samples)} resamples"
     if len(valid) < MIN_VALID_FRACTION * len(samples):
         return None, f"{used} define it, fewer than {MIN_VALID_FRACTION:.0%}; use more test rows or another metric"
-    q = 1 - config.confidence if higher_is_better else config.confidence
+    q = 1 - config.rules.confidence if higher_is_better else config.rules.confidence
     return float(np.quantile(valid, q)), used
 
 
@@ -291,7 +206,7 @@ def _threshold_check(config: GateConfig, kind: str, name: str, metric: str, thre
     higher = HIGHER_IS_BETTER[metric]
     side, op, miss = ("lower", "≥", "below") if higher else ("upper", "≤", "above")
     bound, used = (None, "") if samples is None else _bound_of(samples, higher, config)
-    subject = f"{where}{metric}" + ("" if samples is None else f" {config.confidence * 100:g}% {side} bound")
+    subject = f"{where}{metric}" + ("" if samples is None else f" {config.rules.confidence * 100:g}% {side} bound")
     if samples is not None and bound is None:
         return _check(name, kind, False, f"{subject} unavailable: only {used}", value=value, limit=threshold)
     compared = value if bound is None else bound
@@ -311,8 +226,8 @@ def _champion_check(config: GateConfig, cand: dict[str, float], champ: dict[str,
     if samples is not None and samples[1] is not None:
         sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
         diff_samples = sign * (samples[0][metric] - samples[1][metric])
-    return _compare(config, "champion", name, metric, cand, champ, n_classes, config.margin, "margin", diff_samples,
-                    "")
+    return _compare(config, "champion", name, metric, cand, champ, n_classes, config.rules.margin, "margin",
+                    diff_samples, "")
 
 
 def _compare(config: GateConfig, kind: str, name: str, metric: str, cand: dict[str, float], champ: dict[str, float],
@@ -328,7 +243,7 @@ def _compare(config: GateConfig, kind: str, name: str, metric: str, cand: dict[s
     verb = "beats" if diff > 0 else "matches" if diff == 0 else f"is within {allowance_name} of"
     pair = f"({_fmt(c)} vs {_fmt(h)}, {allowance_name} {_fmt(allowance)})"
     bound, used = (None, "") if diff_samples is None else _bound_of(diff_samples, True, config)
-    label = f"{config.confidence * 100:g}% lower bound of the difference"
+    label = f"{config.rules.confidence * 100:g}% lower bound of the difference"
     if diff_samples is None:
         ok = diff >= limit - _TOLERANCE
         detail = (f"{where}{verb} champion on {metric} {pair}" if ok else f"{where}{metric} {_fmt(c)} trails "
@@ -345,7 +260,7 @@ def _compare(config: GateConfig, kind: str, name: str, metric: str, cand: dict[s
 def _slice_checks(config: GateConfig, y: np.ndarray, cand_pred: np.ndarray, champ_pred: np.ndarray | None,
                   n_classes: int | None, frame: pd.DataFrame) -> list[dict[str, Any]]:
     checks: list[dict[str, Any]] = []
-    for sc in config.slices:
+    for sc in config.rules.slices:
         column = frame[sc.column]
         labels = np.where(column.isna().to_numpy(), "null", column.astype(str).to_numpy())
         values = sorted(set(labels))
@@ -394,7 +309,7 @@ def _bootstrap(config: GateConfig, y: np.ndarray, cand_pred: np.ndarray, champ_p
     cand_names = sorted({*config.thresholds, *([config.primary_metric] if champ_pred is not None else [])})
     if not cand_names:
         return {}, None
-    n, total = len(y), config.bootstrap_samples
+    n, total = len(y), config.rules.bootstrap_samples
     rng = np.random.default_rng(config.seed)
     per_chunk = max(1, _CHUNK_CELLS // n)
     cand_parts: list[dict[str, np.ndarray]] = []

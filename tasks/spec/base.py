@@ -28,10 +28,22 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Each field's docstring is its description: the trigger form reads it from there. No setting of a spec is
+    # meant to be NaN or infinite, and a comparison with NaN is always false (a NaN threshold would pass anything).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+
+def metric_problem(task: str, names: list[str]) -> str | None:
+    """Why metric ``names`` cannot be used for ``task`` (the first one ``evaluate`` does not compute), or None."""
+    allowed = CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
+    for name in names:
+        if name not in allowed:
+            return f"metric '{name}' is not computed for task '{task}'; allowed: {', '.join(allowed)}"
+    return None
 
 
 def unknown_key(key: str, allowed: list[str]) -> str:
+    """The message for an unknown field ``key``: the closest allowed name, then all of them."""
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown field '{key}'{hint} allowed: {', '.join(allowed)}"

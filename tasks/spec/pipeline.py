@@ -20,6 +20,7 @@ from kiln.tasks.spec.base import (
     SpecError,
     TaskType,
     _Strict,
+    metric_problem,
     unknown_key,
 )
 from kiln.tasks.spec.data import CleaningSpec, ExpectationsSpec, FeaturesSpec, SourceSpec
@@ -48,8 +49,8 @@ class PipelineSpec(_Strict):
     task: TaskType
     columns: dict[str, ColumnType] = Field(default_factory=dict)
     """Optional column types; others are inferred (numbers are numeric, everything else categorical)."""
-    sample_fraction: float = Field(default=1.0, gt=0, le=1)
-    """Fraction of source rows kept at ingest (seeded), for quick runs on large data."""
+    sample_fraction: float = Field(default=1.0, gt=0, le=1, title="Sample fraction")
+    """Share of source rows kept at ingest (seeded), for quick runs on large data."""
     expectations: ExpectationsSpec = ExpectationsSpec()
     cleaning: CleaningSpec = CleaningSpec()
     features: FeaturesSpec = FeaturesSpec()
@@ -85,13 +86,12 @@ class PipelineSpec(_Strict):
     def _cross_checks(self) -> PipelineSpec:
         if self.columns.get(self.target) == "ignore":
             raise ValueError(f"the target column '{self.target}' cannot have type 'ignore'")
-        allowed = self.metric_names()
         slice_metrics = [m for s in self.evaluation.gate.slices for m in s.thresholds]
-        for name in [*self.evaluation.thresholds, *slice_metrics,
-                     *([self.evaluation.primary_metric] if self.evaluation.primary_metric else [])]:
-            if name not in allowed:
-                raise ValueError(f"metric '{name}' is not computed for task '{self.task}'; "
-                                 f"allowed: {', '.join(allowed)}")
+        problem = metric_problem(self.task, [*self.evaluation.thresholds, *slice_metrics,
+                                             *([self.evaluation.primary_metric] if self.evaluation.primary_metric
+                                               else [])])
+        if problem:
+            raise ValueError(problem)
         return self
 
     def metric_names(self) -> tuple[str, ...]:

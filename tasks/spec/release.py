@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kiln.tasks.spec.base import _Strict
 
@@ -22,6 +22,13 @@ class SliceSpec(_Strict):
     max_regression: float | None = Field(default=None, ge=0)
     """On the primary metric: a slice may trail the champion's value on the same slice by at most this."""
 
+    @model_validator(mode="after")
+    def _checks_something(self) -> SliceSpec:
+        if not self.thresholds and self.max_regression is None:
+            raise ValueError(f"the slice check on column '{self.column}' checks nothing; set thresholds and/or "
+                             "max_regression")
+        return self
+
 
 class GateSpec(_Strict):
     """How the ``gate`` step compares a candidate with the thresholds and with the current champion."""
@@ -32,9 +39,18 @@ class GateSpec(_Strict):
     """``point`` compares metrics on the test split; ``bootstrap`` compares one-sided confidence bounds from a
     paired bootstrap over the test rows (stricter on small test sets)."""
     bootstrap_samples: int = Field(default=1000, ge=100, le=100_000)
+    """Resamples of the test rows (``bootstrap`` only)."""
     confidence: float = Field(default=0.95, gt=0.5, lt=1)
     """One-sided confidence level of the bootstrap bounds."""
     slices: list[SliceSpec] = Field(default_factory=list)
+    """Checks per value of a raw column, at most one per column."""
+
+    @model_validator(mode="after")
+    def _one_check_per_column(self) -> GateSpec:
+        columns = [s.column for s in self.slices]
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"slices names a column more than once ({columns}); merge those checks")
+        return self
 
 
 class EvaluationSpec(_Strict):
@@ -78,7 +94,7 @@ class InfraValidationSpec(_Strict):
 class DeploymentSpec(_Strict):
     """What happens after a candidate passes the gate."""
 
-    strategy: Literal["direct", "canary", "none"] = "direct"
+    strategy: Literal["direct", "canary", "none"] = Field(default="direct", title="Deployment")
     """``direct`` swaps the served model at once; ``canary`` sends a share of traffic to the candidate and promotes
     or rolls it back on its error rate and latency; ``none`` moves the registry alias only (no endpoint)."""
     port: int | None = Field(default=None, ge=1, le=65_535)

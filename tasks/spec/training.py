@@ -90,21 +90,25 @@ class DockerSpec(_Strict):
 class TrainingSpec(_Strict):
     """The ``train`` step's settings. The fields in ``PARAM_FIELDS`` can be overridden when a run is triggered."""
 
-    epochs: int = Field(default=10, ge=1, le=10_000)
-    batch_size: int = Field(default=32, ge=1, le=65_536)
-    """Per-process batch size."""
-    learning_rate: float = Field(default=1e-3, gt=0, le=10)
+    epochs: int = Field(default=10, ge=1, le=10_000, title="Epochs")
+    """Passes over the training split."""
+    batch_size: int = Field(default=32, ge=1, le=65_536, title="Batch size")
+    """Rows per optimizer step, per worker process."""
+    learning_rate: float = Field(default=1e-3, gt=0, le=10, title="Learning rate")
+    """Step size of the optimizer."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """L2 penalty of the optimizer."""
     optimizer: Literal["adam", "sgd"] = "adam"
-    seed: int = Field(default=42, ge=0)
-    nproc: int = Field(default=2, ge=1, le=64)
-    """Worker processes (DDP ranks) on the node."""
+    seed: int = Field(default=42, ge=0, title="Seed")
+    """Seeds sampling, the split and training: same seed, same model."""
+    nproc: int = Field(default=2, ge=1, le=64, title="Worker processes")
+    """Worker processes (DDP ranks) on each node."""
     threads_per_proc: int = Field(default=1, ge=1, le=64)
     """torch intra-op threads per rank."""
-    launcher: Literal["local", "docker"] = "local"
+    launcher: Literal["local", "docker"] = Field(default="local", title="Launcher")
     """How workers are started: ``local`` runs torchrun on this machine; ``docker`` runs one container per node,
     each running torchrun (gloo on CPU, NCCL on GPUs). Same checkpoints, metrics and outputs either way."""
-    nodes: int = Field(default=1, ge=1, le=256)
+    nodes: int = Field(default=1, ge=1, le=256, title="Nodes")
     """Nodes in the gang (``nproc`` ranks on each); more than one needs the ``docker`` launcher."""
     max_restarts: int = Field(default=0, ge=0, le=100)
     """Times the whole gang is restarted after a failure, resuming from the last complete checkpoint."""
@@ -113,6 +117,7 @@ class TrainingSpec(_Strict):
     timeout_s: int = Field(default=1800, ge=10)
     """The whole training job fails if it runs longer than this (a hung peer cannot block a worker forever)."""
     log_every_steps: int = Field(default=20, ge=1)
+    """A progress line every this many optimizer steps (rank 0)."""
 
     @model_validator(mode="after")
     def _local_is_one_node(self) -> TrainingSpec:

@@ -14,7 +14,8 @@ from typing import Any, Literal, get_args
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.settings import get_settings
-from kiln.tasks.spec import CLASSIFICATION_METRICS, REGRESSION_METRICS, PipelineSpec, TaskType
+from kiln.tasks.spec import PipelineSpec, TaskType
+from kiln.tasks.spec.base import metric_problem
 from kiln.tasks.storage.artifacts import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,6 @@ CONFUSION_PNG = "confusion_matrix.png"
 RESIDUALS_PNG = "residuals.png"
 #: Prefix of every metric key this step reports.
 SPLIT: Literal["test"] = "test"
-
-
-def _task_metrics(task: str) -> tuple[str, ...]:
-    return CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
 
 
 @dataclass(frozen=True)
@@ -47,11 +44,9 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.task not in get_args(TaskType):
             raise ValueError(f"EvaluateConfig.task must be one of {get_args(TaskType)}, found {self.task!r}")
-        allowed = _task_metrics(self.task)
-        for name in [self.primary_metric, *self.thresholds]:
-            if name not in allowed:
-                raise ValueError(f"EvaluateConfig: metric {name!r} is not computed for task '{self.task}'; "
-                                 f"allowed: {', '.join(allowed)}")
+        problem = metric_problem(self.task, [self.primary_metric, *self.thresholds])
+        if problem:
+            raise ValueError(f"EvaluateConfig: {problem}")
         if self.mlflow_run_id and not self.mlflow_tracking_uri:
             raise ValueError("EvaluateConfig.mlflow_run_id is set but mlflow_tracking_uri is not; pass the "
                              "tracking URI of that run (Settings.mlflow_tracking_uri)")

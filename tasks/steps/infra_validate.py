@@ -11,19 +11,18 @@ one-row requests exceeds ``latency_budget_ms``. The server is stopped however th
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.pipeline.gate_decision import require_passed
-from kiln.tasks.spec import PipelineSpec
+from kiln.tasks.spec import InfraValidationSpec, PipelineSpec
 from kiln.tasks.storage.artifacts import write_json
 
 if TYPE_CHECKING:
@@ -42,25 +41,13 @@ class InfraValidateConfig:
     """Settings of the ``infra_validate`` step."""
 
     bundle_dir: Path
-    """The model bundle to validate (``kiln.tasks.bundle.load.export_bundle`` output)."""
-    tolerance: float = 1e-5
-    """Largest allowed absolute difference between served and training-side probabilities (or values)."""
-    latency_budget_ms: float = 500.0
-    """Largest allowed p99 latency of one-row requests, measured at the client."""
-    requests: int = 50
-    """One-row requests to time; the sample rows are cycled (each row is sent at least once)."""
+    """The model bundle to validate (:func:`kiln.tasks.bundle.export.export_bundle` output)."""
+    rules: InfraValidationSpec = field(default_factory=InfraValidationSpec)
+    """``deployment.infra_validation``: parity tolerance, latency budget, requests timed (validated there)."""
     start_timeout_s: float = 60
     """How long the server may take to load the bundle."""
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
-            raise ValueError(f"InfraValidateConfig.tolerance must be a finite number >= 0, found "
-                             f"{self.tolerance!r}")
-        if not self.latency_budget_ms > 0:
-            raise ValueError(f"InfraValidateConfig.latency_budget_ms must be positive, found "
-                             f"{self.latency_budget_ms!r}")
-        if not 1 <= self.requests <= 10_000:
-            raise ValueError(f"InfraValidateConfig.requests must be between 1 and 10000, found {self.requests!r}")
         if not self.start_timeout_s > 0:
             raise ValueError(f"InfraValidateConfig.start_timeout_s must be positive seconds, found "
                              f"{self.start_timeout_s!r}")
@@ -68,9 +55,7 @@ class InfraValidateConfig:
     @classmethod
     def from_spec(cls, spec: PipelineSpec, bundle_dir: Path) -> InfraValidateConfig:
         """The config of ``deployment.infra_validation`` for the bundle in ``bundle_dir``."""
-        v = spec.deployment.infra_validation
-        return cls(bundle_dir=bundle_dir, tolerance=v.tolerance, latency_budget_ms=v.latency_budget_ms,
-                   requests=v.requests)
+        return cls(bundle_dir=bundle_dir, rules=spec.deployment.infra_validation)
 
 
 @dataclass(frozen=True)
@@ -134,7 +119,7 @@ def run_infra_validate(config: InfraValidateConfig) -> InfraValidateResult:
     raw, expected_y = bundle.sample()
     records = records_from_frame(raw)
     expected = bundle.format_predictions(np.asarray(expected_y))
-    n_single = max(config.requests, len(records))
+    n_single = max(config.rules.requests, len(records))
     model = str((bundle.manifest.get("metadata") or {}).get("pipeline") or bundle_dir.name)
     with tempfile.TemporaryDirectory(prefix="kiln-infra-validate-") as tmp:
         run_dir = Path(tmp)
@@ -218,17 +203,17 @@ def _judge(config: InfraValidateConfig, bundle_dir: Path, expected: list[dict[st
     p50, p99 = (float(v) for v in np.percentile(latencies, [50, 99]))
     problems = [f"parity (one-row requests): {problem_single}" if problem_single else "",
                 f"parity (batch request): {problem_batch}" if problem_batch else ""]
-    if max_diff > config.tolerance:
+    if max_diff > config.rules.tolerance:
         problems.append(f"parity: served predictions differ from the training-side predictions by up to "
-                        f"{max_diff:.3g} (tolerance {config.tolerance:g})")
-    if p99 > config.latency_budget_ms:
+                        f"{max_diff:.3g} (tolerance {config.rules.tolerance:g})")
+    if p99 > config.rules.latency_budget_ms:
         problems.append(f"latency: p99 of one-row requests is {p99:.1f} ms, over the budget of "
-                        f"{config.latency_budget_ms:g} ms")
+                        f"{config.rules.latency_budget_ms:g} ms")
     problems = [p for p in problems if p]
     passed = not problems
     reason = "; ".join(problems) if problems else (
-        f"parity within {config.tolerance:g} (max abs diff {max_diff:.3g}) over {len(expected)} rows; "
-        f"p99 {p99:.1f} ms within {config.latency_budget_ms:g} ms")
+        f"parity within {config.rules.tolerance:g} (max abs diff {max_diff:.3g}) over {len(expected)} rows; "
+        f"p99 {p99:.1f} ms within {config.rules.latency_budget_ms:g} ms")
     result = InfraValidateResult(passed, max_diff, p50, p99, len(expected), n_single, reason)
     log.info("infra validation of %s %s: %s", bundle_dir, "passed" if passed else "FAILED", reason)
     if not passed:

@@ -50,7 +50,7 @@ def verify(ctx: RunContext) -> VerifyResult:
         DeploymentFailedError: the candidate failed; the previous deployment is restored.
     """
     from kiln.tasks.bundle.load import load_bundle, records_from_frame
-    from kiln.tasks.serving.canary import CanaryPolicy, watch_canary
+    from kiln.tasks.evaluation.canary import watch_canary
 
     require_passed(ctx)
     deployed = read_deploy_result(ctx)
@@ -70,9 +70,6 @@ def verify(ctx: RunContext) -> VerifyResult:
             return VerifyResult(strategy="direct", passed=True, reason="served predictions match training's",
                                 details=parity)
         c = ctx.spec.deployment.canary
-        policy = CanaryPolicy(share=c.share, min_requests=c.min_requests, window_s=c.window_s,
-                              max_error_rate_increase=c.max_error_rate_increase,
-                              max_latency_ratio=c.max_latency_ratio)
         records = records_from_frame(load_bundle(ctx.input_dir(keys.BUNDLE)).sample()[0])
         stop = threading.Event()
         # Enough probe requests that the canary's share reaches min_requests well within the window.
@@ -80,7 +77,7 @@ def verify(ctx: RunContext) -> VerifyResult:
         probe = threading.Thread(target=_probe_traffic, args=(client, records, stop, rate), daemon=True)
         probe.start()
         try:
-            verdict = watch_canary(client, policy)
+            verdict = watch_canary(client, c)
         finally:
             stop.set()
             probe.join(timeout=10)

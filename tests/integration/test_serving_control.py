@@ -21,7 +21,7 @@ from conftest import free_port
 from serving_fixtures import make_bundle, records
 
 from kiln.tasks.bundle.load import MANIFEST_FILE, SAMPLE_PREDICTIONS_FILE
-from kiln.tasks.serving.canary import CanaryPolicy, watch_canary
+from kiln.tasks.evaluation.canary import watch_canary
 from kiln.tasks.serving.client import ServingClient, ServingError
 from kiln.tasks.serving.deployment import (
     Deployment,
@@ -35,6 +35,7 @@ from kiln.tasks.serving.deployment import (
 )
 from kiln.tasks.serving.models import WARM_UP_TOLERANCE
 from kiln.tasks.serving.process import PortInUseError, ServerStartError, ensure_server, stop_server
+from kiln.tasks.spec import CanarySpec, InfraValidationSpec
 from kiln.tasks.steps.infra_validate import InfraValidateConfig, InfraValidationError, run_infra_validate
 from kiln.tasks.storage.artifacts import read_json, write_json
 
@@ -161,7 +162,8 @@ def test_a_server_that_cannot_load_its_bundle_fails_to_start_with_its_log(tmp_pa
                          ids=["within_budget", "over_budget"])
 def test_infra_validation_serves_the_bundle_with_training_parity(bundle_factory: Callable[..., Path],
                                                                  budget_ms: float, passes: bool) -> None:
-    config = InfraValidateConfig(bundle_dir=bundle_factory(0), latency_budget_ms=budget_ms, requests=80)
+    config = InfraValidateConfig(bundle_dir=bundle_factory(0),
+                                 rules=InfraValidationSpec(latency_budget_ms=budget_ms, requests=80))
     if passes:
         result = run_infra_validate(config)
     else:
@@ -199,7 +201,8 @@ def test_infra_validation_fails_when_served_predictions_drift_from_training(
     bundle = _tampered(bundle_factory(0), tmp_path / "bundle", nudge)
 
     with pytest.raises(InfraValidationError, match="parity") as info:
-        run_infra_validate(InfraValidateConfig(bundle_dir=bundle, tolerance=1e-5, latency_budget_ms=10_000))
+        run_infra_validate(InfraValidateConfig(
+            bundle_dir=bundle, rules=InfraValidationSpec(tolerance=1e-5, latency_budget_ms=10_000)))
 
     result = info.value.result
     assert not result.passed and result.max_abs_diff == pytest.approx(drift, rel=0.2)
@@ -216,7 +219,7 @@ def test_infra_validation_fails_when_the_runtime_refuses_the_bundle(tmp_path: Pa
     bundle = _tampered(bundle_factory(0), tmp_path / "bundle", swap_classes)
 
     with pytest.raises(InfraValidationError, match="parity check") as info:
-        run_infra_validate(InfraValidateConfig(bundle_dir=bundle, latency_budget_ms=10_000))
+        run_infra_validate(InfraValidateConfig(bundle_dir=bundle, rules=InfraValidationSpec(latency_budget_ms=10_000)))
 
     assert "sample predictions" in info.value.result.reason and not info.value.result.passed
     assert _server_processes_with("kiln-infra-validate-") == []
@@ -284,14 +287,14 @@ def _serve_with_canary(tmp_path: Path, server_dir: Path, champion: Path, canary:
 
 def test_a_broken_canary_rolls_back_on_its_own(tmp_path: Path, server_dir: Path,
                                                bundle_factory: Callable[..., Path]) -> None:
-    policy = CanaryPolicy(share=0.5, min_requests=20, window_s=120, poll_s=0.1)
+    policy = CanarySpec(share=0.5, min_requests=20, window_s=120)
     deployment, url = _serve_with_canary(tmp_path, server_dir, bundle_factory(0),
                                          _exploding_bundle(tmp_path / "broken"), policy.share)
     unseen_island = [{**row, "island": "Atlantis"} for row in records(1)]
 
     with ServingClient(url, TOKEN) as client:
         with _traffic(url, unseen_island) as failures:
-            verdict = watch_canary(client, policy)
+            verdict = watch_canary(client, policy, poll_s=0.1)
 
         assert not verdict.promote
         assert "error rate" in verdict.reason and verdict.stats["canary"]["errors"] >= 1
@@ -305,12 +308,12 @@ def test_a_broken_canary_rolls_back_on_its_own(tmp_path: Path, server_dir: Path,
 
 def test_a_healthy_canary_is_promoted(tmp_path: Path, server_dir: Path, bundle_factory: Callable[..., Path]) -> None:
     # p99s on a shared test machine are noisy; this test is about the promotion path, not latency.
-    policy = CanaryPolicy(share=0.5, min_requests=20, window_s=120, poll_s=0.1, latency_floor_ms=1_000)
+    policy = CanarySpec(share=0.5, min_requests=20, window_s=120)
     deployment, url = _serve_with_canary(tmp_path, server_dir, bundle_factory(0), bundle_factory(1), policy.share)
 
     with ServingClient(url, TOKEN) as client:
         with _traffic(url, records(3)) as failures:
-            verdict = watch_canary(client, policy)
+            verdict = watch_canary(client, policy, poll_s=0.1, latency_floor_ms=1_000)
 
         assert verdict.promote, verdict.reason
         assert verdict.stats["canary"]["requests"] >= policy.min_requests and verdict.stats["canary"]["errors"] == 0

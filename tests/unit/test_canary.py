@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from kiln.tasks.serving.canary import CanaryPolicy, CanaryVerdict, judge, watch_canary
+from kiln.tasks.evaluation.canary import CanaryVerdict, judge, watch_canary
+from kiln.tasks.spec import CanarySpec
 
-POLICY = CanaryPolicy(share=0.2, min_requests=50, window_s=60, poll_s=1.0, max_error_rate_increase=0.01,
-                      max_latency_ratio=2.0, latency_floor_ms=5.0)
+POLICY = CanarySpec(share=0.2, min_requests=50, window_s=60, max_error_rate_increase=0.01, max_latency_ratio=2.0)
 
 
 def _stats(champion: tuple[int, int, float | None], canary: tuple[int, int, float | None] | None) -> dict[str, Any]:
@@ -84,11 +84,11 @@ class _FakeClock:
 
 
 def test_too_little_traffic_rolls_back_at_window_end() -> None:
-    policy = CanaryPolicy(min_requests=50, window_s=10, poll_s=3)
+    policy = CanarySpec(min_requests=50, window_s=10)
     server = _ScriptedServer([_stats((20, 0, 10.0), (5, 0, 10.0)), _stats((60, 0, 10.0), (12, 0, 10.0))])
     clock = _FakeClock()
 
-    verdict = watch_canary(server, policy, clock=clock, sleep=clock.sleep)
+    verdict = watch_canary(server, policy, poll_s=3, clock=clock, sleep=clock.sleep)
 
     assert not verdict.promote
     assert "not enough traffic" in verdict.reason and "12 of the 50 requests" in verdict.reason
@@ -114,11 +114,20 @@ def test_verdict_to_dict_is_json_ready() -> None:
 
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"share": 0}, "share"), ({"share": 1.0}, "share"), ({"min_requests": 0}, "min_requests"),
-    ({"window_s": 0}, "window_s"), ({"poll_s": 0}, "poll_s"), ({"poll_s": 400}, "poll_s"),
-    ({"max_error_rate_increase": -0.1}, "max_error_rate_increase"), ({"max_latency_ratio": 0.5}, "max_latency_ratio"),
-    ({"latency_floor_ms": -1}, "latency_floor_ms"),
-], ids=["share_zero", "share_one", "min_requests", "window", "poll_zero", "poll_over_window", "error_increase",
-        "latency_ratio", "latency_floor"])
-def test_policy_rejects_bad_values(kwargs: dict[str, Any], field: str) -> None:
-    with pytest.raises(ValueError, match=f"CanaryPolicy.{field}"):
-        CanaryPolicy(**kwargs)
+    ({"window_s": 0}, "window_s"), ({"max_error_rate_increase": -0.1}, "max_error_rate_increase"),
+    ({"max_latency_ratio": 0.5}, "max_latency_ratio"),
+], ids=["share_zero", "share_one", "min_requests", "window", "error_increase", "latency_ratio"])
+def test_the_spec_rejects_bad_canary_settings(kwargs: dict[str, Any], field: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        CanarySpec(**kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"poll_s": 0}, "poll_s must be positive"), ({"poll_s": 400}, "at most the window"),
+    ({"latency_floor_ms": -1}, "latency_floor_ms must be >= 0"),
+], ids=["poll_zero", "poll_over_window", "latency_floor"])
+def test_watching_rejects_bad_timing(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        watch_canary(_ScriptedServer([]), POLICY, **kwargs)

@@ -10,9 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kiln.tasks.evaluation.gate_rules import GateConfig, GateDecision, SliceCheck, _bound_of, decide
+from kiln.tasks.evaluation.gate_rules import GateConfig, GateDecision, _bound_of, decide
 from kiln.tasks.evaluation.metrics import compute_metrics
 from kiln.tasks.evaluation.resampling import resampled_metrics
+from kiln.tasks.spec import EvaluationSpec, GateSpec, SliceSpec
+
+
+def gate_config(task: str = "classification", primary_metric: str = "accuracy", thresholds: dict | None = None,
+                seed: int = 0, **rules) -> GateConfig:
+    """A config whose ``evaluation.gate`` rules are ``rules`` (validated by the spec, as in a pipeline)."""
+    return GateConfig(task=task, primary_metric=primary_metric, thresholds=thresholds or {}, seed=seed,
+                      rules=GateSpec(**rules))
 
 
 def _classifier(y: np.ndarray, wrong, k: int = 2, confidence: float = 0.8) -> np.ndarray:
@@ -65,7 +73,7 @@ def _check(decision: GateDecision, kind: str) -> dict:
         "worse_beyond_margin_fails", "tie_within_margin_passes", "rmse_lower_is_better_passes",
         "rmse_higher_fails_threshold_and_champion", "rmse_within_margin_passes"])
 def test_point_decision(task, config, candidate, champion, passed, reason, champion_diff):
-    cfg = GateConfig(task=task, primary_metric="accuracy" if task == "classification" else "rmse", **config)
+    cfg = gate_config(task=task, primary_metric="accuracy" if task == "classification" else "rmse", **config)
     y = Y_CLF if task == "classification" else Y_REG
 
     decision = decide(cfg, y, _predictions(task, candidate), _predictions(task, champion),
@@ -80,7 +88,7 @@ def test_point_decision(task, config, candidate, champion, passed, reason, champ
 
 
 def test_decision_is_json_ready_and_logged_one_line_per_check(caplog):
-    cfg = GateConfig(task="classification", primary_metric="accuracy", thresholds={"accuracy": 0.8, "log_loss": 1.0})
+    cfg = gate_config(task="classification", primary_metric="accuracy", thresholds={"accuracy": 0.8, "log_loss": 1.0})
     caplog.set_level(logging.INFO, logger="kiln.tasks.evaluation.gate_rules")
 
     decision = decide(cfg, Y_CLF.astype(np.int64), _predictions("classification", 2).astype(np.float32),
@@ -96,7 +104,7 @@ def test_decision_is_json_ready_and_logged_one_line_per_check(caplog):
 
 def test_threshold_on_a_metric_the_model_does_not_have_fails_with_the_reason():
     y = np.arange(12) % 3
-    cfg = GateConfig(task="classification", primary_metric="accuracy", thresholds={"roc_auc": 0.7})
+    cfg = gate_config(task="classification", primary_metric="accuracy", thresholds={"roc_auc": 0.7})
 
     decision = decide(cfg, y, _classifier(y, [], k=3), None, 3)
 
@@ -113,7 +121,7 @@ def _noisy_classifier(y: np.ndarray, accuracy: float, rng: np.random.Generator) 
 def test_bootstrap_passes_a_clearly_better_candidate():
     rng = np.random.default_rng(7)
     y = rng.integers(0, 2, 400)
-    cfg = GateConfig(task="classification", primary_metric="accuracy", thresholds={"accuracy": 0.8},
+    cfg = gate_config(task="classification", primary_metric="accuracy", thresholds={"accuracy": 0.8},
                      method="bootstrap", bootstrap_samples=500)
 
     decision = decide(cfg, y, _noisy_classifier(y, 0.9, rng), _noisy_classifier(y, 0.6, rng), 2)
@@ -131,8 +139,8 @@ def test_bootstrap_fails_a_marginal_win_on_a_tiny_test_set_that_the_point_check_
     candidate = _classifier(y, [0, 1, 2, 3, 4])  # 15 of 20 right
     champion = _classifier(y, [3, 4, 5, 6, 7, 8])  # 14 of 20 right, wrong on different rows
 
-    point = decide(GateConfig(task="classification", primary_metric="accuracy"), y, candidate, champion, 2)
-    boot = decide(GateConfig(task="classification", primary_metric="accuracy", method="bootstrap"), y, candidate,
+    point = decide(gate_config(task="classification", primary_metric="accuracy"), y, candidate, champion, 2)
+    boot = decide(gate_config(task="classification", primary_metric="accuracy", method="bootstrap"), y, candidate,
                   champion, 2)
 
     assert point.passed and "beats champion on accuracy (0.75 vs 0.7, margin 0)" in point.reason
@@ -149,7 +157,7 @@ def test_bootstrap_uses_the_upper_bound_for_an_error_metric():
     y = rng.normal(size=200)
     pred = y + rng.normal(scale=0.5, size=200)
     threshold = compute_metrics("regression", y, pred, None)["rmse"] + 0.01
-    cfg = GateConfig(task="regression", primary_metric="rmse", thresholds={"rmse": threshold}, method="bootstrap")
+    cfg = gate_config(task="regression", primary_metric="rmse", thresholds={"rmse": threshold}, method="bootstrap")
 
     decision = decide(cfg, y, pred, None, None)
 
@@ -164,7 +172,7 @@ def test_bootstrap_is_deterministic_for_a_seed():
     candidate, champion = _noisy_classifier(y, 0.8, rng), _noisy_classifier(y, 0.75, rng)
 
     def run(seed: int) -> dict:
-        cfg = GateConfig(task="classification", primary_metric="log_loss", thresholds={"log_loss": 1.0},
+        cfg = gate_config(task="classification", primary_metric="log_loss", thresholds={"log_loss": 1.0},
                          method="bootstrap", seed=seed)
         return decide(cfg, y, candidate, champion, 2).to_dict()
 
@@ -176,7 +184,7 @@ def test_bootstrap_is_deterministic_for_a_seed():
 
 def test_bootstrap_drops_resamples_where_the_metric_is_undefined():
     y = np.array([1] + [0] * 9)  # a resample misses the positive row about a third of the time
-    cfg = GateConfig(task="classification", primary_metric="roc_auc", thresholds={"roc_auc": 0.1},
+    cfg = gate_config(task="classification", primary_metric="roc_auc", thresholds={"roc_auc": 0.1},
                      method="bootstrap")
 
     decision = decide(cfg, y, _classifier(y, [5]), None, 2)
@@ -188,7 +196,7 @@ def test_bootstrap_drops_resamples_where_the_metric_is_undefined():
 def test_too_few_defined_resamples_give_no_bound():
     # Real test sets reach this only by chance (every metric here is defined on at least half the resamples
     # of any set of two or more rows that defines it), so the rule is tested on the values directly.
-    cfg = GateConfig(task="classification", primary_metric="roc_auc", method="bootstrap", bootstrap_samples=100)
+    cfg = gate_config(task="classification", primary_metric="roc_auc", method="bootstrap", bootstrap_samples=100)
     samples = np.r_[np.full(51, np.nan), np.linspace(0.6, 0.9, 49)]
 
     bound, used = _bound_of(samples, True, cfg)
@@ -227,8 +235,8 @@ def _slice_frame() -> pd.DataFrame:
 def test_one_bad_slice_fails_the_gate_and_is_named():
     y = np.arange(len(REGIONS)) % 2
     candidate = _classifier(y, np.arange(30, 45))  # half of the south rows wrong, all others right
-    cfg = GateConfig(task="classification", primary_metric="accuracy", thresholds={"accuracy": 0.8},
-                     slices=(SliceCheck("region", thresholds={"accuracy": 0.8}),))
+    cfg = gate_config(task="classification", primary_metric="accuracy", thresholds={"accuracy": 0.8},
+                     slices=[SliceSpec(column="region", thresholds={"accuracy": 0.8})])
 
     decision = decide(cfg, y, candidate, None, 2, _slice_frame())
 
@@ -244,8 +252,8 @@ def test_slice_regression_against_the_champion_fails_although_the_candidate_wins
     y = np.arange(len(REGIONS)) % 2
     candidate = _classifier(y, np.arange(30, 36))  # 6 south rows wrong: 0.933 overall, 0.8 on south
     champion = _classifier(y, np.r_[0:10, 65:75])  # perfect on south, 20 wrong elsewhere
-    cfg = GateConfig(task="classification", primary_metric="accuracy",
-                     slices=(SliceCheck("region", min_rows=10, max_regression=0.1),))
+    cfg = gate_config(task="classification", primary_metric="accuracy",
+                     slices=[SliceSpec(column="region", min_rows=10, max_regression=0.1)])
 
     decision = decide(cfg, y, candidate, champion, 2, _slice_frame())
 
@@ -257,8 +265,8 @@ def test_slice_regression_against_the_champion_fails_although_the_candidate_wins
 
 def test_small_slices_are_skipped_and_the_gate_passes():
     y = np.arange(len(REGIONS)) % 2
-    cfg = GateConfig(task="classification", primary_metric="accuracy",
-                     slices=(SliceCheck("region", min_rows=26, thresholds={"accuracy": 0.9}, max_regression=0.0),))
+    cfg = gate_config(task="classification", primary_metric="accuracy",
+                     slices=[SliceSpec(column="region", min_rows=26, thresholds={"accuracy": 0.9}, max_regression=0.0)])
 
     decision = decide(cfg, y, _classifier(y, []), _classifier(y, []), 2, _slice_frame())
 
@@ -276,8 +284,8 @@ def test_small_slices_are_skipped_and_the_gate_passes():
 ], ids=["missing_column", "no_frame", "row_count_mismatch"])
 def test_slice_frame_errors(frame, match):
     y = np.arange(len(REGIONS)) % 2
-    cfg = GateConfig(task="classification", primary_metric="accuracy",
-                     slices=(SliceCheck("segment", thresholds={"accuracy": 0.5}),))
+    cfg = gate_config(task="classification", primary_metric="accuracy",
+                     slices=[SliceSpec(column="segment", thresholds={"accuracy": 0.5})])
 
     with pytest.raises(ValueError, match=match):
         decide(cfg, y, _classifier(y, []), None, 2, frame)
@@ -285,8 +293,8 @@ def test_slice_frame_errors(frame, match):
 
 def test_a_continuous_slice_column_is_rejected():
     y = np.arange(300) % 2
-    cfg = GateConfig(task="classification", primary_metric="accuracy",
-                     slices=(SliceCheck("size", thresholds={"accuracy": 0.5}),))
+    cfg = gate_config(task="classification", primary_metric="accuracy",
+                     slices=[SliceSpec(column="size", thresholds={"accuracy": 0.5})])
 
     with pytest.raises(ValueError, match="'size' has 300 distinct values"):
         decide(cfg, y, _classifier(y, []), None, 2, pd.DataFrame({"size": np.arange(300) * 0.5}))
@@ -294,40 +302,37 @@ def test_a_continuous_slice_column_is_rejected():
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"task": "ranking"}, "GateConfig.task"),
-    ({"primary_metric": "rmse"}, "GateConfig.primary_metric 'rmse'"),
-    ({"thresholds": {"r2": 0.5}}, r"GateConfig.thresholds: metric 'r2'"),
-    ({"thresholds": {"accuracy": float("nan")}}, r"GateConfig.thresholds\['accuracy'\]"),
-    ({"margin": -0.01}, "GateConfig.margin"),
-    ({"method": "bayes"}, "GateConfig.method"),
-    ({"bootstrap_samples": 10}, "GateConfig.bootstrap_samples"),
-    ({"confidence": 1.0}, "GateConfig.confidence"),
-    ({"seed": -1}, "GateConfig.seed"),
-    ({"slices": (SliceCheck("a", max_regression=0.1), SliceCheck("a", max_regression=0.2))},
-     "GateConfig.slices names a column more than once"),
-    ({"slices": (SliceCheck("a", thresholds={"mae": 1.0}),)}, r"GateConfig.slices\['a'\].thresholds: metric 'mae'"),
-], ids=["task", "primary_metric", "threshold_metric", "threshold_value", "margin", "method", "bootstrap_samples",
-        "confidence", "seed", "duplicate_slice", "slice_metric"])
-def test_gate_config_errors_name_the_field(kwargs, match):
+    ({"primary_metric": "rmse"}, "GateConfig: metric 'rmse' is not computed for task 'classification'"),
+    ({"thresholds": {"r2": 0.5}}, "GateConfig: metric 'r2'"),
+    ({"slices": [SliceSpec(column="a", thresholds={"mae": 1.0})]}, "GateConfig: metric 'mae'"),
+], ids=["task", "primary_metric", "threshold_metric", "slice_metric"])
+def test_gate_config_errors_name_the_metric(kwargs, match):
+    rules = {"slices": kwargs.pop("slices")} if "slices" in kwargs else {}
     with pytest.raises(ValueError, match=match):
-        GateConfig(**{"task": "classification", "primary_metric": "accuracy", **kwargs})
+        gate_config(**kwargs, **rules)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"column": ""}, "SliceCheck.column"),
-    ({"min_rows": 0}, "SliceCheck.min_rows"),
-    ({"max_regression": -1.0}, "SliceCheck.max_regression"),
-    ({"thresholds": {"accuracy": "high"}}, r"SliceCheck.thresholds\['accuracy'\]"),
-    ({"thresholds": {}}, "checks nothing; set thresholds and/or max_regression"),
-], ids=["column", "min_rows", "max_regression", "threshold_value", "checks_nothing"])
-def test_slice_check_errors_name_the_field(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        SliceCheck(**{"column": "region", "thresholds": {"accuracy": 0.5}, **kwargs})
+@pytest.mark.parametrize(("section", "kwargs", "field"), [
+    (EvaluationSpec, {"thresholds": {"accuracy": float("nan")}}, "thresholds.accuracy"),
+    (GateSpec, {"margin": -0.01}, "margin"),
+    (GateSpec, {"method": "bayes"}, "method"),
+    (GateSpec, {"bootstrap_samples": 10}, "bootstrap_samples"),
+    (GateSpec, {"confidence": 1.0}, "confidence"),
+    (GateSpec, {"slices": [{"column": "a", "max_regression": 0.1}, {"column": "a", "max_regression": 0.2}]},
+     "names a column more than once"),
+    (SliceSpec, {"column": "region", "thresholds": {"accuracy": 0.5}, "min_rows": 0}, "min_rows"),
+    (SliceSpec, {"column": "", "max_regression": 0.1}, "column"),
+    (SliceSpec, {"column": "region", "max_regression": -1.0}, "max_regression"),
+    (SliceSpec, {"column": "region", "thresholds": {"accuracy": "high"}}, "thresholds.accuracy"),
+    (SliceSpec, {"column": "region"}, "checks nothing; set thresholds and/or max_regression"),
+], ids=["threshold_value", "margin", "method", "bootstrap_samples", "confidence", "duplicate_slice", "min_rows",
+        "slice_column", "max_regression", "slice_threshold_value", "checks_nothing"])
+def test_the_gate_rules_are_validated_by_the_spec(section, kwargs, field):
+    """The gate's settings are declared once, in the spec: a bad value is refused there, naming the field."""
+    from pydantic import ValidationError
 
-
-def test_slices_given_as_a_list_become_a_tuple():
-    cfg = GateConfig(task="regression", primary_metric="mae", slices=[SliceCheck("region", max_regression=0.5)])
-
-    assert cfg.slices == (SliceCheck("region", max_regression=0.5),)
+    with pytest.raises(ValidationError, match=re.escape(field)):
+        section(**kwargs)
 
 
 def test_config_from_the_spec_takes_thresholds_and_the_gate_section():
@@ -342,7 +347,7 @@ def test_config_from_the_spec_takes_thresholds_and_the_gate_section():
 
     config = GateConfig.from_spec(spec)
 
-    assert (config.task, config.primary_metric, config.margin, config.method, config.seed) == \
+    assert (config.task, config.primary_metric, config.rules.margin, config.rules.method, config.seed) == \
         ("classification", "accuracy", 0.01, "bootstrap", spec.training.seed)
     assert config.thresholds == {"accuracy": 0.9, "macro_f1": 0.85}
-    assert config.slices == (SliceCheck("island", min_rows=10, thresholds={"accuracy": 0.8}),)
+    assert config.rules.slices == [SliceSpec(column="island", min_rows=10, thresholds={"accuracy": 0.8})]

@@ -1,11 +1,12 @@
-"""Canary analysis: decide from the server's live statistics whether a candidate model may replace the champion.
+"""Canary analysis (``verify`` of a ``canary`` deployment): decide from the model server's live statistics
+whether a candidate model may replace the champion.
 
 The server routes a share of the traffic to the canary and counts requests, errors and latencies per variant
 since its last reload (``GET /admin/stats``). :func:`judge` is the pure decision on one such snapshot;
 :func:`watch_canary` polls the server until the judgement is made or the observation window ends.
 
 The canary is rolled back when its error rate exceeds the champion's by more than ``max_error_rate_increase``,
-or when its p99 latency is both ``max_latency_ratio`` times the champion's and more than ``latency_floor_ms``
+or when its p99 latency is both ``max_latency_ratio`` times the champion's and more than ``LATENCY_FLOOR_MS``
 above it (sub-millisecond p99s differ by large ratios for no reason a user would notice). A canary whose errors
 already exceed what ``min_requests`` requests could tolerate is rolled back at once, without waiting for the
 remaining traffic.
@@ -20,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kiln.tasks.spec import CanarySpec
+
 log = logging.getLogger(__name__)
 
 
@@ -29,43 +32,8 @@ class StatsSource(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
-@dataclass(frozen=True)
-class CanaryPolicy:
-    """How much traffic a canary gets and what it must show to be promoted."""
-
-    share: float = 0.2
-    """Fraction of requests routed to the canary, in (0, 1)."""
-    min_requests: int = 50
-    """Canary requests needed before a promotion is considered."""
-    window_s: float = 300
-    """How long to watch; a canary that has not seen ``min_requests`` by then is rolled back."""
-    poll_s: float = 1.0
-    """Seconds between two reads of the server's statistics."""
-    max_error_rate_increase: float = 0.01
-    """Largest tolerated canary error rate above the champion's (absolute, 0.01 = one point)."""
-    max_latency_ratio: float = 2.0
-    """Largest tolerated ratio of canary p99 to champion p99."""
-    latency_floor_ms: float = 5.0
-    """p99 differences below this many milliseconds are noise and never cause a rollback."""
-
-    def __post_init__(self) -> None:
-        if not 0 < self.share < 1:
-            raise ValueError(f"CanaryPolicy.share must be in (0, 1), found {self.share!r}; the champion keeps the "
-                             "rest of the traffic and is the baseline the canary is compared with")
-        if self.min_requests < 1:
-            raise ValueError(f"CanaryPolicy.min_requests must be at least 1, found {self.min_requests!r}")
-        if not self.window_s > 0:
-            raise ValueError(f"CanaryPolicy.window_s must be positive seconds, found {self.window_s!r}")
-        if not 0 < self.poll_s <= self.window_s:
-            raise ValueError(f"CanaryPolicy.poll_s must be positive and at most window_s ({self.window_s:g}), "
-                             f"found {self.poll_s!r}")
-        if not 0 <= self.max_error_rate_increase <= 1:
-            raise ValueError("CanaryPolicy.max_error_rate_increase is a rate difference in [0, 1], found "
-                             f"{self.max_error_rate_increase!r}")
-        if not self.max_latency_ratio >= 1:
-            raise ValueError(f"CanaryPolicy.max_latency_ratio must be at least 1, found {self.max_latency_ratio!r}")
-        if not self.latency_floor_ms >= 0:
-            raise ValueError(f"CanaryPolicy.latency_floor_ms must be >= 0 ms, found {self.latency_floor_ms!r}")
+#: p99 differences below this many milliseconds are noise and never cause a rollback.
+LATENCY_FLOOR_MS = 5.0
 
 
 @dataclass(frozen=True)
@@ -96,11 +64,13 @@ def _p99(variant: dict[str, Any]) -> float | None:
     return float(value) if value is not None and math.isfinite(float(value)) else None
 
 
-def judge(policy: CanaryPolicy, stats: dict[str, Any]) -> CanaryVerdict | None:
+def judge(policy: CanarySpec, stats: dict[str, Any], latency_floor_ms: float = LATENCY_FLOOR_MS
+          ) -> CanaryVerdict | None:
     """Decide on one statistics snapshot.
 
     Args:
-        policy: the thresholds.
+        policy: the spec's ``deployment.canary`` thresholds.
+        latency_floor_ms: p99 differences up to this are never a reason to roll back.
         stats: the body of ``GET /admin/stats``: ``{"champion": {"requests", "errors", "p50_ms", "p99_ms", ...},
             "canary": {...} | None, "since": ...}``.
 
@@ -127,7 +97,7 @@ def judge(policy: CanaryPolicy, stats: dict[str, Any]) -> CanaryVerdict | None:
         return CanaryVerdict(False, f"canary {version} error rate {rate:.2%} ({errors}/{requests}) exceeds the "
                                     f"champion's {_error_rate(champion):.2%} by more than "
                                     f"{policy.max_error_rate_increase:.2%}", stats)
-    slow = _slow_reason(policy, champion, canary)
+    slow = _slow_reason(policy, champion, canary, latency_floor_ms)
     if slow:
         return CanaryVerdict(False, f"canary {version} is too slow: {slow}", stats)
     return CanaryVerdict(True, f"canary {version} healthy over {requests} requests: error rate {rate:.2%} "
@@ -135,12 +105,13 @@ def judge(policy: CanaryPolicy, stats: dict[str, Any]) -> CanaryVerdict | None:
                                f"(champion {_fmt_ms(_p99(champion))})", stats)
 
 
-def _slow_reason(policy: CanaryPolicy, champion: dict[str, Any], canary: dict[str, Any]) -> str | None:
+def _slow_reason(policy: CanarySpec, champion: dict[str, Any], canary: dict[str, Any],
+                 latency_floor_ms: float) -> str | None:
     """Why the canary's p99 latency is unacceptable, or ``None``."""
     canary_p99, champion_p99 = _p99(canary), _p99(champion)
     if canary_p99 is None or champion_p99 is None:
         return None  # nothing to compare with (e.g. the champion saw no traffic)
-    if canary_p99 - champion_p99 <= policy.latency_floor_ms:
+    if canary_p99 - champion_p99 <= latency_floor_ms:
         return None
     if canary_p99 > policy.max_latency_ratio * champion_p99:
         return (f"p99 {canary_p99:.1f} ms is more than {policy.max_latency_ratio:g}x the champion's "
@@ -152,13 +123,16 @@ def _fmt_ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f} ms"
 
 
-def watch_canary(client: StatsSource, policy: CanaryPolicy, *, clock: Callable[[], float] = time.monotonic,
+def watch_canary(client: StatsSource, policy: CanarySpec, *, poll_s: float = 1.0,
+                 latency_floor_ms: float = LATENCY_FLOOR_MS, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> CanaryVerdict:
     """Poll the server's statistics until :func:`judge` decides or ``policy.window_s`` has passed.
 
     Args:
         client: a ``ServingClient`` (anything with ``stats()``) of the server running the canary.
-        policy: thresholds, window and poll interval.
+        policy: the spec's ``deployment.canary``: thresholds and window.
+        poll_s: seconds between two reads of the statistics, in ``(0, window_s]``.
+        latency_floor_ms: p99 differences up to this are never a reason to roll back (``>= 0``).
         clock: monotonic seconds (injectable for tests).
         sleep: waits between polls (injectable for tests).
 
@@ -166,12 +140,17 @@ def watch_canary(client: StatsSource, policy: CanaryPolicy, *, clock: Callable[[
         The verdict; at the end of the window without enough canary traffic, a rollback saying so.
 
     Raises:
+        ValueError: ``poll_s`` or ``latency_floor_ms`` out of range.
         ServingError: the statistics could not be read.
     """
+    if not 0 < poll_s <= policy.window_s:
+        raise ValueError(f"poll_s must be positive and at most the window ({policy.window_s:g} s), found {poll_s!r}")
+    if not latency_floor_ms >= 0:
+        raise ValueError(f"latency_floor_ms must be >= 0 ms, found {latency_floor_ms!r}")
     start = clock()
     while True:
         stats = client.stats()
-        verdict = judge(policy, stats)
+        verdict = judge(policy, stats, latency_floor_ms)
         if verdict is not None:
             log.info("canary verdict: %s (%s)", "promote" if verdict.promote else "roll back", verdict.reason)
             return verdict
@@ -184,4 +163,4 @@ def watch_canary(client: StatsSource, policy: CanaryPolicy, *, clock: Callable[[
             return CanaryVerdict(False, reason, stats)
         log.info("canary %d/%d requests, %d errors, %.0f/%g s", requests, policy.min_requests, errors, elapsed,
                  policy.window_s)
-        sleep(min(policy.poll_s, policy.window_s - elapsed))
+        sleep(min(poll_s, policy.window_s - elapsed))

@@ -1,0 +1,48 @@
+"""Trigger-time Params: the spec fields a run may override, described from the spec fields themselves.
+
+Each Param's type, bounds, choices, title and description come from the pydantic field it overrides (so a new
+tunable field is one entry in :data:`~kiln.tasks.spec.pipeline.PARAM_FIELDS`), and its default is the value this
+pipeline's spec gives that field. The DAG factory turns the schemas into Airflow ``Param`` objects.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+from pydantic import BaseModel
+
+from kiln.tasks.spec.pipeline import PARAM_FIELDS, PipelineSpec
+
+#: The JSON-schema keywords a Param takes from its field.
+_KEYWORDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "title")
+
+
+def param_schemas(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
+    """Per Param: ``default`` (this spec's value), the JSON-schema keywords of its field, and ``description_md``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, path in PARAM_FIELDS.items():
+        model: type[BaseModel] = PipelineSpec
+        value: Any = spec
+        for part in path[:-1]:
+            value = getattr(value, part)
+            model = type(value)
+        field = path[-1]
+        schema = _properties(model)[field]
+        info = model.model_fields[field]
+        out[name] = {"default": getattr(value, field), **{k: schema[k] for k in _KEYWORDS if k in schema}}
+        if info.description:
+            out[name]["description_md"] = _markdown(info.description)
+    return out
+
+
+@functools.cache
+def _properties(model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON schema of each field of a spec section (built once per section: the DAG file parses often)."""
+    return model.model_json_schema(mode="validation")["properties"]
+
+
+def _markdown(docstring: str) -> str:
+    """A field docstring as one Markdown paragraph (``code`` in reStructuredText is `code` in Markdown)."""
+    return re.sub(r"``([^`]+)``", r"`\1`", " ".join(docstring.split()))
