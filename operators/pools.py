@@ -155,7 +155,7 @@ class PooledOperator(BaseOperator):
 
     def _run(self, context: Any, allocation: Allocation) -> Any:
         from kiln.tasks.pools.allocation import LeaseLostError
-        from kiln.tasks.pools.store import KeepAlive
+        from kiln.tasks.pools.keepalive import KeepAlive
 
         store = self._store
         assert store is not None

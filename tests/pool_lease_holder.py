@@ -10,7 +10,8 @@ import threading
 
 from kiln.tasks.pools.allocation import LeaseRequest, Owner
 from kiln.tasks.pools.inventory import load_inventory
-from kiln.tasks.pools.store import KeepAlive, LeaseStore
+from kiln.tasks.pools.keepalive import KeepAlive
+from kiln.tasks.pools.store import LeaseStore
 
 
 def main() -> None:

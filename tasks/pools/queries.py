@@ -16,7 +16,7 @@ from kiln.tasks.pools.tables import READ_ONLY, events, leases
 
 
 class LeaseQueries:
-    """Read-only queries of :class:`kiln.tasks.pools.store.LeaseStore` (a SQLite reader does not take the write lock)."""
+    """Read-only queries of :class:`kiln.tasks.pools.store.LeaseStore` (a SQLite reader takes no write lock)."""
 
     url: str
     inventory: Inventory

@@ -13,13 +13,14 @@ connection or a session-pooling proxy, not PgBouncer's transaction pooling.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.engine import Connection, CursorResult
+from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.sql.elements import TextClause
 
 LIVE = "('waiting', 'granted')"
@@ -211,3 +212,27 @@ class Tx:
         sql = "; ".join([*(st.execute if isinstance(st, Stmt) else st for st in statements), "COMMIT"])
         self.conn.execute(_text(sql if self.open else "BEGIN; " + sql), params or {})
         self.open = False
+
+
+@contextmanager
+def transaction(engine: Engine, *, batched: bool) -> Iterator[Tx]:
+    """A write transaction on ``engine``: SQLite's ``BEGIN IMMEDIATE`` (see ``tables``), or a batched PostgreSQL
+    one that commits when the block ends and is rolled back (by dropping the connection) when it raises."""
+    if not batched:
+        with engine.begin() as conn:
+            yield Tx(conn, batched=False)
+        return
+    with engine.connect() as conn:
+        info = conn.connection.info
+        if "kiln_prepared" not in info:  # once per connection; the tables exist by now
+            prepare_all(conn.connection.dbapi_connection)
+            info["kiln_prepared"] = True
+        tx = Tx(conn, batched=True)
+        try:
+            yield tx
+            if tx.open:
+                tx.commit()
+        except BaseException:
+            if tx.open:  # closing the connection makes the server roll back and drop the pool lock
+                conn.invalidate()
+            raise

@@ -2,8 +2,9 @@
 
 Every process (Airflow workers, the triggerer, CLIs, tests) opens its own :class:`LeaseStore` on the same database;
 the database is the only coordinator, so no daemon is needed. See :mod:`kiln.tasks.pools.tables` for how grants are
-serialised. A lease lives ``ttl_s`` seconds past its last heartbeat (:class:`KeepAlive` sends them); an expired
-lease's devices are reclaimed by the next grant in its pool that would not fit otherwise, or by ``reap()``.
+serialised. A lease lives ``ttl_s`` seconds past its last heartbeat (:mod:`~kiln.tasks.pools.keepalive` sends
+them); an expired lease's devices are reclaimed by the next grant in its pool that would not fit otherwise, or by
+``reap()``.
 
 Typical in-process use::
 
@@ -19,8 +20,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from kiln.tasks.pools import sql
@@ -33,12 +34,8 @@ from kiln.tasks.pools.allocation import (
     PoolTimeoutError,
 )
 from kiln.tasks.pools.inventory import Inventory, Pool
-from kiln.tasks.pools.keepalive import KeepAlive, hold
 from kiln.tasks.pools.leases import (
     LIVE_STATES,
-    AuditEvent,
-    LeaseNotFoundError,
-    LeaseRecord,
     allocation_json,
     devices_json,
 )
@@ -46,8 +43,6 @@ from kiln.tasks.pools.placement import UsageTracker, check_satisfiable, place
 from kiln.tasks.pools.queries import LeaseQueries
 from kiln.tasks.pools.sql import Tx
 from kiln.tasks.pools.tables import create_schema, make_engine
-
-__all__ = ["AuditEvent", "KeepAlive", "LeaseNotFoundError", "LeaseRecord", "LeaseStore", "PoolTimeoutError", "hold"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,26 +91,8 @@ class LeaseStore(LeaseQueries):
 
     # --- transactions -------------------------------------------------------------------------------------
 
-    @contextmanager
-    def _tx(self) -> Iterator[Tx]:
-        if not self._batched:
-            with self._engine.begin() as conn:
-                yield Tx(conn, batched=False)
-            return
-        with self._engine.connect() as conn:
-            info = conn.connection.info
-            if "kiln_prepared" not in info:  # once per connection; the tables exist by now
-                sql.prepare_all(conn.connection.dbapi_connection)
-                info["kiln_prepared"] = True
-            tx = Tx(conn, batched=True)
-            try:
-                yield tx
-                if tx.open:
-                    tx.commit()
-            except BaseException:
-                if tx.open:  # closing the connection makes the server roll back and drop the pool lock
-                    conn.invalidate()
-                raise
+    def _tx(self) -> AbstractContextManager[Tx]:
+        return sql.transaction(self._engine, batched=self._batched)
 
     # --- the grant decision -------------------------------------------------------------------------------
 

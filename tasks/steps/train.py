@@ -75,7 +75,8 @@ def train(ctx: RunContext, launcher: Launcher | None = None, allocation: Allocat
         PoolError: the devices could not be leased.
     """
     if allocation is None:
-        from kiln.tasks.pools.store import LeaseStore, hold
+        from kiln.tasks.pools.keepalive import hold
+        from kiln.tasks.pools.store import LeaseStore
 
         owner = Owner(run_id=ctx.run_key, task_id=keys.TRAIN, host=socket.gethostname(), pid=os.getpid())
         with hold(LeaseStore.from_settings(), lease_request(ctx.spec), owner,

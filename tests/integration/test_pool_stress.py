@@ -20,7 +20,8 @@ import sqlalchemy as sa
 
 from kiln.tasks.pools.allocation import LeaseRequest, Owner
 from kiln.tasks.pools.inventory import GpuDevice, Inventory, Node, Pool, Team
-from kiln.tasks.pools.store import AuditEvent, LeaseStore
+from kiln.tasks.pools.leases import AuditEvent
+from kiln.tasks.pools.store import LeaseStore
 from kiln.tasks.pools.tables import metadata
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,11 @@ import pytest
 import sqlalchemy as sa
 
 from kiln.tasks.cli.pools import main as cli
-from kiln.tasks.pools.allocation import LeaseLostError, LeaseRequest, Owner, UnsatisfiableRequestError
+from kiln.tasks.pools.allocation import LeaseLostError, LeaseRequest, Owner, PoolTimeoutError, UnsatisfiableRequestError
 from kiln.tasks.pools.inventory import GpuDevice, Inventory, Node, Pool, Team
-from kiln.tasks.pools.store import KeepAlive, LeaseNotFoundError, LeaseStore, PoolTimeoutError, hold
+from kiln.tasks.pools.keepalive import KeepAlive, hold
+from kiln.tasks.pools.leases import LeaseNotFoundError
+from kiln.tasks.pools.store import LeaseStore
 
 GiB = 1024**3
 OWNER = Owner(dag_id="train_dag", run_id="manual__1", task_id="train", try_number=1, host="w1", pid=42)
