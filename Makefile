@@ -14,7 +14,7 @@ export AIRFLOW__CORE__PARALLELISM ?= 4
 export GX_ANALYTICS_ENABLED ?= false
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test bench lint airflow-init mlflow-ui clean docker-engine image postgres redis wrk serve-stop up down status chromium
+.PHONY: install demo test layers bench lint airflow-init mlflow-ui clean docker-engine image postgres redis wrk serve-stop up down status chromium
 .DEFAULT_GOAL := help
 
 help:
@@ -24,7 +24,7 @@ help:
 	@echo "make image  - build the CPU test images kiln-train:cpu and kiln-serve:cpu (docker/README.md)"
 	@echo "make postgres - start the local PostgreSQL (lease-store tests and benchmark) unless it answers"
 	@echo "make bench  - run the benchmarks and write BENCHMARKS.md"
-	@echo "make lint   - ruff and mypy"
+	@echo "make lint   - ruff, mypy and the layer contracts (make layers: lint-imports and deptry alone)"
 	@echo "make mlflow-ui - MLflow UI on http://127.0.0.1:5000 over var/mlflow.db"
 	@echo "make up     - start Airflow (UI + REST), MLflow and the model servers as services; PROFILE=prod for"
 	@echo "             PostgreSQL + CeleryExecutor on Redis (README: Service mode)"
@@ -52,11 +52,16 @@ $(AIRFLOW_HOME)/.migrated: $(VENV)/.installed
 airflow-init: $(AIRFLOW_HOME)/.migrated
 
 demo: install airflow-init
-	@$(PY) -m kiln.operators.runner run penguins_species --log $(KILN_HOME)/logs/demo.log $(if $(CONF),--conf '$(CONF)') \
+	@$(VENV)/bin/kiln run penguins_species --log $(KILN_HOME)/logs/demo.log $(if $(CONF),--conf '$(CONF)') \
 	  || { echo "demo failed; last lines of $(KILN_HOME)/logs/demo.log:"; tail -40 $(KILN_HOME)/logs/demo.log; exit 1; }
 
-test: install image postgres redis chromium
+test: install image postgres redis chromium layers
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The layer contracts (pyproject.toml [tool.importlinter]) and the declared dependencies against the imports.
+layers: install
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/deptry tasks operators dags
 
 # The Docker launcher's tests run real containers: an engine (dockerd started by hand where there is no systemd,
 # its log and pid under $(KILN_HOME)) and the CPU test image, rebuilt only when its inputs change.
@@ -74,19 +79,19 @@ wrk:
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
 serve-stop:
-	@[ ! -x $(PY) ] || $(PY) -m kiln.tasks.cli.models stop
+	@[ ! -x $(VENV)/bin/kiln ] || $(VENV)/bin/kiln serve stop
 
 # Service mode. PROFILE=embedded (SQLite, LocalExecutor) or prod (PostgreSQL + CeleryExecutor on Redis); every
 # setting is an environment variable (README: Service mode).
 PROFILE ?= embedded
 up: install $(if $(filter prod,$(PROFILE)),postgres redis)
-	@KILN_PROFILE=$(PROFILE) $(PY) -m kiln.tasks.services.supervisor up
+	@KILN_PROFILE=$(PROFILE) $(VENV)/bin/kiln up
 
 down:
-	@[ ! -x $(PY) ] || $(PY) -m kiln.tasks.services.supervisor down
+	@[ ! -x $(VENV)/bin/kiln ] || $(VENV)/bin/kiln down
 
 status:
-	@$(PY) -m kiln.tasks.services.supervisor status
+	@$(VENV)/bin/kiln status
 
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
@@ -105,7 +110,7 @@ postgres:
 	@for i in $$(seq 30); do pg_isready -h 127.0.0.1 -p 5432 -q && exit 0; sleep 1; done; \
 	  echo "PostgreSQL does not answer on 127.0.0.1:5432 (see /var/log/postgresql)"; exit 1
 
-lint: install
+lint: layers
 	$(VENV)/bin/ruff check tasks operators dags tests bench
 	$(VENV)/bin/mypy tasks operators
 

@@ -109,13 +109,13 @@ def run_pipeline_in_process(spec: Path, params: dict, run_id: str, env: dict[str
 
 
 def stop_model_servers(env: dict[str, str]) -> None:
-    """Stop every model server started under ``env``'s ``KILN_HOME`` (``kiln-models stop``; idempotent).
+    """Stop every model server started under ``env``'s ``KILN_HOME`` (``kiln serve stop``; idempotent).
 
     Raises:
-        subprocess.CalledProcessError: ``kiln-models stop`` failed.
+        subprocess.CalledProcessError: ``kiln serve stop`` failed.
     """
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-m", "kiln.tasks.cli.models", "stop"], cwd=REPO, env=env, check=True,
+    subprocess.run([sys.executable, "-m", "kiln.tasks.cli", "serve", "stop"], cwd=REPO, env=env, check=True,
                    capture_output=True, timeout=120)

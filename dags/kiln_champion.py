@@ -2,7 +2,7 @@
 
 Trigger it from the UI's form or the REST API with the Params below. A rollback without a version returns to the
 champion before the current one. The model server, if the pipeline's model is being served, switches to the new
-champion before the run succeeds. Every move is recorded in the registry (``kiln-models history``).
+champion before the run succeeds. Every move is recorded in the registry (``kiln models history``).
 """
 
 from __future__ import annotations

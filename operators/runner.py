@@ -1,6 +1,6 @@
 """Run a pipeline DAG through Airflow in this process and report the outcome.
 
-    python -m kiln.operators.runner run penguins_species [--conf '{"epochs": 5}']
+    kiln run penguins_species [--conf '{"epochs": 5}']        (python -m kiln.operators.runner ...)
 
 Runs the DAG with ``dag.test()`` (real Airflow: metadata DB, task instances, XCom, retries off), prints a short
 human summary, and as its very last line one JSON object with ``dag_id``, ``run_id``, ``state``, ``metrics``,
@@ -123,14 +123,13 @@ def _example_body(model: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kiln.operators.runner", description=__doc__,
+    """The DAG runner behind ``kiln run`` (which execs it): run one pipeline, print the summary, exit 0 on success."""
+    parser = argparse.ArgumentParser(prog="kiln run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a pipeline DAG once, in this process")
-    run.add_argument("dag_id")
-    run.add_argument("--conf", default="{}", help="JSON object of Params, e.g. '{\"epochs\": 5}'")
-    run.add_argument("--log", type=Path, help="where Airflow's and the tasks' output goes "
-                     "(default: $KILN_HOME/logs/<dag_id>.log); '-' keeps it on the terminal")
+    parser.add_argument("dag_id", metavar="pipeline")
+    parser.add_argument("--conf", default="{}", help="JSON object of Params, e.g. '{\"epochs\": 5}'")
+    parser.add_argument("--log", type=Path, help="where Airflow's and the tasks' output goes "
+                        "(default: $KILN_HOME/logs/<pipeline>.log); '-' keeps it on the terminal")
     args = parser.parse_args(argv)
     try:
         conf = json.loads(args.conf)

@@ -1,14 +1,4 @@
-"""``kiln-models``: the registered models of the pipelines, their champions, approvals and rollbacks.
-
-    kiln-models list MODEL [--json]          versions, aliases, gate decisions and provenance tags
-    kiln-models history MODEL [--json]       every move of the champion alias (who, when, why)
-    kiln-models rollback MODEL [--to V] --reason TEXT
-                                             champion back to the previous champion (or version V); the model
-                                             server, if running, serves it at once
-    kiln-models approve MODEL VERSION --reason TEXT
-                                             an explicit approval: make VERSION champion without a passing gate
-    kiln-models serve --json                 start (or reload) the model server of every deployed pipeline
-    kiln-models stop                         stop every model server the pipelines started
+"""``kiln models``: the registered models of the pipelines, their champions, approvals and rollbacks.
 
 The same moves run in Airflow as the ``kiln_champion`` DAG.
 """
@@ -18,12 +8,11 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import logging
 import sys
 from typing import Any
 
-from kiln.tasks.settings import get_settings
-from kiln.tasks.spec import load_specs, spec_named
+from kiln.tasks.cli.help import add_command
+from kiln.tasks.spec import spec_named
 
 
 def _list(args: argparse.Namespace) -> Any:
@@ -56,66 +45,53 @@ def _move(args: argparse.Namespace) -> Any:
     from kiln.tasks.pipeline.champion import set_champion
 
     actor = args.actor or f"cli:{getpass.getuser()}"
-    move = set_champion(spec_named(args.model), args.version, action=args.command, reason=args.reason, actor=actor)
+    move = set_champion(spec_named(args.model), args.version, action=args.action, reason=args.reason, actor=actor)
     if args.json:
         return move.to_dict()
     served = f"; served at {move.url}" if move.url else " (the model is not being served)"
     return f"{move.model}: champion {move.previous or 'none'} -> {move.champion}{served}"
 
 
-def _serve(args: argparse.Namespace) -> Any:
-    from kiln.tasks.pipeline.endpoint import Endpoint
-
-    urls = {}
-    for _path, spec in load_specs(get_settings().pipelines_dir)[0]:
-        endpoint = Endpoint.of(spec)
-        if (deployment := endpoint.current()) is not None:
-            urls[spec.name] = endpoint.serve(deployment).url
-    return urls
-
-
-def _stop(args: argparse.Namespace) -> Any:
-    from kiln.tasks.serving.process import stop_servers
-
-    return f"stopped: {', '.join(stop_servers(get_settings().serving_dir)) or 'none running'}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``kiln-models``; returns the exit code (2 for a request that cannot be carried out)."""
-    parser = argparse.ArgumentParser(prog="kiln-models", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, func in (("list", _list), ("history", _history)):
-        p = sub.add_parser(name)
-        p.add_argument("model")
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(func=func)
-    rollback = sub.add_parser("rollback", help="champion back to the previous champion or --to VERSION")
+def add_commands(sub: Any) -> None:
+    """Add ``kiln models`` and its subcommands."""
+    models = add_command(sub, "models", "the registered models: versions, champions, approvals and rollbacks",
+                         "  kiln models list penguins_species\n"
+                         "  kiln models history penguins_species --json\n"
+                         "  kiln models rollback penguins_species --reason 'complaints since v7'\n"
+                         "  kiln models approve penguins_species 5 --reason 'reviewed by hand'")
+    verbs = models.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, func, summary in (("list", _list, "versions, aliases, gate decisions and provenance tags"),
+                                ("history", _history, "every move of the champion alias: who, when, why")):
+        p = verbs.add_parser(name, help=summary, description=summary)
+        p.add_argument("model", help="the pipeline's name (its registered model has the same name)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(handler=_run(func))
+    rollback = verbs.add_parser("rollback", help="champion back to the previous champion, or --to VERSION; served at "
+                                "once if the model is being served")
     rollback.add_argument("model")
-    rollback.add_argument("--to", dest="version", default=None)
-    approve = sub.add_parser("approve", help="make VERSION champion by explicit approval")
+    rollback.add_argument("--to", dest="version", default=None, help="the version to go back to")
+    approve = verbs.add_parser("approve", help="make VERSION champion by explicit approval, without a passing gate")
     approve.add_argument("model")
     approve.add_argument("version")
-    for p in (rollback, approve):
+    for p, action in ((rollback, "rollback"), (approve, "approve")):
         p.add_argument("--reason", required=True, help="why (recorded in the champion history)")
         p.add_argument("--actor", default=None, help="who (default cli:<user>)")
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(func=_move)
-    serve = sub.add_parser("serve", help="start the model server of every pipeline that has a deployment")
-    serve.add_argument("--json", action="store_true")
-    serve.set_defaults(func=_serve)
-    sub.add_parser("stop", help="stop every model server the pipelines started").set_defaults(func=_stop, json=False)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from kiln.tasks.tracking.registry import RegistryError
-
-    try:
-        out = args.func(args)
-    except (LookupError, RegistryError) as exc:
-        print(f"kiln-models: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(out, indent=2) if args.json else out)
-    return 0
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(handler=_run(_move), action=action)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _run(func: Any) -> Any:
+    """A handler printing ``func``'s answer (JSON with ``--json``); exit 2 for a request that cannot be done."""
+
+    def handler(args: argparse.Namespace) -> int:
+        from kiln.tasks.tracking.registry import RegistryError
+
+        try:
+            out = func(args)
+        except (LookupError, RegistryError) as exc:
+            print(f"kiln models: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(out, indent=2) if args.json else out)
+        return 0
+
+    return handler

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import runpy
 import sys
 import time
 
@@ -31,13 +32,15 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> float:
 
 
 def main() -> None:
-    """Preload, then run the Airflow CLI with this process's arguments (``airflow <args>``)."""
+    """Preload, then run the Airflow CLI with this process's arguments (``airflow <args>``).
+
+    Airflow runs as the program it is (its ``__main__``, as ``python -m airflow`` would), so kiln's own code
+    imports nothing of Airflow here.
+    """
     seconds = preload()
     print(f"preloaded {len(PRELOAD)} modules for task processes in {seconds:.1f} s", file=sys.stderr, flush=True)
-    from airflow.__main__ import main as airflow_main
-
     sys.argv = ["airflow", *sys.argv[1:]]
-    airflow_main()
+    runpy.run_module("airflow", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

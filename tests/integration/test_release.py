@@ -124,7 +124,7 @@ def test_served_predictions_equal_the_evaluate_step(runs: dict) -> None:
 
 def test_rollback_serves_the_earlier_versions_exact_predictions(runs: dict) -> None:
     from kiln.tasks.bundle.load import load_bundle, records_from_frame
-    from kiln.tasks.cli.models import main
+    from kiln.tasks.cli.main import main
     from kiln.tasks.features.splits import TEST_RAW_FILE
     from kiln.tasks.tracking.registry import Registry
 
@@ -132,13 +132,13 @@ def test_rollback_serves_the_earlier_versions_exact_predictions(runs: dict) -> N
     raw = pd.read_parquet(runs["good"].ctx.input_dir("build_features") / TEST_RAW_FILE)
     records = records_from_frame(raw)
     expected = load_bundle(runs["good"].ctx.input_dir("bundle")).predict_records(records)
-    assert main(["rollback", MODEL, "--reason", "the better model misbehaves in production"]) == 0
+    assert main(["models", "rollback", MODEL, "--reason", "the better model misbehaves in production"]) == 0
     assert Registry.from_settings().champion(MODEL).version == good_version
     served = _served(records)
     assert served["version"] == good_version
     assert np.array_equal(_probabilities(served).astype(np.float32), expected)
     assert Registry.from_settings().history(MODEL)[-1]["action"] == "rollback"
-    assert main(["rollback", MODEL, "--to", "999", "--reason", "no such version"]) == 2
+    assert main(["models", "rollback", MODEL, "--to", "999", "--reason", "no such version"]) == 2
 
 
 def test_canary_is_judged_on_live_traffic_then_promoted(runs: dict, tmp_path: Path) -> None:

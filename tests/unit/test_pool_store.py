@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from kiln.tasks.cli.pools import main as cli
+from kiln.tasks.cli.main import main as kiln
 from kiln.tasks.pools.allocation import LeaseLostError, LeaseRequest, Owner, PoolTimeoutError, UnsatisfiableRequestError
 from kiln.tasks.pools.inventory import GpuDevice, Inventory, Node, Pool, Team
 from kiln.tasks.pools.keepalive import KeepAlive, hold
@@ -252,7 +252,7 @@ def test_snapshot_is_json_and_the_cli_prints_it(store: LeaseStore, url: str, tmp
     a = store.try_acquire(req(gpus=1, cpus=2, memory=GiB, team="research"), OWNER)
     w = store.enqueue(req(nodes=2, gpus=2), Owner(host="laptop", pid=7))
     assert a is not None
-    assert cli([*args, "status", "--json"]) == 0
+    assert kiln(['pools', *args, "status", "--json"]) == 0
     snap = json.loads(capsys.readouterr().out)
     gpu = snap["pools"]["gpu"]
     assert gpu["nodes"]["node-a"]["gpus"] == {"total": 2, "used": 1, "held": ["0"]}
@@ -260,15 +260,15 @@ def test_snapshot_is_json_and_the_cli_prints_it(store: LeaseStore, url: str, tmp
     assert [x["id"] for x in gpu["waiting"]] == [w] and gpu["waiting"][0]["owner"] == "laptop:7"
     assert gpu["leases"][0]["owner"] == "train_dag/manual__1/train#1" and gpu["leases"][0]["nodes"][0]["cpus"] == "0,1"
     assert snap["teams"]["research"]["used"] == {"gpus": 1, "cpus": 2, "memory": GiB}
-    assert cli([*args, "status"]) == 0
+    assert kiln(['pools', *args, "status"]) == 0
     table = capsys.readouterr().out
     assert "pool gpu (placement pack)" in table and "train_dag/manual__1/train#1" in table and "waiting: 1" in table
-    assert cli([*args, "metrics"]) == 0
+    assert kiln(['pools', *args, "metrics"]) == 0
     metrics = capsys.readouterr().out
     assert 'kiln_pool_gpus_used{pool="gpu",node="node-a"} 1' in metrics
     assert 'kiln_pool_waiting{pool="gpu"} 1' in metrics and 'kiln_pool_leases{pool="wide"} 0' in metrics
-    assert cli([*args, "release", a.lease_id]) == 0 and cli([*args, "release", a.lease_id]) == 1
-    assert cli([*args, "reap"]) == 0
+    assert kiln(['pools', *args, "release", a.lease_id]) == 0 and kiln(['pools', *args, "release", a.lease_id]) == 1
+    assert kiln(['pools', *args, "reap"]) == 0
 
 
 BAD_REQUESTS = [
