@@ -47,7 +47,8 @@ def emit(name: str, value: float, unit: str, peer: str, peer_value: float, targe
                       "peer_value": round(peer_value, 3), "ratio": round(ratio, 3), "target": target}))
 
 
-#: Runs ``kiln.tasks.pipeline.context.run_all`` once: argv = spec path, run id, Params as JSON; prints the result as JSON.
+#: Runs ``kiln.tasks.pipeline.runner.run_all`` once: argv = spec path, run id, Params as JSON; prints the result
+#: as JSON.
 _IN_PROCESS_RUN = """
 import json, sys, time
 from kiln.tasks.pipeline.context import make_context
@@ -83,7 +84,7 @@ def isolated_environ(home: Path, **overrides: str) -> dict[str, str]:
 def run_pipeline_in_process(spec: Path, params: dict, run_id: str, env: dict[str, str]) -> dict:
     """Run every step of a pipeline with ``kiln.tasks.pipeline.context.run_all`` in one fresh Python process.
 
-    The clock starts after ``kiln.tasks.pipeline.context`` is imported and covers ``make_context`` + ``run_all``. A deploy
+    The clock starts after the run package is imported and covers ``make_context`` + ``run_all``. A deploy
     step leaves a model server running: stop it with :func:`stop_model_servers`.
 
     Args:

@@ -69,7 +69,7 @@ def measure(kind: str, features: Path, root: Path) -> tuple[float, float]:
                                                nproc=1 if docker else 2))
     launcher: Launcher = DockerGangLauncher() if docker else LocalTorchrunLauncher()
     watcher = _FirstStep()
-    relay = logging.getLogger("kiln.tasks.launch.docker_gang" if docker else "kiln.tasks.launch.base")
+    relay = logging.getLogger("kiln.tasks.launch.docker_gang" if docker else "kiln.tasks.launch.torchrun")
     relay.addHandler(watcher)
     try:
         started = time.monotonic()
@@ -88,7 +88,7 @@ def measure(kind: str, features: Path, root: Path) -> tuple[float, float]:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("kiln.tasks.launch.base").setLevel(logging.INFO)  # the relayed lines reach the handler
+    logging.getLogger("kiln.tasks.launch.torchrun").setLevel(logging.INFO)  # the relayed lines reach the handler
     logging.getLogger("kiln.tasks.launch.docker_gang").setLevel(logging.INFO)
     logging.getLogger().handlers[0].setLevel(logging.WARNING)  # but are not printed
     runs: dict[str, list[tuple[float, float]]] = {"local": [], "docker": []}

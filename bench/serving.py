@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +49,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from kiln.tasks.processes import ProcessGroup, start_process
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -75,23 +76,21 @@ class Server:
     """The predicted labels in a decoded answer, to check that the servers agree."""
     token: str = ""
     env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen | None = None
+    proc: ProcessGroup | None = None
     log: Path | None = None
 
     def start(self, cpu: str, logs: Path) -> None:
         """Start pinned to ``cpu`` in its own process group (``mlflow models serve`` forks uvicorn)."""
         self.log = logs / f"{self.name}.log"
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(["taskset", "-c", cpu, *self.cmd], cwd=REPO, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = start_process(["taskset", "-c", cpu, *self.cmd], output=self.log, cwd=REPO, env=self.env)
 
     def wait_ready(self) -> None:
         """Return once ``health_url`` answers 200; raise with the log tail if the process exits or never does."""
         assert self.proc is not None
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if (code := self.proc.poll()) is not None:
+                raise RuntimeError(f"{self.name} server exited with {code}:\n{self.log_tail()}")
             if _get_ok(self.health_url):
                 return
             time.sleep(0.2)
@@ -109,14 +108,8 @@ class Server:
 
     def stop(self) -> None:
         """Terminate the process group (SIGKILL after 10 s)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            self.proc.stop(grace_s=10, what=f"{self.name} server")
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log.read_text(errors="replace") if self.log and self.log.exists() else ""

@@ -1,13 +1,15 @@
 """trigger_latency: scheduling overhead per task of a REST-triggered pipeline, and the idle memory of ``make up``.
 
-The platform's services (``kiln.tasks.services.supervisor``, what ``make up`` runs; embedded profile: LocalExecutor, SQLite)
+The platform's services (``kiln.tasks.services.supervisor``, what ``make up`` runs; embedded profile: LocalExecutor,
+SQLite)
 start on free ports with a private ``KILN_HOME`` and only the tabular example pipeline (``penguins_species``) in
 their pipelines folder. Once its DAG is parsed and SETTLE_S more seconds have let start-up transients die down,
 the idle PSS of every live process of the service (each component's process group and its descendants) is summed
 from ``/proc/<pid>/smaps_rollup``. Then RUNS runs are triggered through the REST API one after another, each timed
 from the trigger call until the API reports ``success`` (polled every 0.5 s).
 
-The peer is the same pipeline (same spec, same Params ``CONF``) run by ``kiln.tasks.pipeline.context.run_all`` in one Python
+The peer is the same pipeline (same spec, same Params ``CONF``) run by ``kiln.tasks.pipeline.runner.run_all`` in one
+Python
 process under a private ``KILN_HOME``: one untimed warm-up run before the services start (MLflow store and
 registry creation, the model server's first start, file cache), then IN_PROCESS_RUNS timed runs after they
 stopped, so that the platform's idle background work does not slow the peer down.

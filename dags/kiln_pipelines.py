@@ -24,7 +24,9 @@ from kiln.tasks.spec.params import param_schemas
 
 def _params(spec: PipelineSpec) -> dict[str, Param]:
     """Trigger-form Params, each described by the spec field it overrides (``kiln.tasks.spec.params``)."""
-    return {name: Param(**schema) for name, schema in param_schemas(spec).items()}
+    # The description twice: plain for the REST API's `description`, Markdown for the trigger form.
+    return {name: Param(description=schema.get("description_md"), **schema)
+            for name, schema in param_schemas(spec).items()}
 
 
 def _schedule(spec: PipelineSpec) -> Any:

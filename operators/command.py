@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +12,11 @@ from kiln.operators.pools import PooledOperator
 
 if TYPE_CHECKING:
     from kiln.tasks.pools.allocation import Allocation, LeaseRequest
+    from kiln.tasks.processes import ProcessGroup
+
+#: Seconds to wait for the rest of the output once the command's group is gone (a descendant that escaped it may
+#: still hold the pipe).
+OUTPUT_DRAIN_S = 10.0
 
 
 class PooledCommandOperator(PooledOperator):
@@ -53,7 +55,7 @@ class PooledCommandOperator(PooledOperator):
         self.wait_timeout_s = wait_timeout_s
         self.env = env or {}
         self.skip_on_exit_code = skip_on_exit_code
-        self._proc: subprocess.Popen[str] | None = None
+        self._proc: ProcessGroup | None = None
 
     def lease_request(self, context: Any) -> tuple[LeaseRequest, float]:
         from kiln.tasks.pools.allocation import LeaseRequest, parse_size
@@ -66,38 +68,27 @@ class PooledCommandOperator(PooledOperator):
         return request, self.wait_timeout_s
 
     def run_leased(self, context: Any, allocation: Allocation) -> int:
+        from kiln.tasks.processes import OutputLog, start_process, usable_cpus
+
         node = allocation.master
         env = {**os.environ, **self.env, "CUDA_VISIBLE_DEVICES": node.cuda_visible_devices(),
                "KILN_LEASE_ID": allocation.lease_id, "KILN_CPUSET": node.cpuset(),
                "KILN_MEMORY_LIMIT": str(node.memory)}
-        from kiln.tasks.launch.torchrun import usable_cpus
-
-        cores = usable_cpus(node.cpus)
-        tail: deque[str] = deque(maxlen=50)
-        self._proc = proc = subprocess.Popen(
-            self.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            errors="replace", start_new_session=True,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
-        assert proc.stdout is not None
+        output = OutputLog(tail_lines=50, on_line=lambda line: self.log.info("%s", line))
+        self._proc = proc = start_process(self.command, env=env, cpus=usable_cpus(node.cpus), output=output)
         try:
-            for line in proc.stdout:
-                tail.append(line.rstrip("\n"))
-                self.log.info("%s", tail[-1])
             code = proc.wait()
         finally:
-            self.stop_work()
+            self.stop_work()  # what the command left running dies with it: the lease is released next
+            proc.join_output(timeout=OUTPUT_DRAIN_S)
             self._proc = None
         if code == 0:
             return code
         if self.skip_on_exit_code is not None and code == self.skip_on_exit_code:
             raise AirflowSkipException(f"command exited with {code}")
-        raise AirflowException(f"command exited with {code}; last lines:\n" + "\n".join(tail))
+        raise AirflowException(f"command exited with {code}; last lines:\n" + "\n".join(output.tail))
 
     def stop_work(self) -> None:
         proc = self._proc
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        if proc is not None:
+            proc.stop(grace_s=0)  # SIGKILL at once: the lease is lost or the task was killed

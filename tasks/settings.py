@@ -1,4 +1,5 @@
-"""The one place that reads environment variables (torchrun's rank variables excepted, in ``kiln.tasks.training.loop``)."""
+"""The one place that reads environment variables (torchrun's rank variables excepted, in
+``kiln.tasks.training.loop``)."""
 
 from __future__ import annotations
 

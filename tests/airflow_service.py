@@ -1,10 +1,12 @@
 """Real Airflow 3 services for integration tests: api-server, scheduler, dag-processor and triggerer.
 
-``AirflowService`` starts each component as its own process (own session, so its own process group), with a
-private ``AIRFLOW_HOME``, a given dags folder and metadata DB, LocalExecutor and SimpleAuthManager, and talks to
-them through the REST API with a JWT. The subprocess environment is built from scratch for Airflow: every
-``AIRFLOW*`` variable of the calling process (e.g. the one pytest's conftest sets) is dropped, so the services never
-see the test process's Airflow config. ``extra_env`` is applied last and may override any default.
+``AirflowService`` starts the components through the platform's own supervisor
+(:class:`kiln.tasks.services.supervisor.Service`: the command lines of ``make up``, each process in its own
+session, so its own process group, its log in ``<home>/logs/service/``), with a private ``AIRFLOW_HOME``, a given
+dags folder and metadata DB, LocalExecutor and SimpleAuthManager, and talks to them through the REST API with a
+JWT. The subprocess environment is built from scratch for Airflow: every ``AIRFLOW*`` variable of the calling
+process (e.g. the one pytest's conftest sets) is dropped, so the services never see the test process's Airflow
+config. ``extra_env`` is applied last and may override any default.
 
     with AirflowService(dags_folder, extra_env={"KILN_HOME": str(tmp)}) as svc:
         svc.wait_for_dag("smoke_service")
@@ -21,25 +23,26 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 from cryptography.fernet import Fernet
 
-from kiln.tasks.services.supervisor import alive, process_tree, stop_process_groups, tail
+from kiln.tasks.processes import alive, process_tree, tail
+from kiln.tasks.services.environment import ServicePaths
+from kiln.tasks.services.supervisor import Service, ServiceError
+from kiln.tasks.settings import get_service_settings
 
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
-HEALTH_KEYS = ("metadatabase", "scheduler", "triggerer", "dag_processor")
 FINAL_RUN_STATES = frozenset({"success", "failed"})
 USERNAME = "admin"
 
@@ -97,16 +100,15 @@ class AirflowService:
         self.startup_seconds: float | None = None
         #: seconds from ``start()`` to: DB migrated, each component healthy, ready (token in hand)
         self.timings: dict[str, float] = {}
-        self._procs: dict[str, subprocess.Popen] = {}
-        self._logs: list[IO[bytes]] = []
         self._client = httpx.Client(base_url=self.base_url, timeout=30.0)
         self._stopped = False
         self._known: set[int] = set()
-        self._airflow = str(Path(sys.executable).parent / "airflow")  # the venv's CLI, whatever PATH says
         # Secrets must be identical for every component: the api-server signs the JWTs that workers present.
         self._fernet_key = Fernet.generate_key().decode()
         self._jwt_secret = secrets.token_urlsafe(64)
         self._api_secret = secrets.token_urlsafe(32)
+        settings = get_service_settings({"KILN_AIRFLOW_HOST": "127.0.0.1", "KILN_AIRFLOW_PORT": str(self.port)})
+        self._service = Service(self.environment(), settings, ServicePaths(self.home))
 
     def __enter__(self) -> AirflowService:
         self.start()
@@ -158,12 +160,15 @@ class AirflowService:
         try:
             self.home.mkdir(parents=True, exist_ok=True)
             (self.home / "passwords.json").write_text(json.dumps({USERNAME: self.password}))
-            env = self.environment()
-            self._migrate(env)
-            self.timings["migrate"] = time.monotonic() - started
-            for name in COMPONENTS:
-                self._launch(name, env)
-            self._wait_healthy(started)
+            try:
+                self._service.migrate()
+                self.timings["migrate"] = time.monotonic() - started
+                self._service.start(COMPONENTS)
+                # start_timeout counts from the end of the migration.
+                self._service.wait_ready(self.timings["migrate"] + self.start_timeout, started=started)
+            except ServiceError as exc:
+                raise AirflowServiceError(str(exc)) from exc
+            self.timings.update(self._service.timings)
             token = self._client.post("/auth/token", json={"username": USERNAME, "password": self.password})
             self._check(token, "POST /auth/token")
             self._client.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
@@ -174,59 +179,18 @@ class AirflowService:
         log.info("Airflow services ready on %s after %.1f s (db %s; %s)", self.base_url, self.startup_seconds,
                  self.db_url.split("://")[0], ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
 
-    def _launch(self, name: str, env: dict[str, str]) -> None:
-        args = ["--port", str(self.port), "--host", "127.0.0.1"] if name == "api-server" else []
-        logfile = (self.home / f"{name}.log").open("ab")
-        self._logs.append(logfile)
-        self._procs[name] = subprocess.Popen(
-            [self._airflow, name, *args], env=env, cwd=self.home,
-            stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def _migrate(self, env: dict[str, str]) -> None:
-        logfile = self.home / "migrate.log"
-        with logfile.open("wb") as out:
-            result = subprocess.run([self._airflow, "db", "migrate"], env=env,
-                                    cwd=self.home, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    timeout=300)
-        if result.returncode != 0:
-            raise AirflowServiceError(f"airflow db migrate exited {result.returncode}:\n{tail(logfile)}")
-
-    def _wait_healthy(self, started: float) -> None:
-        """Poll the health endpoint until all four report healthy, recording when each did in ``timings``."""
-        deadline = time.monotonic() + self.start_timeout
-        health: dict = {}
-        warmed = False
-        while time.monotonic() < deadline:
-            exited = {name: p.returncode for name, p in self._procs.items() if p.poll() is not None}
-            if exited:
-                raise AirflowServiceError(f"Airflow components exited during start-up {exited}\n{self.log_tails()}")
-            try:
-                health = self._client.get("/api/v2/monitor/health", timeout=5.0).json()
-            except (httpx.HTTPError, ValueError):
-                health = {}
-            for key in HEALTH_KEYS:
-                if (health.get(key) or {}).get("status") == "healthy":
-                    self.timings.setdefault(key, time.monotonic() - started)
-            if health and not warmed:
-                # The execution API builds its versioned app on its first request (4-9 s of CPU here), blocking
-                # the api-server's event loop. Paid here, not by the first task: its first call would stall that
-                # long, then fail with HTTP 400 and be retried, and its timings would be off by seconds.
-                self.request("GET", "/execution/health", timeout=60.0)
-                warmed = True
-                continue
-            if all(key in self.timings for key in HEALTH_KEYS):
-                return
-            time.sleep(0.5)
-        raise AirflowServiceError(f"Airflow not healthy after {self.start_timeout:.0f} s: {health}\n{self.log_tails()}")
+    def log_file(self, name: str) -> Path:
+        """The log file of a component (``scheduler``, ...) or of ``migrate``."""
+        return self._service.log_file(name)
 
     def log_tails(self, lines: int = 30) -> str:
         """Return the last lines of every component's log, each under a header."""
-        return "\n".join(f"--- {name}.log ---\n{tail(self.home / f'{name}.log', lines)}" for name in COMPONENTS)
+        return self._service.log_tails(COMPONENTS, lines)
 
     @property
     def component_pids(self) -> dict[str, int]:
         """Return each component's leader pid (= its process group id), by component name."""
-        return {name: proc.pid for name, proc in self._procs.items()}
+        return self._service.pids
 
     def process_ids(self) -> list[int]:
         """Return the live (non-zombie) processes of the components' process groups and their descendants.
@@ -238,17 +202,14 @@ class AirflowService:
         return sorted(pid for pid in self._known | groups if alive(pid))
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop every component (``kiln.tasks.services.supervisor.stop_process_groups``), including descendants seen by
-        :meth:`process_ids`; idempotent."""
+        """Stop every component (:meth:`kiln.tasks.services.supervisor.Service.stop`), including descendants seen
+        by :meth:`process_ids`; idempotent."""
         if self._stopped:
             return
         self._stopped = True
         atexit.unregister(self.stop)
         started = time.monotonic()
-        stop_process_groups(set(self.component_pids.values()), list(self._procs.values()), timeout,
-                            also=set(self.process_ids()))
-        for logfile in self._logs:
-            logfile.close()
+        self._service.stop(timeout, also=self.process_ids())
         self._client.close()
         log.info("Airflow services stopped in %.1f s", time.monotonic() - started)
         if self._own_home:
@@ -307,7 +268,7 @@ class AirflowService:
             if time.monotonic() > deadline:
                 text = "\n".join(f"{e['filename']}: {e['stack_trace'][-500:]}" for e in errors) or "none"
                 raise AirflowServiceError(f"DAG {dag_id!r} not served after {timeout:.0f} s; import errors: {text}\n"
-                                          f"{tail(self.home / 'dag-processor.log')}")
+                                          f"{tail(self.log_file('dag-processor'))}")
             time.sleep(0.5)
 
     def unpause(self, dag_id: str) -> None:

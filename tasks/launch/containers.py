@@ -14,7 +14,7 @@ from typing import Any
 from docker.errors import DockerException, ImageNotFound
 from docker.types import DeviceRequest, Ulimit
 
-from kiln.tasks.pools.allocation import NodeAllocation
+from kiln.tasks.pools.allocation import Allocation, NodeAllocation
 from kiln.tasks.spec import DockerSpec
 from kiln.tasks.training.job import TRAIN_MODULE, TrainConfig
 
@@ -25,6 +25,32 @@ RDZV_PORT = 29500
 #: The container user when the launcher itself runs as root: an unprivileged uid in the root *group* (the
 #: convention for arbitrary-uid containers), given group write on exactly the paths the job writes.
 ROOT_FALLBACK_USER = "1000:0"
+
+
+def gang_nodes(config: TrainConfig, nproc: int, allocation: Allocation | None) -> tuple[NodeAllocation, ...]:
+    """The nodes of a gang, one container each: the lease's, or stand-ins without a lease.
+
+    Raises:
+        ValueError: the lease does not fit the config (node count, GPUs per rank, bridge across engines, host
+            networking on shared addresses); the message names the setting to change.
+    """
+    t = config.training
+    if nproc < 1:
+        raise ValueError(f"nproc must be at least 1, found {nproc}")
+    nodes = allocation.nodes if allocation else tuple(NodeAllocation(node=f"node{i}") for i in range(t.nodes))
+    if len(nodes) != t.nodes:
+        raise ValueError(f"training.nodes is {t.nodes} but the lease has {len(nodes)} node(s)")
+    if t.docker.network == "bridge" and len({n.docker_url for n in nodes}) > 1:
+        raise ValueError("training.docker.network 'bridge' needs every node on one Docker engine, but the lease "
+                         "spans several: set training.docker.network: host")
+    if t.docker.network == "host" and len({n.address for n in nodes}) < len(nodes):
+        raise ValueError("training.docker.network 'host' needs a distinct address per node (the nodes share the "
+                         f"host's network), found {[n.address for n in nodes]}: use bridge on a single host")
+    for n in nodes:
+        if n.gpus and nproc > len(n.gpus):
+            raise ValueError(f"node {n.node}: {nproc} ranks per node but only {len(n.gpus)} leased GPU(s)")
+    return nodes
+
 
 def torchrun_command(*, nnodes: int, nproc: int, rdzv_endpoint: str, rdzv_id: str, config_path: str,
                      local_addr: str | None = None) -> list[str]:

@@ -2,9 +2,11 @@
 
 The gang starts together (every container is created before any is started), dies together (the first non-zero
 exit kills the others at once) and comes back together: up to ``training.max_restarts`` times the whole gang is
-started again, and ``kiln.tasks.training.loop`` resumes from the last complete checkpoint. ``training.timeout_s`` bounds the
-whole job, restarts included. Data, outputs, checkpoints and a SQLite MLflow store are bind-mounted at the same
-absolute paths, so a run writes exactly where :class:`kiln.tasks.launch.base.LocalTorchrunLauncher` would.
+started again, and ``kiln.tasks.training.loop`` resumes from the last complete checkpoint. ``training.timeout_s``
+bounds the whole job, restarts included. Data, outputs, checkpoints and a SQLite MLflow store are bind-mounted at
+the same absolute paths, so a run writes exactly where :class:`kiln.tasks.launch.torchrun.LocalTorchrunLauncher`
+would. What each container is made of (command, devices, mounts, the nodes of a lease) is in
+:mod:`kiln.tasks.launch.containers`; this module drives the engines.
 
 Every container and network carries the label ``kiln.job=<id>`` and is removed on every path out of
 :meth:`DockerGangLauncher.launch`, including a refused start (the engine keeps a created container whose start
@@ -19,7 +21,6 @@ import queue
 import threading
 import time
 import uuid
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,11 +46,13 @@ from kiln.tasks.launch.containers import (
     container_kwargs,
     container_user,
     describe_refusal,
+    gang_nodes,
     mlflow_paths,
     share_with_group,
     torchrun_command,
 )
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation, format_size
+from kiln.tasks.processes import OutputLog
 from kiln.tasks.settings import get_settings
 from kiln.tasks.storage.artifacts import atomic_write_bytes
 from kiln.tasks.training.job import CONFIG_FILE, TrainConfig
@@ -72,39 +75,21 @@ class ContainerStartError(TrainingFailedError):
         super().__init__(ENGINE_ERROR_EXIT, log_tail, reason=f"could not start on node {node}: {cause}")
 
 
-class _LogSink:
-    """Every container's output, line by line, to this module's logger, ``<workdir>/train.log`` and a tail."""
-
-    def __init__(self, path: Path, tail_lines: int):
-        self.tail: deque[str] = deque(maxlen=tail_lines)
-        self._lock = threading.Lock()
-        self._fh = open(path, "a", encoding="utf-8")
-
-    def write(self, source: str, line: str) -> None:
-        text = f"[{source}] {line}"
-        with self._lock:
-            self.tail.append(text)
-            self._fh.write(text + "\n")
-            self._fh.flush()
-        log.info("%s", text)
-
-    def pump(self, container: Container, source: str) -> None:
-        """Follow one container's log until it exits (the engine sends chunks, not lines)."""
-        pending = b""
-        try:
-            for chunk in container.logs(stream=True, follow=True):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for raw in lines:
-                    self.write(source, raw.decode(errors="replace").rstrip("\r"))
-        except (DockerException, OSError):
-            pass  # the container was removed while streaming
-        if pending:
-            self.write(source, pending.decode(errors="replace"))
-
-    def close(self) -> None:
-        with self._lock:
-            self._fh.close()
+def _pump(container: Container, source: str, output: OutputLog) -> None:
+    """Copy one container's log to ``output``, line by line as ``[source] line``, until it exits (the engine
+    sends chunks, not lines)."""
+    pending = b""
+    try:
+        for chunk in container.logs(stream=True, follow=True):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace").rstrip("\r")
+                output.write(f"[{source}] {line}")
+    except (DockerException, OSError):
+        pass  # the container was removed while streaming
+    if pending:
+        output.write(f"[{source}] {pending.decode(errors='replace')}")
 
 
 @dataclass(frozen=True)
@@ -176,7 +161,7 @@ class DockerGangLauncher(Launcher):
             TrainingTimeoutError: the job, restarts included, ran past ``training.timeout_s``.
         """
         t = config.training
-        nodes = self._check_lease(config, nproc, allocation)
+        nodes = gang_nodes(config, nproc, allocation)
         user = container_user(self.user)
         workdir = Path(workdir).resolve()
         config = replace(config, mlflow_tracking_uri=absolute_tracking_uri(config.mlflow_tracking_uri))
@@ -187,7 +172,7 @@ class DockerGangLauncher(Launcher):
                 raise TrainingFailedError(-15, "", reason="was terminated before it started")
             job = self.job_id = uuid.uuid4().hex[:12]
         image = t.docker.image or get_settings().train_image
-        sink = _LogSink(workdir / LOG_FILE, self.tail_lines)
+        sink = OutputLog(workdir / LOG_FILE, self.tail_lines, on_line=lambda text: log.info("%s", text))
         clients: dict[str | None, DockerClient] = {}
         start = time.monotonic()
         try:
@@ -212,8 +197,8 @@ class DockerGangLauncher(Launcher):
                     return LaunchResult(exit_code=0, duration_s=duration, log_tail="\n".join(sink.tail))
                 if outcome.status != "failed" or attempt == t.max_restarts:
                     raise self._error(outcome, t.timeout_s, attempt, "\n".join(sink.tail))
-                sink.write("launcher", f"node {outcome.node} {outcome.detail}; restarting the gang from its last "
-                                       f"checkpoint (restart {attempt + 1} of {t.max_restarts})")
+                sink.write(f"[launcher] node {outcome.node} {outcome.detail}; restarting the gang from its last "
+                           f"checkpoint (restart {attempt + 1} of {t.max_restarts})")
             raise AssertionError("unreachable: the last attempt returns or raises")
         finally:
             self._clean_up(clients, job)
@@ -240,25 +225,6 @@ class DockerGangLauncher(Launcher):
             threads_per_proc=t.threads_per_proc, workdir=str(workdir)) for n, name in zip(nodes, names, strict=True)]
 
     @staticmethod
-    def _check_lease(config: TrainConfig, nproc: int, allocation: Allocation | None) -> tuple[NodeAllocation, ...]:
-        t = config.training
-        if nproc < 1:
-            raise ValueError(f"nproc must be at least 1, found {nproc}")
-        nodes = allocation.nodes if allocation else tuple(NodeAllocation(node=f"node{i}") for i in range(t.nodes))
-        if len(nodes) != t.nodes:
-            raise ValueError(f"training.nodes is {t.nodes} but the lease has {len(nodes)} node(s)")
-        if t.docker.network == "bridge" and len({n.docker_url for n in nodes}) > 1:
-            raise ValueError("training.docker.network 'bridge' needs every node on one Docker engine, but the lease "
-                             "spans several: set training.docker.network: host")
-        if t.docker.network == "host" and len({n.address for n in nodes}) < len(nodes):
-            raise ValueError("training.docker.network 'host' needs a distinct address per node (the nodes share the "
-                             f"host's network), found {[n.address for n in nodes]}: use bridge on a single host")
-        for n in nodes:
-            if n.gpus and nproc > len(n.gpus):
-                raise ValueError(f"node {n.node}: {nproc} ranks per node but only {len(n.gpus)} leased GPU(s)")
-        return nodes
-
-    @staticmethod
     def _prepare_paths(config: TrainConfig, user: str) -> None:
         """Create the bind mounts' sources; as root, give the containers' group write where the job writes."""
         mlflow = mlflow_paths(config.mlflow_tracking_uri)
@@ -275,7 +241,7 @@ class DockerGangLauncher(Launcher):
             share_with_group(path, gid, recursive=recursive)
 
     def _run_attempt(self, clients: dict[str | None, DockerClient], nodes: tuple[NodeAllocation, ...],
-                     kwargs: list[dict[str, Any]], sink: _LogSink, deadline: float) -> _Outcome:
+                     kwargs: list[dict[str, Any]], sink: OutputLog, deadline: float) -> _Outcome:
         """Create every container, then start them all, watch them, and remove them (on every path)."""
         with self._lock:
             self._containers = []
@@ -297,7 +263,7 @@ class DockerGangLauncher(Launcher):
                 if refusal is not None:
                     raise ContainerStartError(n.node, describe_refusal(n, refusal), "\n".join(sink.tail)) from refusal
             events: queue.Queue[tuple[int, int]] = queue.Queue()
-            pumps = [threading.Thread(target=sink.pump, args=(c, n.node), daemon=True)
+            pumps = [threading.Thread(target=_pump, args=(c, n.node, sink), daemon=True)
                      for n, c in zip(nodes, self._containers, strict=True)]
             for i, (pump, container) in enumerate(zip(pumps, self._containers, strict=True)):
                 pump.start()

@@ -9,12 +9,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from pathlib import Path
-from typing import IO
 
 from kiln.tasks.launch.base import LOG_FILE, Launcher, LaunchResult, TrainingFailedError, TrainingTimeoutError
 from kiln.tasks.pools.allocation import Allocation
+from kiln.tasks.processes import OutputLog, ProcessGroup, start_process, usable_cpus
 from kiln.tasks.storage.artifacts import atomic_write_bytes
 from kiln.tasks.training.job import CONFIG_FILE, TRAIN_MODULE, TrainConfig
 
@@ -35,7 +34,7 @@ class LocalTorchrunLauncher(Launcher):
         self.log_prefix = log_prefix
         # Re-entrant: terminate() may run in a signal handler on the thread that is inside launch().
         self._lock = threading.RLock()
-        self._proc: subprocess.Popen[str] | None = None
+        self._proc: ProcessGroup | None = None
         self._terminated = False
 
     @property
@@ -68,34 +67,27 @@ class LocalTorchrunLauncher(Launcher):
                      node.cuda_visible_devices(), node.cpuset())
         cmd = self.command(config_path, nproc, config.training.max_restarts)
         timeout_s = config.training.timeout_s
-        tail: deque[str] = deque(maxlen=self.tail_lines)
-        with self._lock:
-            if self._terminated:
-                raise TrainingFailedError(-signal.SIGTERM, "", reason="was terminated before it started")
-            log.info("launching %d rank(s), timeout %d s: %s", nproc, timeout_s, " ".join(cmd))
-            start = time.monotonic()
-            proc = self._proc = subprocess.Popen(
-                cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                bufsize=1, errors="replace", start_new_session=True,
-                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
-        assert proc.stdout is not None
-        pump = threading.Thread(target=self._pump, args=(proc.stdout, workdir / LOG_FILE, tail),
-                                name="train-log-pump", daemon=True)
-        pump.start()
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            log.error("training job ran past its %d s timeout; killing it", timeout_s)
-        finally:
-            # After a timeout, a failed job's leftovers, or an interrupted wait in this thread.
-            if proc.poll() != 0:
-                self._kill_group(proc)
-        code = proc.wait()
-        pump.join(timeout=self.kill_grace_s)
+        with OutputLog(workdir / LOG_FILE, self.tail_lines, on_line=self._log_line) as output:
+            with self._lock:
+                if self._terminated:
+                    raise TrainingFailedError(-signal.SIGTERM, "", reason="was terminated before it started")
+                log.info("launching %d rank(s), timeout %d s: %s", nproc, timeout_s, " ".join(cmd))
+                start = time.monotonic()
+                proc = self._proc = start_process(cmd, cwd=workdir, env=env, cpus=cpus, output=output)
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                log.error("training job ran past its %d s timeout; killing it", timeout_s)
+            finally:
+                # After a timeout, a failed job's leftovers, or an interrupted wait in this thread.
+                if proc.poll() != 0:
+                    self._stop(proc)
+            code = proc.wait()
+            proc.join_output(timeout=self.kill_grace_s)
         duration = time.monotonic() - start
-        log_tail = "\n".join(tail)
+        log_tail = "\n".join(output.tail)
         if timed_out:
             raise TrainingTimeoutError(timeout_s, code, log_tail)
         if code != 0:
@@ -108,45 +100,11 @@ class LocalTorchrunLauncher(Launcher):
             self._terminated = True
             proc = self._proc
         if proc is not None:
-            self._kill_group(proc)
+            self._stop(proc)
 
-    def _pump(self, stream: IO[str], log_file: Path, tail: deque[str]) -> None:
-        """Copy the job's output, line by line as it arrives, to the logger, the log file and the tail."""
-        with open(log_file, "a", encoding="utf-8") as fh:
-            for raw in stream:
-                line = raw.rstrip("\n")
-                tail.append(line)
-                fh.write(raw)
-                fh.flush()
-                log.info("%s %s", self.log_prefix, line)
+    def _log_line(self, line: str) -> None:
+        log.info("%s %s", self.log_prefix, line)
 
-    def _kill_group(self, proc: subprocess.Popen[str]) -> None:
-        """SIGTERM the job's process group, then SIGKILL it if anything is left after the grace period."""
-        pgid = proc.pid  # start_new_session made torchrun the leader of its own group
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + self.kill_grace_s
-        while time.monotonic() < deadline:
-            proc.poll()  # reap torchrun so that an empty group reads as gone
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-        log.warning("training processes still alive %g s after SIGTERM; sending SIGKILL", self.kill_grace_s)
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def usable_cpus(leased: tuple[int, ...]) -> set[int]:
-    """The leased cores this process may run on; an inventory can name cores this machine lacks (a test
-    stand-in, or a node entry meant for another host), and pinning to those would fail."""
-    usable = set(leased) & os.sched_getaffinity(0)
-    if leased and usable != set(leased):
-        log.warning("leased CPU cores %s are not all available here (have %s); pinning to %s",
-                    sorted(leased), sorted(os.sched_getaffinity(0)), sorted(usable) or "no core (not pinned)")
-    return usable
+    def _stop(self, proc: ProcessGroup) -> None:
+        """SIGTERM the job's process group, then SIGKILL whatever is left after the grace period."""
+        proc.stop(self.kill_grace_s, what="training processes")

@@ -1,4 +1,4 @@
-"""Run the platform as services: ``python -m kiln.tasks.services.supervisor up|down|status`` (``make up`` / ``make down``).
+"""Run the platform as services: ``python -m kiln.tasks.services.supervisor up|down|status`` (``make up``).
 
 ``up`` migrates the Airflow metadata DB, starts the api-server (UI + REST), scheduler, dag-processor, triggerer,
 an MLflow server (where the UI's extra links point), the Celery workers of the ``prod`` profile, and the model
@@ -15,19 +15,17 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
-from contextlib import suppress
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
+from kiln.tasks.processes import ProcessGroup, alive, start_process, stop_groups, tail
 from kiln.tasks.services.environment import (
     USERNAME,
     ServicePaths,
@@ -59,26 +57,12 @@ class Component:
     """Variables of this component only (a Celery worker's own log-server port)."""
 
 
-def tail(path: Path, lines: int = 30) -> str:
-    """The last ``lines`` lines of a text file ('' if it does not exist)."""
-    if not path.exists():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 class Service:
     """The platform's services for one ``KILN_HOME``: start, check, stop.
 
     Args:
-        env: the complete environment of the components (see :func:`kiln.tasks.services.environment.service_environment`).
+        env: the complete environment of the components (see
+            :func:`kiln.tasks.services.environment.service_environment`).
         settings: ports, profile and worker count.
         paths: where state, logs and secrets live.
     """
@@ -90,7 +74,9 @@ class Service:
         self.url = f"http://{settings.airflow_host}:{settings.airflow_port}"
         self.mlflow_url = f"http://127.0.0.1:{settings.mlflow_port}"
         self._bin = Path(sys.executable).parent
-        self._procs: dict[str, subprocess.Popen] = {}
+        self._procs: dict[str, ProcessGroup] = {}
+        #: Seconds from the start to each Airflow health check first reporting healthy (:meth:`wait_ready`).
+        self.timings: dict[str, float] = {}
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None, dags_folder: Path | None = None) -> Service:
@@ -155,15 +141,13 @@ class Service:
             log.warning("services of %s were partly running; stopping them first", self.paths.home)
             self.down()
         started = time.monotonic()
-        for folder in (self.paths.run_dir, self.paths.log_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             ensure_postgres_databases(self.env)
-            self._migrate()
-            for comp in self.components():
-                self._launch(comp)
-                self._write_state(started)
-            self._wait_ready(started, timeout)
+            self.migrate()
+            self.start()
+            self._write_state(started)
+            self.wait_ready(timeout, started=started)
             servers = self._serve_deployments()
         except BaseException:
             self.down()
@@ -172,31 +156,61 @@ class Service:
         log.info("services ready after %.1f s: %s", state["ready_s"], self.url)
         return state
 
-    def _migrate(self) -> None:
-        logfile = self.paths.log_dir / "migrate.log"
+    def log_file(self, name: str) -> Path:
+        """The log file of a component (or of ``migrate``)."""
+        return self.paths.log_dir / f"{name}.log"
+
+    def migrate(self) -> None:
+        """Create or upgrade the Airflow metadata DB (``airflow db migrate``), its output in ``migrate.log``.
+
+        Raises:
+            ServiceError: the migration failed; the message holds its log's tail.
+        """
+        logfile = self.log_file("migrate")
+        logfile.parent.mkdir(parents=True, exist_ok=True)
         with logfile.open("wb") as out:
-            result = subprocess.run([str(self._bin / "airflow"), "db", "migrate"], env=self.env, stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=600)
+            result = subprocess.run([str(self._bin / "airflow"), "db", "migrate"], env=self.env, cwd=self.paths.home,
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=600)
         if result.returncode != 0:
             raise ServiceError(f"airflow db migrate exited {result.returncode}:\n{tail(logfile)}")
 
-    def _launch(self, comp: Component) -> None:
-        with (self.paths.log_dir / f"{comp.name}.log").open("ab") as logfile:
-            self._procs[comp.name] = subprocess.Popen(
-                comp.argv, env={**self.env, **comp.env}, cwd=self.paths.home, stdin=subprocess.DEVNULL,
-                stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
-        log.info("started %s (pid %d)", comp.name, self._procs[comp.name].pid)
+    def start(self, names: Collection[str] | None = None) -> None:
+        """Start the named components (default: all of :meth:`components`), each in a session of its own with
+        :attr:`env` (plus the component's own variables), its output appended to :meth:`log_file`."""
+        self.paths.log_dir.mkdir(parents=True, exist_ok=True)
+        for comp in self.components():
+            if names is None or comp.name in names:
+                self._procs[comp.name] = start_process(comp.argv, cwd=self.paths.home, env={**self.env, **comp.env},
+                                                       output=self.log_file(comp.name))
+                log.info("started %s (pid %d)", comp.name, self._procs[comp.name].pid)
 
-    def _wait_ready(self, started: float, timeout: float) -> None:
-        comps = {c.name: c for c in self.components()}
+    @property
+    def pids(self) -> dict[str, int]:
+        """The leader pid (= process group id) of each component this instance started, by name."""
+        return {name: proc.pid for name, proc in self._procs.items()}
+
+    def wait_ready(self, timeout: float, started: float | None = None) -> None:
+        """Wait until every started component is healthy, recording when each Airflow check was in :attr:`timings`.
+
+        Args:
+            timeout: seconds from ``started`` (a ``time.monotonic()`` value; default: now).
+
+        Raises:
+            ServiceError: a component exited, or not all were healthy in time; the message holds the log tails.
+        """
+        started = time.monotonic() if started is None else started
+        comps = {c.name: c for c in self.components() if c.name in self._procs}
         pending = set(comps)
         warmed = False
         with httpx.Client(timeout=5.0) as http:
             while pending:
-                exited = {n: p.returncode for n, p in self._procs.items() if p.poll() is not None}
+                exited = {n: code for n, p in self._procs.items() if (code := p.poll()) is not None}
                 if exited:
                     raise ServiceError(f"components exited during start-up {exited}\n{self.log_tails(exited)}")
                 health = _get_json(http, f"{self.url}/api/v2/monitor/health")
+                for key in AIRFLOW_HEALTH:
+                    if (health.get(key) or {}).get("status") == "healthy":
+                        self.timings.setdefault(key, time.monotonic() - started)
                 if all((health.get(k) or {}).get("status") == "healthy" for k in AIRFLOW_HEALTH):
                     if not warmed:
                         # The execution API builds its app on its first request (seconds of CPU, blocking the
@@ -207,7 +221,7 @@ class Service:
                 if "mlflow" in pending and _get_status(http, f"{self.mlflow_url}/health") == 200:
                     pending.discard("mlflow")
                 for name in [n for n in pending if comps[n].ready_pattern]:
-                    if re.search(comps[name].ready_pattern or "", tail(self.paths.log_dir / f"{name}.log", 200)):
+                    if re.search(comps[name].ready_pattern or "", tail(self.log_file(name), 200)):
                         pending.discard(name)
                 if pending and time.monotonic() - started > timeout:
                     raise ServiceError(f"not healthy after {timeout:.0f} s: {sorted(pending)}; health {health}\n"
@@ -217,7 +231,7 @@ class Service:
 
     def _serve_deployments(self) -> dict[str, str]:
         """Start the model server of every pipeline that has a deployment; return model -> URL."""
-        proc = subprocess.run([sys.executable, "-m", "kiln.tasks.cli.models", "serve", "--json"], env=self.env,
+        proc = subprocess.run([sys.executable, "-m", "kiln.tasks.cli", "serve", "start", "--json"], env=self.env,
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise ServiceError(f"starting the model servers failed:\n{proc.stderr[-3000:]}")
@@ -231,7 +245,7 @@ class Service:
     def _write_state(self, started: float, **extra: Any) -> dict[str, Any]:
         state = {"profile": self.settings.profile, "url": self.url, "mlflow_url": self.mlflow_url,
                  "credentials": str(self.paths.passwords_file), "username": USERNAME,
-                 "logs": str(self.paths.log_dir), "pids": {n: p.pid for n, p in self._procs.items()}, **extra}
+                 "logs": str(self.paths.log_dir), "pids": self.pids, **extra}
         tmp = self._state_file().with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self._state_file())
@@ -250,86 +264,37 @@ class Service:
     def log_tails(self, names: Any = None, lines: int = 30) -> str:
         """The last lines of the named components' logs (default: all), each under a header."""
         names = sorted(names) if names is not None else [c.name for c in self.components()]
-        return "\n".join(f"--- {n}.log ---\n{tail(self.paths.log_dir / f'{n}.log', lines)}" for n in names)
+        return "\n".join(f"--- {n}.log ---\n{tail(self.log_file(n), lines)}" for n in names)
 
     # Stop ------------------------------------------------------------------------------------------------------
 
-    def down(self, timeout: float = 30.0) -> list[int]:
-        """Stop every component (:func:`stop_process_groups`) and the model servers; idempotent.
+    def stop(self, timeout: float = 30.0, also: Iterable[int] = ()) -> list[int]:
+        """Stop the components this instance started and those of the state record, with every process they
+        started (:func:`kiln.tasks.processes.stop_groups`); idempotent.
+
+        Args:
+            timeout: grace period between SIGTERM and SIGKILL.
+            also: more pids to stop (descendants seen earlier that may have left the process tree since).
 
         Returns:
             The pids that had to be killed.
         """
-        state = self.state() or {}
-        groups = set(state.get("pids", {}).values()) | {p.pid for p in self._procs.values()}
-        killed = stop_process_groups(groups, list(self._procs.values()), timeout)
+        groups = set((self.state() or {}).get("pids", {}).values()) | set(self.pids.values())
+        killed = stop_groups(groups, grace_s=timeout, children=self._procs.values(), also=also)
         self._procs.clear()
-        subprocess.run([sys.executable, "-m", "kiln.tasks.cli.models", "stop"], env=self.env,
+        return killed
+
+    def down(self, timeout: float = 30.0) -> list[int]:
+        """Stop every component (:meth:`stop`) and the model servers; idempotent.
+
+        Returns:
+            The pids that had to be killed.
+        """
+        killed = self.stop(timeout)
+        subprocess.run([sys.executable, "-m", "kiln.tasks.cli", "serve", "stop"], env=self.env,
                        capture_output=True, timeout=120)
         self._state_file().unlink(missing_ok=True)
         return killed
-
-
-def process_tree(groups: set[int]) -> set[int]:
-    """Live processes of the given process groups (ids = their leaders' pids) and all their descendants, also
-    those that started a session of their own."""
-    found: set[int] = set()
-    for leader in groups:
-        with suppress(psutil.NoSuchProcess):
-            found.update(c.pid for c in psutil.Process(leader).children(recursive=True))
-    for proc in psutil.process_iter():
-        with suppress(ProcessLookupError, psutil.NoSuchProcess):
-            if os.getpgid(proc.pid) in groups:
-                found.add(proc.pid)
-    return {pid for pid in found | groups if alive(pid)}
-
-
-def stop_process_groups(groups: set[int], children: list[subprocess.Popen], timeout: float,
-                        also: set[int] | None = None) -> list[int]:
-    """SIGTERM whole process groups, wait up to ``timeout`` s for them and every descendant, SIGKILL the rest.
-
-    A TERM to a single Airflow process can orphan its children, so whole groups are signalled; descendants that
-    left their group (a session of their own) are found from the process tree first and signalled one by one.
-
-    Args:
-        groups: process group ids (= their leaders' pids).
-        children: the leaders this process started itself, reaped while waiting (or they stay zombies).
-        also: more pids to stop (descendants seen earlier that may have left the tree since).
-
-    Returns:
-        The pids that had to be killed.
-    """
-    members = process_tree(groups) | {pid for pid in also or () if alive(pid)}
-    for pgid in groups:
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
-    for pid in members:
-        with suppress(ProcessLookupError, PermissionError):
-            if os.getpgid(pid) not in groups:
-                os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while (left := {pid for pid in members if alive(pid)}) and time.monotonic() < deadline:
-        for proc in children:
-            proc.poll()
-        time.sleep(0.2)
-    if left:
-        log.warning("still alive %.0f s after SIGTERM, killing: %s", timeout, _describe(left))
-        for pid in left:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    for proc in children:
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-    return sorted(left)
-
-
-def _describe(pids: set[int]) -> str:
-    """``pid (command line)`` of each process, for the log."""
-    out = []
-    for pid in sorted(pids):
-        with suppress(psutil.NoSuchProcess):
-            out.append(f"{pid} ({' '.join(psutil.Process(pid).cmdline())[:80]})")
-    return ", ".join(out)
 
 
 def _get_json(http: httpx.Client, url: str) -> dict[str, Any]:
@@ -348,7 +313,8 @@ def _get_status(http: httpx.Client, url: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``up`` (start and wait), ``down`` (stop everything), ``status`` (print the state record)."""
-    parser = argparse.ArgumentParser(prog="python -m kiln.tasks.services.supervisor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m kiln.tasks.services.supervisor",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health (up)")
     args = parser.parse_args(argv)

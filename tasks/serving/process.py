@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.tasks.processes import ProcessGroup, alive, start_process, stop_groups, tail
 from kiln.tasks.serving.client import READY_POLL_S, ServingClient, ServingError
 from kiln.tasks.serving.deployment import Deployment, read_deployment
 from kiln.tasks.settings import REPO_ROOT
@@ -39,7 +37,7 @@ PORT_SETTING = "KILN_SERVE_PORT"
 PROBE_TIMEOUT_S = 3.0
 
 # Servers started by this process, kept so that they are reaped (no zombies) and waited on properly.
-_children: dict[int, subprocess.Popen[bytes]] = {}
+_children: dict[int, ProcessGroup] = {}
 
 
 class PortInUseError(ServingError):
@@ -192,9 +190,7 @@ def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: st
     env = {**os.environ, "KILN_SERVE_TOKEN": token, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
     offset = log_file.stat().st_size if log_file.exists() else 0
-    with open(log_file, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_process(cmd, cwd=run_dir, env=env, output=log_file)
     _children[proc.pid] = proc
     atomic_write_bytes(run_dir / PID_FILE, f"{proc.pid}\n".encode())
     log.info("started model server of %r (pid %d) on %s:%d, log %s", dep.model, proc.pid, host, port, log_file)
@@ -207,7 +203,7 @@ def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: st
                 (run_dir / PID_FILE).unlink(missing_ok=True)
                 _children.pop(proc.pid, None)
                 raise ServerStartError(f"model server of {dep.model!r} exited with code {code} during start-up "
-                                       f"(log {log_file})", _log_tail(log_file, offset))
+                                       f"(log {log_file})", tail(log_file, offset=offset))
             ready = client.ready()
             if ready is not None and str(ready["champion"]["version"]) == str(dep.champion.version):
                 break
@@ -215,75 +211,22 @@ def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: st
                 stop_server(run_dir)
                 raise ServerStartError(f"model server of {dep.model!r} was not ready on {url} within "
                                        f"{start_timeout_s:g} s and was stopped (log {log_file})",
-                                       _log_tail(log_file, offset))
+                                       tail(log_file, offset=offset))
             time.sleep(READY_POLL_S)
     log.info("model server of %r ready on %s: champion %s, canary %s", dep.model, url, dep.champion.version,
              dep.canary.version if dep.canary else "none")
     return ServerHandle(url=url, pid=proc.pid, log_file=log_file, deployment=deployment)
 
 
-def _log_tail(log_file: Path, offset: int, lines: int = 30) -> str:
-    try:
-        with open(log_file, "rb") as fh:
-            fh.seek(offset)
-            text = fh.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
-    return "\n".join(deque(text.splitlines(), maxlen=lines))
-
-
-def _alive(pid: int) -> bool:
-    proc = _children.get(pid)
-    if proc is not None:
-        return proc.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        # A dead child of this process (started before a pid-file hand-over) stays a zombie until reaped.
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != "Z"
-
-
 def _is_server(pid: int) -> bool:
     """Whether ``pid`` is a live model-server process (not a reused pid of something else)."""
-    if not _alive(pid):
+    if not alive(pid):
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc (macOS): trust the pid file
     return SERVER_MODULE.encode() in cmdline
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        # start_new_session made the server the leader of its own group: signal anything it spawned too.
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _wait_exit(pid: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while _alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def stop_server(run_dir: Path, timeout_s: float = 10) -> bool:
@@ -306,14 +249,13 @@ def stop_server(run_dir: Path, timeout_s: float = 10) -> bool:
             log.info("model server pid %d (from %s) is not running", pid, run_dir / PID_FILE)
             return False
         log.info("stopping model server pid %d", pid)
-        _signal(pid, signal.SIGTERM)
-        if not _wait_exit(pid, timeout_s):
-            log.warning("model server pid %d still running %g s after SIGTERM; sending SIGKILL", pid, timeout_s)
-            _signal(pid, signal.SIGKILL)
-            _wait_exit(pid, 5.0)
+        child = _children.get(pid)
+        # The server leads its own process group: whatever it spawned is stopped with it.
+        stop_groups({pid}, grace_s=timeout_s, children=[child] if child else [], what=f"model server pid {pid}")
         return True
     finally:
-        _children.pop(pid, None)
+        if (child := _children.pop(pid, None)) is not None:
+            child.poll()  # reap it: a server of this process that exited by itself stays a zombie until then
         (run_dir / PID_FILE).unlink(missing_ok=True)
 
 

@@ -1,6 +1,7 @@
 """Training checkpoints kept in the artifact store while the job runs, so that a retry on another machine resumes.
 
-The training workers write checkpoints to a local folder (``kiln.tasks.training.checkpoints``: one atomic file per epoch). Where
+The training workers write checkpoints to a local folder (``kiln.tasks.training.checkpoints``: one atomic file per
+epoch). Where
 that folder is not itself durable (the S3 store's scratch folders live on the machine that ran the task), a
 :class:`CheckpointMirror` on the launching side copies each new checkpoint into the store as it appears, and
 brings the store's newest one back before the job starts. The workers never talk to the store: the same code runs

@@ -8,14 +8,14 @@ triggerer, not holding a worker). After ``stop()`` no process of the harness may
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import psutil
 import pytest
 from airflow_service import AirflowService, temporary_postgres_database
+
+from kiln.tasks.processes import alive, process_tree
 
 pytestmark = pytest.mark.integration
 
@@ -23,25 +23,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_DAGS = Path(__file__).resolve().parents[1] / "service_dags"
 DAG_ID = "smoke_service"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _live_group_members(groups: set[int]) -> list[int]:
-    """Pids of non-zombie processes in the given process groups (checked independently of the harness)."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) in groups and _alive(proc.pid):
-                found.append(proc.pid)
-        except ProcessLookupError:
-            continue
-    return found
 
 
 def _run_smoke_dag(home: Path, db_url: str | None) -> None:
@@ -66,10 +47,11 @@ def _run_smoke_dag(home: Path, db_url: str | None) -> None:
             logs = "\n".join(f"--- {k} ({v['state']}):\n{svc.task_log(DAG_ID, run_id, k, v['try_number'])[-3000:]}"
                              for k, v in tis.items() if v["state"] == "failed")
             # A task that fails before it logs (not started, lost by the executor) shows up only in these.
-            for name in ("scheduler.log", "triggerer.log"):
-                text = (svc.home / name).read_text(errors="replace") if (svc.home / name).exists() else ""
+            for name in ("scheduler", "triggerer"):
+                path = svc.log_file(name)
+                text = path.read_text(errors="replace") if path.exists() else ""
                 notable = [line for line in text.splitlines() if "wait" in line or "rror" in line or "ail" in line]
-                logs += f"\n--- {name} (lines naming the task, errors, failures):\n" + "\n".join(notable[-40:])
+                logs += f"\n--- {name}.log (lines naming the task, errors, failures):\n" + "\n".join(notable[-40:])
             pytest.fail(f"run {run_id} ended {state}: { {k: v['state'] for k, v in tis.items()} }\n{logs}")
         assert {ti["state"] for ti in tis.values()} == {"success"}
         assert "deferred" in seen["wait"], f"the sensor never showed as deferred; states seen {dict(seen)}"
@@ -80,8 +62,8 @@ def _run_smoke_dag(home: Path, db_url: str | None) -> None:
         assert groups <= set(pids), "the components should be among the harness processes"
     log.info("%s: ready after %.1f s (%s), run %.1f s, total with stop %.1f s", svc.db_url.split(":")[0],
              svc.startup_seconds, svc.timings, run_seconds, time.monotonic() - started)
-    assert [pid for pid in pids if _alive(pid)] == [], "processes of the harness survived stop()"
-    assert _live_group_members(groups) == [], "a component's process group survived stop()"
+    assert [pid for pid in pids if alive(pid)] == [], "processes of the harness survived stop()"
+    assert process_tree(groups) == set(), "a component's process group survived stop()"
     assert svc.process_ids() == []
 
 

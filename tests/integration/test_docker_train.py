@@ -112,11 +112,11 @@ def test_a_two_node_gang_trains_the_penguins_pipeline_in_containers(engine):
     assert len(checksums) == 2 and checksums[0] == checksums[1], "DDP replicas diverged across the containers"
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4, 5]
     assert (out / MODEL_FILE).is_file()
-    assert trained["model_uri"] == ctx.store.uri(ctx.key("train"))
+    assert trained.model_uri == ctx.store.uri(ctx.key("train"))
     log = (out / LOG_FILE).read_text()
     assert "[n0] " in log and "epoch 5/5 done" in log
     # Rank 0 logged every epoch to the host's MLflow store from inside its container.
-    history = MlflowClient(get_settings().mlflow_tracking_uri).get_metric_history(trained["mlflow_run_id"],
+    history = MlflowClient(get_settings().mlflow_tracking_uri).get_metric_history(trained.mlflow_run_id,
                                                                                   "train/loss")
     assert len(history) == 5
     # The host reads what the containers wrote: the evaluate step scores the published model.

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import airflow_client.client as ac
 import httpx
-import psutil
 import pytest
 import yaml
 from airflow_client.client.api.asset_api import AssetApi
@@ -32,7 +31,7 @@ from airflow_client.client.models.dag_run_mutable_states import DagRunMutableSta
 from airflow_client.client.models.dag_run_patch_body import DAGRunPatchBody
 from kiln_service import EXAMPLE_SPECS, REPO, Platform, running_service
 
-from kiln.tasks.services.supervisor import process_tree
+from kiln.tasks.processes import alive, process_tree
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +121,8 @@ def test_dag_shows_doc_tags_and_typed_params(platform: Platform) -> None:
     assert "Classify penguin **species**" in details.doc_md
     assert {"kiln", "tabular", "classification"} <= {t.name for t in details.tags}
     assert details.params["epochs"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 10_000,
-                                                  "title": "Epochs"}
+                                                  "title": "Epochs",
+                                                  "description_md": "Passes over the training split."}
     assert details.params["epochs"]["description"] == "Passes over the training split."
     assert details.params["deployment"]["schema"]["enum"] == ["direct", "canary", "none"]
 
@@ -147,17 +147,17 @@ def test_an_asset_event_starts_a_run(platform: Platform) -> None:
 def test_down_stops_everything_and_status_says_so(platform: Platform) -> None:
     service = platform.service
     env = {**service.env, "PYTHONPATH": str(REPO)}
-    status = subprocess.run([sys.executable, "-m", "kiln.tasks.services.supervisor", "status"], env=env, capture_output=True,
-                            text=True, timeout=60)
+    status = subprocess.run([sys.executable, "-m", "kiln.tasks.services.supervisor", "status"], env=env,
+                            capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and json.loads(status.stdout)["running"] is True
     groups = set(service.state()["pids"].values())
     members = process_tree(groups)
     assert len(members) > len(groups), "components run worker processes of their own"
     service.down()
-    left = [pid for pid in members if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    left = [pid for pid in members if alive(pid)]
     assert left == [], "processes survived down()"
     assert process_tree(groups) == set()
-    status = subprocess.run([sys.executable, "-m", "kiln.tasks.services.supervisor", "status"], env=env, capture_output=True,
-                            text=True, timeout=60)
+    status = subprocess.run([sys.executable, "-m", "kiln.tasks.services.supervisor", "status"], env=env,
+                            capture_output=True, text=True, timeout=60)
     assert status.returncode == 3 and json.loads(status.stdout)["running"] is False
     assert not os.path.exists(Path(service.paths.run_dir) / "service.json")

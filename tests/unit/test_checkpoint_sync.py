@@ -21,7 +21,8 @@ class NonDurableStore(LocalArtifactStore):
 
 
 def write_epoch(folder: Path, epoch: int, keep: int = 2) -> None:
-    """What ``kiln.tasks.training.checkpoints.save_checkpoint`` does to the folder, without torch: one file, older ones gone."""
+    """What ``kiln.tasks.training.checkpoints.save_checkpoint`` does to the folder, without torch: one file, older
+    ones gone."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"epoch_{epoch:04d}.pt").write_bytes(f"weights after epoch {epoch}".encode())
     for old, path in list_checkpoints(folder):

@@ -218,8 +218,8 @@ def test_cli_runs_as_a_single_process_without_torchrun(tmp_path, features, valid
     config = make_config(tmp_path, features if valid else tmp_path / "missing", epochs=1)
     config_file = tmp_path / "cfg.json"
     config_file.write_text(config.to_json())
-    proc = subprocess.run([sys.executable, "-m", "kiln.tasks.training", "--config", str(config_file)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "kiln.tasks.training", "--config", str(config_file)],
+                          capture_output=True, text=True, timeout=120)
     if valid:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "rank0 INFO epoch 1/1 done" in proc.stdout
