@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 POLL_S = 0.05
 #: How long a stop waits for SIGKILLed processes to go (the kernel needs a moment for a large address space).
 KILL_WAIT_S = 5.0
+#: How long a stop waits for its exited processes to be reaped by their parents (init, for orphans), so that the
+#: group is gone from the process table, not only dead, when it returns.
+REAP_WAIT_S = 2.0
 #: The most of a log file :func:`tail` reads: a service's log grows without bound.
 TAIL_MAX_BYTES = 1 << 20
 
@@ -204,8 +207,7 @@ def stop_groups(groups: Collection[int], *, grace_s: float, children: Iterable[P
             log.warning("%s still alive %g s after SIGTERM; sending SIGKILL: %s", what, grace_s, _describe(left))
         _signal(groups, left, signal.SIGKILL)
         _wait_gone(left, children, KILL_WAIT_S)
-    for child in children:
-        child.poll()
+    _wait_reaped(members | left, children, REAP_WAIT_S)
     return sorted(left)
 
 
@@ -225,6 +227,18 @@ def _wait_gone(pids: set[int], children: list[ProcessGroup], timeout_s: float) -
         for child in children:
             child.poll()  # reap it: an exited child stays a zombie in its group until then
         if not any(alive(pid) for pid in pids) or time.monotonic() >= deadline:
+            return
+        time.sleep(POLL_S)
+
+
+def _wait_reaped(pids: set[int], children: list[ProcessGroup], timeout_s: float) -> None:
+    """Wait (bounded) until the dead ``pids`` have left the process table: a caller that looks at the group next
+    (``killpg(pgid, 0)``) then finds it gone, not a set of zombies their new parent has yet to reap."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for child in children:
+            child.poll()
+        if not any(psutil.pid_exists(pid) for pid in pids) or time.monotonic() >= deadline:
             return
         time.sleep(POLL_S)
 

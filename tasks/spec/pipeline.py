@@ -1,8 +1,5 @@
-"""Pipeline spec: the one declarative file a user writes to add a pipeline for a tabular dataset.
-
-A spec is YAML, validated on load into frozen pydantic models. Every error names the file, the field, what was
-found and what is allowed, so that a typo never surfaces later as a confusing failure inside a step.
-"""
+"""The whole spec (:class:`PipelineSpec`: its sections and the checks across them), the trigger-time Params that
+may override its fields, and the validation of a parsed mapping into it with one message per bad field."""
 
 from __future__ import annotations
 

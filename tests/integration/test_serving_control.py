@@ -172,7 +172,7 @@ def test_infra_validation_serves_the_bundle_with_training_parity(bundle_factory:
         result = info.value.result
 
     assert result.passed is passes
-    assert result.max_abs_diff is not None and result.max_abs_diff <= config.tolerance
+    assert result.max_abs_diff is not None and result.max_abs_diff <= config.rules.tolerance
     assert result.requests == max(80, result.rows) and result.rows > 0
     assert result.p50_ms is not None and result.p99_ms is not None and result.p50_ms <= result.p99_ms
     assert ("parity" in result.reason) is passes, "only a passing report mentions parity; a failure names latency"
