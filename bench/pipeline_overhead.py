@@ -1,8 +1,8 @@
-"""pipeline_overhead: the penguins pipeline through Airflow vs the same ``tasks`` functions in one process.
+"""pipeline_overhead: the penguins pipeline through Airflow vs the same step functions in one process.
 
 Both sides use the same spec, data and settings, each in its own state folder warmed by one run. The Airflow run is
 ``dag.test()`` (real metadata DB, task instances and XCom, tasks in-process); the peer is
-``kiln.tasks.pipeline.context.run_all``. Ratio = Airflow seconds / plain seconds (best of ROUNDS each); target <= 1.3.
+``kiln.tasks.pipeline.runner.run_all``. Ratio = Airflow seconds / plain seconds (best of ROUNDS each); target <= 1.3.
 """
 
 from __future__ import annotations

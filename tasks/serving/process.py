@@ -22,7 +22,6 @@ from pathlib import Path
 from kiln.tasks.processes import ProcessGroup, alive, start_process, stop_groups, tail
 from kiln.tasks.serving.client import READY_POLL_S, ServingClient, ServingError
 from kiln.tasks.serving.deployment import Deployment, read_deployment
-from kiln.tasks.settings import REPO_ROOT
 from kiln.tasks.storage.artifacts import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -185,10 +184,8 @@ def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: st
     log_file = run_dir / LOG_FILE
     cmd = [sys.executable, "-m", SERVER_MODULE, "--deployment", str(deployment), "--host", host,
            "--port", str(port)]
-    # The parent environment passes through unchanged (this reads no setting from it); the repo root goes on
-    # PYTHONPATH so that the server module imports even without an installed package.
-    env = {**os.environ, "KILN_SERVE_TOKEN": token, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    # The parent environment passes through unchanged (this reads no setting from it).
+    env = {**os.environ, "KILN_SERVE_TOKEN": token, "PYTHONUNBUFFERED": "1"}
     offset = log_file.stat().st_size if log_file.exists() else 0
     proc = start_process(cmd, cwd=run_dir, env=env, output=log_file)
     _children[proc.pid] = proc
