@@ -8,7 +8,8 @@ itself, the data-validation report (``validate``), the gate's decision record (`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
@@ -20,6 +21,22 @@ from kiln.operators.s3_credentials import use_s3_connection
 if TYPE_CHECKING:
     from kiln.tasks.pipeline.context import RunContext
     from kiln.tasks.pipeline.steps import Step
+
+
+#: The XCom key under which a failed step leaves its error message (the run summary of ``kiln run`` shows it).
+ERROR_KEY = "kiln_error"
+@contextmanager
+def noting_failure(context: Any) -> Iterator[None]:
+    """Leave a failing step's error message as the XCom ``kiln_error`` (a skip or a deferral is no failure)."""
+    try:
+        yield
+    except AirflowSkipException:
+        raise
+    except Exception as exc:
+        # The error kiln raised, not the AirflowFailException that only says "do not retry" around it.
+        cause = exc.__cause__ if isinstance(exc, AirflowFailException) and exc.__cause__ is not None else exc
+        context["ti"].xcom_push(key=ERROR_KEY, value=f"{type(cause).__name__}: {cause}"[:8000])
+        raise
 
 
 def run_context(spec_path: str, context: Any, overrides: dict[str, Any] | None = None) -> RunContext:
@@ -63,15 +80,16 @@ class PipelineStepOperator(BaseOperator):
         return step_links(self.step.name)
 
     def execute(self, context: Any) -> Any:
+        from kiln.tasks.errors import DataError
         from kiln.tasks.pipeline.endpoint import DeploymentFailedError
         from kiln.tasks.pipeline.gate_decision import GateRejectedError
         from kiln.tasks.steps.infra_validate import InfraValidationError
-        from kiln.tasks.steps.validate import DataValidationError
 
-        ctx = run_context(self.spec_path, context)
-        try:
-            return self.step.run(ctx).to_dict()
-        except GateRejectedError as exc:
-            raise AirflowSkipException(str(exc)) from exc
-        except (DataValidationError, InfraValidationError, DeploymentFailedError) as exc:
-            raise AirflowFailException(str(exc)) from exc
+        with noting_failure(context):
+            ctx = run_context(self.spec_path, context)
+            try:
+                return self.step.run(ctx).to_dict()
+            except GateRejectedError as exc:
+                raise AirflowSkipException(str(exc)) from exc
+            except (DataError, InfraValidationError, DeploymentFailedError) as exc:
+                raise AirflowFailException(str(exc)) from exc

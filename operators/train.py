@@ -9,7 +9,7 @@ from airflow.sdk import BaseOperatorLink
 
 from kiln.operators.links import step_links
 from kiln.operators.pools import PooledOperator
-from kiln.operators.step import run_context
+from kiln.operators.step import noting_failure, run_context
 from kiln.tasks.pipeline import keys
 
 if TYPE_CHECKING:
@@ -41,6 +41,14 @@ class TrainOperator(PooledOperator):
     @property
     def operator_extra_links(self) -> tuple[BaseOperatorLink, ...]:  # type: ignore[override]
         return step_links(keys.TRAIN)
+
+    def execute(self, context: Any) -> Any:
+        with noting_failure(context):
+            return super().execute(context)
+
+    def execute_granted(self, context: Any, event: dict[str, Any]) -> Any:
+        with noting_failure(context):
+            return super().execute_granted(context, event)
 
     def _context(self, context: Any) -> RunContext:
         return run_context(self.spec_path, context, {"launcher": self.launcher_name} if self.launcher_name else None)

@@ -29,6 +29,7 @@ from kiln.tasks.bundle.load import (
     quiet_torchscript,
     signature_of,
 )
+from kiln.tasks.bundle.parity import PARITY_RULE, scaled_difference
 from kiln.tasks.features.records import records_from_frame
 from kiln.tasks.features.splits import TEST_RAW_FILE
 from kiln.tasks.features.transform import FEATURE_SPEC_FILE, FeatureTransform
@@ -71,13 +72,13 @@ class ExportResult:
     """The content of ``bundle.json``."""
     sample_rows: int
     """Rows in ``sample.parquet``."""
-    max_abs_diff: float
+    max_diff: float
     """Largest difference between the bundle's and training's predictions on the sample."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (e.g. for XCom)."""
         return {"bundle_dir": str(self.bundle_dir), "manifest": self.manifest, "sample_rows": self.sample_rows,
-                "max_abs_diff": self.max_abs_diff}
+                "max_diff": self.max_diff}
 
 
 class _Servable(nn.Module):
@@ -138,11 +139,10 @@ def export_bundle(config: ExportConfig, out_dir: Path) -> ExportResult:
     atomic_write_bytes(out_dir / MODEL_FILE, _script_bytes(model.module, transform.task))
     atomic_write_bytes(out_dir / FEATURE_SPEC_FILE, spec_path.read_bytes())
     manifest = _write_rest(out_dir, transform, sample, expected, {"model": model.meta, "metadata": config.metadata})
-    max_abs_diff = _self_check(out_dir, sample, expected)
-    log.info("export_bundle: %s model (%d inputs -> %d features) exported to %s; %d sample rows, max abs diff "
-             "%.3g", transform.task, len(transform.input_columns), transform.input_dim, out_dir, len(sample),
-             max_abs_diff)
-    return ExportResult(bundle_dir=out_dir, manifest=manifest, sample_rows=len(sample), max_abs_diff=max_abs_diff)
+    max_diff = _self_check(out_dir, sample, expected)
+    log.info("export_bundle: %s model (%d inputs -> %d features) exported to %s; %d sample rows, max difference "
+             "%.3g", transform.task, len(transform.input_columns), transform.input_dim, out_dir, len(sample), max_diff)
+    return ExportResult(bundle_dir=out_dir, manifest=manifest, sample_rows=len(sample), max_diff=max_diff)
 
 
 def _write_rest(out_dir: Path, transform: FeatureTransform, sample: pd.DataFrame, expected: np.ndarray,
@@ -184,14 +184,14 @@ def _script_bytes(network: nn.Module, task: str) -> bytes:
 def _self_check(out_dir: Path, sample: pd.DataFrame, expected: np.ndarray) -> float:
     """Load the written bundle and replay the sample through both serving paths; the largest difference."""
     bundle = load_bundle(out_dir)
-    max_abs_diff = 0.0
+    max_diff = 0.0
     for path, got in (("frame", bundle.predict_frame(sample)),
                       ("records", bundle.predict_records(records_from_frame(sample)))):
-        diff = float(np.max(np.abs(got.astype(np.float64) - expected))) if got.shape == expected.shape \
-            else math.inf
+        diff = float(np.max(scaled_difference(got, expected))) if got.shape == expected.shape else math.inf
         if not diff <= EXPORT_TOLERANCE:  # also catches NaN
-            raise BundleError(f"the exported bundle in {out_dir} predicts the sample ({path} path) with max abs "
-                              f"diff {diff:.3g} from training's predictions (allowed {EXPORT_TOLERANCE:g}); the "
-                              "network does not export faithfully: check the model type and torch version")
-        max_abs_diff = max(max_abs_diff, diff)
-    return max_abs_diff
+            raise BundleError(f"the exported bundle in {out_dir} predicts the sample ({path} path) with a "
+                              f"difference of {diff:.3g} from training's predictions (allowed {EXPORT_TOLERANCE:g}, "
+                              f"{PARITY_RULE}); the network does not export faithfully: check the model type and "
+                              "torch version")
+        max_diff = max(max_diff, diff)
+    return max_diff

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from kiln.tasks.errors import DataError
 from kiln.tasks.spec import ColumnType, TaskType
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class SchemaError(ValueError):
+class SchemaError(DataError):
     """A column named by the spec (declared type or target) is not in the data."""
 
 

@@ -71,6 +71,8 @@ class Endpoint:
     host: str
     port: int
     run_dir: Path
+    port_setting: str = "KILN_SERVE_PORT"
+    """The setting that chose ``port``, for the error about a port that is taken."""
 
     @property
     def deployment(self) -> Path:
@@ -88,7 +90,10 @@ class Endpoint:
     def of(cls, spec: PipelineSpec) -> Endpoint:
         """The endpoint of a pipeline: its ``deployment.port`` or ``KILN_SERVE_PORT``."""
         s = get_settings()
-        return cls(spec.name, s.serve_host, spec.deployment.port or s.serve_port, s.serving_dir / spec.name)
+        if spec.deployment.port:
+            return cls(spec.name, s.serve_host, spec.deployment.port, s.serving_dir / spec.name,
+                       f"deployment.port of the {spec.name} spec")
+        return cls(spec.name, s.serve_host, s.serve_port, s.serving_dir / spec.name)
 
     def serve(self, deployment: Deployment) -> ServerHandle:
         """Write ``deployment`` and make the server serve it: reload a running server, or start one."""
@@ -98,7 +103,7 @@ class Endpoint:
 
         write_deployment(self.deployment, deployment)
         return ensure_server(self.deployment, host=self.host, port=self.port,
-                             token=resolve_token(get_settings()), run_dir=self.run_dir)
+                             token=resolve_token(get_settings()), run_dir=self.run_dir, port_setting=self.port_setting)
 
     def client(self) -> ServingClient:
         """A client of the running server."""

@@ -90,7 +90,7 @@ def _read_pid(run_dir: Path) -> int | None:
 
 
 def ensure_server(deployment: Path, *, host: str, port: int, token: str, run_dir: Path,
-                  start_timeout_s: float = 60) -> ServerHandle:
+                  start_timeout_s: float = 60, port_setting: str = PORT_SETTING) -> ServerHandle:
     """Make a model server answer on ``host:port`` with what ``deployment`` describes.
 
     Args:
@@ -100,6 +100,8 @@ def ensure_server(deployment: Path, *, host: str, port: int, token: str, run_dir
         token: bearer token of the server's predict and admin endpoints.
         run_dir: where the server's log and pid file go (e.g. ``<serving_dir>/<model>``).
         start_timeout_s: how long a new server may take to load its models.
+        port_setting: the setting that chose ``port`` (a spec's ``deployment.port``, or ``KILN_SERVE_PORT``),
+            named in the errors about a port that is taken.
 
     Returns:
         The running server; it has loaded the deployment's champion version.
@@ -118,7 +120,7 @@ def ensure_server(deployment: Path, *, host: str, port: int, token: str, run_dir
     url = server_url(host, port)
     if _port_taken(host, port):
         with ServingClient(url, token, timeout_s=max(PROBE_TIMEOUT_S, start_timeout_s)) as client:
-            _reload_running(client, dep, port, start_timeout_s)
+            _reload_running(client, dep, port, start_timeout_s, port_setting)
         return ServerHandle(url=url, pid=_read_pid(run_dir) or -1, log_file=run_dir / LOG_FILE,
                             deployment=deployment)
     return _start(deployment, dep, host=host, port=port, token=token, run_dir=run_dir,
@@ -142,10 +144,11 @@ def _describe_listener(port: int) -> str:
     return f" (pid {pid}, deployment {served})" if served else f" (pid {pid})"
 
 
-def _reload_running(client: ServingClient, dep: Deployment, port: int, start_timeout_s: float) -> None:
+def _reload_running(client: ServingClient, dep: Deployment, port: int, start_timeout_s: float,
+                    port_setting: str) -> None:
     """Tell the kiln server of ``dep.model`` listening on ``port`` to reload; refuse anything else there."""
     foreign = (f"port {port} is taken by something that is not the kiln model server of {dep.model!r}; stop it "
-               f"or choose another port with the setting {PORT_SETTING}")
+               f"or choose another port with the setting {port_setting}")
     with ServingClient(client.url, None, timeout_s=PROBE_TIMEOUT_S) as probe:
         if not probe.health():
             raise PortInUseError(foreign, url=client.url)
@@ -157,7 +160,7 @@ def _reload_running(client: ServingClient, dep: Deployment, port: int, start_tim
         raise PortInUseError(foreign, url=client.url)
     if ready["model"] != dep.model:
         raise PortInUseError(f"port {port} is taken by the kiln model server of {ready['model']!r}, not "
-                             f"{dep.model!r}; give each model its own port with the setting {PORT_SETTING}",
+                             f"{dep.model!r}; give each model its own port with the setting {port_setting}",
                              url=client.url)
     log.info("model server of %r already answers on %s; reloading its deployment", dep.model, client.url)
     try:
@@ -168,14 +171,14 @@ def _reload_running(client: ServingClient, dep: Deployment, port: int, start_tim
                 f"the model server of {dep.model!r} on port {port}{_describe_listener(port)} refused this kiln's "
                 "token: it was started by another kiln home (another checkout or KILN_HOME) or with another "
                 "KILN_SERVE_TOKEN; stop it (make serve-stop in the checkout that started it, or kill its pid) or "
-                f"serve this one on another port with the setting {PORT_SETTING}", url=client.url,
+                f"serve this one on another port with the setting {port_setting}", url=client.url,
                 status=401) from exc
         raise
     served = str(body["champion"]["version"])
     if served != str(dep.champion.version):
         raise ServingError(f"after a reload the server on port {port} serves champion version {served}, not "
                            f"{dep.champion.version}: it reads another deployment file; stop it or use another "
-                           f"port ({PORT_SETTING})", url=client.url)
+                           f"port ({port_setting})", url=client.url)
 
 
 def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: str, run_dir: Path,

@@ -45,10 +45,18 @@ class ExpectationsSpec(_Strict):
     """Data quality rules checked by the ``validate`` step."""
 
     infer_defaults: bool = True
-    """Add defaults from the schema: declared columns exist, the target is never null, no column is entirely
-    null, numeric columns hold numbers, and the table has at least ``min_rows`` rows."""
+    """Add the default checks (README "Data validation"): declared columns and the target exist, the target is
+    missing in at most ``max_missing_target_share`` of the rows and never equals its column's name, no column is
+    entirely null, numeric columns hold numbers, a column of mostly numbers holds no text, no row repeats the
+    header, and a classification target holds no class the champion never saw. ``min_rows`` is checked either
+    way."""
     min_rows: int = Field(default=10, ge=1)
-    """The fewest rows a source may have."""
+    """The fewest rows the snapshot may have (counted after ``sample_fraction``); ``clean`` must keep as many."""
+    max_missing_target_share: float = Field(default=0.5, ge=0, le=1)
+    """Largest share of rows whose target is missing; ``clean`` drops those rows and counts them."""
+    allow_new_classes: bool = False
+    """Classification: accept target classes that the current champion was never trained on (a new class stops
+    the run at ``validate`` otherwise)."""
     declared: list[ExpectationSpec] = Field(default_factory=list)
     """Extra expectations, checked as written."""
 
@@ -77,6 +85,10 @@ class CleaningSpec(_Strict):
     """Policy for categorical columns not listed under ``columns``."""
     columns: dict[str, ColumnCleaning] = Field(default_factory=dict)
     """Per-column policies; rows with a missing target are always dropped."""
+    max_dropped_share: float = Field(default=0.5, ge=0, lt=1)
+    """The run stops at ``clean`` when its rules drop more than this share of the snapshot's rows (or leave fewer
+    than ``expectations.min_rows``), naming each rule and what it dropped; a rule that drops over a tenth of the
+    rows is logged as a warning."""
 
 
 class FeaturesSpec(_Strict):

@@ -82,7 +82,8 @@ class InfraValidationSpec(_Strict):
     """The ``infra_validate`` step: the bundle is loaded in the serving runtime before it is deployed."""
 
     tolerance: float = Field(default=1e-5, gt=0)
-    """Largest allowed difference between served and training-side predictions (train/serve parity)."""
+    """Largest allowed difference between served and training-side predictions (train/serve parity): absolute
+    for class probabilities, relative to the value for regression values above 1."""
     latency_budget_ms: float = Field(default=500.0, gt=0)
     """p99 latency of one-row requests allowed in the serving runtime. The default only catches a runtime that is
     broken-slow (seconds per row) on a busy laptop; set your service's objective here (the serving benchmark

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.tasks.errors import DataError
 from kiln.tasks.features.column_types import infer_column_types, missing_column_message
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import RunContext
@@ -34,13 +35,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: A rule that drops more than this share of the rows it sees is logged as a warning.
+LOUD_SHARE = 0.1
 _MISSING_ALLOWED: dict[str, tuple[str, ...]] = {
     "numeric": ("drop_row", "mean", "median", "mode", "constant", "keep"),
     "categorical": ("drop_row", "mode", "constant", "keep"),
 }
 
 
-class CleanError(ValueError):
+class CleanError(DataError):
     """The cleaning policy does not fit the data, or cleaning left no rows."""
 
 
@@ -57,10 +60,14 @@ class CleanConfig:
     cleaning: CleaningSpec
     """Duplicate handling and the per-column missing-value and outlier policies."""
 
+    min_rows: int = 1
+    """``expectations.min_rows``: the fewest rows that cleaning may leave."""
+
     @classmethod
     def from_spec(cls, spec: PipelineSpec) -> CleanConfig:
         """The config a pipeline spec implies."""
-        return cls(target=spec.target, task=spec.task, columns=dict(spec.columns), cleaning=spec.cleaning)
+        return cls(target=spec.target, task=spec.task, columns=dict(spec.columns), cleaning=spec.cleaning,
+                   min_rows=spec.expectations.min_rows)
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,8 @@ class CleanResult:
     rows_in: int
     rows_out: int
     dropped: int
+    missing_target: int
+    """Rows dropped because their target was missing (part of ``dropped``)."""
     column_types: dict[str, str]
     """Kept columns (target included) to ``numeric`` or ``categorical``, in column order."""
     report_file: str
@@ -94,7 +103,11 @@ class _Rules:
         if not (always or dropped or changed):
             log.debug(*line)
             return
-        log.info(*line)
+        if rows_in and dropped > LOUD_SHARE * rows_in:
+            log.warning(*line)
+            log.warning("rule %s dropped %.1f %% of the rows it saw", rule, 100 * dropped / rows_in)
+        else:
+            log.info(*line)
         self.records.append({"rule": rule, "column": column, "rows_in": rows_in, "rows_out": rows_out,
                              "dropped": dropped, "changed": changed, **({"detail": detail} if detail else {})})
         if rows_out == 0 and rows_in > 0:
@@ -142,6 +155,7 @@ def run_clean(config: CleanConfig, snapshot_dir: Path, out_dir: Path) -> CleanRe
 
     n = len(df)
     df = df[df[config.target].notna()]
+    missing_target = n - len(df)
     rules.record("drop_missing_target", config.target, n, len(df), always=True)
     if config.cleaning.drop_duplicates:
         n = len(df)
@@ -153,16 +167,37 @@ def run_clean(config: CleanConfig, snapshot_dir: Path, out_dir: Path) -> CleanRe
         if policy.outliers != "none":
             df = _apply_outliers(df, column, policy, rules)
 
+    _check_kept(config, rules, rows_in, len(df))
     df = df.reset_index(drop=True)
     out_dir = Path(out_dir)
     df.to_parquet(out_dir / keys.CLEAN_FILE, engine="pyarrow", index=False)
     report_file = write_json(out_dir / keys.CLEAN_REPORT_FILE, {
-        "rows_in": rows_in, "rows_out": len(df), "rules": rules.records, "column_types": kept,
+        "rows_in": rows_in, "rows_out": len(df), "missing_target": missing_target, "rules": rules.records,
+        "column_types": kept,
         "target": config.target, "task": config.task})
     log.info("clean: rows in %d out %d dropped %d; %d columns kept; wrote %s", rows_in, len(df), rows_in - len(df),
              len(kept), out_dir / keys.CLEAN_FILE)
-    return CleanResult(rows_in=rows_in, rows_out=len(df), dropped=rows_in - len(df), column_types=kept,
-                       report_file=str(report_file))
+    return CleanResult(rows_in=rows_in, rows_out=len(df), dropped=rows_in - len(df), missing_target=missing_target,
+                       column_types=kept, report_file=str(report_file))
+
+
+def _check_kept(config: CleanConfig, rules: _Rules, rows_in: int, rows_out: int) -> None:
+    """Stop when cleaning left too little to train on: fewer than ``min_rows``, or more than
+    ``cleaning.max_dropped_share`` of the snapshot dropped. The message names each rule that dropped rows.
+
+    Raises:
+        CleanError: too few rows are left.
+    """
+    limit, dropped = config.cleaning.max_dropped_share, rows_in - rows_out
+    if rows_out >= config.min_rows and dropped <= limit * rows_in:
+        return
+    by_rule = "; ".join(f"{r['rule']}{' on ' + r['column'] if r['column'] else ''} dropped {r['dropped']}"
+                        for r in rules.records if r["dropped"])
+    why = (f"that is below expectations.min_rows ({config.min_rows})" if rows_out < config.min_rows else
+           f"{dropped / rows_in:.1%} dropped is more than cleaning.max_dropped_share ({limit:g})")
+    raise CleanError(f"cleaning kept {rows_out} of {rows_in} rows ({by_rule}); {why}. If those rows are real data "
+                     "(repeated records are, when they count events), turn that rule off (e.g. "
+                     "cleaning.drop_duplicates: false) or change its policy; otherwise fix the source")
 
 
 def clean(ctx: RunContext) -> CleanResult:

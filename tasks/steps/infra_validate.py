@@ -4,8 +4,9 @@ A throwaway ``python -m kiln.tasks.serving`` is started on a free loopback port,
 bundle and a random token. The bundle's sample rows (raw input, as a client would send it) are replayed over HTTP,
 each row as a one-row request (timed) and all rows as one batch, and the served predictions are compared with the
 predictions the training side recorded for the same rows (train/serve parity). The step fails when the two differ
-by more than ``tolerance``, when a served label is not the most probable class, or when the p99 latency of the
-one-row requests exceeds ``latency_budget_ms``. The server is stopped however the step ends.
+by more than ``tolerance`` (relative to the size of a regression value: :mod:`kiln.tasks.bundle.parity`), when a
+served label is not the most probable class, or when the p99 latency of the one-row requests exceeds
+``latency_budget_ms``. The server is stopped however the step ends.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.tasks.bundle.parity import PARITY_RULE
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.pipeline.gate_decision import require_passed
@@ -63,8 +65,9 @@ class InfraValidateResult:
     """What the serving runtime did with the bundle."""
 
     passed: bool
-    max_abs_diff: float | None
-    """Largest served-vs-training difference over all rows, one-row and batch (``None``: nothing was served)."""
+    max_diff: float | None
+    """Largest served-vs-training difference over all rows, one-row and batch, by the rule in ``compared``
+    (``None``: nothing was served)."""
     p50_ms: float | None
     p99_ms: float | None
     """Latency percentiles of the one-row requests at the client."""
@@ -76,7 +79,7 @@ class InfraValidateResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (e.g. for XCom)."""
-        return {"passed": self.passed, "max_abs_diff": self.max_abs_diff, "p50_ms": self.p50_ms,
+        return {"passed": self.passed, "max_diff": self.max_diff, "compared": PARITY_RULE, "p50_ms": self.p50_ms,
                 "p99_ms": self.p99_ms, "rows": self.rows, "requests": self.requests, "reason": self.reason}
 
 
@@ -195,7 +198,7 @@ def _judge(config: InfraValidateConfig, bundle_dir: Path, expected: list[dict[st
            n_single: int) -> InfraValidateResult:
     import numpy as np
 
-    from kiln.tasks.serving.parity import compare_predictions
+    from kiln.tasks.bundle.parity import compare_predictions
 
     diff_single, problem_single = compare_predictions(served_single, expected)
     diff_batch, problem_batch = compare_predictions(served_batch, expected)
@@ -205,14 +208,15 @@ def _judge(config: InfraValidateConfig, bundle_dir: Path, expected: list[dict[st
                 f"parity (batch request): {problem_batch}" if problem_batch else ""]
     if max_diff > config.rules.tolerance:
         problems.append(f"parity: served predictions differ from the training-side predictions by up to "
-                        f"{max_diff:.3g} (tolerance {config.rules.tolerance:g})")
+                        f"{max_diff:.3g} (tolerance {config.rules.tolerance:g} of {PARITY_RULE})")
     if p99 > config.rules.latency_budget_ms:
         problems.append(f"latency: p99 of one-row requests is {p99:.1f} ms, over the budget of "
                         f"{config.rules.latency_budget_ms:g} ms")
     problems = [p for p in problems if p]
     passed = not problems
     reason = "; ".join(problems) if problems else (
-        f"parity within {config.rules.tolerance:g} (max abs diff {max_diff:.3g}) over {len(expected)} rows; "
+        f"parity within {config.rules.tolerance:g} (max difference {max_diff:.3g} of {PARITY_RULE}) over "
+        f"{len(expected)} rows; "
         f"p99 {p99:.1f} ms within {config.rules.latency_budget_ms:g} ms")
     result = InfraValidateResult(passed, max_diff, p50, p99, len(expected), n_single, reason)
     log.info("infra validation of %s %s: %s", bundle_dir, "passed" if passed else "FAILED", reason)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
+from kiln.tasks.errors import DataError
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.spec import PipelineSpec, SourceSpec
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 _URI_FORMS = "an absolute path, a file:// URI, or pkg://<package>/<resource path>"
 
 
-class IngestError(ValueError):
+class IngestError(DataError):
     """The source cannot be read into a usable table (missing, unparseable, empty, duplicate column names)."""
 
 

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.tasks.features.column_types import infer_column_types
+from kiln.tasks.errors import DataError
+from kiln.tasks.features.default_checks import default_suite
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.settings import get_settings
@@ -33,13 +34,6 @@ log = logging.getLogger(__name__)
 _SITE = "kiln"
 _REPORT_EXAMPLES = 10
 _MESSAGE_EXAMPLES = 5
-#: dtype names GX compares a numeric column's dtype against (numpy and pandas nullable dtypes).
-NUMERIC_TYPES = [
-    *(f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)),
-    "float16", "float32", "float64",
-    *(f"{kind}{bits}Dtype" for kind in ("Int", "UInt") for bits in (8, 16, 32, 64)),
-    "Float32Dtype", "Float64Dtype",
-]
 #: Expectation fields that GX fills in itself; not offered as kwargs in error messages.
 _INTERNAL_FIELDS = {"id", "rendered_content", "batch_id", "windows"}
 
@@ -55,12 +49,16 @@ class ValidateConfig:
     columns: dict[str, ColumnType]
     """Declared column types (spec field ``columns``); each must exist."""
     expectations: ExpectationsSpec
-    """Declared expectations, whether to add the inferred defaults, and the minimum row count."""
+    """Declared expectations, whether to add the default checks, and their bounds."""
+    known_classes: tuple[str, ...] | None = None
+    """Classification: the classes the current champion was trained on (a new one fails the default checks);
+    ``None`` when there is no champion."""
 
     @classmethod
-    def from_spec(cls, spec: PipelineSpec) -> ValidateConfig:
+    def from_spec(cls, spec: PipelineSpec, known_classes: tuple[str, ...] | None = None) -> ValidateConfig:
         """The config a pipeline spec implies."""
-        return cls(target=spec.target, task=spec.task, columns=dict(spec.columns), expectations=spec.expectations)
+        return cls(target=spec.target, task=spec.task, columns=dict(spec.columns), expectations=spec.expectations,
+                   known_classes=known_classes)
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ class ValidateResult:
             raise DataValidationError(self)
 
 
-class DataValidationError(Exception):
+class DataValidationError(DataError):
     """The data failed its expectations. ``result`` holds the full :class:`ValidateResult`."""
 
     def __init__(self, result: ValidateResult):
@@ -107,45 +105,14 @@ class DataValidationError(Exception):
                 detail.append(f"observed {f['observed_value']}")
             if f.get("error"):
                 detail.append(f"error: {f['error']}")
-            if f["type"] == "expect_column_to_exist":
-                detail.append("the column is not in the data")
-            lines.append(f"  - {f['type']}{where}: {', '.join(detail) or 'failed'}")
+            hint = f" ({f['hint']})" if f.get("hint") else ""
+            lines.append(f"  - {f['type']}{where}: {', '.join(detail) or 'failed'}{hint}")
         super().__init__("\n".join(lines))
 
 
 def build_expectations(config: ValidateConfig, df: pd.DataFrame) -> list[ExpectationSpec]:
-    """The suite to check: the inferred defaults (if ``infer_defaults``) followed by the declared expectations.
-
-    Defaults: the table has at least ``min_rows`` rows; each declared column and the target exists; the target is
-    never null; no column is entirely null; numeric columns have a numeric dtype. A declared column or target that
-    is absent gets only its existence check, which then fails.
-
-    Args:
-        config: the step's settings.
-        df: the snapshot (only its columns and dtypes are used).
-
-    Returns:
-        Expectation specs in evaluation order.
-    """
-    spec = config.expectations
-    if not spec.infer_defaults:
-        return list(spec.declared)
-    types = infer_column_types(df, config.columns, config.target, config.task, strict=False)
-    out = [ExpectationSpec(type="expect_table_row_count_to_be_between", kwargs={"min_value": spec.min_rows})]
-    for column in dict.fromkeys([*config.columns, config.target]):
-        out.append(ExpectationSpec(type="expect_column_to_exist", kwargs={"column": column}))
-    if config.target in types:
-        out.append(ExpectationSpec(type="expect_column_values_to_not_be_null", kwargs={"column": config.target}))
-    for column, ctype in types.items():
-        if ctype == "ignore":
-            continue
-        # Proportion of non-null values strictly above 0: fails only when every value is missing.
-        out.append(ExpectationSpec(type="expect_column_proportion_of_non_null_values_to_be_between",
-                                   kwargs={"column": column, "min_value": 0, "strict_min": True}))
-        if ctype == "numeric":
-            out.append(ExpectationSpec(type="expect_column_values_to_be_in_type_list",
-                                       kwargs={"column": column, "type_list": NUMERIC_TYPES}))
-    return [*out, *spec.declared]
+    """The suite to check: the default checks (:mod:`kiln.tasks.features.default_checks`), then the declared ones."""
+    return default_suite(config.target, config.task, config.columns, config.expectations, df, config.known_classes)
 
 
 def check_expectations(specs: list[ExpectationSpec], where: str = "expectations.declared") -> list[Any]:
@@ -224,7 +191,7 @@ def run_validate(config: ValidateConfig, snapshot_dir: Path, out_dir: Path) -> V
         raise RuntimeError(f"Great Expectations did not write Data Docs to {docs_dir}/index.html")
     failed = [{"type": r["type"], "column": r["kwargs"].get("column"), "unexpected_count": r["unexpected_count"],
                "examples": r["partial_unexpected_list"][:_MESSAGE_EXAMPLES], "observed_value": r["observed_value"],
-               "error": r["error"]} for r in report if not r["success"]]
+               "error": r["error"], "hint": r["hint"]} for r in report if not r["success"]]
     result = ValidateResult(success=bool(gx_result.success), evaluated=len(report), failed=failed,
                             report_file=str(report_file))
     log.info("validation %s: %d of %d expectations passed; report %s", "passed" if result.success else "FAILED",
@@ -245,7 +212,7 @@ def validate(ctx: RunContext) -> ValidateResult:
 
     from kiln.tasks.tracking.runs import finish_run
 
-    config = ValidateConfig.from_spec(ctx.spec)
+    config = ValidateConfig.from_spec(ctx.spec, known_classes=_champion_classes(ctx))
     result = ctx.publish(keys.VALIDATE, lambda out: run_validate(config, ctx.input_dir(keys.INGEST), out))
     published = ctx.input_dir(keys.VALIDATE)
     result = replace(result, report_file=str(published / keys.VALIDATION_FILE))
@@ -257,6 +224,21 @@ def validate(ctx: RunContext) -> ValidateResult:
         finish_run(tracking_uri, run_id, status="FAILED")
     result.raise_for_failure()
     return result
+
+
+def _champion_classes(ctx: RunContext) -> tuple[str, ...] | None:
+    """The classes the pipeline's champion was trained on (``None``: regression, or no champion yet)."""
+    if ctx.spec.task != "classification" or ctx.spec.expectations.allow_new_classes:
+        return None
+    from kiln.tasks.bundle.load import load_bundle
+    from kiln.tasks.pipeline.endpoint import bundle_cache
+    from kiln.tasks.tracking.registry import Registry
+
+    registry = Registry.from_settings()
+    champion = registry.champion(ctx.spec.name)
+    if champion is None:
+        return None
+    return load_bundle(registry.fetch_bundle(champion, bundle_cache(ctx.spec.name))).classes
 
 
 def _import_gx() -> Any:
@@ -309,6 +291,7 @@ def _expectation_report(r: Any) -> dict[str, Any]:
         "partial_unexpected_list": list(result.get("partial_unexpected_list") or [])[:_REPORT_EXAMPLES],
         "observed_value": result.get("observed_value"),
         "error": _exception_message(r.exception_info),
+        "hint": (cfg.meta or {}).get("hint"),
     })
 
 

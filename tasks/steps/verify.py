@@ -66,7 +66,7 @@ def verify(ctx: RunContext) -> VerifyResult:
                 restore(endpoint, deployed.previous, ctx.spec.name)
                 raise DeploymentFailedError(
                     f"version {deployed.version} served predictions that differ from training's by "
-                    f"{parity['max_abs_diff']:.3g} ({parity['problem'] or 'values'}); rolled back")
+                    f"{parity['max_diff']:.3g} ({parity['problem'] or 'values'}); rolled back")
             return VerifyResult(strategy="direct", passed=True, reason="served predictions match training's",
                                 details=parity)
         c = ctx.spec.deployment.canary
@@ -91,14 +91,14 @@ def verify(ctx: RunContext) -> VerifyResult:
 def _check_parity(client: ServingClient, bundle_dir: Path, tolerance: float) -> dict[str, Any]:
     """Replay the bundle's sample through the live endpoint; the candidate's answers must match training's."""
     from kiln.tasks.bundle.load import load_bundle, records_from_frame
-    from kiln.tasks.serving.parity import compare_predictions
+    from kiln.tasks.bundle.parity import PARITY_RULE, compare_predictions
 
     bundle = load_bundle(bundle_dir)
     raw, expected = bundle.sample()
     served = client.predict(records_from_frame(raw))
     diff, problem = compare_predictions(served["predictions"], bundle.format_predictions(expected))
-    return {"rows": len(raw), "max_abs_diff": diff, "version": served["version"], "problem": problem,
-            "passed": problem is None and diff <= tolerance}
+    return {"rows": len(raw), "max_diff": diff, "compared": PARITY_RULE, "version": served["version"],
+            "problem": problem, "passed": problem is None and diff <= tolerance}
 
 
 def _probe_traffic(client: ServingClient, records: list[dict[str, Any]], stop: threading.Event,

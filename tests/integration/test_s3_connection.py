@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO, free_port
 from s3_server import S3Endpoint, s3_endpoint  # noqa: F401
 
+from kiln.tasks.pipeline.steps import STEPS as ALL_STEPS
+
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
 
 #: Every variable the export may set, plus the ones that would otherwise supply credentials or an endpoint.
@@ -22,7 +24,8 @@ EXPORTED = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "
             "KILN_S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 OTHER_SOURCES = ("AWS_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY",
                  "AWS_SECRET_KEY", "AWS_SECURITY_TOKEN")
-STEPS = ["ingest", "validate", "clean", "build_features", "train", "evaluate"]
+#: The steps up to evaluate, in the pipeline's order.
+STEPS = [s.name for s in ALL_STEPS][:[s.name for s in ALL_STEPS].index("evaluate") + 1]
 
 
 def isolate_env(monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...]) -> None:

@@ -147,6 +147,29 @@ def test_port_held_by_a_foreign_listener_is_refused_naming_the_port(tmp_path: Pa
     assert not (server_dir / "server.pid").exists()
 
 
+def test_a_taken_port_names_the_spec_field_that_chose_it(tmp_path: Path, bundle_factory: Callable[..., Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline whose spec sets deployment.port is told to change that field, not KILN_SERVE_PORT."""
+    from kiln.tasks.pipeline.endpoint import Endpoint
+    from kiln.tasks.serving.deployment import read_deployment
+    from kiln.tasks.spec import parse_spec
+
+    monkeypatch.setenv("KILN_SERVING_DIR", str(tmp_path / "serving"))
+    foreign = http.server.HTTPServer((HOST, 0), _NotKiln)
+    port = foreign.server_address[1]
+    spec = parse_spec({"name": "churn", "source": {"uri": "/data.csv"}, "target": "y", "task": "classification",
+                       "deployment": {"port": port}}, "churn.yaml")
+    deployment = read_deployment(_deploy(tmp_path / "deployment.json", bundle_factory(0)))
+    thread = threading.Thread(target=foreign.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(PortInUseError, match=rf"port {port}\b.*deployment.port of the churn spec"):
+            Endpoint.of(spec).serve(deployment)
+    finally:
+        foreign.shutdown()
+        foreign.server_close()
+
+
 def test_a_server_that_cannot_load_its_bundle_fails_to_start_with_its_log(tmp_path: Path, server_dir: Path) -> None:
     missing = tmp_path / "no-such-bundle"
     deployment = _deploy(tmp_path / "deployment.json", missing)
@@ -172,7 +195,7 @@ def test_infra_validation_serves_the_bundle_with_training_parity(bundle_factory:
         result = info.value.result
 
     assert result.passed is passes
-    assert result.max_abs_diff is not None and result.max_abs_diff <= config.rules.tolerance
+    assert result.max_diff is not None and result.max_diff <= config.rules.tolerance
     assert result.requests == max(80, result.rows) and result.rows > 0
     assert result.p50_ms is not None and result.p99_ms is not None and result.p50_ms <= result.p99_ms
     assert ("parity" in result.reason) is passes, "only a passing report mentions parity; a failure names latency"
@@ -205,7 +228,7 @@ def test_infra_validation_fails_when_served_predictions_drift_from_training(
             bundle_dir=bundle, rules=InfraValidationSpec(tolerance=1e-5, latency_budget_ms=10_000)))
 
     result = info.value.result
-    assert not result.passed and result.max_abs_diff == pytest.approx(drift, rel=0.2)
+    assert not result.passed and result.max_diff == pytest.approx(drift, rel=0.2)
     assert "parity: served predictions differ" in result.reason and "tolerance 1e-05" in result.reason
     assert _server_processes_with("kiln-infra-validate-") == []
 

@@ -86,7 +86,7 @@ def test_export_writes_every_file_and_a_manifest_with_provenance(tmp_path):
     assert manifest["format_version"] == BUNDLE_FORMAT_VERSION and manifest["metadata"] == PROVENANCE
     assert manifest["torch_version"] == torch.__version__ and manifest["model"]["input_dim"] == 9
     n_test = len(pd.read_parquet(features / TEST_RAW_FILE))
-    assert result.sample_rows == n_test == 12 and 0.0 <= result.max_abs_diff <= 1e-5
+    assert result.sample_rows == n_test == 12 and 0.0 <= result.max_diff <= 1e-5
     assert json.loads(json.dumps(result.to_dict()))["bundle_dir"] == str(tmp_path / "bundle")
     signature = json.loads((tmp_path / "bundle" / SIGNATURE_FILE).read_text())
     assert signature == {"inputs": [{"name": "a", "type": "numeric", "nullable": True},
@@ -191,7 +191,7 @@ def test_cnn_bundle_exports_and_predicts(tmp_path):
 
     bundle = load_bundle(result.bundle_dir)
     raw, expected = bundle.sample()
-    assert result.max_abs_diff <= 1e-5
+    assert result.max_diff <= 1e-5
     np.testing.assert_allclose(bundle.predict_records(records_from_frame(raw)), expected, rtol=0, atol=1e-6)
 
 

@@ -54,7 +54,7 @@ def kinds(specs: list[ExpectationSpec]) -> list[tuple[str, str | None]]:
 def test_build_expectations_infers_defaults_from_schema():
     declared = {"type": "expect_column_values_to_be_between", "kwargs": {"column": "mass", "min_value": 0}}
     specs = build_expectations(config([declared], min_rows=5), good_frame())
-    assert specs[0].type == "expect_table_row_count_to_be_between" and specs[0].kwargs == {"min_value": 5}
+    assert specs[0].type == "expect_table_row_count_to_be_between" and specs[0].kwargs["min_value"] == 5
     got = kinds(specs)
     assert ("expect_column_to_exist", "note") in got and ("expect_column_to_exist", "label") in got
     assert ("expect_column_values_to_not_be_null", "label") in got
@@ -64,9 +64,13 @@ def test_build_expectations_infers_defaults_from_schema():
     assert specs[-1] == ExpectationSpec(**declared)
 
 
-def test_build_expectations_without_defaults_is_only_the_declared():
+def test_build_expectations_without_defaults_is_min_rows_and_the_declared():
+    """infer_defaults: false drops the schema defaults, not the row count the spec sets explicitly."""
     declared = {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "mass"}}
-    assert build_expectations(config([declared], infer_defaults=False), good_frame()) == [ExpectationSpec(**declared)]
+    specs = build_expectations(config([declared], infer_defaults=False, min_rows=7), good_frame())
+    assert kinds(specs) == [("expect_table_row_count_to_be_between", None), ("expect_column_values_to_be_unique",
+                                                                            "mass")]
+    assert specs[0].kwargs["min_value"] == 7
 
 
 def test_build_expectations_absent_columns_get_only_an_existence_check():
@@ -106,13 +110,15 @@ def test_bad_data_fails_with_each_failed_expectation_listed(tmp_path):
 
     assert not result.success
     failed = {(f["type"], f["column"]): f for f in result.failed}
+    # One missing label in six is within max_missing_target_share: clean drops and counts it.
     assert set(failed) == {
         ("expect_table_row_count_to_be_between", None),
-        ("expect_column_values_to_not_be_null", "label"),
         ("expect_column_proportion_of_non_null_values_to_be_between", "empty"),
         ("expect_column_values_to_be_in_type_list", "mass"),
+        ("expect_column_values_to_match_regex", "mass"),
         ("expect_column_values_to_be_in_set", "label"),
     }
+    assert failed[("expect_column_values_to_match_regex", "mass")]["examples"] == ["heavy"]
     assert failed[("expect_column_values_to_be_in_set", "label")]["unexpected_count"] == 2
     assert failed[("expect_column_values_to_be_in_set", "label")]["examples"] == ["z", "z"]
     assert failed[("expect_table_row_count_to_be_between", None)]["observed_value"] == 6
@@ -126,7 +132,8 @@ def test_bad_data_fails_with_each_failed_expectation_listed(tmp_path):
     msg = str(exc.value)
     assert "5 of" in msg
     assert "expect_column_values_to_be_in_set column 'label': 2 unexpected values, e.g. ['z', 'z']" in msg
-    assert "expect_column_values_to_not_be_null column 'label': 1 unexpected values" in msg
+    assert "expect_column_values_to_match_regex column 'mass': 1 unexpected values, e.g. ['heavy'] (a column of " \
+           "numbers with some text in it" in msg
     assert "column 'mass'" in msg and "observed str" in msg
 
 
