@@ -8,6 +8,7 @@ itself, the data-validation report (``validate``), the gate's decision record (`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from kiln.tasks.pipeline.steps import Step
 
 
+log = logging.getLogger(__name__)
+
 #: The XCom key under which a failed step leaves its error message (the run summary of ``kiln run`` shows it).
 ERROR_KEY = "kiln_error"
 @contextmanager
@@ -35,7 +38,10 @@ def noting_failure(context: Any) -> Iterator[None]:
     except Exception as exc:
         # The error kiln raised, not the AirflowFailException that only says "do not retry" around it.
         cause = exc.__cause__ if isinstance(exc, AirflowFailException) and exc.__cause__ is not None else exc
-        context["ti"].xcom_push(key=ERROR_KEY, value=f"{type(cause).__name__}: {cause}"[:8000])
+        try:
+            context["ti"].xcom_push(key=ERROR_KEY, value=f"{type(cause).__name__}: {cause}"[:8000])
+        except Exception as push_error:  # noqa: BLE001 (the task's own error must surface, not this one)
+            log.warning("could not record the error message as XCom %s: %s", ERROR_KEY, push_error)
         raise
 
 
