@@ -33,7 +33,7 @@ NUMERIC_TYPES = [
 #: some text in it (a unit, a placeholder, a header line), not a category.
 MOSTLY_NUMERIC = 0.8
 #: What a number looks like as text (the values a mostly numeric column must all match).
-NUMBER_PATTERN = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+NUMBER_PATTERN = r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*$"
 
 
 def default_suite(target: str, task: TaskType, columns: dict[str, ColumnType], spec: ExpectationsSpec,
