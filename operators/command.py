@@ -75,7 +75,8 @@ class PooledCommandOperator(PooledOperator):
                "KILN_LEASE_ID": allocation.lease_id, "KILN_CPUSET": node.cpuset(),
                "KILN_MEMORY_LIMIT": str(node.memory)}
         output = OutputLog(tail_lines=50, on_line=lambda line: self.log.info("%s", line))
-        self._proc = proc = start_process(self.command, env=env, cpus=usable_cpus(node.cpus), output=output)
+        self._proc = proc = start_process(self.command, env=env, cpus=usable_cpus(node.cpus), output=output,
+                                          die_with_parent=True)
         try:
             code = proc.wait()
         finally:

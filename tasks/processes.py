@@ -24,6 +24,8 @@ from typing import IO, Any
 
 import psutil
 
+from kiln.tasks.parent_death import die_with_parent, prctl
+
 log = logging.getLogger(__name__)
 
 #: How often a stop looks whether the processes it signalled are gone.
@@ -109,15 +111,28 @@ class ProcessGroup:
         return stop_groups({self.pid}, grace_s=grace_s, children=[self], what=what)
 
 
-def _child_setup(cpus: Collection[int]) -> Callable[[], None] | None:
+def _child_setup(cpus: Collection[int], dies_with_parent: bool) -> Callable[[], None] | None:
     """What runs in the child between fork and exec, so that all it starts inherits it too (``None``: nothing,
     and no fork hook at all, which is safer in a process with threads)."""
     cores = set(cpus)
-    return (lambda: os.sched_setaffinity(0, cores)) if cores else None
+    if not cores and not dies_with_parent:
+        return None
+    parent = os.getpid()
+    if dies_with_parent:
+        prctl()  # looked up before the fork
+
+    def setup() -> None:
+        if dies_with_parent:
+            die_with_parent(signal.SIGKILL, parent)
+        if cores:
+            os.sched_setaffinity(0, cores)
+
+    return setup
 
 
 def start_process(argv: list[str], *, output: OutputLog | Path, cwd: Path | None = None,
-                  env: dict[str, str] | None = None, cpus: Collection[int] = ()) -> ProcessGroup:
+                  env: dict[str, str] | None = None, cpus: Collection[int] = (),
+                  die_with_parent: bool = False) -> ProcessGroup:
     """Start ``argv`` in a new session (its own process group), stdin from ``/dev/null``.
 
     Args:
@@ -128,6 +143,9 @@ def start_process(argv: list[str], *, output: OutputLog | Path, cwd: Path | None
         cwd: its working folder (default: this process's).
         env: its complete environment (default: this process's).
         cpus: the CPU cores it (and all it starts) may run on; empty: not pinned.
+        die_with_parent: SIGKILL it when this process (precisely: the calling thread) dies, even by SIGKILL, as
+            the OOM killer does: a job must not outlive the task that leased its devices. What it starts must see
+            to its own children (a training rank asks for the same, see :mod:`kiln.tasks.training.loop`).
 
     Returns:
         The running process.
@@ -136,7 +154,8 @@ def start_process(argv: list[str], *, output: OutputLog | Path, cwd: Path | None
         OSError: the command could not be started (not found, not executable, a bad ``cwd``).
     """
     common: dict[str, Any] = {"cwd": cwd, "env": env, "stdin": subprocess.DEVNULL, "stderr": subprocess.STDOUT,
-                              "start_new_session": True, "close_fds": True, "preexec_fn": _child_setup(cpus)}
+                              "start_new_session": True, "close_fds": True,
+                              "preexec_fn": _child_setup(cpus, die_with_parent)}
     if isinstance(output, OutputLog):
         popen = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1, errors="replace", **common)
         pump = threading.Thread(target=_pump, args=(popen.stdout, output), name=f"output-of-{popen.pid}",

@@ -73,7 +73,10 @@ class LocalTorchrunLauncher(Launcher):
                     raise TrainingFailedError(-signal.SIGTERM, "", reason="was terminated before it started")
                 log.info("launching %d rank(s), timeout %d s: %s", nproc, timeout_s, " ".join(cmd))
                 start = time.monotonic()
-                proc = self._proc = start_process(cmd, cwd=workdir, env=env, cpus=cpus, output=output)
+                # The job dies with this process, even by SIGKILL: a job outliving its task would train on devices
+                # the lease store gives to the task's retry.
+                proc = self._proc = start_process(cmd, cwd=workdir, env=env, cpus=cpus, output=output,
+                                                  die_with_parent=True)
             timed_out = False
             try:
                 proc.wait(timeout=timeout_s)

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import socket
+import uuid
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,7 @@ def train(ctx: RunContext, launcher: Launcher | None = None, allocation: Allocat
             return train(ctx, launcher, leased)
 
     from kiln.tasks.launch.base import get_launcher
+    from kiln.tasks.training import fence
     from kiln.tasks.training.checkpoint_sync import CheckpointMirror
     from kiln.tasks.training.job import CONFIG_FILE, METRICS_FILE, TrainConfig
 
@@ -94,12 +96,15 @@ def train(ctx: RunContext, launcher: Launcher | None = None, allocation: Allocat
     published = ctx.store.uri(ctx.key(keys.TRAIN))
     # Where the scratch folder is this machine's alone (S3), each checkpoint is also published under the same key,
     # and the newest published one comes back first: a retry on another machine resumes too.
+    token = f"{allocation.lease_id}/{uuid.uuid4().hex[:12]}"  # this try's, unique even when a lease is reused
     with CheckpointMirror(ctx.store, ctx.key(keys.CHECKPOINTS), checkpoints) as mirror, \
             ctx.store.writer(ctx.key(keys.TRAIN)) as out:
         config = TrainConfig(features_dir=str(ctx.input_dir(keys.BUILD_FEATURES)), output_dir=str(out),
                              checkpoint_dir=str(checkpoints), task=spec.task, model=spec.model,
                              training=spec.training, mlflow_tracking_uri=get_settings().mlflow_tracking_uri,
-                             mlflow_run_id=run_id)
+                             mlflow_run_id=run_id, fence_token=token)
+        # This try owns the checkpoints from now on: a job an earlier, killed try left running stops writing.
+        fence.claim(checkpoints, token)
         launched = launcher.launch(config, nproc=spec.training.nproc, workdir=out, allocation=allocation)
         # The published copy of the config names where the model is published, not the temporary folder.
         atomic_write_bytes(out / CONFIG_FILE, replace(config, output_dir=published).to_json().encode())

@@ -47,6 +47,9 @@ class TrainConfig:
     """MLflow tracking URI for ``mlflow_run_id``; ``None`` uses MLflow's default."""
     mlflow_run_id: str | None = None
     """An existing MLflow run to log params and per-epoch metrics to; ``None`` logs nothing to MLflow."""
+    fence_token: str | None = None
+    """The try's claim on ``checkpoint_dir`` (:mod:`kiln.tasks.training.fence`): checkpoints and MLflow logging
+    stop once a newer try claimed the folder. ``None``: unfenced (a job run by hand)."""
 
     def __post_init__(self) -> None:
         if self.task not in _TASKS:

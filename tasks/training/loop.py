@@ -32,8 +32,10 @@ from torch.utils.data import DistributedSampler, TensorDataset
 
 from kiln.tasks.features.splits import load_split
 from kiln.tasks.features.transform import FEATURE_SPEC_FILE
+from kiln.tasks.parent_death import die_with_torchrun
 from kiln.tasks.storage.artifacts import write_json
 from kiln.tasks.training import checkpoints as checkpoint
+from kiln.tasks.training import fence
 from kiln.tasks.training.job import METRICS_FILE, TrainConfig, TrainJobResult
 from kiln.tasks.training.networks import MODEL_FILE, build_model, save_model
 
@@ -280,10 +282,11 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainJob
                  " ".join(f"{k}={v}" for k, v in _device_facts(device).items() if v is not None))
         if state.resumed_from is None:
             # Where the job ran (resources, docker) is the launch's business, not a training hyperparameter.
-            mlflow.log_params({**{f"training.{k}": v for k, v in t.model_dump(mode="json").items()
-                                  if k not in ("resources", "docker")},
-                               **{f"model.{k}": v for k, v in config.model.model_dump(mode="json").items()},
-                               "task": config.task, "world_size": env.world_size, "fingerprint": fingerprint})
+            with fence.holding(ckpt_dir, config.fence_token):
+                mlflow.log_params({**{f"training.{k}": v for k, v in t.model_dump(mode="json").items()
+                                      if k not in ("resources", "docker")},
+                                   **{f"model.{k}": v for k, v in config.model.model_dump(mode="json").items()},
+                                   "task": config.task, "world_size": env.world_size, "fingerprint": fingerprint})
 
     loop_s, loop_samples = 0.0, 0
     for epoch in range(state.epoch + 1, t.epochs + 1):
@@ -325,11 +328,13 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainJob
             state.history.append({"epoch": epoch, **metrics})
             log.info("epoch %d/%d done in %.1f s: %s", epoch, t.epochs, epoch_s,
                      " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            mlflow.log_metrics(metrics, step=epoch)
-            checkpoint.save_checkpoint(ckpt_dir, {
-                "epoch": epoch, "fingerprint": fingerprint, "model_state": module.state_dict(),
-                "optimizer_state": optimizer.state_dict(), "rng_states": rng_states, "history": state.history,
-                "world_size": env.world_size, "config": config.to_json()})
+            # A job of an earlier try (its task was killed) stops here instead of writing into the retry's state.
+            with fence.holding(ckpt_dir, config.fence_token):
+                mlflow.log_metrics(metrics, step=epoch)
+                checkpoint.save_checkpoint(ckpt_dir, {
+                    "epoch": epoch, "fingerprint": fingerprint, "model_state": module.state_dict(),
+                    "optimizer_state": optimizer.state_dict(), "rng_states": rng_states, "history": state.history,
+                    "world_size": env.world_size, "config": config.to_json(), "fence_token": config.fence_token})
 
     checksums = _gather(param_checksum(module))
     samples_per_s = loop_samples / loop_s if loop_s > 0 else None
@@ -339,13 +344,14 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainJob
     if is_main:
         meta = {"train_config": config.to_json(), "fingerprint": fingerprint, "epochs_run": state.epoch,
                 "resumed_from_epoch": state.resumed_from, "world_size": env.world_size}
-        save_model(out / MODEL_FILE, module, model_spec=config.model, input_dim=data.input_dim,
-                   n_outputs=data.n_outputs, task=config.task, extra=meta)
-        write_json(out / METRICS_FILE, {
-            "history": history, "final": final, "samples_per_s": samples_per_s, "world_size": env.world_size,
-            **_device_facts(device),
-            "epochs_run": state.epoch, "resumed_from_epoch": state.resumed_from, "param_checksums": checksums,
-            "fingerprint": fingerprint})
+        with fence.holding(ckpt_dir, config.fence_token):
+            save_model(out / MODEL_FILE, module, model_spec=config.model, input_dim=data.input_dim,
+                       n_outputs=data.n_outputs, task=config.task, extra=meta)
+            write_json(out / METRICS_FILE, {
+                "history": history, "final": final, "samples_per_s": samples_per_s, "world_size": env.world_size,
+                **_device_facts(device),
+                "epochs_run": state.epoch, "resumed_from_epoch": state.resumed_from, "param_checksums": checksums,
+                "fingerprint": fingerprint})
         log.info("wrote %s and %s (params in sync across %d ranks: %s)", out / MODEL_FILE, out / METRICS_FILE,
                  env.world_size, len({c["sha256"] for c in checksums}) == 1)
     return TrainJobResult(epochs_run=state.epoch, resumed_from_epoch=state.resumed_from, metrics=final,
@@ -357,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kiln.tasks.training", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=Path, help="TrainConfig JSON file")
     args = parser.parse_args(argv)
+    # torchrun starts each rank in a session of its own: were torchrun killed, a rank would train on alone.
+    die_with_torchrun()
     rank = _dist_env().rank
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")

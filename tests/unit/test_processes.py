@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -160,3 +161,39 @@ def test_the_command_runs_on_the_given_cpu_cores(started: list[ProcessGroup]) ->
     assert proc.wait(timeout=10) == 0 and proc.join_output(timeout=10)
     assert output.tail[0].split() == ["Cpus_allowed_list:", str(core)]
     assert usable_cpus((core, 10_000)) == {core}, "a core this machine lacks is left out"
+
+
+#: A parent that starts ``sleep 60`` (dying with it, or not, as argv[1] says), prints its pid, then waits.
+PARENT_OF_SLEEP = ["-c", """
+import sys, time
+from pathlib import Path
+from kiln.tasks.processes import start_process
+proc = start_process(["sleep", "60"], output=Path(sys.argv[2]), die_with_parent=sys.argv[1] == "die")
+print(proc.pid, flush=True)
+time.sleep(60)
+"""]
+
+
+@pytest.mark.parametrize("dies", [True, False], ids=["die_with_parent", "outlives_parent"])
+def test_a_child_started_to_die_with_its_parent_dies_when_the_parent_is_sigkilled(tmp_path: Path, dies: bool) -> None:
+    """The OOM killer's SIGKILL gives the parent no chance to stop its children: the kernel must (and does not,
+    unless asked: the second case shows what the first one guards against)."""
+    parent = subprocess.Popen([sys.executable, *PARENT_OF_SLEEP, "die" if dies else "stay", str(tmp_path / "log")],
+                              stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert alive(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        if dies:
+            wait_for(lambda: not alive(child), "the child to die with its parent", timeout_s=5)
+        else:
+            time.sleep(0.5)
+            assert alive(child)
+    finally:
+        parent.kill()
+        parent.wait(10)
+        if child:
+            stop_groups({child}, grace_s=0)
