@@ -33,6 +33,9 @@ class PipelineSpec(_Strict):
     description: str = ""
     """Markdown shown as the DAG's documentation."""
     owner: str = "ml-platform"
+    team: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,58}$")
+    """The team whose operators may see and trigger this pipeline (the prod profile's Airflow role
+    ``team:<team>``; admins and viewers see every pipeline). Default: ``owner``."""
     tags: list[str] = Field(default_factory=list)
     schedule: str | None = None
     """A cron expression (``0 3 * * *``, UTC) or preset (``@daily``); runs start at its times, with no catch-up of
@@ -99,6 +102,11 @@ class PipelineSpec(_Strict):
     def primary_metric(self) -> str:
         """The metric models are compared on."""
         return self.evaluation.primary_metric or ("accuracy" if self.task == "classification" else "rmse")
+
+    @property
+    def access_team(self) -> str:
+        """``team``, or ``owner`` where the spec names no team."""
+        return self.team or self.owner
 
     def spec_hash(self) -> str:
         """sha256 of the canonical JSON form: two specs that mean the same have the same hash."""
