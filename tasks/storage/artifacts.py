@@ -1,8 +1,9 @@
 """Artifact store: run-keyed step outputs, published atomically.
 
 Every step writes into a fresh temporary folder handed out by :meth:`ArtifactStore.writer`; only when the step
-returns without error is that folder published under its key, replacing an earlier version in one rename. A step
-that fails leaves the previously published output exactly as it was. Nothing reads "latest": callers pass keys.
+returns without error is that folder published under its key, replacing an earlier version atomically (an exchange
+rename locally, see :mod:`kiln.tasks.storage.publish`; a manifest in S3). A step that fails, or is killed at any
+point, leaves the previously published output readable. Nothing reads "latest": callers pass keys.
 
 The embedded default is :class:`LocalArtifactStore` (a directory); ``kiln.tasks.storage.s3.S3ArtifactStore`` keeps
 artifacts in an S3 bucket behind the same interface. :func:`store_for_root` picks one from ``KILN_ARTIFACT_ROOT``.
@@ -15,12 +16,13 @@ import json
 import os
 import re
 import shutil
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
+
+from kiln.tasks.storage import publish
 
 
 class ArtifactNotFoundError(FileNotFoundError):
@@ -121,27 +123,23 @@ class LocalArtifactStore(ArtifactStore):
     def writer(self, key: str) -> Iterator[Path]:
         final = self._final(key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            yield tmp
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-        if final.exists():
-            os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        publish.sweep(final)  # what killed writers of this key left
+        with publish.temp_folder(final) as tmp:
+            try:
+                yield tmp
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            publish.publish(tmp, final)
 
     def path(self, key: str) -> Path:
         final = self._final(key)
-        if not final.is_dir():
+        if not publish.recover(final):
             raise ArtifactNotFoundError(f"no artifact published under {self.uri(key)}")
         return final
 
     def exists(self, key: str) -> bool:
-        return self._final(key).is_dir()
+        return publish.recover(self._final(key))
 
     def uri(self, key: str) -> str:
         return self._final(key).as_uri()
@@ -153,18 +151,17 @@ class LocalArtifactStore(ArtifactStore):
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary name in the same folder, then rename."""
+    """Write ``data`` to ``path`` through a temporary name in the same folder, then rename. Readers see the old
+    bytes or the new ones; the temporary files of writers killed earlier are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+    publish.sweep_files(path)
+    with publish.temp_file(path) as (tmp, fd):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -101,3 +101,46 @@ def test_key_parts_refuses_reserved_names(key: str) -> None:
     with pytest.raises(ValueError, match="invalid artifact key"):
         key_parts(key)
     assert key_parts("/a//b/") == ["a", "b"]
+
+
+def test_a_key_left_missing_by_a_killed_two_rename_publish_is_restored(tmp_path: Path) -> None:
+    """What kiln before issue 20 left on a kill between its renames: no key, the contents under ``.old-``."""
+    store = LocalArtifactStore(tmp_path)
+    with store.writer("p/r/clean") as out:
+        (out / "v.txt").write_text("good")
+    (tmp_path / "p" / "r" / "clean").rename(tmp_path / "p" / "r" / ".old-clean-1234abcd")
+    assert store.exists("p/r/clean")
+    assert (store.path("p/r/clean") / "v.txt").read_text() == "good"
+
+
+def test_the_sweep_touches_only_the_leftovers_of_its_own_key(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path)
+    run = tmp_path / "p" / "r"
+    others = [".tmp-train-x-1234abcd", ".old-train-x-1234abcd", ".tmp-trains-1234abcd", "train-1234abcd"]
+    for name in [*others, ".tmp-train-1234abcd", ".old-train-99999999"]:
+        (run / name).mkdir(parents=True)
+        (run / name / "f").write_text(name)
+    with store.writer("p/r/train") as out:
+        (out / "v.txt").write_text("new")
+    assert sorted(p.name for p in run.iterdir()) == sorted([*others, ".lock-train", "train"])
+    assert (store.path("p/r/train") / "v.txt").read_text() == "new"
+
+
+def test_atomic_write_removes_dead_writers_temp_files_and_keeps_live_ones(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    dead, live = tmp_path / ".x.json.tmp-1234abcd", tmp_path / ".x.json.tmp-0123456789abcdef"
+    other = tmp_path / ".y.json.tmp-1234abcd"
+    for path in (dead, live, other):
+        path.write_bytes(b"partial")
+    fd = os.open(live, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a writer still writing it
+        write_json(tmp_path / "x.json", {"a": 1})
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "x.json"])
+    finally:
+        os.close(fd)
+    atomic_write_bytes(tmp_path / "x.json", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, "x.json"])
+    assert read_json(tmp_path / "x.json") == {}
