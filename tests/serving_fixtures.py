@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,3 +143,74 @@ def bundle_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
         return made[seed]
 
     return factory
+
+
+#: Seconds a test model server may take to import torch, load and warm its bundles.
+SERVER_START_TIMEOUT_S = 90.0
+
+
+@dataclass
+class ServerProcess:
+    """A real ``python -m kiln.tasks.serving`` process on a loopback port (see :func:`start_server_process`)."""
+
+    proc: subprocess.Popen
+    url: str
+    port: int
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit code (SIGKILL and a test failure after 30 s)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"the server did not stop within 30 s of SIGTERM:\n{self.log_text()[-3000:]}")
+
+
+def start_server_process(deployment: Path, log: Path, *extra: str, env: dict[str, str] | None = None,
+                         nofile: int | None = None) -> ServerProcess:
+    """Start a model server on a free loopback port and wait until ``/ready`` answers 200.
+
+    Args:
+        deployment: the deployment file to serve.
+        log: where the server's output goes.
+        extra: more command-line arguments.
+        env: extra environment variables (``PYTHONPATH`` reaches the checkout).
+        nofile: the server's descriptor limit, soft and hard (``RLIMIT_NOFILE``); ``None``: inherited.
+    """
+    import httpx
+    from conftest import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    port = free_port()
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}),
+                "PYTHONPATH": os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)}
+
+    def limit_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kiln.tasks.serving", "--deployment", str(deployment),
+                                 "--host", "127.0.0.1", "--port", str(port), *extra], cwd=repo, env=full_env,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=limit_descriptors if nofile else None)
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", port, log)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with code {proc.returncode}:\n{server.log_text()[-3000:]}")
+        try:
+            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            pytest.fail(f"the server was not ready within {SERVER_START_TIMEOUT_S} s:\n{server.log_text()[-3000:]}")
+        time.sleep(0.1)

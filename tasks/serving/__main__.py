@@ -2,8 +2,10 @@
 
 The deployment is loaded (bundles loaded and warmed) before the port is opened; a missing or invalid deployment
 file or bundle exits with code 2 and a message naming it. SIGHUP reloads the deployment file (like
-``POST /admin/reload``); SIGTERM stops gracefully (in-flight requests finish). The bearer token comes from
-``KILN_SERVE_TOKEN`` or the serving token file (``kiln.tasks.serving.auth.resolve_token``).
+``POST /admin/reload``); SIGTERM stops gracefully (in-flight requests finish). The kiln token (every right) comes
+from ``KILN_SERVE_TOKEN`` or the serving token file (``kiln.tasks.serving.auth.resolve_token``); scoped tokens from
+the tokens file (``kiln.tasks.serving.tokens``, ``kiln serve token add``). The limits on bodies, read times and
+connections are the flags of ``kiln.tasks.serving.limits``; the descriptor limit is raised to its hard limit.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+from kiln.tasks.serving.limits import add_limit_arguments, limits_from_args, raise_descriptor_limit
 
 #: Exit code of a server that cannot load its deployment.
 EXIT_BAD_DEPLOYMENT = 2
@@ -18,7 +23,7 @@ EXIT_BAD_DEPLOYMENT = 2
 GRACEFUL_SHUTDOWN_S = 30
 
 
-def _parser(default_host: str, default_port: int) -> argparse.ArgumentParser:
+def _parser(default_host: str, default_port: int, default_tokens: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kiln.tasks.serving", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deployment", required=True, help="the deployment file (JSON) to serve")
@@ -33,7 +38,10 @@ def _parser(default_host: str, default_port: int) -> argparse.ArgumentParser:
     parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (default 1: the "
                         "server serves on one core; run more processes to use more)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the canary routing (default: random)")
+    parser.add_argument("--tokens-file", default=default_tokens, help="the scoped tokens (default "
+                        f"{default_tokens}, under KILN_SERVING_DIR; see kiln serve token add); re-read when it changes")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_limit_arguments(parser)
     return parser
 
 
@@ -43,13 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit code: 0 after a clean stop, 2 when the deployment cannot be loaded.
     """
+    from kiln.tasks.serving.tokens import TOKENS_FILE
     from kiln.tasks.settings import get_settings
 
     settings = get_settings()
-    args = _parser(settings.serve_host, settings.serve_port).parse_args(argv)
-    if args.max_batch < 1 or args.max_wait_ms < 0 or args.torch_threads < 1:
-        print("python -m kiln.tasks.serving: --max-batch and --torch-threads must be >= 1 and --max-wait-ms >= 0",
-              file=sys.stderr)
+    args = _parser(settings.serve_host, settings.serve_port, str(settings.serving_dir / TOKENS_FILE)).parse_args(argv)
+    try:
+        if args.max_batch < 1 or args.max_wait_ms < 0 or args.torch_threads < 1:
+            raise ValueError("--max-batch and --torch-threads must be >= 1 and --max-wait-ms >= 0")
+        limits = limits_from_args(args)
+        descriptors = raise_descriptor_limit()
+        connection_cap = limits.connection_cap(descriptors)
+    except ValueError as exc:
+        print(f"python -m kiln.tasks.serving: {exc}", file=sys.stderr)
         return EXIT_BAD_DEPLOYMENT
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -61,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.tasks.serving.deployment import DeploymentError, read_deployment
     from kiln.tasks.serving.metrics import ServerMetrics
     from kiln.tasks.serving.models import ModelLoadError, build_model_set, freeze_heap, load_bundles
+    from kiln.tasks.serving.protocol import limited_protocol
+    from kiln.tasks.serving.tokens import TokenFileError
 
     torch.set_num_threads(args.torch_threads)
     metrics = ServerMetrics()
@@ -69,19 +85,26 @@ def main(argv: list[str] | None = None) -> int:
         models = build_model_set(deployment, load_bundles(deployment, {}), metrics, max_batch=args.max_batch,
                                  max_wait_s=args.max_wait_ms / 1000)
         token = resolve_token(settings)
-    except (DeploymentError, ModelLoadError, ValueError, OSError) as exc:
+        state = ServerState(args.deployment, models, metrics, token, max_batch=args.max_batch,
+                            max_wait_s=args.max_wait_ms / 1000, seed=args.seed, tokens_file=Path(args.tokens_file))
+    except (DeploymentError, ModelLoadError, TokenFileError, ValueError, OSError) as exc:
         print(f"python -m kiln.tasks.serving: cannot serve {args.deployment}: {exc}", file=sys.stderr)
         return EXIT_BAD_DEPLOYMENT
     freeze_heap()
-    state = ServerState(args.deployment, models, metrics, token, max_batch=args.max_batch,
-                        max_wait_s=args.max_wait_ms / 1000, seed=args.seed)
     logging.getLogger(__name__).info("serving %s (champion %s, canary %s) on http://%s:%d", deployment.model,
                                      deployment.champion.version,
                                      deployment.canary.version if deployment.canary else "none", args.host,
                                      args.port)
+    logging.getLogger(__name__).info(
+        "limits: bodies up to %d bytes, headers within %g s, bodies within %g s, idle connections closed after %g s, "
+        "at most %d connections (descriptor limit %d)", limits.max_body_bytes, limits.header_timeout_s,
+        limits.body_timeout_s, limits.idle_timeout_s, connection_cap, descriptors)
     # log_config=None: uvicorn's loggers propagate to the root handler set up above (one format for all lines).
-    uvicorn.run(create_app(state), host=args.host, port=args.port, loop="uvloop", http="httptools",
-                lifespan="on", access_log=False, log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    # The protocol class enforces the limits (see protocol.py for what uvicorn itself lacks); uvicorn's own
+    # keep-alive timeout is the idle limit, so that both close an idle connection at the same time.
+    uvicorn.run(create_app(state), host=args.host, port=args.port, loop="uvloop",
+                http=limited_protocol(limits, connection_cap), lifespan="on", access_log=False, log_config=None,
+                timeout_keep_alive=limits.idle_timeout_s, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     return 0
 
 

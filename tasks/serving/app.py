@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from kiln.tasks.bundle.load import RecordError
-from kiln.tasks.serving.auth import BearerAuth
+from kiln.tasks.serving import tokens
 from kiln.tasks.serving.deployment import read_deployment
+from kiln.tasks.serving.inputs import RequestError, parse_records, transform
 from kiln.tasks.serving.metrics import METRICS_CONTENT_TYPE, ServerMetrics
 from kiln.tasks.serving.models import ModelSet, Variant, build_model_set, freeze_heap, load_bundles
 
@@ -71,18 +72,20 @@ class ServerState:
         deployment_path: the deployment file ``/admin/reload`` and SIGHUP re-read.
         models: the model set to serve from the start (``None``: ``/ready`` answers 503 until a reload).
         metrics: the metric families (``models`` must have been built with them).
-        token: the bearer token of ``/predict`` and ``/admin/*``.
+        token: the kiln token: every scope (``/predict`` and ``/admin/*``) on every pipeline.
+        tokens_file: the scoped tokens (:mod:`.tokens`; ``None``: only ``token``), re-read when it changes.
         max_batch: the most records per request, and rows per forward pass.
         max_wait_s: how long a batch waits for more requests (0: none).
         seed: seed of the canary routing (``None``: from the OS).
     """
 
     def __init__(self, deployment_path: str | Path, models: ModelSet | None, metrics: ServerMetrics, token: str,
-                 *, max_batch: int, max_wait_s: float = 0.0, seed: int | None = None):
+                 *, max_batch: int, max_wait_s: float = 0.0, seed: int | None = None,
+                 tokens_file: Path | None = None):
         self.deployment_path = Path(deployment_path)
         self.models = models
         self.metrics = metrics
-        self.auth = BearerAuth(token)
+        self.tokens = tokens.TokenCheck(token, tokens_file)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.random = random.Random(seed).random
@@ -146,32 +149,6 @@ def _describe(exc: BaseException) -> str:
     return last if len(lines) > 1 and "Error" in last.split(":", 1)[0] else f"{type(exc).__name__}: {last}"
 
 
-def _parse(body: bytes, max_batch: int) -> list[Any] | Response:
-    """The records of a predict body, or the 422/413 response refusing it."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return _invalid([{"field": "body", "message": f"is not valid JSON: {exc}"}])
-    if not isinstance(payload, dict):
-        return _invalid([{"field": "body", "message": 'must be a JSON object {"records": [{...}, ...]}, found '
-                                                      f"{type(payload).__name__}"}])
-    if "records" not in payload:
-        return _invalid([{"field": "records", "message": "is required: a list of record objects"}])
-    records = payload["records"]
-    if not isinstance(records, list):
-        return _invalid([{"field": "records", "message": f"must be a list of objects, found "
-                                                         f"{type(records).__name__}"}])
-    if not records:
-        return _invalid([{"field": "records", "message": "must hold at least one record"}])
-    if len(records) > max_batch:
-        return _json(orjson.dumps({"detail": f"a request may hold at most {max_batch} records, found "
-                                             f"{len(records)}; split it"}), 413)
-    errors = [{"field": f"records[{i}]", "message": f"must be an object (column name to value), found "
-                                                    f"{type(r).__name__}"}
-              for i, r in enumerate(records) if not isinstance(r, dict)]
-    return _invalid(errors[:20]) if errors else records
-
-
 async def _predict_on(variant: Variant, x: np.ndarray) -> bytes:
     """Predict ``x`` in ``variant``'s next batch; the 200 body.
 
@@ -200,7 +177,7 @@ def _answered(variant: Variant, body: bytes, n: int, started: float) -> Response
 
 async def _serve_champion(state: ServerState, champion: Variant, records: list[Any], started: float) -> Response:
     try:
-        x = champion.bundle.transform_records(records)
+        x = transform(champion.bundle, records)
     except RecordError as exc:
         champion.metrics.invalid.inc()
         return _invalid(exc.errors)
@@ -230,7 +207,7 @@ async def _serve_canary(state: ServerState, models: ModelSet, records: list[Any]
     canary, champion = models.canary, models.champion
     assert canary is not None
     try:
-        x = canary.bundle.transform_records(records)
+        x = transform(canary.bundle, records)
     except RecordError as exc:
         # Refused by the canary's transform: the user's fault only if the champion refuses the records too.
         response = await _serve_champion(state, champion, records, started)
@@ -265,20 +242,34 @@ class _Endpoints:
         self.refused = state.metrics.refused_by_status
         self._signal_tasks: set[asyncio.Task[Any]] = set()
 
+    def _refusal(self, request: Request, scope: tokens.Scope, models: ModelSet | None) -> Response | None:
+        """401 without a known token, 403 with one that lacks ``scope`` or this server's pipeline."""
+        grant = self.state.tokens.grant(request.scope["headers"])
+        if grant is None:
+            return _json(_UNAUTHORIZED, 401, {"WWW-Authenticate": "Bearer"})
+        if grant is tokens.KILN_GRANT:
+            return None
+        reason = grant.refusal(scope, models.deployment.model if models is not None else None)
+        return None if reason is None else _json(orjson.dumps({"detail": reason}), 403)
+
     async def predict(self, request: Request) -> Response:
         started = time.perf_counter()
         state = self.state
-        if not state.auth.check(request.scope["headers"]):
-            self.refused["401"].inc()
-            return _json(_UNAUTHORIZED, 401, {"WWW-Authenticate": "Bearer"})
         models = state.models  # this request's model set, whatever a reload does meanwhile
+        refused = self._refusal(request, "predict", models)
+        if refused is not None:
+            self.refused[str(refused.status_code)].inc()
+            return refused
         if models is None:
             self.refused["503"].inc()
             return _json(_NOT_READY, 503)
-        records = _parse(await request.body(), state.max_batch)
-        if isinstance(records, Response):
-            self.refused[str(records.status_code)].inc()
-            return records
+        try:
+            records = parse_records(await request.body(), state.max_batch)
+        except RequestError as exc:
+            self.refused[str(exc.status)].inc()
+            return _json(orjson.dumps({"detail": exc.detail}), exc.status)
+        except ClientDisconnect:  # gone, or cut off by a limit of the protocol (which answered it)
+            return Response(status_code=499)
         if models.canary is not None and state.random() < models.share:
             return await _serve_canary(state, models, records, started)
         return await _serve_champion(state, models.champion, records, started)
@@ -294,8 +285,9 @@ class _Endpoints:
         return Response(self.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def reload(self, request: Request) -> Response:
-        if not self.state.auth.check(request.scope["headers"]):
-            return _json(_UNAUTHORIZED, 401, {"WWW-Authenticate": "Bearer"})
+        if (refused := self._refusal(request, "admin", self.state.models)) is not None:
+            return refused
+        self.state.tokens.refresh()
         try:
             models = await self.state.reload()
         except Exception as exc:  # noqa: BLE001 - the old models keep serving; the caller gets the reason
@@ -304,13 +296,14 @@ class _Endpoints:
         return _json(orjson.dumps(models.ready()))
 
     async def stats(self, request: Request) -> Response:
-        if not self.state.auth.check(request.scope["headers"]):
-            return _json(_UNAUTHORIZED, 401, {"WWW-Authenticate": "Bearer"})
         models = self.state.models
+        if (refused := self._refusal(request, "admin", models)) is not None:
+            return refused
         return _json(orjson.dumps(models.stats())) if models is not None else _json(_NOT_READY, 503)
 
     async def _reload_on_signal(self) -> None:
         log.info("SIGHUP: reloading %s", self.state.deployment_path)
+        self.state.tokens.refresh()
         try:
             await self.state.reload()
         except Exception as exc:  # noqa: BLE001 - a signal has no caller to answer; the old models serve on
@@ -326,10 +319,18 @@ class _Endpoints:
         """SIGHUP reloads the deployment while the app runs (the handler needs uvicorn's running loop)."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        watcher = loop.create_task(self._watch_tokens())
         try:
             yield
         finally:
+            watcher.cancel()
             loop.remove_signal_handler(signal.SIGHUP)
+
+    async def _watch_tokens(self) -> None:
+        """Re-read the tokens file when it changes (a rotation needs no reload and no restart)."""
+        while True:
+            await asyncio.sleep(tokens.POLL_S)
+            self.state.tokens.refresh()
 
 
 def create_app(state: ServerState) -> Starlette:

@@ -26,7 +26,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 #: The HTTP statuses a request that reached a model can end with.
 MODEL_STATUSES = ("200", "422", "500")
 #: The statuses of requests refused before a model was chosen.
-REFUSED_STATUSES = ("401", "413", "422", "503")
+REFUSED_STATUSES = ("401", "403", "413", "422", "503")
 
 
 @dataclass(frozen=True)
