@@ -14,6 +14,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, chain
 
+from kiln.operators.access import team_access_control
 from kiln.operators.step import PipelineStepOperator
 from kiln.operators.train import TrainOperator
 from kiln.tasks.pipeline.steps import STEPS
@@ -58,6 +59,8 @@ def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         tags=sorted({"kiln", spec.task, *spec.tags}),
         params=_params(spec),
         default_args={"owner": spec.owner, "retries": 1, "retry_delay": timedelta(seconds=10)},
+        # Access (prod profile): the spec's team sees and triggers this DAG; admins and viewers see every DAG.
+        access_control=team_access_control(spec.access_team),
     ) as dag:
         path = str(spec_path)
         # Airflow counts a deferred task's wait in its execution time: allow the lease wait plus the job.

@@ -3,18 +3,24 @@
 Everything is configured through environment variables: a variable the caller already set wins over the
 profile's default, so a production deployment overrides any of them without touching a config file. Secrets
 (Airflow's Fernet key, the JWT and session secrets, the UI password) are generated once into
-``$KILN_HOME/secrets`` (mode 0700, files 0600) and never printed; every component reads the same ones, since the
-api-server signs the tokens the task workers present.
+``$KILN_HOME/secrets`` (mode 0700, files 0600) and never printed; every Airflow component reads the same ones,
+since the api-server signs the tokens the task workers present. Only Airflow's components get them, and from a
+private config file, not their environment (:func:`component_environment`): nothing they start (a task, the model
+server a deploy task starts) inherits them, and MLflow and the model servers never see them.
 """
 
 from __future__ import annotations
 
+import configparser
+import io
 import json
 import logging
 import os
 import secrets
+import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,7 +34,24 @@ log = logging.getLogger(__name__)
 USERNAME = "admin"
 #: The databases of the ``prod`` profile on ``KILN_POSTGRES_URL``.
 PROD_DATABASES = {"airflow": "kiln_airflow", "mlflow": "kiln_mlflow", "pools": "kiln_pools"}
+#: The embedded profile's auth manager: Airflow's simple one, one ``admin`` (its documentation calls it
+#: development-only).
 AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+#: The prod profile's: Airflow's FAB auth manager with roles per team and throttled logins
+#: (``kiln.tasks.services.auth``).
+FAB_AUTH_MANAGER = "kiln.operators.auth_manager.KilnFabAuthManager"
+#: FAB's default throttle of its login form; kiln applies it to failed token requests too, per client address.
+AUTH_RATE_LIMIT = "5 per 40 second"
+
+
+#: Airflow's secrets: variable -> (section, option) of Airflow's config. Only Airflow's components hold them.
+AIRFLOW_SECRETS = {"AIRFLOW__CORE__FERNET_KEY": ("core", "fernet_key"),
+                   "AIRFLOW__API_AUTH__JWT_SECRET": ("api_auth", "jwt_secret"),
+                   "AIRFLOW__API__SECRET_KEY": ("api", "secret_key")}
+#: The kinds of component, by the secrets they get (:func:`component_environment`).
+ROLES = ("airflow", "mlflow", "model-servers")
+#: The mode bits nobody but the user gets on what the services create (files 0600, folders 0700).
+PRIVATE_UMASK = 0o077
 
 
 @dataclass(frozen=True)
@@ -57,6 +80,16 @@ class ServicePaths:
     def passwords_file(self) -> Path:
         """The UI and REST credentials: ``{"admin": "<password>"}``."""
         return self.secrets_dir / "passwords.json"
+
+    @property
+    def airflow_config(self) -> Path:
+        """Airflow's secrets as an Airflow config file (``AIRFLOW_CONFIG`` of Airflow's components)."""
+        return self.secrets_dir / "airflow.cfg"
+
+    @property
+    def private_trees(self) -> list[Path]:
+        """The folders under ``KILN_HOME`` that hold state (databases, secrets, logs, pid files): private."""
+        return [self.home / "airflow", self.home / "logs", self.run_dir, self.secrets_dir, self.home / "serving"]
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -137,6 +170,80 @@ def ensure_postgres_databases(env: Mapping[str, str]) -> list[str]:
     return created
 
 
+def component_environment(env: Mapping[str, str], role: str, paths: ServicePaths) -> dict[str, str]:
+    """The environment of one kind of component: ``env`` (:func:`service_environment`) less what it must not hold.
+
+    Args:
+        env: the complete environment.
+        role: ``airflow``: Airflow's secrets move from the environment to ``paths.airflow_config`` (mode 0600), named
+            by ``AIRFLOW_CONFIG``, so the processes an Airflow component starts inherit none (unless the caller
+            set ``AIRFLOW_CONFIG``: then the secrets stay where the caller put them). ``mlflow``: no ``AIRFLOW*``
+            variable. ``model-servers`` (the watchdog, and the servers it starts): neither, nor a database URL.
+        paths: where the config file goes.
+
+    Raises:
+        ValueError: an unknown role.
+    """
+    if role not in ROLES:
+        raise ValueError(f"component role must be one of {ROLES}, found {role!r}")
+    if role == "airflow":
+        if "AIRFLOW_CONFIG" in env:
+            return dict(env)
+        scoped = {k: v for k, v in env.items() if k not in AIRFLOW_SECRETS}
+        config = configparser.ConfigParser()
+        for var, (section, option) in AIRFLOW_SECRETS.items():
+            if var in env:
+                if not config.has_section(section):
+                    config.add_section(section)
+                config.set(section, option, env[var].replace("%", "%%"))  # Airflow's parser interpolates
+        text = io.StringIO()
+        config.write(text)
+        _write_private(paths.airflow_config, text.getvalue())
+        return {**scoped, "AIRFLOW_CONFIG": str(paths.airflow_config)}
+    scoped = {k: v for k, v in env.items() if not k.startswith("AIRFLOW")}
+    if role == "model-servers":
+        for var in (*DATABASE_VARIABLES, "KILN_POSTGRES_URL"):
+            scoped.pop(var, None)
+    return scoped
+
+
+def make_private(paths: ServicePaths) -> int:
+    """Take group and other access away from the services' state made before (an older kiln, another umask):
+    ``KILN_HOME``, the SQLite databases in it and everything in :attr:`ServicePaths.private_trees`. Data
+    (artifacts, MLflow's artifacts) is left as it is: training containers may run as another user.
+
+    Returns:
+        How many files and folders were changed.
+    """
+    changed = 0
+    found = [paths.home, *paths.home.glob("*.db"), *paths.home.glob("*.db-*")]
+    for tree in paths.private_trees:
+        if tree.is_dir():
+            found += [tree, *tree.rglob("*")]
+    for path in found:
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+            path.chmod(stat.S_IMODE(st.st_mode) & ~0o077)
+            changed += 1
+    if changed:
+        log.info("made %d files and folders under %s private (no group or other access)", changed, paths.home)
+    return changed
+
+
+@contextmanager
+def private_umask() -> Iterator[None]:
+    """Files and folders created meanwhile, also by the processes started meanwhile (they inherit the umask, and so
+    does all they start: tasks, model servers), are the user's alone: 0600 and 0700."""
+    old = os.umask(PRIVATE_UMASK)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 def service_environment(settings: ServiceSettings, paths: ServicePaths, base: Mapping[str, str],
                         dags_folder: Path | None = None) -> dict[str, str]:
     """The complete environment of every component: ``base`` (the caller's environment) + the profile's defaults.
@@ -167,6 +274,9 @@ def service_environment(settings: ServiceSettings, paths: ServicePaths, base: Ma
         "AIRFLOW__CORE__AUTH_MANAGER": AUTH_MANAGER,
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USERNAME}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(paths.passwords_file),
+        # Read by the FAB auth manager only (the prod profile's, or one the caller names).
+        "AIRFLOW__FAB__AUTH_RATE_LIMITED": "True",
+        "AIRFLOW__FAB__AUTH_RATE_LIMIT": AUTH_RATE_LIMIT,
         "AIRFLOW__API_AUTH__JWT_SECRET": keys["jwt_secret"],
         "AIRFLOW__API__SECRET_KEY": keys["api_secret"],
         "AIRFLOW__API__BASE_URL": url,
@@ -178,6 +288,9 @@ def service_environment(settings: ServiceSettings, paths: ServicePaths, base: Ma
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
         # An idle loop every 0.25 s (default 1 s): the next task of a run starts sooner, for a few % of one core.
         "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",
+        # Task logs: Airflow sets each new log's mode itself (default 0664), whatever the umask.
+        "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS": "0o600",
+        "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FOLDER_PERMISSIONS": "0o700",
     }
     if base.get("KILN_S3_ENDPOINT_URL"):  # the MLflow server shows artifacts of an s3:// root from there too
         defaults["MLFLOW_S3_ENDPOINT_URL"] = base["KILN_S3_ENDPOINT_URL"]
@@ -185,6 +298,7 @@ def service_environment(settings: ServiceSettings, paths: ServicePaths, base: Ma
         pg = settings.postgres_url
         defaults.update({
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres_database_url(pg, PROD_DATABASES["airflow"]),
+            "AIRFLOW__CORE__AUTH_MANAGER": FAB_AUTH_MANAGER,
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
             "AIRFLOW__CELERY__BROKER_URL": settings.celery_broker_url,
             "AIRFLOW__CELERY__RESULT_BACKEND": postgres_database_url(pg, PROD_DATABASES["airflow"],

@@ -6,11 +6,16 @@ servers of pipelines that have a deployment; waits until every one is healthy; a
 generated credentials are. The components outlive the command: each runs in its own session (so its own process
 group) with its log under ``$KILN_HOME/logs/service/``, and ``$KILN_HOME/run/service.json`` records them for
 ``down``, which stops every process group and the processes that left one, with no orphans.
+
+``up`` on a set that partly runs starts only the dead components (and model servers) again: what runs keeps its
+pid and keeps answering. One component, ``model-servers`` (:mod:`kiln.tasks.services.watchdog`), restarts the model
+servers that die. Each component gets the secrets it needs and no others
+(:func:`kiln.tasks.services.environment.component_environment`), and everything the services write under
+``KILN_HOME`` is private to the user (umask 077; existing state made private at each ``up``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -26,18 +31,25 @@ from typing import Any
 import httpx
 
 from kiln.tasks.processes import ProcessGroup, alive, start_process, stop_groups, tail
+from kiln.tasks.services.auth import apply_auth, uses_kiln_fab
 from kiln.tasks.services.environment import (
     USERNAME,
     ServicePaths,
+    component_environment,
     ensure_postgres_databases,
+    make_private,
+    private_umask,
     service_environment,
 )
+from kiln.tasks.services.watchdog import describe
 from kiln.tasks.settings import ServiceSettings, get_service_settings, get_settings
 
 log = logging.getLogger(__name__)
 
 AIRFLOW_HEALTH = ("metadatabase", "scheduler", "triggerer", "dag_processor")
 STATE_FILE = "service.json"
+#: Where the watchdog records each model server's state, under ``run/``.
+SERVERS_FILE = "model-servers.json"
 
 
 class ServiceError(RuntimeError):
@@ -55,6 +67,9 @@ class Component:
     endpoint)."""
     env: dict[str, str] = field(default_factory=dict)
     """Variables of this component only (a Celery worker's own log-server port)."""
+    role: str = "airflow"
+    """Which secrets it gets: ``airflow``, ``mlflow`` or ``model-servers`` (see
+    :func:`kiln.tasks.services.environment.component_environment`)."""
 
 
 class Service:
@@ -75,6 +90,7 @@ class Service:
         self.mlflow_url = f"http://127.0.0.1:{settings.mlflow_port}"
         self._bin = Path(sys.executable).parent
         self._procs: dict[str, ProcessGroup] = {}
+        self._log_offsets: dict[str, int] = {}
         #: Seconds from the start to each Airflow health check first reporting healthy (:meth:`wait_ready`).
         self.timings: dict[str, float] = {}
 
@@ -108,7 +124,11 @@ class Service:
                                  "--host", "127.0.0.1", "--port", str(s.mlflow_port), "--workers", "1"],
                       # MLflow's job runner (huey consumers for its GenAI jobs) adds eight idle processes and
                       # ~0.5 GB; nothing here submits such jobs.
-                      env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
+                      env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, role="mlflow"),
+            # Restarts the model servers that die; a component, so that it lives and dies with the set.
+            Component("model-servers", [sys.executable, "-m", "kiln.tasks.services.watchdog", "watch", "--owner",
+                                        str(self._state_file()), "--status", str(self.servers_file)],
+                      ready_pattern=r"watching the model servers", role="model-servers"),
         ]
         if s.profile == "prod":
             log_port = int(self.env.get("AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT") or 8793)
@@ -125,36 +145,72 @@ class Service:
     # Start -----------------------------------------------------------------------------------------------------
 
     def up(self, timeout: float = 180.0) -> dict[str, Any]:
-        """Start every component unless the services already run; wait until all are healthy.
+        """Start every component that does not run, and the server of every deployed pipeline that has none; wait
+        until all are healthy. What runs already is left alone (same pid, never interrupted).
 
         Returns:
-            The state record (url, credentials file, component pids, seconds to ready).
+            The state record (url, credentials file, component pids, seconds to ready, model servers).
 
         Raises:
-            ServiceError: a component exited or did not become healthy in ``timeout`` seconds; everything
-                started is stopped again.
+            ServiceError: a component exited or did not become healthy in ``timeout`` seconds; what this call
+                started is stopped again (on a fresh start everything, else only the components it restarted).
         """
-        if (state := self.state()) and self.running(state):
+        with private_umask():
+            make_private(self.paths)
+            state = self.state()
+            if not state:
+                return self._start_all(timeout)
+            if dead := self.dead_components(state):
+                return self._restart_dead(state, dead, timeout)
             log.info("services already running (%s)", self.url)
-            return {**state, "model_servers": self._serve_deployments()}
-        if state:  # some components died: stop the rest before starting anew, or their ports stay taken
-            log.warning("services of %s were partly running; stopping them first", self.paths.home)
-            self.down()
+            self.apply_auth()  # the roles of teams whose specs were added since
+            return self._record(state["pids"], **{k: v for k, v in state.items() if k == "ready_s"},
+                                model_servers=self._serve_deployments())
+
+    def _start_all(self, timeout: float) -> dict[str, Any]:
         started = time.monotonic()
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             ensure_postgres_databases(self.env)
             self.migrate()
+            self.apply_auth()
             self.start()
-            self._write_state(started)
+            self._record(self.pids)
             self.wait_ready(timeout, started=started)
             servers = self._serve_deployments()
         except BaseException:
             self.down()
             raise
-        state = self._write_state(started, ready_s=round(time.monotonic() - started, 1), model_servers=servers)
+        state = self._record(self.pids, ready_s=round(time.monotonic() - started, 1), model_servers=servers)
         log.info("services ready after %.1f s: %s", state["ready_s"], self.url)
         return state
+
+    def _restart_dead(self, state: Mapping[str, Any], dead: list[str], timeout: float) -> dict[str, Any]:
+        """Start the ``dead`` components again; the others keep running, untouched."""
+        started = time.monotonic()
+        log.warning("services of %s partly running: starting %s again", self.paths.home, ", ".join(dead))
+        old = dict(state.get("pids") or {})
+        # What a dead leader left in its group (a worker still holding its port) goes with it.
+        stop_groups({old[n] for n in dead if n in old}, grace_s=5.0, what="processes of dead components")
+        try:
+            self.apply_auth()
+            self.start(dead)
+            self._record({**old, **self.pids})
+            self.wait_ready(timeout, started=started)
+            servers = self._serve_deployments()
+        except BaseException:
+            stop_groups(set(self.pids.values()), grace_s=30.0, children=self._procs.values())
+            self._procs.clear()
+            raise
+        state = self._record({**old, **self.pids}, ready_s=round(time.monotonic() - started, 1),
+                             model_servers=servers)
+        log.info("%s ready again after %.1f s", ", ".join(dead), state["ready_s"])
+        return state
+
+    def dead_components(self, state: Mapping[str, Any]) -> list[str]:
+        """The components of this profile that the state record names no live process for."""
+        pids = state.get("pids") or {}
+        return [c.name for c in self.components() if not (c.name in pids and alive(pids[c.name]))]
 
     def log_file(self, name: str) -> Path:
         """The log file of a component (or of ``migrate``)."""
@@ -169,19 +225,37 @@ class Service:
         logfile = self.log_file("migrate")
         logfile.parent.mkdir(parents=True, exist_ok=True)
         with logfile.open("wb") as out:
-            result = subprocess.run([str(self._bin / "airflow"), "db", "migrate"], env=self.env, cwd=self.paths.home,
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=600)
+            result = subprocess.run([str(self._bin / "airflow"), "db", "migrate"], cwd=self.paths.home,
+                                    env=component_environment(self.env, "airflow", self.paths), stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=600)
         if result.returncode != 0:
             raise ServiceError(f"airflow db migrate exited {result.returncode}:\n{tail(logfile)}")
 
+    def apply_auth(self) -> None:
+        """Create the roles and users of the specs' teams when Airflow runs kiln's FAB auth manager (the prod
+        profile's): before the DAG processor starts, which refuses a DAG whose team role is missing.
+
+        Raises:
+            ServiceError: the roles or users could not be created; the message holds the command's output.
+        """
+        if not uses_kiln_fab(self.env):
+            return
+        try:
+            apply_auth(self.env, self.paths, get_settings(self.env).pipelines_dir)
+        except RuntimeError as exc:
+            raise ServiceError(str(exc)) from exc
+
     def start(self, names: Collection[str] | None = None) -> None:
         """Start the named components (default: all of :meth:`components`), each in a session of its own with
-        :attr:`env` (plus the component's own variables), its output appended to :meth:`log_file`."""
+        :attr:`env` less the secrets its role must not hold (plus the component's own variables), its output
+        appended to :meth:`log_file`."""
         self.paths.log_dir.mkdir(parents=True, exist_ok=True)
         for comp in self.components():
             if names is None or comp.name in names:
-                self._procs[comp.name] = start_process(comp.argv, cwd=self.paths.home, env={**self.env, **comp.env},
-                                                       output=self.log_file(comp.name))
+                logfile = self.log_file(comp.name)
+                self._log_offsets[comp.name] = logfile.stat().st_size if logfile.exists() else 0
+                env = {**component_environment(self.env, comp.role, self.paths), **comp.env}
+                self._procs[comp.name] = start_process(comp.argv, cwd=self.paths.home, env=env, output=logfile)
                 log.info("started %s (pid %d)", comp.name, self._procs[comp.name].pid)
 
     @property
@@ -221,7 +295,8 @@ class Service:
                 if "mlflow" in pending and _get_status(http, f"{self.mlflow_url}/health") == 200:
                     pending.discard("mlflow")
                 for name in [n for n in pending if comps[n].ready_pattern]:
-                    if re.search(comps[name].ready_pattern or "", tail(self.log_file(name), 200)):
+                    since = self._log_offsets.get(name, 0)  # the lines of this start, not an earlier one
+                    if re.search(comps[name].ready_pattern or "", tail(self.log_file(name), 200, offset=since)):
                         pending.discard(name)
                 if pending and time.monotonic() - started > timeout:
                     raise ServiceError(f"not healthy after {timeout:.0f} s: {sorted(pending)}; health {health}\n"
@@ -230,9 +305,11 @@ class Service:
                     time.sleep(0.5)
 
     def _serve_deployments(self) -> dict[str, str]:
-        """Start the model server of every pipeline that has a deployment; return model -> URL."""
-        proc = subprocess.run([sys.executable, "-m", "kiln.tasks.cli", "serve", "start", "--json"], env=self.env,
-                              capture_output=True, text=True, timeout=300)
+        """Start the server of every deployed pipeline that has none running (one that runs is left alone: not
+        restarted, not reloaded); return pipeline -> URL."""
+        proc = subprocess.run([sys.executable, "-m", "kiln.tasks.services.watchdog", "start", "--json"],
+                              env=component_environment(self.env, "model-servers", self.paths), capture_output=True,
+                              text=True, timeout=300)
         if proc.returncode != 0:
             raise ServiceError(f"starting the model servers failed:\n{proc.stderr[-3000:]}")
         return json.loads(proc.stdout)
@@ -242,10 +319,16 @@ class Service:
     def _state_file(self) -> Path:
         return self.paths.run_dir / STATE_FILE
 
-    def _write_state(self, started: float, **extra: Any) -> dict[str, Any]:
+    @property
+    def servers_file(self) -> Path:
+        """Where the watchdog records each model server's state."""
+        return self.paths.run_dir / SERVERS_FILE
+
+    def _record(self, pids: Mapping[str, int], **extra: Any) -> dict[str, Any]:
+        """Write the state record naming the components ``pids`` (atomically) and return it."""
         state = {"profile": self.settings.profile, "url": self.url, "mlflow_url": self.mlflow_url,
                  "credentials": str(self.paths.passwords_file), "username": USERNAME,
-                 "logs": str(self.paths.log_dir), "pids": self.pids, **extra}
+                 "logs": str(self.paths.log_dir), "pids": dict(pids), **extra}
         tmp = self._state_file().with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self._state_file())
@@ -256,10 +339,17 @@ class Service:
         path = self._state_file()
         return json.loads(path.read_text()) if path.exists() else None
 
-    @staticmethod
-    def running(state: Mapping[str, Any]) -> bool:
-        """Whether every component of a state record is alive."""
-        return bool(state.get("pids")) and all(alive(pid) for pid in state["pids"].values())
+    def status(self) -> dict[str, Any]:
+        """The state record with what runs now: ``running`` (every component alive), each component's state and
+        pid, and each deployed pipeline's model server (:func:`kiln.tasks.services.watchdog.describe`)."""
+        state = self.state() or {}
+        pids = state.get("pids") or {}
+        components = {c.name: {"state": ("running" if alive(pids[c.name]) else "dead") if c.name in pids
+                               else "stopped", "pid": pids.get(c.name)} for c in self.components()}
+        watching = components["model-servers"]["state"] == "running"
+        servers = describe(get_settings(self.env).serving_dir, self.servers_file, watching)
+        running = bool(state) and all(c["state"] == "running" for c in components.values())
+        return {**state, "running": running, "components": components, "model_servers": servers}
 
     def log_tails(self, names: Any = None, lines: int = 30) -> str:
         """The last lines of the named components' logs (default: all), each under a header."""
@@ -312,40 +402,10 @@ def _get_status(http: httpx.Client, url: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``up`` (start and wait), ``down`` (stop everything), ``status`` (print the state record)."""
-    parser = argparse.ArgumentParser(prog="python -m kiln.tasks.services.supervisor",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["up", "down", "status"])
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health (up)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        service = Service.from_environment()
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.action == "down":
-        killed = service.down()
-        print("services stopped" + (f" (killed after the grace period: {killed})" if killed else ""))
-        return 0
-    if args.action == "status":
-        state = service.state()
-        running = bool(state) and service.running(state)  # type: ignore[arg-type]
-        print(json.dumps({**(state or {}), "running": running}, indent=2))
-        return 0 if running else 3
-    try:
-        state = service.up(timeout=args.timeout)
-    except (ServiceError, RuntimeError) as exc:
-        print(f"make up failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"""
-kiln is up ({state['profile']} profile)
-  Airflow UI and REST API: {state['url']}   user {state['username']}, password in {state['credentials']}
-  MLflow:                  {state['mlflow_url']}
-  model servers:           {', '.join(f'{m} {u}' for m, u in (state.get('model_servers') or {}).items()) or 'none yet'}
-  logs:                    {state['logs']}
-  stop with:               make down""")
-    return 0
+    """``python -m kiln.tasks.services.supervisor up|down|status``: ``kiln up|down|status``."""
+    from kiln.tasks.cli.services import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
