@@ -1,9 +1,11 @@
-"""``kiln serve``: the model servers of the pipelines that have been deployed (their deployment files)."""
+"""``kiln serve``: the model servers of the pipelines that have been deployed (their deployment files), and the
+scoped tokens that open them (``kiln serve token add|revoke|list``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from kiln.tasks.cli.help import add_command
@@ -15,12 +17,71 @@ def add_commands(sub: Any) -> None:
     serve = add_command(sub, "serve", "start or stop the model servers of the deployed pipelines",
                         "  kiln serve start          # start (or reload) every deployed pipeline's model server\n"
                         "  kiln serve start --json   # the same, printing {pipeline: url}\n"
-                        "  kiln serve stop           # stop every model server the pipelines started")
+                        "  kiln serve stop           # stop every model server the pipelines started\n"
+                        "  kiln serve token add shop --scope predict --pipeline penguins   # prints the token once\n"
+                        "  kiln serve token revoke shop\n"
+                        "  kiln serve token list")
     verbs = serve.add_subparsers(dest="verb", required=True, metavar="VERB")
     start = verbs.add_parser("start", help="start (or reload) the model server of every pipeline with a deployment")
     start.add_argument("--json", action="store_true", help="print {pipeline: url} as JSON")
     start.set_defaults(handler=_start)
     verbs.add_parser("stop", help="stop every model server the pipelines started").set_defaults(handler=_stop)
+    _add_token_commands(verbs)
+
+
+def _add_token_commands(verbs: Any) -> None:
+    from kiln.tasks.serving.tokens import SCOPES
+
+    token = verbs.add_parser("token", help="scoped tokens of the model servers (running servers pick up a change "
+                             "within a second: rotate by adding the new token, moving clients, revoking the old)")
+    actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="add a token and print it (once: the tokens file keeps only its SHA-256)")
+    add.add_argument("name", help="a unique name, shown in refusals and in 'token list' (never the token)")
+    add.add_argument("--scope", action="append", choices=SCOPES, required=True,
+                     help="predict (POST /predict) or admin (POST /admin/reload, GET /admin/stats); repeatable")
+    add.add_argument("--pipeline", action="append", required=True,
+                     help="a pipeline whose server the token opens, or '*' for every pipeline; repeatable")
+    add.set_defaults(handler=_token_add)
+    revoke = actions.add_parser("revoke", help="remove a token by name (servers refuse it within a second)")
+    revoke.add_argument("name")
+    revoke.set_defaults(handler=_token_revoke)
+    actions.add_parser("list", help="the tokens by name, scopes and pipelines").set_defaults(handler=_token_list)
+
+
+def _tokens_file() -> Any:
+    from kiln.tasks.serving.tokens import TOKENS_FILE
+
+    return get_settings().serving_dir / TOKENS_FILE
+
+
+def _token_add(args: argparse.Namespace) -> int:
+    from kiln.tasks.serving.tokens import TokenFileError, add_token
+
+    try:
+        print(add_token(_tokens_file(), args.name, args.scope, args.pipeline))
+    except TokenFileError as exc:
+        print(f"kiln serve token add: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    from kiln.tasks.serving.tokens import revoke_token
+
+    if not revoke_token(_tokens_file(), args.name):
+        print(f"no token named {args.name!r} in {_tokens_file()}")
+        return 1
+    print(f"revoked {args.name!r}")
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    from kiln.tasks.serving.tokens import read_tokens
+
+    grants = sorted(read_tokens(_tokens_file()).values(), key=lambda g: g.name)
+    print("\n".join(f"{g.name}: scopes {', '.join(sorted(g.scopes))}; pipelines {', '.join(sorted(g.pipelines))}"
+                    for g in grants) or f"no scoped tokens in {_tokens_file()} (the kiln token opens everything)")
+    return 0
 
 
 def _start(args: argparse.Namespace) -> int:

@@ -1,5 +1,9 @@
 """The model server's HTTP app (Starlette on uvicorn): predict, health, ready, metrics, reload, stats.
 
+``POST /predict`` (scope ``predict``) and ``/admin/*`` (scope ``admin``) need a bearer token that holds the scope
+for this server's pipeline (:mod:`.tokens`): 401 without a known token, 403 with one that lacks the scope or the
+pipeline. Bodies, read times and connections are bounded before a request reaches the app (:mod:`.protocol`).
+
 ``POST /predict`` is the hot path and is written for it: the body is parsed with orjson from the raw bytes, the
 token is compared in constant time against the raw header, metric children are bound in advance, responses are
 pre-serialised bytes, and the records of concurrent requests share one forward pass (:mod:`.batching`). Each

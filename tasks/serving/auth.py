@@ -1,4 +1,5 @@
-"""The model server's bearer token: where it comes from, and the per-request check.
+"""The kiln token of the model server (every scope on every pipeline): where it comes from. The per-request check,
+and the scoped tokens, are :mod:`kiln.tasks.serving.tokens`.
 
 The token is ``KILN_SERVE_TOKEN`` when set; otherwise one random token is generated once into
 ``$KILN_SERVING_DIR/token`` (mode 0600) and reused by every server and client on this machine.
@@ -7,7 +8,6 @@ The token is ``KILN_SERVE_TOKEN`` when set; otherwise one random token is genera
 from __future__ import annotations
 
 import errno
-import hmac
 import logging
 import os
 import secrets
@@ -71,27 +71,3 @@ def _read_token(path: Path, timeout_s: float = 1.0) -> str:
         if token or time.monotonic() >= deadline:
             return token
         time.sleep(0.01)
-
-
-class BearerAuth:
-    """Checks the raw ``Authorization`` header of a request in constant time.
-
-    Args:
-        token: the expected bearer token.
-    """
-
-    def __init__(self, token: str):
-        if not token:
-            raise ValueError("BearerAuth needs a non-empty token")
-        self._expected = b"Bearer " + token.encode()
-
-    def check(self, raw_headers: list[tuple[bytes, bytes]]) -> bool:
-        """Whether the ASGI header list holds ``Authorization: Bearer <token>``.
-
-        The comparison is ``hmac.compare_digest``, so its duration does not reveal how much of a guess matched.
-        """
-        for name, value in raw_headers:
-            # ASGI servers lower-case header names.
-            if name == b"authorization":
-                return hmac.compare_digest(value, self._expected)
-        return False

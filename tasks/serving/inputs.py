@@ -100,7 +100,7 @@ def check_in_range(bundle: Bundle, x: np.ndarray, records: list[Any]) -> None:
     if finite.all():
         return
     numeric = bundle.transform.numeric
-    errors = []
+    errors: list[dict[str, str]] = []
     for row, col in zip(*np.nonzero(~finite), strict=True):
         if len(errors) == MAX_ERRORS:
             errors.append({"field": "records", "message": f"more problems not listed (stopped after {MAX_ERRORS})"})

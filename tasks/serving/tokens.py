@@ -173,6 +173,13 @@ def add_token(path: Path, name: str, scopes: list[str], pipelines: list[str]) ->
     Raises:
         TokenFileError: an invalid name, scope or pipeline, a name already in the file, or an invalid file.
     """
+    if not _NAME.match(name):
+        raise TokenFileError(f"the token name must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter "
+                             f"or digit), found {name!r}")
+    if not scopes or not set(scopes) <= set(SCOPES):
+        raise TokenFileError(f"the scopes must be some of {', '.join(SCOPES)}, found {scopes!r}")
+    if not pipelines or not all(pipelines):
+        raise TokenFileError(f"name at least one pipeline, or '*' for every pipeline, found {pipelines!r}")
     token = secrets.token_urlsafe(32)
     with _locked_entries(path) as entries:
         if any(e.get("name") == name for e in entries):

@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from kiln.tasks.serving.auth import BearerAuth, resolve_token, token_path
+from kiln.tasks.serving.auth import resolve_token, token_path
 from kiln.tasks.serving.batching import MicroBatcher
 from kiln.tasks.serving.deployment import (
     Canary,
@@ -25,6 +25,7 @@ from kiln.tasks.serving.deployment import (
     with_champion,
     write_deployment,
 )
+from kiln.tasks.serving.tokens import KILN_GRANT, TokenCheck
 from kiln.tasks.settings import get_settings
 
 V3 = ModelRef("3", "/bundles/v3")
@@ -113,13 +114,13 @@ def test_the_token_comes_from_the_setting_else_from_a_private_generated_file(tmp
     assert stat.S_IMODE(os.stat(token_path(settings)).st_mode) == 0o600
 
 
-def test_bearer_auth_accepts_only_the_exact_token():
-    auth = BearerAuth("s3cret")
+def test_the_kiln_token_is_accepted_only_exactly():
+    check = TokenCheck("s3cret")
 
-    assert auth.check([(b"host", b"x"), (b"authorization", b"Bearer s3cret")])
-    assert not auth.check([(b"authorization", b"Bearer s3cre")])
-    assert not auth.check([(b"authorization", b"Basic s3cret")])
-    assert not auth.check([])
+    assert check.grant([(b"host", b"x"), (b"authorization", b"Bearer s3cret")]) is KILN_GRANT
+    assert check.grant([(b"authorization", b"Bearer s3cre")]) is None
+    assert check.grant([(b"authorization", b"Basic s3cret")]) is None
+    assert check.grant([]) is None
 
 
 def run(coro):
