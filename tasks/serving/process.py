@@ -90,7 +90,8 @@ def _read_pid(run_dir: Path) -> int | None:
 
 
 def ensure_server(deployment: Path, *, host: str, port: int, token: str, run_dir: Path,
-                  start_timeout_s: float = 60, port_setting: str = PORT_SETTING) -> ServerHandle:
+                  start_timeout_s: float = 60, port_setting: str = PORT_SETTING,
+                  die_with_parent: bool = False) -> ServerHandle:
     """Make a model server answer on ``host:port`` with what ``deployment`` describes.
 
     Args:
@@ -102,6 +103,8 @@ def ensure_server(deployment: Path, *, host: str, port: int, token: str, run_dir
         start_timeout_s: how long a new server may take to load its models.
         port_setting: the setting that chose ``port`` (a spec's ``deployment.port``, or ``KILN_SERVE_PORT``),
             named in the errors about a port that is taken.
+        die_with_parent: a new server dies with this process (a throwaway server of one step, which must not
+            outlive a killed task); a served endpoint outlives the step that deployed it.
 
     Returns:
         The running server; it has loaded the deployment's champion version.
@@ -124,7 +127,7 @@ def ensure_server(deployment: Path, *, host: str, port: int, token: str, run_dir
         return ServerHandle(url=url, pid=_read_pid(run_dir) or -1, log_file=run_dir / LOG_FILE,
                             deployment=deployment)
     return _start(deployment, dep, host=host, port=port, token=token, run_dir=run_dir,
-                  start_timeout_s=start_timeout_s)
+                  start_timeout_s=start_timeout_s, die_with_parent=die_with_parent)
 
 
 def _describe_listener(port: int) -> str:
@@ -182,7 +185,7 @@ def _reload_running(client: ServingClient, dep: Deployment, port: int, start_tim
 
 
 def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: str, run_dir: Path,
-           start_timeout_s: float) -> ServerHandle:
+           start_timeout_s: float, die_with_parent: bool) -> ServerHandle:
     """Start a detached server process and wait until it serves the deployment's champion."""
     log_file = run_dir / LOG_FILE
     cmd = [sys.executable, "-m", SERVER_MODULE, "--deployment", str(deployment), "--host", host,
@@ -190,7 +193,7 @@ def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: st
     # The parent environment passes through unchanged (this reads no setting from it).
     env = {**os.environ, "KILN_SERVE_TOKEN": token, "PYTHONUNBUFFERED": "1"}
     offset = log_file.stat().st_size if log_file.exists() else 0
-    proc = start_process(cmd, cwd=run_dir, env=env, output=log_file)
+    proc = start_process(cmd, cwd=run_dir, env=env, output=log_file, die_with_parent=die_with_parent)
     _children[proc.pid] = proc
     atomic_write_bytes(run_dir / PID_FILE, f"{proc.pid}\n".encode())
     log.info("started model server of %r (pid %d) on %s:%d, log %s", dep.model, proc.pid, host, port, log_file)

@@ -130,8 +130,9 @@ def run_infra_validate(config: InfraValidateConfig) -> InfraValidateResult:
             model=model, champion=ModelRef(VALIDATION_VERSION, str(bundle_dir)), updated_at=utc_now()))
         token = secrets.token_urlsafe(32)
         try:
+            # A throwaway server: it dies with this task, even by SIGKILL, instead of serving on unowned.
             handle = ensure_server(deployment, host="127.0.0.1", port=_free_port(), token=token, run_dir=run_dir,
-                                   start_timeout_s=config.start_timeout_s)
+                                   start_timeout_s=config.start_timeout_s, die_with_parent=True)
             with ServingClient(handle.url, token) as client:
                 served_single, latencies = _replay_single(client, records, n_single)
                 served_batch = _replay_batch(client, records)

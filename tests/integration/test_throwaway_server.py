@@ -1,0 +1,56 @@
+"""``infra_validate``'s throwaway model server dies with its task: SIGKILL of the process that started it (a
+killed task) leaves no server behind, where a deployed endpoint's server is meant to outlive the step that
+started it. A real server process on a real bundle."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import serving_fixtures
+from conftest import free_port
+
+from kiln.tasks.processes import alive, stop_groups
+from kiln.tasks.serving.deployment import Deployment, ModelRef, write_deployment
+
+pytestmark = pytest.mark.integration
+
+bundle_factory = serving_fixtures.bundle_factory
+
+#: The task: start a server as infra_validate does, print its pid, then wait to be killed.
+TASK = """
+import sys
+from pathlib import Path
+from kiln.tasks.serving.process import ensure_server
+handle = ensure_server(Path(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]), token="t", run_dir=Path(sys.argv[3]),
+                       die_with_parent=sys.argv[4] == "die")
+print(handle.pid, flush=True)
+import time; time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("dies", [True, False], ids=["throwaway", "endpoint"])
+def test_a_throwaway_server_dies_with_the_task_that_started_it(tmp_path: Path, bundle_factory, dies: bool) -> None:
+    deployment = write_deployment(tmp_path / "deployment.json",
+                                  Deployment("m", ModelRef("1", str(bundle_factory()))))
+    task = subprocess.Popen([sys.executable, "-c", TASK, str(deployment), str(free_port()), str(tmp_path / "run"),
+                             "die" if dies else "stay"], stdout=subprocess.PIPE, text=True)
+    server = 0
+    try:
+        assert task.stdout is not None
+        server = int(task.stdout.readline())
+        task.send_signal(signal.SIGKILL)
+        task.wait(10)
+        deadline = time.monotonic() + (10 if dies else 1)
+        while alive(server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive(server) is not dies
+    finally:
+        task.kill()
+        task.wait(10)
+        if server:
+            stop_groups({server}, grace_s=0)
