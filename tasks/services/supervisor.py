@@ -7,11 +7,9 @@ generated credentials are. The components outlive the command: each runs in its 
 group) with its log under ``$KILN_HOME/logs/service/``, and ``$KILN_HOME/run/service.json`` records them for
 ``down``, which stops every process group and the processes that left one, with no orphans.
 
-``up`` on a set that partly runs starts only the dead components (and model servers) again: what runs keeps its
-pid and keeps answering. One component, ``model-servers`` (:mod:`kiln.tasks.services.watchdog`), restarts the model
-servers that die. Each component gets the secrets it needs and no others
-(:func:`kiln.tasks.services.environment.component_environment`), and everything the services write under
-``KILN_HOME`` is private to the user (umask 077; existing state made private at each ``up``).
+``up`` on a partly running set starts only what is dead; what runs keeps its pid. The ``model-servers`` component
+(:mod:`.watchdog`) restarts model servers that die. Each component gets only the secrets it needs
+(:func:`.environment.component_environment`); what the services write is private (umask 077, and at each ``up``).
 """
 
 from __future__ import annotations
@@ -68,8 +66,7 @@ class Component:
     env: dict[str, str] = field(default_factory=dict)
     """Variables of this component only (a Celery worker's own log-server port)."""
     role: str = "airflow"
-    """Which secrets it gets: ``airflow``, ``mlflow`` or ``model-servers`` (see
-    :func:`kiln.tasks.services.environment.component_environment`)."""
+    """Which secrets it gets (:func:`kiln.tasks.services.environment.component_environment`)."""
 
 
 class Service:
@@ -91,6 +88,8 @@ class Service:
         self._bin = Path(sys.executable).parent
         self._procs: dict[str, ProcessGroup] = {}
         self._log_offsets: dict[str, int] = {}
+        #: Where the watchdog records each model server's state.
+        self.servers_file = paths.run_dir / SERVERS_FILE
         #: Seconds from the start to each Airflow health check first reporting healthy (:meth:`wait_ready`).
         self.timings: dict[str, float] = {}
 
@@ -153,7 +152,7 @@ class Service:
 
         Raises:
             ServiceError: a component exited or did not become healthy in ``timeout`` seconds; what this call
-                started is stopped again (on a fresh start everything, else only the components it restarted).
+                started is stopped again (only that: what ran before keeps running).
         """
         with private_umask():
             make_private(self.paths)
@@ -305,8 +304,7 @@ class Service:
                     time.sleep(0.5)
 
     def _serve_deployments(self) -> dict[str, str]:
-        """Start the server of every deployed pipeline that has none running (one that runs is left alone: not
-        restarted, not reloaded); return pipeline -> URL."""
+        """Start each deployed pipeline's server that does not run (not those that do); return pipeline -> URL."""
         proc = subprocess.run([sys.executable, "-m", "kiln.tasks.services.watchdog", "start", "--json"],
                               env=component_environment(self.env, "model-servers", self.paths), capture_output=True,
                               text=True, timeout=300)
@@ -318,11 +316,6 @@ class Service:
 
     def _state_file(self) -> Path:
         return self.paths.run_dir / STATE_FILE
-
-    @property
-    def servers_file(self) -> Path:
-        """Where the watchdog records each model server's state."""
-        return self.paths.run_dir / SERVERS_FILE
 
     def _record(self, pids: Mapping[str, int], **extra: Any) -> dict[str, Any]:
         """Write the state record naming the components ``pids`` (atomically) and return it."""
@@ -340,8 +333,7 @@ class Service:
         return json.loads(path.read_text()) if path.exists() else None
 
     def status(self) -> dict[str, Any]:
-        """The state record with what runs now: ``running`` (every component alive), each component's state and
-        pid, and each deployed pipeline's model server (:func:`kiln.tasks.services.watchdog.describe`)."""
+        """The state record, whether every component runs, each one's state and pid, and each model server's."""
         state = self.state() or {}
         pids = state.get("pids") or {}
         components = {c.name: {"state": ("running" if alive(pids[c.name]) else "dead") if c.name in pids
@@ -380,9 +372,9 @@ class Service:
         Returns:
             The pids that had to be killed.
         """
-        killed = self.stop(timeout)
-        subprocess.run([sys.executable, "-m", "kiln.tasks.cli", "serve", "stop"], env=self.env,
-                       capture_output=True, timeout=120)
+        killed = self.stop(timeout)  # the watchdog first: it must not restart the servers stopped next
+        subprocess.run([sys.executable, "-m", "kiln.tasks.cli", "serve", "stop"], capture_output=True, timeout=120,
+                       env=component_environment(self.env, "model-servers", self.paths))
         self._state_file().unlink(missing_ok=True)
         return killed
 
@@ -401,12 +393,7 @@ def _get_status(http: httpx.Client, url: str) -> int:
         return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kiln.tasks.services.supervisor up|down|status``: ``kiln up|down|status``."""
-    from kiln.tasks.cli.services import main as cli_main
+if __name__ == "__main__":  # the same as kiln up|down|status
+    from kiln.tasks.cli.services import main
 
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
     sys.exit(main())

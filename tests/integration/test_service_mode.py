@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -102,6 +103,25 @@ def test_rest_trigger_runs_the_tabular_pipeline(platform: Platform) -> None:
         run_info = mlflow.get("/api/2.0/mlflow/runs/get", params={"run_id": mlflow_run_id}).json()["run"]
     logged = {m["key"]: m["value"] for m in run_info["data"]["metrics"]}
     assert logged["test/accuracy"] == pytest.approx(decision["candidate_metrics"]["accuracy"])
+
+
+def test_a_run_leaves_private_state_and_a_model_server_without_airflow_secrets(platform: Platform) -> None:
+    """After the REST run above: its task logs are private, and the model server its deploy task started (a process
+    forked from Airflow's) inherited none of Airflow's secrets."""
+    home = platform.home
+    logs = [home / "airflow" / "logs", *(home / "airflow" / "logs").rglob("*")]
+    assert any(p.name.endswith(".log") for p in logs)
+    wrong = {str(p.relative_to(home)): oct(stat.S_IMODE(p.stat().st_mode)) for p in logs
+             if stat.S_IMODE(p.stat().st_mode) != (0o700 if p.is_dir() else 0o600)}
+    assert wrong == {}
+    if platform.service.settings.profile == "embedded":
+        assert stat.S_IMODE((home / "pools.db").stat().st_mode) == 0o600
+    pid = int((home / "serving" / DAG_ID / "server.pid").read_text())
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    keys = json.loads((home / "secrets" / "airflow.json").read_text())
+    held = [name for name in ("fernet_key", "jwt_secret", "api_secret") if keys[name].encode() in raw]
+    assert held == [], f"the model server (pid {pid}) holds Airflow's {held}"
+    assert b"AIRFLOW__CORE__FERNET_KEY=" not in raw and b"AIRFLOW__API_AUTH__JWT_SECRET=" not in raw
 
 
 @pytest.mark.parametrize(("conf", "message"), [
