@@ -240,7 +240,8 @@ class Service:
         if not uses_kiln_fab(self.env):
             return
         try:
-            apply_auth(self.env, self.paths, get_settings(self.env).pipelines_dir)
+            apply_auth(component_environment(self.env, "airflow", self.paths), self.paths,
+                       get_settings(self.env).pipelines_dir)
         except RuntimeError as exc:
             raise ServiceError(str(exc)) from exc
 
