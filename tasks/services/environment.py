@@ -120,6 +120,22 @@ def ensure_secrets(paths: ServicePaths) -> dict[str, str]:
     return {**keys, "password": json.loads(paths.passwords_file.read_text())[USERNAME]}
 
 
+#: kiln's own user on the MLflow server (its tasks and jobs, over HTTP); people log in as ``admin``.
+MLFLOW_TASK_USER = "kiln"
+
+
+def ensure_mlflow_credentials(paths: ServicePaths) -> dict[str, str]:
+    """The MLflow server's users (``admin`` for people, :data:`MLFLOW_TASK_USER` for kiln) and their passwords,
+    generated once into ``secrets/mlflow.json`` (0600; an existing file is never replaced)."""
+    paths.secrets_dir.mkdir(parents=True, exist_ok=True)
+    paths.secrets_dir.chmod(0o700)
+    path = paths.secrets_dir / "mlflow.json"
+    if not path.exists():
+        _write_private(path, json.dumps({USERNAME: secrets.token_urlsafe(24),
+                                         MLFLOW_TASK_USER: secrets.token_urlsafe(24)}))
+    return json.loads(path.read_text())
+
+
 def postgres_database_url(server_url: str, database: str, driver: str = "postgresql+psycopg2") -> str:
     """``postgresql://user@host:port`` + a database name -> a SQLAlchemy URL of that database."""
     parts = urlsplit(server_url)
@@ -202,7 +218,7 @@ def component_environment(env: Mapping[str, str], role: str, paths: ServicePaths
         return {**scoped, "AIRFLOW_CONFIG": str(paths.airflow_config)}
     scoped = {k: v for k, v in env.items() if not k.startswith("AIRFLOW")}
     if role == "model-servers":
-        for var in (*DATABASE_VARIABLES, "KILN_POSTGRES_URL"):
+        for var in (*DATABASE_VARIABLES, "KILN_POSTGRES_URL", "MLFLOW_TRACKING_PASSWORD"):
             scoped.pop(var, None)
     return scoped
 
@@ -251,6 +267,7 @@ def service_environment(settings: ServiceSettings, paths: ServicePaths, base: Ma
     A variable set in ``base`` is kept as it is, so every default below can be overridden from the environment.
     """
     keys = ensure_secrets(paths)
+    mlflow_users = ensure_mlflow_credentials(paths)
     url = f"http://{settings.airflow_host}:{settings.airflow_port}"
     bin_dir = str(Path(sys.executable).parent)
     env = dict(base)
@@ -259,6 +276,9 @@ def service_environment(settings: ServiceSettings, paths: ServicePaths, base: Ma
         "KILN_HOME": str(paths.home),
         "KILN_PROFILE": settings.profile,
         "KILN_MLFLOW_UI_URL": f"http://127.0.0.1:{settings.mlflow_port}",
+        # kiln's own credentials on the MLflow server (MLflow's client reads these for an http:// tracking URI).
+        "MLFLOW_TRACKING_USERNAME": MLFLOW_TASK_USER,
+        "MLFLOW_TRACKING_PASSWORD": mlflow_users[MLFLOW_TASK_USER],
         "PYTHONUNBUFFERED": "1",
         "GX_ANALYTICS_ENABLED": "false",
         "MPLBACKEND": "Agg",
