@@ -124,7 +124,7 @@ class LocalArtifactStore(ArtifactStore):
         final = self._final(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         publish.sweep(final)  # what killed writers of this key left
-        with publish.temp_folder(final) as tmp:
+        with publish.temp_folder(final.parent, f".tmp-{final.name}-") as tmp:
             try:
                 yield tmp
             except BaseException:

@@ -95,27 +95,43 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextmanager
-def temp_folder(final: Path) -> Iterator[Path]:
-    """A new, empty ``.tmp-<name>-<tag>`` folder beside ``final``, locked by this process until the block ends.
+def temp_folder(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new, empty folder ``parent/<prefix><tag>``, locked by this process until the block ends.
 
-    The lock proves to other writers of the key that this folder is in use. A sweep may lock and remove the folder
-    in the instant between its ``mkdir`` and our lock; we notice (the folder has no links left) and take a new one.
+    The lock proves to others that the folder is in use (:func:`remove_abandoned` keeps it). A sweep may lock and
+    remove the folder in the instant between its ``mkdir`` and our lock; we notice (the folder has no links left)
+    and take a new one.
     """
     while True:
-        tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:16]}"
-        tmp.mkdir()  # the umask's mode: training containers run as another user and must write here
+        tmp = parent / f"{prefix}{uuid.uuid4().hex[:16]}"
+        tmp.mkdir()  # the umask's mode, not mkdtemp's 0700: training containers run as another user
         try:
             fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
             continue
         try:
-            locked = _lock(fd, blocking=True)
-            if locked and os.fstat(fd).st_nlink == 0:
+            if _lock(fd, blocking=True) and os.fstat(fd).st_nlink == 0:
                 continue  # swept before we held it
             yield tmp
             return
         finally:
             os.close(fd)
+
+
+def remove_abandoned(folder: Path) -> bool:
+    """Remove ``folder`` (made by :func:`temp_folder`) if no live process holds it; whether it was removed."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        if not _lock(fd, blocking=False):
+            return False  # a live writer holds it, or the filesystem cannot say: keep it
+        shutil.rmtree(folder, ignore_errors=True)  # still holding the lock: its writer cannot be mid-start
+        log.info("removed %s in %s, left by a process that was killed", folder.name, folder.parent)
+        return True
+    finally:
+        os.close(fd)
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -201,7 +217,7 @@ def sweep(final: Path) -> None:
             _settle(final)
         tmps, _ = _leftovers(final)  # _settle retires stale .old- folders as .tmp- ones
     for tmp in tmps:
-        _remove_if_abandoned(tmp)
+        remove_abandoned(tmp)
 
 
 def _settle(final: Path) -> None:
@@ -243,20 +259,6 @@ def _leftovers(final: Path) -> tuple[list[Path], list[Path]]:
         if match and match["name"] == final.name and entry.is_dir(follow_symlinks=False):
             (tmps if match["kind"] == "tmp" else olds).append(Path(entry.path))
     return tmps, olds
-
-
-def _remove_if_abandoned(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        return
-    try:
-        if not _lock(fd, blocking=False):
-            return  # a live writer holds it, or the filesystem cannot say: keep it
-        shutil.rmtree(folder, ignore_errors=True)  # still holding the lock: its writer cannot be mid-start
-        log.info("removed %s, left by a writer of %s that was killed", folder.name, folder.parent)
-    finally:
-        os.close(fd)
 
 
 def _discard(folder: Path) -> None:

@@ -39,6 +39,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError, PartialCredentialsError
 from botocore.exceptions import ConnectionError as S3ConnectionError
 
+from kiln.tasks.storage import publish
 from kiln.tasks.storage.artifacts import (
     ArtifactNotFoundError,
     ArtifactStore,
@@ -119,16 +120,19 @@ class S3ArtifactStore(ArtifactStore):
         local = self._local(key)
         staging = self.cache_dir / ".staging"
         staging.mkdir(parents=True, exist_ok=True)
-        tmp = _fresh_dir(staging, "write-")
-        try:
-            yield tmp  # an exception in the body propagates from here: nothing is uploaded
-            version = self._publish(key, tmp)
-            # The staged files are exactly the published version: keep them as its cache entry (no download).
-            local.mkdir(parents=True, exist_ok=True)
-            _rename_into(tmp, local / version)
-            _prune_cache(local, keep=version)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        for entry in staging.iterdir():  # a killed writer's staged output (a whole step's): no live one holds it
+            if entry.name.startswith("write-"):
+                publish.remove_abandoned(entry)
+        with publish.temp_folder(staging, "write-") as tmp:
+            try:
+                yield tmp  # an exception in the body propagates from here: nothing is uploaded
+                version = self._publish(key, tmp)
+                # The staged files are exactly the published version: keep them as its cache entry (no download).
+                local.mkdir(parents=True, exist_ok=True)
+                _rename_into(tmp, local / version)
+                _prune_cache(local, keep=version)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def path(self, key: str) -> Path:
         manifest = self._read_manifest(key)
@@ -139,12 +143,12 @@ class S3ArtifactStore(ArtifactStore):
         if final.is_dir():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _fresh_dir(final.parent, f".tmp-{version}-")
-        try:
-            self._download(key, manifest, tmp)
-            _rename_into(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with publish.temp_folder(final.parent, f".tmp-{version}-") as tmp:
+            try:
+                self._download(key, manifest, tmp)
+                _rename_into(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         _prune_cache(final.parent, keep=version)
         return final
 
@@ -301,19 +305,13 @@ class S3ArtifactStore(ArtifactStore):
         return ArtifactStoreError(f"S3 failure while {action} in bucket {bucket!r} at {endpoint}: {exc}")
 
 
-def _fresh_dir(parent: Path, prefix: str) -> Path:
-    """A new, empty folder with the umask's mode, as the local store makes them (``mkdtemp`` would make it 0700,
-    and the training containers, which run as another user, could not read the cached version it becomes)."""
-    path = parent / f"{prefix}{uuid.uuid4().hex}"
-    path.mkdir()
-    return path
-
-
 def _prune_cache(folder: Path, keep: str) -> None:
     """Delete the cached versions of one key other than ``keep``: the manifest no longer names them, so no reader
     is sent there again, and a key rewritten often (checkpoints) would otherwise fill the disk."""
     for entry in folder.iterdir():
-        if entry.name != keep and not entry.name.startswith(".tmp-"):  # .tmp-: another reader's download
+        if entry.name.startswith(".tmp-"):
+            publish.remove_abandoned(entry)  # a download: kept while its reader is alive
+        elif entry.name != keep:
             shutil.rmtree(entry, ignore_errors=True)
 
 
