@@ -14,11 +14,13 @@ passwords.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import sys
 import time
+import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -41,14 +43,17 @@ TOKEN_PATHS = ("/token", "/token/cli")
 class FailedLoginThrottle:
     """ASGI middleware: a client address with ``limit`` failed (401) token requests in the window gets 429.
 
-    Counts live in this process (one api-server worker by default); each worker of a multi-worker api-server keeps
-    its own, so the limit is per worker there.
+    The token requests of one address run one at a time, so a burst sent at once is counted as it goes: it gets no
+    more tries than the same requests sent one after another. Counts live in this process (one api-server worker
+    by default); each worker of a multi-worker api-server keeps its own, so the limit is per worker there.
     """
 
     def __init__(self, app: ASGIApp, limit: str) -> None:
         self.app = app
         self.limit = parse(limit)
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        # An address's lock lives while one of its requests holds or awaits it.
+        self._turns: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
                        send: Callable[[Message], Awaitable[None]]) -> None:
@@ -56,6 +61,14 @@ class FailedLoginThrottle:
             await self.app(scope, receive, send)
             return
         client = (scope.get("client") or ("unknown", 0))[0]
+        turn = self._turns.get(client)
+        if turn is None:
+            turn = self._turns[client] = asyncio.Lock()
+        async with turn:
+            await self._login(client, scope, receive, send)
+
+    async def _login(self, client: str, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                     send: Callable[[Message], Awaitable[None]]) -> None:
         if not self.limiter.test(self.limit, client):
             retry = max(1, math.ceil(self.limiter.get_window_stats(self.limit, client).reset_time - time.time()))
             log.warning("login throttled for %s: %s failed logins, retry in %d s", client, self.limit, retry)
