@@ -111,7 +111,8 @@ class ArtifactStore(ABC):
 
 
 class LocalArtifactStore(ArtifactStore):
-    """Artifacts in a local directory tree."""
+    """Artifacts in a local directory tree: key ``a/b`` is the folder ``<root>/a/b``, replaced atomically and never
+    missing once published, even when its writer is killed (:mod:`kiln.tasks.storage.publish`)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
@@ -124,7 +125,7 @@ class LocalArtifactStore(ArtifactStore):
         final = self._final(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         publish.sweep(final)  # what killed writers of this key left
-        with publish.temp_folder(final.parent, f".tmp-{final.name}-") as tmp:
+        with publish.staging_folder(final) as tmp:
             try:
                 yield tmp
             except BaseException:

@@ -38,7 +38,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,12 @@ def temp_folder(parent: Path, prefix: str) -> Iterator[Path]:
             return
         finally:
             os.close(fd)
+
+
+def staging_folder(final: Path) -> AbstractContextManager[Path]:
+    """The locked ``.tmp-<name>-<tag>`` folder beside ``final`` that a writer of ``final`` fills (the name that
+    :func:`sweep` looks for)."""
+    return temp_folder(final.parent, f".tmp-{final.name}-")
 
 
 def remove_abandoned(folder: Path) -> bool:
@@ -200,9 +206,9 @@ def recover(final: Path) -> bool:
     try:
         with _key_lock(final):  # a live writer between its renames holds it for microseconds
             _settle(final)
-    except PermissionError as exc:
-        log.warning("cannot take the lock of %s to restore its published contents (%s); make the artifact folder "
-                    "writable for this user", final, exc)
+    except OSError as exc:  # a read-only mount or another user's folder
+        log.warning("cannot restore %s from the .old- folder a killed publish left (%s): make %s writable for this "
+                    "user, or publish the key again", final, exc, final.parent)
     return final.is_dir()
 
 
