@@ -2,11 +2,13 @@
 
 Wiring only: one task per step of :data:`kiln.tasks.pipeline.steps.STEPS`, in its order (``PipelineStepOperator``;
 ``TrainOperator`` for the step that runs on leased devices). The steps import their libraries when they run, so this
-file parses quickly. Invalid spec files are skipped here and reported by ``kiln_spec_errors.py``.
+file parses quickly. Invalid spec files are skipped here and reported by ``kiln_spec_errors.py``; each file is
+read within its own limits and time budget (``kiln.tasks.spec.yaml_reader``), so a hostile one is refused quickly.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from kiln.tasks.pipeline.steps import STEPS
 from kiln.tasks.settings import get_settings
 from kiln.tasks.spec import PipelineSpec, load_specs
 from kiln.tasks.spec.params import param_schemas
+
+log = logging.getLogger(__name__)
 
 
 def _params(spec: PipelineSpec) -> dict[str, Param]:
@@ -71,4 +75,7 @@ def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
 
 
 for _path, _spec in load_specs(get_settings().pipelines_dir)[0]:
-    globals()[_spec.name] = build_dag(_spec, _path)
+    try:
+        globals()[_spec.name] = build_dag(_spec, _path)
+    except Exception:  # noqa: BLE001 - a DAG that Airflow refuses must not take the other pipelines' DAGs with it
+        log.exception("pipeline spec %s is valid but Airflow refused its DAG; it is left out", _path)

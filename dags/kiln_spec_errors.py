@@ -1,7 +1,8 @@
 """Reports invalid pipeline spec files as this file's Airflow import error (the DAG factory skips them).
 
 Keeping the errors in their own file means one broken spec never hides the DAGs of the valid ones. The error
-names each spec file, the field, what was found and what is allowed.
+names each spec file, the field, what was found and what is allowed, or the limit a file crossed (size, nesting,
+alias expansion, its parse time budget: ``kiln.tasks.spec.yaml_reader``) and a platform DAG name it took.
 """
 
 from __future__ import annotations

@@ -34,6 +34,10 @@ class Settings:
     """``KILN_MLFLOW_ARTIFACT_ROOT``: where new MLflow experiments keep artifacts."""
     pipelines_dir: Path
     """``KILN_PIPELINES_DIR``: the folder of pipeline spec files (default ``<repo>/dags/pipelines``)."""
+    data_roots: tuple[Path, ...]
+    """The folders a spec's file source may be read from, besides the spec file's own folder: kiln's data folder
+    ``$KILN_HOME/data``, then the folders of ``KILN_DATA_ROOTS`` (separated by ``:``). A source outside them
+    (after ``..`` and symlinks are resolved) is refused."""
     pools_file: Path | None
     """``KILN_POOLS_FILE``: the resource-pool inventory (YAML). Unset: one pool ``local`` with this machine's
     CPUs, memory and GPUs, discovered at run time."""
@@ -69,6 +73,8 @@ def get_settings(environ: Mapping[str, str] | None = None) -> Settings:
         mlflow_tracking_uri=env.get("KILN_MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
         mlflow_artifact_root=env.get("KILN_MLFLOW_ARTIFACT_ROOT") or (home / "mlartifacts").as_uri(),
         pipelines_dir=Path(env.get("KILN_PIPELINES_DIR") or REPO_ROOT / "dags" / "pipelines").resolve(),
+        data_roots=(home / "data", *(Path(p).expanduser().resolve()
+                                     for p in (env.get("KILN_DATA_ROOTS") or "").split(os.pathsep) if p)),
         pools_file=Path(env["KILN_POOLS_FILE"]).resolve() if env.get("KILN_POOLS_FILE") else None,
         pools_db_url=env.get("KILN_POOLS_DB_URL") or f"sqlite:///{home / 'pools.db'}",
         train_image=env.get("KILN_TRAIN_IMAGE") or "kiln-train:cpu",

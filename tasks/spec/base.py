@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import difflib
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 TaskType = Literal["classification", "regression"]
 ColumnType = Literal["numeric", "categorical", "ignore"]
@@ -15,6 +15,14 @@ REGRESSION_METRICS = ("rmse", "mae", "r2")
 #: Metrics where a larger value is better; the gate compares in this direction.
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "roc_auc": True, "log_loss": False,
                     "rmse": False, "mae": False, "r2": True}
+
+
+#: Bounds shared by numeric fields: every integer a spec or a trigger gives must fit the int64 that Airflow's task
+#: supervisor, the databases and numpy hold; counts and durations get sensible ranges well inside that.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+MAX_COUNT = 10**12
+"""The largest count of rows or requests a spec may name."""
+DAY_S = 86_400
 
 
 class SpecError(ValueError):

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from kiln.tasks.spec.base import _Strict
+from kiln.tasks.spec.base import MAX_COUNT, _Strict
 
 
 class SourceSpec(_Strict):
@@ -50,7 +50,7 @@ class ExpectationsSpec(_Strict):
     entirely null, numeric columns hold numbers, a column of mostly numbers holds no text, no row repeats the
     header, and a classification target holds no class the champion never saw. ``min_rows`` is checked either
     way."""
-    min_rows: int = Field(default=10, ge=1)
+    min_rows: int = Field(default=10, ge=1, le=MAX_COUNT)
     """The fewest rows the snapshot may have (counted after ``sample_fraction``); ``clean`` must keep as many."""
     max_missing_target_share: float = Field(default=0.5, ge=0, le=1)
     """Largest share of rows whose target is missing; ``clean`` drops those rows and counts them."""
@@ -98,7 +98,7 @@ class FeaturesSpec(_Strict):
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
     scaling: Literal["standard", "minmax", "none"] = "standard"
     """How numeric columns are scaled; statistics come from the train split only."""
-    max_categories: int = Field(default=50, ge=1)
+    max_categories: int = Field(default=50, ge=1, le=1_000_000)
     """Per categorical column, the most frequent values kept; the rest map to the unknown bucket."""
 
     @model_validator(mode="after")

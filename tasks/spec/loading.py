@@ -1,33 +1,60 @@
-"""Reading spec files: one file, every file of a pipelines folder, or the pipeline of a given name."""
+"""Reading spec files: one file, every file of a pipelines folder, or the pipeline of a given name.
+
+Each file is read within :data:`~kiln.tasks.spec.yaml_reader.SPEC_LIMITS` (size, depth, alias expansion, its own
+time budget) and its ``source.uri`` is checked against the data roots, so a hostile or broken file is named as
+an error and never stalls or hides the other pipelines.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-
-import yaml
 
 from kiln.tasks.spec.base import SpecError
 from kiln.tasks.spec.pipeline import PipelineSpec, parse_spec
+from kiln.tasks.spec.sources import SourceError, check_file_in_roots, data_roots, is_package_uri, package_parts
+from kiln.tasks.spec.yaml_reader import SPEC_LIMITS, SpecLimits, read_spec_yaml
+
+log = logging.getLogger(__name__)
 
 
-def load_spec(path: str | Path) -> PipelineSpec:
-    """Read and validate a spec file. A relative ``source.uri`` is resolved against the file's folder.
+def load_spec(path: str | Path, limits: SpecLimits = SPEC_LIMITS) -> PipelineSpec:
+    """Read and validate a spec file. A relative ``source.uri`` is resolved against the file's folder; a file
+    source must lie inside the data roots (``kiln.tasks.spec.sources``).
 
     Raises:
-        SpecError: unreadable file, bad YAML, or invalid fields; the message names the file and each field.
+        SpecError: unreadable or oversized file, bad YAML, a limit crossed, or invalid fields; the message names
+            the file and each field.
     """
     path = Path(path)
+    data = read_spec_yaml(path, limits)
+    problem = None
+    source = data.get("source") if isinstance(data, dict) else None
+    if isinstance(source, dict) and isinstance(source.get("uri"), str) and source["uri"]:
+        try:
+            data["source"] = {**source, "uri": _checked_uri(source["uri"], path.parent)}
+        except SourceError as exc:
+            problem = f"field 'source.uri': {exc}"
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise SpecError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
-    except yaml.YAMLError as exc:
-        raise SpecError(str(path), [f"not valid YAML: {exc}"]) from None
-    if isinstance(data, dict) and isinstance(data.get("source"), dict):
-        uri = data["source"].get("uri")
-        if isinstance(uri, str) and "://" not in uri and not Path(uri).is_absolute():
-            data["source"] = {**data["source"], "uri": str((path.parent / uri).resolve())}
-    return parse_spec(data, str(path))
+        spec = parse_spec(data, str(path))
+    except SpecError as exc:
+        raise SpecError(exc.source, [problem, *exc.problems] if problem else exc.problems) from None
+    if problem:
+        raise SpecError(str(path), [problem])
+    return spec
+
+
+def _checked_uri(uri: str, spec_dir: Path) -> str:
+    """``uri`` as the spec keeps it (a relative path made absolute against ``spec_dir``), checked to name a file
+    inside the data roots or a well-formed ``pkg://`` resource (which only ``ingest`` can look up: the package
+    must be installed where the step runs, not necessarily where the DAG file is parsed)."""
+    if is_package_uri(uri):
+        package_parts(uri)
+        return uri
+    if "://" not in uri and not Path(uri).expanduser().is_absolute():
+        uri = str((spec_dir / uri).resolve())
+    check_file_in_roots(uri, data_roots(spec_dir))
+    return uri
 
 
 def discover_specs(folder: str | Path) -> list[Path]:
@@ -39,19 +66,25 @@ def discover_specs(folder: str | Path) -> list[Path]:
                   if p.suffix in (".yaml", ".yml") and not p.name.startswith(("_", ".")))
 
 
-def load_specs(folder: str | Path) -> tuple[list[tuple[Path, PipelineSpec]], list[SpecError]]:
+def load_specs(folder: str | Path, limits: SpecLimits = SPEC_LIMITS,
+               ) -> tuple[list[tuple[Path, PipelineSpec]], list[SpecError]]:
     """Load every spec in ``folder``: the valid ones, and one error per invalid file (never raises for a file).
 
-    Two files declaring the same ``name`` make the later one (by file name) an error.
+    Each file gets its own ``limits`` (its own time budget). Two files declaring the same ``name`` make the later
+    one (by file name) an error.
     """
     valid: list[tuple[Path, PipelineSpec]] = []
     errors: list[SpecError] = []
     seen: dict[str, Path] = {}
     for path in discover_specs(folder):
         try:
-            spec = load_spec(path)
+            spec = load_spec(path, limits)
         except SpecError as exc:
             errors.append(exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - one file's surprise must not hide the other pipelines
+            log.exception("unexpected error reading spec %s", path)
+            errors.append(SpecError(str(path), [f"cannot be read ({type(exc).__name__}: {exc}); fix the file"]))
             continue
         if spec.name in seen:
             errors.append(SpecError(str(path), [f"field 'name': '{spec.name}' is already used by {seen[spec.name]}; "

@@ -19,6 +19,12 @@ from kiln.tasks.spec.pipeline import PARAM_FIELDS, PipelineSpec
 _KEYWORDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "title")
 
 
+#: Refuses NaN, which JSON-schema bounds cannot: NaN compares false with everything, so it passes every
+#: ``minimum`` and ``maximum``, and it is the only value that is both above 0 and at most 0 by those rules.
+#: (Infinities are refused by the field's bounds; the spec model refuses both again.)
+_NAN = {"exclusiveMinimum": 0, "maximum": 0}
+
+
 def param_schemas(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
     """Per Param: ``default`` (this spec's value), the JSON-schema keywords of its field, and ``description_md``."""
     out: dict[str, dict[str, Any]] = {}
@@ -32,6 +38,8 @@ def param_schemas(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
         schema = _properties(model)[field]
         info = model.model_fields[field]
         out[name] = {"default": getattr(value, field), **{k: schema[k] for k in _KEYWORDS if k in schema}}
+        if out[name].get("type") == "number":
+            out[name]["not"] = _NAN
         if info.description:
             out[name]["description_md"] = _markdown(info.description)
     return out

@@ -24,6 +24,10 @@ from kiln.tasks.spec.data import CleaningSpec, ExpectationsSpec, FeaturesSpec, S
 from kiln.tasks.spec.release import DeploymentSpec, EvaluationSpec
 from kiln.tasks.spec.training import ModelSpec, TrainingSpec
 
+#: Pipeline names that belong to the platform: its DAGs (``dags/kiln_*.py``: ``kiln_champion``; the DAG files
+#: ``kiln_pipelines`` and ``kiln_spec_errors``) and any it adds later, matched case-insensitively.
+RESERVED_PREFIX = "kiln_"
+
 
 class PipelineSpec(_Strict):
     """A whole pipeline: one DAG is made from each spec file."""
@@ -58,6 +62,16 @@ class PipelineSpec(_Strict):
     training: TrainingSpec = TrainingSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     deployment: DeploymentSpec = DeploymentSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        lower = value.lower()
+        if lower == RESERVED_PREFIX.rstrip("_") or lower.startswith(RESERVED_PREFIX):
+            raise ValueError(f"'{value}' is reserved: 'kiln' and names starting with '{RESERVED_PREFIX}' are the "
+                             "platform's DAG ids (kiln_champion, ...; a pipeline of that name would replace one); "
+                             f"rename the pipeline, e.g. '{value[len(RESERVED_PREFIX):] or 'my_pipeline'}_model'")
+        return value
 
     @field_validator("schedule")
     @classmethod
@@ -134,7 +148,11 @@ class PipelineSpec(_Strict):
             node[leaf] = value
         if problems:
             raise SpecError(source, problems)
-        return parse_spec(data, source)
+        try:
+            return parse_spec(data, source)
+        except SpecError as exc:  # name the Param the trigger gave, not only the spec field it overrides
+            params = {".".join(PARAM_FIELDS[k]): k for k in overrides if k in PARAM_FIELDS}
+            raise SpecError(source, [_with_param(p, params) for p in exc.problems]) from None
 
 
 #: Trigger-time Params and the spec field each one overrides.
@@ -149,6 +167,15 @@ PARAM_FIELDS: dict[str, tuple[str, ...]] = {
     "sample_fraction": ("sample_fraction",),
     "deployment": ("deployment", "strategy"),
 }
+
+
+def _with_param(problem: str, params: dict[str, str]) -> str:
+    """``problem`` with the Param named after its field (``field 'training.seed' (Param 'seed'): ...``)."""
+    for field, param in params.items():
+        head = f"field '{field}':"
+        if problem.startswith(head):
+            return f"field '{field}' (Param '{param}'):{problem[len(head):]}"
+    return problem
 
 
 def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

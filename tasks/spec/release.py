@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kiln.tasks.spec.base import _Strict
+from kiln.tasks.spec.base import DAY_S, MAX_COUNT, _Strict
 
 
 class SliceSpec(_Strict):
@@ -15,7 +15,7 @@ class SliceSpec(_Strict):
 
     column: str = Field(min_length=1)
     """A raw input column (categorical or with few values); each value is a slice."""
-    min_rows: int = Field(default=20, ge=1)
+    min_rows: int = Field(default=20, ge=1, le=MAX_COUNT)
     """Slices with fewer test rows are reported as skipped, never failed (too few rows to judge)."""
     thresholds: dict[str, float] = Field(default_factory=dict)
     """Per-slice metric thresholds, in each metric's direction like ``evaluation.thresholds``."""
@@ -68,9 +68,9 @@ class CanarySpec(_Strict):
 
     share: float = Field(default=0.2, gt=0, lt=1)
     """Share of requests routed to the candidate."""
-    min_requests: int = Field(default=50, ge=1)
+    min_requests: int = Field(default=50, ge=1, le=MAX_COUNT)
     """Requests the candidate must serve before it can be promoted."""
-    window_s: float = Field(default=300, gt=0)
+    window_s: float = Field(default=300, gt=0, le=30 * DAY_S)
     """The candidate is rolled back if it has not served ``min_requests`` within this time."""
     max_error_rate_increase: float = Field(default=0.01, ge=0, le=1)
     """Rolled back if its error rate exceeds the champion's by more than this."""

@@ -3,11 +3,14 @@ leased resources and the containers)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kiln.tasks.spec.base import _Strict
+from kiln.tasks.spec.base import DAY_S, MAX_COUNT, Int64, _Strict
+
+#: The widest layer (units or channels) a spec may ask for.
+MAX_WIDTH = 65_536
 
 
 class ModelSpec(_Strict):
@@ -18,7 +21,7 @@ class ModelSpec(_Strict):
     hidden_sizes: list[int] = Field(default_factory=lambda: [64, 32])
     """MLP hidden layer widths (CNN: width of the dense layer after the convolutions, first entry)."""
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    image_shape: tuple[int, int] | None = None
+    image_shape: tuple[Annotated[int, Field(ge=1, le=4096)], Annotated[int, Field(ge=1, le=4096)]] | None = None
     """CNN only: height and width of the image; height*width must equal the number of feature columns."""
     channels: list[int] = Field(default_factory=lambda: [16, 32])
     """CNN only: output channels of each 3x3 convolution."""
@@ -26,8 +29,8 @@ class ModelSpec(_Strict):
     @field_validator("hidden_sizes", "channels")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
-        if not v or any(x < 1 for x in v):
-            raise ValueError("must be a non-empty list of positive integers")
+        if not v or any(not 1 <= x <= MAX_WIDTH for x in v):
+            raise ValueError(f"must be a non-empty list of integers from 1 to {MAX_WIDTH}")
         return v
 
     @model_validator(mode="after")
@@ -44,7 +47,7 @@ class ResourcesSpec(_Strict):
     """A pool of the inventory (``KILN_POOLS_FILE``); ``local`` is this machine when no inventory is given."""
     team: str = "default"
     """The team (tenant) whose quota the lease counts against."""
-    priority: int | None = None
+    priority: int | None = Field(default=None, ge=-1_000_000, le=1_000_000)
     """Queue priority, higher first; default: the team's priority."""
     gpus: int = Field(default=0, ge=0, le=64)
     """GPUs per node (``CUDA_VISIBLE_DEVICES`` / Docker device requests carry the leased ids)."""
@@ -56,9 +59,9 @@ class ResourcesSpec(_Strict):
     """Memory per node, e.g. ``16GiB``: the containers' limit."""
     placement: Literal["pack", "spread"] | None = None
     """Where the gang's nodes go: ``pack`` fills busy nodes first, ``spread`` prefers idle ones; default: the pool's."""
-    wait_timeout_s: int = Field(default=3600, ge=1)
+    wait_timeout_s: int = Field(default=3600, ge=1, le=30 * DAY_S)
     """The task fails if the lease is not granted within this time (it waits in the triggerer, not a worker)."""
-    ttl_s: int = Field(default=60, ge=5)
+    ttl_s: int = Field(default=60, ge=5, le=DAY_S)
     """The lease is reclaimed this long after its holder stops heartbeating (a killed worker frees its devices)."""
     preemptible: bool = False
     """The job checkpoints, so a higher-priority request may preempt it; it then fails for retry and resumes."""
@@ -79,7 +82,7 @@ class DockerSpec(_Strict):
     """The training image; default ``KILN_TRAIN_IMAGE`` (``make image`` builds ``kiln-train:cpu``)."""
     shm_size: str = "1g"
     """``/dev/shm`` size: DataLoader workers and NCCL need more than Docker's 64 MB."""
-    ulimits: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    ulimits: dict[str, tuple[Int64, Int64]] = Field(default_factory=dict)
     """``{name: [soft, hard]}``, e.g. ``{memlock: [-1, -1]}`` on GPU hosts. Raising a limit above the host's hard
     limit needs CAP_SYS_RESOURCE in the daemon; without it the container cannot start and the job fails at once."""
     network: Literal["bridge", "host"] = "bridge"
@@ -99,7 +102,7 @@ class TrainingSpec(_Strict):
     weight_decay: float = Field(default=0.0, ge=0)
     """L2 penalty of the optimizer."""
     optimizer: Literal["adam", "sgd"] = "adam"
-    seed: int = Field(default=42, ge=0, title="Seed")
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, title="Seed")
     """Seeds sampling, the split and training: same seed, same model."""
     nproc: int = Field(default=2, ge=1, le=64, title="Worker processes")
     """Worker processes (DDP ranks) on each node."""
@@ -114,9 +117,9 @@ class TrainingSpec(_Strict):
     """Times the whole gang is restarted after a failure, resuming from the last complete checkpoint."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     docker: DockerSpec = Field(default_factory=DockerSpec)
-    timeout_s: int = Field(default=1800, ge=10)
+    timeout_s: int = Field(default=1800, ge=10, le=30 * DAY_S)
     """The whole training job fails if it runs longer than this (a hung peer cannot block a worker forever)."""
-    log_every_steps: int = Field(default=20, ge=1)
+    log_every_steps: int = Field(default=20, ge=1, le=MAX_COUNT)
     """A progress line every this many optimizer steps (rank 0)."""
 
     @model_validator(mode="after")

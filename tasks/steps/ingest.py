@@ -7,31 +7,31 @@ manifest records the sha256 of the raw source bytes and of the snapshot. A run t
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import importlib.resources
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
 
 from kiln.tasks.errors import DataError
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.spec import PipelineSpec, SourceSpec
+from kiln.tasks.spec.sources import (
+    URI_FORMS,
+    SourceError,
+    check_file_in_roots,
+    data_roots,
+    is_package_uri,
+    package_file,
+)
 from kiln.tasks.storage.artifacts import file_sha256, read_json, write_json
 
 if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger(__name__)
-
-_URI_FORMS = "an absolute path, a file:// URI, or pkg://<package>/<resource path>"
-
 
 class IngestError(DataError):
     """The source cannot be read into a usable table (missing, unparseable, empty, duplicate column names)."""
@@ -47,15 +47,20 @@ class IngestConfig:
     """Fraction of rows kept, in ``(0, 1]``; the sample is seeded and keeps the source's row order."""
     seed: int = 42
     """Random seed of the sample."""
+    data_roots: tuple[Path, ...] | None = None
+    """The folders a file source may be read from; ``None``: the configured ones (``$KILN_HOME/data`` and
+    ``KILN_DATA_ROOTS``) only. ``pkg://`` sources need no root."""
 
     def __post_init__(self) -> None:
         if not 0 < self.sample_fraction <= 1:
             raise ValueError(f"IngestConfig.sample_fraction must be in (0, 1], got {self.sample_fraction}")
 
     @classmethod
-    def from_spec(cls, spec: PipelineSpec) -> IngestConfig:
-        """The config a pipeline spec implies (the sample is seeded by ``training.seed``)."""
-        return cls(source=spec.source, sample_fraction=spec.sample_fraction, seed=spec.training.seed)
+    def from_spec(cls, spec: PipelineSpec, spec_dir: str | Path | None = None) -> IngestConfig:
+        """The config a pipeline spec implies (the sample is seeded by ``training.seed``); file sources may be
+        read from ``spec_dir`` (the spec file's folder) and the configured data roots."""
+        return cls(source=spec.source, sample_fraction=spec.sample_fraction, seed=spec.training.seed,
+                   data_roots=data_roots(spec_dir))
 
 
 @dataclass(frozen=True)
@@ -91,9 +96,9 @@ def run_ingest(config: IngestConfig, out_dir: Path) -> IngestResult:
             sampling), or has duplicate column names.
     """
     source = config.source
-    with _local_file(source.uri) as path:
-        source_sha256 = file_sha256(path)
-        df = _read(path, source)
+    path = _source_file(source.uri, data_roots(None) if config.data_roots is None else config.data_roots)
+    source_sha256 = file_sha256(path)
+    df = _read(path, source)
     log.info("read %s: %d rows, %d columns", source.uri, len(df), len(df.columns))
     if df.empty:
         raise IngestError(f"source {source.uri} has no data rows ({len(df.columns)} columns, 0 rows); "
@@ -140,57 +145,23 @@ def ingest(ctx: RunContext) -> IngestResult:
         log.info("snapshot for %s already taken (%d rows, sha256 %s); reusing it", ctx.run_key, manifest["rows"],
                  manifest["sha256"][:12])
         return IngestResult(**{k: v for k, v in manifest.items() if k in IngestResult.__dataclass_fields__})
-    config = IngestConfig.from_spec(ctx.spec)
+    config = IngestConfig.from_spec(ctx.spec, Path(ctx.spec_path).parent if ctx.spec_path else None)
     result = ctx.publish(keys.INGEST, lambda out: run_ingest(config, out))
     (ctx.input_dir(keys.INGEST) / keys.SNAPSHOT_FILE).chmod(0o444)
     return result
 
 
-@contextlib.contextmanager
-def _local_file(uri: str) -> Iterator[Path]:
-    """Yield a local path for ``uri`` (a package resource may be extracted to a temporary file)."""
-    if uri.startswith("pkg://"):
-        with importlib.resources.as_file(_package_resource(uri)) as path:
-            yield path
-        return
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise IngestError(f"source.uri {uri!r}: file:// URIs must name a local file (file:///abs/path)")
-        path = Path(unquote(parsed.path))
-    elif "://" in uri:
-        raise IngestError(f"source.uri {uri!r}: unsupported scheme '{parsed.scheme}'; use {_URI_FORMS}")
-    else:
-        path = Path(uri).expanduser().resolve()
+def _source_file(uri: str, roots: tuple[Path, ...]) -> Path:
+    """The local file ``uri`` names, checked again here (``kiln.tasks.spec.sources``): inside a data root, or
+    inside an installed package (found without importing it)."""
+    try:
+        path = package_file(uri) if is_package_uri(uri) else check_file_in_roots(uri, roots)
+    except SourceError as exc:
+        raise IngestError(f"source.uri {exc}") from None
     if not path.is_file():
         raise IngestError(f"source file {path} does not exist (source.uri {uri!r}); source.uri should point to "
-                          f"an existing file: {_URI_FORMS}")
-    yield path
-
-
-def _package_resource(uri: str) -> Any:
-    """The ``importlib.resources`` traversable named by ``pkg://<package>/<resource path>``."""
-    package, _, resource = uri.removeprefix("pkg://").partition("/")
-    if not package or not resource:
-        raise IngestError(f"source.uri {uri!r}: expected pkg://<package>/<resource path>, "
-                          "e.g. pkg://palmerpenguins/data/penguins.csv")
-    try:
-        root = importlib.resources.files(package)
-    except ModuleNotFoundError:
-        raise IngestError(f"source.uri {uri!r}: no installed Python package '{package}'; install it or fix "
-                          "the package name") from None
-    node = root
-    for part in resource.split("/"):
-        parent, node = node, node.joinpath(part)
-        if not node.is_file() and not node.is_dir():
-            siblings = [p.name for p in parent.iterdir()] if parent.is_dir() else []
-            close = difflib.get_close_matches(part, siblings, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise IngestError(f"source.uri {uri!r}: package '{package}' has no resource '{resource}' "
-                              f"('{part}' not found{hint})")
-    if not node.is_file():
-        raise IngestError(f"source.uri {uri!r}: '{resource}' in package '{package}' is a folder, not a file")
-    return node
+                          f"an existing file: {URI_FORMS}")
+    return path
 
 
 def _read(path: Path, source: SourceSpec) -> pd.DataFrame:

@@ -109,3 +109,17 @@ def test_champion_dag_params(dagbag) -> None:
     with pytest.raises(Exception, match="reason"):  # a move is always explained
         params.update({"reason": ""})
         params.validate()
+
+
+@pytest.mark.parametrize(("name", "value"), [("seed", 10**30), ("learning_rate", float("nan")),
+                                             ("learning_rate", float("inf")), ("sample_fraction", float("nan"))],
+                         ids=["seed-1e30", "lr-nan", "lr-inf", "fraction-nan"])
+def test_params_reject_unbounded_and_non_finite(dagbag, name: str, value: float) -> None:
+    """What a REST trigger or ``airflow dags trigger -c`` (JSON with NaN literals) would pass: refused by the
+    Param, naming it, before a run exists (a seed of 10**30 used to crash the task supervisor)."""
+    from airflow.sdk.definitions.param import ParamsDict
+
+    params = ParamsDict(dict(dagbag.dags["penguins_species"].params.items()))
+    with pytest.raises(Exception, match=name):
+        params.update({name: value})
+        params.validate()

@@ -27,7 +27,8 @@ def sha256(path: Path) -> str:
 def ingest(tmp_path: Path, uri: str, sample_fraction: float = 1.0, seed: int = 42, out: str = "out", **source):
     out_dir = tmp_path / out
     out_dir.mkdir()
-    return run_ingest(IngestConfig(SourceSpec(uri=uri, **source), sample_fraction, seed), out_dir), out_dir
+    config = IngestConfig(SourceSpec(uri=uri, **source), sample_fraction, seed, data_roots=(tmp_path,))
+    return run_ingest(config, out_dir), out_dir
 
 
 def test_csv_snapshot_and_manifest(tmp_path):
@@ -126,7 +127,7 @@ def test_bad_sources_raise_clear_errors_and_write_nothing(tmp_path, make_uri, so
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(IngestError) as exc:
-        run_ingest(IngestConfig(SourceSpec(uri=make_uri(tmp_path), **source), fraction), out)
+        run_ingest(IngestConfig(SourceSpec(uri=make_uri(tmp_path), **source), fraction, data_roots=(tmp_path,)), out)
     for needle in needles:
         assert needle in str(exc.value)
     assert list(out.iterdir()) == []

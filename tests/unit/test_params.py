@@ -44,3 +44,69 @@ def test_a_new_tunable_field_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> No
     assert schema["type"] == "number" and schema["minimum"] == 0 and schema["default"] == 0.0
     assert schema["description_md"] == "L2 penalty of the optimizer."
     assert SPEC.with_overrides({"weight_decay": 0.01}).training.weight_decay == 0.01
+
+
+NUMERIC = sorted(name for name, schema in param_schemas(SPEC).items() if schema["type"] in ("integer", "number"))
+
+
+def test_every_numeric_param_is_bounded_both_ways() -> None:
+    assert {"epochs", "learning_rate", "batch_size", "seed", "nproc", "nodes", "sample_fraction"} <= set(NUMERIC)
+    for name in NUMERIC:
+        schema = param_schemas(SPEC)[name]
+        assert {"minimum", "exclusiveMinimum"} & set(schema), name
+        assert {"maximum", "exclusiveMaximum"} & set(schema), name
+        upper = schema.get("maximum", schema.get("exclusiveMaximum"))
+        assert upper <= 2**63 - 1, name  # what an int64 (and Airflow's task supervisor) can hold
+    assert param_schemas(SPEC)["seed"]["maximum"] == 2**32 - 1  # numpy's and scikit-learn's seed range
+
+
+def _schema_problem(name: str, value: object) -> str | None:
+    import jsonschema
+
+    keywords = {k: v for k, v in param_schemas(SPEC)[name].items() if k not in ("default", "description_md")}
+    try:
+        jsonschema.validate(value, keywords)
+    except jsonschema.ValidationError as exc:
+        return exc.message
+    return None
+
+
+HOSTILE = [("seed", 10**30), ("seed", -1), ("learning_rate", float("nan")), ("learning_rate", float("inf")),
+           ("sample_fraction", float("nan")), ("epochs", float("nan")), ("batch_size", float("inf")),
+           ("nodes", 2**64)]
+HOSTILE_IDS = ["seed-1e30", "seed-negative", "lr-nan", "lr-inf", "fraction-nan", "epochs-nan", "batch-inf",
+               "nodes-2^64"]
+
+
+@pytest.mark.parametrize(("name", "value"), HOSTILE, ids=HOSTILE_IDS)
+def test_param_schema_refuses_out_of_range_and_non_finite(name: str, value: object) -> None:
+    """The Param's JSON schema (what Airflow checks at trigger time) refuses the value: a NaN compares false with
+    every bound, so a schema of bounds alone accepted it."""
+    assert _schema_problem(name, value) is not None
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_param_schema_accepts_its_default(name: str) -> None:
+    assert _schema_problem(name, param_schemas(SPEC)[name]["default"]) is None
+
+
+@pytest.mark.parametrize(("name", "value"), HOSTILE, ids=HOSTILE_IDS)
+def test_overrides_refuse_out_of_range_and_non_finite_naming_the_param(name: str, value: object) -> None:
+    from kiln.tasks.spec import SpecError
+
+    with pytest.raises(SpecError) as info:
+        SPEC.with_overrides({name: value})
+    message = str(info.value)
+    assert ".".join(PARAM_FIELDS[name]) in message and f"Param '{name}'" in message
+
+
+def test_kiln_run_refuses_hostile_conf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kiln run --conf`` goes through the same check: one line naming the Param (JSON allows NaN literals)."""
+    from kiln.tasks.cli.run import check_pipeline
+
+    monkeypatch.setenv("KILN_PIPELINES_DIR", str(REPO_ROOT / "dags" / "pipelines"))
+    assert check_pipeline("penguins_species", '{"epochs": 2}') is None
+    problem = check_pipeline("penguins_species", '{"seed": 1000000000000000000000000000000}')
+    assert problem and "training.seed" in problem and "Param 'seed'" in problem
+    problem = check_pipeline("penguins_species", '{"learning_rate": NaN}')
+    assert problem and "training.learning_rate" in problem

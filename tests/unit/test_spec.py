@@ -119,9 +119,10 @@ def test_gate_and_deployment_sections_are_validated(section: dict, field: str) -
 
 
 def test_load_specs_keeps_valid_ones_and_reports_duplicates(tmp_path: Path) -> None:
-    (tmp_path / "a.yaml").write_text(yaml.safe_dump(MINIMAL))
-    (tmp_path / "b.yaml").write_text(yaml.safe_dump(MINIMAL))  # same name as a.yaml
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**MINIMAL, "name": "c", "task": "nope"}))
+    local = {**MINIMAL, "source": {"uri": "x.csv"}}  # next to the spec: inside the data roots
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(local))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(local))  # same name as a.yaml
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**local, "name": "c", "task": "nope"}))
     (tmp_path / "_draft.yaml").write_text("not: [valid")
     valid, errors = load_specs(tmp_path)
     assert [s.name for _, s in valid] == ["m"]
@@ -134,3 +135,18 @@ def test_spec_hash_is_canonical() -> None:
     b = parse_spec(dict(reversed(list(MINIMAL.items()))), "b")
     assert a.spec_hash() == b.spec_hash()
     assert a.spec_hash() != a.with_overrides({"epochs": 11}).spec_hash()
+
+
+@pytest.mark.parametrize("name", ["kiln_champion", "kiln_spec_errors", "kiln_pipelines", "KILN_Champion",
+                                  "kiln_anything_new", "kiln"])
+def test_platform_dag_names_are_reserved(name: str) -> None:
+    """A spec named like a platform DAG would silently replace it (same DAG id): refused, naming the field."""
+    with pytest.raises(SpecError) as info:
+        parse_spec({**MINIMAL, "name": name}, "r.yaml")
+    message = str(info.value)
+    assert "field 'name'" in message and "reserved" in message and name in message
+    assert "rename the pipeline" in message
+
+
+def test_names_that_merely_mention_kiln_are_fine() -> None:
+    assert parse_spec({**MINIMAL, "name": "kilnfired_pots"}, "k.yaml").name == "kilnfired_pots"
