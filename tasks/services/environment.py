@@ -214,6 +214,8 @@ def component_environment(env: Mapping[str, str], role: str, paths: ServicePaths
                 config.set(section, option, env[var].replace("%", "%%"))  # Airflow's parser interpolates
         text = io.StringIO()
         config.write(text)
+        paths.secrets_dir.mkdir(parents=True, exist_ok=True)
+        paths.secrets_dir.chmod(0o700)
         _write_private(paths.airflow_config, text.getvalue())
         return {**scoped, "AIRFLOW_CONFIG": str(paths.airflow_config)}
     scoped = {k: v for k, v in env.items() if not k.startswith("AIRFLOW")}

@@ -9,9 +9,10 @@ servers stay processes of their own sessions, so the watchdog dying or being res
 
 What counts as dead: a pid file (``<serving_dir>/<model>/server.pid``) naming a process that is gone, for
 :data:`CONFIRM_S`. Stopping a server on purpose (``stop_server``: ``kiln serve stop``, a rollback to nothing) removes
-the pid file, so a stopped server is never brought back. A dead server is restarted at once, then with exponential
-backoff; after :attr:`RestartPolicy.max_restarts` restarts within :attr:`RestartPolicy.window_s` it is given up:
-reported ``dead``, its stale pid file removed, until ``kiln up`` or a deploy starts it again. Each model's state
+the pid file, so a stopped server is never brought back. The stale pid file is removed at once (the record says
+``restarting``), and the server restarted at once, then with exponential backoff; after
+:attr:`RestartPolicy.max_restarts` restarts within :attr:`RestartPolicy.window_s` it is given up: reported
+``dead`` until ``kiln up`` or a deploy starts it again. Each model's state
 (running, restarting, dead, stopped; pid, port, restarts, last error) goes to a status file that ``kiln status``
 reads.
 """
@@ -235,20 +236,26 @@ class Watchdog:
                 return
             if now - rec.suspect[1] < CONFIRM_S:
                 return
-            log.warning("model server of %r (pid %d) died; restarting it", rec.model, pid)
             rec.state, rec.died_at, rec.suspect = "restarting", rec.suspect[1], None
+            _remove_stale_pid_file(run_dir)
+            delay = self.policy.delay(self._recent(rec, now))
+            rec.next_try = now + (delay or 0.0)
+            log.warning("model server of %r (pid %d) died; %d restarts in the last %g s, next one in %s s",
+                        rec.model, pid, len(rec.recent), self.policy.window_s, "-" if delay is None else f"{delay:g}")
         self._restart(rec, run_dir, now)
 
-    def _restart(self, rec: ServerRecord, run_dir: Path, now: float) -> None:
+    def _recent(self, rec: ServerRecord, now: float) -> int:
+        """How many restarts of ``rec`` fall in the policy's window up to ``now``."""
         while rec.recent and rec.recent[0] < now - self.policy.window_s:
             rec.recent.popleft()
-        if self.policy.delay(len(rec.recent)) is None:
+        return len(rec.recent)
+
+    def _restart(self, rec: ServerRecord, run_dir: Path, now: float) -> None:
+        if self.policy.delay(self._recent(rec, now)) is None:
             rec.state, rec.pid = "dead", None
             rec.error = (f"gave up after {len(rec.recent)} restarts in {self.policy.window_s:g} s; start it again "
-                         f"with kiln up. Last error: {rec.error}")
-            pid = read_pid(run_dir)
-            if pid is not None and not is_server(pid):
-                (run_dir / PID_FILE).unlink(missing_ok=True)  # no pid file may claim that a dead server runs
+                         f"with kiln up" + (f". Last error: {rec.error}" if rec.error else ""))
+            _remove_stale_pid_file(run_dir)
             log.error("model server of %r: %s", rec.model, rec.error)
             return
         if now < rec.next_try:
@@ -291,6 +298,15 @@ class Watchdog:
         """Write every model's record to the status file (atomically)."""
         body = {"pid": os.getpid(), "servers": {m: r.to_dict() for m, r in sorted(self.records.items())}}
         atomic_write_bytes(self.status_file, json.dumps(body, indent=2).encode())
+
+
+def _remove_stale_pid_file(run_dir: Path) -> None:
+    """Remove the pid file if the process it names is gone: no pid file may claim that a dead server runs (while
+    the watchdog restarts it, its record says so)."""
+    with model_lock(run_dir):
+        pid = read_pid(run_dir)
+        if pid is not None and not is_server(pid):
+            (run_dir / PID_FILE).unlink(missing_ok=True)
 
 
 def _reap_children() -> None:

@@ -244,3 +244,28 @@ def test_a_server_that_cannot_come_back_is_reported_dead(platform: Platform) -> 
     result = _kiln(platform, "up")
     assert result.returncode == 0, result.stderr[-3000:]
     assert _healthy(_model_url(platform)) and _status(platform)["model_servers"][MODEL]["state"] == "running"
+
+
+def test_the_watchdog_dies_with_its_owner(tmp_path: Path) -> None:
+    """The watchdog exits once the service record stops naming it (``kiln down`` removed it, another ``up``
+    replaced it): it never outlives the set that started it."""
+    owner, status_file = tmp_path / "service.json", tmp_path / "model-servers.json"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("KILN_")}, "KILN_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.tasks.services.watchdog", "watch", "--owner", str(owner),
+                             "--status", str(status_file)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        owner.write_text(json.dumps({"pids": {"model-servers": proc.pid}}))
+        deadline = time.monotonic() + 60
+        while not status_file.exists():  # it looked at the servers once: it runs, and was named
+            assert proc.poll() is None and time.monotonic() < deadline, "the watchdog did not start"
+            time.sleep(0.1)
+        time.sleep(1)
+        assert proc.poll() is None, "the watchdog exited while its owner names it"
+        owner.unlink()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

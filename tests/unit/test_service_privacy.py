@@ -113,3 +113,11 @@ def test_what_the_services_create_is_private(tmp_path: Path) -> None:
 def test_restarts_back_off_and_stop_at_the_budget() -> None:
     policy = RestartPolicy(max_restarts=6, window_s=300, backoff_s=1, max_backoff_s=8)
     assert [policy.delay(n) for n in range(7)] == [0.0, 1, 2, 4, 8, 8, None]
+
+
+def test_a_home_without_a_secrets_folder_gets_one(tmp_path: Path) -> None:
+    """A caller that builds the environment itself (the tests' Airflow harness) has no secrets folder yet."""
+    env = {"PATH": os.environ["PATH"], "AIRFLOW__CORE__FERNET_KEY": "k", "AIRFLOW__API__SECRET_KEY": "s"}
+    airflow = component_environment(env, "airflow", ServicePaths(tmp_path / "home"))
+    assert Path(airflow["AIRFLOW_CONFIG"]).read_text().count("= ") == 2
+    assert _mode(tmp_path / "home" / "secrets") == 0o700
