@@ -14,8 +14,10 @@ class SourceSpec(_Strict):
     """Where the raw data comes from."""
 
     uri: str = Field(min_length=1)
-    """A path (relative to the spec file), ``file://`` URI, or ``pkg://<package>/<resource>`` for data that an
-    installed Python package ships."""
+    """A path (relative to the spec file) or ``file://`` URI inside the data roots (the spec file's folder,
+    ``$KILN_HOME/data`` and ``KILN_DATA_ROOTS``, checked after ``..`` and symlinks are resolved), or
+    ``pkg://<package>/<resource>`` for data that a package installed in site-packages ships (read without
+    importing the package)."""
     format: Literal["csv", "parquet"] | None = None
     """File format; inferred from the extension (``.csv``, ``.csv.gz``, ``.parquet``) when left out."""
     header: bool = True
