@@ -13,9 +13,11 @@ run-keyed): after its commit a writer deletes every other version prefix of its 
 uploads a killed writer left under them.
 
 Reads download a version once into a local cache, ``<cache_dir>/<bucket>/<prefix>/<key>/<version>/``, verifying
-every sha256; caching a key's new version deletes its older cached ones. Credentials come from the standard AWS
-chain (environment variables, profile, instance role; in Airflow tasks, ``KILN_S3_CONNECTION_ID`` puts a
-connection's there) and never appear in messages or logs.
+every sha256; caching a key's new version deletes its older cached ones. A writer's staging folder
+(``<cache_dir>/.staging/write-*``) and a reader's download (``.tmp-*``) are held with ``flock`` by their process:
+the next writer (reader) removes those whose process was killed, never a live one's. Credentials come from the
+standard AWS chain (environment variables, profile, instance role; in Airflow tasks, ``KILN_S3_CONNECTION_ID`` puts
+a connection's there) and never appear in messages or logs.
 """
 
 from __future__ import annotations
