@@ -20,6 +20,12 @@ from kiln.tasks.training.job import TRAIN_MODULE, TrainConfig
 
 #: Label on every container and network of a job; its value is :attr:`DockerGangLauncher.job_id`.
 JOB_LABEL = "kiln.job"
+#: Label naming the process that launched the job (``host/pid/start time``): a job whose launcher is gone is an
+#: orphan, removed by the launcher's watchdog or the next launch's sweep (:mod:`kiln.tasks.launch.container_reaper`).
+OWNER_LABEL = "kiln.owner"
+#: The most processes and threads a training container may hold: a fork bomb in user code stops there, not at
+#: the host's limit (torch starts dozens of threads per rank; 4096 leaves room for many ranks and loaders).
+PIDS_LIMIT = 4096
 #: The c10d rendezvous port on the rank-0 node.
 RDZV_PORT = 29500
 #: The container user when the launcher itself runs as root: an unprivileged uid in the root *group* (the
@@ -85,7 +91,7 @@ def container_kwargs(node: NodeAllocation, spec: DockerSpec, *, image: str, name
     kwargs: dict[str, Any] = {
         "image": image, "name": name, "entrypoint": command[:1], "command": command[1:], "user": user,
         "environment": env, "labels": labels, "volumes": volumes, "working_dir": workdir,
-        "shm_size": spec.shm_size, "init": True, "privileged": False, "cap_drop": ["ALL"],
+        "shm_size": spec.shm_size, "init": True, "privileged": False, "cap_drop": ["ALL"], "pids_limit": PIDS_LIMIT,
         "security_opt": ["no-new-privileges"], "read_only": True, "tmpfs": {"/tmp": "rw,exec,nosuid,nodev"},
     }
     if spec.network == "host":
@@ -104,13 +110,12 @@ def container_kwargs(node: NodeAllocation, spec: DockerSpec, *, image: str, name
 
 
 def bind_volumes(config: TrainConfig, workdir: Path) -> dict[str, dict[str, str]]:
-    """Bind mounts at the same absolute paths: features read-only, outputs, checkpoints and a file-based MLflow
-    store read-write (SQLite writes its journal beside the database, so its folder is mounted), the work folder
-    (config file) read-only. A path under a mount of the same mode is left out; the same path twice is read-write
-    if either asks for it."""
+    """Bind mounts at the same absolute paths: the run's features read-only, its outputs and checkpoints
+    read-write, the work folder (config file) read-only; nothing else of kiln's home (its databases, the lease
+    store, other runs). A path under a mount of the same mode is left out; the same path twice is read-write if
+    either asks for it. A file-based MLflow store is not mounted: see :func:`tracking_is_local`."""
     wanted: list[tuple[str | Path, str]] = [
-        (config.features_dir, "ro"), (workdir, "ro"), (config.output_dir, "rw"), (config.checkpoint_dir, "rw"),
-        *((p, "rw") for p in mlflow_paths(config.mlflow_tracking_uri)[:1])]
+        (config.features_dir, "ro"), (workdir, "ro"), (config.output_dir, "rw"), (config.checkpoint_dir, "rw")]
     modes: dict[str, str] = {}
     for path, mode in wanted:
         key = str(Path(path).resolve())
@@ -123,24 +128,10 @@ def bind_volumes(config: TrainConfig, workdir: Path) -> dict[str, dict[str, str]
     return {p: {"bind": p, "mode": m} for p, m in kept.items()}
 
 
-def absolute_tracking_uri(uri: str | None) -> str | None:
-    """A file-based MLflow URI with an absolute path (a container's working folder differs from this one's)."""
-    if uri and uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
-    if uri and (uri.startswith("file:") or "://" not in uri and uri.startswith((".", "/"))):
-        return Path(uri.removeprefix("file://").removeprefix("file:")).resolve().as_uri()
-    return uri
-
-
-def mlflow_paths(uri: str | None) -> list[Path]:
-    """For a file-based tracking URI (absolute): the folder to mount, then the files in it the job writes."""
-    uri = absolute_tracking_uri(uri)
-    if uri and uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        return [db.parent, db, *(db.with_name(db.name + s) for s in ("-journal", "-wal", "-shm"))]
-    if uri and uri.startswith("file:"):
-        return [Path(uri.removeprefix("file://"))]
-    return []
+def tracking_is_local(uri: str | None) -> bool:
+    """Whether an MLflow tracking URI names files (SQLite, a file store) rather than a server: containers do not
+    get those (they live in kiln's home beside its other databases), so the launcher logs for them."""
+    return uri is not None and uri != "" and (uri.startswith(("sqlite:", "file:")) or "://" not in uri)
 
 
 def container_user(user: str | None) -> str:

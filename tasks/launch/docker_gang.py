@@ -3,14 +3,15 @@
 The gang starts together (every container is created before any is started), dies together (the first non-zero
 exit kills the others at once) and comes back together: up to ``training.max_restarts`` times the whole gang is
 started again, and ``kiln.tasks.training.loop`` resumes from the last complete checkpoint. ``training.timeout_s``
-bounds the whole job, restarts included. Data, outputs, checkpoints and a SQLite MLflow store are bind-mounted at
-the same absolute paths, so a run writes exactly where :class:`kiln.tasks.launch.torchrun.LocalTorchrunLauncher`
-would. What each container is made of (command, devices, mounts, the nodes of a lease) is in
-:mod:`kiln.tasks.launch.containers`; this module drives the engines.
+bounds the whole job, restarts included. The run's data, outputs and checkpoints (and nothing else of kiln's home)
+are bind-mounted at the same absolute paths, so a run writes exactly where
+:class:`kiln.tasks.launch.torchrun.LocalTorchrunLauncher` would. What each container is made of (command, devices,
+mounts, the nodes of a lease) is in :mod:`kiln.tasks.launch.containers`; this module drives the engines.
 
 Every container and network carries the label ``kiln.job=<id>`` and is removed on every path out of
 :meth:`DockerGangLauncher.launch`, including a refused start (the engine keeps a created container whose start
-failed, e.g. for a GPU request on a host without a GPU runtime).
+failed, e.g. for a GPU request on a host without a GPU runtime); should this process die by SIGKILL, its watchdog
+removes them (:mod:`kiln.tasks.launch.container_reaper`).
 """
 
 from __future__ import annotations
@@ -38,24 +39,25 @@ from kiln.tasks.launch.base import (
     TrainingFailedError,
     TrainingTimeoutError,
 )
+from kiln.tasks.launch.container_reaper import owner_label, start_watchdog, sweep_orphans
 from kiln.tasks.launch.containers import (
     JOB_LABEL,
+    OWNER_LABEL,
     RDZV_PORT,
-    absolute_tracking_uri,
     bind_volumes,
     container_kwargs,
     container_user,
     describe_refusal,
     gang_nodes,
-    mlflow_paths,
     share_with_group,
     torchrun_command,
+    tracking_is_local,
 )
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation, format_size
 from kiln.tasks.processes import OutputLog
 from kiln.tasks.settings import get_settings
 from kiln.tasks.storage.artifacts import atomic_write_bytes
-from kiln.tasks.training.job import CONFIG_FILE, TrainConfig
+from kiln.tasks.training.job import CONFIG_FILE, METRICS_FILE, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +134,8 @@ class DockerGangLauncher(Launcher):
 
     Args:
         user: ``uid:gid`` for the containers. Default: this process's own; when it runs as root,
-            :data:`ROOT_FALLBACK_USER`, and the job's output and checkpoint folders and a file-based MLflow store
-            get read/write for that group.
+            :data:`ROOT_FALLBACK_USER`, and the job's output and checkpoint folders get read/write for that
+            group.
         rdzv_port: the c10d rendezvous port on the rank-0 node.
         tail_lines: output lines kept for the result and the errors.
     """
@@ -164,7 +166,11 @@ class DockerGangLauncher(Launcher):
         nodes = gang_nodes(config, nproc, allocation)
         user = container_user(self.user)
         workdir = Path(workdir).resolve()
-        config = replace(config, mlflow_tracking_uri=absolute_tracking_uri(config.mlflow_tracking_uri))
+        # A file-based MLflow store lives in kiln's home, which containers must not mount: the containers log
+        # nothing, and this process logs the finished job's epochs for them.
+        relay = config if tracking_is_local(config.mlflow_tracking_uri) and config.mlflow_run_id else None
+        if relay is not None:
+            config = replace(config, mlflow_tracking_uri=None, mlflow_run_id=None)
         atomic_write_bytes(workdir / CONFIG_FILE, config.to_json().encode())
         self._prepare_paths(config, user)
         with self._lock:
@@ -175,10 +181,12 @@ class DockerGangLauncher(Launcher):
         sink = OutputLog(workdir / LOG_FILE, self.tail_lines, on_line=lambda text: log.info("%s", text))
         clients: dict[str | None, DockerClient] = {}
         start = time.monotonic()
+        reaper = start_watchdog(job, sorted({n.docker_url or "" for n in nodes}))
         try:
             for n in nodes:
                 if n.docker_url not in clients:
                     clients[n.docker_url] = _connect(n, pool_size=2 * len(nodes) + 4)
+                    sweep_orphans(clients[n.docker_url])
                 _check_image(clients[n.docker_url], n, image)
             if t.docker.network == "bridge":
                 try:
@@ -192,6 +200,11 @@ class DockerGangLauncher(Launcher):
                 kwargs = self._gang(config, nodes, nproc, job, attempt, image=image, user=user, workdir=workdir)
                 outcome = self._run_attempt(clients, nodes, kwargs, sink, deadline=start + t.timeout_s)
                 if outcome.status == "ok":
+                    if relay is not None:
+                        from kiln.tasks.training.loop import relay_to_mlflow  # torch: only for this case
+
+                        epochs = relay_to_mlflow(relay, Path(config.output_dir) / METRICS_FILE)
+                        log.info("logged %d epoch(s) of job %s to MLflow run %s", epochs, job, relay.mlflow_run_id)
                     duration = time.monotonic() - start
                     log.info("job %s finished in %.1f s", job, duration)
                     return LaunchResult(exit_code=0, duration_s=duration, log_tail="\n".join(sink.tail))
@@ -202,6 +215,7 @@ class DockerGangLauncher(Launcher):
             raise AssertionError("unreachable: the last attempt returns or raises")
         finally:
             self._clean_up(clients, job)
+            reaper.stop(grace_s=1, what="container watchdog")
             sink.close()
 
     def terminate(self) -> None:
@@ -221,20 +235,19 @@ class DockerGangLauncher(Launcher):
             n, t.docker, image=image, name=name, network=f"kiln-{job}", user=user,
             command=torchrun_command(nnodes=len(nodes), nproc=nproc, rdzv_endpoint=endpoint, rdzv_id=f"{job}-{attempt}",
                                      config_path=str(workdir / CONFIG_FILE), local_addr=None if bridge else n.address),
-            volumes=bind_volumes(config, workdir), labels={JOB_LABEL: job, "kiln.node": n.node},
+            volumes=bind_volumes(config, workdir),
+            labels={JOB_LABEL: job, "kiln.node": n.node, OWNER_LABEL: owner_label()},
             threads_per_proc=t.threads_per_proc, workdir=str(workdir)) for n, name in zip(nodes, names, strict=True)]
 
     @staticmethod
     def _prepare_paths(config: TrainConfig, user: str) -> None:
         """Create the bind mounts' sources; as root, give the containers' group write where the job writes."""
-        mlflow = mlflow_paths(config.mlflow_tracking_uri)
-        for folder in (Path(config.output_dir), Path(config.checkpoint_dir), *mlflow[:1]):
+        for folder in (Path(config.output_dir), Path(config.checkpoint_dir)):
             folder.mkdir(parents=True, exist_ok=True)
         if os.geteuid() != 0:
             return  # the containers run as this process's own user (or one the caller set up for)
         gid = int(user.partition(":")[2])
         shared = [(Path(config.output_dir), True), (Path(config.checkpoint_dir), True)]
-        shared += [(p, len(mlflow) == 1) for p in mlflow if p.exists()]  # a file store's tree, or SQLite's files
         log.info("containers run as %s: giving group %d read/write on %s", user, gid,
                  ", ".join(str(p) for p, _ in shared))
         for path, recursive in shared:

@@ -175,6 +175,27 @@ class _MlflowLogger:
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
+def _run_params(config: TrainConfig, world_size: int, fingerprint: str) -> dict[str, Any]:
+    """What a job logs as its MLflow run's params. Where it ran (resources, docker) is the launch's business, not
+    a training hyperparameter."""
+    return {**{f"training.{k}": v for k, v in config.training.model_dump(mode="json").items()
+               if k not in ("resources", "docker")},
+            **{f"model.{k}": v for k, v in config.model.model_dump(mode="json").items()},
+            "task": config.task, "world_size": world_size, "fingerprint": fingerprint}
+
+
+def relay_to_mlflow(config: TrainConfig, metrics_file: Path) -> int:
+    """Log a finished job's params and every epoch of its history to ``config``'s MLflow run, from the process
+    that launched it: for a job in containers that were not given the tracking store (a file-based store lives in
+    kiln's home folder, which containers must not mount). Returns the number of epochs logged."""
+    done = json.loads(Path(metrics_file).read_text())
+    logger = _MlflowLogger(config, enabled=True)
+    logger.log_params(_run_params(config, done["world_size"], done["fingerprint"]))  # the same values: allowed again
+    for entry in done["history"]:
+        logger.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=entry["epoch"])
+    return len(done["history"])
+
+
 @dataclass
 class _State:
     """Training progress that a checkpoint carries."""
@@ -281,12 +302,8 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainJob
                  len(x_val), env.world_size, t.batch_size, state.epoch + 1, t.epochs,
                  " ".join(f"{k}={v}" for k, v in _device_facts(device).items() if v is not None))
         if state.resumed_from is None:
-            # Where the job ran (resources, docker) is the launch's business, not a training hyperparameter.
             with fence.holding(ckpt_dir, config.fence_token):
-                mlflow.log_params({**{f"training.{k}": v for k, v in t.model_dump(mode="json").items()
-                                      if k not in ("resources", "docker")},
-                                   **{f"model.{k}": v for k, v in config.model.model_dump(mode="json").items()},
-                                   "task": config.task, "world_size": env.world_size, "fingerprint": fingerprint})
+                mlflow.log_params(_run_params(config, env.world_size, fingerprint))
 
     loop_s, loop_samples = 0.0, 0
     for epoch in range(state.epoch + 1, t.epochs + 1):

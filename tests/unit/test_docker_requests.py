@@ -12,12 +12,14 @@ from docker.types import DeviceRequest, Ulimit
 
 from kiln.tasks.launch.base import get_launcher
 from kiln.tasks.launch.containers import (
+    PIDS_LIMIT,
     ROOT_FALLBACK_USER,
     bind_volumes,
     container_kwargs,
     container_user,
     describe_refusal,
     torchrun_command,
+    tracking_is_local,
 )
 from kiln.tasks.launch.docker_gang import DockerGangLauncher
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation
@@ -67,6 +69,7 @@ def test_containers_run_unprivileged_and_hardened():
     assert kw["cap_drop"] == ["ALL"]
     assert kw["security_opt"] == ["no-new-privileges"]
     assert kw["read_only"] is True and "/tmp" in kw["tmpfs"]
+    assert kw["pids_limit"] == PIDS_LIMIT
     assert kw["environment"]["HOME"] == "/tmp"
     assert kw["init"] is True  # signals reach torchrun, zombies are reaped
     assert kw["environment"]["OMP_NUM_THREADS"] == "2"
@@ -111,17 +114,17 @@ def make_config(root: Path, tracking_uri: str | None) -> TrainConfig:
                        training=TrainingSpec(), mlflow_tracking_uri=tracking_uri)
 
 
-@pytest.mark.parametrize(("tracking", "expected"), [
-    ("http://mlflow:5000", {"run/features": "ro", "run/train": "rw", "run/checkpoints": "rw"}),
-    ("sqlite:///{root}/mlflow.db", {"": "rw", "run/features": "ro"}),  # SQLite's journal goes beside the DB
-    ("file://{root}/run/mlruns", {"run/features": "ro", "run/train": "rw", "run/checkpoints": "rw",
-                                  "run/mlruns": "rw"}),
-], ids=["tracking-server", "sqlite-store", "file-store"])
-def test_volumes_bind_the_job_paths_at_the_same_absolute_paths(tmp_path, tracking, expected):
+@pytest.mark.parametrize("tracking", ["http://mlflow:5000", "sqlite:///{root}/mlflow.db", "file://{root}/run/mlruns"],
+                         ids=["tracking-server", "sqlite-store", "file-store"])
+def test_volumes_bind_only_the_runs_own_folders_at_the_same_absolute_paths(tmp_path, tracking):
+    """Never kiln's home (its databases, the lease store, other runs), not even for a file-based MLflow store:
+    the launcher logs for the containers then."""
     config = make_config(tmp_path, tracking.format(root=tmp_path))
     volumes = bind_volumes(config, Path(config.output_dir))  # the pipeline's work folder is the output folder
     assert all(v["bind"] == path for path, v in volumes.items())
-    assert {str(Path(p).relative_to(tmp_path)).replace(".", ""): v["mode"] for p, v in volumes.items()} == expected
+    assert {str(Path(p).relative_to(tmp_path)): v["mode"] for p, v in volumes.items()} == {
+        "run/features": "ro", "run/train": "rw", "run/checkpoints": "rw"}
+    assert tracking_is_local(config.mlflow_tracking_uri) == (not tracking.startswith("http"))
 
 
 def test_a_separate_work_folder_is_mounted_read_only(tmp_path):
