@@ -102,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     # log_config=None: uvicorn's loggers propagate to the root handler set up above (one format for all lines).
     # The protocol class enforces the limits (see protocol.py for what uvicorn itself lacks); uvicorn's own
     # keep-alive timeout is the idle limit, so that both close an idle connection at the same time.
-    uvicorn.run(create_app(state), host=args.host, port=args.port, loop="uvloop",
-                http=limited_protocol(limits, connection_cap), lifespan="on", access_log=False, log_config=None,
-                timeout_keep_alive=limits.idle_timeout_s, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    protocol = limited_protocol(limits, connection_cap, metrics.count_connection_ended)
+    uvicorn.run(create_app(state), host=args.host, port=args.port, loop="uvloop", http=protocol, lifespan="on",
+                access_log=False, log_config=None, timeout_keep_alive=limits.idle_timeout_s,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     return 0
 
 

@@ -79,9 +79,19 @@ class ServerMetrics:
         self.canary_share = Gauge("kiln_serve_canary_share", "Share of requests routed to the canary (0: none)",
                                   registry=r)
         self.refused_by_status = {s: self.refused.labels(s) for s in REFUSED_STATUSES}
+        self.connections_ended = Counter(
+            "kiln_serve_connections_ended_by_limit", "Connections a limit ended before the app saw their request: "
+            "408 (headers or body too slow), 413 (body too large), 503 (connection cap, all busy), evicted (closed "
+            "idle at the connection cap)", ["reason"], registry=r)
+        self._ended_by_reason = {reason: self.connections_ended.labels(reason)
+                                 for reason in ("408", "413", "503", "evicted")}
         self.reloads_ok = self.reloads.labels("ok")
         self.reloads_failed = self.reloads.labels("failed")
         self._loaded_labels: list[tuple[str, str]] = []
+
+    def count_connection_ended(self, reason: str) -> None:
+        """Count a connection ended by a limit (the protocol's ``on_refused``)."""
+        self._ended_by_reason[reason].inc()
 
     def bind(self, variant: str, version: str) -> VariantMetrics:
         """The metric children of ``variant`` serving ``version`` (created at zero, so they show before use)."""

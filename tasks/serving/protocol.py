@@ -14,17 +14,18 @@ Per connection this adds:
 * the body size limit: a declared ``Content-Length`` over it gets 413 before any of the body is read; a chunked
   body gets 413 once the bytes received pass it (the app then sees a disconnect and its answer is dropped);
 * a connection cap: past it, the longest-idle connection is closed to make room (an idle keep-alive connection
-  may be closed at any time in HTTP/1.1), and with none idle the new connection gets 503.
+  may be closed at any time in HTTP/1.1), else the one waiting longest for its headers gets 408, and with neither
+  the new connection gets 503. So a crowd of idle or slow connections never keeps ``/health`` out.
 
-A refused request's connection is closed gracefully: the response is written, the write side shut, and what the
-client still sends is read and dropped (never kept) for at most :data:`LINGER_S`, so that the client reads the
-response instead of a reset.
+A refused request's connection is closed gracefully: the response is written, the write side shut and reading
+stopped (the rest of the body is never read), and the socket closed :data:`LINGER_S` later, so that the client
+reads the response before the close resets the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -32,21 +33,24 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from kiln.tasks.serving.limits import ServerLimits
 
-log = logging.getLogger(__name__)
+#: Seconds between a refusal and the close of its connection: the client's chance to read the answer before the
+#: close resets the connection (closing a socket with unread data sends a reset, which may discard the answer).
+LINGER_S = 1.0
 
-#: Seconds a refused connection keeps reading (and dropping) what its client still sends before it is closed.
-LINGER_S = 2.0
 
-
-def limited_protocol(limits: ServerLimits, connection_cap: int) -> type[HttpToolsProtocol]:
+def limited_protocol(limits: ServerLimits, connection_cap: int,
+                     on_refused: Callable[[str], None] = lambda reason: None) -> type[HttpToolsProtocol]:
     """The protocol class to give uvicorn (``uvicorn.run(..., http=limited_protocol(...))``).
 
     Args:
         limits: the body size and time limits.
         connection_cap: most open connections (:meth:`ServerLimits.connection_cap` of the descriptor limit).
+        on_refused: called with ``"408"``, ``"413"``, ``"503"`` or ``"evicted"`` for each connection a limit ends
+            (for a metric: under attack there are too many for the log).
     """
     return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,),
-                {"limits": limits, "connection_cap": connection_cap, "idle": {}})
+                {"limits": limits, "connection_cap": connection_cap, "on_refused": staticmethod(on_refused),
+                 "idle": {}, "arriving": {}})
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -54,8 +58,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     limits: ServerLimits
     connection_cap: int
+    on_refused: Callable[[str], None]
     #: The connections with no request in progress, the longest idle first (a dict keeps insertion order).
     idle: dict[LimitedHttpToolsProtocol, None]
+    #: The connections whose request (headers or body) is still arriving, the longest waiting first.
+    arriving: dict[LimitedHttpToolsProtocol, None]
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -63,30 +70,45 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._open_requests = 0  # begun and not yet answered (more than one only when pipelined)
         self._body_bytes = 0
+        self._headers_done = False
         self._refused = False
 
     # Connection life
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.connection_cap:
-            oldest = next((c for c in self.idle if c is not self), None)
-            if oldest is None:
-                log.warning("refused a connection: all %d connections are busy (--max-connections)",
-                            self.connection_cap)
-                self._refuse(503, f"the server has {self.connection_cap} connections open, all busy; retry later")
-                return
-            oldest._drop_idle()
+        if len(self.connections) > self.connection_cap and not self._make_room():
+            self._refuse(503, f"the server has {self.connection_cap} connections open (--max-connections), all "
+                              "busy; retry later")
+            return
         self._become_idle()
+
+    def _make_room(self) -> bool:
+        """Close one connection for a new one: the longest idle, else the one whose request has been arriving the
+        longest (a client on a working network sends a request within milliseconds; one still sending is slow or
+        hostile). Requests the app is working on are never ended. Whether one was closed."""
+        victim = next(iter(self.idle), None)
+        if victim is not None:
+            victim.idle.pop(victim, None)
+            victim.transport.close()
+            self.on_refused("evicted")
+            return True
+        victim = next(iter(self.arriving), None)
+        if victim is not None:
+            victim._refuse(408, "the request was still arriving when the server needed its connection for another "
+                                f"(--max-connections {self.connection_cap})", during_body=victim._headers_done)
+            return True
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.idle.pop(self, None)
+        self.arriving.pop(self, None)
         self._cancel_deadline()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
-            return  # lingering: read and dropped
+            return  # already refused: the rest of the request is dropped
         super().data_received(data)
         if self._open_requests == 0 and self.timeout_keep_alive_task is None and not self.transport.is_closing():
             # Bytes that began no request (blank lines between requests): the connection is still idle.
@@ -104,6 +126,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self.idle.pop(self, None)
+        self.arriving[self] = None
+        self._headers_done = False
         self._open_requests += 1
         self._body_bytes = 0
         self._arm_deadline(self.limits.header_timeout_s, "headers", "--header-timeout-s")
@@ -119,6 +143,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._arm_deadline(self.limits.body_timeout_s, "body", "--body-timeout-s")
         super().on_headers_complete()
+        self._headers_done = True  # the request's cycle (self.cycle) exists: a refusal from now on is during_body
 
     def on_body(self, body: bytes) -> None:
         if self._refused:
@@ -133,6 +158,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._refused:
             return
+        self.arriving.pop(self, None)
         self._cancel_deadline()
         super().on_message_complete()
 
@@ -145,11 +171,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _arm_idle_timer(self) -> None:
         self._unset_keepalive_if_required()
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
-
-    def _drop_idle(self) -> None:
-        self.idle.pop(self, None)
-        if not self.transport.is_closing():
-            self.transport.close()
 
     def _arm_deadline(self, seconds: float, part: str, flag: str) -> None:
         self._cancel_deadline()
@@ -178,9 +199,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused or self.transport.is_closing():
             return
         self._refused = True
+        self.on_refused(str(status))
         self._cancel_deadline()
         self._unset_keepalive_if_required()
         self.idle.pop(self, None)
+        self.arriving.pop(self, None)
         if during_body:
             if self.cycle.response_started:
                 # The app answered before the body was complete (e.g. 401): no second answer, only a close.
@@ -194,7 +217,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
         head += [b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)]
         self.transport.write(b"".join(head) + body)
-        self.flow.resume_reading()  # keep reading to drop what the client still sends
+        # Read no more: what the client still sends waits in the kernel's buffers, costing no memory and no time
+        # here, until the close resets the connection.
+        self.flow.pause_reading()
+        if len(self.connections) > self.connection_cap:
+            self.transport.close()  # no descriptor to spare for a graceful close
+            return
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)

@@ -248,6 +248,32 @@ def test_health_answers_under_1100_idle_connections_with_1024_descriptors(deploy
     assert "Too many open files" not in server.log_text()
 
 
+def test_slow_requests_beyond_the_connection_cap_never_keep_health_out(deployment, tmp_path):
+    cap = 100
+    server = start_server_process(deployment, tmp_path / "server.log", "--max-connections", str(cap),
+                                  "--header-timeout-s", str(HEADER_TIMEOUT_S), "--body-timeout-s", str(BODY_TIMEOUT_S),
+                                  env={"KILN_SERVE_TOKEN": TOKEN})
+    socks = [connect(server.port) for _ in range(150)]
+    try:
+        for i, sock in enumerate(socks):
+            (_half_headers if i % 2 else _half_body)(sock)
+        start = time.monotonic()
+
+        took = health_within(server.url, timeout=3.0)
+        outcomes = [read_response(sock, timeout=BODY_TIMEOUT_S + SLACK_S - (time.monotonic() - start))[0]
+                    for sock in socks]
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    finally:
+        for sock in socks:
+            sock.close()
+        code = server.stop()
+
+    assert took < 3.0
+    assert set(outcomes) <= {408, 503, None}  # answered or closed, none held past its limit
+    assert 'kiln_serve_connections_ended_by_limit_total{reason="408"}' in metrics
+    assert code in (0, -15) and "Traceback" not in server.log_text()
+
+
 FIELD = "bill_length_mm"
 
 
