@@ -35,7 +35,8 @@ class ServerLimits:
         "seconds a connection may wait for its next (or first) request before it is closed (default 5)")})
     max_connections: int = field(default=1000, metadata={"help": (
         f"most open connections (default 1000; at most the descriptor limit minus {FD_RESERVE}); past it the "
-        "longest-idle connection is closed for the new one, and with none idle the new one gets 503")})
+        "longest-idle connection is closed for the new one, else the request arriving the longest gets 408, and "
+        "with neither the new one gets 503")})
 
     def __post_init__(self) -> None:
         for f in fields(self):
