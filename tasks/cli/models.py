@@ -84,11 +84,12 @@ def _run(func: Any) -> Any:
     """A handler printing ``func``'s answer (JSON with ``--json``); exit 2 for a request that cannot be done."""
 
     def handler(args: argparse.Namespace) -> int:
+        from kiln.tasks.pipeline.champion_lock import ChampionLockError
         from kiln.tasks.tracking.registry import RegistryError
 
         try:
             out = func(args)
-        except (LookupError, RegistryError) as exc:
+        except (LookupError, RegistryError, ChampionLockError) as exc:
             print(f"kiln models: {exc}", file=sys.stderr)
             return 2
         print(json.dumps(out, indent=2) if args.json else out)

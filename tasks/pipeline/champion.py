@@ -1,13 +1,14 @@
 """Champion moves outside a pipeline run: an explicit approval or a rollback, from the CLI or the ``kiln_champion``
 DAG. The new champion is served first, then the registry alias moves, so the alias never names a version the
-endpoint lacks (as ``promote`` does within a run)."""
+endpoint lacks (as ``promote`` does within a run). The move holds the model's champion lock, so it waits for a run
+between ``deploy`` and ``promote`` instead of crossing it."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kiln.tasks.pipeline.endpoint import Endpoint, bundle_cache
+from kiln.tasks.pipeline.endpoint import Endpoint, serve_champion
 from kiln.tasks.spec import PipelineSpec
 
 
@@ -40,20 +41,24 @@ def set_champion(spec: PipelineSpec, version: str | None, *, action: str, reason
 
     Raises:
         RegistryError: unknown version, or nothing to roll back to.
+        ChampionMismatchError: a rollback found the alias moved outside kiln (an approval repairs that).
+        ChampionLockError: a run kept the model's champion lock for longer than the wait.
     """
-    from kiln.tasks.serving.deployment import ModelRef, drop_canary, with_champion
+    import uuid
+
+    from kiln.tasks.pipeline.champion_lock import ChampionLocks
     from kiln.tasks.tracking.registry import Registry
 
     reg = Registry.from_settings()
-    target = reg.version(spec.name, version or reg.rollback_target(spec.name))
-    endpoint = Endpoint.of(spec)
-    current = endpoint.current()
-    # Served first (as in promote): the alias never names a version the endpoint lacks.
-    if current is not None:  # the model is served: serve the new champion (without any canary in flight)
-        ref = ModelRef(version=target.version, bundle=str(reg.fetch_bundle(target, bundle_cache(spec.name))))
-        endpoint.serve(with_champion(drop_canary(current) if current.canary else current, ref))
-        with endpoint.client() as client:
-            client.wait_ready(60, version=target.version)
-    previous = reg.set_champion(spec.name, target.version, action=action, reason=reason, actor=actor)
+    locks = ChampionLocks.from_settings()
+    try:
+        with locks.held(spec.name, f"{action} by {actor} ({uuid.uuid4().hex[:8]})"):
+            target = reg.version(spec.name, version or reg.rollback_target(spec.name))
+            endpoint = Endpoint.of(spec)
+            served = endpoint.current() is not None
+            serve_champion(endpoint, target, reg)  # served first: the alias never names a version it lacks
+            previous = reg.set_champion(spec.name, target.version, action=action, reason=reason, actor=actor)
+    finally:
+        locks.close()
     return ChampionMove(model=spec.name, champion=target.version, previous=previous.version if previous else None,
-                        action=action, url=endpoint.url if current is not None else None)
+                        action=action, url=endpoint.url if served else None)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from kiln.tasks.serving.client import ServingClient
     from kiln.tasks.serving.deployment import Deployment
     from kiln.tasks.serving.process import ServerHandle
+    from kiln.tasks.tracking.registry import ModelVersionInfo, Registry
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ class DeployResult:
     url: str | None = None
     previous: dict[str, Any] | None = None
     """The deployment it replaced (``None``: nothing was served), which ``verify`` restores on a failure."""
+    lock: dict[str, Any] | None = None
+    """The model's champion lock this run holds until ``promote`` (:class:`~kiln.tasks.pipeline.champion_lock.
+    LockGrant`); ``verify`` and ``promote`` renew it with its token before they act."""
+    lock_wait_s: float = 0.0
+    """How long ``deploy`` waited for another run's deploy → verify → promote to finish."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (the step's XCom value and its report)."""
@@ -132,3 +138,17 @@ def restore(endpoint: Endpoint, previous: dict[str, Any] | None, model: str) -> 
     endpoint.serve(Deployment.from_dict({**previous, "updated_at": utc_now()}))
     log.warning("restored the earlier deployment of %s (champion version %s)", model,
                 previous["champion"]["version"])
+
+
+def serve_champion(endpoint: Endpoint, version: ModelVersionInfo, reg: Registry) -> None:
+    """Serve ``version`` as the champion of a model being served (a canary in flight is dropped), and wait until
+    the server answers with it."""
+    from kiln.tasks.serving.deployment import ModelRef, drop_canary, with_champion
+
+    current = endpoint.current()
+    if current is None:
+        return
+    ref = ModelRef(version=version.version, bundle=str(reg.fetch_bundle(version, bundle_cache(endpoint.model))))
+    endpoint.serve(with_champion(drop_canary(current) if current.canary else current, ref))
+    with endpoint.client() as client:
+        client.wait_ready(60, version=version.version)

@@ -39,6 +39,9 @@ class GateRecord:
     checks: list[dict[str, Any]] = field(default_factory=list)
     candidate_metrics: dict[str, float] = field(default_factory=dict)
     champion_metrics: dict[str, float] | None = None
+    regated: list[dict[str, Any]] = field(default_factory=list)
+    """Earlier decisions this one replaced because the champion moved after they were made (``champion``,
+    ``decision``, ``reason``, ``at``), oldest first; empty when the gate's first decision holds."""
 
     @property
     def decision(self) -> str:

@@ -2,26 +2,18 @@
 
 The candidate AND the current champion are scored on this run's test rows (the same snapshot for both; the
 champion's own bundle transforms the raw rows), then the spec's thresholds, margin, bootstrap bounds and slice
-checks are applied (:mod:`kiln.tasks.evaluation.gate_rules`). The decision record goes to ``<run>/gate`` and to
-MLflow. A rejected candidate is not an error of the step: the decision is its output, and the later steps refuse
-to deploy it (:mod:`kiln.tasks.pipeline.gate_decision`).
+checks are applied (:mod:`kiln.tasks.pipeline.gating`). The decision record goes to ``<run>/gate`` and to MLflow. A
+rejected candidate is not an error of the step: the decision is its output, and the later steps refuse to deploy
+it (:mod:`kiln.tasks.pipeline.gate_decision`). The champion may still move before this run deploys (another run
+promotes): ``deploy`` then judges the candidate again, under the model's champion lock.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
-from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import RunContext
-from kiln.tasks.pipeline.endpoint import bundle_cache
 from kiln.tasks.pipeline.gate_decision import GateRecord
-from kiln.tasks.storage.artifacts import write_json
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from kiln.tasks.tracking.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -31,73 +23,14 @@ def gate(ctx: RunContext) -> GateRecord:
 
     Raises:
         RuntimeError: the candidate was not registered (run ``register`` first).
+        ChampionMismatchError: the champion alias does not match kiln's last recorded move (moved outside kiln).
     """
-    import numpy as np
-    import pandas as pd
+    from kiln.tasks.pipeline.gating import candidate_of, judge, publish_decision
+    from kiln.tasks.tracking.registry import Registry
 
-    from kiln.tasks.bundle.load import load_bundle
-    from kiln.tasks.evaluation.gate_rules import GateConfig, decide
-    from kiln.tasks.features.splits import TEST_RAW_FILE, load_split
-    from kiln.tasks.features.transform import FEATURE_SPEC_FILE, FeatureTransform
-    from kiln.tasks.tracking.registry import RUN_KEY_TAG, Registry
-
-    spec = ctx.spec
     reg = Registry.from_settings()
-    candidate = reg.find_by_run_key(spec.name, ctx.run_key)
-    if candidate is None:
-        raise RuntimeError(f"no registered version of {spec.name} for run {ctx.run_key}; run the register step")
-    features_dir = ctx.input_dir(keys.BUILD_FEATURES)
-    _, y_test = load_split(features_dir, "test")
-    raw_test = pd.read_parquet(features_dir / TEST_RAW_FILE)
-    transform = FeatureTransform.load(features_dir / FEATURE_SPEC_FILE)
-    candidate_pred = np.load(ctx.input_dir(keys.EVALUATE) / keys.PREDICTIONS_FILE)
-    champion = reg.champion(spec.name)
-    # A rerun of a promoted run's gate finds its candidate already champion: nothing to compare with.
-    compared = champion if champion is not None and champion.version != candidate.version else None
-    champion_pred = None
-    if compared is not None:
-        bundle = load_bundle(reg.fetch_bundle(compared, bundle_cache(spec.name)))
-        champion_pred = bundle.predict_frame(raw_test)
-        if spec.task == "classification":
-            champion_pred = _aligned_probabilities(champion_pred, bundle.classes, transform.classes)
-    decision = decide(GateConfig.from_spec(spec), y_test, candidate_pred, champion_pred, transform.n_classes, raw_test)
-    reason = decision.reason
-    if champion is not None and compared is None:
-        reason = f"version {candidate.version} is already the champion; {reason}"
-    record = GateRecord(
-        model=spec.name, passed=decision.passed, reason=reason,
-        candidate={"version": candidate.version, "run_id": candidate.run_id, "run_key": ctx.run_key},
-        champion=({"version": compared.version, "run_id": compared.run_id, "run_key": compared.tags.get(RUN_KEY_TAG)}
-                  if compared is not None else None),
-        primary_metric=spec.primary_metric, test_rows=len(y_test), data_hash=candidate.tags.get("kiln.data_hash"),
-        test_data_hash=candidate.tags.get("kiln.test_data_hash"), spec_hash=spec.spec_hash(),
-        thresholds=dict(spec.evaluation.thresholds), gate=spec.evaluation.gate.model_dump(mode="json"),
-        **{k: v for k, v in decision.to_dict().items() if k not in ("passed", "reason")})
-    ctx.publish(keys.GATE, lambda out: write_json(out / keys.DECISION_FILE, record.to_dict()))
-    _log_decision(reg, record)
-    log.info("gate %s: %s", record.decision.upper(), reason)
+    candidate = candidate_of(ctx, reg)
+    record = judge(ctx, reg, candidate, reg.champion(ctx.spec.name))
+    publish_decision(ctx, reg, record)
+    log.info("gate %s: %s", record.decision.upper(), record.reason)
     return record
-
-
-def _aligned_probabilities(probs: np.ndarray, classes: tuple[str, ...] | None,
-                           target: tuple[str, ...] | None) -> np.ndarray:
-    """Reorder a champion's class probabilities into the candidate's class order (a class it never saw: 0)."""
-    import numpy as np
-
-    if target is None or classes is None or tuple(classes) == tuple(target):
-        return probs
-    index = {c: i for i, c in enumerate(classes)}
-    out = np.zeros((len(probs), len(target)), dtype=probs.dtype)
-    for j, c in enumerate(target):
-        if c in index:
-            out[:, j] = probs[:, index[c]]
-    return out / np.clip(out.sum(axis=1, keepdims=True), 1e-12, None)
-
-
-def _log_decision(reg: Registry, record: GateRecord) -> None:
-    """The decision record on the candidate's MLflow run (file + tags) and on its model version (tags)."""
-    run_id, version = record.candidate["run_id"], record.candidate_version
-    reg.client.log_dict(run_id, record.to_dict(), f"{keys.MLFLOW_GATE_PATH}/{keys.DECISION_FILE}")
-    for key, value in (("kiln.gate", record.decision), ("kiln.gate_reason", record.reason[:4000])):
-        reg.client.set_tag(run_id, key, value)
-        reg.client.set_model_version_tag(record.model, version, key, value)

@@ -3,6 +3,9 @@
 ``direct``: the endpoint must serve the candidate's version with the training side's predictions (parity).
 ``canary``: the bundle's sample rows are replayed as probe traffic while the canary is judged on its error rate
 and latency against the champion's.
+
+It runs under the model's champion lock that ``deploy`` took: renewed first (a run whose lock was taken over is
+fenced out before it touches the endpoint) and while the canary is watched; a rollback lets go of it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import RunContext
-from kiln.tasks.pipeline.endpoint import DeploymentFailedError, Endpoint, read_deploy_result, restore
+from kiln.tasks.pipeline.endpoint import DeploymentFailedError, DeployResult, Endpoint, read_deploy_result, restore
 from kiln.tasks.pipeline.gate_decision import require_passed
 
 if TYPE_CHECKING:
@@ -48,12 +51,31 @@ def verify(ctx: RunContext) -> VerifyResult:
     Raises:
         GateRejectedError: the gate rejected the candidate.
         DeploymentFailedError: the candidate failed; the previous deployment is restored.
+        ChampionLockLostError: the run's champion lock expired and another writer took it (nothing touched).
     """
-    from kiln.tasks.bundle.load import load_bundle, records_from_frame
-    from kiln.tasks.evaluation.canary import watch_canary
+    from kiln.tasks.pipeline.champion_lock import ChampionLocks, grant_from
 
     require_passed(ctx)
     deployed = read_deploy_result(ctx)
+    grant = grant_from(deployed.lock)
+    if grant is None:  # a report written before deploy took locks
+        return _verify(ctx, deployed)
+    locks = ChampionLocks.from_settings()
+    try:
+        with locks.kept(grant):
+            try:
+                return _verify(ctx, deployed)
+            except DeploymentFailedError:
+                locks.release(grant.model, grant.token)  # rolled back: this run is done with the champion
+                raise
+    finally:
+        locks.close()
+
+
+def _verify(ctx: RunContext, deployed: DeployResult) -> VerifyResult:
+    from kiln.tasks.bundle.load import load_bundle, records_from_frame
+    from kiln.tasks.evaluation.canary import watch_canary
+
     if deployed.strategy == "none":
         return VerifyResult(strategy="none", passed=True, reason="not served (deployment.strategy none)")
     endpoint = Endpoint.of(ctx.spec)

@@ -4,6 +4,11 @@ Every evaluated candidate becomes a model version whose source is the bundle log
 with the data hash, spec hash, code version and run ids. Only :meth:`Registry.set_champion` moves the ``champion``
 alias (the gate's pass, an explicit approval, or a rollback), and each move is appended to the registered model's
 ``kiln.champion_history`` tag (who, when, why), which is what :meth:`Registry.rollback` walks back through.
+
+The history is also the check on the alias: :meth:`Registry.champion` refuses an alias that names another version
+than the last recorded move (someone moved it with a raw MLflow call), naming both, until a person approves a
+version (``kiln models approve``). Callers serialise their moves with the model's champion lock
+(:mod:`kiln.tasks.pipeline.champion_lock`); ``expected`` makes a move a compare-and-set on top of that.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,8 @@ CHAMPION = "champion"
 #: Registered-model tag holding the alias moves, newest last (JSON list, bounded to ``HISTORY_LIMIT`` entries).
 HISTORY_TAG = "kiln.champion_history"
 HISTORY_LIMIT = 25
+#: Reads of the alias and the history, 0.2 s apart, before a disagreement between them is reported.
+MISMATCH_READS = 10
 #: Model-version tag tying a version to the pipeline run that produced it (one version per run).
 RUN_KEY_TAG = "kiln.run_key"
 #: Folder of the training run's MLflow artifacts that holds the bundle (the version's source).
@@ -34,6 +41,18 @@ BUNDLE_ARTIFACT_PATH = "bundle"
 
 class RegistryError(RuntimeError):
     """A registry request that cannot be carried out (unknown model or version, nothing to roll back to)."""
+
+
+class ChampionMismatchError(RegistryError):
+    """The ``champion`` alias names another version than kiln's last recorded move: it was moved outside kiln."""
+
+
+class ChampionMovedError(RegistryError):
+    """A compare-and-set move found another champion than the one it expected."""
+
+
+#: ``expected`` of :meth:`Registry.set_champion` when any current champion will do.
+ANY = object()
 
 
 @dataclass(frozen=True)
@@ -121,14 +140,58 @@ class Registry:
     def versions(self, name: str) -> list[ModelVersionInfo]:
         """All versions of ``name``, oldest first (empty when the model does not exist)."""
         found = [_info(mv) for mv in self.client.search_model_versions(f"name = '{name}'")]
+        # Search results carry no aliases: they are read from the registered model (alias -> version).
+        try:
+            aliases = self.client.get_registered_model(name).aliases or {}
+        except MlflowException:
+            aliases = {}
+        of: dict[str, list[str]] = {}
+        for alias, version in aliases.items():
+            of.setdefault(str(version), []).append(alias)
+        found = [replace(v, aliases=tuple(sorted(of.get(v.version, ())))) for v in found]
         return sorted(found, key=lambda v: int(v.version))
 
-    def champion(self, name: str) -> ModelVersionInfo | None:
-        """The version the ``champion`` alias points at, or ``None`` (no model yet, or never promoted)."""
-        try:
-            return _info(self.client.get_model_version_by_alias(name, CHAMPION))
-        except MlflowException:
-            return None
+    def champion(self, name: str, *, verified: bool = True) -> ModelVersionInfo | None:
+        """The version the ``champion`` alias points at, or ``None`` (no model yet, or never promoted).
+
+        Args:
+            name: the registered model.
+            verified: check the alias against the last recorded move first (``False`` only to repair it).
+
+        Raises:
+            ChampionMismatchError: the alias does not name the version kiln's history last moved it to.
+        """
+        # A move writes the history, then the alias: a reader in between sees them disagree for a few
+        # milliseconds (the mover holds the champion lock, which readers do not take), so a mismatch is read again
+        # before it is believed.
+        for attempt in range(MISMATCH_READS):
+            try:
+                found: ModelVersionInfo | None = _info(self.client.get_model_version_by_alias(name, CHAMPION))
+            except MlflowException:
+                found = None
+            if not verified:
+                return found
+            try:
+                self._verify(name, found.version if found else None, self.history(name))
+                return found
+            except ChampionMismatchError:
+                if attempt == MISMATCH_READS - 1:
+                    raise
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _verify(name: str, alias: str | None, history: list[dict[str, Any]]) -> None:
+        recorded = str(history[-1]["version"]) if history else None
+        if alias == recorded:
+            return
+        last = history[-1] if history else None
+        said = (f"kiln's last recorded move ({last['action']} by {last['actor']} at {last['at']}) set version "
+                f"{recorded}" if last else "kiln never moved it")
+        raise ChampionMismatchError(
+            f"the champion alias of '{name}' names {f'version {alias}' if alias else 'no version'}, but {said}: it "
+            "was moved outside kiln, so kiln will not use it. Find out who moved it (the MLflow server's log), then "
+            f"record the champion you want with `kiln models approve {name} VERSION --reason ...`")
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """The champion alias moves, oldest first: ``{version, previous, action, reason, actor, at}``."""
@@ -138,30 +201,47 @@ class Registry:
             return []
         return json.loads(raw) if raw else []
 
-    def set_champion(self, name: str, version: str, *, action: str, reason: str,
-                     actor: str = "kiln") -> ModelVersionInfo | None:
+    def set_champion(self, name: str, version: str, *, action: str, reason: str, actor: str = "kiln",
+                     expected: object = ANY) -> ModelVersionInfo | None:
         """Point ``champion`` at ``version`` and record the move; returns the previous champion.
+
+        The history entry is written before the alias: a move cut short in between is found by the check of
+        :meth:`champion`, and finished by the same move's retry.
 
         Args:
             name: the registered model.
             version: the version to promote.
-            action: ``gate``, ``approve`` or ``rollback`` (recorded).
+            action: ``gate``, ``approve`` or ``rollback`` (recorded). An approval is also how a person repairs an
+                alias moved outside kiln: it does not check the alias against the history.
             reason: why, in a sentence (recorded).
             actor: who moved it (a DAG run, a user).
+            expected: the champion version the caller decided against (``None``: no champion); compare-and-set.
 
         Raises:
             RegistryError: the version does not exist.
+            ChampionMismatchError: the alias was moved outside kiln (not for ``approve``).
+            ChampionMovedError: the champion is not ``expected``.
         """
         target = self.version(name, version)
-        previous = self.champion(name)
+        previous = self.champion(name, verified=False)
+        before = previous.version if previous else None
+        history = self.history(name)
+        last = history[-1] if history else None
+        if last and str(last["version"]) == target.version and before == last["previous"] != target.version:
+            log.warning("%s: finishing a champion move to version %s that was cut short", name, target.version)
+            self.client.set_registered_model_alias(name, CHAMPION, target.version)
+            return previous
+        if action != "approve":
+            self._verify(name, before, history)
+        if expected is not ANY and before != expected:
+            raise ChampionMovedError(f"the champion of '{name}' is version {before or 'none'}, not version "
+                                     f"{expected or 'none'} that version {target.version} was judged against")
+        entry = {"version": target.version, "previous": before, "action": action, "reason": reason, "actor": actor,
+                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, entry][-HISTORY_LIMIT:]))
         self.client.set_registered_model_alias(name, CHAMPION, target.version)
-        entry = {"version": target.version, "previous": previous.version if previous else None, "action": action,
-                 "reason": reason, "actor": actor, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        history = [*self.history(name), entry][-HISTORY_LIMIT:]
-        self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
         self.client.set_model_version_tag(name, target.version, "kiln.promoted", f"{action}: {reason}"[:4000])
-        log.info("%s champion: version %s -> %s (%s: %s)", name, previous.version if previous else "none",
-                 target.version, action, reason)
+        log.info("%s champion: version %s -> %s (%s: %s)", name, before or "none", target.version, action, reason)
         return previous
 
     def rollback_target(self, name: str) -> str:
