@@ -98,13 +98,14 @@ class KilnFabAuthManager(FabAuthManager):
 
 def team_permissions() -> list[tuple[str, str]]:
     """A team role's own permissions: FAB's ``User`` role without its access to every DAG, so that the DAGs (and
-    their runs, task instances, logs) it reaches are those whose ``access_control`` grants it."""
+    their runs, task instances, logs) it reaches are those whose ``access_control`` grants it; and without creating
+    Asset events, which would start other teams' pipelines that an Asset feeds."""
     from airflow.providers.fab.auth_manager.security_manager.override import FabAirflowSecurityManagerOverride as Sm
     from airflow.providers.fab.www.security import permissions as p
 
     every_dag = p.RESOURCE_DAG
     return ([perm for perm in Sm.VIEWER_PERMISSIONS if perm != (p.ACTION_CAN_READ, every_dag)]
-            + [perm for perm in Sm.USER_PERMISSIONS if perm[1] != every_dag])
+            + [perm for perm in Sm.USER_PERMISSIONS if perm[1] not in (every_dag, p.RESOURCE_ASSET)])
 
 
 def apply_plan(plan: dict[str, Any]) -> None:
@@ -117,6 +118,7 @@ def apply_plan(plan: dict[str, Any]) -> None:
         sm.sync_roles()
         perms = team_permissions()
         sm.bulk_sync_roles([{"role": role, "perms": perms} for role in plan["team_roles"]])
+        _drop_other_permissions(sm, plan["team_roles"], set(perms))
         for user in plan["users"]:
             name, role = user["username"], sm.find_role(user["role"])
             if role is None:
@@ -135,6 +137,20 @@ def apply_plan(plan: dict[str, Any]) -> None:
             if not sm.check_password(name, user["password"]):
                 sm.reset_password(existing.id, user["password"])
                 log.info("password of user %s reset to the one in the secrets folder", name)
+
+
+def _drop_other_permissions(sm: Any, roles: list[str], wanted: set[tuple[str, str]]) -> None:
+    """Take from kiln's team roles what :func:`team_permissions` no longer grants (FAB only ever adds), keeping the
+    per-DAG permissions that the DAGs' ``access_control`` grants them."""
+    from airflow.providers.fab.www.security import permissions as p
+
+    for name in roles:
+        role = sm.find_role(name)
+        for perm in list(role.permissions):
+            resource = perm.resource.name
+            if (perm.action.name, resource) not in wanted and not resource.startswith(tuple(p.PREFIX_LIST)):
+                sm.remove_permission_from_role(role, perm)
+                log.info("role %s no longer has %s on %s", name, perm.action.name, resource)
 
 
 def main() -> int:

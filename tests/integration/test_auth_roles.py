@@ -95,6 +95,8 @@ def test_a_team_operator_sees_and_triggers_only_their_teams_pipeline(clients: di
     assert _trigger(operator, TEAMS[other]).status_code == 403
     assert operator.get(f"/api/v2/dags/{TEAMS[other]}").status_code == 403
     assert operator.get(f"/api/v2/dags/{TEAMS[other]}/dagRuns").status_code == 403
+    # An Asset event would start every pipeline the Asset feeds, other teams' too.
+    assert operator.post("/api/v2/assets/events", json={"asset_id": 1}).status_code == 403
 
 
 def test_the_viewer_sees_every_pipeline_and_triggers_none(clients: dict[str, httpx.Client]) -> None:

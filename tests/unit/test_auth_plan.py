@@ -67,7 +67,8 @@ def test_a_spec_team_defaults_to_its_owner_and_is_one_word(tmp_path: Path) -> No
     with pytest.raises(SpecError, match="field 'team'"):
         parse_spec({**MINIMAL, "team": "risk team"}, "m.yaml")
     for name, team in (("a", "risk"), ("b", None), ("c", "risk")):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**MINIMAL, "name": name, "team": team}))
+        spec = {**MINIMAL, "name": name, "team": team, "source": {"uri": "x.csv"}}  # inside the data roots
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
     (tmp_path / "bad.yaml").write_text("name: [")
     assert pipeline_teams(tmp_path) == ["ml-platform", "risk"]
 
