@@ -27,6 +27,9 @@ class ServerLimits:
     max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": (
         "largest request body in bytes (default 8 MiB); a larger declared Content-Length gets 413 before the body "
         "is read, a chunked body gets 413 as soon as it passes the limit")})
+    max_pending_body_bytes: int = field(default=256 * 1024 * 1024, metadata={"help": (
+        "most body bytes of all requests in flight together, counted from their declared Content-Length (or as a "
+        "chunked body arrives) until they are answered (default 256 MiB); past it a request with a body gets 503")})
     header_timeout_s: float = field(default=10.0, metadata={"help": (
         "seconds from a request's first byte until its headers must be complete (default 10); then 408")})
     body_timeout_s: float = field(default=30.0, metadata={"help": (

@@ -13,6 +13,8 @@ Per connection this adds:
 * a header deadline from a request's first byte, and a body deadline from its headers: 408, then closed;
 * the body size limit: a declared ``Content-Length`` over it gets 413 before any of the body is read; a chunked
   body gets 413 once the bytes received pass it (the app then sees a disconnect and its answer is dropped);
+* a budget of body bytes for all requests in flight together (declared, or received when chunked, until the
+  request is answered), so that many bodies at once cannot take the memory one body limit allows each: 503;
 * a connection cap: past it, the longest-idle connection is closed to make room (an idle keep-alive connection
   may be closed at any time in HTTP/1.1), else the one waiting longest for its headers gets 408, and with neither
   the new connection gets 503. So a crowd of idle or slow connections never keeps ``/health`` out.
@@ -50,7 +52,7 @@ def limited_protocol(limits: ServerLimits, connection_cap: int,
     """
     return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,),
                 {"limits": limits, "connection_cap": connection_cap, "on_refused": staticmethod(on_refused),
-                 "idle": {}, "arriving": {}})
+                 "idle": {}, "arriving": {}, "pending": _Budget(limits.max_pending_body_bytes)})
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -63,6 +65,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     idle: dict[LimitedHttpToolsProtocol, None]
     #: The connections whose request (headers or body) is still arriving, the longest waiting first.
     arriving: dict[LimitedHttpToolsProtocol, None]
+    #: The body bytes of all requests in flight (``max_pending_body_bytes``).
+    pending: _Budget
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -70,6 +74,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._open_requests = 0  # begun and not yet answered (more than one only when pipelined)
         self._body_bytes = 0
+        self._reserved = 0  # this connection's share of ``pending``
         self._headers_done = False
         self._refused = False
 
@@ -101,6 +106,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
         self.idle.pop(self, None)
         self.arriving.pop(self, None)
         self._cancel_deadline()
@@ -115,6 +121,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._arm_idle_timer()
 
     def on_response_complete(self) -> None:
+        self._release()
         self._open_requests = max(0, self._open_requests - 1)
         super().on_response_complete()
         if self._open_requests == 0 and not self.transport.is_closing():
@@ -141,6 +148,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if declared is not None and declared > self.limits.max_body_bytes:
             self._refuse(413, _too_large(self.limits.max_body_bytes, f"Content-Length {declared}"))
             return
+        if declared and not self._reserve(declared):
+            return
         self._arm_deadline(self.limits.body_timeout_s, "body", "--body-timeout-s")
         super().on_headers_complete()
         self._headers_done = True  # the request's cycle (self.cycle) exists: a refusal from now on is during_body
@@ -153,6 +162,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(413, _too_large(self.limits.max_body_bytes, f"more than {self.limits.max_body_bytes} "
                                                                      "bytes of a chunked body"), during_body=True)
             return
+        if self._body_bytes > self._reserved and not self._reserve(self._body_bytes - self._reserved):
+            return  # a chunked body (or one longer than declared) over the budget
         super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -163,6 +174,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     # Limits
+
+    def _reserve(self, size: int) -> bool:
+        """Count ``size`` more body bytes against ``pending``; refuse with 503 (and ``False``) when over it."""
+        if self.pending.used + size > self.pending.limit:
+            self._refuse(503, f"the server holds {self.pending.used} bytes of request bodies in flight, near its "
+                              f"limit of {self.pending.limit} (--max-pending-body-bytes); retry later",
+                         during_body=self._headers_done)
+            return False
+        self.pending.used += size
+        self._reserved += size
+        return True
+
+    def _release(self) -> None:
+        self.pending.used -= self._reserved
+        self._reserved = 0
 
     def _become_idle(self) -> None:
         self.idle[self] = None
@@ -199,6 +225,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused or self.transport.is_closing():
             return
         self._refused = True
+        self._release()
         self.on_refused(str(status))
         self._cancel_deadline()
         self._unset_keepalive_if_required()
@@ -226,6 +253,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
+
+
+class _Budget:
+    """Body bytes in flight on all connections of one server, and their limit."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -274,6 +274,34 @@ def test_slow_requests_beyond_the_connection_cap_never_keep_health_out(deploymen
     assert code in (0, -15) and "Traceback" not in server.log_text()
 
 
+def test_bodies_in_flight_together_are_bounded_and_the_budget_comes_back(deployment, tmp_path):
+    body_limit, budget = 4 * MIB, 10 * MIB
+    server = start_server_process(deployment, tmp_path / "server.log", "--max-body-bytes", str(body_limit),
+                                  "--max-pending-body-bytes", str(budget), env={"KILN_SERVE_TOKEN": TOKEN})
+    try:
+        holding = [connect(server.port) for _ in range(2)]
+        for sock in holding:
+            sock.sendall(predict_head(body_limit) + b'{"records": [')  # 8 MiB of the 10 promised, never sent
+        time.sleep(0.5)
+        with connect(server.port) as third:
+            third.sendall(predict_head(body_limit) + b'{"records": [')
+            status, detail = read_response(third, timeout=SLACK_S)
+        small = httpx.post(f"{server.url}/predict", json={"records": records(1)}, headers=AUTH, timeout=30)
+        for sock in holding:
+            sock.close()
+        time.sleep(0.5)
+        body = json.dumps({"records": records(1)}).encode()
+        big = body[:-1] + b" " * (body_limit - len(body) - 16) + b"}"
+        after = httpx.post(f"{server.url}/predict", content=big, headers={**AUTH, "Content-Type": "application/json"},
+                           timeout=30)
+    finally:
+        server.stop()
+
+    assert status == 503 and "--max-pending-body-bytes" in json.loads(detail)["detail"]
+    assert small.status_code == 200, small.text
+    assert after.status_code == 200, after.text
+
+
 FIELD = "bill_length_mm"
 
 
