@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kiln.tasks.cli.help import add_command
 from kiln.tasks.settings import REPO_ROOT, get_settings
 from kiln.tasks.spec import SpecError, load_specs
+from kiln.tasks.spec.yaml_reader import read_spec_yaml
 
 RUNNER_MODULE = "kiln.operators.runner"
 
@@ -71,8 +70,8 @@ def _declares(path: Path, pipeline: str) -> bool:
     if path.stem == pipeline:
         return True
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        data = read_spec_yaml(path)  # bounded: this file is already known to be invalid, maybe hostile
+    except SpecError:
         return False
     return isinstance(data, dict) and data.get("name") == pipeline
 

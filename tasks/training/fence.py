@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from kiln.tasks.storage.artifacts import atomic_write_bytes
+
 #: The token of the try that owns the folder.
 FENCE_FILE = ".fence"
 #: The lock file that orders claims against checked writes.
@@ -63,9 +65,7 @@ def claim(folder: Path, token: str) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder, exclusive=True):
-        tmp = folder / f"{FENCE_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(token)
-        os.replace(tmp, folder / FENCE_FILE)
+        atomic_write_bytes(folder / FENCE_FILE, token.encode())
 
 
 @contextmanager

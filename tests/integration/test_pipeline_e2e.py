@@ -88,6 +88,7 @@ def test_validation_failure_stops_the_run(airflow_db, tmp_path: Path, monkeypatc
     pipelines.mkdir()
     (pipelines / "penguins_bad.yaml").write_text(yaml.safe_dump(spec))
     monkeypatch.setenv("KILN_PIPELINES_DIR", str(pipelines))
+    monkeypatch.setenv("KILN_DATA_ROOTS", str(tmp_path))  # the data lies beside the pipelines folder, not in it
 
     dr, tis = _run(_bag(), "penguins_bad", {"epochs": 1})
     assert str(dr.state) == "failed"
