@@ -32,13 +32,19 @@ def _list(args: argparse.Namespace) -> Any:
 
 
 def _history(args: argparse.Namespace) -> Any:
-    from kiln.tasks.tracking.registry import Registry
+    from kiln.tasks.tracking.registry import ChampionMismatchError, Registry
 
-    rows = Registry.from_settings().history(args.model)
+    reg = Registry.from_settings()
+    rows = reg.history(args.model)
     if args.json:
         return rows
-    return "\n".join(f"{h['at']}  {h['previous'] or '-':>4} -> {h['version']:<4} {h['action']:<8} by {h['actor']}: "
-                     f"{h['reason']}" for h in rows) or f"the champion of '{args.model}' has never moved"
+    lines = [f"{h['at']}  {h['previous'] or '-':>4} -> {h['version']:<4} {h['action']:<8} by {h['actor']}: "
+             f"{h['reason']}" for h in rows] or [f"the champion of '{args.model}' has never moved"]
+    try:
+        reg.champion(args.model)
+    except ChampionMismatchError as exc:  # the history is what kiln did; say so when the alias disagrees
+        lines.append(f"WARNING: {exc}")
+    return "\n".join(lines)
 
 
 def _move(args: argparse.Namespace) -> Any:

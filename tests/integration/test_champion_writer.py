@@ -190,6 +190,8 @@ def test_a_champion_moved_outside_kiln_is_refused(home: Path, capsys: pytest.Cap
     assert main(["models", "rollback", MODEL, "--reason", "try"]) == 2
     err = capsys.readouterr().err
     assert f"version {other}" in err and f"version {champion}" in err
+    assert main(["models", "history", MODEL]) == 0
+    assert f"WARNING: the champion alias of '{MODEL}' names version {other}" in capsys.readouterr().out
 
     # An explicit approval is how a person repairs it (recorded in the history like any move).
     assert main(["models", "approve", MODEL, champion, "--reason", "undo the manual alias move"]) == 0
