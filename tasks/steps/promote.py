@@ -75,11 +75,15 @@ def _promote(ctx: RunContext, reg: Registry, decision: GateRecord, deployed: Dep
     from kiln.tasks.serving.deployment import promote_canary
 
     version = decision.candidate_version
-    current = reg.champion(ctx.spec.name)
+    current = reg.champion(ctx.spec.name, verified=False)
     history = reg.history(ctx.spec.name)
-    if current is not None and current.version == version and history and history[-1]["version"] == version:
-        # A retry after the move was made: report it again rather than move twice.
-        return _publish(ctx, PromoteResult(model=ctx.spec.name, champion=version, previous=history[-1]["previous"],
+    last = history[-1] if history else {}
+    if last.get("version") == version and last.get("actor") == ctx.run_key:
+        # A retry after this run's move was recorded: report it again rather than move twice (and finish it if it
+        # was cut short between the history and the alias).
+        if current is None or current.version != version:
+            reg.set_champion(ctx.spec.name, version, action="gate", reason=decision.reason, actor=ctx.run_key)
+        return _publish(ctx, PromoteResult(model=ctx.spec.name, champion=version, previous=last["previous"],
                                            strategy=deployed.strategy, reason=decision.reason,
                                            beat=decision.champion, regated=bool(decision.regated)))
     try:
