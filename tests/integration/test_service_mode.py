@@ -96,7 +96,9 @@ def test_rest_trigger_runs_the_tabular_pipeline(platform: Platform) -> None:
     assert gate_links["Gate decision"].endswith("/artifactPath/gate/decision.json")
     assert validate_links["Validation report"].endswith("/artifactPath/validation/validation.json")
     mlflow_run_id = gate_links["MLflow run"].rsplit("/runs/", 1)[1]
-    with httpx.Client(base_url=mlflow_url, timeout=30) as mlflow:
+    # MLflow asks for a login: a person's, from the generated credentials.
+    users = json.loads((platform.home / "secrets" / "mlflow.json").read_text())
+    with httpx.Client(base_url=mlflow_url, timeout=30, auth=("admin", users["admin"])) as mlflow:
         for path, key in (("gate/decision.json", "checks"), ("validation/validation.json", "expectations")):
             artifact = mlflow.get("/get-artifact", params={"path": path, "run_uuid": mlflow_run_id})
             assert artifact.status_code == 200 and key in artifact.json(), (path, artifact.text[:300])
