@@ -66,7 +66,7 @@ class PipelineStepOperator(BaseOperator):
 
     A rejected candidate is an outcome, not a failure: the gate's ``GateRejectedError`` in a rollout step becomes
     a skip. Errors that a retry cannot fix (bad data, a bad spec or Param, a candidate that failed in the serving
-    runtime) fail the task without retrying.
+    runtime, a champion alias moved outside kiln) fail the task without retrying.
 
     Args:
         step: the step (one of :data:`kiln.tasks.pipeline.steps.STEPS`); the task id defaults to its name.
@@ -90,6 +90,7 @@ class PipelineStepOperator(BaseOperator):
         from kiln.tasks.pipeline.endpoint import DeploymentFailedError
         from kiln.tasks.pipeline.gate_decision import GateRejectedError
         from kiln.tasks.steps.infra_validate import InfraValidationError
+        from kiln.tasks.tracking.registry import ChampionMismatchError
 
         with noting_failure(context):
             ctx = run_context(self.spec_path, context)
@@ -97,5 +98,5 @@ class PipelineStepOperator(BaseOperator):
                 return self.step.run(ctx).to_dict()
             except GateRejectedError as exc:
                 raise AirflowSkipException(str(exc)) from exc
-            except (DataError, InfraValidationError, DeploymentFailedError) as exc:
+            except (DataError, InfraValidationError, DeploymentFailedError, ChampionMismatchError) as exc:
                 raise AirflowFailException(str(exc)) from exc
