@@ -10,6 +10,7 @@ import os
 import stat
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from docker.errors import DockerException, ImageNotFound
 from docker.types import DeviceRequest, Ulimit
@@ -72,7 +73,7 @@ def torchrun_command(*, nnodes: int, nproc: int, rdzv_endpoint: str, rdzv_id: st
 
 def container_kwargs(node: NodeAllocation, spec: DockerSpec, *, image: str, name: str, command: list[str],
                      network: str, user: str, volumes: dict[str, dict[str, str]], labels: dict[str, str],
-                     threads_per_proc: int, workdir: str) -> dict[str, Any]:
+                     threads_per_proc: int, workdir: str, secrets: dict[str, str] | None = None) -> dict[str, Any]:
     """The ``client.containers.create(**kwargs)`` arguments for one node of a gang (pure: no engine needed).
 
     Args:
@@ -81,13 +82,14 @@ def container_kwargs(node: NodeAllocation, spec: DockerSpec, *, image: str, name
         network: the job's bridge network name (ignored when ``spec.network`` is ``host``).
         user: ``uid:gid`` the container runs as (never root).
         volumes: bind mounts, ``{host_path: {"bind": path, "mode": "ro"|"rw"}}``.
+        secrets: environment the job needs beyond its own settings (the MLflow login of a job that logs itself).
     """
     gpus = list(node.gpus)
     env = {"OMP_NUM_THREADS": str(threads_per_proc), "PYTHONUNBUFFERED": "1", "HOME": "/tmp",
            # The engine exposes exactly the leased GPUs, renumbered from 0; none at all without a lease, even
            # where the NVIDIA runtime is the default and the image says NVIDIA_VISIBLE_DEVICES=all.
            "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(len(gpus))),
-           "NVIDIA_VISIBLE_DEVICES": ",".join(gpus) if gpus else "void"}
+           "NVIDIA_VISIBLE_DEVICES": ",".join(gpus) if gpus else "void", **(secrets or {})}
     kwargs: dict[str, Any] = {
         "image": image, "name": name, "entrypoint": command[:1], "command": command[1:], "user": user,
         "environment": env, "labels": labels, "volumes": volumes, "working_dir": workdir,
@@ -113,7 +115,7 @@ def bind_volumes(config: TrainConfig, workdir: Path) -> dict[str, dict[str, str]
     """Bind mounts at the same absolute paths: the run's features read-only, its outputs and checkpoints
     read-write, the work folder (config file) read-only; nothing else of kiln's home (its databases, the lease
     store, other runs). A path under a mount of the same mode is left out; the same path twice is read-write if
-    either asks for it. A file-based MLflow store is not mounted: see :func:`tracking_is_local`."""
+    either asks for it. A file-based MLflow store is not mounted: see :func:`containers_can_log`."""
     wanted: list[tuple[str | Path, str]] = [
         (config.features_dir, "ro"), (workdir, "ro"), (config.output_dir, "rw"), (config.checkpoint_dir, "rw")]
     modes: dict[str, str] = {}
@@ -128,10 +130,19 @@ def bind_volumes(config: TrainConfig, workdir: Path) -> dict[str, dict[str, str]
     return {p: {"bind": p, "mode": m} for p, m in kept.items()}
 
 
-def tracking_is_local(uri: str | None) -> bool:
-    """Whether an MLflow tracking URI names files (SQLite, a file store) rather than a server: containers do not
-    get those (they live in kiln's home beside its other databases), so the launcher logs for them."""
-    return uri is not None and uri != "" and (uri.startswith(("sqlite:", "file:")) or "://" not in uri)
+#: The MLflow login variables a job that logs to a tracking server itself is given (nothing else of this
+#: process's environment reaches a container).
+MLFLOW_LOGIN_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def containers_can_log(uri: str | None, network: str) -> bool:
+    """Whether a job's containers can log to the MLflow tracking URI themselves: a tracking server they reach over
+    HTTP. A file-based store (SQLite, a file store) lives in kiln's home, which containers must not mount, and a
+    server on the host's loopback is out of reach from a bridge network; the launcher logs for them then."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return False
+    host = (urlsplit(uri).hostname or "").lower()
+    return network == "host" or not (host == "localhost" or host.startswith("127.") or host == "::1")
 
 
 def container_user(user: str | None) -> str:

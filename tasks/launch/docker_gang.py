@@ -42,16 +42,17 @@ from kiln.tasks.launch.base import (
 from kiln.tasks.launch.container_reaper import owner_label, start_watchdog, sweep_orphans
 from kiln.tasks.launch.containers import (
     JOB_LABEL,
+    MLFLOW_LOGIN_VARIABLES,
     OWNER_LABEL,
     RDZV_PORT,
     bind_volumes,
     container_kwargs,
     container_user,
+    containers_can_log,
     describe_refusal,
     gang_nodes,
     share_with_group,
     torchrun_command,
-    tracking_is_local,
 )
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation, format_size
 from kiln.tasks.processes import OutputLog
@@ -166,11 +167,11 @@ class DockerGangLauncher(Launcher):
         nodes = gang_nodes(config, nproc, allocation)
         user = container_user(self.user)
         workdir = Path(workdir).resolve()
-        # A file-based MLflow store lives in kiln's home, which containers must not mount: the containers log
-        # nothing, and this process logs the finished job's epochs for them.
-        relay = config if tracking_is_local(config.mlflow_tracking_uri) and config.mlflow_run_id else None
-        if relay is not None:
-            config = replace(config, mlflow_tracking_uri=None, mlflow_run_id=None)
+        # Where the containers cannot reach the tracking store (files in kiln's home, a server on this host's
+        # loopback), they log nothing and this process logs the finished job's epochs for them.
+        relay = None
+        if config.mlflow_run_id and not containers_can_log(config.mlflow_tracking_uri, t.docker.network):
+            relay, config = config, replace(config, mlflow_tracking_uri=None, mlflow_run_id=None)
         atomic_write_bytes(workdir / CONFIG_FILE, config.to_json().encode())
         self._prepare_paths(config, user)
         with self._lock:
@@ -229,6 +230,7 @@ class DockerGangLauncher(Launcher):
         """The create arguments of every container of one attempt (fresh names, a fresh rendezvous id)."""
         t = config.training
         bridge = t.docker.network == "bridge"
+        login = {k: os.environ[k] for k in MLFLOW_LOGIN_VARIABLES if k in os.environ and config.mlflow_run_id}
         names = [f"kiln-{job}-{i:02d}" + (f"-r{attempt}" if attempt else "") for i in range(len(nodes))]
         endpoint = f"{names[0] if bridge else nodes[0].address}:{self.rdzv_port}"
         return [container_kwargs(
@@ -237,7 +239,8 @@ class DockerGangLauncher(Launcher):
                                      config_path=str(workdir / CONFIG_FILE), local_addr=None if bridge else n.address),
             volumes=bind_volumes(config, workdir),
             labels={JOB_LABEL: job, "kiln.node": n.node, OWNER_LABEL: owner_label()},
-            threads_per_proc=t.threads_per_proc, workdir=str(workdir)) for n, name in zip(nodes, names, strict=True)]
+            threads_per_proc=t.threads_per_proc, workdir=str(workdir), secrets=login)
+            for n, name in zip(nodes, names, strict=True)]
 
     @staticmethod
     def _prepare_paths(config: TrainConfig, user: str) -> None:

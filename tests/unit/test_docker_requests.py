@@ -17,9 +17,9 @@ from kiln.tasks.launch.containers import (
     bind_volumes,
     container_kwargs,
     container_user,
+    containers_can_log,
     describe_refusal,
     torchrun_command,
-    tracking_is_local,
 )
 from kiln.tasks.launch.docker_gang import DockerGangLauncher
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation
@@ -124,7 +124,16 @@ def test_volumes_bind_only_the_runs_own_folders_at_the_same_absolute_paths(tmp_p
     assert all(v["bind"] == path for path, v in volumes.items())
     assert {str(Path(p).relative_to(tmp_path)): v["mode"] for p, v in volumes.items()} == {
         "run/features": "ro", "run/train": "rw", "run/checkpoints": "rw"}
-    assert tracking_is_local(config.mlflow_tracking_uri) == (not tracking.startswith("http"))
+
+
+@pytest.mark.parametrize(("uri", "network", "direct"), [
+    ("http://mlflow.internal:5000", "bridge", True), ("http://127.0.0.1:5000", "bridge", False),
+    ("http://localhost:5000", "bridge", False), ("http://127.0.0.1:5000", "host", True),
+    ("sqlite:////var/kiln/mlflow.db", "host", False), ("file:///var/kiln/mlruns", "bridge", False),
+    (None, "host", False),
+])
+def test_containers_log_to_mlflow_only_over_http_they_can_reach(uri, network, direct):
+    assert containers_can_log(uri, network) is direct
 
 
 def test_a_separate_work_folder_is_mounted_read_only(tmp_path):
