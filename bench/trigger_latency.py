@@ -51,7 +51,8 @@ from airflow_client.client.exceptions import NotFoundException  # noqa: E402
 from airflow_service import free_ports  # noqa: E402
 from kiln_service import Platform, running_service  # noqa: E402
 
-from kiln.tasks.services.supervisor import Service, process_tree  # noqa: E402
+from kiln.tasks.processes import process_tree  # noqa: E402
+from kiln.tasks.services.supervisor import Service  # noqa: E402
 
 log = logging.getLogger("trigger_latency")
 

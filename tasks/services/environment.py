@@ -218,11 +218,11 @@ def component_environment(env: Mapping[str, str], role: str, paths: ServicePaths
         paths.secrets_dir.chmod(0o700)
         _write_private(paths.airflow_config, text.getvalue())
         return {**scoped, "AIRFLOW_CONFIG": str(paths.airflow_config)}
-    scoped = {k: v for k, v in env.items() if not k.startswith("AIRFLOW")}
     if role == "model-servers":
-        for var in (*DATABASE_VARIABLES, "KILN_POSTGRES_URL", "MLFLOW_TRACKING_PASSWORD"):
-            scoped.pop(var, None)
-    return scoped
+        from kiln.tasks.serving.process import server_environment
+
+        return server_environment(env)
+    return {k: v for k, v in env.items() if not k.startswith("AIRFLOW")}
 
 
 def make_private(paths: ServicePaths) -> int:

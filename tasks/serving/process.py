@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from kiln.tasks.storage.artifacts import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 PID_FILE = "server.pid"
+#: Environment variables a model server never gets (beside every ``AIRFLOW*`` one): database URLs and logins.
+SERVER_WITHHELD = frozenset({"KILN_MLFLOW_TRACKING_URI", "KILN_POOLS_DB_URL", "KILN_POSTGRES_URL",
+                             "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                             "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
 LOG_FILE = "server.log"
 #: The module a server process runs.
 SERVER_MODULE = "kiln.tasks.serving"
@@ -190,8 +195,7 @@ def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: st
     log_file = run_dir / LOG_FILE
     cmd = [sys.executable, "-m", SERVER_MODULE, "--deployment", str(deployment), "--host", host,
            "--port", str(port)]
-    # The parent environment passes through unchanged (this reads no setting from it).
-    env = {**os.environ, "KILN_SERVE_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+    env = {**server_environment(os.environ), "KILN_SERVE_TOKEN": token, "PYTHONUNBUFFERED": "1"}
     offset = log_file.stat().st_size if log_file.exists() else 0
     proc = start_process(cmd, cwd=run_dir, env=env, output=log_file, die_with_parent=die_with_parent)
     _children[proc.pid] = proc
@@ -203,7 +207,7 @@ def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: st
         while True:
             code = proc.poll()
             if code is not None:
-                (run_dir / PID_FILE).unlink(missing_ok=True)
+                _drop_pid_file(run_dir, proc.pid)
                 _children.pop(proc.pid, None)
                 raise ServerStartError(f"model server of {dep.model!r} exited with code {code} during start-up "
                                        f"(log {log_file})", tail(log_file, offset=offset))
@@ -211,7 +215,9 @@ def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: st
             if ready is not None and str(ready["champion"]["version"]) == str(dep.champion.version):
                 break
             if time.monotonic() >= deadline:
-                stop_server(run_dir)
+                proc.stop(grace_s=10, what=f"model server pid {proc.pid}")
+                _children.pop(proc.pid, None)
+                _drop_pid_file(run_dir, proc.pid)
                 raise ServerStartError(f"model server of {dep.model!r} was not ready on {url} within "
                                        f"{start_timeout_s:g} s and was stopped (log {log_file})",
                                        tail(log_file, offset=offset))
@@ -219,6 +225,18 @@ def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: st
     log.info("model server of %r ready on %s: champion %s, canary %s", dep.model, url, dep.champion.version,
              dep.canary.version if dep.canary else "none")
     return ServerHandle(url=url, pid=proc.pid, log_file=log_file, deployment=deployment)
+
+
+def server_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` less what a model server must not hold: Airflow's settings and secrets (``AIRFLOW*``), database
+    URLs and the MLflow login. A server needs its bundle files and its token, nothing of the platform's."""
+    return {k: v for k, v in env.items() if not k.startswith("AIRFLOW") and k not in SERVER_WITHHELD}
+
+
+def _drop_pid_file(run_dir: Path, pid: int) -> None:
+    """Remove the pid file if it still names ``pid``: another starter may have replaced it with its own live one."""
+    if _read_pid(run_dir) == pid:
+        (run_dir / PID_FILE).unlink(missing_ok=True)
 
 
 def _is_server(pid: int) -> bool:

@@ -54,3 +54,26 @@ def test_a_throwaway_server_dies_with_the_task_that_started_it(tmp_path: Path, b
         task.wait(10)
         if server:
             stop_groups({server}, grace_s=0)
+
+
+def test_a_server_started_by_a_task_inherits_none_of_the_platforms_secrets(tmp_path: Path, bundle_factory,
+                                                                            monkeypatch) -> None:
+    """A deploy or infra_validate task holds Airflow's settings, the MLflow login and database URLs; the model
+    server it starts needs none of them."""
+    from kiln.tasks.serving.process import ensure_server, stop_server
+
+    secrets = {"AIRFLOW__CORE__FERNET_KEY": "fernet-not-for-servers", "MLFLOW_TRACKING_PASSWORD": "mlflow-pw",
+               "KILN_POOLS_DB_URL": "postgresql://u:pw@db/kiln_pools", "AWS_SECRET_ACCESS_KEY": "aws-secret"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    deployment = write_deployment(tmp_path / "deployment.json", Deployment("m", ModelRef("1", str(bundle_factory()))))
+    handle = ensure_server(deployment, host="127.0.0.1", port=free_port(), token="t", run_dir=tmp_path / "run",
+                           die_with_parent=True)
+    try:
+        environ = Path(f"/proc/{handle.pid}/environ").read_bytes().split(b"\0")
+        names = {item.split(b"=", 1)[0].decode() for item in environ if item}
+        assert not names & set(secrets), sorted(names & set(secrets))
+        assert not any(name.startswith("AIRFLOW") for name in names)
+        assert "KILN_SERVE_TOKEN" in names
+    finally:
+        stop_server(tmp_path / "run")
