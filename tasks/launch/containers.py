@@ -154,15 +154,16 @@ def container_user(user: str | None) -> str:
     return chosen
 
 
-def share_with_group(path: Path, gid: int, *, recursive: bool) -> None:
-    """Give group ``gid`` read/write (and search, on folders) on ``path``, and below it when ``recursive``."""
+def share_with_group(path: Path, gid: int, *, recursive: bool, write: bool = True) -> None:
+    """Give group ``gid`` read (and write, unless not ``write``; search on folders) on ``path``, and below it when
+    ``recursive``: what a service's umask 077 kept from everyone else."""
     for p in [path, *(path.rglob("*") if recursive and path.is_dir() else ())]:
         st = p.lstat()
         if stat.S_ISLNK(st.st_mode):
             continue
         if st.st_gid != gid:
             os.chown(p, -1, gid)
-        bits = stat.S_IRGRP | stat.S_IWGRP | (stat.S_IXGRP if stat.S_ISDIR(st.st_mode) else 0)
+        bits = stat.S_IRGRP | (stat.S_IWGRP if write else 0) | (stat.S_IXGRP if stat.S_ISDIR(st.st_mode) else 0)
         if st.st_mode & bits != bits:
             os.chmod(p, stat.S_IMODE(st.st_mode) | bits)
 

@@ -173,7 +173,7 @@ class DockerGangLauncher(Launcher):
         if config.mlflow_run_id and not containers_can_log(config.mlflow_tracking_uri, t.docker.network):
             relay, config = config, replace(config, mlflow_tracking_uri=None, mlflow_run_id=None)
         atomic_write_bytes(workdir / CONFIG_FILE, config.to_json().encode())
-        self._prepare_paths(config, user)
+        self._prepare_paths(config, user, workdir)
         with self._lock:
             if self._terminated:
                 raise TrainingFailedError(-15, "", reason="was terminated before it started")
@@ -243,18 +243,19 @@ class DockerGangLauncher(Launcher):
             for n, name in zip(nodes, names, strict=True)]
 
     @staticmethod
-    def _prepare_paths(config: TrainConfig, user: str) -> None:
-        """Create the bind mounts' sources; as root, give the containers' group write where the job writes."""
+    def _prepare_paths(config: TrainConfig, user: str, workdir: Path) -> None:
+        """Create the bind mounts' sources; as root, give the containers' group read on what the job reads and
+        write where it writes (the services' umask 077 leaves a task's files to root alone)."""
         for folder in (Path(config.output_dir), Path(config.checkpoint_dir)):
             folder.mkdir(parents=True, exist_ok=True)
         if os.geteuid() != 0:
             return  # the containers run as this process's own user (or one the caller set up for)
         gid = int(user.partition(":")[2])
-        shared = [(Path(config.output_dir), True), (Path(config.checkpoint_dir), True)]
-        log.info("containers run as %s: giving group %d read/write on %s", user, gid,
-                 ", ".join(str(p) for p, _ in shared))
-        for path, recursive in shared:
-            share_with_group(path, gid, recursive=recursive)
+        shared = [(Path(config.output_dir), True), (Path(config.checkpoint_dir), True),
+                  (Path(config.features_dir), False), (workdir, False)]
+        log.info("containers run as %s: giving group %d access to %s", user, gid, ", ".join(str(p) for p, _ in shared))
+        for path, write in shared:
+            share_with_group(path, gid, recursive=True, write=write)
 
     def _run_attempt(self, clients: dict[str | None, DockerClient], nodes: tuple[NodeAllocation, ...],
                      kwargs: list[dict[str, Any]], sink: OutputLog, deadline: float) -> _Outcome:

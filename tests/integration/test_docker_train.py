@@ -9,6 +9,8 @@ Needs a Docker engine and the test image: ``make docker-engine image`` (``make t
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -212,4 +214,19 @@ def test_a_ulimit_the_kernel_refuses_fails_clearly_and_leaves_nothing(engine, tm
     launcher = DockerGangLauncher()
     with pytest.raises(ContainerStartError, match="training.docker.ulimits"):
         launcher.launch(config, nproc=1, workdir=tmp_path / "work", allocation=two_nodes())
+    assert leftovers(engine, launcher.job_id) == []
+
+
+def test_a_gang_trains_on_files_a_service_made_private(engine, tmp_path):
+    """Under `kiln up` tasks run with umask 077, so the features they write are root's alone; a gang whose
+    containers run as another user (the launcher runs as root here) must still read them, and write its outputs."""
+    old = os.umask(0o077)
+    try:
+        config = synthetic_config(tmp_path, epochs=1)
+        assert stat.S_IMODE((Path(config.features_dir) / "train.parquet").stat().st_mode) == 0o600
+        launcher = DockerGangLauncher()
+        launcher.launch(config, nproc=1, workdir=tmp_path / "work", allocation=two_nodes())
+    finally:
+        os.umask(old)
+    assert (Path(config.output_dir) / MODEL_FILE).is_file()
     assert leftovers(engine, launcher.job_id) == []
