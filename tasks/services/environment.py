@@ -122,6 +122,8 @@ def ensure_secrets(paths: ServicePaths) -> dict[str, str]:
 
 #: kiln's own user on the MLflow server (its tasks and jobs, over HTTP); people log in as ``admin``.
 MLFLOW_TASK_USER = "kiln"
+#: The URL of the MLflow server the services run, for :func:`component_environment` (internal to kiln up).
+MLFLOW_SERVER_VARIABLE = "KILN_MLFLOW_SERVER_URL"
 
 
 def ensure_mlflow_credentials(paths: ServicePaths) -> dict[str, str]:
@@ -204,7 +206,7 @@ def component_environment(env: Mapping[str, str], role: str, paths: ServicePaths
         raise ValueError(f"component role must be one of {ROLES}, found {role!r}")
     if role == "airflow":
         if "AIRFLOW_CONFIG" in env:
-            return dict(env)
+            return _through_mlflow_server(dict(env))
         scoped = {k: v for k, v in env.items() if k not in AIRFLOW_SECRETS}
         config = configparser.ConfigParser()
         for var, (section, option) in AIRFLOW_SECRETS.items():
@@ -217,12 +219,24 @@ def component_environment(env: Mapping[str, str], role: str, paths: ServicePaths
         paths.secrets_dir.mkdir(parents=True, exist_ok=True)
         paths.secrets_dir.chmod(0o700)
         _write_private(paths.airflow_config, text.getvalue())
-        return {**scoped, "AIRFLOW_CONFIG": str(paths.airflow_config)}
+        scoped["AIRFLOW_CONFIG"] = str(paths.airflow_config)
+        return _through_mlflow_server(scoped)
     if role == "model-servers":
         from kiln.tasks.serving.process import server_environment
 
         return server_environment(env)
     return {k: v for k, v in env.items() if not k.startswith("AIRFLOW")}
+
+
+def _through_mlflow_server(env: dict[str, str]) -> dict[str, str]:
+    """Point the tracking URI of Airflow's components at the MLflow server when it names the server's database:
+    kiln's tasks then write to MLflow as its user ``kiln`` (``MLFLOW_TRACKING_USERNAME``), through the server's
+    authentication, and never hold a database URL that bypasses it. A tracking server of the caller's is kept."""
+    server = env.get(MLFLOW_SERVER_VARIABLE)
+    tracking = env.get("KILN_MLFLOW_TRACKING_URI", "")
+    if server and not tracking.startswith(("http://", "https://")):
+        env["KILN_MLFLOW_TRACKING_URI"] = server
+    return env
 
 
 def make_private(paths: ServicePaths) -> int:
@@ -278,6 +292,8 @@ def service_environment(settings: ServiceSettings, paths: ServicePaths, base: Ma
         "KILN_HOME": str(paths.home),
         "KILN_PROFILE": settings.profile,
         "KILN_MLFLOW_UI_URL": f"http://127.0.0.1:{settings.mlflow_port}",
+        # The MLflow server `kiln up` runs: Airflow's components (so the tasks) reach the tracking store through it.
+        MLFLOW_SERVER_VARIABLE: f"http://127.0.0.1:{settings.mlflow_port}",
         # kiln's own credentials on the MLflow server (MLflow's client reads these for an http:// tracking URI).
         "MLFLOW_TRACKING_USERNAME": MLFLOW_TASK_USER,
         "MLFLOW_TRACKING_PASSWORD": mlflow_users[MLFLOW_TASK_USER],

@@ -121,3 +121,21 @@ def test_a_home_without_a_secrets_folder_gets_one(tmp_path: Path) -> None:
     airflow = component_environment(env, "airflow", ServicePaths(tmp_path / "home"))
     assert Path(airflow["AIRFLOW_CONFIG"]).read_text().count("= ") == 2
     assert _mode(tmp_path / "home" / "secrets") == 0o700
+
+
+@pytest.mark.parametrize("base", [{}, PROD], ids=["embedded", "prod"])
+def test_tasks_reach_mlflow_through_its_server_with_their_own_login_not_its_database(tmp_path: Path, base) -> None:
+    """Airflow's components (and so every task) get the MLflow server's URL and kiln's login, where the server
+    itself keeps the database: a task never holds a URL that bypasses MLflow's authentication."""
+    env = _env(tmp_path, **base)
+    airflow = component_environment(env, "airflow", ServicePaths(tmp_path))
+    assert airflow["KILN_MLFLOW_TRACKING_URI"] == env["KILN_MLFLOW_SERVER_URL"]
+    assert airflow["MLFLOW_TRACKING_USERNAME"] == "kiln" and airflow["MLFLOW_TRACKING_PASSWORD"]
+    assert component_environment(env, "mlflow", ServicePaths(tmp_path)).get("KILN_MLFLOW_TRACKING_URI") == \
+        env.get("KILN_MLFLOW_TRACKING_URI")  # the server's own store: unchanged
+
+
+def test_a_tracking_server_of_the_callers_is_kept(tmp_path: Path) -> None:
+    env = _env(tmp_path, KILN_MLFLOW_TRACKING_URI="https://mlflow.example.com")
+    assert component_environment(env, "airflow", ServicePaths(tmp_path))["KILN_MLFLOW_TRACKING_URI"] == \
+        "https://mlflow.example.com"
