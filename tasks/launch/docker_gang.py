@@ -59,6 +59,7 @@ from kiln.tasks.processes import OutputLog
 from kiln.tasks.settings import get_settings
 from kiln.tasks.storage.artifacts import atomic_write_bytes
 from kiln.tasks.training.job import CONFIG_FILE, METRICS_FILE, TrainConfig
+from kiln.tasks.training.mlflow_logging import relay_to_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,6 @@ class DockerGangLauncher(Launcher):
                 outcome = self._run_attempt(clients, nodes, kwargs, sink, deadline=start + t.timeout_s)
                 if outcome.status == "ok":
                     if relay is not None:
-                        from kiln.tasks.training.loop import relay_to_mlflow  # torch: only for this case
-
                         epochs = relay_to_mlflow(relay, Path(config.output_dir) / METRICS_FILE)
                         log.info("logged %d epoch(s) of job %s to MLflow run %s", epochs, job, relay.mlflow_run_id)
                     duration = time.monotonic() - start

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kiln.tasks.services.environment import FAB_AUTH_MANAGER, USERNAME, ServicePaths, _write_private
+from kiln.tasks.services.environment import FAB_AUTH_MANAGER, USERNAME, ServicePaths, write_private
 from kiln.tasks.spec import load_specs
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def ensure_passwords(paths: ServicePaths, usernames: list[str]) -> dict[str, str
     if missing:
         current.update({u: secrets.token_urlsafe(16) for u in missing})
         paths.secrets_dir.mkdir(parents=True, exist_ok=True)
-        _write_private(paths.passwords_file, json.dumps(current, indent=1))
+        write_private(paths.passwords_file, json.dumps(current, indent=1))
     return {u: current[u] for u in usernames}
 
 

@@ -92,7 +92,7 @@ class ServicePaths:
         return [self.home / "airflow", self.home / "logs", self.run_dir, self.secrets_dir, self.home / "serving"]
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` with mode 0600 via a temporary name, so no reader sees a partial secret."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -111,11 +111,11 @@ def ensure_secrets(paths: ServicePaths) -> dict[str, str]:
     paths.secrets_dir.chmod(0o700)
     keys_file = paths.secrets_dir / "airflow.json"
     if not keys_file.exists():
-        _write_private(keys_file, json.dumps({"fernet_key": Fernet.generate_key().decode(),
+        write_private(keys_file, json.dumps({"fernet_key": Fernet.generate_key().decode(),
                                               "jwt_secret": secrets.token_urlsafe(64),
                                               "api_secret": secrets.token_urlsafe(32)}))
     if not paths.passwords_file.exists():
-        _write_private(paths.passwords_file, json.dumps({USERNAME: secrets.token_urlsafe(16)}))
+        write_private(paths.passwords_file, json.dumps({USERNAME: secrets.token_urlsafe(16)}))
     keys = json.loads(keys_file.read_text())
     return {**keys, "password": json.loads(paths.passwords_file.read_text())[USERNAME]}
 
@@ -133,7 +133,7 @@ def ensure_mlflow_credentials(paths: ServicePaths) -> dict[str, str]:
     paths.secrets_dir.chmod(0o700)
     path = paths.secrets_dir / "mlflow.json"
     if not path.exists():
-        _write_private(path, json.dumps({USERNAME: secrets.token_urlsafe(24),
+        write_private(path, json.dumps({USERNAME: secrets.token_urlsafe(24),
                                          MLFLOW_TASK_USER: secrets.token_urlsafe(24)}))
     return json.loads(path.read_text())
 
@@ -218,7 +218,7 @@ def component_environment(env: Mapping[str, str], role: str, paths: ServicePaths
         config.write(text)
         paths.secrets_dir.mkdir(parents=True, exist_ok=True)
         paths.secrets_dir.chmod(0o700)
-        _write_private(paths.airflow_config, text.getvalue())
+        write_private(paths.airflow_config, text.getvalue())
         scoped["AIRFLOW_CONFIG"] = str(paths.airflow_config)
         return _through_mlflow_server(scoped)
     if role == "model-servers":

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kiln.tasks.services.environment import write_private
+
 log = logging.getLogger(__name__)
 
 AUTH_CONFIG_FILE = "mlflow_auth.ini"
@@ -36,21 +38,13 @@ def _exec_instead(cmd: list[str], *, extra_env: dict[str, str] | None = None, **
     os.execvpe(cmd[0], cmd, {**os.environ, **(extra_env or {})})
 
 
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    tmp.replace(path)
-
-
 def flask_secret_key(secrets_dir: Path) -> str:
     """The auth app's session key, generated once into the secrets folder (0600)."""
     import secrets
 
     path = secrets_dir / FLASK_KEY_FILE
     if not path.exists():
-        _write_private(path, secrets.token_urlsafe(48))
+        write_private(path, secrets.token_urlsafe(48))
     return path.read_text().strip()
 
 
@@ -75,7 +69,7 @@ def ensure_auth(secrets_dir: Path, users: dict[str, str], admin: str, task_user:
     text = io.StringIO()
     config.write(text)
     path = secrets_dir / AUTH_CONFIG_FILE
-    _write_private(path, text.getvalue())
+    write_private(path, text.getvalue())
     os.environ["MLFLOW_AUTH_CONFIG_PATH"] = str(path)
 
     from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore

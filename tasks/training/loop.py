@@ -37,6 +37,7 @@ from kiln.tasks.storage.artifacts import write_json
 from kiln.tasks.training import checkpoints as checkpoint
 from kiln.tasks.training import fence
 from kiln.tasks.training.job import METRICS_FILE, TrainConfig, TrainJobResult
+from kiln.tasks.training.mlflow_logging import MlflowLogger, run_params
 from kiln.tasks.training.networks import MODEL_FILE, build_model, save_model
 
 log = logging.getLogger(__name__)
@@ -150,52 +151,6 @@ def param_checksum(module: nn.Module) -> dict[str, Any]:
     return {"sha256": digest.hexdigest(), "sum": total}
 
 
-class _MlflowLogger:
-    """Logs to an existing MLflow run from rank 0; a no-op without a run id. Imports mlflow only when used."""
-
-    def __init__(self, config: TrainConfig, enabled: bool):
-        self.run_id = config.mlflow_run_id if enabled else None
-        self.client: Any = None
-        if self.run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=config.mlflow_tracking_uri)
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        if self.client:
-            from mlflow.entities import Param
-
-            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.client:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-
-def _run_params(config: TrainConfig, world_size: int, fingerprint: str) -> dict[str, Any]:
-    """What a job logs as its MLflow run's params. Where it ran (resources, docker) is the launch's business, not
-    a training hyperparameter."""
-    return {**{f"training.{k}": v for k, v in config.training.model_dump(mode="json").items()
-               if k not in ("resources", "docker")},
-            **{f"model.{k}": v for k, v in config.model.model_dump(mode="json").items()},
-            "task": config.task, "world_size": world_size, "fingerprint": fingerprint}
-
-
-def relay_to_mlflow(config: TrainConfig, metrics_file: Path) -> int:
-    """Log a finished job's params and every epoch of its history to ``config``'s MLflow run, from the process
-    that launched it: for a job in containers that were not given the tracking store (a file-based store lives in
-    kiln's home folder, which containers must not mount). Returns the number of epochs logged."""
-    done = json.loads(Path(metrics_file).read_text())
-    logger = _MlflowLogger(config, enabled=True)
-    logger.log_params(_run_params(config, done["world_size"], done["fingerprint"]))  # the same values: allowed again
-    for entry in done["history"]:
-        logger.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=entry["epoch"])
-    return len(done["history"])
-
-
 @dataclass
 class _State:
     """Training progress that a checkpoint carries."""
@@ -295,7 +250,7 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainJob
     # bf16 autocast on CUDA only (not exercised by the CPU test suite); CPU trains in float32.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     bs, log_every = t.batch_size, t.log_every_steps
-    mlflow = _MlflowLogger(config, enabled=is_main)
+    mlflow = MlflowLogger(config, enabled=is_main)
     if is_main:
         log.info("training %s %s: %d params, %d train / %d val rows, world_size %d, batch %d per rank, epochs %d-%d "
                  "on %s", config.task, config.model.type, sum(p.numel() for p in module.parameters()), len(x),
@@ -303,7 +258,7 @@ def _train(config: TrainConfig, env: _DistEnv, device: torch.device) -> TrainJob
                  " ".join(f"{k}={v}" for k, v in _device_facts(device).items() if v is not None))
         if state.resumed_from is None:
             with fence.holding(ckpt_dir, config.fence_token):
-                mlflow.log_params(_run_params(config, env.world_size, fingerprint))
+                mlflow.log_params(run_params(config, env.world_size, fingerprint))
 
     loop_s, loop_samples = 0.0, 0
     for epoch in range(state.epoch + 1, t.epochs + 1):
