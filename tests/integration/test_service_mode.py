@@ -166,6 +166,33 @@ def test_an_asset_event_starts_a_run(platform: Platform) -> None:
                                           DAGRunPatchBody(state=DagRunMutableStates.FAILED))
 
 
+#: A YAML alias bomb of about 600 bytes: nine levels of nine aliases, 9**9 strings once expanded.
+BOMB = "\n".join(["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]",
+                  *(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)),
+                  "name: bomb", "source: {uri: x.csv}", "target: y", "tags: *a8"]) + "\n"
+
+
+def test_an_alias_bomb_is_named_and_the_other_pipelines_keep_triggering(platform: Platform) -> None:
+    """A hostile spec dropped into the pipelines folder of running services: the error DAG names it within a parse
+    or two, and the valid pipeline stays in Airflow and takes REST triggers throughout."""
+    from airflow_client.client.api.import_error_api import ImportErrorApi
+
+    bomb = platform.pipelines_dir / "bomb.yaml"
+    bomb.write_text(BOMB)
+    try:
+        started = time.monotonic()
+        while not [e for e in ImportErrorApi(platform.api).get_import_errors().import_errors
+                   if "bomb.yaml" in (e.stack_trace or "")]:
+            assert time.monotonic() - started < 120, "no import error names bomb.yaml 120 s after it appeared"
+            time.sleep(1)
+        log.info("the bomb was named %.1f s after it appeared", time.monotonic() - started)
+        run_id = platform.trigger(DAG_ID, CONF)
+        DagRunApi(platform.api).patch_dag_run(DAG_ID, run_id, DAGRunPatchBody(state=DagRunMutableStates.FAILED))
+        assert DAGApi(platform.api).get_dag(DAG_ID).dag_id == DAG_ID
+    finally:
+        bomb.unlink()
+
+
 def test_down_stops_everything_and_status_says_so(platform: Platform) -> None:
     service = platform.service
     env = {**service.env, "PYTHONPATH": str(REPO)}
@@ -183,3 +210,4 @@ def test_down_stops_everything_and_status_says_so(platform: Platform) -> None:
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 3 and json.loads(status.stdout)["running"] is False
     assert not os.path.exists(Path(service.paths.run_dir) / "service.json")
+
