@@ -13,7 +13,8 @@ Docker mounts use as it is. A writer fills a temporary sibling, ``.tmp-<name>-<t
   under a per-key lock file, ``.lock-<name>``, the published folder moves aside to ``.old-<name>-<tag>`` and the new
   one takes its name. A writer killed between the two renames leaves the key missing on disk with its contents
   complete under ``.old-``: a reader that finds the key missing, or the next writer, takes the key lock and renames
-  the newest ``.old-`` back (:func:`recover`). The key lock is held only for those renames, never while a step runs.
+  the newest ``.old-`` back (:func:`recover`). The key lock is held for those renames and the removal of the old
+  contents, never while a step runs.
   This also repairs keys left missing by writers of kiln versions that published with two renames and no lock.
 
 Exchange was chosen over versioned folders behind a symlink (the S3 store's manifest, locally) because the key stays
@@ -191,8 +192,10 @@ def _publish_by_two_renames(tmp: Path, final: Path) -> None:
                     raise
         if moved:
             _point("renamed", moved[-1])
-    for old in moved:
-        _discard(old)
+        # Still under the key lock: once it is let go, another writer's _settle would take an .old- folder that is
+        # still being removed for a stale one and retire it, leaving its rest behind until a later write.
+        for old in moved:
+            _discard(old)
 
 
 def recover(final: Path) -> bool:
