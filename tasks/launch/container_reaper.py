@@ -18,7 +18,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from typing import Any
 
 import psutil
 from docker.client import DockerClient
@@ -92,15 +92,13 @@ def sweep_orphans(client: DockerClient) -> list[str]:
     return removed
 
 
-def _clients(engines: Iterable[str]) -> list[DockerClient]:
-    """Clients for the given engine URLs ('' is the local engine, from the docker SDK's environment)."""
-    clients = []
-    for url in engines:
-        kwargs = kwargs_from_env()
-        if url:
-            kwargs["base_url"] = url
-        clients.append(DockerClient(**kwargs))
-    return clients
+def engine_client(url: str, **options: Any) -> DockerClient:
+    """A client for the engine at ``url`` ('' is the default one); TLS and the default endpoint come from the docker
+    SDK's environment."""
+    kwargs = kwargs_from_env()
+    if url:
+        kwargs["base_url"] = url
+    return DockerClient(**kwargs, **options)
 
 
 def watch(job: str, engines: list[str], parent: int) -> int:
@@ -109,7 +107,7 @@ def watch(job: str, engines: list[str], parent: int) -> int:
     while os.getppid() == parent:
         time.sleep(POLL_S)
     removed = 0
-    for client in _clients(engines):
+    for client in (engine_client(url) for url in engines):
         try:
             names = remove_job(client, job)
             removed += len(names)

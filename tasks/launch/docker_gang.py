@@ -39,7 +39,7 @@ from kiln.tasks.launch.base import (
     TrainingFailedError,
     TrainingTimeoutError,
 )
-from kiln.tasks.launch.container_reaper import owner_label, start_watchdog, sweep_orphans
+from kiln.tasks.launch.container_reaper import engine_client, owner_label, remove_job, start_watchdog, sweep_orphans
 from kiln.tasks.launch.containers import (
     JOB_LABEL,
     MLFLOW_LOGIN_VARIABLES,
@@ -328,12 +328,9 @@ class DockerGangLauncher(Launcher):
     def _clean_up(self, clients: dict[str | None, DockerClient], job: str) -> None:
         """Remove whatever of the job is left on every engine (found by label), then close the clients."""
         _remove(self._containers)
-        selector = {"label": f"{JOB_LABEL}={job}"}
         for url, client in clients.items():
             try:
-                _remove(client.containers.list(all=True, filters=selector))
-                for network in client.networks.list(filters=selector):
-                    network.remove()
+                remove_job(client, job)
             except (DockerException, OSError) as exc:
                 log.warning("could not clean up job %s on %s (find leftovers with label %s=%s): %s", job,
                             url or "the local engine", JOB_LABEL, job, exc)
@@ -343,12 +340,9 @@ class DockerGangLauncher(Launcher):
 
 def _connect(node: NodeAllocation, *, pool_size: int) -> DockerClient:
     """A client for the node's engine; TLS and the default endpoint come from the docker SDK's environment."""
-    kwargs = kwargs_from_env()
-    if node.docker_url:
-        kwargs["base_url"] = node.docker_url
-    where = node.docker_url or kwargs.get("base_url") or "the default Docker socket"
+    where = node.docker_url or kwargs_from_env().get("base_url") or "the default Docker socket"
     try:
-        client = DockerClient(max_pool_size=pool_size, **kwargs)
+        client = engine_client(node.docker_url or "", max_pool_size=pool_size)
         client.ping()
     except DockerException as exc:
         raise ContainerStartError(node.node, f"cannot reach the Docker engine at {where} ({exc}); start it (on a "
