@@ -40,8 +40,9 @@ MAX_BATCH = 1 << 20
 _META_FILE = "kiln_meta.json"
 _PREDICT_BATCH = 4096
 _EXPORT_RULES = ("torch.export traces forward() once for a symbolic batch size: no Python branches or loops on "
-                 "tensor values (use torch.where), no .item()/.tolist()/numpy inside forward, no in-place changes "
-                 "of module attributes, only torch operations on the input")
+                 "tensor values (use torch.where), no .item()/.tolist()/numpy inside forward, no batch size fixed "
+                 "in view/reshape (use -1 or x.shape[0]), no changes of module attributes, only torch operations on "
+                 "the input")
 
 
 class ModelExportError(ValueError):
