@@ -30,12 +30,12 @@ from kiln.tasks.spec.release import (
     InfraValidationSpec,
     SliceSpec,
 )
-from kiln.tasks.spec.training import DockerSpec, ModelSpec, ResourcesSpec, TrainingSpec
+from kiln.tasks.spec.training import CodeSpec, DockerSpec, ModelSpec, ResourcesSpec, TrainingSpec
 from kiln.tasks.spec.yaml_reader import SPEC_LIMITS, SpecLimits
 
 __all__ = [
     "CLASSIFICATION_METRICS", "HIGHER_IS_BETTER", "PARAM_FIELDS", "REGRESSION_METRICS", "SPEC_LIMITS", "CanarySpec",
-    "CleaningSpec", "ColumnCleaning", "ColumnType", "DeploymentSpec", "DockerSpec", "EvaluationSpec",
+    "CleaningSpec", "CodeSpec", "ColumnCleaning", "ColumnType", "DeploymentSpec", "DockerSpec", "EvaluationSpec",
     "ExpectationSpec", "ExpectationsSpec", "FeaturesSpec", "GateSpec", "InfraValidationSpec", "ModelSpec",
     "PipelineSpec", "ResourcesSpec", "SliceSpec", "SourceSpec", "SpecError", "SpecLimits", "TaskType",
     "TrainingSpec", "discover_specs", "load_spec", "load_specs", "parse_spec", "spec_named",

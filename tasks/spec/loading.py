@@ -35,13 +35,44 @@ def load_spec(path: str | Path, limits: SpecLimits = SPEC_LIMITS) -> PipelineSpe
             data["source"] = {**source, "uri": _checked_uri(source["uri"], path.parent)}
         except SourceError as exc:
             problem = f"field 'source.uri': {exc}"
+    problems = [problem] if problem else []
+    if isinstance(data, dict):
+        code_problem = _resolve_code_path(data, path.parent)
+        if code_problem:
+            problems.append(code_problem)
     try:
         spec = parse_spec(data, str(path))
     except SpecError as exc:
-        raise SpecError(exc.source, [problem, *exc.problems] if problem else exc.problems) from None
-    if problem:
-        raise SpecError(str(path), [problem])
+        raise SpecError(exc.source, [*problems, *exc.problems]) from None
+    if problems:
+        raise SpecError(str(path), problems)
     return spec
+
+
+def _resolve_code_path(data: dict, spec_dir: Path) -> str | None:
+    """Make ``code.path`` absolute against ``spec_dir`` (default: the folder named as the pipeline beside the spec,
+    when it exists), in place; the problem with it, if any. Only the folder is checked here: its modules are
+    imported where the training job runs (the image may hold requirements this machine lacks)."""
+    code = data.get("code")
+    if code is None:
+        code = {}
+    if not isinstance(code, dict):
+        return None  # parse_spec names the wrong type
+    given = code.get("path")
+    if given is None:
+        name = data.get("name")
+        default = spec_dir / name if isinstance(name, str) and name and "/" not in name else None
+        if default is not None and default.is_dir():
+            data["code"] = {**code, "path": str(default.resolve())}
+        return None
+    if not isinstance(given, str) or not given:
+        return None  # parse_spec names the wrong type
+    folder = (spec_dir / Path(given).expanduser()).resolve()
+    if not folder.is_dir():
+        return (f"field 'code.path': {given!r} is not a folder (resolved against the spec file's folder to "
+                f"{folder}); point it at the folder holding the pipeline's code")
+    data["code"] = {**code, "path": str(folder)}
+    return None
 
 
 def _checked_uri(uri: str, spec_dir: Path) -> str:

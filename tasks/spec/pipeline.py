@@ -22,7 +22,7 @@ from kiln.tasks.spec.base import (
 )
 from kiln.tasks.spec.data import CleaningSpec, ExpectationsSpec, FeaturesSpec, SourceSpec
 from kiln.tasks.spec.release import DeploymentSpec, EvaluationSpec
-from kiln.tasks.spec.training import ModelSpec, TrainingSpec
+from kiln.tasks.spec.training import CodeSpec, ModelSpec, TrainingSpec
 
 #: Pipeline names that belong to the platform: its DAGs (``dags/kiln_*.py``: ``kiln_champion``; the DAG files
 #: ``kiln_pipelines`` and ``kiln_spec_errors``) and any it adds later, matched case-insensitively.
@@ -62,6 +62,8 @@ class PipelineSpec(_Strict):
     training: TrainingSpec = TrainingSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     deployment: DeploymentSpec = DeploymentSpec()
+    code: CodeSpec = CodeSpec()
+    """The pipeline's own code (``model.type: custom``, ``training.entrypoint``) and its requirements."""
 
     @field_validator("name")
     @classmethod
@@ -106,6 +108,11 @@ class PipelineSpec(_Strict):
                                                else [])])
         if problem:
             raise ValueError(problem)
+        for field, ref in (("model.factory", self.model.factory), ("training.entrypoint", self.training.entrypoint)):
+            if ref and ref.split(":")[0].endswith(".py") and self.code.path is None:
+                raise ValueError(f"{field} '{ref}' names a file, but the pipeline has no code folder: set code.path "
+                                 "(relative to the spec file) or put the code in a folder named as the pipeline "
+                                 "beside the spec")
         return self
 
     def metric_names(self) -> tuple[str, ...]:

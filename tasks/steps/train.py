@@ -88,6 +88,7 @@ def train(ctx: RunContext, launcher: Launcher | None = None, allocation: Allocat
     from kiln.tasks.training import fence
     from kiln.tasks.training.checkpoint_sync import CheckpointMirror
     from kiln.tasks.training.job import CONFIG_FILE, METRICS_FILE, TrainConfig
+    from kiln.tasks.training.user_code import code_hash
 
     spec = ctx.spec
     launcher = launcher or get_launcher(spec.training.launcher)
@@ -102,7 +103,9 @@ def train(ctx: RunContext, launcher: Launcher | None = None, allocation: Allocat
         config = TrainConfig(features_dir=str(ctx.input_dir(keys.BUILD_FEATURES)), output_dir=str(out),
                              checkpoint_dir=str(checkpoints), task=spec.task, model=spec.model,
                              training=spec.training, mlflow_tracking_uri=get_settings().mlflow_tracking_uri,
-                             mlflow_run_id=run_id, fence_token=token)
+                             mlflow_run_id=run_id, fence_token=token, code_dir=spec.code.path,
+                             code_hash=code_hash(spec.code.path) if spec.code.path else None,
+                             raw_snapshot=_raw_snapshot(ctx))
         # This try owns the checkpoints from now on: a job an earlier, killed try left running stops writing.
         fence.claim(checkpoints, token)
         launched = launcher.launch(config, nproc=spec.training.nproc, workdir=out, allocation=allocation)
@@ -115,3 +118,11 @@ def train(ctx: RunContext, launcher: Launcher | None = None, allocation: Allocat
     return TrainResult(model_uri=published, mlflow_run_id=run_id, duration_s=round(launched.duration_s, 3),
                        final=metrics.get("final", {}), resumed_from_epoch=metrics.get("resumed_from_epoch"),
                        samples_per_s=metrics.get("samples_per_s"))
+
+
+def _raw_snapshot(ctx: RunContext) -> str | None:
+    """The ingest snapshot for a user loop (which may build its own features); kiln's loop reads only the features,
+    so the snapshot is not fetched (from S3) for it."""
+    if not ctx.spec.training.entrypoint or not ctx.store.exists(ctx.key(keys.INGEST)):
+        return None
+    return str(ctx.input_dir(keys.INGEST) / keys.SNAPSHOT_FILE)

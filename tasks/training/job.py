@@ -50,6 +50,14 @@ class TrainConfig:
     fence_token: str | None = None
     """The try's claim on ``checkpoint_dir`` (:mod:`kiln.tasks.training.fence`): checkpoints and MLflow logging
     stop once a newer try claimed the folder. ``None``: unfenced (a job run by hand)."""
+    code_dir: str | None = None
+    """The pipeline's code folder (``code.path``) as the workers see it: put on ``sys.path`` for ``model.factory``
+    and ``training.entrypoint``. A launcher may rewrite it (``/opt/kiln/user_code`` in a user image)."""
+    code_hash: str | None = None
+    """sha256 of the code folder's files (:func:`kiln.tasks.training.user_code.code_hash`), computed where the
+    folder is first seen; part of the checkpoint fingerprint, so changed code never resumes old checkpoints."""
+    raw_snapshot: str | None = None
+    """The ingest snapshot (parquet) of the run, for loops that build their own features; ``None``: not given."""
 
     def __post_init__(self) -> None:
         if self.task not in _TASKS:
@@ -59,6 +67,16 @@ class TrainConfig:
         for name in ("features_dir", "output_dir", "checkpoint_dir"):
             if not getattr(self, name):
                 raise ValueError(f"TrainConfig.{name} must be a non-empty path")
+
+    @property
+    def entrypoint(self) -> str | None:
+        """The user's training loop (``training.entrypoint``); ``None``: kiln's own loop."""
+        return self.training.entrypoint
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The user's hyper-parameters (``training.params``)."""
+        return dict(self.training.params)
 
     def to_json(self) -> str:
         """The config as JSON (pydantic fields dumped in JSON mode)."""
@@ -81,10 +99,14 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """sha256 of everything a checkpoint must share with this config to be resumed from.
 
-        Reads the train split and feature spec to hash them. Leaves out ``epochs`` (so a finished job can be
-        extended), paths, MLflow ids and the number of ranks (a job may resume on another ``nproc``: it then
-        continues correctly but not bit-identically, since the global batch and RNG streams change).
+        Reads the train split and feature spec to hash them (and the code folder, when ``code_hash`` is not
+        given). Covers the model (factory and options included), the user's loop and params and the code. Leaves
+        out ``epochs`` (so a finished job can be extended), paths, MLflow ids and the number of ranks (a job may
+        resume on another ``nproc``: it then continues correctly but not bit-identically, since the global batch
+        and RNG streams change).
         """
+        from kiln.tasks.training.user_code import code_hash
+
         t = self.training
         data_hash = hashlib.sha256()
         for name in (TRAIN_FILE, FEATURE_SPEC_FILE):
@@ -93,7 +115,10 @@ class TrainConfig:
                     data_hash.update(chunk)
         identity = {"model": self.model.model_dump(mode="json"), "task": self.task, "optimizer": t.optimizer,
                     "learning_rate": t.learning_rate, "weight_decay": t.weight_decay, "batch_size": t.batch_size,
-                    "seed": t.seed, "data": data_hash.hexdigest()}
+                    "seed": t.seed, "data": data_hash.hexdigest(), "entrypoint": t.entrypoint, "params": t.params}
+        if t.entrypoint or self.model.type == "custom":
+            # Only code that runs: a code folder next to a built-in model and loop does not change the weights.
+            identity["code"] = self.code_hash or (code_hash(self.code_dir) if self.code_dir else None)
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

@@ -47,10 +47,31 @@ def test_minimal_spec_gets_defaults() -> None:
         ({"training": {"resources": {"gpu": 1}}}, ["field 'training.resources.gpu'", "did you mean 'gpus'"]),
         ({"training": {"nproc": 2, "resources": {"gpus": 1}}}, ["field 'training'", "one rank per GPU",
                                                                 "set nproc to at most"]),
+        ({"model": {"type": "custom"}}, ["field 'model'", "needs factory", "'module.path:callable'"]),
+        ({"model": {"factory": "resmlp:build"}}, ["field 'model'", "only used with model.type 'custom'",
+                                                  "set type: custom"]),
+        ({"model": {"type": "custom", "factory": "m:f", "hidden_sizes": [8]}},
+         ["model.hidden_sizes is a setting of the built-in networks", "model.options"]),
+        ({"model": {"type": "custom", "factory": "resmlp/build"}}, ["field 'model.factory'", "'module.path:callable'"]),
+        ({"model": {"type": "custom", "factory": "m:f", "options": {"n_outputs": 3}}},
+         ["field 'model.options'", "'n_outputs' is passed by kiln"]),
+        ({"model": {"type": "custom", "factory": "m:f", "options": {"w": [[[[[1]]]]]}}},
+         ["field 'model.options'", "deeper than 4"]),
+        ({"model": {"type": "custom", "factory": "m:f", "options": {"w": list(range(300))}}},
+         ["field 'model.options'", "more than 256 values"]),
+        ({"training": {"params": {"my key": 1}}}, ["field 'training.params'", "not a Python identifier"]),
+        ({"training": {"params": {"epochs": 3}}}, ["field 'training.params'", "set training.epochs instead"]),
+        ({"training": {"entrypoint": "loop.py:train"}}, ["training.entrypoint 'loop.py:train' names a file",
+                                                         "set code.path"]),
+        ({"code": {"requirements": ["tabulate=0.9"]}}, ["field 'code.requirements'", "not a PEP 508",
+                                                         "tabulate==0.9.0"]),
     ],
     ids=["bad-choice", "misspelled-section", "out-of-range", "misspelled-field", "cnn-without-shape",
          "metric-for-other-task", "ignored-target", "bad-name", "null-target", "no-train-rows",
-         "multi-node-local", "unknown-launcher", "bad-memory-size", "misspelled-resource", "more-ranks-than-gpus"],
+         "multi-node-local", "unknown-launcher", "bad-memory-size", "misspelled-resource", "more-ranks-than-gpus",
+         "custom-without-factory", "factory-with-mlp", "custom-with-builtin-field", "factory-not-a-ref",
+         "option-kiln-passes", "options-too-deep", "options-too-many", "param-not-identifier", "param-shadows-field",
+         "file-entrypoint-without-code", "bad-requirement"],
 )
 def test_bad_spec_names_the_field(change: dict, expected: list[str]) -> None:
     with pytest.raises(SpecError) as info:
@@ -87,6 +108,23 @@ def test_relative_source_resolved_against_spec_folder(tmp_path: Path) -> None:
     spec = load_spec(tmp_path / "p.yaml")
     assert spec.source.uri == str(tmp_path / "data" / "x.parquet")
     assert spec.source.resolved_format() == "parquet"
+
+
+def test_code_path_resolved_against_spec_folder_or_defaulted_to_the_pipeline_folder(tmp_path: Path) -> None:
+    custom = {**MINIMAL, "source": {"uri": "x.csv"}, "model": {"type": "custom", "factory": "net:build",
+                                                                "options": {"width": 8}}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(custom))
+    assert load_spec(tmp_path / "p.yaml").code.path is None  # no folder named as the pipeline: an installed package
+    (tmp_path / "m").mkdir()
+    spec = load_spec(tmp_path / "p.yaml")
+    assert spec.code.path == str(tmp_path / "m")
+    assert spec.with_overrides({"epochs": 2}).model == spec.model  # a dumped custom model validates again
+    (tmp_path / "src").mkdir()
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump({**custom, "code": {"path": "src", "requirements": ["six"]}}))
+    assert load_spec(tmp_path / "q.yaml").code.path == str(tmp_path / "src")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**custom, "code": {"path": "nowhere"}}))
+    with pytest.raises(SpecError, match=r"field 'code.path': 'nowhere' is not a folder"):
+        load_spec(tmp_path / "r.yaml")
 
 
 def test_overrides_apply_and_validate() -> None:
