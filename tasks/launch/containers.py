@@ -112,12 +112,14 @@ def container_kwargs(node: NodeAllocation, spec: DockerSpec, *, image: str, name
 
 
 def bind_volumes(config: TrainConfig, workdir: Path) -> dict[str, dict[str, str]]:
-    """Bind mounts at the same absolute paths: the run's features read-only, its outputs and checkpoints
-    read-write, the work folder (config file) read-only; nothing else of kiln's home (its databases, the lease
-    store, other runs). A path under a mount of the same mode is left out; the same path twice is read-write if
+    """Bind mounts at the same absolute paths: the run's features (and the raw snapshot, for a loop that builds
+    its own features) read-only, its outputs and checkpoints read-write, the work folder (config file) read-only;
+    nothing else of kiln's home (its databases, the lease store, other runs). The pipeline's code is in the user
+    image, not mounted. A path under a mount of the same mode is left out; the same path twice is read-write if
     either asks for it. A file-based MLflow store is not mounted: see :func:`containers_can_log`."""
     wanted: list[tuple[str | Path, str]] = [
-        (config.features_dir, "ro"), (workdir, "ro"), (config.output_dir, "rw"), (config.checkpoint_dir, "rw")]
+        (config.features_dir, "ro"), (workdir, "ro"), (config.output_dir, "rw"), (config.checkpoint_dir, "rw"),
+        *([(config.raw_snapshot, "ro")] if config.raw_snapshot else [])]
     modes: dict[str, str] = {}
     for path, mode in wanted:
         key = str(Path(path).resolve())
