@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,7 @@ def write_run_dirs(tmp_path: Path, df: pd.DataFrame, column_types: dict[str, str
 
     from kiln.tasks.spec import FeaturesSpec
     from kiln.tasks.steps.build_features import BuildFeaturesConfig, run_build_features
-    from kiln.tasks.training.networks import MODEL_FILE, build_model, save_model
+    from kiln.tasks.training.networks import build_model
 
     clean, features, model = tmp_path / "clean", tmp_path / "features", tmp_path / "model"
     for folder in (clean, features, model):
@@ -61,6 +62,20 @@ def write_run_dirs(tmp_path: Path, df: pd.DataFrame, column_types: dict[str, str
     n_outputs = result.n_classes or 1
     torch.manual_seed(0)
     spec = model_spec or ModelSpec(hidden_sizes=[8])
-    save_model(model / MODEL_FILE, build_model(spec, result.input_dim, n_outputs), model_spec=spec,
-               input_dim=result.input_dim, n_outputs=n_outputs, task=task)
+    save_trained(model, build_model(spec, result.input_dim, n_outputs), spec, result.input_dim, n_outputs, task)
     return features, model
+
+
+def save_trained(model_dir: Path, module: Any, spec: ModelSpec, input_dim: int, n_outputs: int, task: str) -> None:
+    """``module`` saved into ``model_dir`` as the train step saves a model: ``model.pt`` and the exported
+    ``model.pt2``."""
+    import torch
+
+    from kiln.tasks.bundle.program import PROGRAM_FILE, export_program, save_program
+    from kiln.tasks.training.networks import MODEL_FILE, save_model
+
+    save_model(model_dir / MODEL_FILE, module, model_spec=spec, input_dim=input_dim, n_outputs=n_outputs,
+               task=task)  # type: ignore[arg-type]
+    example = torch.randn(4, input_dim, generator=torch.Generator().manual_seed(0))
+    save_program(export_program(module, example, task), model_dir / PROGRAM_FILE,
+                 {"task": task, "input_dim": input_dim, "n_outputs": n_outputs})

@@ -86,19 +86,20 @@ def run_evaluate(config: EvaluateConfig, features_dir: Path, model_dir: Path, ou
     Args:
         config: the step's settings.
         features_dir: the ``build_features`` output folder.
-        model_dir: the ``train`` output folder (holding ``model.pt``).
+        model_dir: the ``train`` output folder (holding the exported program ``model.pt2``).
         out_dir: an empty folder to write into (the caller publishes it).
 
     Raises:
         ValueError: an empty test split, or features, model and config that disagree on the task or width.
+        ModelExportError: ``model.pt2`` is missing or cannot be loaded.
     """
     import numpy as np
 
+    from kiln.tasks.bundle.program import load_program
     from kiln.tasks.evaluation.metrics import check_thresholds, compute_metrics
     from kiln.tasks.evaluation.plots import plot_confusion, plot_residuals
     from kiln.tasks.features.splits import load_split
     from kiln.tasks.features.transform import FEATURE_SPEC_FILE
-    from kiln.tasks.training.networks import load_model, predict
 
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     x, y = load_split(features_dir, SPLIT)
@@ -106,9 +107,10 @@ def run_evaluate(config: EvaluateConfig, features_dir: Path, model_dir: Path, ou
         raise ValueError(f"the test split in {features_dir} has 0 rows; raise features.test_fraction or "
                          "collect more data")
     spec = read_json(features_dir / FEATURE_SPEC_FILE)
-    model = load_model(model_dir)
-    _check_compatible(config, spec, model.meta, features_dir, Path(model_dir))
-    y_pred = predict(model, x)
+    # The exported program, not model.pt: it runs without the pipeline's code (a custom network's factory).
+    program = load_program(model_dir)
+    _check_compatible(config, spec, program.meta, features_dir, Path(model_dir))
+    y_pred = program.predict(x)
     np.save(out_dir / keys.PREDICTIONS_FILE, y_pred)
     plain = compute_metrics(config.task, y, y_pred, spec.get("n_classes"))
     metrics = {f"{SPLIT}/{k}": v for k, v in plain.items()}

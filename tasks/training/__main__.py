@@ -1,5 +1,5 @@
-"""``python -m kiln.tasks.training --config cfg.json``: one worker of a training job (see :mod:`.loop`)."""
+"""``python -m kiln.tasks.training --config cfg.json``: one worker of a training job (see :mod:`.runner`)."""
 
-from kiln.tasks.training.loop import main
+from kiln.tasks.training.runner import main
 
 main()

@@ -70,8 +70,13 @@ def build_model(spec: ModelSpec, input_dim: int, n_outputs: int) -> nn.Module:
     """Construct the network a spec describes.
 
     Raises:
-        ValueError: a CNN whose ``image_shape`` does not match the number of feature columns.
+        ValueError: a CNN whose ``image_shape`` does not match the number of feature columns, or a custom model
+            (built by its factory in the training job: :class:`kiln.tasks.training.api.TrainContext`).
     """
+    if spec.type == "custom":
+        raise ValueError(f"model.type 'custom' ({spec.factory}) is built by the pipeline's factory inside the "
+                         "training job, not here; load the exported program (model.pt2) with "
+                         "kiln.tasks.bundle.program.load_program")
     if spec.type == "cnn":
         assert spec.image_shape is not None  # guaranteed by ModelSpec validation
         h, w = spec.image_shape
@@ -108,9 +113,18 @@ def save_model(path: str | Path, module: nn.Module, *, model_spec: ModelSpec, in
 
 
 def load_model(model_dir: str | Path) -> LoadedModel:
-    """Load ``model.pt`` from a ``train`` output folder."""
+    """Load ``model.pt`` from a ``train`` output folder (a network of kiln's own, trained by kiln's loop).
+
+    Raises:
+        ValueError: the model was built or trained by the pipeline's own code (load ``model.pt2`` instead).
+    """
     payload = torch.load(Path(model_dir) / MODEL_FILE, map_location="cpu", weights_only=False)
     meta = payload["meta"]
+    if not meta.get("rebuildable", True):
+        raise ValueError(f"the model in {model_dir} was built by the pipeline's own code (model.factory "
+                         f"{meta.get('factory')!r}, training.entrypoint {meta.get('entrypoint')!r}) and cannot be "
+                         "rebuilt here; load the exported program (model.pt2) with "
+                         "kiln.tasks.bundle.program.load_program")
     module = build_model(ModelSpec.model_validate(meta["model_spec"]), meta["input_dim"], meta["n_outputs"])
     module.load_state_dict(payload["state_dict"])
     module.eval()

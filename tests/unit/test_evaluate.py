@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from synthetic import write_run_dirs
+from synthetic import save_trained, write_run_dirs
 
 from kiln.tasks.evaluation.metrics import check_thresholds, compute_metrics
 from kiln.tasks.features.splits import TEST_FILE
 from kiln.tasks.pipeline.keys import METRICS_FILE
 from kiln.tasks.spec import ModelSpec
 from kiln.tasks.steps.evaluate import CONFUSION_PNG, RESIDUALS_PNG, EvaluateConfig, run_evaluate
-from kiln.tasks.training.networks import MODEL_FILE, build_model, save_model
+from kiln.tasks.training.networks import build_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -164,8 +164,7 @@ def test_empty_test_split_is_an_error(tmp_path):
 def test_model_of_another_width_is_rejected(tmp_path):
     features, model = make_run_dirs(tmp_path, "classification")
     spec = ModelSpec(hidden_sizes=[4])
-    save_model(model / MODEL_FILE, build_model(spec, 3, 2), model_spec=spec, input_dim=3, n_outputs=2,
-               task="classification")
+    save_trained(model, build_model(spec, 3, 2), spec, 3, 2, "classification")
 
     with pytest.raises(ValueError, match="takes 3 features"):
         run_evaluate(EvaluateConfig(task="classification", primary_metric="accuracy"), features, model,

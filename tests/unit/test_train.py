@@ -87,10 +87,11 @@ def test_checkpoints_are_written_atomically_each_epoch_and_only_the_last_two_kep
     config = make_config(tmp_path, features, epochs=4)
     run_train(config)
     assert written == ["epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt", "epoch_0004.pt"]
-    assert sorted(p.name for p in Path(config.checkpoint_dir).iterdir()) == ["epoch_0003.pt", "epoch_0004.pt"]
+    assert sorted(p.name for p in Path(config.checkpoint_dir).glob("epoch_*")) == ["epoch_0003.pt", "epoch_0004.pt"]
     ckpt = torch.load(Path(config.checkpoint_dir) / "epoch_0004.pt", weights_only=True)
     assert ckpt["epoch"] == 4 and ckpt["fingerprint"] == config.fingerprint()
-    assert {"model_state", "optimizer_state", "rng_states", "history"} <= set(ckpt)
+    assert {"state", "rng_states", "history"} <= set(ckpt)
+    assert {"model_state", "optimizer_state"} == set(ckpt["state"])
     assert [h["epoch"] for h in ckpt["history"]] == [1, 2, 3, 4]
 
 
