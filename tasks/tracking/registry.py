@@ -1,9 +1,12 @@
 """The model registry: MLflow's, with one registered model per pipeline and a ``champion`` alias.
 
-Every evaluated candidate becomes a model version whose source is the bundle logged to its training run, tagged
-with the data hash, spec hash, code version and run ids. Only :meth:`Registry.set_champion` moves the ``champion``
-alias (the gate's pass, an explicit approval, or a rollback), and each move is appended to the registered model's
-``kiln.champion_history`` tag (who, when, why), which is what :meth:`Registry.rollback` walks back through.
+Every evaluated candidate becomes a model version: an MLflow Model (pyfunc flavor, :mod:`.pyfunc_model`) logged
+from its training run and holding its bundle, tagged with the data hash, spec hash, code version and run ids. So
+``mlflow.pyfunc.load_model("models:/<pipeline>@champion")`` predicts raw rows as kiln's model server does.
+
+Only :meth:`Registry.set_champion` moves the ``champion`` alias (the gate's pass, an explicit approval, or a
+rollback), and each move is appended to the registered model's ``kiln.champion_history`` tag (who, when, why),
+which is what :meth:`Registry.rollback` walks back through.
 
 The history is also the check on the alias: :meth:`Registry.champion` refuses an alias that names another version
 than the last recorded move (someone moved it with a raw MLflow call), naming both, until a person approves a
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -23,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +41,10 @@ HISTORY_LIMIT = 25
 MISMATCH_READS = 10
 #: Model-version tag tying a version to the pipeline run that produced it (one version per run).
 RUN_KEY_TAG = "kiln.run_key"
-#: Folder of the training run's MLflow artifacts that holds the bundle (the version's source).
+#: Model-version tag naming the MLflow logged model the version is (OSS MLflow keeps no ``model_id`` on a version).
+MODEL_ID_TAG = "kiln.model_id"
+#: Folder of the training run's MLflow artifacts that is the source of versions registered before kiln logged
+#: MLflow Models: the bare bundle (:meth:`Registry.fetch_bundle` still reads them).
 BUNDLE_ARTIFACT_PATH = "bundle"
 
 
@@ -65,16 +74,19 @@ class ModelVersionInfo:
     source: str
     tags: dict[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    model_id: str = ""
+    """The MLflow logged model the version is (empty for versions whose source is a bare bundle folder)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"name": self.name, "version": self.version, "run_id": self.run_id, "source": self.source,
-                "tags": dict(self.tags), "aliases": list(self.aliases)}
+                "tags": dict(self.tags), "aliases": list(self.aliases), "model_id": self.model_id}
 
 
 def _info(mv: Any) -> ModelVersionInfo:
     return ModelVersionInfo(name=mv.name, version=str(mv.version), run_id=mv.run_id or "", source=mv.source,
-                            tags=dict(mv.tags or {}), aliases=tuple(getattr(mv, "aliases", None) or ()))
+                            tags=dict(mv.tags or {}), aliases=tuple(getattr(mv, "aliases", None) or ()),
+                            model_id=(mv.tags or {}).get(MODEL_ID_TAG) or getattr(mv, "model_id", None) or "")
 
 
 class Registry:
@@ -95,16 +107,19 @@ class Registry:
         return cls(get_settings().mlflow_tracking_uri)
 
     def register(self, name: str, run_id: str, bundle_dir: Path, tags: dict[str, str]) -> ModelVersionInfo:
-        """Log ``bundle_dir`` to the training run and register it as a new version of ``name``.
+        """Log ``bundle_dir`` as an MLflow Model from the training run and register it as a new version of ``name``.
 
         Idempotent per pipeline run: a retried step finds the version already made for ``tags[RUN_KEY_TAG]``
-        and returns it instead of adding another.
+        and returns it instead of adding another (and reuses a logged model that a cut-short try left unversioned).
 
         Args:
             name: the registered model (the pipeline name).
             run_id: the MLflow run that trained the model.
             bundle_dir: the exported bundle folder.
             tags: version tags; must include ``RUN_KEY_TAG``.
+
+        Raises:
+            BundleError: ``bundle_dir`` is not a loadable bundle.
         """
         existing = self.find_by_run_key(name, tags[RUN_KEY_TAG])
         if existing is not None:
@@ -114,11 +129,37 @@ class Registry:
             self.client.get_registered_model(name)
         except MlflowException:
             self.client.create_registered_model(name, description=f"Models of the kiln pipeline '{name}'.")
-        self.client.log_artifacts(run_id, str(bundle_dir), artifact_path=BUNDLE_ARTIFACT_PATH)
-        source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT_PATH}"
-        mv = self.client.create_model_version(name, source, run_id=run_id, tags=tags)
-        log.info("registered %s version %s from run %s", name, mv.version, run_id)
+        model = self._logged_model(name, run_id, Path(bundle_dir), tags)
+        # The source is the logged model's own location, not ``models:/<model_id>``: a registry store resolves that
+        # form with the process-wide tracking URI, which need not be this client's (it is not in the tests).
+        mv = self.client.create_model_version(name, model.artifact_location, run_id=run_id,
+                                              tags={**tags, MODEL_ID_TAG: model.model_id}, model_id=model.model_id)
+        log.info("registered %s version %s (MLflow model %s) from run %s", name, mv.version, model.model_id, run_id)
         return _info(mv)
+
+    def _logged_model(self, name: str, run_id: str, bundle_dir: Path, tags: dict[str, str]) -> Any:
+        """The READY logged model of this pipeline run: one that an earlier try left, or a new one."""
+        from kiln.tasks.tracking import pyfunc_model  # MLflow's pyfunc machinery: only registering pays for it
+
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        left = self.client.search_logged_models(
+            [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{tags[RUN_KEY_TAG]}' AND status = 'READY'")
+        if left:
+            log.info("reusing MLflow model %s logged for %s by an earlier try", left[0].model_id, tags[RUN_KEY_TAG])
+            return left[0]
+        model = self.client.create_logged_model(experiment_id, name=name, source_run_id=run_id, tags=tags,
+                                                model_type="kiln-bundle")
+        try:
+            with tempfile.TemporaryDirectory(prefix="kiln-mlflow-model-") as tmp:
+                local = pyfunc_model.save_model(bundle_dir, Path(tmp) / "model", Model(
+                    artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
+                    model_id=model.model_id))
+                self.client.log_model_artifacts(model.model_id, str(local))
+            self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        except BaseException:
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        return self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
 
     def find_by_run_key(self, name: str, run_key: str) -> ModelVersionInfo | None:
         """The version registered for one pipeline run, if any."""
@@ -271,18 +312,25 @@ class Registry:
     def fetch_bundle(self, version: ModelVersionInfo, cache_dir: Path) -> Path:
         """A local copy of a version's bundle under ``cache_dir/v<version>`` (downloaded once, atomically).
 
-        Versions are immutable, so a cached copy is reused as it is.
+        Versions are immutable, so a cached copy is reused as it is. The bundle is read from inside the version's
+        MLflow Model, or is the source itself for versions registered before kiln logged MLflow Models.
         """
         import mlflow.artifacts
+
+        from kiln.tasks.tracking.pyfunc_model import MODEL_BUNDLE_PATH
 
         final = Path(cache_dir) / f"v{version.version}"
         if final.is_dir():
             return final
+        uri = version.source
+        if version.model_id:
+            location = self.client.get_model_version_download_uri(version.name, version.version)
+            uri = f"{location.rstrip('/')}/{MODEL_BUNDLE_PATH}"
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-v{version.version}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp),
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp),
                                                            tracking_uri=self.tracking_uri))
             try:
                 got.rename(final)
