@@ -37,13 +37,22 @@ class MlflowLogger:
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
+#: MLflow's longest param value.
+MAX_PARAM_CHARS = 6000
+
+
 def run_params(config: TrainConfig, world_size: int, fingerprint: str) -> dict[str, Any]:
     """What a job logs as its MLflow run's params. Where it ran (resources, docker) is the launch's business, not
-    a training hyperparameter."""
-    return {**{f"training.{k}": v for k, v in config.training.model_dump(mode="json").items()
-               if k not in ("resources", "docker")},
-            **{f"model.{k}": v for k, v in config.model.model_dump(mode="json").items()},
-            "task": config.task, "world_size": world_size, "fingerprint": fingerprint}
+    a training hyperparameter. The user's ``training.params`` are logged one by one (``params.<name>``)."""
+    params = {**{f"training.{k}": v for k, v in config.training.model_dump(mode="json").items()
+                 if k not in ("resources", "docker", "params")},
+              **{f"params.{k}": v for k, v in config.training.params.items()},
+              **{f"model.{k}": v for k, v in config.model.model_dump(mode="json").items()},
+              "task": config.task, "world_size": world_size, "fingerprint": fingerprint}
+    if config.code_hash:
+        params["code_hash"] = config.code_hash
+    return {k: (json.dumps(v) if isinstance(v, (dict, list)) else str(v))[:MAX_PARAM_CHARS]
+            for k, v in params.items()}
 
 
 def relay_to_mlflow(config: TrainConfig, metrics_file: Path) -> int:

@@ -1,0 +1,3 @@
+"""Raises while being imported."""
+
+raise RuntimeError("config file settings.toml not found")
