@@ -7,9 +7,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: What runs a bundle's model in a model server: ``onnx`` (ONNX Runtime on the bundle's ``model.onnx``), ``torch``
+#: (the exported program ``model.pt2``), or ``auto`` (ONNX Runtime when the bundle has ``model.onnx``, else torch).
+ServeRuntime = Literal["auto", "onnx", "torch"]
+SERVE_RUNTIMES: tuple[str, ...] = get_args(ServeRuntime)
 
 
 @dataclass(frozen=True)
@@ -56,13 +61,21 @@ class Settings:
     serve_token: str | None
     """``KILN_SERVE_TOKEN``: bearer token of the model server's predict and admin endpoints. Unset: a random token
     is generated once into ``$KILN_SERVING_DIR/token`` (mode 0600)."""
+    serve_runtime: ServeRuntime
+    """``KILN_SERVE_RUNTIME``: what runs the models in the model servers: ``auto`` (default: ONNX Runtime when a
+    bundle has ``model.onnx``, else the exported torch program), ``onnx`` or ``torch``; the server's ``--runtime``
+    flag overrides it."""
     mlflow_ui_url: str
     """``KILN_MLFLOW_UI_URL``: the MLflow UI that the Airflow UI's extra links point at (default
     ``http://127.0.0.1:5000``, where ``make up`` serves it)."""
 
 
 def get_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read the settings from ``environ`` (default: the environment, now; not cached, so tests may change it)."""
+    """Read the settings from ``environ`` (default: the environment, now; not cached, so tests may change it).
+
+    Raises:
+        ValueError: a value is malformed; the message names the variable (and the allowed values).
+    """
     env = os.environ if environ is None else environ
     home = Path(env.get("KILN_HOME") or REPO_ROOT / "var").resolve()
     return Settings(
@@ -82,6 +95,7 @@ def get_settings(environ: Mapping[str, str] | None = None) -> Settings:
         serve_host=env.get("KILN_SERVE_HOST") or "127.0.0.1",
         serve_port=_int_env("KILN_SERVE_PORT", 8765, env),
         serve_token=env.get("KILN_SERVE_TOKEN") or None,
+        serve_runtime=_choice_env("KILN_SERVE_RUNTIME", SERVE_RUNTIMES, env),  # type: ignore[arg-type]
         mlflow_ui_url=(env.get("KILN_MLFLOW_UI_URL") or "http://127.0.0.1:5000").rstrip("/"),
     )
 
@@ -149,3 +163,11 @@ def _int_env(name: str, default: int, environ: Mapping[str, str] | None = None) 
         return int(raw)
     except ValueError:
         raise ValueError(f"environment variable {name} must be an integer, found {raw!r}") from None
+
+
+def _choice_env(name: str, choices: tuple[str, ...], environ: Mapping[str, str]) -> str:
+    """The variable's value, one of ``choices`` (unset or empty: the first)."""
+    raw = environ.get(name) or choices[0]
+    if raw not in choices:
+        raise ValueError(f"environment variable {name} must be one of {', '.join(choices)}, found {raw!r}")
+    return raw

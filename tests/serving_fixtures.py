@@ -94,7 +94,8 @@ def make_bundle(root: Path, *, seed: int = 0, epochs: int = 4) -> Path:
 
 class _Failing(nn.Module):
     """A network that raises on rows holding a feature beyond ``threshold`` in magnitude (like a model with a bug
-    that only some inputs reach), and otherwise answers as the wrapped one."""
+    that only some inputs reach), and otherwise answers as the wrapped one. The check is a run-time assertion, which
+    ``torch.export`` keeps in the program (and which keeps the model off ONNX, whose conversion would drop it)."""
 
     def __init__(self, inner: nn.Module, threshold: float):
         super().__init__()
@@ -102,9 +103,25 @@ class _Failing(nn.Module):
         self.threshold = threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool((x.abs() > self.threshold).any()):
-            raise RuntimeError("the model failed on an input beyond its threshold")
+        torch._assert_async((x.abs() <= self.threshold).all(), "the model failed on an input beyond its threshold")
         return self.inner(x)
+
+
+def _trained_network(model_dir: Path) -> nn.Module:
+    """The network saved in a ``train`` output folder (``model.pt``)."""
+    from kiln.tasks.training.networks import load_model
+
+    return load_model(model_dir).module
+
+
+def _rewrite_manifest(out: Path, **changes: Any) -> None:
+    """Apply ``changes`` to ``out``'s manifest and hash the files it lists again, as an export would have."""
+    from kiln.tasks.bundle.load import MANIFEST_FILE, content_files
+
+    manifest = {**json.loads((out / MANIFEST_FILE).read_text()), **changes}
+    manifest["files"] = {name: hashlib.sha256((out / name).read_bytes()).hexdigest()
+                         for name in content_files(manifest)}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
 
 def make_failing_bundle(good: Path, out: Path, *, fails_on: Literal["poison", "always"]) -> Path:
@@ -117,18 +134,49 @@ def make_failing_bundle(good: Path, out: Path, *, fails_on: Literal["poison", "a
             own sample passes, so it loads and warms up); ``always``: on every input (its warm-up fails).
 
     Returns:
-        ``out``, loadable with ``kiln.tasks.bundle.load.load_bundle`` (the file hashes match).
+        ``out``, loadable with ``kiln.tasks.bundle.load.load_bundle`` (the file hashes match); it runs with the
+        torch runtime (no ``model.onnx``).
     """
-    from kiln.tasks.bundle.load import MANIFEST_FILE, MODEL_FILE
+    from kiln.tasks.bundle.load import MANIFEST_FILE, MODEL_FILE, ONNX_FILE
+    from kiln.tasks.bundle.program import MAX_BATCH, Servable, save_program
 
     shutil.copytree(good, out)
-    inner = torch.jit.load(str(good / MODEL_FILE), map_location="cpu")
+    (out / ONNX_FILE).unlink(missing_ok=True)
     # Standardised features of real rows stay within a few units; the poison value lands near 1e8.
-    failing = torch.jit.script(_Failing(inner, 1e6 if fails_on == "poison" else 0.0))
-    torch.jit.save(failing, str(out / MODEL_FILE))
+    network = _trained_network(good.parent / "train")  # make_bundle's layout
+    servable = Servable(_Failing(network, 1e6 if fails_on == "poison" else 0.0), True).eval()
+    x = torch.zeros(4, servable.network.inner.net[0].in_features)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    # torch.export directly: kiln's export_program runs the program to check it, which "always" would fail.
+    program = torch.export.export(servable, (x,), dynamic_shapes=({0: batch},), strict=False)
+    meta = json.loads((out / MANIFEST_FILE).read_text())["model"]
+    save_program(program, out / MODEL_FILE, meta)
+    _rewrite_manifest(out, runtimes=["torch"], onnx={"file": None, "reason": "a test model that raises"})
+    return out
+
+
+def make_torchscript_bundle(good: Path, out: Path, model_dir: Path | None = None) -> Path:
+    """A format 1 bundle (TorchScript ``model.ts``, as kiln wrote before format 2) of the model of bundle ``good``.
+
+    Args:
+        good: a bundle folder.
+        out: where to write it (must not exist).
+        model_dir: the ``train`` output of ``good``'s model (default: :func:`make_bundle`'s, beside ``good``).
+    """
+    from kiln.tasks.bundle.load import MANIFEST_FILE, MODEL_FILE, ONNX_FILE, quiet_torchscript
+    from kiln.tasks.bundle.program import Servable
+
+    shutil.copytree(good, out)
+    for name in (MODEL_FILE, ONNX_FILE):
+        (out / name).unlink(missing_ok=True)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    manifest["files"][MODEL_FILE] = hashlib.sha256((out / MODEL_FILE).read_bytes()).hexdigest()
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    network = _trained_network(model_dir or good.parent / "train")
+    with quiet_torchscript():
+        scripted = torch.jit.script(Servable(network, manifest["task"] == "classification").eval())
+        torch.jit.save(scripted, str(out / "model.ts"))
+    manifest = {k: v for k, v in manifest.items() if k not in ("runtimes", "onnx")}
+    (out / MANIFEST_FILE).write_text(json.dumps({**manifest, "format_version": 1}))
+    _rewrite_manifest(out)
     return out
 
 

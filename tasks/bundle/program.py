@@ -18,6 +18,7 @@ import logging
 import math
 import re
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,8 @@ class LoadedProgram:
     module: nn.Module
     meta: dict[str, Any]
     task: str
+    program: torch.export.ExportedProgram | None = None
+    """The program itself (for :func:`program_runner` and the ONNX converter)."""
 
     @torch.no_grad()
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -170,4 +173,31 @@ def load_program(path: str | Path) -> LoadedProgram:
         raise ModelExportError(f"{path} cannot be loaded by torch {torch.__version__}: {exc}; re-run train with "
                                "this torch version") from None
     meta = json.loads(extra[_META_FILE] or "{}")
-    return LoadedProgram(program.module(), meta, str(meta.get("task", "classification")))
+    return LoadedProgram(program.module(), meta, str(meta.get("task", "classification")), program)
+
+
+_WEIGHT_INPUTS = {"PARAMETER", "BUFFER", "CONSTANT_TENSOR"}
+
+
+def program_runner(program: torch.export.ExportedProgram) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A fast callable of ``program``: its graph with the weights bound, one float32 ``[n, d]`` tensor in, out.
+
+    ``program.module()`` flattens the arguments with pytree and checks every input against the exported shape
+    guards on each call: about 100 µs of Python, several times what a small network itself takes (a model server
+    pays it per batch). The caller checks what the guards would (``x`` is float32 ``[n, d]``, ``n >= 1``, the
+    program was exported for any ``n``); a program whose graph takes or gives more than weights, constants, one
+    input and one output (buffer mutations, tokens, custom objects) runs through ``program.module()``.
+    """
+    sig = program.graph_signature
+    kinds = [spec.kind.name for spec in sig.input_specs]
+    if kinds.count("USER_INPUT") != 1 or not set(kinds) <= _WEIGHT_INPUTS | {"USER_INPUT"} \
+            or [spec.kind.name for spec in sig.output_specs] != ["USER_OUTPUT"]:
+        module = program.module()
+        return lambda x: module(x)
+    weights = {**program.state_dict, **program.constants}
+    bound = [None if kind == "USER_INPUT" else weights[spec.target].detach()
+             for kind, spec in zip(kinds, sig.input_specs, strict=True)]
+    slot = kinds.index("USER_INPUT")
+    before, after = tuple(bound[:slot]), tuple(bound[slot + 1:])
+    forward = program.graph_module.forward
+    return lambda x: forward(*before, x, *after)[0]

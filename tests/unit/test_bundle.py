@@ -1,8 +1,10 @@
-"""Unit tests for the model bundle: export, self-contained loading, train/serve parity and refused bundles."""
+"""Unit tests for the model bundle: export, self-contained loading, its runtimes, train/serve parity and refused
+bundles."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -12,13 +14,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from synthetic import write_run_dirs
+from serving_fixtures import make_torchscript_bundle
+from synthetic import save_trained, write_run_dirs
+from torch import nn
 
 from kiln.tasks.bundle.export import ExportConfig, export_bundle
 from kiln.tasks.bundle.load import (
     BUNDLE_FORMAT_VERSION,
     MANIFEST_FILE,
     MODEL_FILE,
+    ONNX_FILE,
     SAMPLE_FILE,
     SAMPLE_PREDICTIONS_FILE,
     SIGNATURE_FILE,
@@ -26,6 +31,7 @@ from kiln.tasks.bundle.load import (
     RecordError,
     load_bundle,
 )
+from kiln.tasks.bundle.program import PROGRAM_FILE, Servable, export_program, load_program, save_program
 from kiln.tasks.features.records import records_from_frame
 from kiln.tasks.features.splits import TEST_RAW_FILE
 from kiln.tasks.features.transform import FEATURE_SPEC_FILE
@@ -80,10 +86,13 @@ def test_export_writes_every_file_and_a_manifest_with_provenance(tmp_path):
     result = export_bundle(ExportConfig(features, model, metadata=PROVENANCE), tmp_path / "bundle")
 
     assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == sorted(
-        [MANIFEST_FILE, MODEL_FILE, FEATURE_SPEC_FILE, SIGNATURE_FILE, SAMPLE_FILE, SAMPLE_PREDICTIONS_FILE])
+        [MANIFEST_FILE, MODEL_FILE, ONNX_FILE, FEATURE_SPEC_FILE, SIGNATURE_FILE, SAMPLE_FILE, SAMPLE_PREDICTIONS_FILE])
     manifest = json.loads((tmp_path / "bundle" / MANIFEST_FILE).read_text())
     assert manifest == result.manifest
-    assert manifest["format_version"] == BUNDLE_FORMAT_VERSION and manifest["metadata"] == PROVENANCE
+    assert manifest["format_version"] == BUNDLE_FORMAT_VERSION == 2 and manifest["metadata"] == PROVENANCE
+    assert manifest["runtimes"] == ["onnx", "torch"] and manifest["onnx"]["file"] == ONNX_FILE
+    assert sorted(manifest["files"]) == sorted(p.name for p in (tmp_path / "bundle").iterdir()
+                                               if p.name != MANIFEST_FILE)
     assert manifest["torch_version"] == torch.__version__ and manifest["model"]["input_dim"] == 9
     n_test = len(pd.read_parquet(features / TEST_RAW_FILE))
     assert result.sample_rows == n_test == 12 and 0.0 <= result.max_diff <= 1e-5
@@ -206,23 +215,147 @@ def test_export_and_load_work_where_warnings_are_errors(tmp_path):
         np.testing.assert_allclose(bundle.predict_frame(raw), expected, rtol=0, atol=1e-6)
 
 
-def test_the_model_file_loads_without_the_project_code(exported):
-    path = exported[2] / MODEL_FILE
+def test_the_model_files_load_without_the_project_code(exported):
     bundle = load_bundle(exported[2])
     x = bundle.transform.transform(bundle.sample()[0])
-    script = ("import sys, warnings; warnings.simplefilter('ignore'); sys.modules['tasks'] = None; "
-              "import numpy, torch; m = torch.jit.load(sys.argv[1]); "
-              "print(m(torch.from_numpy(numpy.load(sys.argv[2]))).tolist())")
+    script = ("import sys, json, warnings; warnings.simplefilter('ignore'); sys.modules['kiln'] = None; "
+              "import numpy, onnxruntime, torch; x = numpy.load(sys.argv[3]); "
+              "program = torch.export.load(sys.argv[1]).module(); "
+              "session = onnxruntime.InferenceSession(sys.argv[2]); "
+              "print(json.dumps([program(torch.from_numpy(x)).tolist(), session.run(None, {'x': x})[0].tolist()]))")
     np.save(exported[2].parent / "x.npy", x)
 
-    out = subprocess.run([sys.executable, "-c", script, str(path), str(exported[2].parent / "x.npy")],
-                         capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script, str(exported[2] / MODEL_FILE), str(exported[2] / ONNX_FILE),
+                          str(exported[2].parent / "x.npy")], capture_output=True, text=True, check=True, timeout=120)
 
-    np.testing.assert_allclose(np.array(json.loads(out.stdout)), bundle.sample()[1], rtol=0, atol=1e-6)
+    from_program, from_onnx = json.loads(out.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(np.array(from_program), bundle.sample()[1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.array(from_onnx), bundle.sample()[1], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", [MANIFEST_FILE, MODEL_FILE, FEATURE_SPEC_FILE, SIGNATURE_FILE, SAMPLE_FILE,
-                                  SAMPLE_PREDICTIONS_FILE])
+@pytest.mark.parametrize("runtime", ["onnx", "torch"])
+def test_each_runtime_predicts_the_whole_test_split_like_the_training_code(exported, runtime):
+    features, model, path = exported
+    bundle = load_bundle(path, runtime)
+    test_raw = pd.read_parquet(features / TEST_RAW_FILE)
+
+    served = bundle.predict_records(json.loads(test_raw.to_json(orient="records")))
+
+    assert bundle.runtime == runtime and bundle.runtimes == ("onnx", "torch")
+    np.testing.assert_allclose(served, predict(load_model(model), bundle.transform.transform(test_raw)),
+                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(bundle.predict_records(records_from_frame(test_raw.head(1))), served[:1],
+                               rtol=0, atol=1e-6)
+
+
+def test_auto_serves_with_onnx_runtime_when_the_bundle_has_it(exports):
+    assert load_bundle(exports["classification"][2]).runtime == "onnx"
+    assert load_bundle(exports["classification"][2], "auto").runtime == "onnx"
+
+
+def test_a_bundle_without_onnx_serves_with_torch_and_refuses_runtime_onnx(exports, tmp_path):
+    copy = without_onnx(exports["classification"][2], tmp_path, reason="the ONNX conversion failed: test")
+
+    assert load_bundle(copy).runtime == "torch" and load_bundle(copy).runtimes == ("torch",)
+    with pytest.raises(BundleError, match=r"has no model\.onnx \(the ONNX conversion failed: test\), so it cannot "
+                                          r"be served with runtime 'onnx'; choose 'auto' or 'torch' \(the model "
+                                          r"server's --runtime flag or KILN_SERVE_RUNTIME\)"):
+        load_bundle(copy, "onnx")
+
+
+def test_an_unknown_runtime_is_refused_naming_the_choices(exports):
+    with pytest.raises(ValueError, match="runtime must be one of auto, onnx, torch, found 'tensorrt'"):
+        load_bundle(exports["classification"][2], "tensorrt")  # type: ignore[arg-type]
+
+
+def test_a_format_1_torchscript_bundle_still_loads_and_predicts(exported, tmp_path):
+    features, model, path = exported
+    old = make_torchscript_bundle(path, tmp_path / "v1", model_dir=model)
+    raw, expected = load_bundle(path).sample()
+
+    bundle = load_bundle(old)
+
+    assert sorted(json.loads((old / MANIFEST_FILE).read_text())["files"]) == sorted(
+        ["model.ts", FEATURE_SPEC_FILE, SIGNATURE_FILE, SAMPLE_FILE, SAMPLE_PREDICTIONS_FILE])
+    assert bundle.runtime == "torchscript" and bundle.runtimes == ("torchscript",)
+    assert load_bundle(old, "torch").runtime == "torchscript"
+    np.testing.assert_allclose(bundle.predict_records(records_from_frame(raw)), expected, rtol=0, atol=1e-6)
+    with pytest.raises(BundleError, match="is of format 1 .* cannot be served with runtime 'onnx'"):
+        load_bundle(old, "onnx")
+
+
+def test_the_train_steps_program_is_the_bundles_model(tmp_path):
+    features, model = make_run_dirs(tmp_path, "classification")
+    (model / TRAINED_MODEL_FILE).unlink()  # what register needs is model.pt2 alone
+
+    result = export_bundle(ExportConfig(features, model), tmp_path / "bundle")
+
+    assert (result.bundle_dir / MODEL_FILE).read_bytes() == (model / PROGRAM_FILE).read_bytes()
+    bundle = load_bundle(result.bundle_dir)
+    raw, expected = bundle.sample()
+    np.testing.assert_allclose(expected, load_program(model).predict(bundle.transform.transform(raw)), rtol=0, atol=0)
+    assert bundle.runtime == "onnx" and result.max_diff <= 1e-5
+
+
+def test_an_older_train_output_without_a_program_is_exported_at_register(tmp_path):
+    features, model = make_run_dirs(tmp_path, "classification")
+    (model / PROGRAM_FILE).unlink()
+
+    result = export_bundle(ExportConfig(features, model), tmp_path / "bundle")
+
+    assert result.manifest["runtimes"] == ["onnx", "torch"] and result.max_diff <= 1e-5
+    raw, expected = load_bundle(result.bundle_dir).sample()
+    x = load_bundle(result.bundle_dir).transform.transform(raw)
+    assert np.array_equal(expected, predict(load_model(model), x))  # the eager module's, as before model.pt2
+    np.testing.assert_allclose(load_program(result.bundle_dir).predict(x), expected, rtol=0, atol=1e-6)
+
+
+class _Bessel(nn.Module):
+    """An MLP with an operation that torch.export keeps and the ONNX converter has no translation for."""
+
+    def __init__(self, d: int, k: int):
+        super().__init__()
+        self.linear = nn.Linear(d, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.special.i0(x))
+
+
+class _Asserting(nn.Module):
+    """An MLP that checks its input at run time (the ONNX converter would drop the check)."""
+
+    def __init__(self, d: int, k: int):
+        super().__init__()
+        self.linear = nn.Linear(d, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert_async((x.abs() < 1e6).all(), "feature out of range")
+        return self.linear(x)
+
+
+@pytest.mark.parametrize(("network", "reason"), [
+    (_Bessel, "the ONNX conversion failed: DispatchError: No ONNX function found for .*bessel_i0"),
+    (_Asserting, r"the program checks values at run time \(aten._assert_async.msg\), which ONNX drops"),
+], ids=["no_onnx_operator", "value_assertion"])
+def test_a_program_without_a_faithful_onnx_conversion_serves_with_torch(tmp_path, caplog, network, reason):
+    features, model = make_run_dirs(tmp_path, "classification")
+    meta = {"task": "classification", "input_dim": 9, "n_outputs": 3}
+    save_program(export_program(network(9, 3).eval(), torch.rand(4, 9), "classification"), model / PROGRAM_FILE, meta)
+
+    result = export_bundle(ExportConfig(features, model), tmp_path / "bundle")
+
+    assert not (result.bundle_dir / ONNX_FILE).exists()
+    assert result.manifest["runtimes"] == ["torch"] and result.manifest["onnx"]["file"] is None
+    assert re.search(reason, result.manifest["onnx"]["reason"]), result.manifest["onnx"]["reason"]
+    assert any("serves with the torch runtime" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    bundle = load_bundle(result.bundle_dir)
+    raw, expected = bundle.sample()
+    assert bundle.runtime == "torch"
+    np.testing.assert_allclose(bundle.predict_frame(raw), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [MANIFEST_FILE, MODEL_FILE, ONNX_FILE, FEATURE_SPEC_FILE, SIGNATURE_FILE,
+                                  SAMPLE_FILE, SAMPLE_PREDICTIONS_FILE])
 def test_a_bundle_missing_a_file_is_refused_naming_it(exported, tmp_path, name):
     copy = copy_bundle(exported[2], tmp_path)
     (copy / name).unlink()
@@ -241,10 +374,11 @@ def test_a_bundle_of_another_format_version_is_refused(exported, tmp_path):
 
 
 @pytest.mark.parametrize(("name", "content"), [
-    (MODEL_FILE, b"not a torchscript archive"),
+    (MODEL_FILE, b"not a program"),
+    (ONNX_FILE, b"not an onnx model"),
     (SAMPLE_PREDICTIONS_FILE, b""),
     (FEATURE_SPEC_FILE, b'{"format_version": 1}'),
-], ids=["model", "predictions", "feature_spec"])
+], ids=["program", "onnx", "predictions", "feature_spec"])
 def test_an_altered_file_is_refused(exported, tmp_path, name, content):
     copy = copy_bundle(exported[2], tmp_path)
     (copy / name).write_bytes(content)
@@ -253,12 +387,24 @@ def test_an_altered_file_is_refused(exported, tmp_path, name, content):
         load_bundle(copy)
 
 
-def test_an_unreadable_model_is_refused_naming_it(exported, tmp_path):
+@pytest.mark.parametrize(("name", "runtime", "match"), [
+    (MODEL_FILE, "torch", f"{MODEL_FILE} cannot be loaded"),
+    (ONNX_FILE, "onnx", f"{ONNX_FILE} cannot be loaded by ONNX Runtime"),
+], ids=["program", "onnx"])
+def test_an_unreadable_model_is_refused_naming_it(exported, tmp_path, name, runtime, match):
     copy = copy_bundle(exported[2], tmp_path)
-    (copy / MODEL_FILE).write_bytes(b"not a torchscript archive")
+    (copy / name).write_bytes(b"not a model")
     rehash(copy)
 
-    with pytest.raises(BundleError, match=f"{MODEL_FILE} cannot be loaded as TorchScript"):
+    with pytest.raises(BundleError, match=match):
+        load_bundle(copy, runtime)
+
+
+def test_an_onnx_file_the_manifest_does_not_list_is_refused(exports, tmp_path):
+    copy = without_onnx(exports["classification"][2], tmp_path, reason="test")
+    (copy / ONNX_FILE).write_bytes((exports["classification"][2] / ONNX_FILE).read_bytes())
+
+    with pytest.raises(BundleError, match=f"holds {ONNX_FILE}, which {MANIFEST_FILE} does not list"):
         load_bundle(copy)
 
 
@@ -280,19 +426,37 @@ def test_a_folder_that_does_not_exist_is_refused(tmp_path):
         load_bundle(tmp_path / "nowhere")
 
 
-def test_export_refuses_a_model_trained_on_other_features(tmp_path):
+@pytest.mark.parametrize("train_output", ["program", "older"])
+def test_export_refuses_a_model_trained_on_other_features(tmp_path, train_output):
     features, model = make_run_dirs(tmp_path, "classification")
     spec = ModelSpec(hidden_sizes=[4])
-    save_model(model / TRAINED_MODEL_FILE, build_model(spec, 5, 3), model_spec=spec, input_dim=5, n_outputs=3,
-               task="classification")
+    save_trained(model, build_model(spec, 5, 3), spec, 5, 3, "classification")
+    if train_output == "older":
+        (model / PROGRAM_FILE).unlink()
 
     with pytest.raises(BundleError, match=r"\('classification', 5, 3\) does not fit the feature spec's "
                                           r"\('classification', 9, 3\)"):
         export_bundle(ExportConfig(features, model), tmp_path / "bundle")
 
 
+class _NaN(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1] * float("nan")
+
+
 def test_export_refuses_a_model_that_predicts_nan(tmp_path):
     features, model = make_run_dirs(tmp_path, "regression")
+    program = torch.export.export(Servable(_NaN(), False), (torch.zeros(2, 9),), strict=False,
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+    save_program(program, model / PROGRAM_FILE, {"task": "regression", "input_dim": 9, "n_outputs": 1})
+
+    with pytest.raises(BundleError, match=f"{PROGRAM_FILE} predicts non-finite values"):
+        export_bundle(ExportConfig(features, model), tmp_path / "bundle")
+
+
+def test_export_refuses_an_older_model_that_predicts_nan(tmp_path):
+    features, model = make_run_dirs(tmp_path, "regression")
+    (model / PROGRAM_FILE).unlink()
     loaded = load_model(model)
     with torch.no_grad():
         for p in loaded.module.parameters():
@@ -300,7 +464,7 @@ def test_export_refuses_a_model_that_predicts_nan(tmp_path):
     save_model(model / TRAINED_MODEL_FILE, loaded.module, model_spec=ModelSpec(hidden_sizes=[8]),
                input_dim=loaded.meta["input_dim"], n_outputs=1, task="regression")
 
-    with pytest.raises(BundleError, match="non-finite values"):
+    with pytest.raises(BundleError, match=f"{TRAINED_MODEL_FILE} predicts non-finite values"):
         export_bundle(ExportConfig(features, model), tmp_path / "bundle")
 
 
@@ -312,11 +476,12 @@ def test_export_refuses_an_empty_test_split(tmp_path):
         export_bundle(ExportConfig(features, model), tmp_path / "bundle")
 
 
-def test_export_names_a_missing_input(tmp_path):
+def test_export_names_a_missing_model(tmp_path):
     features, model = make_run_dirs(tmp_path, "regression")
     (model / TRAINED_MODEL_FILE).unlink()
+    (model / PROGRAM_FILE).unlink()
 
-    with pytest.raises(FileNotFoundError, match=f"{TRAINED_MODEL_FILE} does not exist"):
+    with pytest.raises(FileNotFoundError, match=f"{PROGRAM_FILE} does not exist; run build_features and train"):
         export_bundle(ExportConfig(features, model), tmp_path / "bundle")
 
 
@@ -335,6 +500,17 @@ def copy_bundle(path: Path, tmp_path: Path) -> Path:
     copy.mkdir()
     for file in path.iterdir():
         (copy / file.name).write_bytes(file.read_bytes())
+    return copy
+
+
+def without_onnx(path: Path, tmp_path: Path, *, reason: str) -> Path:
+    """A copy of bundle ``path`` as exported when ONNX is not faithful: no model.onnx, the reason in the manifest."""
+    copy = copy_bundle(path, tmp_path)
+    (copy / ONNX_FILE).unlink()
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    del manifest["files"][ONNX_FILE]
+    manifest.update(runtimes=["torch"], onnx={"file": None, "reason": reason})
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
     return copy
 
 
