@@ -31,11 +31,13 @@ from kiln.tasks.features.splits import load_split as _read_split
 from kiln.tasks.features.transform import FEATURE_SPEC_FILE
 from kiln.tasks.storage.artifacts import atomic_write_bytes, read_json
 from kiln.tasks.training import checkpoints, fence
-from kiln.tasks.training.user_code import FeatureLayout, build_custom_model
+from kiln.tasks.training.user_code import CategoricalSlice, FeatureLayout, build_custom_model
 
 if TYPE_CHECKING:
     from kiln.tasks.spec import TaskType
     from kiln.tasks.training.job import TrainConfig
+
+__all__ = ["API_VERSION", "CategoricalSlice", "Checkpoint", "FeatureLayout", "TrainContext", "TrainedModel"]
 
 log = logging.getLogger(__name__)
 

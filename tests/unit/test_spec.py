@@ -14,7 +14,7 @@ PIPELINES = REPO / "dags" / "pipelines"
 MINIMAL = {"name": "m", "source": {"uri": "/data/x.csv"}, "target": "y", "task": "classification"}
 
 
-@pytest.mark.parametrize("name", ["penguins_species", "digits_cnn"])
+@pytest.mark.parametrize("name", ["penguins_species", "digits_cnn", "penguins_resmlp"])
 def test_shipped_specs_are_valid(name: str) -> None:
     spec = load_spec(PIPELINES / f"{name}.yaml")
     assert spec.name == name
