@@ -36,7 +36,7 @@ import pandas as pd
 from mlflow.models import Model
 from mlflow.models.signature import ModelSignature
 from mlflow.pyfunc import PythonModel
-from mlflow.types.schema import ColSpec, Schema, TensorSpec
+from mlflow.types.schema import AnyType, ColSpec, Schema, TensorSpec
 
 if TYPE_CHECKING:
     from kiln.tasks.bundle.load import Bundle
@@ -106,7 +106,9 @@ class KilnBundleModel(PythonModel):
                                 index=frame.index)
         try:
             # The server's path for the same rows as JSON records (records[i] is the i-th row).
-            y = bundle.predict_features(transform(bundle, records_from_frame(frame[bundle.input_columns])))
+            # infer_objects: numpy scalars in an object column become Python numbers, as JSON would give them.
+            records = records_from_frame(frame[bundle.input_columns].infer_objects())
+            y = bundle.predict_features(transform(bundle, records))
         except RecordError as exc:
             raise ValueError(f"{exc} (records[i] is the row at position i of the input)") from None
         if not np.isfinite(y).all():
@@ -173,7 +175,7 @@ def save_model(bundle_dir: Path, path: Path, mlflow_model: Model | None = None) 
         mlflow.pyfunc.save_model(
             str(path), python_model=str(Path(__file__).resolve()), mlflow_model=mlflow_model,
             artifacts={BUNDLE_ARTIFACT: str(stage / BUNDLE_ARTIFACT)}, code_paths=[str(stage / CODE_DIR / "kiln")],
-            signature=model_signature(bundle.signature, sample), input_example=input_example(sample),
+            signature=model_signature(bundle.signature), input_example=input_example(sample),
             pip_requirements=pip_requirements(bundle_dir),
             metadata={"kiln_bundle_format_version": bundle.manifest.get("format_version"), "kiln_task": bundle.task})
     answers = bundle.format_predictions(bundle.predict_records(records_from_frame(sample)))
@@ -203,26 +205,18 @@ def pip_requirements(bundle_dir: Path) -> list[str]:
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names]
 
 
-def model_signature(signature: dict[str, Any], sample: pd.DataFrame) -> ModelSignature:
+def model_signature(signature: dict[str, Any]) -> ModelSignature:
     """The MLflow signature of a bundle: its raw input columns (all required) and :func:`output_columns`.
 
-    Numeric inputs are ``double``. A categorical input takes the type its sample column has (``string`` for text,
-    ``boolean``, else ``double``, which also takes integers and nulls), so that MLflow's schema enforcement passes
-    what kiln's server accepts; the transform then finds each value's slot as the server does.
+    The inputs are typed ``Any``: kiln's server takes a number as an int or a float and a category as a string,
+    number or boolean, each nullable, and the records transform checks each value as the server does (naming the
+    row and column). MLflow's column types would refuse part of that (an ``int64`` column where ``double`` is
+    declared, a null in a ``long`` one), so the kinds stay in the bundle's ``signature.json``.
 
     Args:
         signature: the bundle's ``signature.json``.
-        sample: the bundle's raw sample rows.
     """
-    inputs: list[ColSpec | TensorSpec] = []
-    for column in signature["inputs"]:
-        name = column["name"]
-        kind = "double"
-        if column["type"] == "categorical" and name in sample.columns:
-            dtype = sample[name].dtype
-            kind = ("boolean" if pd.api.types.is_bool_dtype(dtype) else
-                    "double" if pd.api.types.is_numeric_dtype(dtype) else "string")
-        inputs.append(ColSpec(kind, name))
+    inputs: list[ColSpec | TensorSpec] = [ColSpec(AnyType(), column["name"]) for column in signature["inputs"]]
     classes = signature["outputs"]["classes"]
     outputs: list[ColSpec | TensorSpec] = [ColSpec("string" if c == "label" else "double", c)
                                             for c in output_columns(classes)]

@@ -142,8 +142,10 @@ class Registry:
         from kiln.tasks.tracking import pyfunc_model  # MLflow's pyfunc machinery: only registering pays for it
 
         experiment_id = self.client.get_run(run_id).info.experiment_id
-        left = self.client.search_logged_models(
-            [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{tags[RUN_KEY_TAG]}' AND status = 'READY'")
+        # Filtered on the status here: the SQL store does not match a ``status = 'READY'`` filter (MLflow 3.17).
+        left = [m for m in self.client.search_logged_models(
+            [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{tags[RUN_KEY_TAG]}'")
+            if m.status == LoggedModelStatus.READY]
         if left:
             log.info("reusing MLflow model %s logged for %s by an earlier try", left[0].model_id, tags[RUN_KEY_TAG])
             return left[0]
