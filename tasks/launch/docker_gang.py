@@ -8,6 +8,10 @@ are bind-mounted at the same absolute paths, so a run writes exactly where
 :class:`kiln.tasks.launch.torchrun.LocalTorchrunLauncher` would. What each container is made of (command, devices,
 mounts, the nodes of a lease) is in :mod:`kiln.tasks.launch.containers`; this module drives the engines.
 
+A job with the pipeline's own code or requirements runs an image built FROM the base for it
+(:mod:`kiln.tasks.launch.user_image`, cached by content hash); its containers find the code at
+:data:`~kiln.tasks.launch.user_image.USER_CODE_DIR` in the image, not mounted from this host.
+
 Every container and network carries the label ``kiln.job=<id>`` and is removed on every path out of
 :meth:`DockerGangLauncher.launch`, including a refused start (the engine keeps a created container whose start
 failed, e.g. for a GPU request on a host without a GPU runtime); should this process die by SIGKILL, its watchdog
@@ -54,6 +58,8 @@ from kiln.tasks.launch.containers import (
     share_with_group,
     torchrun_command,
 )
+from kiln.tasks.launch.requirements_check import job_requirements
+from kiln.tasks.launch.user_image import USER_CODE_DIR, ImageBuildError, ensure_user_image
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation, format_size
 from kiln.tasks.processes import OutputLog
 from kiln.tasks.settings import get_settings
@@ -159,8 +165,11 @@ class DockerGangLauncher(Launcher):
 
         Raises:
             ValueError: a lease that does not fit the config (node count, GPUs per rank, bridge across engines).
-            ContainerStartError: an engine is unreachable, lacks the image, or refused a container (no GPU
-                runtime, a ulimit above the host's hard limit, unknown CPU cores); no restart is tried.
+            RequirementError: a line of ``code.requirements`` pip cannot install into the image.
+            UserCodeError: the code folder is unusable (too large, a link out of it, changed since configured).
+            ContainerStartError: an engine is unreachable, lacks the image, could not build the user image, or
+                refused a container (no GPU runtime, a ulimit above the host's hard limit, unknown CPU cores); no
+                restart is tried.
             TrainingFailedError: a node exited non-zero after ``max_restarts`` restarts, or :meth:`terminate`.
             TrainingTimeoutError: the job, restarts included, ran past ``training.timeout_s``.
         """
@@ -173,23 +182,30 @@ class DockerGangLauncher(Launcher):
         relay = None
         if config.mlflow_run_id and not containers_can_log(config.mlflow_tracking_uri, t.docker.network):
             relay, config = config, replace(config, mlflow_tracking_uri=None, mlflow_run_id=None)
+        code_dir, requirements = config.code_dir, job_requirements(config)
+        if code_dir:
+            config = replace(config, code_dir=USER_CODE_DIR)  # the user image holds the code there
         atomic_write_bytes(workdir / CONFIG_FILE, config.to_json().encode())
         self._prepare_paths(config, user, workdir)
         with self._lock:
             if self._terminated:
                 raise TrainingFailedError(-15, "", reason="was terminated before it started")
             job = self.job_id = uuid.uuid4().hex[:12]
-        image = t.docker.image or get_settings().train_image
+        base = t.docker.image or get_settings().train_image
         sink = OutputLog(workdir / LOG_FILE, self.tail_lines, on_line=lambda text: log.info("%s", text))
         clients: dict[str | None, DockerClient] = {}
-        start = time.monotonic()
         reaper = start_watchdog(job, sorted({n.docker_url or "" for n in nodes}))
         try:
             for n in nodes:
                 if n.docker_url not in clients:
                     clients[n.docker_url] = _connect(n, pool_size=2 * len(nodes) + 4)
                     sweep_orphans(clients[n.docker_url])
-                _check_image(clients[n.docker_url], n, image)
+            images = _images(clients, nodes, base, code_dir, requirements, config.code_hash, sink)
+            for n in nodes:
+                _check_image(clients[n.docker_url], n, images[n.docker_url])
+            image = ", ".join(sorted(set(images.values())))
+            # training.timeout_s bounds the training, not an image build (which has its own bound).
+            start = time.monotonic()
             if t.docker.network == "bridge":
                 try:
                     clients[nodes[0].docker_url].networks.create(f"kiln-{job}", driver="bridge",
@@ -199,7 +215,7 @@ class DockerGangLauncher(Launcher):
             log.info("job %s: %d node(s) x %d rank(s), image %s, user %s, network %s, timeout %d s", job, len(nodes),
                      nproc, image, user, t.docker.network, t.timeout_s)
             for attempt in range(t.max_restarts + 1):
-                kwargs = self._gang(config, nodes, nproc, job, attempt, image=image, user=user, workdir=workdir)
+                kwargs = self._gang(config, nodes, nproc, job, attempt, images=images, user=user, workdir=workdir)
                 outcome = self._run_attempt(clients, nodes, kwargs, sink, deadline=start + t.timeout_s)
                 if outcome.status == "ok":
                     if relay is not None:
@@ -225,7 +241,7 @@ class DockerGangLauncher(Launcher):
         _kill(containers)
 
     def _gang(self, config: TrainConfig, nodes: tuple[NodeAllocation, ...], nproc: int, job: str, attempt: int, *,
-              image: str, user: str, workdir: Path) -> list[dict[str, Any]]:
+              images: dict[str | None, str], user: str, workdir: Path) -> list[dict[str, Any]]:
         """The create arguments of every container of one attempt (fresh names, a fresh rendezvous id)."""
         t = config.training
         bridge = t.docker.network == "bridge"
@@ -233,7 +249,7 @@ class DockerGangLauncher(Launcher):
         names = [f"kiln-{job}-{i:02d}" + (f"-r{attempt}" if attempt else "") for i in range(len(nodes))]
         endpoint = f"{names[0] if bridge else nodes[0].address}:{self.rdzv_port}"
         return [container_kwargs(
-            n, t.docker, image=image, name=name, network=f"kiln-{job}", user=user,
+            n, t.docker, image=images[n.docker_url], name=name, network=f"kiln-{job}", user=user,
             command=torchrun_command(nnodes=len(nodes), nproc=nproc, rdzv_endpoint=endpoint, rdzv_id=f"{job}-{attempt}",
                                      config_path=str(workdir / CONFIG_FILE), local_addr=None if bridge else n.address),
             volumes=bind_volumes(config, workdir),
@@ -251,7 +267,8 @@ class DockerGangLauncher(Launcher):
             return  # the containers run as this process's own user (or one the caller set up for)
         gid = int(user.partition(":")[2])
         shared = [(Path(config.output_dir), True), (Path(config.checkpoint_dir), True),
-                  (Path(config.features_dir), False), (workdir, False)]
+                  (Path(config.features_dir), False), (workdir, False),
+                  *([(Path(config.raw_snapshot), False)] if config.raw_snapshot else [])]
         log.info("containers run as %s: giving group %d access to %s", user, gid, ", ".join(str(p) for p, _ in shared))
         for path, write in shared:
             share_with_group(path, gid, recursive=True, write=write)
@@ -349,6 +366,33 @@ def _connect(node: NodeAllocation, *, pool_size: int) -> DockerClient:
                                              "dev machine: make docker-engine) or fix the node's docker_url in the "
                                              "pool inventory") from exc
     return client
+
+
+def _images(clients: dict[str | None, DockerClient], nodes: tuple[NodeAllocation, ...], base: str,
+            code_dir: str | None, requirements: list[str], code_hash: str | None,
+            sink: OutputLog) -> dict[str | None, str]:
+    """The image each engine runs: the base, or (with the pipeline's code or requirements) the user image built
+    FROM it on that engine.
+
+    Raises:
+        RequirementError, UserCodeError: a requirement pip cannot install, an unusable code folder.
+        ContainerStartError: the engine could not build the image.
+    """
+    if not code_dir and not requirements:
+        return {url: base for url in clients}
+    images = {}
+    for url, client in clients.items():
+        node = next(n for n in nodes if n.docker_url == url)
+        try:
+            built = ensure_user_image(client, base, code_dir=code_dir, requirements=requirements,
+                                      code_sha256=code_hash)
+        except ImageBuildError as exc:
+            raise ContainerStartError(node.node, str(exc), "\n".join(sink.tail)) from exc
+        sink.write(f"[launcher] {'built' if built.built else 'reusing'} image {built.tag} on "
+                   f"{url or 'the local engine'} (FROM {base}; {len(requirements)} requirement(s)"
+                   f"{', code at ' + USER_CODE_DIR if code_dir else ''})")
+        images[url] = built.tag
+    return images
 
 
 def _check_image(client: DockerClient, node: NodeAllocation, image: str) -> None:

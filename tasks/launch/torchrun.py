@@ -1,4 +1,8 @@
-"""The ``local`` launcher: the job's ranks on this machine, under ``torchrun --standalone``."""
+"""The ``local`` launcher: the job's ranks on this machine, under ``torchrun --standalone``.
+
+The ranks run in this Python environment, so the pipeline's ``code.requirements`` must already be installed here:
+:meth:`LocalTorchrunLauncher.launch` checks them first (:mod:`kiln.tasks.launch.requirements_check`).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import time
 from pathlib import Path
 
 from kiln.tasks.launch.base import LOG_FILE, Launcher, LaunchResult, TrainingFailedError, TrainingTimeoutError
+from kiln.tasks.launch.requirements_check import check_installed, job_requirements
 from kiln.tasks.pools.allocation import Allocation
 from kiln.tasks.processes import OutputLog, ProcessGroup, start_process, usable_cpus
 from kiln.tasks.storage.artifacts import atomic_write_bytes
@@ -49,6 +54,13 @@ class LocalTorchrunLauncher(Launcher):
 
     def launch(self, config: TrainConfig, *, nproc: int, workdir: Path,
                allocation: Allocation | None = None) -> LaunchResult:
+        """Run the job to completion (see :meth:`Launcher.launch`).
+
+        Raises:
+            RequirementError: a line of ``code.requirements`` is not installed here (checked before anything
+                starts; the message names the line, what is installed and the fix).
+        """
+        check_installed(job_requirements(config))
         if nproc < 1:
             raise ValueError(f"nproc must be at least 1, found {nproc}")
         if allocation is not None and len(allocation.nodes) != 1:

@@ -11,6 +11,9 @@ import importlib.metadata
 import pytest
 
 from kiln.tasks.launch.requirements_check import RequirementError, check_installed, parse_requirements, unsatisfied
+from kiln.tasks.launch.torchrun import LocalTorchrunLauncher
+from kiln.tasks.spec import ModelSpec, TrainingSpec
+from kiln.tasks.training.job import TrainConfig
 
 PYYAML = importlib.metadata.version("PyYAML")
 
@@ -51,3 +54,14 @@ def test_an_extra_whose_requirements_are_missing_is_named():
 def test_a_malformed_line_is_refused_naming_its_position(line):
     with pytest.raises(RequirementError, match=r"code\.requirements\[1\] .* is not a PEP 508 requirement"):
         parse_requirements(["torch", line])
+
+
+def test_the_local_launcher_checks_them_before_it_starts_anything(tmp_path):
+    config = TrainConfig(features_dir=str(tmp_path / "features"), output_dir=str(tmp_path / "out"),
+                         checkpoint_dir=str(tmp_path / "ckpt"), task="classification", model=ModelSpec(),
+                         training=TrainingSpec(), requirements=("torch", "kiln-no-such-package>=2"))
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(RequirementError, match=r"'kiln-no-such-package>=2': kiln-no-such-package is not installed"):
+        LocalTorchrunLauncher().launch(config, nproc=1, workdir=work)
+    assert list(work.iterdir()) == []  # no config file, no log: torchrun never started
