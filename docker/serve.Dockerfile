@@ -16,7 +16,9 @@ ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 COPY requirements.lock docker/train-requirements.txt /tmp/req/
 # The CPU build of torch from PyTorch's index (PyPI's default Linux wheel is the CUDA one, GBs larger); then the
 # rest of the requirements, the HTTP server included (fastapi, uvicorn, uvloop, httptools, prometheus-client,
-# orjson), at the lock's versions (the lock's torch==2.13.0 also matches 2.13.0+cpu, so pip keeps it).
+# orjson) and ONNX Runtime (a bundle's model.onnx), at the lock's versions (the lock's torch==2.13.0 also matches
+# 2.13.0+cpu, so pip keeps it). A bundle's model.pt2 is a torch.export program: it needs torch, not the pipeline's
+# code or code.requirements (a custom operator a requirement registers would not load here).
 RUN python -c "import sys; v = sys.version_info[:2]; assert v == (3, 11), f'kiln needs Python 3.11, the base has {v}'" \
  && pip install -c /tmp/req/requirements.lock --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && pip install -c /tmp/req/requirements.lock -r /tmp/req/train-requirements.txt \
