@@ -92,10 +92,11 @@ else:  # kiln's CPU test images carry no pip: run the interpreter's bundled whee
     pip = [sys.executable, str(sorted((pathlib.Path(ensurepip.__file__).parent / "_bundled").glob("pip-*.whl"))[-1])
            + "/pip"]
 wheels = sorted(str(p) for p in (here / "wheels").glob("*.whl"))
-done = subprocess.run(pip + ["install", "--no-index", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
-                             "--no-warn-script-location", "--root-user-action=ignore", *wheels])
-if done.returncode:
-    sys.exit(done.returncode)
+if wheels:
+    done = subprocess.run(pip + ["install", "--no-index", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
+                                 "--no-warn-script-location", "--root-user-action=ignore", *wheels])
+    if done.returncode:
+        sys.exit(done.returncode)
 after = installed()
 changed = [f"{n} {v} -> {after.get(n, 'removed')}" for n, v in sorted(before.items()) if after.get(n) != v]
 missing = [f"{n}=={v}" for n, v in json.loads((here / "expected.json").read_text()).items() if after.get(n) != v]
