@@ -181,3 +181,18 @@ def test_config_from_the_example_spec_carries_primary_metric_and_thresholds():
 
     assert (config.task, config.primary_metric) == ("classification", "accuracy")
     assert config.thresholds == {"accuracy": 0.9, "macro_f1": 0.85}
+
+
+def test_evaluate_reads_the_exported_program_alone(tmp_path):
+    """A custom network's code need not exist where evaluate runs: it reads model.pt2, never model.pt."""
+    from kiln.tasks.bundle.program import ModelExportError
+
+    features, model = make_run_dirs(tmp_path, "classification")
+    (model / "model.pt").unlink()
+    config = EvaluateConfig(task="classification", primary_metric="accuracy")
+    (tmp_path / "a").mkdir()
+    assert run_evaluate(config, features, model, tmp_path / "a").n_test == 8
+    (model / "model.pt2").unlink()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ModelExportError, match=r"model.pt2 does not exist; the train step writes it"):
+        run_evaluate(config, features, model, tmp_path / "b")
