@@ -105,7 +105,7 @@ def train(ctx: RunContext, launcher: Launcher | None = None, allocation: Allocat
                              training=spec.training, mlflow_tracking_uri=get_settings().mlflow_tracking_uri,
                              mlflow_run_id=run_id, fence_token=token, code_dir=spec.code.path,
                              code_hash=code_hash(spec.code.path) if spec.code.path else None,
-                             raw_snapshot=_raw_snapshot(ctx))
+                             raw_snapshot=_raw_snapshot(ctx), requirements=tuple(spec.code.requirements))
         # This try owns the checkpoints from now on: a job an earlier, killed try left running stops writing.
         fence.claim(checkpoints, token)
         launched = launcher.launch(config, nproc=spec.training.nproc, workdir=out, allocation=allocation)

@@ -58,8 +58,13 @@ class TrainConfig:
     folder is first seen; part of the checkpoint fingerprint, so changed code never resumes old checkpoints."""
     raw_snapshot: str | None = None
     """The ingest snapshot (parquet) of the run, for loops that build their own features; ``None``: not given."""
+    requirements: tuple[str, ...] = ()
+    """The code's extra Python requirements (``code.requirements``, PEP 508 lines): installed into the user
+    training image by the ``docker`` launcher, checked against the installed packages by ``local``."""
 
     def __post_init__(self) -> None:
+        # A tuple, so the frozen config stays hashable; JSON and callers give a list.
+        object.__setattr__(self, "requirements", tuple(self.requirements))
         if self.task not in _TASKS:
             raise ValueError(f"TrainConfig.task must be one of {', '.join(_TASKS)}, found {self.task!r}")
         if not isinstance(self.model, ModelSpec) or not isinstance(self.training, TrainingSpec):
@@ -119,6 +124,7 @@ class TrainConfig:
         if t.entrypoint or self.model.type == "custom":
             # Only code that runs: a code folder next to a built-in model and loop does not change the weights.
             identity["code"] = self.code_hash or (code_hash(self.code_dir) if self.code_dir else None)
+            identity["requirements"] = list(self.requirements)
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

@@ -105,3 +105,10 @@ def test_changed_code_changes_the_fingerprint(tmp_path, features):
     assert dataclasses.replace(config, code_hash="abc").fingerprint() != config.fingerprint()
     params = dataclasses.replace(config, training=config.training.model_copy(update={"params": {"warmup": 3}}))
     assert params.fingerprint() != config.fingerprint()
+
+
+def test_requirements_travel_in_the_config_and_change_the_fingerprint(tmp_path, features):
+    config = dataclasses.replace(make_config(tmp_path, features), requirements=["tabulate==0.9.0"])  # type: ignore[arg-type]
+    assert config.requirements == ("tabulate==0.9.0",)
+    assert TrainConfig.from_json(config.to_json()) == config
+    assert dataclasses.replace(config, requirements=("tabulate==0.8.10",)).fingerprint() != config.fingerprint()
