@@ -116,9 +116,11 @@ def _trained_network(model_dir: Path) -> nn.Module:
 
 def _rewrite_manifest(out: Path, **changes: Any) -> None:
     """Apply ``changes`` to ``out``'s manifest and hash the files it lists again, as an export would have."""
-    from kiln.tasks.bundle.load import MANIFEST_FILE, content_files
+    from kiln.tasks.bundle.load import MANIFEST_FILE, ONNX_FILE, content_files
 
     manifest = {**json.loads((out / MANIFEST_FILE).read_text()), **changes}
+    if not (out / ONNX_FILE).exists():
+        manifest["files"].pop(ONNX_FILE, None)
     manifest["files"] = {name: hashlib.sha256((out / name).read_bytes()).hexdigest()
                          for name in content_files(manifest)}
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
@@ -152,6 +154,17 @@ def make_failing_bundle(good: Path, out: Path, *, fails_on: Literal["poison", "a
     meta = json.loads((out / MANIFEST_FILE).read_text())["model"]
     save_program(program, out / MODEL_FILE, meta)
     _rewrite_manifest(out, runtimes=["torch"], onnx={"file": None, "reason": "a test model that raises"})
+    return out
+
+
+def make_bundle_without_onnx(good: Path, out: Path, *, reason: str = "not converted (a test)") -> Path:
+    """A copy of bundle ``good`` as export writes one whose model has no faithful ONNX conversion: no
+    ``model.onnx``, ``reason`` in the manifest (it serves with the torch runtime)."""
+    from kiln.tasks.bundle.load import ONNX_FILE
+
+    shutil.copytree(good, out)
+    (out / ONNX_FILE).unlink()
+    _rewrite_manifest(out, runtimes=["torch"], onnx={"file": None, "reason": reason})
     return out
 
 

@@ -36,6 +36,7 @@ from kiln.tasks.serving.deployment import read_deployment
 from kiln.tasks.serving.inputs import RequestError, parse_records, transform
 from kiln.tasks.serving.metrics import METRICS_CONTENT_TYPE, ServerMetrics
 from kiln.tasks.serving.models import ModelSet, Variant, build_model_set, freeze_heap, load_bundles
+from kiln.tasks.settings import ServeRuntime
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,14 @@ class ServerState:
         max_batch: the most records per request, and rows per forward pass.
         max_wait_s: how long a batch waits for more requests (0: none).
         seed: seed of the canary routing (``None``: from the OS).
+        runtime: what runs the models a reload loads (``models`` must have been loaded with it).
     """
 
     def __init__(self, deployment_path: str | Path, models: ModelSet | None, metrics: ServerMetrics, token: str,
                  *, max_batch: int, max_wait_s: float = 0.0, seed: int | None = None,
-                 tokens_file: Path | None = None):
+                 tokens_file: Path | None = None, runtime: ServeRuntime = "auto"):
         self.deployment_path = Path(deployment_path)
+        self.runtime = runtime
         self.models = models
         self.metrics = metrics
         self.tokens = tokens.TokenCheck(token, tokens_file)
@@ -118,7 +121,7 @@ class ServerState:
             try:
                 deployment = read_deployment(self.deployment_path)
                 loaded = self.models.bundles if self.models is not None else {}
-                bundles = await asyncio.to_thread(load_bundles, deployment, loaded)
+                bundles = await asyncio.to_thread(load_bundles, deployment, loaded, self.runtime)
                 models = build_model_set(deployment, bundles, self.metrics, max_batch=self.max_batch,
                                          max_wait_s=self.max_wait_s)
             except Exception:

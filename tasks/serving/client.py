@@ -100,7 +100,7 @@ class ServingClient:
             return False
 
     def ready(self) -> dict[str, Any] | None:
-        """``GET /ready``: ``{"model", "champion": {"version"}, "canary": ... | None}``.
+        """``GET /ready``: ``{"model", "champion": {"version", "runtime"}, "canary": ... | None}``.
 
         Returns:
             The body, or ``None`` while no model is loaded (503) or the server is unreachable.

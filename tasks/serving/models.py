@@ -21,6 +21,7 @@ from kiln.tasks.features.records import records_from_frame
 from kiln.tasks.serving.batching import MicroBatcher
 from kiln.tasks.serving.deployment import Deployment, ModelRef, utc_now
 from kiln.tasks.serving.metrics import ServerMetrics, VariantMetrics, VariantStats
+from kiln.tasks.settings import ServeRuntime
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +79,14 @@ def warm_up(bundle: Bundle) -> float:
     return took
 
 
-def load_bundles(deployment: Deployment, loaded: dict[BundleKey, Bundle]) -> dict[BundleKey, Bundle]:
+def load_bundles(deployment: Deployment, loaded: dict[BundleKey, Bundle], runtime: ServeRuntime = "auto"
+                 ) -> dict[BundleKey, Bundle]:
     """Load and warm every bundle ``deployment`` names, reusing those in ``loaded`` (blocking: run off the loop).
 
     Args:
         deployment: what to serve.
-        loaded: bundles already loaded, by :func:`bundle_key`.
+        loaded: bundles already loaded, by :func:`bundle_key` (with the same ``runtime``).
+        runtime: what runs the models (``kiln.tasks.bundle.load.load_bundle``); the server's ``--runtime``.
 
     Returns:
         The bundles of ``deployment`` by key.
@@ -103,14 +106,14 @@ def load_bundles(deployment: Deployment, loaded: dict[BundleKey, Bundle]) -> dic
             continue
         start = time.perf_counter()
         try:
-            bundle = load_bundle(ref.bundle)
+            bundle = load_bundle(ref.bundle, runtime)
             warm_s = warm_up(bundle)
         except Exception as exc:  # noqa: BLE001 - re-raised with the variant and folder named
             raise ModelLoadError(f"{role} version {ref.version}: cannot serve the bundle {ref.bundle}: "
                                  f"{type(exc).__name__}: {exc}") from exc
         bundles[key] = bundle
-        log.info("%s version %s: loaded %s in %.2f s (warm-up prediction %.1f ms)", role, ref.version, ref.bundle,
-                 time.perf_counter() - start, warm_s * 1000)
+        log.info("%s version %s: loaded %s in %.2f s, runtime %s (warm-up prediction %.1f ms)", role, ref.version,
+                 ref.bundle, time.perf_counter() - start, bundle.runtime, warm_s * 1000)
     return bundles
 
 
@@ -148,10 +151,13 @@ class ModelSet:
     """ISO time this set started serving (the start of its statistics)."""
 
     def ready(self) -> dict[str, Any]:
-        """The body of ``GET /ready`` and of a successful reload."""
+        """The body of ``GET /ready`` and of a successful reload: the versions served and the runtime of each
+        (``onnx``, ``torch``, or ``torchscript`` for a format 1 bundle)."""
         d = self.deployment
-        return {"model": d.model, "champion": {"version": d.champion.version},
-                "canary": {"version": d.canary.version, "share": d.canary.share} if d.canary else None}
+        canary = {"version": d.canary.version, "share": d.canary.share, "runtime": self.canary.bundle.runtime} \
+            if d.canary and self.canary else None
+        return {"model": d.model, "champion": {"version": d.champion.version, "runtime": self.champion.bundle.runtime},
+                "canary": canary}
 
     def stats(self) -> dict[str, Any]:
         """The body of ``GET /admin/stats``."""

@@ -75,7 +75,7 @@ def test_the_serving_container_answers_with_the_mounted_bundle(engine, bundle_fa
             assert time.monotonic() < deadline, \
                 f"not ready within {START_TIMEOUT_S} s:\n{container.logs().decode()[-3000:]}"
             time.sleep(0.2)
-        assert ready.json() == {"model": "penguins", "champion": {"version": "1"}, "canary": None}
+        assert ready.json() == {"model": "penguins", "champion": {"version": "1", "runtime": "onnx"}, "canary": None}
 
         rows = records(4)
         refused = httpx.post(f"{url}/predict", json={"records": rows}, timeout=30)

@@ -111,7 +111,7 @@ def test_ensure_server_starts_a_detached_server_then_reloads_it(tmp_path: Path, 
         second = ensure_server(deployment, host=HOST, port=port, token=TOKEN, run_dir=server_dir)
 
         assert second.pid == first.pid, "a running server of the model is reloaded, not replaced"
-        assert client.wait_ready(5, version="2")["champion"] == {"version": "2"}
+        assert client.wait_ready(5, version="2")["champion"] == {"version": "2", "runtime": "onnx"}
         assert client.predict(records(2))["version"] == "2"
         assert _server_processes_with(str(deployment)) == [first.pid]
 
@@ -256,6 +256,7 @@ def _exploding_bundle(root: Path) -> Path:
     all logits infinite: such a request yields NaN probabilities, which the server counts as a model failure.
     """
     from kiln.tasks.bundle.export import ExportConfig, export_bundle
+    from kiln.tasks.bundle.program import PROGRAM_FILE, export_program, save_program
     from kiln.tasks.features.transform import FEATURE_SPEC_FILE, UNKNOWN, FeatureTransform
     from kiln.tasks.spec import ModelSpec
     from kiln.tasks.training.networks import MODEL_FILE, load_model, save_model
@@ -273,6 +274,9 @@ def _exploding_bundle(root: Path) -> Path:
     meta = dict(model.meta)
     save_model(train / MODEL_FILE, model.module, model_spec=ModelSpec.model_validate(meta.pop("model_spec")),
                input_dim=meta.pop("input_dim"), n_outputs=meta.pop("n_outputs"), task=meta.pop("task"), extra=meta)
+    # The exported program, as the train step writes it (zeros: no unknown island, so the export check is finite).
+    example = torch.zeros(4, model.meta["input_dim"])
+    save_program(export_program(model.module, example, "classification"), train / PROGRAM_FILE, model.meta)
     shutil.rmtree(bundle)
     return Path(export_bundle(ExportConfig(features_dir=features, model_dir=train), bundle).bundle_dir)
 

@@ -23,7 +23,13 @@ import httpx
 import pytest
 from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
-from serving_fixtures import POISON_BILL_LENGTH, bundle_factory, make_failing_bundle, records  # noqa: F401
+from serving_fixtures import (  # noqa: F401
+    POISON_BILL_LENGTH,
+    bundle_factory,
+    make_failing_bundle,
+    make_torchscript_bundle,
+    records,
+)
 
 from kiln.tasks.bundle.load import load_bundle
 from kiln.tasks.serving.deployment import Canary, Deployment, ModelRef, utc_now, write_deployment
@@ -113,6 +119,7 @@ def bundles(bundle_factory, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
     v1, v2 = bundle_factory(0), bundle_factory(1)
     root = tmp_path_factory.mktemp("failing-bundles")
     return {"1": v1, "2": v2,
+            "0": make_torchscript_bundle(v1, root / "format1"),  # a version registered before bundle format 2
             "poison": make_failing_bundle(v1, root / "poison", fails_on="poison"),
             "always": make_failing_bundle(v1, root / "always", fails_on="always")}
 
@@ -222,7 +229,8 @@ def test_health_ready_and_metrics_report_the_served_model_and_its_traffic(server
     assert server.predict(records(1), headers={}).status_code == 401
 
     assert server.http.get("/health").json() == {"status": "ok"}
-    assert server.http.get("/ready").json() == {"model": "penguins", "champion": {"version": "1"}, "canary": None}
+    assert server.http.get("/ready").json() == {"model": "penguins", "champion": {"version": "1", "runtime": "onnx"},
+                                                "canary": None}
     response = server.http.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     after = metric_samples(response.text)
@@ -267,7 +275,7 @@ def test_a_hot_swap_under_load_fails_no_request(server, bundles):
     try:
         wait_for(lambda: all(len(v) >= 5 for v in seen), 60, "every client to be answered")
         for version in ("2", "1", "2"):
-            assert server.deploy(ref(bundles, version))["champion"] == {"version": version}
+            assert server.deploy(ref(bundles, version))["champion"] == {"version": version, "runtime": "onnx"}
             marks = [len(v) for v in seen]
             # A request already past routing when the swap happened may still answer from the old set; the
             # second response after the reload was routed after it.
@@ -294,14 +302,25 @@ def test_a_reload_that_cannot_load_is_refused_and_the_old_model_keeps_serving(se
 
     assert response.status_code == 409
     assert "champion version 9" in response.json()["detail"] and bundle in response.json()["detail"]
-    assert server.http.get("/ready").json()["champion"] == {"version": "1"}
+    assert server.http.get("/ready").json()["champion"] == {"version": "1", "runtime": "onnx"}
     answer = server.predict(records(1))
     assert answer.status_code == 200 and answer.json()["version"] == "1"
 
 
+def test_a_rollback_to_a_format_1_bundle_serves_it_with_torchscript(server, bundles):
+    body = server.deploy(ref(bundles, "0"))
+    rows = records(4)
+
+    response = server.predict(rows)
+
+    assert body["champion"] == {"version": "0", "runtime": "torchscript"}
+    assert response.status_code == 200 and response.json()["version"] == "0"
+    assert_same_predictions(response.json()["predictions"], expected_predictions(bundles["1"], rows))
+
+
 def test_a_canary_with_share_one_half_gets_part_of_the_traffic(server, bundles):
     body = server.deploy(ref(bundles, "1"), Canary("2", str(bundles["2"]), 0.5))
-    assert body["canary"] == {"version": "2", "share": 0.5}
+    assert body["canary"] == {"version": "2", "share": 0.5, "runtime": "onnx"}
 
     answers = [server.predict(records(1)).json() for _ in range(60)]
 
@@ -332,7 +351,7 @@ def test_a_canary_failing_at_inference_never_fails_a_user_request(server, bundle
     errors = metric_samples(server.http.get("/metrics").text)
     key = ("kiln_serve_model_errors_total", frozenset({"variant": "canary", "version": "4"}.items()))
     assert errors[key] - before.get(key, 0.0) == 5
-    assert "canary version 4 failed (builtins.RuntimeError: the model failed on an input beyond its threshold)" \
+    assert "canary version 4 failed (RuntimeError: the model failed on an input beyond its threshold)" \
         in server.log_tail()
 
 
@@ -371,7 +390,7 @@ def test_sighup_reloads_the_deployment_file(server, bundles):
 
     server.proc.send_signal(signal.SIGHUP)
 
-    wait_for(lambda: server.http.get("/ready").json()["champion"] == {"version": "2"}, 60,
+    wait_for(lambda: server.http.get("/ready").json()["champion"] == {"version": "2", "runtime": "onnx"}, 60,
              "the server to serve version 2 after SIGHUP")
     assert server.predict(records(1)).json()["version"] == "2"
 

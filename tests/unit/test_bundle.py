@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from serving_fixtures import make_torchscript_bundle
+from serving_fixtures import make_bundle_without_onnx, make_torchscript_bundle
 from synthetic import save_trained, write_run_dirs
 from torch import nn
 
@@ -254,7 +254,8 @@ def test_auto_serves_with_onnx_runtime_when_the_bundle_has_it(exports):
 
 
 def test_a_bundle_without_onnx_serves_with_torch_and_refuses_runtime_onnx(exports, tmp_path):
-    copy = without_onnx(exports["classification"][2], tmp_path, reason="the ONNX conversion failed: test")
+    copy = make_bundle_without_onnx(exports["classification"][2], tmp_path / "copy",
+                                    reason="the ONNX conversion failed: test")
 
     assert load_bundle(copy).runtime == "torch" and load_bundle(copy).runtimes == ("torch",)
     with pytest.raises(BundleError, match=r"has no model\.onnx \(the ONNX conversion failed: test\), so it cannot "
@@ -401,7 +402,7 @@ def test_an_unreadable_model_is_refused_naming_it(exported, tmp_path, name, runt
 
 
 def test_an_onnx_file_the_manifest_does_not_list_is_refused(exports, tmp_path):
-    copy = without_onnx(exports["classification"][2], tmp_path, reason="test")
+    copy = make_bundle_without_onnx(exports["classification"][2], tmp_path / "copy")
     (copy / ONNX_FILE).write_bytes((exports["classification"][2] / ONNX_FILE).read_bytes())
 
     with pytest.raises(BundleError, match=f"holds {ONNX_FILE}, which {MANIFEST_FILE} does not list"):
@@ -500,17 +501,6 @@ def copy_bundle(path: Path, tmp_path: Path) -> Path:
     copy.mkdir()
     for file in path.iterdir():
         (copy / file.name).write_bytes(file.read_bytes())
-    return copy
-
-
-def without_onnx(path: Path, tmp_path: Path, *, reason: str) -> Path:
-    """A copy of bundle ``path`` as exported when ONNX is not faithful: no model.onnx, the reason in the manifest."""
-    copy = copy_bundle(path, tmp_path)
-    (copy / ONNX_FILE).unlink()
-    manifest = json.loads((copy / MANIFEST_FILE).read_text())
-    del manifest["files"][ONNX_FILE]
-    manifest.update(runtimes=["torch"], onnx={"file": None, "reason": reason})
-    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
     return copy
 
 
