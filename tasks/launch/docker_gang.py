@@ -58,7 +58,6 @@ from kiln.tasks.launch.containers import (
     share_with_group,
     torchrun_command,
 )
-from kiln.tasks.launch.requirements_check import job_requirements
 from kiln.tasks.launch.user_image import USER_CODE_DIR, ImageBuildError, ensure_user_image
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation, format_size
 from kiln.tasks.processes import OutputLog
@@ -182,7 +181,7 @@ class DockerGangLauncher(Launcher):
         relay = None
         if config.mlflow_run_id and not containers_can_log(config.mlflow_tracking_uri, t.docker.network):
             relay, config = config, replace(config, mlflow_tracking_uri=None, mlflow_run_id=None)
-        code_dir, requirements = config.code_dir, job_requirements(config)
+        code_dir, requirements = config.code_dir, list(config.requirements)
         if code_dir:
             config = replace(config, code_dir=USER_CODE_DIR)  # the user image holds the code there
         atomic_write_bytes(workdir / CONFIG_FILE, config.to_json().encode())

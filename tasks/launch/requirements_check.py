@@ -12,13 +12,9 @@ import importlib.metadata
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
-
-if TYPE_CHECKING:
-    from kiln.tasks.training.job import TrainConfig
 
 #: The spec field every message names.
 FIELD = "code.requirements"
@@ -33,11 +29,6 @@ class RequirementError(ValueError):
     def __init__(self, message: str, problems: Sequence[tuple[str, str]] = ()):
         self.problems = list(problems)
         super().__init__(message)
-
-
-def job_requirements(config: TrainConfig) -> list[str]:
-    """A job's ``code.requirements`` lines (``TrainConfig.requirements``); none when the config has no such field."""
-    return list(getattr(config, "requirements", None) or ())
 
 
 def parse_requirements(lines: Sequence[str]) -> list[Requirement]:

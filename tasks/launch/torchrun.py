@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from kiln.tasks.launch.base import LOG_FILE, Launcher, LaunchResult, TrainingFailedError, TrainingTimeoutError
-from kiln.tasks.launch.requirements_check import check_installed, job_requirements
+from kiln.tasks.launch.requirements_check import check_installed
 from kiln.tasks.pools.allocation import Allocation
 from kiln.tasks.processes import OutputLog, ProcessGroup, start_process, usable_cpus
 from kiln.tasks.storage.artifacts import atomic_write_bytes
@@ -60,7 +60,7 @@ class LocalTorchrunLauncher(Launcher):
             RequirementError: a line of ``code.requirements`` is not installed here (checked before anything
                 starts; the message names the line, what is installed and the fix).
         """
-        check_installed(job_requirements(config))
+        check_installed(config.requirements)
         if nproc < 1:
             raise ValueError(f"nproc must be at least 1, found {nproc}")
         if allocation is not None and len(allocation.nodes) != 1:
