@@ -40,6 +40,14 @@ GIB = 1024**3
 @pytest.fixture(scope="module")
 def engine() -> docker.DockerClient:
     client = ready_engine()
+    base = get_settings().train_image
+    current = client.images.get(base).id
+    # User images FROM an earlier test image (tasks/ changed since) only keep that image's layers alive.
+    for image in client.images.list(filters={"label": "kiln.user-image"}):
+        source, _, base_id = image.labels.get("kiln.base", "").partition("@")
+        if source == base and base_id != current:
+            for tag in image.tags:
+                client.images.remove(tag)
     yield client
     client.close()
 
