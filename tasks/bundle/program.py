@@ -94,6 +94,7 @@ def export_program(network: nn.Module, example: torch.Tensor, task: str, *, sour
     except Exception as exc:  # torch.export raises many types (UserError, Unsupported, guard errors)
         raise ModelExportError(f"{source} cannot be exported with torch.export: {_export_problem(exc)}. "
                                f"Fix the network's forward(): {_EXPORT_RULES}") from None
+    _refuse_custom_operators(program, source)
     # Checked on sizes other than the traced one, so that a shape specialised during tracing is caught.
     probe = torch.cat([trace, trace[:1]])
     with torch.no_grad():
@@ -107,6 +108,25 @@ def export_program(network: nn.Module, example: torch.Tensor, task: str, *, sour
                     f"trained module's by {diff:.3g} (allowed {PROGRAM_TOLERANCE:g}, {PARITY_RULE}); forward() "
                     f"behaves differently when traced: {_EXPORT_RULES}")
     return program
+
+
+#: Operator namespaces every torch loads: a program of these alone loads without the pipeline's code.
+_STANDARD_NAMESPACES = frozenset({"aten", "prims"})
+
+
+def _refuse_custom_operators(program: torch.export.ExportedProgram, source: str) -> None:
+    """Fail on an operator that the user's code (or a requirement) registered: the program would save, but no
+    process without that code (evaluate, the model server) could load it."""
+    for node in program.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) \
+                and target.namespace not in _STANDARD_NAMESPACES:
+            where = (node.meta.get("stack_trace") or "").strip().splitlines()
+            raise ModelExportError(
+                f"{source} calls the custom operator {target.name()}"
+                f"{' (' + where[-2].strip() + ': ' + where[-1].strip() + ')' if len(where) >= 2 else ''}; the "
+                "exported model is loaded without the pipeline's code, where that operator does not exist. Write "
+                "it with torch operations instead")
 
 
 def _export_problem(exc: BaseException) -> str:
