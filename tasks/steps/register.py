@@ -1,8 +1,10 @@
 """The ``register`` step: export the trained model as a bundle and make it a version of the pipeline's model.
 
-The bundle (:mod:`kiln.tasks.bundle`) goes to ``<run>/bundle`` and to the training run in MLflow; the new version of
-the registered model (named as the pipeline) is tagged with its provenance: the run key and MLflow run, the spec
-hash, the ingest snapshot's and the test split's hashes, the code version and the test score.
+The bundle (:mod:`kiln.tasks.bundle`) goes to ``<run>/bundle`` and, as an MLflow Model (pyfunc) logged from the
+training run that holds the bundle, becomes the new version of the registered model (named as the pipeline). The
+version is tagged with its provenance: the run key and MLflow run, the spec hash, the ingest snapshot's and the test
+split's hashes, kiln's code version, the pipeline's own code (``kiln.code_hash``, when it brings code) and the test
+score.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def register(ctx: RunContext) -> RegisterResult:
     from kiln.tasks.features.splits import TEST_RAW_FILE
     from kiln.tasks.tracking.registry import RUN_KEY_TAG, Registry
     from kiln.tasks.tracking.runs import find_run
+    from kiln.tasks.training.job import CONFIG_FILE
 
     spec = ctx.spec
     # The training run, found without reopening it: evaluate marked it finished.
@@ -65,6 +68,9 @@ def register(ctx: RunContext) -> RegisterResult:
             "kiln.test_data_hash": file_sha256(ctx.input_dir(keys.BUILD_FEATURES) / TEST_RAW_FILE),
             "kiln.code_version": code_version(),
             f"kiln.test/{spec.primary_metric}": str(evaluation.get(f"test/{spec.primary_metric}"))}
+    trained = read_json(ctx.input_dir(keys.TRAIN) / CONFIG_FILE)
+    if trained.get("code_hash"):  # the pipeline's own code folder, as the training job ran it
+        tags["kiln.code_hash"] = trained["code_hash"]
     config = ExportConfig(features_dir=ctx.input_dir(keys.BUILD_FEATURES), model_dir=ctx.input_dir(keys.TRAIN),
                           metadata={"pipeline": spec.name, **tags})
     ctx.publish(keys.BUNDLE, lambda out: export_bundle(config, out))
