@@ -19,6 +19,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 OUT = BENCH.parent / "BENCHMARKS.md"
+#: Benchmarks that are a second run of a script with arguments: name -> (script, arguments).
+VARIANTS = {"train_harness_user_loop": ("train_harness.py", ["--compare", "user-loop"])}
 HEADER = """# Benchmarks
 
 Written by `make bench` (`bench/run_all.py`); one row per benchmark run, newest at the bottom. Figures are
@@ -36,9 +38,10 @@ def _met(ratio: float, target: str) -> str:
     return "yes" if (ratio <= bound if op == "<=" else ratio >= bound) else "NO"
 
 
-def run_one(script: Path) -> dict:
+def run_one(script: Path, args: list[str] | None = None) -> dict:
     """Run one benchmark script; return its JSON result (raises if it fails or prints no JSON)."""
-    proc = subprocess.run([sys.executable, str(script)], cwd=BENCH.parent, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(script), *(args or [])], cwd=BENCH.parent, capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{script.name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     last = proc.stdout.strip().splitlines()[-1]
@@ -49,16 +52,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
     args = parser.parse_args()
-    scripts = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith(("_", "run_all")))
+    runs: list[tuple[str, Path, list[str]]] = [
+        (p.stem, p, []) for p in BENCH.glob("*.py") if not p.name.startswith(("_", "run_all"))]
+    runs = sorted(runs + [(name, BENCH / script, argv) for name, (script, argv) in VARIANTS.items()],
+                  key=lambda run: run[0])
     if args.names:
-        scripts = [p for p in scripts if p.stem in args.names]
+        runs = [run for run in runs if run[0] in args.names]
     if not OUT.exists():
         OUT.write_text(HEADER)
     failed = 0
-    for script in scripts:
-        print(f"running {script.name} ...", flush=True)
+    for _, script, argv in runs:
+        command = " ".join([f"python bench/{script.name}", *argv])
+        print(f"running {command} ...", flush=True)
         try:
-            r = run_one(script)
+            r = run_one(script, argv)
         except (RuntimeError, json.JSONDecodeError, IndexError) as exc:
             print(f"  FAILED: {exc}", flush=True)
             failed += 1
@@ -66,7 +73,7 @@ def main() -> int:
         if r.get("skipped"):
             print(f"  skipped: {r['skipped']}", flush=True)
             continue
-        row = (f"| {dt.date.today().isoformat()} | {r['name']} | `python bench/{script.name}` | "
+        row = (f"| {dt.date.today().isoformat()} | {r['name']} | `{command}` | "
                f"{r['value']:.4g} {r['unit']} | {r['peer']}: {r['peer_value']:.4g} {r['unit']} | "
                f"{r['ratio']:.3f} | {r['target']} | {_met(r['ratio'], r['target'])} |\n")
         with OUT.open("a") as fh:
@@ -75,7 +82,7 @@ def main() -> int:
             details = BENCH / "results" / f"{r['name']}.md"
             details.parent.mkdir(exist_ok=True)
             details.write_text(f"# {r['name']}: every cell of the {dt.date.today().isoformat()} run\n\n"
-                               f"`python bench/{script.name}` (row in BENCHMARKS.md)\n\n{r['details']}\n")
+                               f"`{command}` (row in BENCHMARKS.md)\n\n{r['details']}\n")
         print("  " + row.strip(), flush=True)
     return 1 if failed else 0
 
