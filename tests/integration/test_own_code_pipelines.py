@@ -140,7 +140,7 @@ def test_a_custom_network_survives_a_killed_rank_and_is_served(airflow_db, tmp_p
 
 def test_an_own_training_loop_resumes_from_its_checkpoint_on_airflows_retry(airflow_db, tmp_path: Path) -> None:
     from kiln.tasks.settings import get_settings
-    from kiln.tasks.storage.artifacts import read_json
+    from kiln.tasks.storage.artifacts import read_json, run_key
     from kiln.tasks.tracking.registry import Registry
 
     # deployment none: the rollout steps pass without serving anything (registry only).
@@ -148,6 +148,6 @@ def test_an_own_training_loop_resumes_from_its_checkpoint_on_airflows_retry(airf
     run_dir = _assert_resumed_to_identical_weights(dr, tis, tmp_path, dict.fromkeys(STEPS + ROLLOUT, "success"))
     registered = tis["register"].xcom_pull(task_ids="register")
     version = Registry(get_settings().mlflow_tracking_uri).version("penguins_ownloop", registered["version"])
-    assert version.tags["kiln.run_key"].endswith(dr.run_id)
+    assert version.tags["kiln.run_key"] == run_key(dr.dag_id, dr.run_id)
     # The version names the code that trained it, as the checkpoints' fingerprint did.
     assert version.tags["kiln.code_hash"] == read_json(run_dir / "train" / "train_config.json")["code_hash"]
