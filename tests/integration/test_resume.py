@@ -1,7 +1,8 @@
 """A 2-rank job killed mid-training resumes from its last checkpoint and ends with the weights of a run that was
 never interrupted (same seed): checkpoints carry the model, optimizer and every rank's RNG state, and the data
-order is a function of (seed, epoch) only. The same holds for a pipeline's own network in kiln's loop and for a
-pipeline's own loop that checkpoints through the training API; either way the model is exported (model.pt2)."""
+order is a function of (seed, epoch) only; the resumed try exports the model (model.pt2). The same, for a pipeline's
+own network and for its own loop checkpointing through the training API, is tested through Airflow (a rank killed,
+Airflow's retry resuming) in test_own_code_pipelines.py."""
 
 from __future__ import annotations
 
@@ -30,27 +31,16 @@ KILL_AFTER_EPOCH = 2
 
 
 
-CODE = Path(__file__).resolve().parents[1] / "user_code"
-#: The network and loop of each variant; every network has dropout, which draws from the RNG.
-VARIANTS = {
-    "builtin": ({"hidden_sizes": [64, 32], "dropout": 0.2}, {}),
-    "custom-network": ({"type": "custom", "factory": "tabular_net:build", "options": {"width": 32, "dropout": 0.2}},
-                       {}),
-    # The own loop sleeps after each epoch so that the kill lands mid-run on a fast machine too.
-    "own-loop": ({"type": "custom", "factory": "tabular_net:build", "options": {"width": 32, "dropout": 0.2}},
-                 {"entrypoint": "user_loops:train_with_checkpoints", "params": {"pause_s": 0.3}}),
-}
-LOSS = {"builtin": "train/loss", "custom-network": "train/loss", "own-loop": "train/loss_sum"}
+#: Dropout draws from the RNG, so a resume is bit-identical only if every rank's RNG state is restored.
+MODEL = {"hidden_sizes": [64, 32], "dropout": 0.2}
 
 
-def make_config(root: Path, features: Path, variant: str = "builtin") -> TrainConfig:
-    model, loop = VARIANTS[variant]
+def make_config(root: Path, features: Path) -> TrainConfig:
     return TrainConfig(
         features_dir=str(features), output_dir=str(root / "out"), checkpoint_dir=str(root / "ckpt"),
-        task="classification", model=ModelSpec(**model),
+        task="classification", model=ModelSpec(**MODEL),
         training=TrainingSpec(epochs=EPOCHS, batch_size=8, learning_rate=2e-3, seed=11, log_every_steps=1000,
-                              timeout_s=300, **loop),  # generous: a busy CI machine ran epochs 10x slower
-        code_dir=str(CODE) if variant != "builtin" else None)
+                              timeout_s=300))  # generous: a busy CI machine ran epochs 10x slower than a quiet one
 
 
 def kill_rank_when_checkpoint_exists(launcher: LocalTorchrunLauncher, checkpoint: Path, rank: int) -> int:
@@ -69,10 +59,9 @@ def final_state(root: Path) -> dict[str, torch.Tensor]:
     return torch.load(root / "out" / "model.pt", weights_only=False)["state_dict"]
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_killed_job_resumes_after_its_last_checkpoint_with_identical_final_weights(tmp_path, variant):
+def test_killed_job_resumes_after_its_last_checkpoint_with_identical_final_weights(tmp_path):
     features = write_features(tmp_path / "features", n=2000, d=8, n_classes=3, seed=1)
-    interrupted = make_config(tmp_path / "interrupted", features, variant)
+    interrupted = make_config(tmp_path / "interrupted", features)
 
     launcher = LocalTorchrunLauncher()
     errors: list[BaseException] = []
@@ -101,7 +90,7 @@ def test_killed_job_resumes_after_its_last_checkpoint_with_identical_final_weigh
     assert metrics["resumed_from_epoch"] == last
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, EPOCHS + 1))  # contiguous, none repeated
 
-    reference = make_config(tmp_path / "reference", features, variant)
+    reference = make_config(tmp_path / "reference", features)
     LocalTorchrunLauncher().launch(reference, nproc=2, workdir=tmp_path / "reference" / "work")
     reference_metrics = json.loads((Path(reference.output_dir) / METRICS_FILE).read_text())
     # Bit-identical, not merely close: CPU kernels are deterministic at a fixed thread count and the resumed run
@@ -109,8 +98,7 @@ def test_killed_job_resumes_after_its_last_checkpoint_with_identical_final_weigh
     assert metrics["param_checksums"] == reference_metrics["param_checksums"]
     resumed_state, reference_state = final_state(tmp_path / "interrupted"), final_state(tmp_path / "reference")
     assert all(torch.equal(resumed_state[k], reference_state[k]) for k in reference_state)
-    loss = LOSS[variant]
-    assert [h[loss] for h in metrics["history"]] == [h[loss] for h in reference_metrics["history"]]
+    assert [h["train/loss"] for h in metrics["history"]] == [h["train/loss"] for h in reference_metrics["history"]]
     program = load_program(interrupted.output_dir)  # exported at the end of the resumed try
     x = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
     assert np.array_equal(program.predict(x), load_program(reference.output_dir).predict(x))
