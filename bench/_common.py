@@ -1,4 +1,5 @@
-"""Helpers shared by the training benchmarks: synthetic features folders and the one-line JSON result."""
+"""Helpers shared by the benchmarks: synthetic features folders, the one-line JSON result, pipelines in a private
+``KILN_HOME``, and the serving benchmark's TorchScript peer bundle, process CPU time and model-call timing."""
 
 from __future__ import annotations
 
@@ -120,3 +121,90 @@ def stop_model_servers(env: dict[str, str]) -> None:
 
     subprocess.run([sys.executable, "-m", "kiln.tasks.cli", "serve", "stop"], cwd=REPO, env=env, check=True,
                    capture_output=True, timeout=120)
+
+
+def write_torchscript_bundle(bundle: Path, model_dir: Path, out: Path) -> Path:
+    """``bundle`` as kiln wrote it before bundle format 2: format 1, the network and its output head as TorchScript
+    (``model.ts``) instead of ``model.pt2``/``model.onnx``; the peer of ``--runtimes``."""
+    import hashlib
+    import shutil
+
+    import torch
+
+    from kiln.tasks.bundle.load import DATA_FILES, MANIFEST_FILE, quiet_torchscript
+    from kiln.tasks.bundle.program import Servable
+    from kiln.tasks.training.networks import load_model
+
+    out.mkdir()
+    for name in DATA_FILES:
+        shutil.copyfile(bundle / name, out / name)
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    network = load_model(model_dir).module
+    with quiet_torchscript():
+        scripted = torch.jit.script(Servable(network, manifest["task"] == "classification").eval())
+        torch.jit.save(scripted, str(out / "model.ts"))
+    files = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in ("model.ts", *DATA_FILES)}
+    manifest = {k: v for k, v in manifest.items() if k not in ("runtimes", "onnx")}
+    (out / MANIFEST_FILE).write_text(json.dumps({**manifest, "format_version": 1, "files": files}))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by process ``pid`` and its live descendants (MLflow's uvicorn worker)."""
+    import psutil
+
+    total = 0.0
+    root = psutil.Process(pid)
+    for proc in (root, *root.children(recursive=True)):
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def time_model_calls(bundles: dict[str, tuple[Path, str]], rows: tuple[int, ...], cpu: int, calls: int = 3000
+                     ) -> dict[str, dict[int, float]]:
+    """Microseconds per ``Bundle.predict_features`` call (the model alone, no HTTP) of each named bundle and runtime,
+    for each batch size in ``rows``: in this process, pinned to ``cpu``, one torch thread, median of 5 rounds.
+
+    Args:
+        bundles: ``{name: (bundle folder, runtime)}``.
+        rows: batch sizes.
+        cpu: the core to run on (the servers' core).
+        calls: calls per round.
+    """
+    import os
+    import statistics
+    import time
+
+    import torch
+
+    from kiln.tasks.bundle.load import load_bundle
+
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out: dict[str, dict[int, float]] = {}
+        for name, (folder, runtime) in bundles.items():
+            bundle = load_bundle(folder, runtime)  # type: ignore[arg-type]
+            x = np.random.default_rng(0).normal(size=(max(rows), bundle.transform.input_dim)).astype(np.float32)
+            out[name] = {}
+            for n in rows:
+                batch = x[:n]
+                for _ in range(200):
+                    bundle.predict_features(batch)
+                rounds = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        bundle.predict_features(batch)
+                    rounds.append((time.perf_counter() - start) / calls * 1e6)
+                out[name][n] = statistics.median(rounds)
+        return out
+    finally:
+        torch.set_num_threads(threads)
+        os.sched_setaffinity(0, affinity)

@@ -5,7 +5,8 @@ the pipeline in this process under a temporary ``KILN_HOME``. Three servers serv
 pinned to the same core (``taskset -c 1``) with one torch thread:
 
 * ours: ``python -m kiln.tasks.serving`` over a deployment whose champion is the bundle exported from the run
-  (``kiln.tasks.bundle.load.export_bundle``); ``POST /predict`` with ``{"records": [...]}`` and a bearer token.
+  (``kiln.tasks.bundle.export.export_bundle``), default runtime (``auto``); ``POST /predict`` with
+  ``{"records": [...]}`` and a bearer token.
 * mlflow: ``mlflow models serve --env-manager local --workers 1`` of a pyfunc logged into the run's temporary
   MLflow store; ``POST /invocations`` with ``{"dataframe_records": [...]}``. The pyfunc (``bench/_mlflow_model.py``)
   takes the same raw columns and applies the same fitted ``FeatureTransform`` before the network, rather than
@@ -19,13 +20,29 @@ Every server answers the same raw rows (the run's ``test_raw.parquet``; bare get
 1 or 32 records per request. The load generator is ``wrk`` (one thread, pinned to the other core:
 ``taskset -c 0``) with ``bench/wrk_post.lua``, which prints latency percentiles as JSON; each cell (server,
 clients in 1/16/64, rows) runs for DURATION_S after a warm-up, and the servers take turns within each cell (in
-rotating order) so that drift in the machine's speed falls on all three alike. Before the load, each server
-answers 32 records and all must predict the same labels; a cell with a non-2xx response fails the benchmark.
+rotating order) so that drift in the machine's speed falls on all three alike; ``--repeat N`` runs every cell N
+times and keeps the run with the median requests/s. Each cell also records the server's CPU time per request
+(``cpu_us``, its process tree's user + system time over the answered requests), which other load on a shared
+machine moves far less than requests/s. Before the load, each server answers 32 records and all must predict the
+same labels; a cell with a non-2xx response fails the benchmark.
 
 Targets at 64 clients, 1 record per request: ours >= 6x MLflow's requests/s (the JSON line's ``ratio``) with p99
 <= 50 ms, and ours >= 0.7x the bare endpoint (both in the ``peer`` text). The JSON line also carries
 ``ours_vs_bare`` and every cell (``cells``); the markdown table of all cells is printed above it. Needs ``wrk``
 (``apt-get install wrk``) and two CPUs. ``--help`` lists the options (durations, cells, servers, cores).
+
+``--runtimes`` compares our server's model runtimes instead, on the same bundle, 64 clients, 1 and 32 records:
+
+* torchscript: today's TorchScript server, the peer: a format 1 bundle (``model.ts``, ``torch.jit.script`` of the
+  network with its output head, as kiln exported before bundle format 2) written here from the run's ``model.pt``;
+* torch: the bundle's exported program (``model.pt2``), ``--runtime torch``;
+* onnx: ONNX Runtime on the bundle's ``model.onnx``, ``--runtime onnx``.
+
+Before the servers start, each runtime's model call alone (``Bundle.predict_features`` of 1 and 32 rows, this
+process pinned to the servers' core) is timed: for so small a network it is a few percent of a request, which
+the HTTP figures hide. The JSON line (name ``serving_runtimes``) is the runtime that ``auto`` picks against
+TorchScript at 64 clients, 1 record (target >= 1.0), with the other runtime's ratio, every p99, CPU time per request
+and the model-call times in the ``peer`` text (``ratios``, ``model_call_us``, ``cells``: all of it).
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -49,6 +67,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from _common import cpu_seconds, time_model_calls, write_torchscript_bundle
 
 from kiln.tasks.processes import ProcessGroup, start_process
 
@@ -56,9 +75,12 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 SPEC = REPO / "dags" / "pipelines" / "penguins_species.yaml"
 SERVERS = ("ours", "mlflow", "bare")
+#: Our server with each model runtime (``--runtimes``); torchscript, the peer, serves a format 1 bundle.
+RUNTIME_SERVERS = ("torchscript", "torch", "onnx")
 CLIENTS, ROWS = (1, 16, 64), (1, 32)
 DURATION_S, WARMUP_S = 8, 3  # whole seconds: wrk takes no fractions
 TARGET_VS_MLFLOW, TARGET_P99_MS, TARGET_VS_BARE = 6.0, 50.0, 0.7
+TARGET_VS_TORCHSCRIPT = 1.0
 TOKEN = "bench-serving-token"
 START_TIMEOUT_S = 120.0
 
@@ -171,20 +193,28 @@ def server_env(home: Path) -> dict[str, str]:
             "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
 
 
-def make_ours(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFrame, model_name: str) -> Server:
-    """Export the bundle, write a deployment with it as champion, and describe ``python -m kiln.tasks.serving``."""
+def export_bundle_of_run(tmp: Path, features_dir: Path, model_dir: Path) -> Path:
+    """The run's bundle (format 2: ``model.pt2`` and ``model.onnx``), exported once for every kiln server."""
     from kiln.tasks.bundle.export import ExportConfig, export_bundle
-    from kiln.tasks.serving.deployment import Deployment, ModelRef, utc_now, write_deployment
 
     bundle = tmp / "bundle"
-    export_bundle(ExportConfig(features_dir, model_dir), bundle)
-    deployment = tmp / "deployment.json"
+    if not bundle.is_dir():
+        export_bundle(ExportConfig(features_dir, model_dir), bundle)
+    return bundle
+
+
+def make_ours(tmp: Path, bundle: Path, rows: pd.DataFrame, model_name: str, name: str = "ours",
+              runtime: str = "auto") -> Server:
+    """Write a deployment with ``bundle`` as champion and describe ``python -m kiln.tasks.serving --runtime``."""
+    from kiln.tasks.serving.deployment import Deployment, ModelRef, utc_now, write_deployment
+
+    deployment = tmp / f"deployment_{name}.json"
     write_deployment(deployment, Deployment(model=model_name, champion=ModelRef(version="1", bundle=str(bundle)),
                                             canary=None, updated_at=utc_now()))
     port = _free_port()
     bodies = write_bodies(tmp, "ours", lambda n: '{"records": ' + rows.head(n).to_json(orient="records") + "}")
-    return Server("ours", [sys.executable, "-m", "kiln.tasks.serving", "--deployment", str(deployment),
-                           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+    return Server(name, [sys.executable, "-m", "kiln.tasks.serving", "--deployment", str(deployment),
+                         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--runtime", runtime],
                   f"http://127.0.0.1:{port}/predict", f"http://127.0.0.1:{port}/health", bodies,
                   lambda body: [p["label"] for p in body["predictions"]], token=TOKEN,
                   env={**server_env(tmp / "home"), "KILN_SERVE_TOKEN": TOKEN,
@@ -252,13 +282,19 @@ def check_answers(servers: list[Server]) -> None:
 
 
 def run_wrk(server: Server, clients: int, rows: int, duration_s: int, cpu: str) -> dict:
-    """One wrk run against ``server``; returns the Lua script's JSON summary (raises on non-2xx answers)."""
+    """One wrk run against ``server``; returns the Lua script's JSON summary (raises on non-2xx answers) with
+    ``cpu_us``: the server's CPU time per answered request, which other load on the machine changes far less than
+    requests/s."""
     cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{clients}", f"-d{duration_s}s", "--timeout", "10s",
            "-s", str(BENCH / "wrk_post.lua"), server.url, "--", str(server.bodies[rows]), server.token]
+    assert server.proc is not None
+    cpu_before = cpu_seconds(server.proc.pid)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60)
+    cpu_used = cpu_seconds(server.proc.pid) - cpu_before
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.returncode}) against {server.name}: {proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["cpu_us"] = 1e6 * cpu_used / max(result["requests"], 1)
     if result["errors"]["status"]:
         raise RuntimeError(f"{server.name} answered {result['errors']['status']} of {result['requests']} requests "
                            f"with a non-2xx status ({clients} clients, {rows} rows):\n{server.log_tail()}")
@@ -269,58 +305,105 @@ def run_wrk(server: Server, clients: int, rows: int, duration_s: int, cpu: str) 
 
 
 def measure(servers: list[Server], args: argparse.Namespace) -> dict[tuple[str, int, int], dict]:
-    """Warm every server, then run each (clients, rows) cell on every server in turn (rotating the order)."""
+    """Warm every server, then run each (clients, rows) cell on every server in turn (rotating the order),
+    ``args.repeat`` times; each cell's result is its run with the median requests/s."""
     for s in servers if args.warmup else ():
         for rows in args.rows:
             run_wrk(s, max(args.clients), rows, args.warmup, args.client_cpu)
-    results = {}
-    cells = [(c, r) for r in args.rows for c in args.clients]
+    runs: dict[tuple[str, int, int], list[dict]] = {}
+    cells = [(c, r) for _ in range(args.repeat) for r in args.rows for c in args.clients]
     for i, (clients, rows) in enumerate(cells):
         order = servers[i % len(servers):] + servers[:i % len(servers)]
         for s in order:
             r = run_wrk(s, clients, rows, args.duration, args.client_cpu)
-            results[(s.name, clients, rows)] = r
+            runs.setdefault((s.name, clients, rows), []).append(r)
             print(json.dumps({"server": s.name, "clients": clients, "rows": rows, "rps": r["rps"],
-                              "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+                              "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "cpu_us": round(r["cpu_us"], 1),
                               "socket_errors": sum(r["errors"].values())}), flush=True)
-    return results
+    return {key: sorted(rs, key=lambda r: r["rps"])[len(rs) // 2] for key, rs in runs.items()}
 
 
 def markdown_table(results: dict[tuple[str, int, int], dict], names: list[str]) -> str:
     """One row per (rows, clients) cell, req/s and p50/p99 per server."""
-    head = "| records/request | clients | " + " | ".join(f"{n} req/s | {n} p50 / p99 ms" for n in names) + " |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(names))]
+    head = "| records/request | clients | " + " | ".join(f"{n} req/s | {n} p50 / p99 ms | {n} CPU µs/req"
+                                                        for n in names) + " |"
+    lines = [head, "|" + "---|" * (2 + 3 * len(names))]
     for rows, clients in sorted({(r, c) for _, c, r in results}):
         cells = []
         for n in names:
             r = results[(n, clients, rows)]
-            cells += [f"{r['rps']:,.0f}", f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}"]
+            cells += [f"{r['rps']:,.0f}", f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}", f"{r['cpu_us']:.0f}"]
         lines.append(f"| {rows} | {clients} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def report(results: dict[tuple[str, int, int], dict], names: list[str]) -> None:
-    """Print the table and, when ours, MLflow and bare were all measured, the JSON result line (last)."""
+def report(results: dict[tuple[str, int, int], dict], names: list[str], calls: dict[str, dict[int, float]]
+           ) -> None:
+    """Print the table and, when ours, MLflow and bare were all measured, the JSON result line (last); when the
+    three runtimes were, their JSON line."""
     print(markdown_table(results, names), flush=True)
-    top = max(c for _, c, _ in results)
-    if not {"ours", "mlflow", "bare"} <= set(names) or 1 not in {r for _, _, r in results}:
+    if 1 not in {r for _, _, r in results}:
         return
+    if set(RUNTIME_SERVERS) <= set(names):
+        report_runtimes(results, names, calls)
+    if {"ours", "mlflow", "bare"} <= set(names):
+        report_vs_mlflow(results, names)
+
+
+def report_vs_mlflow(results: dict[tuple[str, int, int], dict], names: list[str]) -> None:
+    """The ``serving`` line: ours against ``mlflow models serve`` and the bare endpoint."""
+    top = max(c for _, c, _ in results)
     ours, mlf, bare = (results[(n, top, 1)] for n in ("ours", "mlflow", "bare"))
     vs_bare = ours["rps"] / bare["rps"]
     met = {"p99": ours["p99_ms"] <= TARGET_P99_MS, "bare": vs_bare >= TARGET_VS_BARE}
     print(f"ours at {top} clients, 1 record: {ours['rps']:.0f} req/s, p99 {ours['p99_ms']:.1f} ms "
           f"(target <= {TARGET_P99_MS:g} ms: {'met' if met['p99'] else 'NOT met'}); ours / bare {vs_bare:.2f} "
           f"(target >= {TARGET_VS_BARE:g}: {'met' if met['bare'] else 'NOT met'})", flush=True)
-    cells = [{"server": n, "clients": c, "rows": r, **{k: v[k] for k in ("rps", "p50_ms", "p99_ms")}}
-             for (n, c, r), v in sorted(results.items())]
     line = {"name": "serving", "value": round(ours["rps"], 3), "unit": "req/s",
             "peer": (f"`mlflow models serve`, {top} clients, 1 record/request, p99 {mlf['p99_ms']:.0f} ms (ours: p99 "
                      f"{ours['p99_ms']:.1f} ms, target <= {TARGET_P99_MS:g} ms; ours / bare FastAPI "
                      f"{vs_bare:.2f} at {bare['rps']:.0f} req/s, target >= {TARGET_VS_BARE:g})"),
             "peer_value": round(mlf["rps"], 3), "ratio": round(ours["rps"] / mlf["rps"], 3),
-            "target": f">= {TARGET_VS_MLFLOW:g}", "ours_vs_bare": round(vs_bare, 3), "cells": cells,
+            "target": f">= {TARGET_VS_MLFLOW:g}", "ours_vs_bare": round(vs_bare, 3), "cells": cell_list(results),
             "details": markdown_table(results, names)}
     print(json.dumps(line), flush=True)
+
+
+def report_runtimes(results: dict[tuple[str, int, int], dict], names: list[str],
+                    calls: dict[str, dict[int, float]]) -> None:
+    """The ``serving_runtimes`` line: the runtime ``auto`` picks, and the other, against the TorchScript server."""
+    from kiln.tasks.bundle.load import AUTO_WITH_ONNX
+
+    top = max(c for _, c, _ in results)
+    peer = results[("torchscript", top, 1)]
+    runs = {n: results[(n, top, 1)] for n in ("onnx", "torch")}
+    ratios = {n: r["rps"] / peer["rps"] for n, r in runs.items()}
+    auto, other = ("onnx", "torch") if AUTO_WITH_ONNX == "onnx" else ("torch", "onnx")
+
+    def says(n: str) -> str:
+        return f"p99 {runs[n]['p99_ms']:.1f} ms, {runs[n]['cpu_us']:.0f} CPU µs/req"
+
+    print(f"runtimes at {top} clients, 1 record: " + ", ".join(
+        f"{n} {r['rps']:.0f} req/s ({says(n)}, {ratios[n]:.2f}x TorchScript)" for n, r in runs.items())
+        + f"; TorchScript {peer['rps']:.0f} req/s (p99 {peer['p99_ms']:.1f} ms, {peer['cpu_us']:.0f} CPU µs/req)",
+        flush=True)
+    line = {"name": "serving_runtimes", "value": round(runs[auto]["rps"], 3), "unit": "req/s",
+            "peer": (f"TorchScript server (format 1 bundle), {top} clients, 1 record/request, p99 "
+                     f"{peer['p99_ms']:.1f} ms, {peer['cpu_us']:.0f} CPU µs/req (value: the {auto} runtime, "
+                     f"auto's choice, {says(auto)}; {other} runtime {runs[other]['rps']:.0f} req/s = "
+                     f"{ratios[other]:.2f}x, {says(other)}; the model call alone at "
+                     f"{'/'.join(map(str, ROWS))} rows: " + ", ".join(
+                         f"{n} {'/'.join(f'{us:.0f}' for us in calls[n].values())} µs" for n in calls) + ")"),
+            "peer_value": round(peer["rps"], 3), "ratio": round(ratios[auto], 3),
+            "target": f">= {TARGET_VS_TORCHSCRIPT:g}", "ratios": {k: round(v, 3) for k, v in ratios.items()},
+            "model_call_us": calls, "cells": cell_list(results), "details": markdown_table(results, names)}
+    print(json.dumps(line), flush=True)
+
+
+def cell_list(results: dict[tuple[str, int, int], dict]) -> list[dict]:
+    """Every measured cell, for the JSON line."""
+    return [{"server": n, "clients": c, "rows": r, **{k: round(v[k], 3) for k in ("rps", "p50_ms", "p99_ms", "cpu_us")}}
+            for (n, c, r), v in sorted(results.items())]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -330,12 +413,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds of warm-up per server and request size (default %(default)s; 0: none)")
     parser.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS), help="wrk connections per cell")
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS), choices=ROWS, help="records per request")
-    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each cell per server; the median counts "
+                        "(default %(default)s)")
+    parser.add_argument("--servers", nargs="+", default=None, choices=SERVERS + RUNTIME_SERVERS,
+                        help=f"servers to measure (default {' '.join(SERVERS)}; with --runtimes "
+                        f"{' '.join(RUNTIME_SERVERS)})")
+    parser.add_argument("--runtimes", action="store_true", help="compare our server's runtimes (TorchScript, torch, "
+                        "onnx) at 64 clients (unless --clients says otherwise), instead of ours, MLflow and bare")
     parser.add_argument("--server-cpu", default="1", help="taskset CPU list of the servers (default %(default)s)")
     parser.add_argument("--client-cpu", default="0", help="taskset CPU list of wrk (default %(default)s)")
     args = parser.parse_args(argv)
-    if args.duration < 1 or args.warmup < 0 or min(args.clients) < 1:
-        parser.error("--duration and --clients must be >= 1 and --warmup >= 0 (0: no warm-up)")
+    if args.servers is None:
+        args.servers = list(RUNTIME_SERVERS if args.runtimes else SERVERS)
+    if args.runtimes and args.clients == list(CLIENTS):
+        args.clients = [max(CLIENTS)]
+    if args.duration < 1 or args.warmup < 0 or min(args.clients) < 1 or args.repeat < 1:
+        parser.error("--duration, --clients and --repeat must be >= 1 and --warmup >= 0 (0: no warm-up)")
     return args
 
 
@@ -355,10 +448,22 @@ def main(argv: list[str] | None = None) -> None:
 
         spec = load_spec(SPEC)
         rows = raw_rows(features_dir, spec.target)
-        makers = {"ours": lambda: make_ours(tmp, features_dir, model_dir, rows, spec.name),
-                  "mlflow": lambda: make_mlflow(tmp, features_dir, model_dir, rows),
-                  "bare": lambda: make_bare(tmp, features_dir, model_dir, rows)}
-        servers = [makers[n]() for n in args.servers]
+        bundle = export_bundle_of_run(tmp, features_dir, model_dir)
+        format1 = write_torchscript_bundle(bundle, model_dir, tmp / "bundle_format1")
+        runtimes = {"torchscript": (format1, "auto"), "torch": (bundle, "torch"), "onnx": (bundle, "onnx")}
+        def kiln_server(name: str) -> Server:
+            folder, runtime = runtimes.get(name, (bundle, "auto"))
+            return make_ours(tmp, folder, rows, spec.name, name, runtime=runtime)
+
+        makers: dict[str, Callable[[], Server]] = {
+            "mlflow": lambda: make_mlflow(tmp, features_dir, model_dir, rows),
+            "bare": lambda: make_bare(tmp, features_dir, model_dir, rows)}
+        servers = [makers[n]() if n in makers else kiln_server(n) for n in args.servers]
+        # The model alone, before any server runs: what the HTTP figures hide for so small a network.
+        calls = time_model_calls({n: runtimes[n] for n in args.servers if n in runtimes}, ROWS,
+                                 cpu=int(re.split(r"[,-]", args.server_cpu)[0]))
+        for n, by_rows in calls.items():
+            print(json.dumps({"model_call_us": n, **{str(r): round(us, 1) for r, us in by_rows.items()}}), flush=True)
         try:
             for s in servers:
                 s.start(args.server_cpu, tmp)
@@ -369,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for s in servers:
                 s.stop()
-    report(results, [s.name for s in servers])
+    report(results, [s.name for s in servers], calls)
 
 
 if __name__ == "__main__":
