@@ -20,7 +20,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 OUT = BENCH.parent / "BENCHMARKS.md"
 #: Benchmarks that are a second run of a script with arguments: name -> (script, arguments).
-VARIANTS = {"train_harness_user_loop": ("train_harness.py", ["--compare", "user-loop"])}
+VARIANTS = {"train_harness_user_loop": ("train_harness.py", ["--compare", "user-loop"]),
+            "serving_runtimes": ("serving.py", ["--runtimes", "--repeat", "5"])}
 HEADER = """# Benchmarks
 
 Written by `make bench` (`bench/run_all.py`); one row per benchmark run, newest at the bottom. Figures are

@@ -53,7 +53,8 @@ CODE_DIR = "code"
 PROBABILITY_PREFIX = "p_"
 #: Distributions kiln's loader imports (the model's requirements, with ``onnxruntime`` for a bundle with ONNX).
 REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "orjson")
-#: The ONNX file of a bundle (format 2) that has one.
+#: The ONNX file of a bundle (format 2) that has one: ``kiln.tasks.bundle.load.ONNX_FILE``, repeated because this
+#: file imports kiln only once a kiln (installed, or the model's own copy) is on ``sys.path``.
 ONNX_FILE = "model.onnx"
 #: Largest difference allowed between a saved model's predictions and the bundle's on the sample rows.
 PREDICTION_TOLERANCE = 1e-6
