@@ -88,6 +88,10 @@ def export_program(network: nn.Module, example: torch.Tensor, task: str, *, sour
     # Two rows at least: torch.export specialises a dimension traced at size 1, which would fix the batch size.
     trace = example if len(example) >= 2 else example.repeat(2, 1)
     servable.cpu()
+    with torch.no_grad():
+        if not bool(torch.isfinite(servable(trace)).all()):  # else the parity check below would blame the export
+            raise ModelExportError(f"{source} predicts non-finite values for the example rows: training diverged; "
+                                   "lower training.learning_rate, or check the features and the loss")
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     try:
         program = torch.export.export(servable, (trace,), dynamic_shapes=({0: batch},), strict=False)

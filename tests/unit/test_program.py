@@ -51,6 +51,14 @@ def test_an_unexportable_forward_names_the_cause_and_the_fix(kind: str, names: l
         assert name in message
 
 
+def test_a_diverged_network_is_named_as_diverged_not_as_unexportable() -> None:
+    net = _Net("plain")
+    with torch.no_grad():
+        net.linear.weight.fill_(float("nan"))
+    with pytest.raises(ModelExportError, match="training diverged; lower training.learning_rate"):
+        export_program(net, torch.randn(4, 4), "classification")
+
+
 def test_a_program_predicts_any_batch_size_like_the_module_after_a_round_trip(tmp_path) -> None:
     torch.manual_seed(0)
     net = _Net("plain")
