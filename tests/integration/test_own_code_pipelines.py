@@ -109,7 +109,18 @@ def _assert_resumed_to_identical_weights(dr, tis: dict, tmp_path: Path, expected
     return run_dir
 
 
-def test_a_custom_network_survives_a_killed_rank_and_is_served(airflow_db, tmp_path: Path) -> None:
+@pytest.fixture
+def serving():
+    """The model server the rollout starts is stopped after the test (later tests deploy on the same port)."""
+    from conftest import stop_model_servers
+
+    from kiln.tasks.settings import get_settings
+
+    yield
+    stop_model_servers(get_settings().serving_dir)
+
+
+def test_a_custom_network_survives_a_killed_rank_and_is_served(airflow_db, serving, tmp_path: Path) -> None:
     from kiln.tasks.bundle.load import load_bundle, records_from_frame
     from kiln.tasks.pipeline.endpoint import Endpoint
     from kiln.tasks.serving.auth import resolve_token
