@@ -94,9 +94,20 @@ def test_pipeline_on_s3(s3_endpoint: S3Endpoint, tmp_path: Path,  # noqa: F811
     logged = {o[len(run_artifacts):] for o in list_keys(client, bucket, run_artifacts)}
     assert "gate/decision.json" in logged, sorted(logged)
     assert json.loads(read_object(client, bucket, f"{run_artifacts}gate/decision.json"))["passed"] is True
-    for folder in ("bundle/", "evaluate/", "validation/"):
+    for folder in ("evaluate/", "validation/"):
         assert any(name.startswith(folder) for name in logged), f"no {folder} artifacts in {sorted(logged)}"
     assert "evaluate/confusion_matrix.png" in logged
+    # The registered version is an MLflow Model (logged from the run) whose artifacts hold the bundle.
+    from kiln.tasks.settings import get_settings
+    from kiln.tasks.tracking.registry import Registry
+
+    [version] = Registry(get_settings().mlflow_tracking_uri).versions(ctx.spec.name)
+    prefix = f"s3://{bucket}/"
+    assert version.source.startswith(f"{prefix}mlflow/{ctx.spec.name}/"), version.source
+    model_files = {o[len(version.source) - len(prefix):].lstrip("/")
+                   for o in list_keys(client, bucket, version.source[len(prefix):])}
+    assert {"MLmodel", "artifacts/bundle/bundle.json", "artifacts/bundle/model.pt2"} <= model_files, \
+        sorted(model_files)
     assert list_keys(client, bucket, "mlflow/") == list_keys(client, bucket, f"mlflow/{ctx.spec.name}/")
 
 
