@@ -3,11 +3,11 @@
 The Docker launcher runs such an image when the job has a code folder (``code.path``) or ``code.requirements``. It
 is built FROM the training base image (``training.docker.image`` or ``KILN_TRAIN_IMAGE``) with:
 
-- the requirements, resolved and downloaded *on this host* by its own pip with its own configuration (indexes,
-  wheel folders, proxy, CA bundle) and constrained to the versions the base image already has, so kiln's pins
-  (torch above all) stay; a build step installs those wheels offline (``--no-index --no-deps``) and fails if any
-  distribution of the base changed. The build needs no network and no credentials, and works the same on a remote
-  engine (the wheels travel in the build context);
+- the requirements, resolved and downloaded *on this host* (:mod:`kiln.tasks.launch.user_wheels`) by its own pip
+  with its own configuration (indexes, wheel folders, proxy, CA bundle) and constrained to the versions the base
+  image already has, so kiln's pins (torch above all) stay; a build step installs those wheels offline
+  (``--no-index --no-deps``) and fails if any distribution of the base changed. The build needs no network and no
+  credentials, and works the same on a remote engine (the wheels travel in the build context);
 - the code folder at :data:`USER_CODE_DIR`, compiled (the containers' root filesystem is read-only).
 
 The tag's hash covers the base image's id, the requirement lines, the code (:func:`code_hash`) and this recipe;
@@ -24,10 +24,8 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import stat
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,11 +38,9 @@ from typing import Any
 
 from docker.client import DockerClient
 from docker.errors import DockerException, ImageNotFound
-from packaging.utils import canonicalize_name
-from packaging.version import InvalidVersion, Version
 
 from kiln.tasks.launch.requirements_check import FIELD, RequirementError, parse_requirements
-from kiln.tasks.processes import OutputLog, start_process
+from kiln.tasks.launch.user_wheels import INSTALL_SCRIPT, stage_wheels
 from kiln.tasks.training.user_code import MAX_CODE_BYTES, MAX_CODE_FILES, UserCodeError, code_hash
 
 log = logging.getLogger(__name__)
@@ -77,41 +73,11 @@ _CODE_STEP = f"""\
 COPY user_code {USER_CODE_DIR}
 RUN ["python", "-m", "compileall", "-q", "{USER_CODE_DIR}"]
 """
-#: Runs in the build: installs the wheels resolved on the host, offline, and checks that the base kept its own.
-_INSTALL_SCRIPT = r'''
-import importlib.metadata, importlib.util, json, pathlib, re, shutil, subprocess, sys
-here = pathlib.Path(__file__).parent
-def installed():
-    return {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
-            for d in importlib.metadata.distributions() if d.metadata["Name"]}
-before = installed()
-if importlib.util.find_spec("pip"):
-    pip = [sys.executable, "-m", "pip"]
-else:  # kiln's CPU test images carry no pip: run the interpreter's bundled wheel without installing it
-    import ensurepip
-    pip = [sys.executable, str(sorted((pathlib.Path(ensurepip.__file__).parent / "_bundled").glob("pip-*.whl"))[-1])
-           + "/pip"]
-wheels = sorted(str(p) for p in (here / "wheels").glob("*.whl"))
-if wheels:
-    done = subprocess.run(pip + ["install", "--no-index", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
-                                 "--no-warn-script-location", "--root-user-action=ignore", *wheels])
-    if done.returncode:
-        sys.exit(done.returncode)
-after = installed()
-changed = [f"{n} {v} -> {after.get(n, 'removed')}" for n, v in sorted(before.items()) if after.get(n) != v]
-missing = [f"{n}=={v}" for n, v in json.loads((here / "expected.json").read_text()).items() if after.get(n) != v]
-if changed or missing:
-    print("kiln: the requirements " + (f"changed the base image's {', '.join(changed)}" if changed else
-          f"did not install {', '.join(missing)}"))
-    sys.exit(3)
-print(f"kiln: installed {len(wheels)} distribution(s); the base image's {len(before)} are unchanged")
-shutil.rmtree(here)
-'''
 _PROBE_SCRIPT = ("import importlib.metadata as m, json, platform, sys; print(json.dumps({'python': "
                  "list(sys.version_info[:2]), 'machine': platform.machine(), 'dists': {d.metadata['Name']: "
                  "d.version for d in m.distributions() if d.metadata['Name']}}))")
 #: Everything of the recipe that decides the image, besides its inputs.
-_RECIPE = hashlib.sha256("\0".join((_DOCKERFILE, _REQUIREMENTS_STEP, _CODE_STEP, _INSTALL_SCRIPT)).encode())
+_RECIPE = hashlib.sha256("\0".join((_DOCKERFILE, _REQUIREMENTS_STEP, _CODE_STEP, INSTALL_SCRIPT)).encode())
 
 
 class ImageBuildError(RuntimeError):
@@ -266,12 +232,10 @@ def _stage_code(source: Path, dest: Path, expected: str | None) -> str:
 
 def _stage_requirements(client: DockerClient, base: str, base_id: str, requirements: list[str], folder: Path,
                         deadline: float) -> None:
-    """Resolve the requirements for the base image with this host's pip, and put the wheels it lacks, the install
-    script and the expected versions into ``folder`` of the build context.
+    """Check that the base image runs this host's Python, then stage its wheels (:mod:`user_wheels`) in ``folder``.
 
     Raises:
-        RequirementError: pip cannot resolve or fetch them (a name or version that does not exist, a conflict with
-            the base's packages).
+        RequirementError: pip cannot resolve or fetch them.
         ImageBuildError: the base has no usable Python, or a different Python or machine than this host.
     """
     probe = _probe(client, base, base_id)
@@ -281,34 +245,7 @@ def _stage_requirements(client: DockerClient, base: str, base_id: str, requireme
             f"the training base image {base!r} has Python {'.'.join(map(str, probe['python']))} on "
             f"{probe['machine']}, but kiln resolves {FIELD} with this host's Python {'.'.join(map(str, here))} on "
             f"{os.uname().machine}; use a base image with the same Python version (training.docker.image)")
-    kept = _public_versions(probe["dists"])
-    work = folder.parent / "pip"
-    work.mkdir()
-    (work / "requirements.txt").write_text("\n".join(requirements) + "\n")
-    # Constraints, not requirements: a user line may need what the base has only at the base's version.
-    (work / "constraints.txt").write_text("".join(f"{name}=={v}\n" for name, v in sorted(kept.items())))
-    report = work / "report.json"
-    log.info("resolving %d requirement(s) against the %d distributions of %s with this host's pip",
-             len(requirements), len(kept), base)
-    _pip(["install", "--dry-run", "--ignore-installed", "--report", str(report), "-c", str(work / "constraints.txt"),
-          "-r", str(work / "requirements.txt")], requirements, base, kept, deadline)
-    fetch: dict[str, tuple[str, str]] = {}  # name -> (version, what pip wheel gets)
-    for item in json.loads(report.read_text())["install"]:
-        name, version = canonicalize_name(item["metadata"]["name"]), item["metadata"]["version"]
-        if kept.get(name) == _public(version):
-            continue  # the base has it (the in-image pip keeps it)
-        fetch[name] = (version, _direct_reference(name, item) if item.get("is_direct") else f"{name}=={version}")
-    wheels = folder / "wheels"
-    wheels.mkdir(parents=True)
-    if fetch:
-        log.info("fetching %d wheel(s) the base image lacks: %s", len(fetch),
-                 ", ".join(f"{n}=={v}" for n, (v, _) in sorted(fetch.items())))
-        _pip(["wheel", "--no-deps", "--wheel-dir", str(wheels), *(ref for _, ref in fetch.values())],
-             requirements, base, kept, deadline)
-    else:
-        log.info("the base image already has everything %s asks for", FIELD)
-    (folder / "expected.json").write_text(json.dumps({n: v for n, (v, _) in fetch.items()}))
-    (folder / "install.py").write_text(_INSTALL_SCRIPT)
+    stage_wheels(probe["dists"], base, requirements, folder, deadline)
 
 
 def _probe(client: DockerClient, base: str, base_id: str) -> dict[str, Any]:
@@ -321,82 +258,6 @@ def _probe(client: DockerClient, base: str, base_id: str) -> dict[str, Any]:
         raise ImageBuildError(f"cannot read the Python environment of the training base image {base!r} "
                               f"(`python -c ...` in it failed: {exc}); training.docker.image must name an image "
                               "with kiln's Python 3 on its PATH (build one with `make image`)") from exc
-
-
-def _public_versions(dists: dict[str, str]) -> dict[str, str]:
-    """``{canonical name: public version}``: ``torch==2.13.0`` also matches the base's ``2.13.0+cu128``, whose
-    build this host's indexes need not have."""
-    kept: dict[str, str] = {}
-    for name, version in dists.items():
-        public = _public(version)
-        if public:
-            kept[canonicalize_name(name)] = public
-    return kept
-
-
-def _public(version: str) -> str | None:
-    try:
-        return Version(version).public
-    except InvalidVersion:
-        return None
-
-
-def _direct_reference(name: str, item: dict[str, Any]) -> str:
-    """``name @ url`` for a requirement pip resolved to a URL (a wheel, an archive, a VCS commit)."""
-    info = item["download_info"]
-    url = info["url"]
-    if "vcs_info" in info:
-        url = f"{info['vcs_info']['vcs']}+{url}@{info['vcs_info']['commit_id']}"
-    return f"{name} @ {url}"
-
-
-class _PipOutput(OutputLog):
-    """pip's output without its notes about configured index folders that lack a package (one per index and
-    package: they would crowd out the error)."""
-
-    def write(self, line: str) -> None:
-        if "is ignored: it is neither a file nor a directory" not in line:
-            super().write(line)
-
-
-def _pip(args: list[str], requirements: list[str], base: str, kept: dict[str, str], deadline: float) -> None:
-    """Run this interpreter's pip (its configuration applies: indexes, wheel folders, CA bundle, proxy).
-
-    Raises:
-        RequirementError: pip failed or ran out of time; names the lines pip's errors mention (else all), what the
-            base image has of them, and pip's last lines.
-    """
-    cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
-    output = _PipOutput(tail_lines=30, on_line=lambda line: log.info("pip: %s", line))
-    proc = start_process(cmd, output=output, die_with_parent=True)
-    try:
-        code = proc.wait(timeout=max(deadline - time.monotonic(), 1))
-    except subprocess.TimeoutExpired:
-        proc.stop(5, what="pip")
-        code = None
-    proc.join_output(timeout=5)
-    if code == 0:
-        return
-    tail = "\n".join(output.tail)
-    errors = "\n".join(line for line in output.tail if line.startswith("ERROR"))
-    named = _lines_named(requirements, errors) or requirements
-    which = ", ".join(repr(line) for line in named)
-    names = sorted({canonicalize_name(r.name) for r in parse_requirements(named)})
-    has = [f"{n} {kept[n]}" for n in names if n in kept]
-    having = f"; the image has {', '.join(has)}, which kiln keeps" if has else ""
-    what = "did not finish in time" if code is None else "failed"
-    raise RequirementError(
-        f"{FIELD}: pip cannot install {which} into the training image FROM {base} (resolving on this host for "
-        f"Python {sys.version_info.major}.{sys.version_info.minor}: {what}{having}). Fix or remove the line: a name "
-        f"and version that exist on this host's package indexes and fit the image's packages. pip's last lines:\n"
-        f"{tail}", [(line, tail) for line in named])
-
-
-def _lines_named(requirements: list[str], text: str) -> list[str]:
-    """The requirement lines whose project name ``text`` mentions."""
-    mentioned = {canonicalize_name(word) for word in re.findall(r"[A-Za-z0-9][A-Za-z0-9._-]*", text)}
-    return [line for line, req in zip(requirements, parse_requirements(requirements), strict=True)
-            if canonicalize_name(req.name) in mentioned]
 
 
 def _build(client: DockerClient, context: Path, tag: str, *, labels: dict[str, str], base_id: str,
