@@ -53,26 +53,18 @@ import logging
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-from _common import cpu_seconds, time_model_calls, write_torchscript_bundle
-
-from kiln.tasks.processes import ProcessGroup, start_process
+from _common import REPO, time_model_calls, write_torchscript_bundle
+from _load import Server, free_port, measure
 
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 SPEC = REPO / "dags" / "pipelines" / "penguins_species.yaml"
 SERVERS = ("ours", "mlflow", "bare")
 #: Our server with each model runtime (``--runtimes``); torchscript, the peer, serves a format 1 bundle.
@@ -82,74 +74,6 @@ DURATION_S, WARMUP_S = 8, 3  # whole seconds: wrk takes no fractions
 TARGET_VS_MLFLOW, TARGET_P99_MS, TARGET_VS_BARE = 6.0, 50.0, 0.7
 TARGET_VS_TORCHSCRIPT = 1.0
 TOKEN = "bench-serving-token"
-START_TIMEOUT_S = 120.0
-
-
-@dataclass
-class Server:
-    """One server process under test and the requests it answers."""
-
-    name: str
-    cmd: list[str]
-    url: str
-    health_url: str
-    bodies: dict[int, Path]
-    labels: Callable[[Any], list[str]]
-    """The predicted labels in a decoded answer, to check that the servers agree."""
-    token: str = ""
-    env: dict[str, str] = field(default_factory=dict)
-    proc: ProcessGroup | None = None
-    log: Path | None = None
-
-    def start(self, cpu: str, logs: Path) -> None:
-        """Start pinned to ``cpu`` in its own process group (``mlflow models serve`` forks uvicorn)."""
-        self.log = logs / f"{self.name}.log"
-        self.proc = start_process(["taskset", "-c", cpu, *self.cmd], output=self.log, cwd=REPO, env=self.env)
-
-    def wait_ready(self) -> None:
-        """Return once ``health_url`` answers 200; raise with the log tail if the process exits or never does."""
-        assert self.proc is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if (code := self.proc.poll()) is not None:
-                raise RuntimeError(f"{self.name} server exited with {code}:\n{self.log_tail()}")
-            if _get_ok(self.health_url):
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} server did not answer {self.health_url} in {START_TIMEOUT_S:g} s:\n"
-                           f"{self.log_tail()}")
-
-    def post(self, rows: int) -> Any:
-        """One request with the ``rows``-record body; returns the decoded JSON answer (raises unless 200)."""
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(self.url, data=self.bodies[rows].read_bytes(), headers=headers)
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read())
-
-    def stop(self) -> None:
-        """Terminate the process group (SIGKILL after 10 s)."""
-        if self.proc is not None:
-            self.proc.stop(grace_s=10, what=f"{self.name} server")
-
-    def log_tail(self, lines: int = 30) -> str:
-        text = self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def _get_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_penguins(home: Path) -> tuple[Path, Path]:
@@ -211,7 +135,7 @@ def make_ours(tmp: Path, bundle: Path, rows: pd.DataFrame, model_name: str, name
     deployment = tmp / f"deployment_{name}.json"
     write_deployment(deployment, Deployment(model=model_name, champion=ModelRef(version="1", bundle=str(bundle)),
                                             canary=None, updated_at=utc_now()))
-    port = _free_port()
+    port = free_port()
     bodies = write_bodies(tmp, "ours", lambda n: '{"records": ' + rows.head(n).to_json(orient="records") + "}")
     return Server(name, [sys.executable, "-m", "kiln.tasks.serving", "--deployment", str(deployment),
                          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--runtime", runtime],
@@ -239,7 +163,7 @@ def make_mlflow(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFra
             name="penguins", python_model=str(BENCH / "_mlflow_model.py"),
             artifacts={"feature_spec": str(features_dir / FEATURE_SPEC_FILE), "model_dir": str(model_dir)},
             pip_requirements=["mlflow", "torch", "pandas"])  # given, so MLflow does not load the model to infer them
-    port = _free_port()
+    port = free_port()
     bodies = write_bodies(tmp, "mlflow",
                           lambda n: '{"dataframe_records": ' + rows.head(n).to_json(orient="records") + "}")
     mlflow_cli = str(Path(sys.executable).parent / "mlflow")
@@ -256,7 +180,7 @@ def make_bare(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFrame
 
     transform = FeatureTransform.load(features_dir / FEATURE_SPEC_FILE)
     x = transform.transform(rows)
-    port = _free_port()
+    port = free_port()
     bodies = write_bodies(tmp, "bare", lambda n: json.dumps(x[:n].tolist()))
     return Server("bare", [sys.executable, str(BENCH / "_bare_server.py"), "--model-dir", str(model_dir),
                            "--host", "127.0.0.1", "--port", str(port)],
@@ -279,48 +203,6 @@ def check_answers(servers: list[Server]) -> None:
     for name, labels in answers.items():
         if len(labels) != n or labels != answers[first]:
             raise RuntimeError(f"{name} predicts {labels} for the {n} records, {first} {answers[first]}")
-
-
-def run_wrk(server: Server, clients: int, rows: int, duration_s: int, cpu: str) -> dict:
-    """One wrk run against ``server``; returns the Lua script's JSON summary (raises on non-2xx answers) with
-    ``cpu_us``: the server's CPU time per answered request, which other load on the machine changes far less than
-    requests/s."""
-    cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{clients}", f"-d{duration_s}s", "--timeout", "10s",
-           "-s", str(BENCH / "wrk_post.lua"), server.url, "--", str(server.bodies[rows]), server.token]
-    assert server.proc is not None
-    cpu_before = cpu_seconds(server.proc.pid)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60)
-    cpu_used = cpu_seconds(server.proc.pid) - cpu_before
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed ({proc.returncode}) against {server.name}: {proc.stderr[-2000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["cpu_us"] = 1e6 * cpu_used / max(result["requests"], 1)
-    if result["errors"]["status"]:
-        raise RuntimeError(f"{server.name} answered {result['errors']['status']} of {result['requests']} requests "
-                           f"with a non-2xx status ({clients} clients, {rows} rows):\n{server.log_tail()}")
-    # Requests still queued in the server when wrk stops must not run into the next server's turn.
-    if not _get_ok(server.health_url):
-        raise RuntimeError(f"{server.name} stopped answering {server.health_url}:\n{server.log_tail()}")
-    return result
-
-
-def measure(servers: list[Server], args: argparse.Namespace) -> dict[tuple[str, int, int], dict]:
-    """Warm every server, then run each (clients, rows) cell on every server in turn (rotating the order),
-    ``args.repeat`` times; each cell's result is its run with the median requests/s."""
-    for s in servers if args.warmup else ():
-        for rows in args.rows:
-            run_wrk(s, max(args.clients), rows, args.warmup, args.client_cpu)
-    runs: dict[tuple[str, int, int], list[dict]] = {}
-    cells = [(c, r) for _ in range(args.repeat) for r in args.rows for c in args.clients]
-    for i, (clients, rows) in enumerate(cells):
-        order = servers[i % len(servers):] + servers[:i % len(servers)]
-        for s in order:
-            r = run_wrk(s, clients, rows, args.duration, args.client_cpu)
-            runs.setdefault((s.name, clients, rows), []).append(r)
-            print(json.dumps({"server": s.name, "clients": clients, "rows": rows, "rps": r["rps"],
-                              "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "cpu_us": round(r["cpu_us"], 1),
-                              "socket_errors": sum(r["errors"].values())}), flush=True)
-    return {key: sorted(rs, key=lambda r: r["rps"])[len(rs) // 2] for key, rs in runs.items()}
 
 
 def markdown_table(results: dict[tuple[str, int, int], dict], names: list[str]) -> str:
