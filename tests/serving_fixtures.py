@@ -206,6 +206,21 @@ def bundle_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
     return factory
 
 
+def expected_predictions(bundle: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What bundle ``bundle`` answers to ``rows`` in process (the ``predictions`` of ``POST /predict``)."""
+    from kiln.tasks.bundle.load import load_bundle
+
+    loaded = load_bundle(bundle)
+    return loaded.format_predictions(loaded.predict_records(rows))
+
+
+def assert_same_predictions(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    """The same labels, and probabilities within 1e-6 (the runtimes differ in the last bits)."""
+    assert [p["label"] for p in got] == [p["label"] for p in want]
+    for g, w in zip(got, want, strict=True):
+        assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-6)
+
+
 #: Seconds a test model server may take to import torch, load and warm its bundles.
 SERVER_START_TIMEOUT_S = 90.0
 

@@ -11,8 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 from serving_fixtures import (  # noqa: F401
+    assert_same_predictions,
     bundle_factory,
+    expected_predictions,
     make_bundle_without_onnx,
+    make_torchscript_bundle,
     records,
     start_server_process,
 )
@@ -24,6 +27,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "runtime-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def deployment_of(bundle: Path, folder: Path) -> Path:
@@ -50,6 +54,27 @@ def test_the_setting_chooses_the_runtime_and_ready_names_it(bundle_factory, tmp_
     for served, runtime in ((torch_bundle, "torch"), (onnx_bundle, "onnx")):
         assert got == pytest.approx(served.predict_records(rows).ravel().tolist(), abs=1e-6), runtime
     assert "runtime torch" in server.log_text()
+
+
+def test_a_rollback_to_a_format_1_bundle_serves_it_with_torchscript(bundle_factory, tmp_path):  # noqa: F811
+    v1 = bundle_factory(0)
+    old = make_torchscript_bundle(v1, tmp_path / "format1")  # a version registered before bundle format 2
+    deployment = deployment_of(v1, tmp_path)
+    server = start_server_process(deployment, tmp_path / "server.log", env={"KILN_SERVE_TOKEN": TOKEN})
+    try:
+        write_deployment(deployment, Deployment("penguins", ModelRef("0", str(old)), None, utc_now()))
+        reload = httpx.post(f"{server.url}/admin/reload", headers=AUTH, timeout=30)
+        rows = records(4)
+
+        response = httpx.post(f"{server.url}/predict", json={"records": rows}, headers=AUTH, timeout=30)
+    finally:
+        assert server.stop() in (0, -15)
+
+    assert reload.status_code == 200, f"{reload.status_code} {reload.text}\n{server.log_text()[-3000:]}"
+    body = reload.json()
+    assert body["champion"] == {"version": "0", "runtime": "torchscript"}
+    assert response.status_code == 200 and response.json()["version"] == "0"
+    assert_same_predictions(response.json()["predictions"], expected_predictions(v1, rows))
 
 
 def run_server(deployment: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -25,13 +25,13 @@ from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from serving_fixtures import (  # noqa: F401
     POISON_BILL_LENGTH,
+    assert_same_predictions,
     bundle_factory,
+    expected_predictions,
     make_failing_bundle,
-    make_torchscript_bundle,
     records,
 )
 
-from kiln.tasks.bundle.load import load_bundle
 from kiln.tasks.serving.deployment import Canary, Deployment, ModelRef, utc_now, write_deployment
 
 pytestmark = pytest.mark.integration
@@ -119,7 +119,6 @@ def bundles(bundle_factory, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
     v1, v2 = bundle_factory(0), bundle_factory(1)
     root = tmp_path_factory.mktemp("failing-bundles")
     return {"1": v1, "2": v2,
-            "0": make_torchscript_bundle(v1, root / "format1"),  # a version registered before bundle format 2
             "poison": make_failing_bundle(v1, root / "poison", fails_on="poison"),
             "always": make_failing_bundle(v1, root / "always", fails_on="always")}
 
@@ -142,17 +141,6 @@ def server(bundles, tmp_path_factory) -> Iterator[Server]:
     # uvicorn shuts down gracefully, then ends the process by the signal it caught (exit status -SIGTERM).
     assert code in (0, -signal.SIGTERM), f"the server exited with code {code} after SIGTERM:\n{log.read_text()}"
     assert "Application shutdown complete" in log.read_text()
-
-
-def expected_predictions(bundle: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    loaded = load_bundle(bundle)
-    return loaded.format_predictions(loaded.predict_records(rows))
-
-
-def assert_same_predictions(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
-    assert [p["label"] for p in got] == [p["label"] for p in want]
-    for g, w in zip(got, want, strict=True):
-        assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-6)
 
 
 @pytest.mark.parametrize("n", [1, 32], ids=["one_record", "batch_of_32"])
@@ -305,17 +293,6 @@ def test_a_reload_that_cannot_load_is_refused_and_the_old_model_keeps_serving(se
     assert server.http.get("/ready").json()["champion"] == {"version": "1", "runtime": "onnx"}
     answer = server.predict(records(1))
     assert answer.status_code == 200 and answer.json()["version"] == "1"
-
-
-def test_a_rollback_to_a_format_1_bundle_serves_it_with_torchscript(server, bundles):
-    body = server.deploy(ref(bundles, "0"))
-    rows = records(4)
-
-    response = server.predict(rows)
-
-    assert body["champion"] == {"version": "0", "runtime": "torchscript"}
-    assert response.status_code == 200 and response.json()["version"] == "0"
-    assert_same_predictions(response.json()["predictions"], expected_predictions(bundles["1"], rows))
 
 
 def test_a_canary_with_share_one_half_gets_part_of_the_traffic(server, bundles):
