@@ -8,8 +8,9 @@ outputs as they were. Nothing here imports the libraries the steps use: the DAG 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -37,6 +38,13 @@ class RunContext:
     """``<pipeline>/<run id>``: the prefix of every output of the run."""
     store: ArtifactStore
     spec_path: str = ""
+    data_interval: tuple[datetime, datetime] | None = None
+    """The run's data interval (Airflow's ``data_interval_start``/``_end``): a SQL source's query may bind them."""
+    connection_url: Callable[[str], str] | None = None
+    """Resolves a connection id to a SQLAlchemy URL (in a DAG: the Airflow connection; the secret never leaves the
+    process). ``None``: no connections (a SQL source then fails naming ``source.sql.conn_id``)."""
+    trigger_events: tuple[Mapping[str, object], ...] = field(default_factory=tuple)
+    """The ``extra`` of each Asset event that started the run (the source watcher records there what changed)."""
 
     def key(self, step: str) -> str:
         """The artifact key of ``step``'s output in this run."""
@@ -73,8 +81,9 @@ def default_store() -> ArtifactStore:
 
 
 def make_context(spec_path: str | Path, run_id: str, params: dict[str, Any] | None = None,
-                 store: ArtifactStore | None = None) -> RunContext:
-    """Load the spec, apply trigger-time Params, and key the run by ``run_id``.
+                 store: ArtifactStore | None = None, **run: Any) -> RunContext:
+    """Load the spec, apply trigger-time Params, and key the run by ``run_id``; ``run`` sets the other fields of
+    :class:`RunContext` (``data_interval``, ``connection_url``, ``trigger_events``).
 
     Raises:
         SpecError: the spec file or a Param is invalid.
@@ -83,4 +92,4 @@ def make_context(spec_path: str | Path, run_id: str, params: dict[str, Any] | No
     if params:
         spec = spec.with_overrides(dict(params))
     return RunContext(spec=spec, run_key=run_key(spec.name, run_id), store=store or default_store(),
-                      spec_path=str(spec_path))
+                      spec_path=str(spec_path), **run)

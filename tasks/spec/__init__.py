@@ -13,12 +13,16 @@ from kiln.tasks.spec.base import (
     TaskType,
 )
 from kiln.tasks.spec.data import (
+    CacheSpec,
     CleaningSpec,
     ColumnCleaning,
     ExpectationSpec,
     ExpectationsSpec,
     FeaturesSpec,
+    ProfileBoundsSpec,
     SourceSpec,
+    SqlSourceSpec,
+    WatchSpec,
 )
 from kiln.tasks.spec.loading import discover_specs, load_spec, load_specs, spec_named
 from kiln.tasks.spec.pipeline import PARAM_FIELDS, PipelineSpec, parse_spec
@@ -34,9 +38,9 @@ from kiln.tasks.spec.training import CodeSpec, DockerSpec, ModelSpec, ResourcesS
 from kiln.tasks.spec.yaml_reader import SPEC_LIMITS, SpecLimits
 
 __all__ = [
-    "CLASSIFICATION_METRICS", "HIGHER_IS_BETTER", "PARAM_FIELDS", "REGRESSION_METRICS", "SPEC_LIMITS", "CanarySpec",
+    "CLASSIFICATION_METRICS", "HIGHER_IS_BETTER", "PARAM_FIELDS", "REGRESSION_METRICS", "SPEC_LIMITS", "CacheSpec", "CanarySpec",
     "CleaningSpec", "CodeSpec", "ColumnCleaning", "ColumnType", "DeploymentSpec", "DockerSpec", "EvaluationSpec",
     "ExpectationSpec", "ExpectationsSpec", "FeaturesSpec", "GateSpec", "InfraValidationSpec", "ModelSpec",
-    "PipelineSpec", "ResourcesSpec", "SliceSpec", "SourceSpec", "SpecError", "SpecLimits", "TaskType",
-    "TrainingSpec", "discover_specs", "load_spec", "load_specs", "parse_spec", "spec_named",
+    "PipelineSpec", "ProfileBoundsSpec", "ResourcesSpec", "SliceSpec", "SourceSpec", "SpecError", "SpecLimits", "SqlSourceSpec", "TaskType",
+    "TrainingSpec", "WatchSpec", "discover_specs", "load_spec", "load_specs", "parse_spec", "spec_named",
 ]

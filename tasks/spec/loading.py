@@ -12,7 +12,15 @@ from pathlib import Path
 
 from kiln.tasks.spec.base import SpecError
 from kiln.tasks.spec.pipeline import PipelineSpec, parse_spec
-from kiln.tasks.spec.sources import SourceError, check_file_in_roots, data_roots, is_package_uri, package_parts
+from kiln.tasks.spec.sources import (
+    SourceError,
+    check_file_in_roots,
+    data_roots,
+    is_package_uri,
+    is_s3_uri,
+    package_parts,
+    s3_parts,
+)
 from kiln.tasks.spec.yaml_reader import SPEC_LIMITS, SpecLimits, read_spec_yaml
 
 log = logging.getLogger(__name__)
@@ -81,6 +89,9 @@ def _checked_uri(uri: str, spec_dir: Path) -> str:
     must be installed where the step runs, not necessarily where the DAG file is parsed)."""
     if is_package_uri(uri):
         package_parts(uri)
+        return uri
+    if is_s3_uri(uri):
+        s3_parts(uri)
         return uri
     if "://" not in uri and not Path(uri).expanduser().is_absolute():
         uri = str((spec_dir / uri).resolve())

@@ -20,7 +20,7 @@ from kiln.tasks.spec.base import (
     metric_problem,
     unknown_key,
 )
-from kiln.tasks.spec.data import CleaningSpec, ExpectationsSpec, FeaturesSpec, SourceSpec
+from kiln.tasks.spec.data import CacheSpec, CleaningSpec, ExpectationsSpec, FeaturesSpec, SourceSpec
 from kiln.tasks.spec.release import DeploymentSpec, EvaluationSpec
 from kiln.tasks.spec.training import CodeSpec, ModelSpec, TrainingSpec
 
@@ -62,6 +62,8 @@ class PipelineSpec(_Strict):
     training: TrainingSpec = TrainingSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     deployment: DeploymentSpec = DeploymentSpec()
+    cache: CacheSpec = CacheSpec()
+    """The step cache (README "Step cache")."""
     code: CodeSpec = CodeSpec()
     """The pipeline's own code (``model.type: custom``, ``training.entrypoint``) and its requirements."""
 
@@ -108,12 +110,35 @@ class PipelineSpec(_Strict):
                                                else [])])
         if problem:
             raise ValueError(problem)
+        problem = self._asset_problem()
+        if problem:
+            raise ValueError(problem)
         for field, ref in (("model.factory", self.model.factory), ("training.entrypoint", self.training.entrypoint)):
             if ref and ref.split(":")[0].endswith(".py") and self.code.path is None:
                 raise ValueError(f"{field} '{ref}' names a file, but the pipeline has no code folder: set code.path "
                                  "(relative to the spec file) or put the code in a folder named as the pipeline "
                                  "beside the spec")
         return self
+
+    def _asset_problem(self) -> str | None:
+        """An Asset on a data URI (s3://, file://) must be the source, so that the run it starts reads that data."""
+        if self.asset is None:
+            return None
+        scheme = self.asset.partition("://")[0]
+        if self.source.watch is not None and self.asset.rstrip("/") != self.source.asset_uri(self.name).rstrip("/"):
+            return (f"asset '{self.asset}' is not the watched source '{self.source.asset_uri(self.name)}': with "
+                    "source.watch the source is the Asset; remove asset")
+        if scheme in ("s3", "file") and (self.source.uri is None or self.asset.rstrip("/") != self.source.uri.rstrip("/")):
+            return (f"asset '{self.asset}' names data that the pipeline does not read (source is "
+                    f"'{self.source.uri or self.source.asset_uri(self.name)}'); a run started by it would read other "
+                    "data: make source.uri that URI, or use a kiln:// asset for an abstract signal")
+        return None
+
+    def asset_uri(self) -> str | None:
+        """The URI of the DAG's Asset: the watched source, else ``asset``, else None."""
+        if self.source.watch is not None:
+            return self.source.asset_uri(self.name)
+        return self.asset
 
     def metric_names(self) -> tuple[str, ...]:
         """The metrics ``evaluate`` computes for this spec's task."""
@@ -173,6 +198,7 @@ PARAM_FIELDS: dict[str, tuple[str, ...]] = {
     "launcher": ("training", "launcher"),
     "sample_fraction": ("sample_fraction",),
     "deployment": ("deployment", "strategy"),
+    "use_cache": ("cache", "enabled"),
 }
 
 

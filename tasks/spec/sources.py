@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-URI_FORMS = "a path (relative to the spec file), a file:// URI, or pkg://<package>/<resource path>"
+URI_FORMS = ("a path (relative to the spec file), a file:// URI, s3://bucket/key-or-prefix, or "
+             "pkg://<package>/<resource path>")
 _PKG_FORM = "pkg://<package>/<resource path>, e.g. pkg://palmerpenguins/data/penguins.csv"
 _PACKAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -34,6 +35,29 @@ def data_roots(spec_dir: str | Path | None) -> tuple[Path, ...]:
 
     roots = [Path(spec_dir).resolve()] if spec_dir else []
     return tuple(dict.fromkeys([*roots, *get_settings().data_roots]))
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def is_s3_uri(uri: str) -> bool:
+    """Whether ``uri`` names an S3 object or prefix (``s3://...``)."""
+    return uri.startswith("s3://")
+
+
+def s3_parts(uri: str) -> tuple[str, str]:
+    """The bucket and key (or prefix; empty for a whole bucket) of an ``s3://`` URI (no I/O).
+
+    Raises:
+        SourceError: no valid bucket name, or ``.``/``..`` segments in the key.
+    """
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise SourceError(f"{uri!r}: '{bucket}' is not an S3 bucket name (3-63 lowercase letters, digits, '.', '-'); "
+                          "write s3://bucket/key for one object or s3://bucket/prefix/ for a prefix of partitions")
+    if any(part in (".", "..") for part in key.split("/")):
+        raise SourceError(f"{uri!r}: '.' and '..' are not allowed in an S3 key; write the key as stored")
+    return bucket, key
 
 
 def is_package_uri(uri: str) -> bool:
