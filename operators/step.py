@@ -54,11 +54,22 @@ def run_context(spec_path: str, context: Any, overrides: dict[str, Any] | None =
     from kiln.tasks.pipeline.context import make_context
     from kiln.tasks.spec import SpecError
 
+    from kiln.operators.connections import connection_url
+
     use_s3_connection()
+    start, end = context.get("data_interval_start"), context.get("data_interval_end")
     try:
-        return make_context(spec_path, context["run_id"], {**context["params"], **(overrides or {})})
+        return make_context(spec_path, context["run_id"], {**context["params"], **(overrides or {})},
+                            data_interval=(start, end) if start is not None and end is not None else None,
+                            connection_url=connection_url, trigger_events=trigger_events(context))
     except SpecError as exc:
         raise AirflowFailException(str(exc)) from exc
+
+
+def trigger_events(context: Any) -> tuple[dict[str, Any], ...]:
+    """The ``extra`` of each Asset event that started this run (none for a manual or timed run)."""
+    events = context.get("triggering_asset_events") or {}
+    return tuple(dict(event.extra or {}) for asset_events in events.values() for event in asset_events)
 
 
 class PipelineStepOperator(BaseOperator):
