@@ -60,10 +60,10 @@ MiB = 1 << 20
 TRANSFER = TransferConfig(multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB, max_concurrency=4,
                           use_threads=True)
 
-_MISSING_BUCKET = {"NoSuchBucket"}
-_BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
-                    "InvalidClientTokenId", "UnrecognizedClientException", "AuthFailure"}
-_DENIED = {"AccessDenied", "AllAccessDisabled", "Forbidden", "403"}
+MISSING_BUCKET_CODES = {"NoSuchBucket"}
+BAD_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                        "InvalidClientTokenId", "UnrecognizedClientException", "AuthFailure"}
+DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "Forbidden", "403"}
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -78,6 +78,19 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise ValueError(f"artifact root {uri!r} names no bucket: use s3://bucket/prefix")
     return bucket, prefix.strip("/")
+
+
+def s3_client(endpoint_url: str | None, max_attempts: int = 5) -> Any:
+    """An S3 client on the standard AWS credential chain, with botocore's ``standard`` retries (exponential
+    backoff with jitter on throttling, 5xx answers and connection errors) and bounded connect and read timeouts.
+
+    Args:
+        endpoint_url: an S3-compatible endpoint (``KILN_S3_ENDPOINT_URL``); ``None``: AWS.
+        max_attempts: attempts per request.
+    """
+    config = Config(retries={"mode": "standard", "total_max_attempts": max_attempts}, connect_timeout=10,
+                    read_timeout=60)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
 class S3ArtifactStore(ArtifactStore):
@@ -99,9 +112,7 @@ class S3ArtifactStore(ArtifactStore):
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.cache_dir = Path(cache_dir).resolve()
         self.transfer = transfer or TRANSFER
-        config = Config(retries={"mode": "standard", "total_max_attempts": max_attempts}, connect_timeout=10,
-                        read_timeout=60)
-        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+        self.client = s3_client(endpoint_url, max_attempts)
         self.endpoint = self.client.meta.endpoint_url
 
     # -- keys ---------------------------------------------------------------------------------------------------
@@ -283,14 +294,14 @@ class S3ArtifactStore(ArtifactStore):
         if isinstance(exc, ClientError):
             error = exc.response.get("Error", {})
             code = str(error.get("Code", ""))
-            if code in _MISSING_BUCKET:
+            if code in MISSING_BUCKET_CODES:
                 return ArtifactStoreError(f"bucket {bucket!r} does not exist at {endpoint}: create it "
                                           f"(aws s3 mb s3://{bucket}) or fix KILN_ARTIFACT_ROOT")
-            if code in _BAD_CREDENTIALS:
+            if code in BAD_CREDENTIAL_CODES:
                 return ArtifactStoreError(f"{endpoint} rejected the AWS credentials ({code}) while {action} in "
                                           f"bucket {bucket!r}: fix AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
                                           "AWS_PROFILE")
-            if code in _DENIED:
+            if code in DENIED_CODES:
                 return ArtifactStoreError(f"access denied to bucket {bucket!r} at {endpoint} while {action}: grant "
                                           "these credentials s3:GetObject, s3:PutObject, s3:DeleteObject and "
                                           f"s3:ListBucket on s3://{bucket}/{self.prefix}, or fix KILN_ARTIFACT_ROOT")
