@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, chain
+from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable, Param, chain
 
 from kiln.operators.access import team_access_control
+from kiln.operators.source_trigger import source_trigger
 from kiln.operators.step import PipelineStepOperator
 from kiln.operators.train import TrainOperator
 from kiln.tasks.pipeline.steps import STEPS
@@ -34,11 +35,22 @@ def _params(spec: PipelineSpec) -> dict[str, Param]:
             for name, schema in param_schemas(spec).items()}
 
 
-def _schedule(spec: PipelineSpec) -> Any:
-    """The spec's cron schedule, its Asset, both (either starts a run), or None (triggered runs only)."""
-    if spec.asset is None:
+def _schedule(spec: PipelineSpec, spec_path: Path) -> Any:
+    """The spec's cron schedule, its Asset, both (either starts a run), or None (triggered runs only).
+
+    The Asset is :meth:`PipelineSpec.asset_uri` (a local path as a ``file://`` URI). With ``source.watch`` it is the
+    source, watched on the triggerer by a :class:`~kiln.operators.source_trigger.SourceChangeTrigger`: new data
+    posts an event on it, which starts a run that reads that data.
+    """
+    uri = spec.asset_uri()
+    if uri is None:
         return spec.schedule
-    asset = Asset(spec.asset)
+    if uri.startswith("/"):
+        uri = Path(uri).as_uri()
+    watchers = []
+    if spec.source.watch is not None:
+        watchers = [AssetWatcher(name=f"{spec.name}_source", trigger=source_trigger(spec.name, spec.source, spec_path))]
+    asset = Asset(uri, watchers=watchers)
     if spec.schedule is None:
         return asset
     return AssetOrTimeSchedule(timetable=CronTriggerTimetable(spec.schedule, timezone="UTC"), assets=asset)
@@ -56,7 +68,7 @@ def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         dag_id=spec.name,
         description=summary[:200],
         doc_md=f"{spec.description}\n\nSpec file: `{spec_path}` (hash `{spec.spec_hash()[:12]}`)",
-        schedule=_schedule(spec),
+        schedule=_schedule(spec, spec_path),
         start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
         catchup=False,
         max_active_runs=4,
