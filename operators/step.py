@@ -100,13 +100,14 @@ class PipelineStepOperator(BaseOperator):
         from kiln.tasks.errors import DataError
         from kiln.tasks.pipeline.endpoint import DeploymentFailedError
         from kiln.tasks.pipeline.gate_decision import GateRejectedError
+        from kiln.tasks.pipeline.step_cache import run_step
         from kiln.tasks.steps.infra_validate import InfraValidationError
         from kiln.tasks.tracking.registry import ChampionMismatchError
 
         with noting_failure(context):
             ctx = run_context(self.spec_path, context)
             try:
-                return self.step.run(ctx).to_dict()
+                return run_step(self.step, ctx)
             except GateRejectedError as exc:
                 raise AirflowSkipException(str(exc)) from exc
             except (DataError, InfraValidationError, DeploymentFailedError, ChampionMismatchError) as exc:

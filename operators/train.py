@@ -43,7 +43,16 @@ class TrainOperator(PooledOperator):
         return step_links(keys.TRAIN)
 
     def execute(self, context: Any) -> Any:
+        from kiln.tasks.pipeline.step_cache import cached_result, step_key, with_peak_rss
+        from kiln.tasks.pipeline.steps import step_named
+
         with noting_failure(context):
+            # A cached model needs no devices: the cache is looked up before anything is leased.
+            ctx = self._context(context)
+            key = step_key(step_named(keys.TRAIN), ctx)
+            hit = cached_result(ctx, key) if key is not None else None
+            if hit is not None:
+                return with_peak_rss(keys.TRAIN, hit)
             return super().execute(context)
 
     def execute_granted(self, context: Any, event: dict[str, Any]) -> Any:
@@ -61,12 +70,16 @@ class TrainOperator(PooledOperator):
 
     def run_leased(self, context: Any, allocation: Allocation) -> dict[str, Any]:
         from kiln.tasks.launch.base import TrainingFailedError, get_launcher
+        from kiln.tasks.pipeline.step_cache import run_step
+        from kiln.tasks.pipeline.steps import step_named
         from kiln.tasks.steps.train import train
 
         ctx = self._context(context)
         self._launcher = get_launcher(ctx.spec.training.launcher)
+        launcher = self._launcher
         try:
-            return train(ctx, self._launcher, allocation=allocation).to_dict()
+            return run_step(step_named(keys.TRAIN), ctx,
+                            run=lambda ctx: train(ctx, launcher, allocation=allocation))
         except TrainingFailedError:
             self.log.error("training failed; a retry resumes from the last complete checkpoint")
             raise

@@ -9,21 +9,48 @@ from typing import Any
 
 from kiln.tasks.pipeline.context import RunContext, StepResult
 from kiln.tasks.pipeline.gate_decision import GateRejectedError
+from kiln.tasks.pipeline.step_cache import execute_step
 from kiln.tasks.pipeline.steps import STEPS, step_named
 
 log = logging.getLogger(__name__)
+
+
+class StepOutput:
+    """What a step returned: its result dict (its XCom, with ``cache`` and ``peak_rss_mib``) and, when it ran
+    rather than came from the cache, its typed result, whose attributes read through."""
+
+    def __init__(self, result: dict[str, Any], typed: StepResult | None = None):
+        self._result = result
+        self.typed = typed
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "typed":
+            raise AttributeError(name)
+        if self.typed is not None:
+            return getattr(self.typed, name)
+        try:
+            return self._result[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __repr__(self) -> str:
+        return f"StepOutput({self._result!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result dict."""
+        return self._result
 
 
 @dataclass
 class RunResult:
     """What each step of an in-process run returned."""
 
-    results: dict[str, StepResult] = field(default_factory=dict)
+    results: dict[str, StepOutput] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     """Steps skipped because the gate rejected the candidate, with the reason."""
     duration_s: float = 0.0
 
-    def __getitem__(self, step: str) -> StepResult:
+    def __getitem__(self, step: str) -> StepOutput:
         return self.results[step]
 
     def to_dict(self) -> dict[str, Any]:
@@ -33,7 +60,8 @@ class RunResult:
 
 
 def run_all(ctx: RunContext, until: str | None = None) -> RunResult:
-    """Run every step in this process, in order, up to and including ``until`` (default: all of them).
+    """Run every step in this process, in order, up to and including ``until`` (default: all of them), through the
+    step cache (:func:`kiln.tasks.pipeline.step_cache.run_step`).
 
     A candidate the gate rejects ends the run after ``gate`` (the later steps are recorded as skipped, with the
     reason), as the DAG skips them.
@@ -51,7 +79,7 @@ def run_all(ctx: RunContext, until: str | None = None) -> RunResult:
     for step in STEPS:
         log.info("step %s", step.name)
         try:
-            run.results[step.name] = step.run(ctx)
+            run.results[step.name] = StepOutput(*execute_step(step, ctx))
         except GateRejectedError as exc:
             run.skipped[step.name] = str(exc)
             log.info("step %s skipped: %s", step.name, exc)

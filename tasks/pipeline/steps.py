@@ -12,6 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.cache_keys import (
+    CacheKey,
+    build_features_key,
+    clean_key,
+    ingest_key,
+    not_cached,
+    train_key,
+)
 from kiln.tasks.pipeline.context import RunContext, StepResult
 from kiln.tasks.steps.build_features import build_features
 from kiln.tasks.steps.clean import clean
@@ -36,14 +44,20 @@ class Step:
     run: Callable[[RunContext], StepResult]
     leased: bool = False
     """It runs on devices leased from a resource pool (the DAG gives it the leasing operator)."""
+    cache_key: Callable[[RunContext], CacheKey | None] = not_cached
+    """The key of the step's output in this run (:mod:`kiln.tasks.pipeline.cache_keys`); ``None``: not cacheable
+    (the default). The step cache (:func:`kiln.tasks.pipeline.step_cache.run_step`) reuses an earlier run's output
+    under the same key."""
 
 
 STEPS: tuple[Step, ...] = (
-    Step(keys.INGEST, ingest),
+    Step(keys.INGEST, ingest, cache_key=ingest_key),
+    # Not cached: its verdict depends on the champion and the last accepted snapshot's profile, and it logs its
+    # report to this run's MLflow run and publishes the accepted snapshot.
     Step(keys.VALIDATE, validate),
-    Step(keys.CLEAN, clean),
-    Step(keys.BUILD_FEATURES, build_features),
-    Step(keys.TRAIN, train, leased=True),
+    Step(keys.CLEAN, clean, cache_key=clean_key),
+    Step(keys.BUILD_FEATURES, build_features, cache_key=build_features_key),
+    Step(keys.TRAIN, train, leased=True, cache_key=train_key),
     Step(keys.EVALUATE, evaluate),
     Step(keys.REGISTER, register),
     Step(keys.GATE, gate),

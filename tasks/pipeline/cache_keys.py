@@ -1,0 +1,207 @@
+"""What each cacheable step's output depends on: the step cache's keys (:mod:`kiln.tasks.pipeline.step_cache`).
+
+A key is the sha256 of named parts: the content hash of the step's inputs, the spec fields the step reads (listed
+explicitly per step below) and the version of its code. Correctness comes first: every input that can change a
+step's output is a part, so any change misses; a step whose output depends on something that cannot be hashed
+here (a SQL query's result, an incremental snapshot's history, the champion and the last accepted profile) is not
+cacheable and its key function returns ``None``.
+
+The code version of a step is the sha256 of its module's source and of the library modules it uses
+(:data:`CODE_MODULES`; a package stands for every ``.py`` file below it), plus the versions of the third-party
+libraries that shape its output (:data:`LIBRARIES`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.context import RunContext
+from kiln.tasks.storage.artifacts import file_sha256, read_json
+
+log = logging.getLogger(__name__)
+
+#: The modules whose source is part of each step's code version: the step module and every library module of
+#: kiln it uses (tests/unit/test_step_cache.py checks that the list covers the step's kiln imports).
+CODE_MODULES: dict[str, tuple[str, ...]] = {
+    keys.INGEST: ("kiln.tasks.steps.ingest", "kiln.tasks.sources", "kiln.tasks.spec.sources"),
+    keys.CLEAN: ("kiln.tasks.steps.clean", "kiln.tasks.features.column_types"),
+    keys.BUILD_FEATURES: ("kiln.tasks.steps.build_features", "kiln.tasks.features.splits",
+                          "kiln.tasks.features.transform", "kiln.tasks.features.column_types"),
+    keys.TRAIN: ("kiln.tasks.steps.train", "kiln.tasks.training", "kiln.tasks.features.splits",
+                 "kiln.tasks.features.transform"),
+}
+_DATA_LIBRARIES = ("numpy", "pandas", "pyarrow")
+#: Third-party distributions whose version is part of each step's code version.
+LIBRARIES: dict[str, tuple[str, ...]] = {
+    keys.INGEST: _DATA_LIBRARIES, keys.CLEAN: _DATA_LIBRARIES, keys.BUILD_FEATURES: _DATA_LIBRARIES,
+    keys.TRAIN: (*_DATA_LIBRARIES, "torch"),
+}
+#: ``training`` fields that only schedule the job (where and how long it may wait or run, how often it logs); every
+#: other training field is part of ``train``'s key, so a field added later is keyed unless it is listed here.
+TRAIN_SCHEDULING_FIELDS = {"timeout_s", "log_every_steps", "max_restarts"}
+TRAIN_RESOURCE_SCHEDULING_FIELDS = {"pool", "team", "priority", "wait_timeout_s", "ttl_s", "preemptible", "placement"}
+
+
+@dataclass(frozen=True, eq=False)
+class CacheKey:
+    """The key of one step's output: ``digest`` is the sha256 of ``parts`` (kept for the log and the entry)."""
+
+    step: str
+    digest: str
+    parts: dict[str, Any]
+    """Part name to a JSON-safe value (digests, spec fields, the code version)."""
+
+    @classmethod
+    def of(cls, step: str, parts: dict[str, Any]) -> CacheKey:
+        """The key of ``step`` made of ``parts`` (JSON-safe)."""
+        canonical = json.dumps({"step": step, **parts}, sort_keys=True, separators=(",", ":"), default=str)
+        return cls(step=step, digest=hashlib.sha256(canonical.encode()).hexdigest(), parts=parts)
+
+    def describe(self) -> str:
+        """The parts for the log: short values as they are, others as the first 12 hex digits of their digest."""
+        return ", ".join(f"{name}={_short(value)}" for name, value in sorted(self.parts.items()))
+
+
+def code_version(step: str) -> str:
+    """sha256 of the source of ``step``'s :data:`CODE_MODULES` (a package: every ``.py`` file below it) and the
+    versions of its :data:`LIBRARIES`.
+
+    Raises:
+        ModuleNotFoundError: a listed module does not exist.
+    """
+    digest = hashlib.sha256()
+    for name in CODE_MODULES[step]:
+        for rel, path in _module_files(name):
+            digest.update(f"{name}:{rel}\0".encode())
+            digest.update(path.read_bytes())
+    for dist in LIBRARIES.get(step, ()):
+        digest.update(f"{dist}=={_version(dist)}\0".encode())
+    return digest.hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over every file below ``folder``: its relative path and the sha256 of its bytes, in path order."""
+    rows = [[p.relative_to(folder).as_posix(), file_sha256(p)] for p in sorted(folder.rglob("*")) if p.is_file()]
+    return _sha(json.dumps(rows, separators=(",", ":")))
+
+
+def not_cached(ctx: RunContext) -> None:
+    """The key of a step that is never cached."""
+    return None
+
+
+def ingest_key(ctx: RunContext) -> CacheKey | None:
+    """``ingest``: the source listing's fingerprint (every part's name, size and sha256 or ETag), ``source`` (the
+    whole section), ``sample_fraction``, ``training.seed`` (the sample's seed), the trigger events and the code.
+    ``None`` for a SQL source (its result is only known by running the query) and for incremental ingest (its
+    snapshot depends on the last accepted one)."""
+    from kiln.tasks.sources.listing import list_source
+    from kiln.tasks.spec.sources import data_roots
+
+    spec = ctx.spec
+    if spec.source.sql is not None or spec.source.uri is None:
+        log.info("cache: ingest of a SQL source is not cached (its rows are only known by running the query)")
+        return None
+    if spec.source.incremental != "off":
+        log.info("cache: incremental ingest (%s) is not cached (it builds on the last accepted snapshot)",
+                 spec.source.incremental)
+        return None
+    listing = list_source(spec.source, data_roots(Path(ctx.spec_path).parent if ctx.spec_path else None))
+    parts: dict[str, Any] = {"listing": listing.fingerprint(), "source": spec.source.model_dump(mode="json"),
+                             "sample_fraction": spec.sample_fraction, "training.seed": spec.training.seed,
+                             "code": code_version(keys.INGEST)}
+    if ctx.trigger_events:
+        parts["trigger_events"] = _sha(json.dumps([dict(e) for e in ctx.trigger_events], sort_keys=True,
+                                                  default=str))
+    return CacheKey.of(keys.INGEST, parts)
+
+
+def clean_key(ctx: RunContext) -> CacheKey:
+    """``clean``: the snapshot's sha256, ``cleaning``, ``columns``, ``target``, ``task``,
+    ``expectations.min_rows`` and the code."""
+    spec = ctx.spec
+    return CacheKey.of(keys.CLEAN, {
+        "snapshot": _snapshot_sha256(ctx), "cleaning": spec.cleaning.model_dump(mode="json"),
+        "columns": dict(spec.columns), "target": spec.target, "task": spec.task,
+        "expectations.min_rows": spec.expectations.min_rows, "code": code_version(keys.CLEAN)})
+
+
+def build_features_key(ctx: RunContext) -> CacheKey:
+    """``build_features``: the digest of ``clean``'s published files, ``features``, ``target``, ``task``,
+    ``training.seed`` (the split's seed) and the code."""
+    spec = ctx.spec
+    return CacheKey.of(keys.BUILD_FEATURES, {
+        "clean": folder_digest(ctx.input_dir(keys.CLEAN)), "features": spec.features.model_dump(mode="json"),
+        "target": spec.target, "task": spec.task, "training.seed": spec.training.seed,
+        "code": code_version(keys.BUILD_FEATURES)})
+
+
+def train_key(ctx: RunContext) -> CacheKey | None:
+    """``train`` (only with ``cache.train``): the digest of ``build_features``' published files, ``task``,
+    ``model``, ``training`` (less :data:`TRAIN_SCHEDULING_FIELDS` and the pool-scheduling ``resources`` fields),
+    ``code`` and the hash of the code folder, the snapshot's sha256 when a user loop reads it, and kiln's code.
+    ``None`` when ``cache.train`` is off, or a model factory or entrypoint lives outside ``code.path``."""
+    from kiln.tasks.training.user_code import code_hash
+
+    spec = ctx.spec
+    if not spec.cache.train:
+        return None
+    own_code = spec.model.factory is not None or spec.model.type == "custom" or spec.training.entrypoint
+    if own_code and not spec.code.path:
+        log.info("cache: train is not cached: the model or loop comes from code outside code.path, which kiln "
+                 "cannot hash")
+        return None
+    training = spec.training.model_dump(mode="json", exclude=TRAIN_SCHEDULING_FIELDS)
+    training["resources"] = {k: v for k, v in training["resources"].items()
+                             if k not in TRAIN_RESOURCE_SCHEDULING_FIELDS}
+    parts: dict[str, Any] = {
+        "features": folder_digest(ctx.input_dir(keys.BUILD_FEATURES)), "task": spec.task,
+        "model": spec.model.model_dump(mode="json"), "training": training,
+        "code": spec.code.model_dump(mode="json"),
+        "code_hash": code_hash(spec.code.path) if spec.code.path else None, "kiln_code": code_version(keys.TRAIN)}
+    if spec.training.entrypoint:
+        parts["snapshot"] = _snapshot_sha256(ctx)
+    return CacheKey.of(keys.TRAIN, parts)
+
+
+def _snapshot_sha256(ctx: RunContext) -> str:
+    return str(read_json(ctx.input_dir(keys.INGEST) / keys.SNAPSHOT_MANIFEST_FILE)["sha256"])
+
+
+def _module_files(name: str) -> list[tuple[str, Path]]:
+    spec = importlib.util.find_spec(name)
+    if spec is None or (spec.origin is None and not spec.submodule_search_locations):
+        raise ModuleNotFoundError(f"code module {name!r} of the step cache does not exist; fix CODE_MODULES in "
+                                  f"{__name__}", name=name)
+    if spec.submodule_search_locations:
+        return [(p.relative_to(Path(root)).as_posix(), p) for root in spec.submodule_search_locations
+                for p in sorted(Path(root).rglob("*.py")) if "__pycache__" not in p.parts]
+    assert spec.origin is not None
+    return [(Path(spec.origin).name, Path(spec.origin))]
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    if len(text) <= 24:
+        return text
+    return (text if re.fullmatch(r"[0-9a-f]{64}", text) else _sha(text))[:12]
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
