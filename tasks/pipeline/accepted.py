@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from kiln.tasks.features.profile import PROFILE_FILE
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.storage.artifacts import ArtifactStore, read_json, write_json
 
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 #: The store key of a pipeline's accepted record, below ``<pipeline>/``.
 ACCEPTED = "_accepted"
 ACCEPTED_FILE = "accepted.json"
-PROFILE_FILE = "profile.json"
 
 
 @dataclass(frozen=True)

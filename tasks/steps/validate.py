@@ -1,9 +1,13 @@
 """The ``validate`` step: check the ingested snapshot against data-quality expectations with Great Expectations.
 
 The suite is the spec's declared expectations plus, unless switched off, defaults inferred from the schema. The
-step writes a JSON report and GX Data Docs (HTML) and returns the result without raising on failed expectations:
-the caller publishes the report first, then calls :meth:`ValidateResult.raise_for_failure`, so a failed run still
-leaves its evidence behind.
+step also profiles the snapshot (:mod:`kiln.tasks.features.profile`) and, unless ``expectations.profile.enabled``
+is off, compares it with the profile of the last accepted snapshot (:mod:`kiln.tasks.pipeline.accepted`): a column
+whose missing share jumps, whose values leave the seen range or stop being numbers, unseen categories, a collapsed
+row count each fail the step like a failed expectation. The step writes a JSON report, the profile and GX Data
+Docs (HTML) and returns the result without raising on failures: the caller publishes the report first, then calls
+:meth:`ValidateResult.raise_for_failure`, so a failed run still leaves its evidence behind. A snapshot that passes
+becomes the pipeline's accepted one.
 
 ``great_expectations`` is imported lazily (about 2 s), so importing this module stays cheap.
 """
@@ -12,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,11 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.tasks.errors import DataError
 from kiln.tasks.features.default_checks import default_suite
+from kiln.tasks.features.expectation_report import REPORT_EXAMPLES, expectation_report, jsonable, kwargs_problems
+from kiln.tasks.features.profile import PROFILE_FILE, Breach, DataProfile, compare, profile_parquet
 from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.accepted import Accepted, publish_accepted, read_accepted
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.settings import get_settings
 from kiln.tasks.spec import ColumnType, ExpectationSpec, ExpectationsSpec, PipelineSpec, TaskType
-from kiln.tasks.storage.artifacts import write_json
+from kiln.tasks.storage.artifacts import read_json, write_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SITE = "kiln"
-_REPORT_EXAMPLES = 10
 _MESSAGE_EXAMPLES = 5
 #: Expectation fields that GX fills in itself; not offered as kwargs in error messages.
 _INTERNAL_FIELDS = {"id", "rendered_content", "batch_id", "windows"}
@@ -72,28 +77,38 @@ class ValidateResult:
     """One dict per failed expectation: type, column, unexpected_count, examples, observed_value, error."""
     report_file: str = ""
     """Path of ``validation.json``."""
+    breaches: list[dict[str, Any]] = field(default_factory=list)
+    """The profile bounds breached (:class:`kiln.tasks.features.profile.Breach` as dicts)."""
+    compared_with: str | None = None
+    """The run whose accepted snapshot the profile was compared with; ``None``: not compared."""
+    profile_file: str = ""
+    """Path of ``profile.json``."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (the step's XCom value)."""
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     def raise_for_failure(self) -> None:
-        """Raise :class:`DataValidationError` if any expectation failed.
+        """Raise :class:`DataValidationError` if any expectation failed or any profile bound was breached.
 
         Raises:
-            DataValidationError: listing each failed expectation, its column, unexpected count and examples.
+            DataValidationError: listing each failed expectation (its column, unexpected count and examples) and
+                each breach (its column, the new figure, the previous one and the spec field of the bound).
         """
         if not self.success:
             raise DataValidationError(self)
 
 
 class DataValidationError(DataError):
-    """The data failed its expectations. ``result`` holds the full :class:`ValidateResult`."""
+    """The data failed its expectations or moved past its profile bounds. ``result`` holds the full
+    :class:`ValidateResult`."""
 
     def __init__(self, result: ValidateResult):
         self.result = result
-        lines = [f"data validation failed: {len(result.failed)} of {result.evaluated} expectations failed "
-                 f"(report: {result.report_file})"]
+        lines = []
+        if result.failed or not result.breaches:
+            lines.append(f"data validation failed: {len(result.failed)} of {result.evaluated} expectations failed "
+                         f"(report: {result.report_file})")
         for f in result.failed:
             where = f" column '{f['column']}'" if f.get("column") is not None else ""
             detail = []
@@ -107,6 +122,11 @@ class DataValidationError(DataError):
                 detail.append(f"error: {f['error']}")
             hint = f" ({f['hint']})" if f.get("hint") else ""
             lines.append(f"  - {f['type']}{where}: {', '.join(detail) or 'failed'}{hint}")
+        if result.breaches:
+            lines.append(f"data validation failed: the snapshot moved past {len(result.breaches)} profile bounds "
+                         f"from the last accepted snapshot (run {result.compared_with}; report: "
+                         f"{result.report_file})")
+            lines += [f"  - {b['message']}" for b in result.breaches]
         super().__init__("\n".join(lines))
 
 
@@ -149,23 +169,28 @@ def check_expectations(specs: list[ExpectationSpec], where: str = "expectations.
         except (ValueError, TypeError) as exc:
             allowed = [f for f in cls.__fields__ if f not in _INTERNAL_FIELDS]
             raise ValueError(f"{where}[{i}] '{spec.type}': invalid kwargs {spec.kwargs}: "
-                             f"{_kwargs_problems(exc, allowed)}. Allowed kwargs: {', '.join(allowed)}") from None
+                             f"{kwargs_problems(exc, allowed)}. Allowed kwargs: {', '.join(allowed)}") from None
     return out
 
 
-def run_validate(config: ValidateConfig, snapshot_dir: Path, out_dir: Path) -> ValidateResult:
-    """Validate ``snapshot_dir/snapshot.parquet``; write ``validation.json`` and Data Docs into ``out_dir``.
+def run_validate(config: ValidateConfig, snapshot_dir: Path, out_dir: Path,
+                 accepted: Accepted | None = None) -> ValidateResult:
+    """Validate ``snapshot_dir/snapshot.parquet``; write ``validation.json``, ``profile.json`` and Data Docs into
+    ``out_dir``.
 
     Args:
         config: the step's settings.
         snapshot_dir: the published output of ``ingest``.
         out_dir: an empty folder that the caller publishes once this returns.
+        accepted: the pipeline's last accepted snapshot, whose profile the new one is compared with (``None``:
+            only profiled).
 
     Returns:
-        The result; failed expectations do not raise here (see :meth:`ValidateResult.raise_for_failure`).
+        The result; failed expectations and breached bounds do not raise here (see
+        :meth:`ValidateResult.raise_for_failure`).
 
     Raises:
-        ValueError: an unknown expectation type or invalid kwargs in the spec.
+        ValueError: an unknown expectation type or invalid kwargs in the spec; a damaged accepted profile.
         FileNotFoundError: the snapshot is missing.
     """
     import pandas as pd
@@ -181,41 +206,78 @@ def run_validate(config: ValidateConfig, snapshot_dir: Path, out_dir: Path) -> V
     log.info("validating %s (%d rows, %d columns) against %d expectations", snapshot, len(df), len(df.columns),
              len(expectations))
     gx_result = _run_suite(df, expectations, docs_dir)
+    del df
+    profile, breaches, compared = _check_profile(config, snapshot, accepted)
+    profile_file = write_json(out_dir / PROFILE_FILE, profile.to_dict())
 
-    report = [_expectation_report(r) for r in gx_result.results]
-    statistics = _jsonable(dict(gx_result.statistics))
+    report = [expectation_report(r) for r in gx_result.results]
+    success = bool(gx_result.success) and not breaches
     report_file = write_json(out_dir / keys.VALIDATION_FILE, {
-        "success": bool(gx_result.success), "statistics": statistics, "expectations": report,
+        "success": success, "statistics": jsonable(dict(gx_result.statistics)), "expectations": report,
+        "profile": {"enabled": config.expectations.profile.enabled, "compared_with": compared,
+                    "accepted_at": accepted.accepted_at if accepted else None,
+                    "bounds": config.expectations.profile.model_dump(),
+                    "breaches": [b.to_dict() for b in breaches], "file": PROFILE_FILE, "profile": profile.to_dict()},
         "snapshot": str(snapshot), "data_docs": str(docs_dir / "index.html")})
     if not (docs_dir / "index.html").is_file():
         raise RuntimeError(f"Great Expectations did not write Data Docs to {docs_dir}/index.html")
     failed = [{"type": r["type"], "column": r["kwargs"].get("column"), "unexpected_count": r["unexpected_count"],
                "examples": r["partial_unexpected_list"][:_MESSAGE_EXAMPLES], "observed_value": r["observed_value"],
                "error": r["error"], "hint": r["hint"]} for r in report if not r["success"]]
-    result = ValidateResult(success=bool(gx_result.success), evaluated=len(report), failed=failed,
-                            report_file=str(report_file))
-    log.info("validation %s: %d of %d expectations passed; report %s", "passed" if result.success else "FAILED",
-             len(report) - len(failed), len(report), report_file)
+    result = ValidateResult(success=success, evaluated=len(report), failed=failed, report_file=str(report_file),
+                            breaches=[b.to_dict() for b in breaches], compared_with=compared,
+                            profile_file=str(profile_file))
+    log.info("validation %s: %d of %d expectations passed, %d profile bounds breached; report %s",
+             "passed" if result.success else "FAILED", len(report) - len(failed), len(report), len(breaches),
+             report_file)
     for f in failed:
         log.warning("failed %s column %s: unexpected count %s, examples %s, observed %s, error %s", f["type"],
                     f["column"] or "-", f["unexpected_count"], f["examples"], f["observed_value"], f["error"])
+    for b in breaches:
+        log.warning("profile breach: %s", b)
     return result
 
 
+def _check_profile(config: ValidateConfig, snapshot: Path,
+                   accepted: Accepted | None) -> tuple[DataProfile, list[Breach], str | None]:
+    """The snapshot's profile, its breaches against the accepted profile, and the run it was compared with."""
+    bounds = config.expectations.profile
+    manifest = snapshot.parent / keys.SNAPSHOT_MANIFEST_FILE
+    fraction = float(read_json(manifest).get("sample_fraction", 1.0)) if manifest.is_file() else 1.0
+    previous = DataProfile.from_dict(accepted.profile) if accepted is not None else None
+    profile = profile_parquet(snapshot, reference=previous, range_margin=bounds.range_margin,
+                              sample_fraction=fraction)
+    if previous is None or accepted is None or not bounds.enabled:
+        log.info("profile not compared: %s", "expectations.profile.enabled is false" if previous else
+                 "no accepted snapshot yet (this one becomes the first if it passes)")
+        return profile, [], None
+    ignore = [c for c, t in config.columns.items() if t == "ignore"]
+    allowed = [config.target] if config.task == "classification" and config.expectations.allow_new_classes else []
+    breaches = compare(previous, profile, bounds, ignore=ignore, allow_new_categories=allowed)
+    log.info("profile compared with the accepted snapshot of %s (accepted %s): %d breaches", accepted.run_key,
+             accepted.accepted_at, len(breaches))
+    return profile, breaches, accepted.run_key
+
+
 def validate(ctx: RunContext) -> ValidateResult:
-    """Check the snapshot against the spec's expectations; the report is published even when it fails.
+    """Check the snapshot against the spec's expectations and the last accepted snapshot's profile; the report is
+    published even when it fails. A snapshot that passes becomes the pipeline's accepted one.
 
     Raises:
-        DataValidationError: an expectation failed (after the report was published and logged to MLflow).
+        DataValidationError: an expectation failed or a profile bound was breached (after the report was
+            published and logged to MLflow; the accepted snapshot is then left as it was).
     """
     from mlflow.tracking import MlflowClient
 
     from kiln.tasks.tracking.runs import finish_run
 
     config = ValidateConfig.from_spec(ctx.spec, known_classes=_champion_classes(ctx))
-    result = ctx.publish(keys.VALIDATE, lambda out: run_validate(config, ctx.input_dir(keys.INGEST), out))
+    accepted = read_accepted(ctx.store, ctx.spec.name)
+    snapshot_dir = ctx.input_dir(keys.INGEST)
+    result = ctx.publish(keys.VALIDATE, lambda out: run_validate(config, snapshot_dir, out, accepted))
     published = ctx.input_dir(keys.VALIDATE)
-    result = replace(result, report_file=str(published / keys.VALIDATION_FILE))
+    result = replace(result, report_file=str(published / keys.VALIDATION_FILE),
+                     profile_file=str(published / PROFILE_FILE))
     # The report goes to the run's MLflow run too, where people open it (the Airflow UI links there).
     tracking_uri = get_settings().mlflow_tracking_uri
     run_id = ctx.mlflow_run()
@@ -223,6 +285,7 @@ def validate(ctx: RunContext) -> ValidateResult:
     if not result.success:
         finish_run(tracking_uri, run_id, status="FAILED")
     result.raise_for_failure()
+    publish_accepted(ctx, read_json(snapshot_dir / keys.SNAPSHOT_MANIFEST_FILE), read_json(published / PROFILE_FILE))
     return result
 
 
@@ -273,75 +336,7 @@ def _run_suite(df: pd.DataFrame, expectations: list[Any], docs_dir: Path) -> Any
     checkpoint = context.checkpoints.add(gx.Checkpoint(
         name="validate", validation_definitions=[definition],
         actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[_SITE])],
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": _REPORT_EXAMPLES}))
+        result_format={"result_format": "SUMMARY", "partial_unexpected_count": REPORT_EXAMPLES}))
     checkpoint_result = checkpoint.run(batch_parameters={"dataframe": df})
     (validation_result,) = checkpoint_result.run_results.values()
     return validation_result
-
-
-def _expectation_report(r: Any) -> dict[str, Any]:
-    """One expectation's outcome as JSON-safe data."""
-    cfg = r.expectation_config
-    result = dict(r.result or {})
-    return _jsonable({
-        "type": cfg.type,
-        "kwargs": {k: v for k, v in cfg.kwargs.items() if k != "batch_id"},
-        "success": bool(r.success),
-        "unexpected_count": result.get("unexpected_count"),
-        "partial_unexpected_list": list(result.get("partial_unexpected_list") or [])[:_REPORT_EXAMPLES],
-        "observed_value": result.get("observed_value"),
-        "error": _exception_message(r.exception_info),
-        "hint": (cfg.meta or {}).get("hint"),
-    })
-
-
-def _exception_message(info: Any) -> str | None:
-    """The message of an exception GX caught while evaluating an expectation (flat or keyed by metric)."""
-    if not isinstance(info, dict):
-        return None
-    if "raised_exception" in info:
-        return info.get("exception_message") if info.get("raised_exception") else None
-    messages = [v.get("exception_message") for v in info.values() if isinstance(v, dict) and v.get("raised_exception")]
-    return "; ".join(dict.fromkeys(m for m in messages if m)) or None
-
-
-def _kwargs_problems(exc: Exception, allowed: list[str]) -> str:
-    """A short description of a pydantic error on expectation kwargs: the first problem per field."""
-    errors = getattr(exc, "errors", None)
-    if not callable(errors):
-        return str(exc)
-    problems: dict[str, str] = {}
-    for err in errors():
-        name = ".".join(str(p) for p in err.get("loc", ())) or "kwargs"
-        if name in problems:
-            continue
-        if err.get("type") == "value_error.extra":
-            close = difflib.get_close_matches(name, allowed, n=1)
-            problems[name] = f"unknown kwarg '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
-        elif err.get("type") == "value_error.missing":
-            problems[name] = f"kwarg '{name}' is required"
-        elif name == "__root__":
-            problems[name] = err.get("msg", "")
-        else:
-            problems[name] = f"kwarg '{name}': {err.get('msg', '')}"
-    return "; ".join(problems.values())
-
-
-def _jsonable(obj: Any) -> Any:
-    """Recursively convert numpy scalars, NaN and other non-JSON values into plain JSON values."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set):
-        return [_jsonable(v) for v in obj]
-    import numpy as np
-    import pandas as pd
-
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    if obj is pd.NA or obj is pd.NaT:
-        return None
-    return str(obj)
