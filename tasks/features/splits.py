@@ -9,16 +9,13 @@ and the split's sizes. Training ranks, ``evaluate``, ``gate`` and the bundle exp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from kiln.tasks.features.transform import FEATURE_SPEC_FILE
 from kiln.tasks.storage.artifacts import read_json
-
-if TYPE_CHECKING:
-    from kiln.tasks.features.transform import FeatureTransform
 
 TRAIN_FILE = "train.parquet"
 VAL_FILE = "val.parquet"
@@ -31,34 +28,25 @@ SPLIT_FILES = {"train": TRAIN_FILE, "val": VAL_FILE, "test": TEST_FILE}
 Split = Literal["train", "val", "test"]
 
 
-def split_rows(df: pd.DataFrame, target: str, task: str, test_fraction: float, val_fraction: float,
-               seed: int) -> dict[Split, pd.DataFrame]:
-    """Seeded train/val/test split: carve ``test_fraction`` first, then ``val_fraction`` of the whole.
+def split_index(target: pd.Series, task: str, test_fraction: float, val_fraction: float,
+                seed: int) -> dict[Split, np.ndarray]:
+    """Seeded train/val/test split of the rows whose labels are ``target``: carve ``test_fraction`` first, then
+    ``val_fraction`` of the whole. Classification splits are stratified by the label.
 
-    Classification splits are stratified by the label.
+    Returns:
+        Split name -> row numbers, in the split's (shuffled) order.
 
     Raises:
         ValueError: a class has too few rows to stratify, or a split cannot be carved; the message says which.
     """
-    labels = df[target].astype("string") if task == "classification" else None
-    index = np.arange(len(df))
+    labels = target.astype("string").reset_index(drop=True) if task == "classification" else None
+    index = np.arange(len(target))
     rest, test = _split_once(index, labels, test_fraction, seed, "test")
     val = np.array([], dtype=index.dtype)
     if val_fraction > 0:
         rest_labels = labels.iloc[rest] if labels is not None else None
         rest, val = _split_once(rest, rest_labels, val_fraction / (1 - test_fraction), seed, "val")
-    return {"train": df.iloc[rest].reset_index(drop=True), "val": df.iloc[val].reset_index(drop=True),
-            "test": df.iloc[test].reset_index(drop=True)}
-
-
-def write_splits(parts: dict[Split, pd.DataFrame], transform: FeatureTransform, out_dir: Path) -> None:
-    """Write each split as features + encoded target, and the raw test rows."""
-    names = [f"f{i}" for i in range(transform.input_dim)]
-    for split, part in parts.items():
-        frame = pd.DataFrame(transform.transform(part), columns=names)
-        frame[TARGET_COLUMN] = transform.encode_target(part[transform.target])
-        frame.to_parquet(out_dir / SPLIT_FILES[split], index=False)
-    parts["test"].to_parquet(out_dir / TEST_RAW_FILE, index=False)
+    return {"train": rest, "val": val, "test": test}
 
 
 def load_split(features_dir: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
@@ -68,23 +56,49 @@ def load_split(features_dir: Path, split: Split) -> tuple[np.ndarray, np.ndarray
         FileNotFoundError: the folder lacks the split file or ``feature_spec.json``.
         ValueError: an unknown split, or a file whose columns do not match the feature spec.
     """
+    x, y, _ = load_shard(features_dir, split, 0, 1)
+    return x, y
+
+
+def load_shard(features_dir: Path, split: Split, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rank ``rank``'s contiguous share of a split (sizes differ by at most one row between ranks), reading only
+    the Parquet row groups that hold it; the rows of a split file are in shuffled order, so a share is a random
+    sample. ``load_shard(d, s, 0, 1)`` is the whole split.
+
+    Returns:
+        ``(X float32 [m, d], y, rows in the whole split)``; ``y`` as in :func:`load_split`.
+
+    Raises:
+        FileNotFoundError: the folder lacks the split file or ``feature_spec.json``.
+        ValueError: an unknown split, a rank outside ``0..world_size-1``, or a file whose columns do not match
+            the feature spec.
+    """
+    import pyarrow.parquet as pq
+
+    from kiln.tasks.features.batches import read_rows, shard_range
+
     if split not in SPLIT_FILES:
         raise ValueError(f"split must be one of {list(SPLIT_FILES)}, found {split!r}")
     features_dir = Path(features_dir)
+    path = features_dir / SPLIT_FILES[split]
     for name in (FEATURE_SPEC_FILE, SPLIT_FILES[split]):
         if not (features_dir / name).is_file():
             raise FileNotFoundError(f"{features_dir / name} does not exist; run build_features first")
     spec = read_json(features_dir / FEATURE_SPEC_FILE)
-    df = pd.read_parquet(features_dir / SPLIT_FILES[split])
+    pf = pq.ParquetFile(path)
     expected = [f"f{i}" for i in range(spec["input_dim"])] + [TARGET_COLUMN]
-    if list(df.columns) != expected:
-        raise ValueError(f"{features_dir / SPLIT_FILES[split]} has {len(df.columns)} columns but "
+    if pf.schema_arrow.names != expected:
+        raise ValueError(f"{path} has {len(pf.schema_arrow.names)} columns but "
                          f"{FEATURE_SPEC_FILE} expects f0..f{spec['input_dim'] - 1} and '{TARGET_COLUMN}'; "
                          "rerun build_features")
-    # copy=True: pandas' copy-on-write hands out read-only views, which torch.as_tensor warns about.
-    x = df[expected[:-1]].to_numpy(np.float32, copy=True)
+    n = pf.metadata.num_rows
+    table = read_rows(path, *shard_range(n, rank, world_size))
+    # Row-major float32 in one allocation (batches gather rows); a table's columns are separate arrays.
+    x = np.empty((table.num_rows, len(expected) - 1), dtype=np.float32)
+    for i, name in enumerate(expected[:-1]):
+        x[:, i] = table.column(name).to_numpy()
     y_dtype = np.int64 if spec["task"] == "classification" else np.float32
-    return x, df[TARGET_COLUMN].to_numpy(y_dtype, copy=True)
+    return x, table.column(TARGET_COLUMN).to_numpy().astype(y_dtype, copy=True), n
 
 
 def _split_once(index: np.ndarray, labels: pd.Series | None, fraction: float, seed: int,

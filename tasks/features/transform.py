@@ -6,6 +6,7 @@ transform raw records without importing the splitting code (scikit-learn).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -81,23 +82,33 @@ class FeatureTransform:
             ValueError: a declared column is missing, a type is unknown, a numeric column has no finite values,
                 or a classification target has fewer than two classes.
         """
+        return cls.fit_columns(list(df.columns), df.__getitem__, column_types, target, task, scaling,
+                               max_categories)
+
+    @classmethod
+    def fit_columns(cls, columns: list[str], read_column: Callable[[str], pd.Series], column_types: dict[str, str],
+                    target: str, task: TaskType, scaling: Scaling, max_categories: int) -> FeatureTransform:
+        """Fit on train rows read one column at a time (``read_column(name)``: that column's train rows, in
+        split order); the columns other than the one being fitted need not be in memory. Arguments and errors
+        as in :meth:`fit`; ``columns`` are the train split's columns in source order."""
         if scaling not in get_args(Scaling):
             raise ValueError(f"scaling must be one of {get_args(Scaling)}, found {scaling!r}")
-        require_columns(df, [target, *(c for c, k in column_types.items() if k != "ignore")], "the train split")
+        declared = [target, *(c for c, k in column_types.items() if k != "ignore")]
+        require_columns(pd.DataFrame(columns=columns), declared, "the train split")
         numeric, categorical = [], []
-        for col in df.columns:  # source order, not the report's order
+        for col in columns:  # source order, not the report's order
             kind = column_types.get(col)
             if col == target or kind in (None, "ignore"):
                 continue
             if kind == "numeric":
-                numeric.append(_fit_numeric(df[col], scaling))
+                numeric.append(_fit_numeric(read_column(col), scaling))
             elif kind == "categorical":
-                categorical.append(_fit_categorical(df[col], max_categories))
+                categorical.append(_fit_categorical(read_column(col), max_categories))
             else:
                 raise ValueError(f"column '{col}' has type {kind!r}; allowed: numeric, categorical, ignore")
         classes = None
         if task == "classification":
-            classes = tuple(sorted(df[target].dropna().astype("string").unique()))
+            classes = tuple(sorted(read_column(target).dropna().astype("string").unique()))
             if len(classes) < 2:
                 raise ValueError(f"target '{target}' has {len(classes)} class(es) {list(classes)} in the train "
                                  "split; classification needs at least 2: check the target column")
