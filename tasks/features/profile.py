@@ -329,9 +329,9 @@ def _out_of_range(name: str, before: ColumnProfile, now: ColumnProfile, present:
         return []
     return [Breach("out_of_range_share", name, share, [before.min, before.max], bounds.max_out_of_range_share,
                    "expectations.profile.max_out_of_range_share",
-                   f"column '{name}': {share:.2f} of values{how} outside [{lo:.6g}, {hi:.6g}], now {now.min:.6g} "
-                   f"to {now.max:.6g}, was {before.min:.6g} to {before.max:.6g} (widened by range_margin "
-                   f"{bounds.range_margin:g}) (bound: <= {bounds.max_out_of_range_share:.2f}, "
+                   f"column '{name}': {share:.2f} of values{how} outside the seen range, now {now.min:.6g} to "
+                   f"{now.max:.6g}, was {before.min:.6g} to {before.max:.6g} (allowed: [{lo:.6g}, {hi:.6g}] with "
+                   f"range_margin {bounds.range_margin:g}; bound: <= {bounds.max_out_of_range_share:.2f}, "
                    "expectations.profile.max_out_of_range_share)")]
 
 

@@ -1,4 +1,5 @@
-"""Unit tests for the ``validate`` step: the inferred suite, GX runs on good and bad data, reports and errors."""
+"""Unit tests for the ``validate`` step: the inferred suite, GX runs on good and bad data, the comparison with the
+accepted profile, reports and errors."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from kiln.tasks.features.profile import PROFILE_FILE, profile_parquet
+from kiln.tasks.pipeline.accepted import Accepted
 from kiln.tasks.pipeline.keys import DATA_DOCS_DIR as DOCS_DIR
 from kiln.tasks.pipeline.keys import SNAPSHOT_FILE, VALIDATION_FILE
 from kiln.tasks.spec import ExpectationSpec, ExpectationsSpec, load_spec
+from kiln.tasks.spec.data import ProfileBoundsSpec
 from kiln.tasks.steps.ingest import IngestConfig, run_ingest
 from kiln.tasks.steps.validate import DataValidationError, ValidateConfig, build_expectations, run_validate
 
@@ -179,3 +183,51 @@ def test_penguins_spec_validates(tmp_path):
     result = run_validate(cfg, ingest_dir, out_dir(tmp_path))
     assert result.success, result.failed
     assert result.evaluated >= 2 + len(spec.expectations.declared)
+
+
+def accepted_record(tmp_path: Path, df: pd.DataFrame) -> Accepted:
+    path = tmp_path / "accepted.parquet"
+    df.to_parquet(path, index=False)
+    return Accepted(run_key="t/first", manifest={"rows": len(df)}, profile=profile_parquet(path).to_dict())
+
+
+def test_a_snapshot_that_moved_from_the_accepted_profile_fails_naming_the_column_and_both_figures(tmp_path):
+    accepted = accepted_record(tmp_path, good_frame(60))
+    moved = good_frame(60)
+    moved["mass"] = moved["mass"].where(moved.index % 20 == 0)  # 95 % missing: every default expectation passes
+    out = out_dir(tmp_path)
+    result = run_validate(config(), snapshot(tmp_path, moved), out, accepted)
+
+    assert not result.success and result.failed == [] and result.compared_with == "t/first"
+    (breach,) = result.breaches
+    assert (breach["check"], breach["column"], breach["value"], breach["previous"]) == ("missing_share", "mass",
+                                                                                        0.95, 0.0)
+    report = json.loads((out / VALIDATION_FILE).read_text())
+    assert report["success"] is False and report["profile"]["breaches"] == result.breaches
+    assert report["profile"]["compared_with"] == "t/first"
+    assert report["profile"]["profile"]["columns"]["mass"]["missing"] == 57
+    assert json.loads((out / PROFILE_FILE).read_text()) == report["profile"]["profile"]
+    with pytest.raises(DataValidationError) as exc:
+        result.raise_for_failure()
+    msg = str(exc.value)
+    assert msg.startswith("data validation failed: the snapshot moved past 1 profile bounds from the last accepted "
+                          "snapshot (run t/first; report: ")
+    assert "column 'mass': missing share 0.95, was 0.00 (bound: rise <= 0.20, " \
+           "expectations.profile.max_missing_increase)" in msg
+    assert "expectations failed" not in msg
+
+
+def test_the_profile_is_written_but_not_compared_when_off_or_first(tmp_path):
+    moved = good_frame(60)
+    moved["mass"] = None
+    moved["mass"] = moved["mass"].astype(float)
+    moved.loc[0, "mass"] = 1.0
+    accepted = accepted_record(tmp_path, good_frame(60))
+    off = config()
+    off = ValidateConfig(off.target, off.task, off.columns, off.expectations.model_copy(
+        update={"profile": ProfileBoundsSpec(enabled=False)}))
+    for cfg, previous, name in ((off, accepted, "off"), (config(), None, "first")):
+        (tmp_path / name).mkdir()
+        result = run_validate(cfg, snapshot(tmp_path / name, moved), out_dir(tmp_path / name), previous)
+        assert result.success and result.breaches == [] and result.compared_with is None, name
+        assert json.loads(Path(result.profile_file).read_text())["rows"] == 60
