@@ -5,8 +5,8 @@ A training loop is one function, ``def train(ctx: TrainContext) -> TrainedModel`
 job (torchrun, the Docker gang, or one plain process) with the process group already initialised, and after it
 returns exports the model (rank 0). The loop reaches the platform only through the context:
 
-- what the run is: ``hparams``/``params``, the features (``load_split``, ``features``) or the raw snapshot, the
-  model the spec names (``build_model``), the rank layout and the device;
+- what the run is: ``hparams``/``params``, the features (``load_split``, a rank's ``load_shard``, ``features``) or
+  the raw snapshot, the model the spec names (``build_model``), the rank layout and the device;
 - ``load_checkpoint``/``save_checkpoint``: a retried task or a restarted gang resumes where the newest checkpoint
   left off, every rank's RNG streams included, so a resumed run ends with the weights of an uninterrupted one;
 - ``log_metrics``/``log``: the run's MLflow run and the task log (rank 0).
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kiln.tasks.features.splits import load_shard as _read_shard
 from kiln.tasks.features.splits import load_split as _read_split
 from kiln.tasks.features.transform import FEATURE_SPEC_FILE
 from kiln.tasks.storage.artifacts import atomic_write_bytes, read_json
@@ -194,6 +195,28 @@ class TrainContext:
             ValueError: an empty train split, or labels outside the class indices.
         """
         x, y = _read_split(self.features_dir, name)
+        return self._tensors(name, x, y)
+
+    def load_shard(self, name: Literal["train", "val", "test"]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This rank's share of a split, as :meth:`load_split` gives the whole: contiguous rows of the split file
+        (whose rows are in shuffled order), sizes differing by at most one row between ranks, read from the Parquet
+        row groups that hold them only. With one rank it is the whole split.
+
+        Returns:
+            ``(x, y, rows in the whole split)``.
+
+        Raises:
+            ValueError: an empty train split, a split with fewer rows than ranks, or labels outside the class
+                indices.
+        """
+        x, y, total = _read_shard(self.features_dir, name, self.rank, self.world_size)
+        if name == "train" and 0 < total < self.world_size:
+            raise ValueError(f"{self.features_dir / 'train.parquet'} has {total} rows, fewer than the "
+                             f"{self.world_size} ranks; use fewer ranks or more data")
+        features, labels = self._tensors(name, x, y)
+        return features, labels, total
+
+    def _tensors(self, name: str, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # Row-major, because batches gather rows (a DataFrame's matrix is column-major).
         features, labels = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
         if name == "train" and len(features) == 0:

@@ -15,14 +15,11 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, TensorDataset
 
 from kiln.tasks.training.api import TrainContext, TrainedModel
 from kiln.tasks.training.runner import main, param_checksum, run_train
@@ -34,6 +31,25 @@ log = logging.getLogger(__name__)
 _EVAL_BATCH = 4096
 #: Rows handed back as the example input the export traces with.
 _EXAMPLE_ROWS = 8
+
+
+class _ShardSampler:
+    """The order of a rank's own rows in an epoch: a permutation seeded by ``seed + epoch`` (as
+    ``DistributedSampler`` seeds it), padded by wrapping to ``num_samples`` so every rank takes as many steps. With
+    one rank it is exactly ``DistributedSampler``'s order over the whole split."""
+
+    def __init__(self, n_local: int, num_samples: int, seed: int) -> None:
+        self.n_local, self.num_samples, self.seed, self.epoch = n_local, num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> torch.Tensor:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n_local, generator=g)
+        repeats = math.ceil(self.num_samples / self.n_local)
+        return (order.repeat(repeats) if repeats > 1 else order)[:self.num_samples]
 
 
 @torch.no_grad()
@@ -54,7 +70,7 @@ def _evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) ->
 def train(ctx: TrainContext) -> TrainedModel:
     """Train the spec's network for ``epochs``, resuming after the newest checkpoint; checkpoint every epoch."""
     hp, device = ctx.hparams, ctx.device
-    x_cpu, y_cpu = ctx.load_split("train")
+    x_cpu, y_cpu, n_train = ctx.load_shard("train")  # this rank's rows only
     x_val_cpu, y_val_cpu = ctx.load_split("val")
     module = ctx.build_model()
     ckpt = ctx.load_checkpoint()  # restores this rank's RNG streams (or seeds them at a fresh start)
@@ -72,14 +88,13 @@ def train(ctx: TrainContext) -> TrainedModel:
 
     x, y, x_val, y_val = x_cpu.to(device), y_cpu.to(device), x_val_cpu.to(device), y_val_cpu.to(device)
     loss_fn: nn.Module = nn.CrossEntropyLoss() if ctx.task == "classification" else nn.MSELoss()
-    sampler: DistributedSampler[Any] = DistributedSampler(TensorDataset(x), num_replicas=ctx.world_size,
-                                                          rank=ctx.rank, shuffle=True, seed=hp["seed"])
+    sampler = _ShardSampler(len(x), math.ceil(n_train / ctx.world_size), hp["seed"])
     bs, epochs, log_every = hp["batch_size"], hp["epochs"], hp["log_every_steps"]
     n_steps = math.ceil(sampler.num_samples / bs)
     # bf16 autocast on CUDA only (not exercised by the CPU test suite); CPU trains in float32.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     ctx.log("training %s: %d params, %d train / %d val rows, world_size %d, batch %d per rank, epochs %d-%d",
-            ctx.task, sum(p.numel() for p in module.parameters()), len(x), len(x_val), ctx.world_size, bs,
+            ctx.task, sum(p.numel() for p in module.parameters()), n_train, len(x_val), ctx.world_size, bs,
             start_epoch + 1, epochs)
 
     loop_s, loop_samples = 0.0, 0
@@ -87,7 +102,7 @@ def train(ctx: TrainContext) -> TrainedModel:
         start = last_log = time.perf_counter()
         sampler.set_epoch(epoch)
         # np.fromiter: 4x faster than torch.tensor(list(...)), which would cost ~2% of a small model's epoch.
-        order = torch.from_numpy(np.fromiter(sampler, np.int64, sampler.num_samples)).to(device)
+        order = sampler.order().to(device)
         losses: list[torch.Tensor] = []
         for step in range(n_steps):
             idx = order[step * bs:(step + 1) * bs]
