@@ -107,7 +107,7 @@ def write(tmp_path: Path, name: str, content: str | bytes) -> str:
     (lambda t: "pkg://no_such_pkg_kiln/data.csv", {}, 1.0, ["no installed Python package 'no_such_pkg_kiln'"]),
     (lambda t: "pkg://palmerpenguins/data/penguin.csv", {}, 1.0, ["has no resource", "did you mean 'penguins.csv'"]),
     (lambda t: "pkg://palmerpenguins", {}, 1.0, ["pkg://<package>/<resource path>"]),
-    (lambda t: "s3://bucket/key.csv", {}, 1.0, ["unsupported scheme 's3'"]),
+    (lambda t: "ftp://host/key.csv", {}, 1.0, ["unsupported scheme 'ftp'"]),
     (lambda t: write(t, "d.parquet", CSV), {}, 1.0, ["cannot read source", "as parquet", "source.format"]),
     (lambda t: write(t, "d.csv", b""), {}, 1.0, ["is empty"]),
     (lambda t: write(t, "d.csv", "a,b\n"), {}, 1.0, ["no data rows"]),

@@ -1,0 +1,117 @@
+"""Read the listed parts of a file, folder or S3 source as one stream of record batches of one schema.
+
+S3 parts are downloaded first (each checked against the ETag its listing saw) into a scratch folder, so both CSV
+passes read the same bytes and the manifest can record each part's sha256.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from kiln.tasks.sources.errors import IngestError
+from kiln.tasks.sources.files import (
+    LocalPart,
+    csv_batches,
+    csv_names,
+    infer_csv_schema,
+    parquet_batches,
+    parquet_schema,
+    unify,
+)
+from kiln.tasks.sources.listing import SourceListing, SourcePart, partition_format
+from kiln.tasks.spec.sources import is_s3_uri
+from kiln.tasks.storage.artifacts import file_sha256
+
+if TYPE_CHECKING:
+    from kiln.tasks.spec import SourceSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PartsReader:
+    """The parts to read, their common schema, and what the manifest records of each."""
+
+    parts: tuple[LocalPart, ...]
+    schema: pa.Schema
+    records: tuple[dict[str, Any], ...]
+    """Per part: ``name``, ``etag``, ``size``, ``sha256`` (of the bytes read)."""
+    header: bool
+    csv_columns: tuple[str, ...]
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """Every part's rows in order, as batches of :attr:`schema`."""
+        for part in self.parts:
+            log.info("reading %s (%s)", part.label, part.format)
+            if part.format == "csv":
+                yield from csv_batches(part, list(self.csv_columns), self.header, self.schema)
+            else:
+                yield from parquet_batches(part, self.schema)
+
+
+def open_parts(listing: SourceListing, parts: Sequence[SourcePart], source: SourceSpec,
+               scratch: Path) -> PartsReader:
+    """Localise ``parts`` (downloading S3 objects into ``scratch``) and settle their common schema.
+
+    Raises:
+        IngestError: options that do not fit the format, unreadable or empty parts, duplicate column names,
+            partitions whose columns or types differ (naming the partition and the columns), or an S3 object
+            that changed since it was listed.
+    """
+    single = len(listing.parts) == 1 and listing.uri.rstrip("/").endswith(listing.parts[0].name)
+    local = []
+    records = []
+    for i, part in enumerate(parts):
+        fmt = source.resolved_format(part.name) if single else partition_format(part.name, source)
+        path = _localise(listing, part, scratch, i)
+        label = source.uri if single and source.uri else listing.location(part)
+        local.append(LocalPart(path=path, label=str(label), format=fmt or "csv"))
+        sha = part.etag if not is_s3_uri(listing.root) else file_sha256(path)
+        records.append({**part.to_dict(), "sha256": sha})
+    _check_options(source, local)
+    schemas: list[tuple[str, pa.Schema]] = []
+    csv_parts = [p for p in local if p.format == "csv"]
+    names: list[str] = []
+    if csv_parts:
+        names = csv_names(csv_parts[0], source.header, source.column_names)
+        for part in csv_parts[1:]:
+            other = csv_names(part, source.header, source.column_names)
+            if other != names:
+                unify([(csv_parts[0].label, _names_schema(names)), (part.label, _names_schema(other))])
+                raise IngestError(f"partition {part.label} has its columns in another order than "
+                                  f"{csv_parts[0].label}; every CSV partition must have the same header")
+        csv_schema = infer_csv_schema(csv_parts, names, source.header)
+        schemas.append((csv_parts[0].label, csv_schema))
+    schemas += [(p.label, parquet_schema(p)) for p in local if p.format == "parquet"]
+    return PartsReader(parts=tuple(local), schema=unify(schemas), records=tuple(records), header=source.header,
+                       csv_columns=tuple(names))
+
+
+def _names_schema(names: list[str]) -> pa.Schema:
+    return pa.schema([pa.field(n, pa.null()) for n in names])
+
+
+def _localise(listing: SourceListing, part: SourcePart, scratch: Path, index: int) -> Path:
+    if not is_s3_uri(listing.root):
+        return Path(listing.root) / part.name
+    from kiln.tasks.sources.s3 import download
+
+    target = scratch / f"{index:06d}-{part.name.rsplit('/', 1)[-1]}"  # keeps .csv.gz: read decompressed
+    download(listing, part, target)
+    return target
+
+
+def _check_options(source: SourceSpec, parts: Sequence[LocalPart]) -> None:
+    label = source.uri
+    if any(p.format == "parquet" for p in parts) and (not source.header or source.column_names is not None):
+        raise IngestError(f"source {label}: source.header and source.column_names apply to CSV only; remove them "
+                          "or set source.format: csv")
+    if source.header and source.column_names is not None:
+        raise IngestError(f"source {label}: source.column_names is only used with header: false (the file's header "
+                          "names the columns); remove column_names or set header: false")
