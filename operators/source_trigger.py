@@ -3,8 +3,9 @@
 It runs on Airflow's triggerer and polls the source every ``interval_s`` seconds through
 :class:`kiln.tasks.sources.watch.SourceWatcher` (an S3 or folder listing, a file's sha256, a SQL watermark query;
 the blocking calls run in a worker thread). Each change becomes a ``TriggerEvent`` whose payload Airflow stores as
-the Asset event's ``extra["payload"]``: ``{"uri", "parts": [{name, etag, size}, ...]}`` or ``{"uri", "watermark",
-"previous"}``; the run it starts sees it in ``triggering_asset_events`` (``RunContext.trigger_events``).
+the Asset event's ``extra["payload"]``: ``{"uri", "root", "parts": [{name, etag, size}, ...]}`` or
+``{"uri", "watermark", "previous"}``; the run it starts sees it in ``triggering_asset_events``
+(``RunContext.trigger_events``).
 
 Delivery is at least once, never lost: the trigger runs as a one-member shared stream in Airflow's ack mode
 (``create_shared_stream_producer``), so the watcher's state (``<pipeline>/_watch/state.json`` in the artifact

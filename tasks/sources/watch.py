@@ -6,8 +6,8 @@ What is compared, per source kind:
 
 * a file, a folder of partition files, an S3 object or prefix: the listing (:func:`kiln.tasks.sources.list_source`),
   part by part. A part that is new, or whose etag (S3 ETag; sha256 of a local file's bytes) or size changed, is a
-  change; the event lists those parts (``name``, ``etag``, ``size``). Parts that only disappeared are recorded
-  without an event.
+  change; the event lists those parts (``name``, ``etag``, ``size``) and the ``root`` their names are relative
+  to. Parts that only disappeared are recorded without an event.
 * a SQL source: ``SELECT max(<watermark_column>) FROM (<query>) AS q`` with ``:data_interval_start`` bound to the
   Unix epoch and ``:data_interval_end`` to now. A larger value is a change (the event carries it); a smaller one
   (rows deleted) becomes the new mark without an event, so later rows above it are not missed.
@@ -73,12 +73,15 @@ class WatchState:
     """SQL sources: the largest watermark value (JSON form: numbers, text, ISO timestamps), None when no row."""
     watermark_type: str | None = None
     """How :attr:`watermark` compares: ``number``, ``decimal``, ``datetime``, ``date`` or ``text``."""
+    root: str = ""
+    """Listing sources: where the part names are relative to (a folder, or ``s3://bucket/prefix/``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form written to ``state.json``."""
         out: dict[str, Any] = {"source": self.source}
         if self.parts is not None:
             out["parts"] = {name: {"etag": etag, "size": size} for name, (etag, size) in sorted(self.parts.items())}
+            out["root"] = self.root
         else:
             out["watermark"], out["watermark_type"] = self.watermark, self.watermark_type
         return out
@@ -89,7 +92,7 @@ class WatchState:
         parts = d.get("parts")
         return cls(source=str(d["source"]),
                    parts=None if parts is None else {n: (str(p["etag"]), int(p["size"])) for n, p in parts.items()},
-                   watermark=d.get("watermark"), watermark_type=d.get("watermark_type"))
+                   watermark=d.get("watermark"), watermark_type=d.get("watermark_type"), root=str(d.get("root", "")))
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,9 @@ class Observation:
 
     state: WatchState
     payload: dict[str, Any] | None = None
-    """``{"uri", "parts": [{name, etag, size}, ...]}`` (the new or changed parts) or ``{"uri", "watermark",
-    "previous"}``; None: nothing to start a run for (no change, a baseline, or only removals)."""
+    """``{"uri", "root", "parts": [{name, etag, size}, ...]}`` (the new or changed parts; names relative to
+    ``root``) or ``{"uri", "watermark", "previous"}``; None: nothing to start a run for (no change, a baseline,
+    or only removals)."""
 
 
 def source_identity(source: SourceSpec, pipeline: str) -> str:
@@ -112,7 +116,7 @@ def source_identity(source: SourceSpec, pipeline: str) -> str:
 
 def listing_state(identity: str, listing: SourceListing) -> WatchState:
     """The state of a listed source."""
-    return WatchState(source=identity, parts={p.name: (p.etag, p.size) for p in listing.parts})
+    return WatchState(source=identity, parts={p.name: (p.etag, p.size) for p in listing.parts}, root=listing.root)
 
 
 def diff(previous: WatchState | None, current: WatchState, uri: str) -> Observation:
@@ -132,7 +136,7 @@ def diff(previous: WatchState | None, current: WatchState, uri: str) -> Observat
         before = previous.parts or {}
         changed = [{"name": name, "etag": etag, "size": size} for name, (etag, size) in sorted(current.parts.items())
                    if before.get(name) != (etag, size)]
-        return Observation(current, {"uri": uri, "parts": changed} if changed else None)
+        return Observation(current, {"uri": uri, "root": current.root, "parts": changed} if changed else None)
     if current.watermark is None or _as_comparable(current) == _as_comparable(previous):
         return Observation(current)
     if previous.watermark is None or _as_comparable(current) > _as_comparable(previous):

@@ -47,7 +47,7 @@ def test_a_new_partition_is_one_event_naming_only_it(store, folder, tmp_path) ->
     (folder / "day=2.csv").write_text("a,b\n3,4\n")
     observation = watcher.poll()
     assert observation.payload is not None
-    assert observation.payload["uri"] == str(folder)
+    assert observation.payload["uri"] == str(folder) and observation.payload["root"] == str(folder)
     [part] = observation.payload["parts"]
     assert part["name"] == "day=2.csv" and part["size"] == 8 and len(part["etag"]) == 64
     assert watcher.poll().payload is None, "the same change must not be emitted twice"

@@ -1,0 +1,125 @@
+"""The source watcher on real Airflow (api-server, scheduler, dag-processor, triggerer) and the loopback S3: a new
+object under the watched prefix starts exactly one run, which reads that object; a triggerer restart repeats
+nothing, and an object added while the triggerer was down starts one run after it is back.
+
+The DAG (``tests/service_dags/source_watch.py``) has the pipeline's real schedule (``kiln_pipelines._schedule``:
+the Asset of the watched source with its ``SourceChangeTrigger``) and one task that reads what the events name.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import yaml
+from airflow_service import AirflowService
+from conftest import REPO
+from s3_server import AWS_ENV, S3Endpoint, s3_endpoint  # noqa: F401
+
+from kiln.tasks.processes import stop_groups
+from kiln.tasks.sources.watch import WatchState, load_state
+from kiln.tasks.storage.artifacts import LocalArtifactStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.s3]
+
+INTERVAL_S = 5
+PIPELINE = "watched_penguins"
+
+
+def _wait(what: str, check: Any, svc: AirflowService, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {timeout:.0f} s\n{svc.log_tails(40)}")
+        time.sleep(0.5)
+    return value
+
+
+def _runs(svc: AirflowService) -> list[dict]:
+    body = svc.get(f"/api/v2/dags/{quote(PIPELINE)}/dagRuns", params={"order_by": "run_after", "limit": 50})
+    return body["dag_runs"]
+
+
+def _committed(store: LocalArtifactStore, name: str) -> bool:
+    state: WatchState | None = load_state(store, PIPELINE)
+    return state is not None and state.parts is not None and name in state.parts
+
+
+def _spec(tmp_path: Path, uri: str) -> Path:
+    data = yaml.safe_load((REPO / "dags" / "pipelines" / "penguins_species.yaml").read_text())
+    data.update(name=PIPELINE, source={"uri": uri, "watch": {"interval_s": INTERVAL_S}})
+    data.pop("asset", None)
+    data.pop("schedule", None)
+    path = tmp_path / "spec" / "watched.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _stop_triggerer(svc: AirflowService) -> None:
+    """Stop the triggerer's process group (SIGTERM, as a redeploy does); the other components keep running."""
+    stop_groups([svc.component_pids["triggerer"]], grace_s=20, children=[svc._service._procs["triggerer"]])
+
+
+def _read(out: Path, run: dict) -> dict:
+    return json.loads((out / f"{run['dag_run_id'].replace(':', '_')}.json").read_text())
+
+
+def test_new_object_starts_one_run_and_a_triggerer_restart_repeats_none(
+        s3_endpoint: S3Endpoint, tmp_path: Path) -> None:  # noqa: F811
+    bucket = f"landing-{uuid.uuid4().hex[:8]}"
+    s3 = s3_endpoint.client(direct=True)
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="penguins/day=0.csv", Body=b"species,bill\nAdelie,39.1\n")
+    spec = _spec(tmp_path, f"s3://{bucket}/penguins/")
+    dags, out, home = tmp_path / "dags", tmp_path / "out", tmp_path / "kiln"
+    dags.mkdir(), out.mkdir(), (home / "pipelines").mkdir(parents=True)
+    shutil.copy(REPO / "tests" / "service_dags" / "source_watch.py", dags)
+    env = {**AWS_ENV, "KILN_HOME": str(home), "KILN_PIPELINES_DIR": str(home / "pipelines"),
+           "KILN_S3_ENDPOINT_URL": s3_endpoint.url, "KILN_WATCH_TEST_SPEC": str(spec),
+           "KILN_WATCH_TEST_OUT": str(out), "KILN_WATCH_TEST_REPO": str(REPO),
+           "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+           # A stopped triggerer's triggers move to the new one once its job is no longer alive.
+           "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2", "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10"}
+    store = LocalArtifactStore(home / "artifacts")
+    with AirflowService(dags, parallelism=2, extra_env=env) as svc:
+        svc.wait_for_dag(PIPELINE)
+        # The first look records what is already there (no run for it).
+        _wait("the watcher's baseline", lambda: _committed(store, "day=0.csv"), svc)
+        assert _runs(svc) == []
+
+        s3.put_object(Bucket=bucket, Key="penguins/day=1.csv", Body=b"species,bill\nGentoo,46.1\n")
+        [first] = _wait("a run started by the new object", lambda: _runs(svc), svc)
+        assert first["run_type"] == "asset_triggered"
+        assert svc.wait_for_run(PIPELINE, first["dag_run_id"], timeout=60) == "success"
+        record = _read(out, first)
+        assert [r["name"] for r in record["read"]] == ["day=1.csv"], record
+        assert record["read"][0]["text"] == "species,bill\nGentoo,46.1\n"
+        etag = s3.head_object(Bucket=bucket, Key="penguins/day=1.csv")["ETag"].strip('"')
+        assert record["extras"][0]["payload"]["parts"] == [{"name": "day=1.csv", "etag": etag, "size": 25}]
+        # Saved only once Airflow confirmed the event stored.
+        _wait("the change committed to the watcher state", lambda: _committed(store, "day=1.csv"), svc)
+
+        _stop_triggerer(svc)
+        s3.put_object(Bucket=bucket, Key="penguins/day=2.csv", Body=b"species,bill\nChinstrap,49.5\n")
+        svc._service.start(["triggerer"])  # a new trigger instance, built from the kwargs Airflow stored
+
+        runs = _wait("a run for the object added while the triggerer was down",
+                     lambda: r if len(r := _runs(svc)) >= 2 else None, svc, timeout=90)
+        assert len(runs) == 2, [r["dag_run_id"] for r in runs]
+        second = runs[-1]
+        assert svc.wait_for_run(PIPELINE, second["dag_run_id"], timeout=60) == "success"
+        # Only the new object: day=1.csv, already emitted before the restart, is not repeated.
+        assert [r["name"] for r in _read(out, second)["read"]] == ["day=2.csv"]
+        _wait("the second change committed", lambda: _committed(store, "day=2.csv"), svc)
+        # Two more looks of the restarted watcher start nothing.
+        deadline = time.monotonic() + 2 * INTERVAL_S + 1
+        while time.monotonic() < deadline:
+            assert len(_runs(svc)) == 2, "a run started without new data"
+            time.sleep(1)
