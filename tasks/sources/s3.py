@@ -31,7 +31,7 @@ from kiln.tasks.storage.s3 import (
     BAD_CREDENTIAL_CODES,
     DENIED_CODES,
     MISSING_BUCKET_CODES,
-    TRANSFER,
+    MiB,
     s3_client,
 )
 
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 #: The most objects a prefix may hold (an unbounded listing is an unbounded manifest).
 MAX_PARTS = 100_000
+CHUNK = 8 * MiB
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 
 
@@ -114,7 +115,11 @@ def download(listing: SourceListing, part: SourcePart, target: Path) -> None:
     location = listing.location(part)
     bucket, key = s3_parts(location)
     try:
-        client().download_file(bucket, key, str(target), ExtraArgs={"IfMatch": f'"{part.etag}"'}, Config=TRANSFER)
+        # One GET with IfMatch (s3transfer's download_file takes no IfMatch), streamed to disk in blocks.
+        body = client().get_object(Bucket=bucket, Key=key, IfMatch=f'"{part.etag}"')["Body"]
+        with open(target, "wb") as out:
+            for chunk in body.iter_chunks(CHUNK):
+                out.write(chunk)
     except (ClientError, BotoCoreError) as exc:
         raise s3_error(exc, location, "downloading") from None
     size = target.stat().st_size
