@@ -123,3 +123,47 @@ def test_new_object_starts_one_run_and_a_triggerer_restart_repeats_none(
         while time.monotonic() < deadline:
             assert len(_runs(svc)) == 2, "a run started without new data"
             time.sleep(1)
+
+
+def test_the_state_is_saved_only_once_airflow_confirms_the_event(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The triggerer's own shared-stream manager (ack mode) drives the trigger: the change's state is committed
+    after the supervisor's persist confirmation, not when the event is emitted."""
+    import asyncio
+
+    from airflow.triggers.shared_stream import SharedStreamManager
+
+    from kiln.operators.source_trigger import SourceChangeTrigger
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "kiln"))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "day=0.csv").write_text("a\n1\n")
+    trigger = SourceChangeTrigger(pipeline=PIPELINE, source={"uri": str(data), "watch": {"interval_s": 5}},
+                                  spec_dir=str(tmp_path), interval_s=1)
+    store = LocalArtifactStore(tmp_path / "kiln" / "artifacts")
+
+    async def drive() -> None:
+        manager, key = SharedStreamManager(), trigger.shared_stream_key()
+        events = trigger.filter_shared_stream(manager.subscribe(trigger_id=1, trigger=trigger, key=key))
+        waiter = asyncio.ensure_future(anext(events))
+        while not _committed(store, "day=0.csv"):  # the baseline (no event) is saved at once
+            await asyncio.sleep(0.1)
+        (data / "day=1.csv").write_text("a\n2\n")
+        event = await asyncio.wait_for(waiter, timeout=30)
+        assert [p["name"] for p in event.payload["parts"]] == ["day=1.csv"]
+        seq = manager.bind_pending_event(trigger_id=1, key=key)
+        assert seq is not None, "the trigger does not run in ack mode"
+        waiter = asyncio.ensure_future(anext(events))  # the subscriber moves past the event
+        await asyncio.sleep(1.0)
+        assert not _committed(store, "day=1.csv"), "state saved before Airflow confirmed the event stored"
+        manager.confirm_persisted([seq])
+        for _ in range(100):
+            if _committed(store, "day=1.csv"):
+                break
+            await asyncio.sleep(0.1)
+        assert _committed(store, "day=1.csv"), "state not saved after the confirmation"
+        waiter.cancel()
+        await manager.stop_all()
+
+    asyncio.run(drive())
