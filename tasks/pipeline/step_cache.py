@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.cache_keys import CacheKey
 from kiln.tasks.pipeline.context import RunContext, StepResult
-from kiln.tasks.storage.artifacts import LocalArtifactStore, read_json, write_json
+from kiln.tasks.storage.artifacts import ArtifactNotFoundError, LocalArtifactStore, read_json, write_json
 
 if TYPE_CHECKING:
     from kiln.tasks.pipeline.steps import Step
@@ -89,7 +89,11 @@ def step_key(step: Step, ctx: RunContext) -> CacheKey | None:
     if step.name in _ONCE_PER_RUN and ctx.store.exists(ctx.key(step.name)):
         log.info("cache: %s of this run is already published; it is kept as it is", step.name)
         return None
-    return step.cache_key(ctx)
+    try:
+        return step.cache_key(ctx)
+    except ArtifactNotFoundError as exc:  # an input is missing: the step itself fails, naming it
+        log.info("cache: no key for %s (%s)", step.name, exc)
+        return None
 
 
 def cached_result(ctx: RunContext, key: CacheKey) -> dict[str, Any] | None:

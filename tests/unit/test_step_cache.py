@@ -21,7 +21,7 @@ from kiln.tasks.pipeline import cache_keys, keys
 from kiln.tasks.pipeline.context import RunContext, make_context
 from kiln.tasks.pipeline.step_cache import entry_key, run_step
 from kiln.tasks.pipeline.steps import Step, step_named
-from kiln.tasks.storage.artifacts import LocalArtifactStore
+from kiln.tasks.storage.artifacts import LocalArtifactStore, read_json
 
 DATA_STEPS = (keys.INGEST, keys.CLEAN, keys.BUILD_FEATURES)
 
@@ -159,8 +159,9 @@ def test_hit_whose_output_is_gone_is_a_miss(tmp_path: Path, store: LocalArtifact
     assert counted.calls == [*DATA_STEPS, keys.CLEAN, keys.BUILD_FEATURES]
     assert second[keys.CLEAN]["cache"].startswith("miss: ")
     assert "no longer holds the files it recorded" in caplog.text and "is gone" in caplog.text
-    ctx = make_context(spec, "manual__3", store=store)
-    assert store.exists(entry_key(ctx, step_named(keys.CLEAN).cache_key(ctx)))  # the new run's output, recorded
+    ctx = make_context(spec, "manual__2", store=store)
+    entry = store.path(entry_key(ctx, step_named(keys.CLEAN).cache_key(ctx))) / "entry.json"
+    assert read_json(entry)["run_key"] == "cached/manual__2", "the entry now names the output that exists"
 
 
 def test_sql_source_and_validate_are_not_cached(tmp_path: Path, store: LocalArtifactStore) -> None:

@@ -1,0 +1,102 @@
+"""The step cache with real training (torchrun, one rank, MLflow on SQLite, a local store): a rerun with only
+``epochs`` changed reuses ingest, clean and build_features and trains the same model as a full rerun without the
+cache; with ``cache.train`` an unchanged rerun reuses the model without training."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.context import RunContext, make_context
+from kiln.tasks.pipeline.step_cache import run_step
+from kiln.tasks.pipeline.steps import step_named
+from kiln.tasks.storage.artifacts import LocalArtifactStore
+
+pytestmark = pytest.mark.integration
+
+STEPS = (keys.INGEST, keys.CLEAN, keys.BUILD_FEATURES, keys.TRAIN)
+DATA_STEPS = STEPS[:-1]
+
+
+def write_pipeline(folder: Path) -> Path:
+    rng = np.random.default_rng(1)
+    x1, x2 = rng.normal(size=300).round(3), rng.normal(size=300).round(3)
+    pd.DataFrame({"x1": x1, "x2": x2, "kind": rng.choice(["a", "b"], size=300),
+                  "y": np.where(x1 + x2 > 0, "hi", "lo")}).to_csv(folder / "data.csv", index=False)
+    path = folder / "cache_train.yaml"
+    path.write_text(yaml.safe_dump({"name": "cache_train", "source": {"uri": "data.csv"}, "target": "y",
+                                    "task": "classification", "cache": {"train": True},
+                                    "training": {"nproc": 1, "batch_size": 64}}))
+    return path
+
+
+def run(spec: Path, run_id: str, store: LocalArtifactStore, calls: list[str], steps: tuple[str, ...] = STEPS,
+        **params: Any) -> dict[str, Any]:
+    ctx = make_context(spec, run_id, params, store=store)
+    results = {}
+    for name in steps:
+        step = step_named(name)
+
+        def counted(ctx: RunContext, step: Any = step) -> Any:
+            calls.append(step.name)
+            return step.run(ctx)
+
+        results[name] = run_step(replace(step, run=counted), ctx)
+    return results
+
+
+def state_dict_bytes(store: LocalArtifactStore, run_key: str) -> dict[str, bytes]:
+    import torch
+
+    payload = torch.load(store.path(f"{run_key}/train") / "model.pt", map_location="cpu", weights_only=False)
+    out = {}
+    for name, tensor in payload["state_dict"].items():
+        buf = io.BytesIO()
+        np.save(buf, tensor.numpy())
+        out[name] = buf.getvalue()
+    return out
+
+
+def test_rerun_with_other_epochs_trains_the_model_a_full_rerun_trains(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    spec, store, calls = write_pipeline(tmp_path), LocalArtifactStore(tmp_path / "store"), []
+    first = run(spec, "manual__1", store, calls, DATA_STEPS, epochs=1)
+    assert calls == list(DATA_STEPS) and all(r["cache"].startswith("miss: ") for r in first.values())
+
+    calls.clear()
+    with caplog.at_level(logging.INFO, logger="kiln.tasks.pipeline.step_cache"):
+        cached = run(spec, "manual__2", store, calls, epochs=3)
+    assert calls == [keys.TRAIN], "ingest, clean and build_features were reused"
+    for name in DATA_STEPS:
+        key = first[name]["cache"].removeprefix("miss: ")
+        assert cached[name]["cache"] == f"hit: {key} from run manual__1"
+        assert f"cache hit: {key} from run manual__1" in caplog.text
+    assert cached[keys.TRAIN]["cache"].startswith("miss: ")
+    snapshot = "snapshot.parquet"
+    assert os.path.samefile(store.path("cache_train/manual__1/ingest") / snapshot,
+                            store.path("cache_train/manual__2/ingest") / snapshot)
+
+    calls.clear()
+    full = run(spec, "manual__3", store, calls, epochs=3, use_cache=False)
+    assert calls == list(STEPS) and all(r["cache"] == "off" for r in full.values())
+    assert state_dict_bytes(store, "cache_train/manual__2") == state_dict_bytes(store, "cache_train/manual__3")
+    losses = [{k: v for k, v in r[keys.TRAIN]["final"].items() if "per_s" not in k} for r in (cached, full)]
+    assert losses[0] == losses[1]
+
+    calls.clear()
+    again = run(spec, "manual__4", store, calls, epochs=3)
+    assert calls == [], "with cache.train the model of run 2 is reused, without training"
+    assert again[keys.TRAIN]["cache"] == cached[keys.TRAIN]["cache"].replace("miss: ", "hit: ") + " from run manual__2"
+    assert again[keys.TRAIN]["model_uri"] == store.uri("cache_train/manual__4/train")
+    assert os.path.samefile(store.path("cache_train/manual__2/train") / "model.pt",
+                            store.path("cache_train/manual__4/train") / "model.pt")
