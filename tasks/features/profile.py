@@ -234,7 +234,7 @@ class Breach:
 
 
 def compare(previous: DataProfile, current: DataProfile, bounds: ProfileBoundsSpec, *, ignore: Collection[str] = (),
-            allow_new_categories: Collection[str] = ()) -> list[Breach]:
+            allow_new_categories: Collection[str] = (), rows: bool = True) -> list[Breach]:
     """Every way ``current`` moved past ``bounds`` from ``previous``.
 
     Out-of-range and new-category shares are exact when ``current`` was profiled against ``previous`` with
@@ -248,12 +248,14 @@ def compare(previous: DataProfile, current: DataProfile, bounds: ProfileBoundsSp
         ignore: columns left out of every check (declared ``ignore``).
         allow_new_categories: columns whose new values are allowed (a classification target with
             ``expectations.allow_new_classes``).
+        rows: compare the row counts (not for snapshots of new partitions only, whose sizes say nothing of a
+            collapse).
 
     Returns:
         The breaches: the row count first, then per column of ``previous``, in its order.
     """
     counted = current.reference == {"digest": previous.digest(), "range_margin": bounds.range_margin}
-    out = _rows(previous, current, bounds)
+    out = _rows(previous, current, bounds) if rows else []
     for name, before in previous.columns.items():
         if name in ignore:
             continue

@@ -58,12 +58,15 @@ class ValidateConfig:
     known_classes: tuple[str, ...] | None = None
     """Classification: the classes the current champion was trained on (a new one fails the default checks);
     ``None`` when there is no champion."""
+    compare_rows: bool = True
+    """Compare the row count with the accepted snapshot's; off for ``source.incremental: new_only``, whose
+    snapshots hold only the new partitions."""
 
     @classmethod
     def from_spec(cls, spec: PipelineSpec, known_classes: tuple[str, ...] | None = None) -> ValidateConfig:
         """The config a pipeline spec implies."""
         return cls(target=spec.target, task=spec.task, columns=dict(spec.columns), expectations=spec.expectations,
-                   known_classes=known_classes)
+                   known_classes=known_classes, compare_rows=spec.source.incremental != "new_only")
 
 
 @dataclass(frozen=True)
@@ -253,7 +256,8 @@ def _check_profile(config: ValidateConfig, snapshot: Path,
         return profile, [], None
     ignore = [c for c, t in config.columns.items() if t == "ignore"]
     allowed = [config.target] if config.task == "classification" and config.expectations.allow_new_classes else []
-    breaches = compare(previous, profile, bounds, ignore=ignore, allow_new_categories=allowed)
+    breaches = compare(previous, profile, bounds, ignore=ignore, allow_new_categories=allowed,
+                       rows=config.compare_rows)
     log.info("profile compared with the accepted snapshot of %s (accepted %s): %d breaches", accepted.run_key,
              accepted.accepted_at, len(breaches))
     return profile, breaches, accepted.run_key

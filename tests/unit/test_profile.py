@@ -126,6 +126,7 @@ def test_the_row_count_is_compared_per_source_row(tmp_path: Path, accepted: Data
     assert compare(accepted, sampled, BOUNDS) == []
     unsampled = profile_parquet(path, reference=accepted)
     assert [b.check for b in compare(accepted, unsampled, BOUNDS)] == ["rows"]
+    assert compare(accepted, unsampled, BOUNDS, rows=False) == []  # incremental new_only: a batch of new rows
 
 
 def test_profiles_round_trip_through_json_and_stay_small(tmp_path: Path) -> None:
