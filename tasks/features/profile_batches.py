@@ -53,7 +53,7 @@ class NumericStats:
         self.rng = np.random.default_rng(seed)
         self.reservoir = np.empty(RESERVOIR_SIZE)
         self.seen = self.missing = self.out_of_range = 0
-        self.total = self.total_sq = 0.0
+        self.mean = self.m2 = 0.0  # running mean and sum of squared deviations (Chan et al.: exact, no cancellation)
         self.low, self.high = math.inf, -math.inf
 
     def update(self, array: pa.Array | pa.ChunkedArray) -> None:
@@ -67,8 +67,11 @@ class NumericStats:
         if not len(finite):
             return
         self.low, self.high = min(self.low, float(finite.min())), max(self.high, float(finite.max()))
-        self.total += float(finite.sum())
-        self.total_sq += float(np.square(finite).sum())
+        n, mean = len(finite), float(finite.mean())
+        total = self.seen + n
+        delta = mean - self.mean
+        self.m2 += float(np.square(finite - mean).sum()) + delta * delta * self.seen * n / total
+        self.mean += delta * n / total
         if self.bounds is not None:
             self.out_of_range += int(((finite < self.bounds[0]) | (finite > self.bounds[1])).sum())
         self._sample(finite)
@@ -96,8 +99,7 @@ class NumericStats:
         if not n:
             return {"kind": "numeric", "type": self.type, "missing": self.missing, "numeric_share": 1.0,
                     "out_of_range": out_of_range}
-        mean = self.total / n
-        std = math.sqrt(max(self.total_sq / n - mean * mean, 0.0))
+        mean, std = self.mean, math.sqrt(self.m2 / n)
         sample = self.reservoir[:min(n, RESERVOIR_SIZE)]
         values = np.quantile(sample, QUANTILES)
         quantiles = {f"{q:g}": float(v) for q, v in zip(QUANTILES, values, strict=True)}
@@ -111,8 +113,10 @@ class CategoryStats:
     numbers and (against a reference's complete category set) the values it never had."""
 
     def __init__(self, type_: str, known: dict[str, int] | None):
+        import pyarrow as pa
+
         self.type = type_
-        self.known = known
+        self.known = pa.array(list(known), pa.string()) if known is not None else None
         self.counts: Counter[str] = Counter()
         self.missing = self.present = self.numbers = self.folded = self.new = 0
         self.examples: list[str] = []
@@ -134,7 +138,7 @@ class CategoryStats:
                 if len(self.examples) < EXAMPLES and value not in self.examples:
                     self.examples.append(value)
         if self.known is not None:
-            seen = pc.is_in(values, value_set=pa.array(list(self.known), pa.string()))
+            seen = pc.is_in(values, value_set=self.known)
             self.new += len(values) - int(pc.sum(seen).as_py() or 0)
         counted = pc.value_counts(values)
         self.counts.update(dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist(),
