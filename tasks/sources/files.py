@@ -1,11 +1,15 @@
 """Local CSV and Parquet files as Arrow record batches, read in bounded blocks, never a whole file at once.
 
-CSV is read twice. The first pass reads every column as text, block by block, and settles each column's type from
-every value: ``int64`` when all present values are integers and none is missing, ``float64`` for numbers (or
-integers with missing values), ``bool`` for ``True``/``False`` only, text otherwise; a column with no value at all
-is ``float64``. These are the types pandas' ``read_csv`` gives, so a small file's snapshot is the same as before,
-and a value that only appears late in a file (text at row 9 million of a number column) widens the type instead of
-failing the read half way. The second pass reads with those types. Several CSV partitions share one first pass.
+Column types follow pandas' ``read_csv``: ``int64`` when all present values are integers, ``float64`` for numbers
+(an integer column with a missing value ends as ``float64``: see :func:`kiln.tasks.sources.snapshot.widen_int_nulls`),
+``bool`` for ``True``/``False`` only, text otherwise; a column with no value at all is ``float64``. So a small
+file's snapshot is the same as before.
+
+A value that only appears late in a file (text at row 9 million of a number column) never fails the read: the types
+are first guessed from the first block (:func:`guess_csv_schema`) and the file read once with them; if a later
+value does not fit, that read is dropped (:class:`TypeGuessError`) and the robust two passes run: the first reads
+every column as text, block by block, and settles each column's type from every value of every partition
+(:func:`infer_csv_schema`), the second reads with those types.
 
 Missing values are pandas' defaults (empty, ``NA``, ``NaN``, ``null``, ``None``, ...).
 """
@@ -38,6 +42,10 @@ _BOOLS = pa.array(TRUE_VALUES + FALSE_VALUES)
 BLOCK_SIZE = 16 << 20
 #: Rows per Parquet batch.
 PARQUET_BATCH_ROWS = 65_536
+
+
+class TypeGuessError(Exception):
+    """A value late in a CSV file does not fit the type guessed from the first block (the exact passes follow)."""
 
 
 @dataclass(frozen=True)
@@ -138,22 +146,42 @@ def _casts(values: pa.Array, to: pa.DataType) -> bool:
     return False
 
 
-def csv_batches(part: LocalPart, names: list[str], header: bool, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    """Pass 2: the part's rows as batches of ``schema``.
+def guess_csv_schema(part: LocalPart, names: list[str], header: bool) -> pa.Schema:
+    """The column types of the first block of ``part`` (integers stay ``int64`` even with missing values).
 
     Raises:
+        IngestError: the block cannot be read as CSV.
+    """
+    state = dict.fromkeys(names, "null")
+    for batch in _csv_batches(part, names, header, dict.fromkeys(names, pa.string())):
+        for name, column in zip(names, batch.columns, strict=True):
+            state[name] = _widen(state[name], column.drop_null())
+        break
+    types = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "string": pa.string(),
+             "null": pa.float64()}
+    return pa.schema([pa.field(n, types[state[n]]) for n in names])
+
+
+def csv_batches(part: LocalPart, names: list[str], header: bool, schema: pa.Schema,
+                guessed: bool = False) -> Iterator[pa.RecordBatch]:
+    """The part's rows as batches of ``schema``.
+
+    Raises:
+        TypeGuessError: ``guessed`` and a value does not fit (or the file does not parse: the exact passes say).
         IngestError: the part cannot be read with those types.
     """
-    yield from _csv_batches(part, names, header, {f.name: f.type for f in schema})
+    yield from _csv_batches(part, names, header, {f.name: f.type for f in schema}, guessed)
 
 
-def _csv_batches(part: LocalPart, names: list[str], header: bool,
-                 types: dict[str, pa.DataType]) -> Iterator[pa.RecordBatch]:
+def _csv_batches(part: LocalPart, names: list[str], header: bool, types: dict[str, pa.DataType],
+                 guessed: bool = False) -> Iterator[pa.RecordBatch]:
     read = pacsv.ReadOptions(block_size=BLOCK_SIZE, column_names=names, skip_rows=1 if header else 0)
     try:
         with pacsv.open_csv(part.path, read_options=read, convert_options=_convert_options(types)) as reader:
             yield from reader
     except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        if guessed:
+            raise TypeGuessError(f"{part.label}: {exc}") from None
         raise _csv_error(part, exc) from None
 
 

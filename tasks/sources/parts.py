@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from kiln.tasks.sources.files import (
     LocalPart,
     csv_batches,
     csv_names,
+    guess_csv_schema,
     infer_csv_schema,
     parquet_batches,
     parquet_schema,
@@ -44,15 +45,28 @@ class PartsReader:
     """Per part: ``name``, ``etag``, ``size``, ``sha256`` (of the bytes read)."""
     header: bool
     csv_columns: tuple[str, ...]
+    guessed: bool
+    """The CSV types are guessed from the first block (:meth:`batches` may raise :class:`TypeGuessError`)."""
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        """Every part's rows in order, as batches of :attr:`schema`."""
+        """Every part's rows in order, as batches of :attr:`schema`.
+
+        Raises:
+            TypeGuessError: a CSV value does not fit the guessed types (read again from :meth:`exact`).
+            IngestError: a part cannot be read.
+        """
         for part in self.parts:
             log.info("reading %s (%s)", part.label, part.format)
             if part.format == "csv":
-                yield from csv_batches(part, list(self.csv_columns), self.header, self.schema)
+                yield from csv_batches(part, list(self.csv_columns), self.header, self.schema, self.guessed)
             else:
                 yield from parquet_batches(part, self.schema)
+
+    def exact(self) -> PartsReader:
+        """This reader with the CSV types settled from every value of every CSV part (a first full pass)."""
+        csv_parts = [p for p in self.parts if p.format == "csv"]
+        csv_schema = infer_csv_schema(csv_parts, list(self.csv_columns), self.header)
+        return replace(self, schema=_unify(self.parts, csv_schema), guessed=False)
 
 
 def open_parts(listing: SourceListing, parts: Sequence[SourcePart], source: SourceSpec,
@@ -75,9 +89,9 @@ def open_parts(listing: SourceListing, parts: Sequence[SourcePart], source: Sour
         sha = part.etag if not is_s3_uri(listing.root) else file_sha256(path)
         records.append({**part.to_dict(), "sha256": sha})
     _check_options(source, local)
-    schemas: list[tuple[str, pa.Schema]] = []
     csv_parts = [p for p in local if p.format == "csv"]
     names: list[str] = []
+    csv_schema = None
     if csv_parts:
         names = csv_names(csv_parts[0], source.header, source.column_names)
         for part in csv_parts[1:]:
@@ -86,11 +100,16 @@ def open_parts(listing: SourceListing, parts: Sequence[SourcePart], source: Sour
                 unify([(csv_parts[0].label, _names_schema(names)), (part.label, _names_schema(other))])
                 raise IngestError(f"partition {part.label} has its columns in another order than "
                                   f"{csv_parts[0].label}; every CSV partition must have the same header")
-        csv_schema = infer_csv_schema(csv_parts, names, source.header)
-        schemas.append((csv_parts[0].label, csv_schema))
-    schemas += [(p.label, parquet_schema(p)) for p in local if p.format == "parquet"]
-    return PartsReader(parts=tuple(local), schema=unify(schemas), records=tuple(records), header=source.header,
-                       csv_columns=tuple(names))
+        csv_schema = guess_csv_schema(csv_parts[0], names, source.header)
+    return PartsReader(parts=tuple(local), schema=_unify(local, csv_schema), records=tuple(records),
+                       header=source.header, csv_columns=tuple(names), guessed=csv_schema is not None)
+
+
+def _unify(parts: Sequence[LocalPart], csv_schema: pa.Schema | None) -> pa.Schema:
+    """One schema for the CSV parts (``csv_schema``) and each Parquet part."""
+    schemas = [(next(p.label for p in parts if p.format == "csv"), csv_schema)] if csv_schema is not None else []
+    schemas += [(p.label, parquet_schema(p)) for p in parts if p.format == "parquet"]
+    return unify(schemas)
 
 
 def _names_schema(names: list[str]) -> pa.Schema:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.tasks.sources.errors import IngestError
+from kiln.tasks.sources.files import TypeGuessError
 from kiln.tasks.sources.incremental import Previous, check_events, select_parts
 from kiln.tasks.sources.listing import list_source
 from kiln.tasks.sources.parts import open_parts
@@ -58,8 +59,14 @@ def snapshot_files(source: SourceSpec, roots: tuple[Path, ...], snapshot: Path, 
     reader = open_parts(listing, selection.parts, source, scratch)
     label = str(source.uri)
     append = selection.append_to.snapshot if selection.append_to is not None else None
-    stats = write_snapshot(snapshot, reader.schema, reader.batches(), label=label, fraction=sampling.fraction,
-                           seed=sampling.seed, previous=append, scratch=scratch)
+    try:
+        stats = write_snapshot(snapshot, reader.schema, reader.batches(), label=label, fraction=sampling.fraction,
+                               seed=sampling.seed, previous=append, scratch=scratch)
+    except TypeGuessError as exc:
+        log.info("a value does not fit the types of the first block (%s); settling the types from every value", exc)
+        reader = reader.exact()
+        stats = write_snapshot(snapshot, reader.schema, reader.batches(), label=label, fraction=sampling.fraction,
+                               seed=sampling.seed, previous=append, scratch=scratch)
     log.info("read %d part(s) of %s: %d rows; snapshot %d rows", len(reader.records), label, stats.rows_read,
              stats.rows)
     records = list(reader.records)

@@ -142,7 +142,7 @@ def write_snapshot(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBat
         raise IngestError(f"source {label} has no data rows ({len(schema)} columns, 0 rows); point the source at "
                           "data that has rows")
     if raw == path:
-        return SnapshotStats(rows_read, rows_read, 0, schema)
+        return SnapshotStats(rows_read, rows_read, 0, widen_int_nulls(path, schema, scratch, label))
     new: Iterable[pa.RecordBatch] = sampled(raw, fraction, seed) if fraction < 1 else file_batches(raw)
     old: Iterable[pa.RecordBatch] = ()
     if previous is not None:
@@ -158,7 +158,28 @@ def write_snapshot(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBat
         path.unlink()
         raise IngestError(f"sample_fraction {fraction} of {rows_read} rows in {label} leaves 0 rows; raise "
                           "sample_fraction")
-    return SnapshotStats(rows, rows_read, previous_rows, schema)
+    return SnapshotStats(rows, rows_read, previous_rows, widen_int_nulls(path, schema, scratch, label))
+
+
+def widen_int_nulls(path: Path, schema: pa.Schema, scratch: Path, label: str) -> pa.Schema:
+    """Rewrite the integer columns of ``path`` that have a missing value as ``float64`` (what pandas makes of them,
+    so every batch of the snapshot reads as the same dtype); returns the file's schema."""
+    meta = pq.ParquetFile(path).metadata
+    nulls = set()
+    for g in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            stats = meta.row_group(g).column(c).statistics
+            if stats is None or not stats.has_null_count or stats.null_count > 0:
+                nulls.add(meta.row_group(g).column(c).path_in_schema)
+    widen = [f.name for f in schema if pa.types.is_integer(f.type) and f.name in nulls]
+    if not widen:
+        return schema
+    wide = pa.schema([pa.field(f.name, pa.float64()) if f.name in widen else f for f in schema])
+    tmp = scratch / "widened.parquet"
+    write_batches(tmp, wide, file_batches(path), label)
+    tmp.replace(path)
+    log.info("integer columns with missing values stored as float64: %s", ", ".join(widen))
+    return wide
 
 
 def pandas_dtypes(schema: pa.Schema) -> dict[str, str]:
