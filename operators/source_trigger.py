@@ -110,7 +110,7 @@ class SourcePollProducer(SharedStreamProducer):
             if self._watcher.source.kind == "s3":
                 use_s3_connection()
             return self._watcher.poll()
-        except (DataError, LookupError) as exc:
+        except (DataError, LookupError, ConnectionError) as exc:  # bad input, missing connection, endpoint down
             log.error("source watcher of pipeline %s: %s (looking again in %d s)", self.pipeline, exc,
                       self.interval_s)
         except Exception:  # noqa: BLE001 - a store or network outage must not end the watch: the next look retries

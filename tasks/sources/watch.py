@@ -28,6 +28,7 @@ import decimal
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
-Lister = Callable[["SourceSpec"], "SourceListing"]
 ConnectionUrl = Callable[[str], str]
 
 
@@ -215,7 +215,6 @@ class SourceWatcher:
         source: the spec's ``source``.
         pipeline: the pipeline's name (the state's key).
         store: the artifact store.
-        lister: lists a file/folder/S3 source (default :func:`kiln.tasks.sources.list_source` with ``roots``).
         connection_url: resolves a SQL source's connection id to a SQLAlchemy URL.
         roots: the data roots of local sources.
     """
@@ -223,11 +222,14 @@ class SourceWatcher:
     source: SourceSpec
     pipeline: str
     store: ArtifactStore
-    lister: Lister | None = None
     connection_url: ConnectionUrl | None = None
     roots: tuple[Path, ...] | None = None
     _last: WatchState | None = field(default=None, init=False)
     _loaded: bool = field(default=False, init=False)
+    _pending: int = field(default=0, init=False)
+    """Changes emitted whose state is not committed yet."""
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    """Polls and commits run in worker threads of their own."""
 
     @property
     def uri(self) -> str:
@@ -246,8 +248,6 @@ class SourceWatcher:
                 raise WatchError("a SQL source needs a connection resolver")
             value, kind = watermark_json(sql_watermark(self.source, self.connection_url))
             return WatchState(source=identity, watermark=value, watermark_type=kind)
-        if self.lister is not None:
-            return listing_state(identity, self.lister(self.source))
         from kiln.tasks.sources.listing import list_source
 
         return listing_state(identity, list_source(self.source, self.roots))
@@ -255,31 +255,40 @@ class SourceWatcher:
     def poll(self) -> Observation:
         """Look at the source and compare it with the last state (the saved one after a restart).
 
-        A state without an event (the baseline, only removals, a lower watermark) is saved at once; a change's
-        state becomes the one compared with next, and is saved by :meth:`commit` once its event is stored.
+        A change's state becomes the one compared with next, and is saved by :meth:`commit` once its event is
+        stored. A state without an event (the baseline, only removals, a lower watermark) is saved at once, unless
+        a change is still waiting for its commit: it includes that change, which must not be saved before its
+        event is stored (the commit saves the change; a removal is seen again after a restart).
 
         Raises:
             SourceReadError: the source cannot be listed or queried.
         """
-        if not self._loaded:
-            self._last, self._loaded = load_state(self.store, self.pipeline), True
-        observation = diff(self._last, self.look(), self.uri)
-        if observation.payload is None and observation.state != self._last:
-            if self._last is None or self._last.source != observation.state.source:
-                log.info("watching %s: baseline recorded (%s); later changes start runs", self.uri,
-                         _describe(observation.state))
-            save_state(self.store, self.pipeline, observation.state)
-        self._last = observation.state
+        current = self.look()
+        with self._lock:
+            if not self._loaded:
+                self._last, self._loaded, self._pending = load_state(self.store, self.pipeline), True, 0
+            observation = diff(self._last, current, self.uri)
+            if observation.payload is not None:
+                self._pending += 1
+            elif observation.state != self._last and self._pending == 0:
+                if self._last is None or self._last.source != observation.state.source:
+                    log.info("watching %s: baseline recorded (%s); later changes start runs", self.uri,
+                             _describe(observation.state))
+                save_state(self.store, self.pipeline, observation.state)
+            self._last = observation.state
         return observation
 
     def commit(self, state: WatchState) -> None:
         """Save ``state`` (of an emitted change) as the last seen: a restart compares with it."""
-        save_state(self.store, self.pipeline, state)
+        with self._lock:
+            save_state(self.store, self.pipeline, state)
+            self._pending = max(0, self._pending - 1)
 
     def rewind(self) -> None:
         """Forget the states not committed: the next :meth:`poll` compares with the saved state again, so a change
         whose event was not stored is emitted again."""
-        self._loaded = False
+        with self._lock:
+            self._loaded = False
 
 
 def _describe(state: WatchState) -> str:

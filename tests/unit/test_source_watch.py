@@ -183,3 +183,19 @@ def test_a_watermark_column_the_query_lacks_is_named_with_the_columns(store, db)
     message = str(raised.value)
     assert "'changed_at'" in message and "id, updated_at" in message and "connection 'rows'" in message
     assert not store.exists(watch_key(PIPELINE)), "nothing may be saved when the look fails"
+
+
+def test_a_removal_while_a_change_awaits_its_commit_saves_nothing(store, folder, tmp_path) -> None:
+    (folder / "day=2.csv").write_text("a,b\n3,4\n")
+    watcher = _watcher(store, folder, tmp_path)
+    watcher.poll()
+    (folder / "day=3.csv").write_text("a,b\n5,6\n")
+    change = watcher.poll()
+    assert change.payload is not None
+    (folder / "day=2.csv").unlink()
+    assert watcher.poll().payload is None
+    saved = load_state(store, PIPELINE)
+    assert saved is not None and saved.parts is not None and "day=3.csv" not in saved.parts, (
+        "a change was saved before its event was stored")
+    watcher.commit(change.state)
+    assert _watcher(store, folder, tmp_path).poll().payload is None
