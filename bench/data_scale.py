@@ -5,7 +5,7 @@ The table (``bench/_synthetic.py``: 45 numeric, 4 categorical columns and a 3-cl
 repeated rows) is generated in chunks into ``--folder`` (default: the temporary folder; never the repository) and
 kept there for later runs. Each kiln step runs in its own Python process, as a DAG task does, through its library
 function (``run_ingest``, ``run_clean``, ``run_build_features``) with the default spec sections; the peer is one
-process. Wall time includes each process's start-up and imports. Peak RSS is each process's ``ru_maxrss``; kiln's
+process. Wall time is each process's, start-up and imports included (both sides). Peak RSS is each process's ``ru_maxrss``; kiln's
 is the largest of its three steps. A sampler polls ``/proc/meminfo`` every 0.5 s for the lowest ``MemAvailable``
 and the most swap in use while anything runs. With ``--train``, one epoch of kiln's training loop (``run_train``,
 one rank, MLP 64-32, batch 4096) runs on the largest size's features, also in its own process.
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from _synthetic import write_synthetic_table
@@ -102,13 +103,16 @@ class MemorySampler:
 
 
 def _run(code_or_script: str, *args: str) -> dict:
-    """Run a Python snippet (or a script under ``bench/``) in a fresh process; return its last JSON line."""
+    """Run a Python snippet (or a script under ``bench/``) in a fresh process; return its last JSON line, with
+    ``wall_s`` replaced by the process's whole wall time (start-up and imports included, on both sides)."""
     argv = ([sys.executable, str(BENCH / code_or_script)] if code_or_script.endswith(".py")
             else [sys.executable, "-c", code_or_script])
+    start = time.perf_counter()
     proc = subprocess.run([*argv, *args], cwd=BENCH.parent, capture_output=True, text=True)
+    wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[-1][:40]!r} {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": wall}
 
 
 def measure(rows: int, folder: Path) -> dict:

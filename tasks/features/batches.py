@@ -55,22 +55,43 @@ def to_frame(batch: pa.RecordBatch | pa.Table, dtypes: dict[str, object]) -> pd.
     return df
 
 
+def iter_tables(pf: pq.ParquetFile, columns: Sequence[str] | None = None, batch_rows: int = BATCH_ROWS
+                ) -> Iterator[pa.Table]:
+    """The rows of ``columns`` (all by default) in file order, in slices of at most ``batch_rows`` rows.
+
+    A row group is read whole (with threads) and then sliced: ``ParquetFile.iter_batches`` with batches smaller
+    than a row group was 6x slower and held more memory. Peak memory is therefore one row group of the columns
+    read; the files the data steps read are written in row groups of at most ~1 M rows (ingest) or
+    :data:`GROUP_ROWS`.
+    """
+    names = list(columns) if columns is not None else None
+    for i in range(pf.metadata.num_row_groups):
+        table = pf.read_row_group(i, columns=names, use_threads=True, use_pandas_metadata=False)
+        for start in range(0, table.num_rows, batch_rows):
+            yield table.slice(start, batch_rows)
+
+
 def iter_frames(pf: pq.ParquetFile, columns: Sequence[str] | None = None, batch_rows: int = BATCH_ROWS,
                 dtypes: dict[str, object] | None = None) -> Iterator[tuple[int, pd.DataFrame]]:
-    """``(offset of the first row, frame)`` for each record batch of ``columns`` (all by default), in file order.
+    """``(offset of the first row, frame)`` for each slice of :func:`iter_tables`, converted to pandas.
 
     Args:
         pf: the open file.
         columns: the columns to read.
-        batch_rows: rows per batch (the last may be shorter).
+        batch_rows: rows per batch (the last of a row group may be shorter).
         dtypes: the dtypes to convert to; default :func:`file_dtypes`.
     """
     dtypes = file_dtypes(pf) if dtypes is None else dtypes
     offset = 0
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=list(columns) if columns is not None else None,
-                                 use_pandas_metadata=False):
-        yield offset, to_frame(batch, dtypes)
-        offset += batch.num_rows
+    for table in iter_tables(pf, columns, batch_rows):
+        yield offset, to_frame(table, dtypes)
+        offset += table.num_rows
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth dictionary-encoding when written: all but floating-point ones, whose values rarely
+    repeat (encoding them anyway doubles the write time)."""
+    return [f.name for f in schema if not pa.types.is_floating(f.type)]
 
 
 def shard_range(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -84,22 +105,20 @@ def shard_range(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return n_rows * rank // world_size, n_rows * (rank + 1) // world_size
 
 
-def read_rows(path: Path, start: int, stop: int, columns: Sequence[str] | None = None) -> pa.Table:
-    """Rows ``[start, stop)`` of a Parquet file, reading only the row groups that overlap them."""
+def iter_row_range(path: Path, start: int, stop: int, columns: Sequence[str] | None = None
+                   ) -> Iterator[tuple[int, pa.Table]]:
+    """Rows ``[start, stop)`` of a Parquet file as ``(offset within the range, table)`` pieces, one per row group
+    that overlaps the range; no other row group is read."""
     pf = pq.ParquetFile(path)
-    groups, tables, first = [], [], 0
+    first = 0
     for i in range(pf.metadata.num_row_groups):
         rows = pf.metadata.row_group(i).num_rows
         if first < stop and first + rows > start:
-            groups.append((i, first))
+            table = pf.read_row_group(i, columns=list(columns) if columns is not None else None,
+                                      use_pandas_metadata=False)
+            lo, hi = max(start - first, 0), min(stop - first, rows)
+            yield first + lo - start, table.slice(lo, hi - lo)
         first += rows
-    if not groups:
-        return pf.schema_arrow.empty_table().select(list(columns)) if columns else pf.schema_arrow.empty_table()
-    for i, first in groups:
-        table = pf.read_row_group(i, columns=list(columns) if columns is not None else None)
-        lo, hi = max(start - first, 0), min(stop - first, table.num_rows)
-        tables.append(table.slice(lo, hi - lo))
-    return pa.concat_tables(tables)
 
 
 def _null_count(pf: pq.ParquetFile, column: str) -> int:

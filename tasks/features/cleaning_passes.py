@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kiln.tasks.features.batches import iter_frames
+from kiln.tasks.features.batches import dictionary_columns, iter_frames, iter_tables, to_frame
 from kiln.tasks.features.cleaning_rules import CleanError, ColumnCoercion, Rules, as_label, as_number
 from kiln.tasks.spec import ColumnCleaning
 
@@ -63,19 +63,19 @@ class SnapshotPasses:
         return present, hashes
 
     def column(self, name: str, keep: np.ndarray) -> pd.Series:
-        """The coerced values of column ``name`` in the rows ``keep`` marks (fill applied where one is set)."""
-        import pandas as pd
-
-        parts = [self.coercions[name].apply(frame[name])[keep[offset:offset + len(frame)]]
-                 for offset, frame in iter_frames(self.pf, [name], self.batch_rows, self.dtypes)]
-        return pd.concat(parts, ignore_index=True)
+        """The coerced values of column ``name`` in the rows ``keep`` marks."""
+        table = self.pf.read(columns=[name], use_pandas_metadata=False).filter(pa.array(keep))
+        return self.coercions[name].apply(to_frame(table, self.dtypes)[name])
 
     def write(self, path: Path, keep: np.ndarray, edits: Edits) -> None:
         """Pass 2: write the kept rows, coerced, filled and clipped, to ``path`` batch by batch."""
         writer: pq.ParquetWriter | None = None
+        offset = 0
         try:
-            for offset, frame in iter_frames(self.pf, list(self.coercions), self.batch_rows, self.dtypes):
-                frame = frame[keep[offset:offset + len(frame)]].reset_index(drop=True)
+            for batch in iter_tables(self.pf, list(self.coercions), self.batch_rows):
+                rows = keep[offset:offset + batch.num_rows]
+                offset += batch.num_rows
+                frame = to_frame(batch.filter(pa.array(rows)), self.dtypes)
                 for c, coercion in self.coercions.items():
                     s = coercion.apply(frame[c])
                     if c in edits.fills:
@@ -85,7 +85,7 @@ class SnapshotPasses:
                     frame[c] = s.astype(edits.dtypes[c]) if c in edits.dtypes else s
                 table = pa.Table.from_pandas(frame, preserve_index=False,
                                              schema=writer.schema if writer is not None else None)
-                writer = writer or pq.ParquetWriter(path, table.schema)
+                writer = writer or pq.ParquetWriter(path, table.schema, use_dictionary=dictionary_columns(table.schema))
                 writer.write_table(table)
         finally:
             if writer is not None:

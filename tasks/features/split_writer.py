@@ -18,7 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kiln.tasks.features.batches import BATCH_ROWS, GROUP_ROWS, file_dtypes, to_frame
+from kiln.tasks.features.batches import (
+    BATCH_ROWS,
+    GROUP_ROWS,
+    dictionary_columns,
+    file_dtypes,
+    iter_tables,
+    to_frame,
+)
 
 if TYPE_CHECKING:
     from kiln.tasks.features.transform import FeatureTransform
@@ -55,7 +62,7 @@ def write_split_files(clean_file: Path, parts: dict[str, np.ndarray], files: dic
     with tempfile.TemporaryDirectory(dir=Path(files[next(iter(files))]).parent, prefix=".split-buckets-") as tmp:
         buckets = _Buckets(Path(tmp), pf.schema_arrow.append(pa.field(_POSITION, pa.int64())))
         try:
-            for batch in pf.iter_batches(batch_size=batch_rows, use_pandas_metadata=False):
+            for batch in iter_tables(pf, None, batch_rows):
                 _scatter(batch, owner, position, buckets, group_rows, list(parts))
                 owner, position = owner[batch.num_rows:], position[batch.num_rows:]
         finally:
@@ -76,11 +83,11 @@ class _Buckets:
     def path(self, split: str, bucket: int) -> Path:
         return self.folder / f"{split}-{bucket:06d}.arrow"
 
-    def append(self, split: str, bucket: int, batch: pa.RecordBatch) -> None:
+    def append(self, split: str, bucket: int, batch: pa.Table) -> None:
         key = (split, bucket)
         if key not in self._writers:
             self._writers[key] = pa.ipc.new_stream(str(self.path(split, bucket)), self.schema)
-        self._writers[key].write_batch(batch)
+        self._writers[key].write_table(batch)
 
     def read(self, split: str, bucket: int) -> pa.Table:
         path = self.path(split, bucket)
@@ -95,7 +102,7 @@ class _Buckets:
         self._writers.clear()
 
 
-def _scatter(batch: pa.RecordBatch, owner: np.ndarray, position: np.ndarray, buckets: _Buckets, group_rows: int,
+def _scatter(batch: pa.Table, owner: np.ndarray, position: np.ndarray, buckets: _Buckets, group_rows: int,
              splits: list[str]) -> None:
     """Append each row of ``batch`` (with its output position) to its split's bucket."""
     owner, position = owner[:batch.num_rows], position[:batch.num_rows]
@@ -122,8 +129,10 @@ def _write_split(buckets: _Buckets, split: str, n_buckets: int, path: Path, raw_
     names = [f"f{i}" for i in range(transform.input_dim)]
     empty = pd.DataFrame(np.zeros((0, len(names)), np.float32), columns=names)
     empty[target_column] = np.zeros(0, np.int64 if transform.classes is not None else np.float32)
-    writer = pq.ParquetWriter(path, pa.Schema.from_pandas(empty, preserve_index=False))
-    raw_writer = pq.ParquetWriter(raw_path, raw_schema) if raw_path is not None else None
+    schema = pa.Schema.from_pandas(empty, preserve_index=False)
+    writer = pq.ParquetWriter(path, schema, use_dictionary=dictionary_columns(schema))
+    raw_writer = (pq.ParquetWriter(raw_path, raw_schema, use_dictionary=dictionary_columns(raw_schema))
+                  if raw_path is not None else None)
     try:
         for bucket in range(n_buckets):
             table = buckets.read(split, bucket)

@@ -75,7 +75,7 @@ def load_shard(features_dir: Path, split: Split, rank: int, world_size: int) -> 
     """
     import pyarrow.parquet as pq
 
-    from kiln.tasks.features.batches import read_rows, shard_range
+    from kiln.tasks.features.batches import iter_row_range, shard_range
 
     if split not in SPLIT_FILES:
         raise ValueError(f"split must be one of {list(SPLIT_FILES)}, found {split!r}")
@@ -92,13 +92,16 @@ def load_shard(features_dir: Path, split: Split, rank: int, world_size: int) -> 
                          f"{FEATURE_SPEC_FILE} expects f0..f{spec['input_dim'] - 1} and '{TARGET_COLUMN}'; "
                          "rerun build_features")
     n = pf.metadata.num_rows
-    table = read_rows(path, *shard_range(n, rank, world_size))
-    # Row-major float32 in one allocation (batches gather rows); a table's columns are separate arrays.
-    x = np.empty((table.num_rows, len(expected) - 1), dtype=np.float32)
-    for i, name in enumerate(expected[:-1]):
-        x[:, i] = table.column(name).to_numpy()
-    y_dtype = np.int64 if spec["task"] == "classification" else np.float32
-    return x, table.column(TARGET_COLUMN).to_numpy().astype(y_dtype, copy=True), n
+    start, stop = shard_range(n, rank, world_size)
+    # Row-major float32, filled one row group at a time: the whole shard is never held twice.
+    x = np.empty((stop - start, len(expected) - 1), dtype=np.float32)
+    y = np.empty(stop - start, dtype=np.int64 if spec["task"] == "classification" else np.float32)
+    for offset, table in iter_row_range(path, start, stop):
+        rows = slice(offset, offset + table.num_rows)
+        for i, name in enumerate(expected[:-1]):
+            x[rows, i] = table.column(name).to_numpy()
+        y[rows] = table.column(TARGET_COLUMN).to_numpy()
+    return x, y, n
 
 
 def _split_once(index: np.ndarray, labels: pd.Series | None, fraction: float, seed: int,
@@ -116,8 +119,16 @@ def _split_once(index: np.ndarray, labels: pd.Series | None, fraction: float, se
                              f"2 rows in {where}; drop those classes or collect more data for them")
     try:
         kept, carved = train_test_split(index, test_size=fraction, random_state=seed,
-                                        stratify=labels.to_numpy() if labels is not None else None)
+                                        stratify=_label_codes(labels) if labels is not None else None)
     except ValueError as exc:  # sklearn's message lacks which split and how large
         raise ValueError(f"cannot carve the {split} split ({fraction:.3g} of {len(index)} rows): {exc}; "
                          "adjust features.test_fraction / val_fraction or collect more data") from exc
     return kept, carved
+
+
+def _label_codes(labels: pd.Series) -> np.ndarray:
+    """Labels as integer codes in sorted label order: the same strata, hence the same split, as the labels
+    themselves (scikit-learn ranks the classes by sorting them too), without an object array of 10 M strings."""
+    if labels.isna().any():
+        return labels.to_numpy()
+    return pd.factorize(labels, sort=True)[0]

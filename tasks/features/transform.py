@@ -149,21 +149,22 @@ class FeatureTransform:
             ValueError: an input column is missing, or a numeric column holds non-numbers or infinities.
         """
         require_columns(df, self.input_columns, "the input rows")
-        blocks: list[np.ndarray] = []
+        n, width = len(df), len(self.numeric)
+        # Written straight into the float32 result: a float64 value rounds to float32 the same way either way,
+        # and an intermediate float64 matrix of one-hot blocks took most of the time and memory.
+        out = np.zeros((n, self.input_dim), np.float32)
         if self.numeric:
             values = np.column_stack([_as_float(df[c.name], c.name) for c in self.numeric])
             means = np.array([c.mean for c in self.numeric])
             values = np.where(np.isnan(values), means, values)
-            blocks.append((values - np.array([c.center for c in self.numeric]))
-                          / np.array([c.scale for c in self.numeric]))
+            out[:, :width] = ((values - np.array([c.center for c in self.numeric]))
+                              / np.array([c.scale for c in self.numeric]))
+        rows, start = np.arange(n), width
         for c in self.categorical:
             codes = _codes(df[c.name].astype("string"), c.vocabulary)
-            onehot = np.zeros((len(df), len(c.vocabulary) + 1))
-            onehot[np.arange(len(df)), np.where(codes < 0, len(c.vocabulary), codes)] = 1.0
-            blocks.append(onehot)
-        if not blocks:
-            return np.zeros((len(df), 0), np.float32)
-        return np.hstack(blocks).astype(np.float32)
+            out[rows, start + np.where(codes < 0, len(c.vocabulary), codes)] = 1.0
+            start += len(c.vocabulary) + 1
+        return out
 
     def encode_target(self, series: pd.Series) -> np.ndarray:
         """Labels to class indices (int64) for classification, or values to float32 for regression.
