@@ -199,3 +199,17 @@ def test_a_removal_while_a_change_awaits_its_commit_saves_nothing(store, folder,
         "a change was saved before its event was stored")
     watcher.commit(change.state)
     assert _watcher(store, folder, tmp_path).poll().payload is None
+
+
+def test_ingest_accepts_the_payload_as_the_parts_that_started_the_run(store, folder, tmp_path) -> None:
+    """The event's payload is what ``ingest`` checks against its own listing (the run reads what caused it)."""
+    from kiln.tasks.sources.incremental import check_events
+    from kiln.tasks.sources.listing import list_source
+
+    watcher = _watcher(store, folder, tmp_path)
+    watcher.poll()
+    (folder / "day=2.csv").write_text("a,b\n3,4\n")
+    payload = watcher.poll().payload
+    assert payload is not None
+    listing = list_source(watcher.source, (tmp_path,))
+    assert check_events(listing, [payload]) == [listing.part("day=2.csv").to_dict()]
