@@ -176,16 +176,17 @@ def profile_parquet(path: str | Path, reference: DataProfile | None = None, rang
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no Parquet file to profile at {path}")
-    parquet = pq.ParquetFile(path)
-    schema = parquet.schema_arrow
-    accumulators = {name: _accumulator(schema.field(name).type, reference.columns.get(name) if reference else None,
-                                       range_margin, index)
-                    for index, name in enumerate(schema.names)}
     rows = 0
-    for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
-        rows += batch.num_rows
-        for name, acc in accumulators.items():
-            acc.update(batch.column(name))
+    # pre_buffer (the default) keeps every column chunk it read until the file is closed: memory grows with rows.
+    with pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20) as parquet:
+        schema = parquet.schema_arrow
+        accumulators = {name: _accumulator(schema.field(name).type,
+                                           reference.columns.get(name) if reference else None, range_margin, index)
+                        for index, name in enumerate(schema.names)}
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
+            rows += batch.num_rows
+            for name, acc in accumulators.items():
+                acc.update(batch.column(name))
     ref = {"digest": reference.digest(), "range_margin": range_margin} if reference is not None else None
     columns = {name: ColumnProfile.from_dict(acc.finish()) for name, acc in accumulators.items()}
     profile = DataProfile(rows=rows, columns=columns, sample_fraction=sample_fraction, reference=ref)
