@@ -56,6 +56,20 @@ class LocalPart:
     label: str
     """The part's URI or path, as messages name it."""
     format: str
+    stamp: tuple[int, int] | None = None
+    """Size and modification time (ns) when the part was opened: a part that changes while it is read fails."""
+
+    def check_unchanged(self) -> None:
+        """Refuse a part whose size or modification time moved since :attr:`stamp`.
+
+        Raises:
+            IngestError: naming the part.
+        """
+        st = self.path.stat()
+        if self.stamp is not None and (st.st_size, st.st_mtime_ns) != self.stamp:
+            raise IngestError(f"source {self.label} changed while it was read ({self.stamp[0]} -> {st.st_size} "
+                              "bytes); the snapshot would not match the manifest: run the pipeline again once the "
+                              "file is written in full (write it under another name and rename it into place)")
 
 
 def check_unique(names: Sequence[Any], label: str, where: str = "the header") -> None:

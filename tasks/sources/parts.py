@@ -61,6 +61,7 @@ class PartsReader:
                 yield from csv_batches(part, list(self.csv_columns), self.header, self.schema, self.guessed)
             else:
                 yield from parquet_batches(part, self.schema)
+            part.check_unchanged()
 
     def exact(self) -> PartsReader:
         """This reader with the CSV types settled from every value of every CSV part (a first full pass)."""
@@ -85,7 +86,11 @@ def open_parts(listing: SourceListing, parts: Sequence[SourcePart], source: Sour
         fmt = source.resolved_format(part.name) if single else partition_format(part.name, source)
         path = _localise(listing, part, scratch, i)
         label = source.uri if single and source.uri else listing.location(part)
-        local.append(LocalPart(path=path, label=str(label), format=fmt or "csv"))
+        st = path.stat()
+        if st.st_size != part.size:
+            raise IngestError(f"{listing.location(part)} has {st.st_size} bytes, its listing {part.size}: it changed "
+                              "since it was listed; run the pipeline again once it is written in full")
+        local.append(LocalPart(path=path, label=str(label), format=fmt or "csv", stamp=(st.st_size, st.st_mtime_ns)))
         sha = part.etag if not is_s3_uri(listing.root) else file_sha256(path)
         records.append({**part.to_dict(), "sha256": sha})
     _check_options(source, local)
