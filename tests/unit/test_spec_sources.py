@@ -127,3 +127,35 @@ def test_files_inside_the_roots_are_read(tmp_path: Path) -> None:
     out.mkdir()
     assert run_ingest(IngestConfig(SourceSpec(uri=(tmp_path / "d.csv").as_uri()), data_roots=(tmp_path,)),
                       out).rows == 2
+
+
+def _source_spec(folder: Path, source: dict, **top: object) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "p", "source": source, "target": "y", "task": "classification", **top}))
+    return path
+
+
+@pytest.mark.parametrize(("source", "top", "needles"), [
+    ({"uri": "s3://Bad_Bucket/x.csv"}, {}, ["source.uri", "is not an S3 bucket name"]),
+    ({"uri": "s3://bucket/a/../b.csv"}, {}, ["source.uri", "'.' and '..' are not allowed"]),
+    ({"uri": "d.csv", "sql": {"conn_id": "db", "query": "SELECT 1"}}, {}, ["exactly one of source.uri"]),
+    ({"sql": {"conn_id": "db", "query": "SELECT 1"}, "incremental": "append"}, {}, ["data_interval_start"]),
+    ({"sql": {"conn_id": "db", "query": "SELECT 1"}, "watch": {}}, {}, ["source.sql.watermark_column"]),
+    ({"uri": "pkg://palmerpenguins/data/penguins.csv", "incremental": "append"}, {}, ["never changes"]),
+    ({"uri": "s3://bucket/in/"}, {"asset": "s3://bucket/other/"}, ["make source.uri that URI"]),
+], ids=["bad-bucket", "dotdot-key", "uri-and-sql", "sql-incremental", "sql-watch-without-watermark",
+        "pkg-incremental", "asset-not-the-source"])
+def test_source_kinds_refused_at_load(pipelines: Path, source: dict, top: dict, needles: list[str]) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec(_source_spec(pipelines, source, **top))
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def test_source_kinds_load(pipelines: Path) -> None:
+    s3 = load_spec(_source_spec(pipelines, {"uri": "s3://landing/in/", "incremental": "new_only",
+                                            "watch": {"interval_s": 30}}))
+    assert s3.source.kind == "s3" and s3.source.uri == "s3://landing/in/"
+    sql = load_spec(_source_spec(pipelines, {"sql": {"conn_id": "wh", "query": "SELECT * FROM t"}}))
+    assert sql.source.kind == "sql" and sql.source.asset_uri("p") == "sql://wh/p"
