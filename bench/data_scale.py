@@ -5,12 +5,16 @@ The table (``bench/_synthetic.py``: 45 numeric, 4 categorical columns and a 3-cl
 repeated rows) is generated in chunks into ``--folder`` (default: the temporary folder; never the repository) and
 kept there for later runs. Each kiln step runs in its own Python process, as a DAG task does, through its library
 function (``run_ingest``, ``run_clean``, ``run_build_features``) with the default spec sections; the peer is one
-process. Wall time is each process's, start-up and imports included (both sides). Peak RSS is each process's ``ru_maxrss``; kiln's
-is the largest of its three steps. A sampler polls ``/proc/meminfo`` every 0.5 s for the lowest ``MemAvailable``
-and the most swap in use while anything runs. With ``--train``, one epoch of kiln's training loop (``run_train``,
-one rank, MLP 64-32, batch 4096) runs on the largest size's features, also in its own process.
+process. Wall time is each process's, start-up and imports included (both sides); CPU time is its user + system
+time. Peak RSS is each process's ``ru_maxrss``; kiln's is the largest of its three steps. Every process runs with
+``oom_score_adj`` 1000, so that if memory runs out the kernel ends it, not other work; a peer that dies so is
+reported as such, and the ratios are then taken at the largest size where it finished. A sampler polls
+``/proc/meminfo`` every 0.5 s for the lowest ``MemAvailable`` and the most swap in use while anything runs. With
+``--train``, one epoch of kiln's training loop (``run_train``, one rank, MLP 64-32, batch 4096) runs on the
+largest size's features, also in its own process.
 
-Ratios (at the largest size): rows/s kiln / pandas (target >= 1.0) and peak RSS kiln / pandas (target <= 0.5).
+Ratios (at the largest size the peer finished): rows/s kiln / pandas (target >= 1.0) and peak RSS kiln / pandas
+(target <= 0.5).
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ else:
     from kiln.tasks.steps.build_features import BuildFeaturesConfig, run_build_features
     run_build_features(BuildFeaturesConfig(target="label", task="classification", features=FeaturesSpec(), seed=42),
                        folder / "clean", folder / "build_features")
-print(json.dumps({"wall_s": time.perf_counter() - start,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+                  "peak_rss_mib": usage.ru_maxrss / 1024}))
 """
 
 #: One epoch of kiln's training loop on one rank: argv = features folder, work folder.
@@ -102,13 +107,19 @@ class MemorySampler:
             self.max_swap_used_mib = max(self.max_swap_used_mib, info["SwapTotal"] - info["SwapFree"])
 
 
+def _expendable() -> None:
+    """In the child before it starts: the first process the kernel ends if memory runs out."""
+    Path("/proc/self/oom_score_adj").write_text("1000")
+
+
 def _run(code_or_script: str, *args: str) -> dict:
     """Run a Python snippet (or a script under ``bench/``) in a fresh process; return its last JSON line, with
     ``wall_s`` replaced by the process's whole wall time (start-up and imports included, on both sides)."""
     argv = ([sys.executable, str(BENCH / code_or_script)] if code_or_script.endswith(".py")
             else [sys.executable, "-c", code_or_script])
     start = time.perf_counter()
-    proc = subprocess.run([*argv, *args], cwd=BENCH.parent, capture_output=True, text=True)
+    proc = subprocess.run([*argv, *args], cwd=BENCH.parent, capture_output=True, text=True,
+                          preexec_fn=_expendable)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[-1][:40]!r} {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -132,14 +143,22 @@ def measure(rows: int, folder: Path) -> dict:
         steps[step] = _run(STEP, step, str(data))
         log.warning("%d rows: kiln %s %.1f s, peak RSS %.0f MiB", rows, step, steps[step]["wall_s"],
                     steps[step]["peak_rss_mib"])
-    peer = _run("_pandas_features.py", str(source), str(data / "pandas"))
-    log.warning("%d rows: pandas %.1f s, peak RSS %.0f MiB", rows, peer["wall_s"], peer["peak_rss_mib"])
+    try:
+        peer = _run("_pandas_features.py", str(source), str(data / "pandas"))
+        log.warning("%d rows: pandas %.1f s, peak RSS %.0f MiB", rows, peer["wall_s"], peer["peak_rss_mib"])
+    except RuntimeError as exc:
+        log.warning("%d rows: the pandas peer failed: %s", rows, str(exc)[-300:])
+        peer = None
     shutil.rmtree(data / "pandas", ignore_errors=True)
     kiln_s = sum(s["wall_s"] for s in steps.values())
-    return {"rows": rows, "steps": steps, "kiln_rows_per_s": rows / kiln_s, "kiln_wall_s": kiln_s,
-            "kiln_peak_rss_mib": max(s["peak_rss_mib"] for s in steps.values()),
-            "pandas_rows_per_s": rows / peer["wall_s"], "pandas_wall_s": peer["wall_s"],
-            "pandas_peak_rss_mib": peer["peak_rss_mib"], "features": str(data / "build_features")}
+    result = {"rows": rows, "steps": steps, "kiln_rows_per_s": rows / kiln_s, "kiln_wall_s": kiln_s,
+              "kiln_cpu_s": sum(s["cpu_s"] for s in steps.values()),
+              "kiln_peak_rss_mib": max(s["peak_rss_mib"] for s in steps.values()), "peer": peer,
+              "features": str(data / "build_features")}
+    if peer is not None:
+        result.update(pandas_rows_per_s=rows / peer["wall_s"], pandas_wall_s=peer["wall_s"],
+                      pandas_cpu_s=peer["cpu_s"], pandas_peak_rss_mib=peer["peak_rss_mib"])
+    return result
 
 
 def _details(results: list[dict], train: dict | None, memory: MemorySampler) -> str:
@@ -147,9 +166,14 @@ def _details(results: list[dict], train: dict | None, memory: MemorySampler) -> 
              "|---|---|---|---|---|---|---|"]
     for r in results:
         cells = " | ".join(f"{s['wall_s']:.1f} / {s['peak_rss_mib']:.0f}" for s in r["steps"].values())
-        lines.append(f"| {r['rows']:,} | kiln | {cells} | {r['kiln_rows_per_s']:,.0f} | {r['kiln_peak_rss_mib']:.0f} |")
-        lines.append(f"| {r['rows']:,} | pandas | (one process: {r['pandas_wall_s']:.1f} s) | | | "
-                     f"{r['pandas_rows_per_s']:,.0f} | {r['pandas_peak_rss_mib']:.0f} |")
+        lines.append(f"| {r['rows']:,} | kiln | {cells} | {r['kiln_rows_per_s']:,.0f} (CPU {r['kiln_cpu_s']:.0f} s) | "
+                     f"{r['kiln_peak_rss_mib']:.0f} |")
+        if r["peer"] is None:
+            lines.append(f"| {r['rows']:,} | pandas | failed (killed: out of memory?) | | | - | - |")
+        else:
+            lines.append(f"| {r['rows']:,} | pandas | (one process: {r['pandas_wall_s']:.1f} s) | | | "
+                         f"{r['pandas_rows_per_s']:,.0f} (CPU {r['pandas_cpu_s']:.0f} s) | "
+                         f"{r['pandas_peak_rss_mib']:.0f} |")
     if train is not None:
         lines.append(f"\nOne training epoch on the {results[-1]['rows']:,}-row features (1 rank, 2 threads, MLP 64-32, "
                      f"batch 4096): {train['wall_s']:.0f} s in all, {train['samples_per_s']:,.0f} samples/s, "
@@ -175,7 +199,7 @@ def main() -> None:
                 train = _run(TRAIN, results[-1]["features"], work)
     details = _details(results, train, memory)
     log.warning("\n%s", details)
-    last = results[-1]
+    last = [r for r in results if r["peer"] is not None][-1]
     speed = last["kiln_rows_per_s"] / last["pandas_rows_per_s"]
     memory_ratio = last["kiln_peak_rss_mib"] / last["pandas_peak_rss_mib"]
     print(json.dumps({
