@@ -4,6 +4,10 @@ Input is the ``clean`` step's folder (``clean.parquet`` and ``clean_report.json`
 split with float32 columns ``f0..f{d-1}`` and an encoded ``target`` column, the raw test rows for serving parity
 checks, and ``feature_spec.json``: the fitted :class:`~kiln.tasks.features.transform.FeatureTransform` that serving
 reloads to transform a raw record exactly as training did (:mod:`kiln.tasks.features.splits` reads them back).
+
+Each split file holds its rows in the split's shuffled order, in row groups of ``group_rows``: a training rank
+reads its contiguous share of the train file from the row groups that hold it. The step holds one column or one
+row group at a time, never the whole table.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ Rules run in this order; each one that does something is logged as one line and 
 5. ``missing_<policy>``: per column, ``drop_row``, ``mean``, ``median``, ``mode``, ``constant`` or ``keep``.
 6. ``outliers_<policy>``: numeric columns only, ``clip_iqr`` or ``drop_iqr`` with ``[Q1 - k*IQR, Q3 + k*IQR]``.
 
+The snapshot is streamed, never held whole (:mod:`kiln.tasks.features.cleaning_passes`): one pass over its row
+groups coerces, counts and hashes rows for duplicate detection; each fill statistic and IQR bound is computed on
+the one column it needs; a last pass writes the kept rows. The result equals that of cleaning the whole frame.
+
 Fill statistics (mean, median, mode) and IQR bounds are computed on the whole cleaned dataset, before the
 train/test split. The leakage this allows is negligible for imputation and outlier bounds; the statistics that
 matter (feature scaling) are fitted by ``build_features`` on the train split only.
