@@ -20,7 +20,7 @@ from kiln.tasks.sources import files, snapshot
 from kiln.tasks.sources.listing import SourceListing, list_source
 from kiln.tasks.spec import SourceSpec, load_spec
 from kiln.tasks.steps.ingest import IngestConfig, IngestError, IngestRun, ingest, run_ingest
-from kiln.tasks.storage.artifacts import LocalArtifactStore, write_json
+from kiln.tasks.storage.artifacts import LocalArtifactStore, file_sha256, write_json
 
 
 def run(tmp_path: Path, source: SourceSpec, out: str = "out", fraction: float = 1.0, **kwargs) -> tuple:
@@ -123,11 +123,13 @@ def test_incremental_reads_only_new_partitions_after_the_accepted_snapshot(tmp_p
     def ctx(run_id: str) -> RunContext:
         return RunContext(spec=spec, run_key=f"p/{run_id}", store=store, spec_path=str(spec_path))
 
-    assert ingest(ctx("r1")).rows == 2
+    first = ingest(ctx("r1"))
+    assert first.rows == 2
     accept(store, "p", "p/r1")
     with pytest.raises(IngestError, match=r"nothing to ingest: no part under .*lake is new .*run p/r1"):
         ingest(ctx("r2"))
     assert not store.exists("p/r2/ingest")
+    assert file_sha256(store.path("p/r1/ingest") / SNAPSHOT_FILE) == first.sha256  # the previous one untouched
     (tmp_path / "lake" / "2.csv").write_text("x,y\n3,c\n")
     assert ingest(ctx("r3")).rows == (3 if mode == "append" else 1)
     manifest = json.loads((store.path("p/r3/ingest") / SNAPSHOT_MANIFEST_FILE).read_text())
