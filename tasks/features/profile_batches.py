@@ -61,7 +61,10 @@ class NumericStats:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        values = pc.cast(array.drop_null(), pa.float64()).to_numpy(zero_copy_only=False)
+        present = array.drop_null() if array.null_count else array
+        if present.type != pa.float64():
+            present = pc.cast(present, pa.float64())
+        values = present.to_numpy(zero_copy_only=False)
         finite = values[np.isfinite(values)]
         self.missing += len(array) - len(finite)
         if not len(finite):
@@ -128,21 +131,22 @@ class CategoryStats:
         if pa.types.is_dictionary(array.type):
             array = array.dictionary_decode() if isinstance(array, pa.Array) else pc.cast(array, array.type.value_type)
         self.missing += array.null_count
-        values = pc.utf8_slice_codeunits(pc.cast(array.drop_null(), pa.string()), 0, MAX_VALUE_CHARS)
-        self.present += len(values)
+        # Everything below works on the batch's distinct values, weighted by their counts.
+        counted = pc.value_counts(array.drop_null() if array.null_count else array)
+        values = pc.utf8_slice_codeunits(pc.cast(counted.field("values"), pa.string()), 0, MAX_VALUE_CHARS)
+        counts = counted.field("counts")
+        self.present += int(pc.sum(counts).as_py() or 0)
         is_number = pc.match_substring_regex(values, NUMBER_PATTERN)
-        self.numbers += int(pc.sum(is_number).as_py() or 0)
+        self.numbers += int(pc.sum(pc.filter(counts, is_number)).as_py() or 0)
         if len(self.examples) < EXAMPLES:
-            text = pc.filter(values, pc.invert(is_number))
-            for value in pc.unique(text.slice(0, 1000)).to_pylist():
+            for value in pc.filter(values, pc.invert(is_number)).slice(0, EXAMPLES).to_pylist():
                 if len(self.examples) < EXAMPLES and value not in self.examples:
                     self.examples.append(value)
         if self.known is not None:
-            seen = pc.is_in(values, value_set=self.known)
-            self.new += len(values) - int(pc.sum(seen).as_py() or 0)
-        counted = pc.value_counts(values)
-        self.counts.update(dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist(),
-                                    strict=True)))
+            unseen = pc.invert(pc.is_in(values, value_set=self.known))
+            self.new += int(pc.sum(pc.filter(counts, unseen)).as_py() or 0)
+        for value, count in zip(values.to_pylist(), counts.to_pylist(), strict=True):
+            self.counts[value] += count  # values cut to the same prefix add up
         if len(self.counts) > COUNTER_CAP:
             kept = dict(self.counts.most_common(COUNTER_CAP // 2))
             self.folded += sum(self.counts.values()) - sum(kept.values())
