@@ -67,9 +67,11 @@ def run_context(spec_path: str, context: Any, overrides: dict[str, Any] | None =
 
 
 def trigger_events(context: Any) -> tuple[dict[str, Any], ...]:
-    """The ``extra`` of each Asset event that started this run (none for a manual or timed run)."""
+    """The ``extra`` of each Asset event that started this run (none for a manual or timed run). An event a watcher
+    trigger emitted has Airflow's wrapping ``{"from_trigger": true, "payload": {...}}``: its payload is returned."""
     events = context.get("triggering_asset_events") or {}
-    return tuple(dict(event.extra or {}) for asset_events in events.values() for event in asset_events)
+    extras = [dict(event.extra or {}) for asset_events in events.values() for event in asset_events]
+    return tuple(e["payload"] if e.get("from_trigger") and isinstance(e.get("payload"), dict) else e for e in extras)
 
 
 class PipelineStepOperator(BaseOperator):
