@@ -84,7 +84,15 @@ def read_query(read: QueryRead, url: str) -> Iterator[pa.RecordBatch]:
     import sqlalchemy as sa
     from sqlalchemy.exc import SQLAlchemyError
 
-    engine = sa.create_engine(url, pool_pre_ping=False)
+    try:
+        engine = sa.create_engine(url)
+    except ImportError as exc:
+        raise IngestError(f"Airflow connection '{read.conn_id}' (source.sql.conn_id) needs the database driver "
+                          f"'{exc.name}', which is not installed: add it to the workers' Python environment "
+                          "(PostgreSQL and SQLite need nothing more)") from None
+    except SQLAlchemyError as exc:
+        raise IngestError(f"Airflow connection '{read.conn_id}' (source.sql.conn_id) does not give a usable "
+                          f"database URL: {_reason(exc)}; fix its type, host and schema") from None
     try:
         try:
             conn = engine.connect()

@@ -203,7 +203,8 @@ def lookup_fails(conn_id: str) -> str:
     (sql("SELECT id FROM t", max_rows=5), None, ["more than source.sql.max_rows = 5"]),
     (sql("SELECT id FROM t WHERE id > :lo"), None, ["parameter(s) :lo"]),
     (sql("SELECT id FROM t"), lookup_fails, ["source.sql.conn_id", "no Airflow connection 'db'"]),
-], ids=["empty-result", "sql-error", "too-many-rows", "unknown-parameter", "missing-connection"])
+    (sql("SELECT id FROM t"), lambda _: "mysql+pymysql://u@127.0.0.1/db", ["needs the database driver 'pymysql'"]),
+], ids=["empty-result", "sql-error", "too-many-rows", "unknown-parameter", "missing-connection", "missing-driver"])
 def test_sql_bad_input(tmp_path, sqlite_db, source, resolver, needles):
     with pytest.raises(IngestError) as info:
         run(tmp_path, source, connection_url=resolver or (lambda _: sqlite_db))
