@@ -200,7 +200,7 @@ def _rebase(result: dict[str, Any], ctx: RunContext, source: str, target: str) -
     def rebase(value: Any) -> Any:
         if isinstance(value, str):
             for pattern, new in patterns:
-                value = pattern.sub(lambda _m, new=new: new, value)
+                value = pattern.sub(new.replace("\\", "\\\\"), value)
             return value
         if isinstance(value, dict):
             return {k: rebase(v) for k, v in value.items()}
