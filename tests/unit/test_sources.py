@@ -87,6 +87,15 @@ def test_csv_types_come_from_every_value_even_late_ones(tmp_path, monkeypatch, l
     pd.testing.assert_frame_equal(pd.read_parquet(out / SNAPSHOT_FILE), expected)
 
 
+def test_csv_partitions_share_their_types(tmp_path):
+    (tmp_path / "lake").mkdir()
+    (tmp_path / "lake" / "a.csv").write_text("x,y\n1,2\n")
+    (tmp_path / "lake" / "b.csv").write_text("x,y\n2.5,\n")
+    result, out, _ = run(tmp_path, SourceSpec(uri=str(tmp_path / "lake")))
+    assert result.columns == {"x": "float64", "y": "float64"}
+    assert pd.read_parquet(out / SNAPSHOT_FILE)["x"].tolist() == [1.0, 2.5]
+
+
 def test_snapshot_row_groups_are_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(snapshot, "ROW_GROUP_ROWS", 100)
     (tmp_path / "d.csv").write_text("i\n" + "".join(f"{i}\n" for i in range(1050)))
