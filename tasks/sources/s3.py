@@ -81,6 +81,10 @@ def list_s3(uri: str, source: SourceSpec) -> SourceListing:
                                  if "/" in key else f"s3://{bucket}/")
         key += "/"
     parts = _list_prefix(s3, bucket, key, uri, source)
+    if not parts and not uri.endswith("/") and key != "/":
+        raise SourceReadError(f"no object s3://{bucket}/{key[:-1]} and no partition object under s3://{bucket}/{key} "
+                              f"(source.uri {uri!r}) at {get_settings().s3_endpoint_url or 'AWS S3'}: fix the key "
+                              "in source.uri, or upload the data")
     if not parts:
         raise SourceReadError(f"no partition object under s3://{bucket}/{key} (source.uri {uri!r}; *.csv, "
                               "*.csv.gz, *.parquet; names starting with '.' or '_' are skipped): fix the prefix, "

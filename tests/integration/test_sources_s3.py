@@ -104,10 +104,11 @@ def test_object_replaced_after_listing_is_refused(s3_endpoint: S3Endpoint, bucke
 @pytest.mark.parametrize(("uri", "setup", "needles"), [
     ("s3://no-such-bucket-kiln/x.csv", None, ["bucket 'no-such-bucket-kiln' does not exist", "source.uri"]),
     ("s3://{bucket}/empty/", None, ["no partition object under s3://{bucket}/empty/"]),
+    ("s3://{bucket}/typo.csv", None, ["no object s3://{bucket}/typo.csv and no partition object under"]),
     ("s3://{bucket}/only-markers/", "only-markers/_SUCCESS", ["no partition object under"]),
     ("s3://{bucket}/parts/", "parts/a.csv,parts/b.csv", ["partition s3://{bucket}/parts/b.csv", "extra column(s) c"]),
     ("s3://{bucket}/x.csv", "nocreds", ["no AWS credentials for s3://{bucket}/x.csv", "KILN_S3_CONNECTION_ID"]),
-], ids=["no-such-bucket", "empty-prefix", "prefix-without-partitions", "partition-schema-differs",
+], ids=["no-such-bucket", "empty-prefix", "missing-object", "prefix-without-partitions", "partition-schema-differs",
         "missing-credentials"])
 def test_unreadable_sources_name_the_object_and_publish_nothing(
         s3_endpoint: S3Endpoint, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
