@@ -26,7 +26,7 @@ from kiln.tasks.features.default_checks import default_suite
 from kiln.tasks.features.expectation_report import REPORT_EXAMPLES, expectation_report, jsonable, kwargs_problems
 from kiln.tasks.features.profile import PROFILE_FILE, Breach, DataProfile, compare, profile_parquet
 from kiln.tasks.pipeline import keys
-from kiln.tasks.pipeline.accepted import Accepted, publish_accepted, read_accepted
+from kiln.tasks.pipeline.accepted import Accepted, accepted_key, publish_accepted, read_accepted
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.settings import get_settings
 from kiln.tasks.spec import ColumnType, ExpectationSpec, ExpectationsSpec, PipelineSpec, TaskType
@@ -205,14 +205,22 @@ def run_validate(config: ValidateConfig, snapshot_dir: Path, out_dir: Path,
     check_expectations(config.expectations.declared)  # spec errors first, labelled by their place in the spec
     expectations = check_expectations(build_expectations(config, df), where="suite")
     out_dir = Path(out_dir)
-    docs_dir = out_dir / keys.DATA_DOCS_DIR
     log.info("validating %s (%d rows, %d columns) against %d expectations", snapshot, len(df), len(df.columns),
              len(expectations))
-    gx_result = _run_suite(df, expectations, docs_dir)
+    gx_result = _run_suite(df, expectations, out_dir / keys.DATA_DOCS_DIR)
     del df
     profile, breaches, compared = _check_profile(config, snapshot, accepted)
-    profile_file = write_json(out_dir / PROFILE_FILE, profile.to_dict())
+    result = _report(config, gx_result, profile, breaches, compared, accepted, out_dir, snapshot)
+    for b in breaches:
+        log.warning("profile breach: %s", b)
+    return result
 
+
+def _report(config: ValidateConfig, gx_result: Any, profile: DataProfile, breaches: list[Breach],
+            compared: str | None, accepted: Accepted | None, out_dir: Path, snapshot: Path) -> ValidateResult:
+    """Write ``validation.json`` (the expectations' outcomes and the profile's comparison) and ``profile.json``."""
+    docs_dir = out_dir / keys.DATA_DOCS_DIR
+    profile_file = write_json(out_dir / PROFILE_FILE, profile.to_dict())
     report = [expectation_report(r) for r in gx_result.results]
     success = bool(gx_result.success) and not breaches
     report_file = write_json(out_dir / keys.VALIDATION_FILE, {
@@ -227,18 +235,14 @@ def run_validate(config: ValidateConfig, snapshot_dir: Path, out_dir: Path,
     failed = [{"type": r["type"], "column": r["kwargs"].get("column"), "unexpected_count": r["unexpected_count"],
                "examples": r["partial_unexpected_list"][:_MESSAGE_EXAMPLES], "observed_value": r["observed_value"],
                "error": r["error"], "hint": r["hint"]} for r in report if not r["success"]]
-    result = ValidateResult(success=success, evaluated=len(report), failed=failed, report_file=str(report_file),
-                            breaches=[b.to_dict() for b in breaches], compared_with=compared,
-                            profile_file=str(profile_file))
     log.info("validation %s: %d of %d expectations passed, %d profile bounds breached; report %s",
-             "passed" if result.success else "FAILED", len(report) - len(failed), len(report), len(breaches),
-             report_file)
+             "passed" if success else "FAILED", len(report) - len(failed), len(report), len(breaches), report_file)
     for f in failed:
         log.warning("failed %s column %s: unexpected count %s, examples %s, observed %s, error %s", f["type"],
                     f["column"] or "-", f["unexpected_count"], f["examples"], f["observed_value"], f["error"])
-    for b in breaches:
-        log.warning("profile breach: %s", b)
-    return result
+    return ValidateResult(success=success, evaluated=len(report), failed=failed, report_file=str(report_file),
+                          breaches=[b.to_dict() for b in breaches], compared_with=compared,
+                          profile_file=str(profile_file))
 
 
 def _check_profile(config: ValidateConfig, snapshot: Path,
@@ -247,7 +251,13 @@ def _check_profile(config: ValidateConfig, snapshot: Path,
     bounds = config.expectations.profile
     manifest = snapshot.parent / keys.SNAPSHOT_MANIFEST_FILE
     fraction = float(read_json(manifest).get("sample_fraction", 1.0)) if manifest.is_file() else 1.0
-    previous = DataProfile.from_dict(accepted.profile) if accepted is not None else None
+    try:
+        previous = DataProfile.from_dict(accepted.profile) if accepted is not None else None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        assert accepted is not None
+        raise ValueError(f"the profile of the accepted snapshot (run {accepted.run_key}) cannot be read: {exc}; "
+                         f"delete {accepted_key(accepted.run_key.split('/')[0])} in the artifact store and the next "
+                         "run that passes validate records a new one") from None
     profile = profile_parquet(snapshot, reference=previous, range_margin=bounds.range_margin,
                               sample_fraction=fraction)
     if previous is None or accepted is None or not bounds.enabled:

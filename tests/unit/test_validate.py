@@ -231,3 +231,10 @@ def test_the_profile_is_written_but_not_compared_when_off_or_first(tmp_path):
         result = run_validate(cfg, snapshot(tmp_path / name, moved), out_dir(tmp_path / name), previous)
         assert result.success and result.breaches == [] and result.compared_with is None, name
         assert json.loads(Path(result.profile_file).read_text())["rows"] == 60
+
+
+def test_a_damaged_accepted_profile_names_the_record_to_delete(tmp_path):
+    damaged = Accepted(run_key="t/first", manifest={}, profile={"rows": 5})
+    with pytest.raises(ValueError, match=r"accepted snapshot \(run t/first\) cannot be read: not a data profile.*"
+                                         r"delete t/_accepted"):
+        run_validate(config(), snapshot(tmp_path, good_frame()), out_dir(tmp_path), damaged)
