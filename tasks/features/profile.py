@@ -145,8 +145,8 @@ class DataProfile:
 def widened_range(column: ColumnProfile, margin: float) -> tuple[float, float] | None:
     """The range a new value of ``column`` may take: ``[min, max]`` widened by ``margin`` × its width on each side.
 
-    A constant column's width is its value's magnitude (1 for zero), so that a column of one value is not breached
-    by every other. ``None`` when the column has no numbers.
+    A constant column's width is its value's magnitude (1 for zero), so that a column that held one value still
+    tolerates values near it. ``None`` when the column has no numbers.
     """
     if column.min is None or column.max is None:
         return None
