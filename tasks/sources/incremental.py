@@ -99,7 +99,7 @@ def check_events(listing: SourceListing, events: Sequence[Mapping[str, Any]]) ->
         if not isinstance(parts, list):
             continue
         uri = event.get("uri")
-        if uri not in (None, listing.uri):
+        if uri is not None and str(uri).rstrip("/") != listing.uri.rstrip("/"):
             log.warning("an Asset event lists parts of %s, not this source %s; not checked", uri, listing.uri)
             continue
         for item in parts:
