@@ -22,8 +22,6 @@ from kiln.tasks.pipeline.accepted import read_accepted
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.sources.errors import IngestError
 from kiln.tasks.sources.incremental import Previous
-from kiln.tasks.sources.reading import Sampling, snapshot_files, snapshot_sql
-from kiln.tasks.sources.snapshot import pandas_dtypes
 from kiln.tasks.spec import PipelineSpec, SourceSpec
 from kiln.tasks.spec.sources import data_roots
 from kiln.tasks.storage.artifacts import file_sha256, read_json, write_json
@@ -110,6 +108,10 @@ def run_ingest(config: IngestConfig, out_dir: Path, run: IngestRun | None = None
             the event that started the run; the connection is missing or the query fails or returns nothing.
         SourceUnreachableError: the S3 endpoint or the database cannot be reached (a retry may succeed).
     """
+    # The readers import pyarrow and pandas: imported here, so the DAG file that lists the steps parses quickly.
+    from kiln.tasks.sources.reading import Sampling, snapshot_files, snapshot_sql
+    from kiln.tasks.sources.snapshot import pandas_dtypes
+
     run = run or IngestRun()
     source, out_dir = config.source, Path(out_dir)
     snapshot, scratch = out_dir / keys.SNAPSHOT_FILE, out_dir / ".ingest-scratch"

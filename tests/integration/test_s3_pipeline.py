@@ -62,23 +62,29 @@ def test_pipeline_on_s3(s3_endpoint: S3Endpoint, tmp_path: Path,  # noqa: F811
     assert results["gate"].passed, results["gate"].reason
     assert results["promote"], "the run went through to the end of the rollout"
 
-    # The store: one committed version per step, every file of it present with the recorded sha256, nothing else.
+    # The store: one committed version per key, every file of it present with the recorded sha256, nothing else.
+    # The run's steps publish under the run's prefix; the pipeline keeps its accepted snapshot and cache entries.
     objects = list_keys(client, bucket, "kiln/")
     run_prefix = f"kiln/{ctx.run_key}/"
-    assert objects and all(o.startswith(run_prefix) for o in objects), sorted(objects)[:5]
-    steps = {o[len(run_prefix):].split("/", 1)[0] for o in objects}
+    pipeline_prefix = f"kiln/{ctx.spec.name}/"
+    bases = {o.split(f"/{VERSIONS}/", 1)[0] if f"/{VERSIONS}/" in o else o.removesuffix(f"/{MANIFEST}")
+             for o in objects}
+    shared = {b for b in bases if not b.startswith(run_prefix)}
+    assert objects and all(b.startswith((f"{pipeline_prefix}_accepted", f"{pipeline_prefix}_cache/"))
+                           for b in shared), sorted(shared)[:5]
+    assert f"{pipeline_prefix}_accepted" in shared, "validate recorded the accepted snapshot in the bucket"
+    steps = {b[len(run_prefix):] for b in bases - shared}
     # Every step publishes (verify only checks the endpoint), and register publishes the bundle.
     assert steps >= {s.name for s in STEPS if s.name not in ("register", "verify")} | {"bundle"}, sorted(steps)
     committed: set[str] = set()
-    for step in sorted(steps):
-        base = f"{run_prefix}{step}"
-        assert f"{base}/{MANIFEST}" in objects, f"{step} has objects but no committed manifest"
+    for base in sorted(bases):
+        assert f"{base}/{MANIFEST}" in objects, f"{base} has objects but no committed manifest"
         manifest = json.loads(read_object(client, bucket, f"{base}/{MANIFEST}"))
-        assert manifest["files"], f"{step} published no files"
+        assert manifest["files"], f"{base} published no files"
         committed.add(f"{base}/{MANIFEST}")
         for rel, meta in manifest["files"].items():
             obj = f"{base}/{VERSIONS}/{manifest['version']}/{rel}"
-            assert obj in objects, f"{obj} is in the manifest of {step} but not in the bucket"
+            assert obj in objects, f"{obj} is in the manifest of {base} but not in the bucket"
             data = read_object(client, bucket, obj)
             assert (hashlib.sha256(data).hexdigest(), len(data)) == (meta["sha256"], meta["size"]), obj
             committed.add(obj)
