@@ -100,3 +100,35 @@ def test_rerun_with_other_epochs_trains_the_model_a_full_rerun_trains(tmp_path: 
     assert again[keys.TRAIN]["model_uri"] == store.uri("cache_train/manual__4/train")
     assert os.path.samefile(store.path("cache_train/manual__2/train") / "model.pt",
                             store.path("cache_train/manual__4/train") / "model.pt")
+
+
+def test_train_operator_reuses_a_cached_model_without_leasing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The train task looks the cache up before it asks the pool for devices: a hit leases nothing."""
+    from types import SimpleNamespace
+
+    from kiln.operators.train import TrainOperator
+    from kiln.tasks.pipeline.cache_keys import train_key
+    from kiln.tasks.pipeline.step_cache import record
+
+    spec, calls = write_pipeline(tmp_path), []
+    run_id = f"manual__op_{tmp_path.name}"
+    ctx = make_context(spec, run_id, {"epochs": 2})
+    run(spec, run_id, ctx.store, calls, DATA_STEPS, epochs=2)
+    ctx.publish(keys.TRAIN, lambda out: (out / "model.pt").write_bytes(b"weights"))  # stands for a trained model
+    key = train_key(ctx)
+    assert key is not None
+    record(ctx, key, {"model_uri": ctx.store.uri(ctx.key(keys.TRAIN)), "final": {"val/loss": 0.5}})
+
+    def no_lease(self: Any, context: Any) -> Any:
+        raise AssertionError("the train task asked for devices although the model is cached")
+
+    monkeypatch.setattr(TrainOperator, "lease_request", no_lease)
+    again = f"{run_id}_again"
+    run(spec, again, ctx.store, calls, DATA_STEPS, epochs=2)  # hits: the same features
+    assert calls == list(DATA_STEPS)
+    ti = SimpleNamespace(dag_id="cache_train", run_id=again, task_id="train", try_number=1)
+    result = TrainOperator(task_id="train", spec_path=str(spec)).execute(
+        {"run_id": again, "params": {"epochs": 2}, "ti": ti})
+    assert result["cache"] == f"hit: {key.digest} from run {run_id}" and result["peak_rss_mib"] > 0
+    assert result["model_uri"] == ctx.store.uri(f"cache_train/{again}/train")
+    assert (ctx.store.path(f"cache_train/{again}/train") / "model.pt").read_bytes() == b"weights"
