@@ -125,6 +125,18 @@ def ingest_key(ctx: RunContext) -> CacheKey | None:
     return CacheKey.of(keys.INGEST, parts)
 
 
+def read_as_keyed(ctx: RunContext, key: CacheKey) -> str | None:
+    """Why this run's output of ``key.step`` must not be recorded under ``key`` (``None``: it may be): for
+    ``ingest``, a source that changed between the key's listing and ingest's own (its manifest's
+    ``listing_fingerprint``), so the snapshot holds other data than the key says."""
+    if key.step != keys.INGEST:
+        return None
+    read = read_json(ctx.input_dir(keys.INGEST) / keys.SNAPSHOT_MANIFEST_FILE).get("listing_fingerprint")
+    if read != key.parts["listing"]:
+        return f"the source changed while it was read (listing {str(read)[:12]}, key's {key.parts['listing'][:12]})"
+    return None
+
+
 def clean_key(ctx: RunContext) -> CacheKey:
     """``clean``: the snapshot's sha256, ``cleaning``, ``columns``, ``target``, ``task``,
     ``expectations.min_rows`` and the code."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.tasks.pipeline import keys
-from kiln.tasks.pipeline.cache_keys import CacheKey
+from kiln.tasks.pipeline.cache_keys import CacheKey, read_as_keyed
 from kiln.tasks.pipeline.context import RunContext, StepResult
 from kiln.tasks.storage.artifacts import ArtifactNotFoundError, LocalArtifactStore, read_json, write_json
 
@@ -113,7 +113,12 @@ def cached_result(ctx: RunContext, key: CacheKey) -> dict[str, Any] | None:
 
 
 def record(ctx: RunContext, key: CacheKey, result: dict[str, Any]) -> None:
-    """Record this run's published output of ``key.step`` as the entry of ``key`` (published atomically)."""
+    """Record this run's published output of ``key.step`` as the entry of ``key`` (published atomically), unless
+    the output was made from other inputs than the key's (:func:`~kiln.tasks.pipeline.cache_keys.read_as_keyed`)."""
+    unlike = read_as_keyed(ctx, key)
+    if unlike:
+        log.warning("cache: the output of %s is not recorded under %s: %s", key.step, key.digest, unlike)
+        return
     folder = ctx.input_dir(key.step)
     entry = {"step": key.step, "key": key.digest, "parts": key.parts, "run_key": ctx.run_key,
              "result": {k: v for k, v in result.items() if k not in (CACHE_FIELD, PEAK_RSS_FIELD)},

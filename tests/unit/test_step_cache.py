@@ -204,3 +204,22 @@ def _is_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+def test_source_changed_while_read_is_not_recorded(tmp_path: Path, store: LocalArtifactStore,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key's listing is taken before ingest reads: a source that changes in between must not leave its
+    snapshot under the key of the listing before the change."""
+    spec, counted = write_pipeline(tmp_path), Counted()
+    ingest = step_named(keys.INGEST)
+
+    def changing(ctx: RunContext) -> Any:
+        (tmp_path / "data.csv").write_text("x,kind,y\n1.0,a,p\n" * 20)
+        return ingest.run(ctx)
+
+    ctx = make_context(spec, "manual__1", store=store)
+    result = run_step(replace(ingest, run=changing), ctx)
+    key = result["cache"].removeprefix("miss: ")
+    assert not store.exists(f"cached/_cache/ingest/{key}")
+    assert run_data_steps(write_pipeline(tmp_path), "manual__2", store, counted)[keys.INGEST]["cache"] != \
+        f"hit: {key} from run manual__1"
