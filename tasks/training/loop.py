@@ -136,4 +136,5 @@ def train(ctx: TrainContext) -> TrainedModel:
             ctx.log_metrics(metrics, step=epoch)
         ctx.save_checkpoint({"model_state": module.state_dict(), "optimizer_state": optimizer.state_dict()},
                             epoch=epoch)
-    return TrainedModel(module, x_cpu[:_EXAMPLE_ROWS], samples_per_s=loop_samples / loop_s if loop_s > 0 else None)
+    example = x_cpu[:_EXAMPLE_ROWS].clone()  # not a view: it would keep (and export) the whole shard
+    return TrainedModel(module, example, samples_per_s=loop_samples / loop_s if loop_s > 0 else None)

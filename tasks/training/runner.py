@@ -195,7 +195,9 @@ def _finish(config: TrainConfig, ctx: TrainContext, returned: Any) -> TrainJobRe
                     "rebuildable": config.entrypoint is None and config.model.type != "custom"}
         meta = {"train_config": config.to_json(), "fingerprint": fingerprint, "epochs_run": rec.last_epoch,
                 "resumed_from_epoch": rec.resumed_from, "world_size": ctx.world_size, **identity}
-        program = export_program(module, returned.example_input.detach().cpu()[:_CHECK_ROWS], config.task,
+        # clone(): the example is usually a view of the training data, and saving a view saves its whole storage
+        # (a 4 GB model file and 3x that in memory with 10 M rows).
+        program = export_program(module, returned.example_input.detach().cpu()[:_CHECK_ROWS].clone(), config.task,
                                  source=source)
         with fence.holding(ctx.checkpoint_dir, config.fence_token):
             save_model(out / MODEL_FILE, module, model_spec=config.model, input_dim=ctx.input_dim,
