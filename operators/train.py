@@ -43,17 +43,13 @@ class TrainOperator(PooledOperator):
         return step_links(keys.TRAIN)
 
     def execute(self, context: Any) -> Any:
-        from kiln.tasks.pipeline.step_cache import cached_result, step_key, with_peak_rss
+        from kiln.tasks.pipeline.step_cache import reuse
         from kiln.tasks.pipeline.steps import step_named
 
         with noting_failure(context):
             # A cached model needs no devices: the cache is looked up before anything is leased.
-            ctx = self._context(context)
-            key = step_key(step_named(keys.TRAIN), ctx)
-            hit = cached_result(ctx, key) if key is not None else None
-            if hit is not None:
-                return with_peak_rss(keys.TRAIN, hit)
-            return super().execute(context)
+            cached = reuse(step_named(keys.TRAIN), self._context(context))
+            return cached if cached is not None else super().execute(context)
 
     def execute_granted(self, context: Any, event: dict[str, Any]) -> Any:
         with noting_failure(context):

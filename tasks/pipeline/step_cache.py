@@ -79,6 +79,14 @@ def execute_step(step: Step, ctx: RunContext, run: Callable[[RunContext], StepRe
     return with_peak_rss(step.name, result), typed
 
 
+def reuse(step: Step, ctx: RunContext) -> dict[str, Any] | None:
+    """``step``'s result from the cache as :func:`run_step` returns it, its output published under this run; ``None``
+    when the step must run (a miss, or not cacheable). The train task asks this before it leases devices."""
+    key = step_key(step, ctx)
+    hit = cached_result(ctx, key) if key is not None else None
+    return with_peak_rss(step.name, hit) if hit is not None else None
+
+
 def step_key(step: Step, ctx: RunContext) -> CacheKey | None:
     """The cache key of ``step`` in this run; ``None`` when the cache is off (``cache.enabled: false`` or the
     ``use_cache`` Param), the step is not cacheable in this run, or (``ingest``) this run already took its
