@@ -57,7 +57,7 @@ from kiln.tasks.pipeline.runner import run_all
 t0 = time.perf_counter()
 ctx = make_context(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
 results = run_all(ctx)
-print(json.dumps({"duration_s": time.perf_counter() - t0, "steps": [k for k in results if k != "duration_s"]}))
+print(json.dumps({"duration_s": time.perf_counter() - t0, "steps": list(results.results)}))
 """
 
 

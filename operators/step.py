@@ -51,10 +51,9 @@ def run_context(spec_path: str, context: Any, overrides: dict[str, Any] | None =
     Raises:
         AirflowFailException: the spec or a Param is invalid (a retry cannot fix it).
     """
+    from kiln.operators.connections import connection_url
     from kiln.tasks.pipeline.context import make_context
     from kiln.tasks.spec import SpecError
-
-    from kiln.operators.connections import connection_url
 
     use_s3_connection()
     start, end = context.get("data_interval_start"), context.get("data_interval_end")

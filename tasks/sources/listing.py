@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 Format = Literal["csv", "parquet"]
 PARTITION_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 
-_sha_memo: dict[tuple[str, int, int, int], str] = {}
+_sha_memo: dict[tuple[str, int, int, int, int], str] = {}
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,8 @@ def _list_folder(uri: str, folder: Path, source: SourceSpec, roots: tuple[Path, 
 
 def _local_part(path: Path, name: str) -> SourcePart:
     st = path.stat()
-    memo_key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    # ctime too: a same-size rewrite whose mtime was set back still changes it.
+    memo_key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     digest = _sha_memo.get(memo_key)
     if digest is None:
         digest = file_sha256(path)

@@ -38,9 +38,10 @@ from kiln.tasks.spec.training import CodeSpec, DockerSpec, ModelSpec, ResourcesS
 from kiln.tasks.spec.yaml_reader import SPEC_LIMITS, SpecLimits
 
 __all__ = [
-    "CLASSIFICATION_METRICS", "HIGHER_IS_BETTER", "PARAM_FIELDS", "REGRESSION_METRICS", "SPEC_LIMITS", "CacheSpec", "CanarySpec",
-    "CleaningSpec", "CodeSpec", "ColumnCleaning", "ColumnType", "DeploymentSpec", "DockerSpec", "EvaluationSpec",
-    "ExpectationSpec", "ExpectationsSpec", "FeaturesSpec", "GateSpec", "InfraValidationSpec", "ModelSpec",
-    "PipelineSpec", "ProfileBoundsSpec", "ResourcesSpec", "SliceSpec", "SourceSpec", "SpecError", "SpecLimits", "SqlSourceSpec", "TaskType",
-    "TrainingSpec", "WatchSpec", "discover_specs", "load_spec", "load_specs", "parse_spec", "spec_named",
+    "CLASSIFICATION_METRICS", "HIGHER_IS_BETTER", "PARAM_FIELDS", "REGRESSION_METRICS", "SPEC_LIMITS", "CacheSpec",
+    "CanarySpec", "CleaningSpec", "CodeSpec", "ColumnCleaning", "ColumnType", "DeploymentSpec", "DockerSpec",
+    "EvaluationSpec", "ExpectationSpec", "ExpectationsSpec", "FeaturesSpec", "GateSpec", "InfraValidationSpec",
+    "ModelSpec", "PipelineSpec", "ProfileBoundsSpec", "ResourcesSpec", "SliceSpec", "SourceSpec", "SpecError",
+    "SpecLimits", "SqlSourceSpec", "TaskType", "TrainingSpec", "WatchSpec", "discover_specs", "load_spec",
+    "load_specs", "parse_spec", "spec_named",
 ]

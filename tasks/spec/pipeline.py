@@ -128,7 +128,8 @@ class PipelineSpec(_Strict):
         if self.source.watch is not None and self.asset.rstrip("/") != self.source.asset_uri(self.name).rstrip("/"):
             return (f"asset '{self.asset}' is not the watched source '{self.source.asset_uri(self.name)}': with "
                     "source.watch the source is the Asset; remove asset")
-        if scheme in ("s3", "file") and (self.source.uri is None or self.asset.rstrip("/") != self.source.uri.rstrip("/")):
+        source_uri = (self.source.uri or "").rstrip("/")
+        if scheme in ("s3", "file") and self.asset.rstrip("/") != source_uri:
             return (f"asset '{self.asset}' names data that the pipeline does not read (source is "
                     f"'{self.source.uri or self.source.asset_uri(self.name)}'); a run started by it would read other "
                     "data: make source.uri that URI, or use a kiln:// asset for an abstract signal")
