@@ -155,6 +155,32 @@ def s3_endpoint() -> Iterator[S3Endpoint]:
             endpoint.stop()
 
 
+@dataclass(frozen=True)
+class LockedBucket:
+    """A second moto that checks IAM: the bucket ``locked`` and the keys of a user without any rights."""
+
+    endpoint: S3Endpoint
+    key_id: str
+    secret: str
+
+
+@pytest.fixture(scope="session")
+def iam_endpoint(s3_endpoint: S3Endpoint) -> Iterator[LockedBucket]:
+    """A second moto that checks IAM after its first 3 requests (a bucket, a user, that user's access key)."""
+    import boto3
+
+    endpoint = S3Endpoint(moto_port=free_port(), port=free_port(), extra_env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    endpoint.start()
+    try:
+        endpoint.client(direct=True).create_bucket(Bucket="locked")
+        iam = boto3.client("iam", endpoint_url=endpoint.moto_url, region_name="us-east-1")
+        iam.create_user(UserName="no-rights")
+        key = iam.create_access_key(UserName="no-rights")["AccessKey"]
+        yield LockedBucket(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+    finally:
+        endpoint.stop()
+
+
 #: The request line of an upload (a PutObject or an UploadPart) into a version prefix of the store.
 _VERSION_PUT = re.compile(rb"PUT [^ ]*/\.v/[^ ]* HTTP/1\.1\r\n")
 

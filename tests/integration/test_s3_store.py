@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port
-from s3_server import S3Endpoint, s3_endpoint  # noqa: F401
+from s3_server import LockedBucket, S3Endpoint, iam_endpoint, s3_endpoint  # noqa: F401
 
 from kiln.tasks.pipeline.context import make_context
 from kiln.tasks.steps.build_features import build_features
@@ -233,25 +233,9 @@ def test_unreachable_endpoint(tmp_path: Path, s3_endpoint: S3Endpoint) -> None: 
         store.exists("k")
 
 
-@pytest.fixture(scope="module")
-def iam_endpoint(s3_endpoint: S3Endpoint) -> Any:  # noqa: F811
-    """A second moto that checks IAM after its first 3 requests: a bucket, a user and that user's access key."""
-    endpoint = S3Endpoint(moto_port=free_port(), port=free_port(), extra_env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
-    endpoint.start()
-    try:
-        import boto3
-
-        endpoint.client(direct=True).create_bucket(Bucket="locked")
-        iam = boto3.client("iam", endpoint_url=endpoint.moto_url, region_name="us-east-1")
-        iam.create_user(UserName="no-rights")
-        key = iam.create_access_key(UserName="no-rights")["AccessKey"]
-        yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
-    finally:
-        endpoint.stop()
-
-
-def test_wrong_credentials(iam_endpoint: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    endpoint, _, _ = iam_endpoint
+def test_wrong_credentials(iam_endpoint: LockedBucket, tmp_path: Path,  # noqa: F811
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint = iam_endpoint.endpoint
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(ArtifactStoreError, match=f"{endpoint.url} rejected the AWS credentials") as info:
@@ -259,8 +243,8 @@ def test_wrong_credentials(iam_endpoint: Any, tmp_path: Path, monkeypatch: pytes
     assert "'locked'" in str(info.value) and "not-the-secret" not in str(info.value)
 
 
-def test_access_denied(iam_endpoint: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    endpoint, key_id, secret = iam_endpoint
+def test_access_denied(iam_endpoint: LockedBucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    endpoint, key_id, secret = iam_endpoint.endpoint, iam_endpoint.key_id, iam_endpoint.secret
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     with pytest.raises(ArtifactStoreError, match=f"access denied to bucket 'locked' at {endpoint.url}") as info:

@@ -11,8 +11,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import free_port
-from s3_server import S3Endpoint, s3_endpoint  # noqa: F401
+from s3_server import LockedBucket, S3Endpoint, iam_endpoint, s3_endpoint  # noqa: F401
 
 from kiln.tasks.pipeline.accepted import publish_accepted
 from kiln.tasks.pipeline.context import RunContext
@@ -127,28 +126,11 @@ def test_unreadable_sources_name_the_object_and_publish_nothing(
     assert list((tmp_path / "out").iterdir()) == []
 
 
-@pytest.fixture(scope="module")
-def locked(s3_endpoint: S3Endpoint) -> Any:  # noqa: F811
-    """A second moto that checks IAM after its first 3 requests (a bucket, a user, its key): a user without rights."""
-    import boto3
-
-    endpoint = S3Endpoint(moto_port=free_port(), port=free_port(), extra_env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
-    endpoint.start()
-    try:
-        endpoint.client(direct=True).create_bucket(Bucket="locked")
-        iam = boto3.client("iam", endpoint_url=endpoint.moto_url, region_name="us-east-1")
-        iam.create_user(UserName="no-rights")
-        yield endpoint, iam.create_access_key(UserName="no-rights")["AccessKey"]
-    finally:
-        endpoint.stop()
-
-
-def test_access_denied_names_the_prefix_and_the_permissions(locked: Any, tmp_path: Path,
+def test_access_denied_names_the_prefix_and_the_permissions(iam_endpoint: LockedBucket, tmp_path: Path,  # noqa: F811
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    endpoint, key = locked
-    monkeypatch.setenv("KILN_S3_ENDPOINT_URL", endpoint.url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.setenv("KILN_S3_ENDPOINT_URL", iam_endpoint.endpoint.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", iam_endpoint.key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", iam_endpoint.secret)
     with pytest.raises(IngestError, match=r"access denied while listing s3://locked/in/ .*s3:ListBucket") as info:
         snapshot(tmp_path, "s3://locked/in/")
-    assert key["SecretAccessKey"] not in str(info.value)
+    assert iam_endpoint.secret not in str(info.value)
