@@ -3,8 +3,9 @@
 A key is the sha256 of named parts: the content hash of the step's inputs, the spec fields the step reads (listed
 explicitly per step below) and the version of its code. Correctness comes first: every input that can change a
 step's output is a part, so any change misses; a step whose output depends on something that cannot be hashed
-here (a SQL query's result, an incremental snapshot's history, the champion and the last accepted profile) is not
-cacheable and its key function returns ``None``.
+here (a SQL query's result, an incremental snapshot's history) is not cacheable and its key function returns
+``None``. ``validate``'s verdict also depends on the champion and the last accepted profile: its key holds what the
+verdict reads of them (:func:`validate_key`).
 
 The code version of a step is the sha256 of its module's source and of the library modules it uses
 (:data:`CODE_MODULES`; a package stands for every ``.py`` file below it), plus the versions of the third-party
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 #: kiln it uses (tests/unit/test_step_cache.py checks that the list covers the step's kiln imports).
 CODE_MODULES: dict[str, tuple[str, ...]] = {
     keys.INGEST: ("kiln.tasks.steps.ingest", "kiln.tasks.sources", "kiln.tasks.spec.sources"),
+    keys.VALIDATE: ("kiln.tasks.steps.validate", "kiln.tasks.features.profile", "kiln.tasks.features.profile_batches",
+                    "kiln.tasks.features.expectation_report", "kiln.tasks.features.default_checks",
+                    "kiln.tasks.features.column_types"),
     # The whole features package: the data steps' libraries move between its modules, and a change to any of
     # them must miss (a needless miss costs a recomputation, a wrong hit a wrong model).
     keys.CLEAN: ("kiln.tasks.steps.clean", "kiln.tasks.features"),
@@ -42,7 +46,8 @@ CODE_MODULES: dict[str, tuple[str, ...]] = {
 _DATA_LIBRARIES = ("numpy", "pandas", "pyarrow")
 #: Third-party distributions whose version is part of each step's code version.
 LIBRARIES: dict[str, tuple[str, ...]] = {
-    keys.INGEST: _DATA_LIBRARIES, keys.CLEAN: _DATA_LIBRARIES, keys.BUILD_FEATURES: _DATA_LIBRARIES,
+    keys.INGEST: _DATA_LIBRARIES, keys.VALIDATE: (*_DATA_LIBRARIES, "great_expectations"),
+    keys.CLEAN: _DATA_LIBRARIES, keys.BUILD_FEATURES: _DATA_LIBRARIES,
     keys.TRAIN: (*_DATA_LIBRARIES, "torch"),
 }
 #: ``training`` fields that only schedule the job (where and how long it may wait or run, how often it logs); every
@@ -137,6 +142,85 @@ def read_as_keyed(ctx: RunContext, key: CacheKey) -> str | None:
     return None
 
 
+def validate_key(ctx: RunContext) -> CacheKey:
+    """``validate``: the snapshot's sha256 and its manifest's ``sample_fraction`` (the profile's row counts),
+    ``expectations`` (the whole section, profile bounds included), ``target``, ``task``, ``columns``,
+    ``source.incremental`` (``new_only`` skips the row count check) and the code, plus what the verdict reads of
+    the champion and of the last accepted snapshot:
+
+    * ``new_classes``: the snapshot's target classes the champion was never trained on (:func:`new_classes`). The
+      champion enters the suite only as an in-set check of the target against its classes, whose outcome depends
+      only on that set (it passes exactly when the set is empty), so a run without a champion and one whose
+      champion saw every class share a key: their reports differ by that one passing line (a hit shows the earlier
+      run's report), their verdicts cannot.
+    * ``accepted``: the content digest of the accepted profile (:meth:`DataProfile.digest`, everything
+      :func:`~kiln.tasks.features.profile.compare` reads of it; ``None`` without an accepted snapshot).
+
+    Only a validation that passed is ever recorded (a failed one raises); on a hit, ``Step.on_hit`` still logs the
+    report to this run's MLflow run and publishes this run's snapshot as the accepted one.
+    """
+    from kiln.tasks.steps.validate import champion_classes
+
+    spec = ctx.spec
+    manifest = read_json(ctx.input_dir(keys.INGEST) / keys.SNAPSHOT_MANIFEST_FILE)
+    snapshot = ctx.input_dir(keys.INGEST) / keys.SNAPSHOT_FILE
+    return CacheKey.of(keys.VALIDATE, {
+        "snapshot": str(manifest["sha256"]), "sample_fraction": manifest.get("sample_fraction", 1.0),
+        "expectations": spec.expectations.model_dump(mode="json"), "target": spec.target, "task": spec.task,
+        "columns": dict(spec.columns), "source.incremental": spec.source.incremental,
+        "new_classes": new_classes(snapshot, spec.target, champion_classes(ctx)),
+        "accepted": _accepted_profile(ctx), "code": code_version(keys.VALIDATE)})
+
+
+def new_classes(snapshot: Path, target: str, classes: tuple[str, ...] | None) -> list[str] | None:
+    """The values of ``target`` in ``snapshot`` that the champion's in-set check
+    (:mod:`kiln.tasks.features.default_checks`) counts as unexpected, as sorted text.
+
+    The column is read as ``validate`` reads the snapshot (pyarrow into pandas) and tested as Great Expectations
+    tests it (present values, ``Series.isin`` of the check's value set), so the list is empty exactly when the
+    check passes.
+
+    Args:
+        snapshot: the snapshot file.
+        target: the target column.
+        classes: the champion's classes; ``None`` when the suite has no such check (no champion, regression,
+            ``allow_new_classes``).
+
+    Returns:
+        The unexpected values (``[]`` without the check); ``None`` when the snapshot has no ``target`` column
+        (the check then fails).
+    """
+    if classes is None:
+        return []
+    import pyarrow.parquet as pq
+
+    from kiln.tasks.features.default_checks import _as_data_values
+
+    if target not in pq.read_schema(snapshot).names:
+        return None
+    column = pq.read_table(snapshot, columns=[target]).to_pandas()[target]
+    present = column[column.notna()]
+    return sorted({str(v) for v in present[~present.isin(_as_data_values(classes))].unique()})
+
+
+def recorded_keys(ctx: RunContext, key: CacheKey) -> list[CacheKey]:
+    """The keys this run's output of ``key.step`` is recorded under: ``key`` and, for a ``validate`` that passed,
+    the key of the next run on the same snapshot, whose accepted profile is the one this run just published.
+
+    That second entry holds because a snapshot compared with its own profile never breaches a bound (every share
+    is 0 and the row ratio 1, within any bounds the spec allows); the other parts are this run's.
+    """
+    from kiln.tasks.pipeline.accepted import read_accepted
+
+    if key.step != keys.VALIDATE:
+        return [key]
+    accepted = read_accepted(ctx.store, ctx.spec.name)
+    if accepted is None or accepted.run_key != ctx.run_key or accepted.manifest.get("sha256") != key.parts["snapshot"]:
+        return [key]  # another run was accepted since
+    after = _accepted_profile(ctx)
+    return [key] if after == key.parts["accepted"] else [key, CacheKey.of(key.step, {**key.parts, "accepted": after})]
+
+
 def clean_key(ctx: RunContext) -> CacheKey:
     """``clean``: the snapshot's sha256, ``cleaning``, ``columns``, ``target``, ``task``,
     ``expectations.min_rows`` and the code."""
@@ -183,6 +267,20 @@ def train_key(ctx: RunContext) -> CacheKey | None:
     if spec.training.entrypoint:
         parts["snapshot"] = _snapshot_sha256(ctx)
     return CacheKey.of(keys.TRAIN, parts)
+
+
+def _accepted_profile(ctx: RunContext) -> str | None:
+    """The content digest of the pipeline's accepted profile; ``None`` without one."""
+    from kiln.tasks.features.profile import DataProfile
+    from kiln.tasks.pipeline.accepted import read_accepted
+
+    accepted = read_accepted(ctx.store, ctx.spec.name)
+    if accepted is None:
+        return None
+    try:
+        return DataProfile.from_dict(accepted.profile).digest()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "unreadable"  # validate fails on it, naming the record to delete; a failure is never recorded
 
 
 def _snapshot_sha256(ctx: RunContext) -> str:

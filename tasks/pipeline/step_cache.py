@@ -5,9 +5,11 @@ Every step runs through :func:`run_step` (the Airflow operators and the in-proce
 step it looks up ``<pipeline>/_cache/<step>/<key>``; the entry there (``entry.json``, published atomically through
 the store) names the run that produced the output and its result. On a hit the earlier run's folder is published
 again under this run's key (hard links in a local store where the filesystem allows, else a copy; an S3 store
-fetches it and publishes it again) and its result returned, with ``"cache": "hit: <key> from run <run id>"``. An
-entry whose run's output is gone, or no longer has the files it recorded, is a miss. On a miss the step runs and
-the entry is recorded after its output was published. A failed step records nothing.
+fetches it and publishes it again), the step's ``on_hit`` hook does what the step does to its run besides
+publishing (``validate``: its MLflow report and the accepted snapshot), and its result is returned, with
+``"cache": "hit: <key> from run <run id>"``. An entry whose run's output is gone, or no longer has the files it
+recorded, is a miss. On a miss the step runs and the entry is recorded after its output was published (under each
+of :func:`~kiln.tasks.pipeline.cache_keys.recorded_keys`). A failed step records nothing.
 
 Every step's result also gets ``"peak_rss_mib"``: the peak resident memory of the process so far.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.tasks.pipeline import keys
-from kiln.tasks.pipeline.cache_keys import CacheKey, read_as_keyed
+from kiln.tasks.pipeline.cache_keys import CacheKey, read_as_keyed, recorded_keys
 from kiln.tasks.pipeline.context import RunContext, StepResult
 from kiln.tasks.storage.artifacts import ArtifactNotFoundError, LocalArtifactStore, read_json, write_json
 
@@ -66,7 +68,7 @@ def execute_step(step: Step, ctx: RunContext, run: Callable[[RunContext], StepRe
                  ) -> tuple[dict[str, Any], StepResult | None]:
     """:func:`run_step`, also returning the step's typed result when it ran (``None`` on a cache hit)."""
     key = step_key(step, ctx)
-    result = cached_result(ctx, key) if key is not None else None
+    result = cached_result(ctx, key, step.on_hit) if key is not None else None
     typed = None
     if result is None:
         typed = (run or step.run)(ctx)
@@ -83,7 +85,7 @@ def reuse(step: Step, ctx: RunContext) -> dict[str, Any] | None:
     """``step``'s result from the cache as :func:`run_step` returns it, its output published under this run; ``None``
     when the step must run (a miss, or not cacheable). The train task asks this before it leases devices."""
     key = step_key(step, ctx)
-    hit = cached_result(ctx, key) if key is not None else None
+    hit = cached_result(ctx, key, step.on_hit) if key is not None else None
     return with_peak_rss(step.name, hit) if hit is not None else None
 
 
@@ -104,9 +106,15 @@ def step_key(step: Step, ctx: RunContext) -> CacheKey | None:
         return None
 
 
-def cached_result(ctx: RunContext, key: CacheKey) -> dict[str, Any] | None:
-    """On a hit, publish the earlier run's output of ``key.step`` under this run and return its result (with
-    ``cache``, without ``peak_rss_mib``); ``None`` on a miss (logged with the key and why)."""
+def cached_result(ctx: RunContext, key: CacheKey,
+                  on_hit: Callable[[RunContext, dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+    """On a hit, publish the earlier run's output of ``key.step`` under this run, call ``on_hit(ctx, result)`` (the
+    step's ``Step.on_hit``) and return its result (with ``cache``, without ``peak_rss_mib``); ``None`` on a miss
+    (logged with the key and why).
+
+    Raises:
+        Whatever ``on_hit`` raises.
+    """
     entry = _entry(ctx, key)
     if entry is None:
         return None
@@ -115,25 +123,29 @@ def cached_result(ctx: RunContext, key: CacheKey) -> dict[str, Any] | None:
         republish(ctx, key.step, source)
     result = _rebase(dict(entry["result"]), ctx, source, ctx.key(key.step))
     run_id = str(entry["run_key"]).split("/", 1)[-1]
+    if on_hit is not None:
+        on_hit(ctx, dict(result))
     log.info("cache hit: %s from run %s", key.digest, run_id)
     result[CACHE_FIELD] = f"hit: {key.digest} from run {run_id}"
     return result
 
 
 def record(ctx: RunContext, key: CacheKey, result: dict[str, Any]) -> None:
-    """Record this run's published output of ``key.step`` as the entry of ``key`` (published atomically), unless
-    the output was made from other inputs than the key's (:func:`~kiln.tasks.pipeline.cache_keys.read_as_keyed`)."""
+    """Record this run's published output of ``key.step`` as the entry of ``key`` and of any further key it holds
+    for (:func:`~kiln.tasks.pipeline.cache_keys.recorded_keys`), each published atomically, unless the output was
+    made from other inputs than the key's (:func:`~kiln.tasks.pipeline.cache_keys.read_as_keyed`)."""
     unlike = read_as_keyed(ctx, key)
     if unlike:
         log.warning("cache: the output of %s is not recorded under %s: %s", key.step, key.digest, unlike)
         return
-    folder = ctx.input_dir(key.step)
-    entry = {"step": key.step, "key": key.digest, "parts": key.parts, "run_key": ctx.run_key,
-             "result": {k: v for k, v in result.items() if k not in (CACHE_FIELD, PEAK_RSS_FIELD)},
-             "files": _file_sizes(folder), "created_at": datetime.now(UTC).isoformat()}
-    with ctx.store.writer(entry_key(ctx, key)) as out:
-        write_json(out / ENTRY_FILE, entry)
-    log.info("cache entry %s recorded: the output of run %s (%s)", key.digest, ctx.run_key, key.describe())
+    files = _file_sizes(ctx.input_dir(key.step))
+    for each in recorded_keys(ctx, key):
+        entry = {"step": each.step, "key": each.digest, "parts": each.parts, "run_key": ctx.run_key,
+                 "result": {k: v for k, v in result.items() if k not in (CACHE_FIELD, PEAK_RSS_FIELD)},
+                 "files": files, "created_at": datetime.now(UTC).isoformat()}
+        with ctx.store.writer(entry_key(ctx, each)) as out:
+            write_json(out / ENTRY_FILE, entry)
+        log.info("cache entry %s recorded: the output of run %s (%s)", each.digest, ctx.run_key, each.describe())
 
 
 def entry_key(ctx: RunContext, key: CacheKey) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.cache_keys import (
@@ -19,6 +20,7 @@ from kiln.tasks.pipeline.cache_keys import (
     ingest_key,
     not_cached,
     train_key,
+    validate_key,
 )
 from kiln.tasks.pipeline.context import RunContext, StepResult
 from kiln.tasks.steps.build_features import build_features
@@ -31,7 +33,7 @@ from kiln.tasks.steps.ingest import ingest
 from kiln.tasks.steps.promote import promote
 from kiln.tasks.steps.register import register
 from kiln.tasks.steps.train import train
-from kiln.tasks.steps.validate import validate
+from kiln.tasks.steps.validate import record_cached_validation, validate
 from kiln.tasks.steps.verify import verify
 
 
@@ -48,13 +50,14 @@ class Step:
     """The key of the step's output in this run (:mod:`kiln.tasks.pipeline.cache_keys`); ``None``: not cacheable
     (the default). The step cache (:func:`kiln.tasks.pipeline.step_cache.run_step`) reuses an earlier run's output
     under the same key."""
+    on_hit: Callable[[RunContext, dict[str, Any]], None] | None = None
+    """What a cache hit must still do to this run besides publishing the earlier run's output (``validate``: log
+    its report to this run's MLflow run and publish the accepted snapshot); called with the republished result."""
 
 
 STEPS: tuple[Step, ...] = (
     Step(keys.INGEST, ingest, cache_key=ingest_key),
-    # Not cached: its verdict depends on the champion and the last accepted snapshot's profile, and it logs its
-    # report to this run's MLflow run and publishes the accepted snapshot.
-    Step(keys.VALIDATE, validate),
+    Step(keys.VALIDATE, validate, cache_key=validate_key, on_hit=record_cached_validation),
     Step(keys.CLEAN, clean, cache_key=clean_key),
     Step(keys.BUILD_FEATURES, build_features, cache_key=build_features_key),
     Step(keys.TRAIN, train, leased=True, cache_key=train_key),

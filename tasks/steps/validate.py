@@ -9,6 +9,10 @@ Docs (HTML) and returns the result without raising on failures: the caller publi
 :meth:`ValidateResult.raise_for_failure`, so a failed run still leaves its evidence behind. A snapshot that passes
 becomes the pipeline's accepted one.
 
+The step is cached (:func:`kiln.tasks.pipeline.cache_keys.validate_key` says on what); on a hit its effects on the
+run still happen through :func:`record_validation`, the one place that logs the report to the run's MLflow run and
+publishes the accepted snapshot.
+
 ``great_expectations`` is imported lazily (about 2 s), so importing this module stays cheap.
 """
 
@@ -17,7 +21,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +94,11 @@ class ValidateResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (the step's XCom value)."""
         return jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ValidateResult:
+        """Inverse of :meth:`to_dict`; keys that are not fields (``cache``, ``peak_rss_mib``) are left out."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def raise_for_failure(self) -> None:
         """Raise :class:`DataValidationError` if any expectation failed or any profile bound was breached.
@@ -281,14 +290,33 @@ def validate(ctx: RunContext) -> ValidateResult:
         DataValidationError: an expectation failed or a profile bound was breached (after the report was
             published and logged to MLflow; the accepted snapshot is then left as it was).
     """
+    config = ValidateConfig.from_spec(ctx.spec, known_classes=champion_classes(ctx))
+    accepted = read_accepted(ctx.store, ctx.spec.name)
+    snapshot_dir = ctx.input_dir(keys.INGEST)
+    result = ctx.publish(keys.VALIDATE, lambda out: run_validate(config, snapshot_dir, out, accepted))
+    return record_validation(ctx, result)
+
+
+def record_validation(ctx: RunContext, result: ValidateResult) -> ValidateResult:
+    """What a validation does to its run once its output is published under the run's key, whether ``validate``
+    computed it or the step cache republished an earlier run's: log the published folder to the run's MLflow run;
+    on failure mark that run failed and raise; on success publish this run's snapshot (its ingest manifest) and
+    the published profile as the pipeline's accepted one.
+
+    Args:
+        ctx: the run.
+        result: the validation's result.
+
+    Returns:
+        ``result`` with the published report and profile paths.
+
+    Raises:
+        DataValidationError: the validation failed (the accepted snapshot is left as it was).
+    """
     from mlflow.tracking import MlflowClient
 
     from kiln.tasks.tracking.runs import finish_run
 
-    config = ValidateConfig.from_spec(ctx.spec, known_classes=_champion_classes(ctx))
-    accepted = read_accepted(ctx.store, ctx.spec.name)
-    snapshot_dir = ctx.input_dir(keys.INGEST)
-    result = ctx.publish(keys.VALIDATE, lambda out: run_validate(config, snapshot_dir, out, accepted))
     published = ctx.input_dir(keys.VALIDATE)
     result = replace(result, report_file=str(published / keys.VALIDATION_FILE),
                      profile_file=str(published / PROFILE_FILE))
@@ -299,12 +327,24 @@ def validate(ctx: RunContext) -> ValidateResult:
     if not result.success:
         finish_run(tracking_uri, run_id, status="FAILED")
     result.raise_for_failure()
-    publish_accepted(ctx, read_json(snapshot_dir / keys.SNAPSHOT_MANIFEST_FILE), read_json(published / PROFILE_FILE))
+    manifest = read_json(ctx.input_dir(keys.INGEST) / keys.SNAPSHOT_MANIFEST_FILE)
+    publish_accepted(ctx, manifest, read_json(published / PROFILE_FILE))
     return result
 
 
-def _champion_classes(ctx: RunContext) -> tuple[str, ...] | None:
-    """The classes the pipeline's champion was trained on (``None``: regression, or no champion yet)."""
+def record_cached_validation(ctx: RunContext, result: dict[str, Any]) -> None:
+    """The step cache's hook on a hit of ``validate`` (``Step.on_hit``): :func:`record_validation` of the
+    republished result.
+
+    Raises:
+        DataValidationError: the recorded result failed (the cache records only passed ones).
+    """
+    record_validation(ctx, ValidateResult.from_dict(result))
+
+
+def champion_classes(ctx: RunContext) -> tuple[str, ...] | None:
+    """The classes the pipeline's champion was trained on (``None``: regression, ``allow_new_classes``, or no
+    champion yet)."""
     if ctx.spec.task != "classification" or ctx.spec.expectations.allow_new_classes:
         return None
     from kiln.tasks.bundle.load import load_bundle

@@ -1,5 +1,5 @@
-"""The step cache on the data steps (real ingest, clean and build_features in this process, a local store): a
-repeated key reuses the earlier run's output without running the step; any changed input misses."""
+"""The step cache on the data steps (real ingest, validate, clean and build_features in this process, a local
+store): a repeated key reuses the earlier run's output without running the step; any changed input misses."""
 
 from __future__ import annotations
 
@@ -18,12 +18,17 @@ import pytest
 import yaml
 
 from kiln.tasks.pipeline import cache_keys, keys
+from kiln.tasks.pipeline.accepted import read_accepted
 from kiln.tasks.pipeline.context import RunContext, make_context
-from kiln.tasks.pipeline.step_cache import entry_key, run_step
+from kiln.tasks.pipeline.step_cache import CACHE_DIR, entry_key, run_step
 from kiln.tasks.pipeline.steps import Step, step_named
+from kiln.tasks.steps import validate as validate_module
+from kiln.tasks.steps.validate import DataValidationError
 from kiln.tasks.storage.artifacts import LocalArtifactStore, read_json
 
 DATA_STEPS = (keys.INGEST, keys.CLEAN, keys.BUILD_FEATURES)
+#: With ``validate`` (a Great Expectations run, about a second): only where the test is about it.
+WITH_VALIDATE = (keys.INGEST, keys.VALIDATE, keys.CLEAN, keys.BUILD_FEATURES)
 
 
 def write_pipeline(folder: Path, **spec: Any) -> Path:
@@ -56,9 +61,9 @@ class Counted:
 
 
 def run_data_steps(spec: Path, run_id: str, store: LocalArtifactStore, counted: Counted,
-                   **params: Any) -> dict[str, dict[str, Any]]:
+                   steps: tuple[str, ...] = DATA_STEPS, **params: Any) -> dict[str, dict[str, Any]]:
     ctx = make_context(spec, run_id, params, store=store)
-    return {name: run_step(counted.step(name), ctx) for name in DATA_STEPS}
+    return {name: run_step(counted.step(name), ctx) for name in steps}
 
 
 @pytest.fixture
@@ -69,15 +74,20 @@ def store(tmp_path: Path) -> LocalArtifactStore:
 def test_rerun_with_other_epochs_reuses_every_data_step(tmp_path: Path, store: LocalArtifactStore,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     spec, counted = write_pipeline(tmp_path), Counted()
-    first = run_data_steps(spec, "manual__1", store, counted, epochs=2)
-    assert counted.calls == list(DATA_STEPS)
+    first = run_data_steps(spec, "manual__1", store, counted, WITH_VALIDATE, epochs=2)
+    assert counted.calls == list(WITH_VALIDATE)
     assert all(r["cache"].startswith("miss: ") and r["peak_rss_mib"] > 0 for r in first.values())
+    assert read_accepted(store, "cached").run_key == "cached/manual__1"
 
     with caplog.at_level(logging.INFO, logger="kiln.tasks.pipeline.step_cache"):
-        second = run_data_steps(spec, "manual__2", store, counted, epochs=5)
-    assert counted.calls == list(DATA_STEPS), "no data step ran again"
-    for name in DATA_STEPS:
+        second = run_data_steps(spec, "manual__2", store, counted, WITH_VALIDATE, epochs=5)
+    assert counted.calls == list(WITH_VALIDATE), "no data step ran again"
+    for name in WITH_VALIDATE:
         key = first[name]["cache"].removeprefix("miss: ")
+        if name == keys.VALIDATE:
+            # The accepted profile is a part of validate's key: the first run had none, the second has the first
+            # run's; the first run recorded its output under both.
+            key = validate_key_after(first[name], store)
         assert second[name]["cache"] == f"hit: {key} from run manual__1"
         assert f"cache hit: {key} from run manual__1" in caplog.text
         old, new = store.path(f"cached/manual__1/{name}"), store.path(f"cached/manual__2/{name}")
@@ -88,6 +98,73 @@ def test_rerun_with_other_epochs_reuses_every_data_step(tmp_path: Path, store: L
     assert second[keys.CLEAN]["report_file"] == str(store.path("cached/manual__2/clean") / keys.CLEAN_REPORT_FILE)
     assert {k: v for k, v in second[keys.CLEAN].items() if k not in ("cache", "peak_rss_mib", "report_file")} == \
         {k: v for k, v in first[keys.CLEAN].items() if k not in ("cache", "peak_rss_mib", "report_file")}
+    # validate's hit still does what validate does to its run: this run's snapshot is the accepted one, and the
+    # report is on this run's MLflow run.
+    assert second[keys.VALIDATE]["success"] is True
+    assert second[keys.VALIDATE]["report_file"] == str(store.path("cached/manual__2/validate") / keys.VALIDATION_FILE)
+    accepted = read_accepted(store, "cached")
+    assert accepted.run_key == "cached/manual__2"
+    assert accepted.profile == read_json(store.path("cached/manual__2/validate") / "profile.json")
+    assert validation_artifacts(make_context(spec, "manual__2", store=store)) >= {"validation/validation.json",
+                                                                                  "validation/profile.json"}
+
+
+def validate_key_after(result: dict[str, Any], store: LocalArtifactStore) -> str:
+    """The key of validate's other entry recorded by the run that returned ``result``: the next run's key."""
+    missed = result["cache"].removeprefix("miss: ")
+    (other,) = [p.name for p in store.path(f"cached/{CACHE_DIR}/validate").iterdir() if p.name != missed]
+    entry = read_json(store.path(f"cached/{CACHE_DIR}/validate/{other}") / "entry.json")
+    assert entry["parts"]["accepted"] is not None and entry["parts"]["accepted"] != \
+        read_json(store.path(f"cached/{CACHE_DIR}/validate/{missed}") / "entry.json")["parts"]["accepted"]
+    return other
+
+
+def validation_artifacts(ctx: RunContext) -> set[str]:
+    """The files logged under ``validation/`` of the run's MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from kiln.tasks.settings import get_settings
+
+    client = MlflowClient(get_settings().mlflow_tracking_uri)
+    return {a.path for a in client.list_artifacts(ctx.mlflow_run(), keys.MLFLOW_VALIDATION_PATH)}
+
+
+def test_changed_expectations_field_misses_validate(tmp_path: Path, store: LocalArtifactStore) -> None:
+    spec, counted = write_pipeline(tmp_path), Counted()
+    steps = (keys.INGEST, keys.VALIDATE)
+    first = run_data_steps(spec, "manual__1", store, counted, steps)
+    second = run_data_steps(write_pipeline(tmp_path, expectations={"min_rows": 11}), "manual__2", store, counted,
+                            steps)
+    assert counted.calls == [*steps, keys.VALIDATE]
+    assert second[keys.INGEST]["cache"].startswith("hit: ")
+    assert second[keys.VALIDATE]["cache"].startswith("miss: ") and \
+        second[keys.VALIDATE]["cache"] != first[keys.VALIDATE]["cache"]
+
+
+def test_a_class_the_champion_never_saw_misses_and_fails(tmp_path: Path, store: LocalArtifactStore,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key holds the snapshot's classes the champion never saw: no champion and a champion that saw every class
+    share a key; a champion that lacks a class of the snapshot misses, fails and records nothing."""
+    spec, counted = write_pipeline(tmp_path), Counted()
+    steps = (keys.INGEST, keys.VALIDATE)
+
+    def validate_with(champion: tuple[str, ...] | None, run_id: str) -> dict[str, Any]:
+        monkeypatch.setattr(validate_module, "champion_classes", lambda ctx: champion)
+        return run_data_steps(spec, run_id, store, counted, steps)[keys.VALIDATE]
+
+    after_first = validate_key_after(validate_with(("p", "q"), "manual__1"), store)
+    assert validate_with(None, "manual__2")["cache"] == f"hit: {after_first} from run manual__1"
+    assert validate_with(("p", "q", "r"), "manual__3")["cache"] == f"hit: {after_first} from run manual__1"
+    with pytest.raises(DataValidationError, match="expect_column_values_to_be_in_set column 'y'"):
+        validate_with(("p",), "manual__4")
+    assert counted.calls == [*steps, keys.VALIDATE], "only the first and the last validate ran"
+    ctx = make_context(spec, "manual__4", store=store)
+    key = step_named(keys.VALIDATE).cache_key(ctx)
+    assert key.parts["new_classes"] == ["q"]
+    assert not store.exists(entry_key(ctx, key)), "a failed validation is never recorded"
+    assert read_accepted(store, "cached").run_key == "cached/manual__3", "the failed run was not accepted"
+    assert len(list(store.path(f"cached/{CACHE_DIR}/validate").iterdir())) == 2, \
+        "the passed run's key and the key of the next run on the snapshot it made the accepted one"
 
 
 def test_cache_off_always_recomputes(tmp_path: Path, store: LocalArtifactStore) -> None:
@@ -164,9 +241,8 @@ def test_hit_whose_output_is_gone_is_a_miss(tmp_path: Path, store: LocalArtifact
     assert read_json(entry)["run_key"] == "cached/manual__2", "the entry now names the output that exists"
 
 
-def test_sql_source_and_validate_are_not_cached(tmp_path: Path, store: LocalArtifactStore) -> None:
+def test_sql_source_and_train_without_cache_train_are_not_cached(tmp_path: Path, store: LocalArtifactStore) -> None:
     ctx = make_context(write_pipeline(tmp_path), "manual__1", store=store)
-    assert step_named(keys.VALIDATE).cache_key(ctx) is None
     assert step_named(keys.TRAIN).cache_key(ctx) is None, "train is cached only with cache.train"
     sql = ctx.spec.model_copy(update={"source": ctx.spec.source.model_copy(
         update={"uri": None, "sql": {"conn_id": "db", "query": "select 1"}})})
