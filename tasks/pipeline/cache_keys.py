@@ -176,9 +176,9 @@ def new_classes(snapshot: Path, target: str, classes: tuple[str, ...] | None) ->
     """The values of ``target`` in ``snapshot`` that the champion's in-set check
     (:mod:`kiln.tasks.features.default_checks`) counts as unexpected, as sorted text.
 
-    The column is read as ``validate`` reads the snapshot (pyarrow into pandas) and tested as Great Expectations
-    tests it (present values, ``Series.isin`` of the check's value set), so the list is empty exactly when the
-    check passes.
+    Only the target column is read, by the reader ``validate`` uses (``pandas.read_parquet`` through pyarrow, so
+    the same dtypes), and tested as Great Expectations tests it (present values, ``Series.isin`` of the check's
+    value set): the list is empty exactly when the check passes.
 
     Args:
         snapshot: the snapshot file.
@@ -192,13 +192,14 @@ def new_classes(snapshot: Path, target: str, classes: tuple[str, ...] | None) ->
     """
     if classes is None:
         return []
+    import pandas as pd
     import pyarrow.parquet as pq
 
     from kiln.tasks.features.default_checks import _as_data_values
 
     if target not in pq.read_schema(snapshot).names:
         return None
-    column = pq.read_table(snapshot, columns=[target]).to_pandas()[target]
+    column = pd.read_parquet(snapshot, columns=[target])[target]
     present = column[column.notna()]
     return sorted({str(v) for v in present[~present.isin(_as_data_values(classes))].unique()})
 

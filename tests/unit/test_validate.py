@@ -4,6 +4,7 @@ accepted profile, reports and errors."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -238,3 +239,24 @@ def test_a_damaged_accepted_profile_names_the_record_to_delete(tmp_path):
     with pytest.raises(ValueError, match=r"accepted snapshot \(run t/first\) cannot be read: not a data profile.*"
                                          r"delete t/_accepted"):
         run_validate(config(), snapshot(tmp_path, good_frame()), out_dir(tmp_path), damaged)
+
+
+@pytest.mark.parametrize("values, classes, unseen", [
+    (["a", "b", "c", None] * 3, ("a", "b", "c"), []),
+    (["a", "b", "d", None] * 3, ("a", "b", "c"), ["d"]),
+    ([1, 2, 3] * 4, ("1", "2", "3"), []),
+    ([1.0, 2.0, float("nan")] * 4, ("1", "2"), []),
+    ([1, 2, 4] * 4, ("1", "2"), ["4"]),
+], ids=["text", "text-new-class", "integers-as-labels", "floats-with-nan", "integer-new-class"])
+def test_new_classes_is_empty_exactly_when_the_champion_check_passes(tmp_path, values, classes, unseen):
+    """The step cache keys validate on these classes (kiln.tasks.pipeline.cache_keys.new_classes) because the
+    champion's in-set check passes exactly when there are none: checked here against Great Expectations itself."""
+    from kiln.tasks.pipeline.cache_keys import new_classes
+
+    folder = snapshot(tmp_path, pd.DataFrame({"label": values, "mass": [float(i) for i in range(len(values))]}))
+    assert new_classes(folder / SNAPSHOT_FILE, "label", classes) == unseen
+    assert new_classes(folder / SNAPSHOT_FILE, "label", None) == [], "no champion, no check"
+    result = run_validate(replace(config(columns={}), known_classes=classes), folder, out_dir(tmp_path))
+    report = json.loads(Path(result.report_file).read_text())
+    (check,) = [e for e in report["expectations"] if e["type"] == "expect_column_values_to_be_in_set"]
+    assert check["success"] is (unseen == [])
