@@ -90,7 +90,7 @@ def _target_checks(target: str, task: TaskType, spec: ExpectationsSpec,
                           "of the rows"))
     if task == "classification" and known_classes is not None and not spec.allow_new_classes:
         out.append(_check("expect_column_values_to_be_in_set",
-                          {"column": target, "value_set": _as_data_values(known_classes)},
+                          {"column": target, "value_set": as_data_values(known_classes)},
                           f"a class the champion was never trained on (it knows {', '.join(known_classes)}); set "
                           "expectations.allow_new_classes: true if the new class is meant"))
     return out
@@ -118,7 +118,7 @@ def _text_among_numbers(series: pd.Series, ctype: str, declared: bool) -> bool:
     return bool(MOSTLY_NUMERIC <= numeric < 1)
 
 
-def _as_data_values(classes: tuple[str, ...]) -> list[Any]:
+def as_data_values(classes: tuple[str, ...]) -> list[Any]:
     """Class labels as the data may hold them: the model keeps labels as text, a source may hold ``3`` or ``3.0``."""
     values: list[Any] = list(classes)
     for label in classes:

@@ -195,13 +195,13 @@ def new_classes(snapshot: Path, target: str, classes: tuple[str, ...] | None) ->
     import pandas as pd
     import pyarrow.parquet as pq
 
-    from kiln.tasks.features.default_checks import _as_data_values
+    from kiln.tasks.features.default_checks import as_data_values
 
     if target not in pq.read_schema(snapshot).names:
         return None
     column = pd.read_parquet(snapshot, columns=[target])[target]
     present = column[column.notna()]
-    return sorted({str(v) for v in present[~present.isin(_as_data_values(classes))].unique()})
+    return sorted({str(v) for v in present[~present.isin(as_data_values(classes))].unique()})
 
 
 def recorded_keys(ctx: RunContext, key: CacheKey) -> list[CacheKey]:
