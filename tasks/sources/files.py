@@ -228,7 +228,8 @@ def parquet_batches(part: LocalPart, schema: pa.Schema) -> Iterator[pa.RecordBat
         IngestError: the file cannot be read.
     """
     try:
-        with pq.ParquetFile(part.path) as file:
+        # pre_buffer keeps every column chunk read until the file closes: memory would grow with the file's size.
+        with pq.ParquetFile(part.path, pre_buffer=False, buffer_size=1 << 20) as file:
             for batch in file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=schema.names):
                 yield conform(batch, schema, part.label)
     except (pa.ArrowException, OSError) as exc:

@@ -76,8 +76,8 @@ class SnapshotWriter:
 
 
 def file_batches(path: Path) -> Iterator[pa.RecordBatch]:
-    """The rows of a Parquet file as batches."""
-    with pq.ParquetFile(path) as file:
+    """The rows of a Parquet file as batches, read with bounded buffers (no pre-buffering of the whole file)."""
+    with pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20) as file:
         yield from file.iter_batches(batch_size=READ_BATCH_ROWS)
 
 
