@@ -12,11 +12,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported where used: the step list imports this module's constants while a DAG file parses
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
 #: Rows per record batch that the data steps convert to pandas (about 25 MiB for 50 float columns); larger
 #: batches were no faster on 1 M rows and raised the peak by ~170 MiB.
@@ -29,6 +28,7 @@ GROUP_ROWS = 65_536
 def file_dtypes(pf: pq.ParquetFile) -> dict[str, object]:
     """The pandas dtype of every column as ``pd.read_parquet`` of the whole file would give it."""
     import numpy as np
+    import pyarrow as pa
 
     empty = pf.schema_arrow.empty_table().to_pandas()
     dtypes: dict[str, object] = dict(empty.dtypes.items())
@@ -93,6 +93,8 @@ def iter_frames(pf: pq.ParquetFile, columns: Sequence[str] | None = None, batch_
 def dictionary_columns(schema: pa.Schema) -> list[str]:
     """The columns worth dictionary-encoding when written: all but floating-point ones, whose values rarely
     repeat (encoding them anyway doubles the write time)."""
+    import pyarrow as pa
+
     return [f.name for f in schema if not pa.types.is_floating(f.type)]
 
 
@@ -111,6 +113,8 @@ def iter_row_range(path: Path, start: int, stop: int, columns: Sequence[str] | N
                    ) -> Iterator[tuple[int, pa.Table]]:
     """Rows ``[start, stop)`` of a Parquet file as ``(offset within the range, table)`` pieces, one per row group
     that overlaps the range; no other row group is read."""
+    import pyarrow.parquet as pq
+
     pf = pq.ParquetFile(path)
     first = 0
     for i in range(pf.metadata.num_row_groups):

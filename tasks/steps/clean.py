@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from kiln.tasks.features.batches import BATCH_ROWS, empty_frame, file_dtypes
-from kiln.tasks.features.cleaning_passes import Edits, SnapshotPasses, apply_missing, apply_outliers, first_occurrences
 from kiln.tasks.features.cleaning_rules import (
     LOUD_SHARE,
     CleanError,
@@ -112,6 +111,14 @@ def run_clean(config: CleanConfig, snapshot_dir: Path, out_dir: Path, *, batch_r
         FileNotFoundError: the snapshot is missing.
     """
     import pyarrow.parquet as pq
+
+    from kiln.tasks.features.cleaning_passes import (
+        Edits,
+        SnapshotPasses,
+        apply_missing,
+        apply_outliers,
+        first_occurrences,
+    )
 
     snapshot = Path(snapshot_dir) / keys.SNAPSHOT_FILE
     if not snapshot.is_file():
