@@ -4,7 +4,6 @@ again as this run's committed version (fetched, then uploaded; S3 has no links),
 from __future__ import annotations
 
 import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from cache_fixtures import DATA_STEPS, Counted, run_data_steps
 from s3_server import S3Endpoint, s3_endpoint  # noqa: F401
 
-from kiln.tasks.pipeline import keys
-from kiln.tasks.pipeline.context import RunContext, make_context
-from kiln.tasks.pipeline.step_cache import run_step
-from kiln.tasks.pipeline.steps import step_named
 from kiln.tasks.storage.artifacts import file_sha256
 from kiln.tasks.storage.s3 import S3ArtifactStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
 
-DATA_STEPS = (keys.INGEST, keys.CLEAN, keys.BUILD_FEATURES)
 
 
 def test_hit_on_s3_publishes_the_earlier_output_under_this_run(s3_endpoint: S3Endpoint,  # noqa: F811
@@ -37,24 +32,14 @@ def test_hit_on_s3_publishes_the_earlier_output_under_this_run(s3_endpoint: S3En
     spec = tmp_path / "s3cache.yaml"
     spec.write_text(yaml.safe_dump({"name": "s3cache", "source": {"uri": "data.csv"}, "target": "y",
                                     "task": "classification"}))
-    calls: list[str] = []
+    counted = Counted()
 
     def run(run_id: str) -> dict[str, dict[str, Any]]:
-        ctx = make_context(spec, run_id, {"epochs": 1 if run_id.endswith("1") else 2}, store=store)
-        out = {}
-        for name in DATA_STEPS:
-            step = step_named(name)
-
-            def counted(ctx: RunContext, step: Any = step) -> Any:
-                calls.append(step.name)
-                return step.run(ctx)
-
-            out[name] = run_step(replace(step, run=counted), ctx)
-        return out
+        return run_data_steps(spec, run_id, store, counted, epochs=1 if run_id.endswith("1") else 2)
 
     first = run("manual__1")
     second = run("manual__2")
-    assert calls == list(DATA_STEPS)
+    assert counted.calls == list(DATA_STEPS)
     for name in DATA_STEPS:
         assert second[name]["cache"] == first[name]["cache"].replace("miss: ", "hit: ") + " from run manual__1"
         assert store.exists(f"s3cache/manual__2/{name}")

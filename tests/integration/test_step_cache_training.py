@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from cache_fixtures import Counted, run_data_steps
 
 from kiln.tasks.pipeline import keys
-from kiln.tasks.pipeline.context import RunContext, make_context
-from kiln.tasks.pipeline.step_cache import run_step
-from kiln.tasks.pipeline.steps import step_named
+from kiln.tasks.pipeline.context import make_context
 from kiln.tasks.storage.artifacts import LocalArtifactStore
 
 pytestmark = pytest.mark.integration
@@ -40,21 +38,6 @@ def write_pipeline(folder: Path) -> Path:
     return path
 
 
-def run(spec: Path, run_id: str, store: LocalArtifactStore, calls: list[str], steps: tuple[str, ...] = STEPS,
-        **params: Any) -> dict[str, Any]:
-    ctx = make_context(spec, run_id, params, store=store)
-    results = {}
-    for name in steps:
-        step = step_named(name)
-
-        def counted(ctx: RunContext, step: Any = step) -> Any:
-            calls.append(step.name)
-            return step.run(ctx)
-
-        results[name] = run_step(replace(step, run=counted), ctx)
-    return results
-
-
 def state_dict_bytes(store: LocalArtifactStore, run_key: str) -> dict[str, bytes]:
     import torch
 
@@ -69,14 +52,14 @@ def state_dict_bytes(store: LocalArtifactStore, run_key: str) -> dict[str, bytes
 
 def test_rerun_with_other_epochs_trains_the_model_a_full_rerun_trains(tmp_path: Path,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
-    spec, store, calls = write_pipeline(tmp_path), LocalArtifactStore(tmp_path / "store"), []
-    first = run(spec, "manual__1", store, calls, DATA_STEPS, epochs=1)
-    assert calls == list(DATA_STEPS) and all(r["cache"].startswith("miss: ") for r in first.values())
+    spec, store, counted = write_pipeline(tmp_path), LocalArtifactStore(tmp_path / "store"), Counted()
+    first = run_data_steps(spec, "manual__1", store, counted, DATA_STEPS, epochs=1)
+    assert counted.calls == list(DATA_STEPS) and all(r["cache"].startswith("miss: ") for r in first.values())
 
-    calls.clear()
+    counted.calls.clear()
     with caplog.at_level(logging.INFO, logger="kiln.tasks.pipeline.step_cache"):
-        cached = run(spec, "manual__2", store, calls, epochs=3)
-    assert calls == [keys.TRAIN], "ingest, validate, clean and build_features were reused"
+        cached = run_data_steps(spec, "manual__2", store, counted, STEPS, epochs=3)
+    assert counted.calls == [keys.TRAIN], "ingest, validate, clean and build_features were reused"
     for name in DATA_STEPS:
         key = first[name]["cache"].removeprefix("miss: ")
         if name == keys.VALIDATE:
@@ -90,16 +73,16 @@ def test_rerun_with_other_epochs_trains_the_model_a_full_rerun_trains(tmp_path: 
     assert os.path.samefile(store.path("cache_train/manual__1/ingest") / snapshot,
                             store.path("cache_train/manual__2/ingest") / snapshot)
 
-    calls.clear()
-    full = run(spec, "manual__3", store, calls, epochs=3, use_cache=False)
-    assert calls == list(STEPS) and all(r["cache"] == "off" for r in full.values())
+    counted.calls.clear()
+    full = run_data_steps(spec, "manual__3", store, counted, STEPS, epochs=3, use_cache=False)
+    assert counted.calls == list(STEPS) and all(r["cache"] == "off" for r in full.values())
     assert state_dict_bytes(store, "cache_train/manual__2") == state_dict_bytes(store, "cache_train/manual__3")
     losses = [{k: v for k, v in r[keys.TRAIN]["final"].items() if "per_s" not in k} for r in (cached, full)]
     assert losses[0] == losses[1]
 
-    calls.clear()
-    again = run(spec, "manual__4", store, calls, epochs=3)
-    assert calls == [], "with cache.train the model of run 2 is reused, without training"
+    counted.calls.clear()
+    again = run_data_steps(spec, "manual__4", store, counted, STEPS, epochs=3)
+    assert counted.calls == [], "with cache.train the model of run 2 is reused, without training"
     assert again[keys.TRAIN]["cache"] == cached[keys.TRAIN]["cache"].replace("miss: ", "hit: ") + " from run manual__2"
     assert again[keys.TRAIN]["model_uri"] == store.uri("cache_train/manual__4/train")
     assert os.path.samefile(store.path("cache_train/manual__2/train") / "model.pt",
@@ -114,10 +97,10 @@ def test_train_operator_reuses_a_cached_model_without_leasing(tmp_path: Path, mo
     from kiln.tasks.pipeline.cache_keys import train_key
     from kiln.tasks.pipeline.step_cache import record
 
-    spec, calls = write_pipeline(tmp_path), []
+    spec, counted = write_pipeline(tmp_path), Counted()
     run_id = f"manual__op_{tmp_path.name}"
     ctx = make_context(spec, run_id, {"epochs": 2})
-    run(spec, run_id, ctx.store, calls, DATA_STEPS, epochs=2)
+    run_data_steps(spec, run_id, ctx.store, counted, DATA_STEPS, epochs=2)
     ctx.publish(keys.TRAIN, lambda out: (out / "model.pt").write_bytes(b"weights"))  # stands for a trained model
     key = train_key(ctx)
     assert key is not None
@@ -128,8 +111,8 @@ def test_train_operator_reuses_a_cached_model_without_leasing(tmp_path: Path, mo
 
     monkeypatch.setattr(TrainOperator, "lease_request", no_lease)
     again = f"{run_id}_again"
-    run(spec, again, ctx.store, calls, DATA_STEPS, epochs=2)  # hits: the same features
-    assert calls == list(DATA_STEPS)
+    run_data_steps(spec, again, ctx.store, counted, DATA_STEPS, epochs=2)  # hits: the same features
+    assert counted.calls == list(DATA_STEPS)
     ti = SimpleNamespace(dag_id="cache_train", run_id=again, task_id="train", try_number=1)
     result = TrainOperator(task_id="train", spec_path=str(spec)).execute(
         {"run_id": again, "params": {"epochs": 2}, "ti": ti})

@@ -16,17 +16,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from cache_fixtures import DATA_STEPS, Counted, run_data_steps
 
 from kiln.tasks.pipeline import cache_keys, keys
 from kiln.tasks.pipeline.accepted import read_accepted
 from kiln.tasks.pipeline.context import RunContext, make_context
 from kiln.tasks.pipeline.step_cache import CACHE_DIR, entry_key, run_step
-from kiln.tasks.pipeline.steps import Step, step_named
+from kiln.tasks.pipeline.steps import step_named
 from kiln.tasks.steps import validate as validate_module
 from kiln.tasks.steps.validate import DataValidationError
 from kiln.tasks.storage.artifacts import LocalArtifactStore, read_json
 
-DATA_STEPS = (keys.INGEST, keys.CLEAN, keys.BUILD_FEATURES)
 #: With ``validate`` (a Great Expectations run, about a second): only where the test is about it.
 WITH_VALIDATE = (keys.INGEST, keys.VALIDATE, keys.CLEAN, keys.BUILD_FEATURES)
 
@@ -42,28 +42,6 @@ def write_pipeline(folder: Path, **spec: Any) -> Path:
     path.write_text(yaml.safe_dump({"name": "cached", "source": {"uri": "data.csv"}, "target": "y",
                                     "task": "classification", **spec}))
     return path
-
-
-class Counted:
-    """Steps whose runs are counted (the step functions themselves, wrapped)."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def step(self, name: str) -> Step:
-        step = step_named(name)
-
-        def run(ctx: RunContext) -> Any:
-            self.calls.append(name)
-            return step.run(ctx)
-
-        return replace(step, run=run)
-
-
-def run_data_steps(spec: Path, run_id: str, store: LocalArtifactStore, counted: Counted,
-                   steps: tuple[str, ...] = DATA_STEPS, **params: Any) -> dict[str, dict[str, Any]]:
-    ctx = make_context(spec, run_id, params, store=store)
-    return {name: run_step(counted.step(name), ctx) for name in steps}
 
 
 @pytest.fixture
