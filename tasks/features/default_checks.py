@@ -14,6 +14,7 @@ Each one catches a way real data goes wrong that the shipped examples never show
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from kiln.tasks.features.column_types import infer_column_types
@@ -37,7 +38,8 @@ NUMBER_PATTERN = r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*$"
 
 
 def default_suite(target: str, task: TaskType, columns: dict[str, ColumnType], spec: ExpectationsSpec,
-                  df: pd.DataFrame, known_classes: tuple[str, ...] | None = None) -> list[ExpectationSpec]:
+                  dtypes: pd.DataFrame, numeric_share: Mapping[str, float],
+                  known_classes: tuple[str, ...] | None = None) -> list[ExpectationSpec]:
     """The suite to check: the defaults (all but ``min_rows`` only with ``infer_defaults``), then the declared ones.
 
     Args:
@@ -45,7 +47,9 @@ def default_suite(target: str, task: TaskType, columns: dict[str, ColumnType], s
         task: ``classification`` or ``regression``.
         columns: the spec's declared column types.
         spec: the spec's ``expectations`` section.
-        df: the snapshot (its columns, dtypes and, for the text-in-numbers check, its values).
+        dtypes: a frame with the snapshot's columns and dtypes (its rows, if any, are not read).
+        numeric_share: per column, the share of its present values that read as numbers (the profile's
+            ``numeric_share``), for the text-among-numbers check.
         known_classes: the classes the champion was trained on; ``None`` without a champion.
 
     Returns:
@@ -57,7 +61,7 @@ def default_suite(target: str, task: TaskType, columns: dict[str, ColumnType], s
                   "sample_fraction; collect more data or lower min_rows")]
     if not spec.infer_defaults:
         return [*out, *spec.declared]
-    types = infer_column_types(df, columns, target, task, strict=False)
+    types = infer_column_types(dtypes, columns, target, task, strict=False)
     for column in dict.fromkeys([*columns, target]):
         out.append(_check("expect_column_to_exist", {"column": column}, "the column is not in the data"))
     if target in types:
@@ -72,7 +76,7 @@ def default_suite(target: str, task: TaskType, columns: dict[str, ColumnType], s
         if ctype == "numeric":
             out.append(_check("expect_column_values_to_be_in_type_list", {"column": column, "type_list": NUMERIC_TYPES},
                               "the column is numeric but its values are not numbers"))
-        if _text_among_numbers(df[column], ctype, declared=column in columns):
+        if _text_among_numbers(dtypes[column], numeric_share.get(column, 0.0), ctype, declared=column in columns):
             out.append(_check("expect_column_values_to_match_regex", {"column": column, "regex": NUMBER_PATTERN},
                               "a column of numbers with some text in it; fix those values in the source, or "
                               f"declare it categorical (columns: {{{column}: categorical}}) if the text belongs"))
@@ -100,7 +104,7 @@ def _check(kind: str, kwargs: dict[str, Any], hint: str) -> ExpectationSpec:
     return ExpectationSpec(type=kind, kwargs={**kwargs, "meta": {"hint": hint}})
 
 
-def _text_among_numbers(series: pd.Series, ctype: str, declared: bool) -> bool:
+def _text_among_numbers(series: pd.Series, numeric_share: float, ctype: str, declared: bool) -> bool:
     """Whether a column of numbers holds text: numeric by type but stored as text, or inferred categorical while
     its values are mostly numbers (a column declared categorical is taken at its word)."""
     from pandas.api.types import is_object_dtype, is_string_dtype
@@ -111,11 +115,7 @@ def _text_among_numbers(series: pd.Series, ctype: str, declared: bool) -> bool:
         return True
     if ctype != "categorical" or declared:
         return False
-    values = series.dropna().astype(str)
-    if values.empty:
-        return False
-    numeric = values.str.fullmatch(NUMBER_PATTERN).mean()
-    return bool(MOSTLY_NUMERIC <= numeric < 1)
+    return MOSTLY_NUMERIC <= numeric_share < 1
 
 
 def as_data_values(classes: tuple[str, ...]) -> list[Any]:

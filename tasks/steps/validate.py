@@ -13,21 +13,22 @@ The step is cached (:func:`kiln.tasks.pipeline.cache_keys.validate_key` says on 
 run still happen through :func:`record_validation`, the one place that logs the report to the run's MLflow run and
 publishes the accepted snapshot.
 
-``great_expectations`` is imported lazily (about 2 s), so importing this module stays cheap.
+The suite runs one expectation's columns at a time on large snapshots
+(:mod:`kiln.tasks.features.expectation_suite`); the profile streams record batches. Neither holds the whole
+snapshot in memory.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.tasks.errors import DataError
 from kiln.tasks.features.default_checks import default_suite
-from kiln.tasks.features.expectation_report import REPORT_EXAMPLES, expectation_report, jsonable, kwargs_problems
+from kiln.tasks.features.expectation_report import expectation_report, jsonable
+from kiln.tasks.features.expectation_suite import WHOLE_FRAME_BYTES, check_expectations, run_suite
 from kiln.tasks.features.profile import PROFILE_FILE, Breach, DataProfile, compare, profile_parquet
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.accepted import Accepted, accepted_key, publish_accepted, read_accepted
@@ -41,10 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_SITE = "kiln"
 _MESSAGE_EXAMPLES = 5
-#: Expectation fields that GX fills in itself; not offered as kwargs in error messages.
-_INTERNAL_FIELDS = {"id", "rendered_content", "batch_id", "windows"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +63,9 @@ class ValidateConfig:
     compare_rows: bool = True
     """Compare the row count with the accepted snapshot's; off for ``source.incremental: new_only``, whose
     snapshots hold only the new partitions."""
+    whole_frame_bytes: int = WHOLE_FRAME_BYTES
+    """Below this uncompressed size the snapshot is checked as one frame, above it one expectation's columns at
+    a time (:mod:`kiln.tasks.features.expectation_suite`)."""
 
     @classmethod
     def from_spec(cls, spec: PipelineSpec, known_classes: tuple[str, ...] | None = None) -> ValidateConfig:
@@ -142,47 +143,17 @@ class DataValidationError(DataError):
         super().__init__("\n".join(lines))
 
 
-def build_expectations(config: ValidateConfig, df: pd.DataFrame) -> list[ExpectationSpec]:
-    """The suite to check: the default checks (:mod:`kiln.tasks.features.default_checks`), then the declared ones."""
-    return default_suite(config.target, config.task, config.columns, config.expectations, df, config.known_classes)
-
-
-def check_expectations(specs: list[ExpectationSpec], where: str = "expectations.declared") -> list[Any]:
-    """Turn specs into GX expectation objects, rejecting unknown types and bad kwargs.
+def build_expectations(config: ValidateConfig, dtypes: pd.DataFrame, profile: DataProfile) -> list[ExpectationSpec]:
+    """The suite to check: the default checks (:mod:`kiln.tasks.features.default_checks`), then the declared ones.
 
     Args:
-        specs: the expectations.
-        where: the spec field that holds ``specs``, for error messages (``expectations.declared[2]``).
-
-    Returns:
-        ``great_expectations.expectations.Expectation`` instances, one per spec.
-
-    Raises:
-        ValueError: an unknown expectation type (with the closest valid one) or invalid kwargs (naming the
-            expectation, the bad kwarg and the allowed ones).
+        config: the step's settings.
+        dtypes: a frame with the snapshot's columns and dtypes (its rows are not read).
+        profile: the snapshot's profile (which text columns hold mostly numbers).
     """
-    _import_gx()
-    from great_expectations.expectations.registry import (
-        get_expectation_impl,
-        list_registered_expectation_implementations,
-    )
-
-    known = sorted(list_registered_expectation_implementations())
-    out = []
-    for i, spec in enumerate(specs):
-        if spec.type not in known:
-            close = difflib.get_close_matches(spec.type, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"{where}[{i}] '{spec.type}': unknown expectation type{hint} "
-                             "See https://greatexpectations.io/expectations for the valid types")
-        cls = get_expectation_impl(spec.type)
-        try:
-            out.append(cls(**spec.kwargs))
-        except (ValueError, TypeError) as exc:
-            allowed = [f for f in cls.__fields__ if f not in _INTERNAL_FIELDS]
-            raise ValueError(f"{where}[{i}] '{spec.type}': invalid kwargs {spec.kwargs}: "
-                             f"{kwargs_problems(exc, allowed)}. Allowed kwargs: {', '.join(allowed)}") from None
-    return out
+    share = {name: column.numeric_share for name, column in profile.columns.items()}
+    return default_suite(config.target, config.task, config.columns, config.expectations, dtypes, share,
+                         config.known_classes)
 
 
 def run_validate(config: ValidateConfig, snapshot_dir: Path, out_dir: Path,
@@ -205,20 +176,21 @@ def run_validate(config: ValidateConfig, snapshot_dir: Path, out_dir: Path,
         ValueError: an unknown expectation type or invalid kwargs in the spec; a damaged accepted profile.
         FileNotFoundError: the snapshot is missing.
     """
-    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from kiln.tasks.features.batches import empty_frame
 
     snapshot = Path(snapshot_dir) / keys.SNAPSHOT_FILE
     if not snapshot.is_file():
         raise FileNotFoundError(f"no snapshot at {snapshot}; run ingest first and pass its output folder")
-    df = pd.read_parquet(snapshot)
     check_expectations(config.expectations.declared)  # spec errors first, labelled by their place in the spec
-    expectations = check_expectations(build_expectations(config, df), where="suite")
-    out_dir = Path(out_dir)
-    log.info("validating %s (%d rows, %d columns) against %d expectations", snapshot, len(df), len(df.columns),
-             len(expectations))
-    gx_result = _run_suite(df, expectations, out_dir / keys.DATA_DOCS_DIR)
-    del df
     profile, breaches, compared = _check_profile(config, snapshot, accepted)
+    specs = build_expectations(config, empty_frame(pq.ParquetFile(snapshot)), profile)
+    check_expectations(specs, where="suite")
+    out_dir = Path(out_dir)
+    log.info("validating %s (%d rows, %d columns) against %d expectations", snapshot, profile.rows,
+             len(profile.columns), len(specs))
+    gx_result = run_suite(snapshot, specs, out_dir / keys.DATA_DOCS_DIR, config.whole_frame_bytes)
     result = _report(config, gx_result, profile, breaches, compared, accepted, out_dir, snapshot)
     for b in breaches:
         log.warning("profile breach: %s", b)
@@ -356,41 +328,3 @@ def champion_classes(ctx: RunContext) -> tuple[str, ...] | None:
     if champion is None:
         return None
     return load_bundle(registry.fetch_bundle(champion, bundle_cache(ctx.spec.name))).classes
-
-
-def _import_gx() -> Any:
-    # GX sends usage analytics on import unless told not to; the workers may have no network at all.
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-
-    return gx
-
-
-def _run_suite(df: pd.DataFrame, expectations: list[Any], docs_dir: Path) -> Any:
-    """Run ``expectations`` on ``df`` in an ephemeral GX context; build Data Docs in ``docs_dir``."""
-    gx = _import_gx()
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    # The default site of an ephemeral context writes to a random temp folder; only ours is wanted.
-    for name in list(context.list_data_docs_sites()):
-        context.delete_data_docs_site(name)
-    context.add_data_docs_site(_SITE, {
-        "class_name": "SiteBuilder",
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-    })
-    batch_def = (context.data_sources.add_pandas(name="snapshot")
-                 .add_dataframe_asset(name="snapshot")
-                 .add_batch_definition_whole_dataframe("whole"))
-    suite = context.suites.add(gx.ExpectationSuite(name="data_quality", expectations=expectations))
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="validate", data=batch_def, suite=suite))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name="validate", validation_definitions=[definition],
-        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[_SITE])],
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": REPORT_EXAMPLES}))
-    checkpoint_result = checkpoint.run(batch_parameters={"dataframe": df})
-    (validation_result,) = checkpoint_result.run_results.values()
-    return validation_result

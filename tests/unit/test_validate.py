@@ -41,7 +41,7 @@ def config(declared: list[dict] | None = None, columns: dict | None = None, min_
 
 def snapshot(tmp_path: Path, df: pd.DataFrame) -> Path:
     folder = tmp_path / "snap"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     df.to_parquet(folder / SNAPSHOT_FILE, index=False)
     return folder
 
@@ -52,13 +52,19 @@ def out_dir(tmp_path: Path) -> Path:
     return out
 
 
+def suite(cfg: ValidateConfig, df: pd.DataFrame, tmp_path: Path) -> list[ExpectationSpec]:
+    """The suite ``validate`` builds for ``df``: from its dtypes and its profile."""
+    folder = snapshot(tmp_path / "suite", df)
+    return build_expectations(cfg, df, profile_parquet(folder / SNAPSHOT_FILE))
+
+
 def kinds(specs: list[ExpectationSpec]) -> list[tuple[str, str | None]]:
     return [(s.type, s.kwargs.get("column")) for s in specs]
 
 
-def test_build_expectations_infers_defaults_from_schema():
+def test_build_expectations_infers_defaults_from_schema(tmp_path):
     declared = {"type": "expect_column_values_to_be_between", "kwargs": {"column": "mass", "min_value": 0}}
-    specs = build_expectations(config([declared], min_rows=5), good_frame())
+    specs = suite(config([declared], min_rows=5), good_frame(), tmp_path)
     assert specs[0].type == "expect_table_row_count_to_be_between" and specs[0].kwargs["min_value"] == 5
     got = kinds(specs)
     assert ("expect_column_to_exist", "note") in got and ("expect_column_to_exist", "label") in got
@@ -69,17 +75,17 @@ def test_build_expectations_infers_defaults_from_schema():
     assert specs[-1] == ExpectationSpec(**declared)
 
 
-def test_build_expectations_without_defaults_is_min_rows_and_the_declared():
+def test_build_expectations_without_defaults_is_min_rows_and_the_declared(tmp_path):
     """infer_defaults: false drops the schema defaults, not the row count the spec sets explicitly."""
     declared = {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "mass"}}
-    specs = build_expectations(config([declared], infer_defaults=False, min_rows=7), good_frame())
+    specs = suite(config([declared], infer_defaults=False, min_rows=7), good_frame(), tmp_path)
     assert kinds(specs) == [("expect_table_row_count_to_be_between", None), ("expect_column_values_to_be_unique",
                                                                             "mass")]
     assert specs[0].kwargs["min_value"] == 7
 
 
-def test_build_expectations_absent_columns_get_only_an_existence_check():
-    specs = build_expectations(config(columns={"gone": "numeric"}, target="nolabel"), good_frame())
+def test_build_expectations_absent_columns_get_only_an_existence_check(tmp_path):
+    specs = suite(config(columns={"gone": "numeric"}, target="nolabel"), good_frame(), tmp_path)
     got = kinds(specs)
     assert ("expect_column_to_exist", "gone") in got and ("expect_column_to_exist", "nolabel") in got
     assert [c for _, c in got].count("gone") == 1 and [c for _, c in got].count("nolabel") == 1
@@ -91,7 +97,7 @@ def test_good_data_passes_and_writes_report_and_data_docs(tmp_path):
     result = run_validate(config([declared]), snapshot(tmp_path, good_frame()), out)
 
     assert result.success and result.failed == []
-    assert result.evaluated == len(build_expectations(config([declared]), good_frame()))
+    assert result.evaluated == len(suite(config([declared]), good_frame(), tmp_path))
     report = json.loads((out / VALIDATION_FILE).read_text())
     assert report["success"] is True
     assert report["statistics"]["evaluated_expectations"] == result.evaluated
