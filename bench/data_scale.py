@@ -1,5 +1,7 @@
 """data_scale: kiln's ingest -> clean -> build_features on a synthetic table of ``rows`` x 50 columns, against a
-plain pandas script doing the same operations on the same file (``bench/_pandas_features.py``).
+plain pandas script doing the same operations on the same file (``bench/_pandas_features.py``). ``validate`` (the
+default suite and the profile) runs too, between ingest and clean, and is reported beside the comparison: the
+peer checks nothing.
 
 The table (``bench/_synthetic.py``: 45 numeric, 4 categorical columns and a 3-class label, with missing values and
 repeated rows) is generated in chunks into ``--folder`` (default: the temporary folder; never the repository) and
@@ -47,6 +49,12 @@ if step == "ingest":
     config = IngestConfig(source=SourceSpec(uri=str(folder / "source.parquet"), format="parquet"),
                           data_roots=(folder,))
     run_ingest(config, folder / "ingest")
+elif step == "validate":
+    from kiln.tasks.spec import ExpectationsSpec
+    from kiln.tasks.steps.validate import ValidateConfig, run_validate
+    result = run_validate(ValidateConfig(target="label", task="classification", columns={},
+                                         expectations=ExpectationsSpec()), folder / "ingest", folder / "validate")
+    assert result.success, result.failed
 elif step == "clean":
     from kiln.tasks.steps.clean import CleanConfig, run_clean
     run_clean(CleanConfig(target="label", task="classification", columns={}, cleaning=CleaningSpec()),
@@ -135,10 +143,10 @@ def measure(rows: int, folder: Path) -> dict:
     if not source.is_file():
         log.warning("generating %d rows into %s", rows, source)
         write_synthetic_table(source, rows)
-    for name in ("ingest", "clean", "build_features", "pandas"):
+    for name in ("ingest", "validate", "clean", "build_features", "pandas"):
         shutil.rmtree(data / name, ignore_errors=True)
     steps = {}
-    for step in ("ingest", "clean", "build_features"):
+    for step in ("ingest", "validate", "clean", "build_features"):
         (data / step).mkdir()
         steps[step] = _run(STEP, step, str(data))
         log.warning("%d rows: kiln %s %.1f s, peak RSS %.0f MiB", rows, step, steps[step]["wall_s"],
@@ -150,9 +158,10 @@ def measure(rows: int, folder: Path) -> dict:
         log.warning("%d rows: the pandas peer failed: %s", rows, str(exc)[-300:])
         peer = None
     shutil.rmtree(data / "pandas", ignore_errors=True)
+    validate = steps.pop("validate")  # the peer checks nothing: validate is reported beside the comparison
     kiln_s = sum(s["wall_s"] for s in steps.values())
-    result = {"rows": rows, "steps": steps, "kiln_rows_per_s": rows / kiln_s, "kiln_wall_s": kiln_s,
-              "kiln_cpu_s": sum(s["cpu_s"] for s in steps.values()),
+    result = {"rows": rows, "steps": steps, "validate": validate, "kiln_rows_per_s": rows / kiln_s,
+              "kiln_wall_s": kiln_s, "kiln_cpu_s": sum(s["cpu_s"] for s in steps.values()),
               "kiln_peak_rss_mib": max(s["peak_rss_mib"] for s in steps.values()), "peer": peer,
               "features": str(data / "build_features")}
     if peer is not None:
@@ -162,18 +171,19 @@ def measure(rows: int, folder: Path) -> dict:
 
 
 def _details(results: list[dict], train: dict | None, memory: MemorySampler) -> str:
-    lines = ["| rows | side | ingest s / MiB | clean s / MiB | build_features s / MiB | rows/s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| rows | side | ingest s / MiB | clean s / MiB | build_features s / MiB | rows/s | peak RSS MiB | "
+             "validate s / MiB (not compared) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         cells = " | ".join(f"{s['wall_s']:.1f} / {s['peak_rss_mib']:.0f}" for s in r["steps"].values())
         lines.append(f"| {r['rows']:,} | kiln | {cells} | {r['kiln_rows_per_s']:,.0f} (CPU {r['kiln_cpu_s']:.0f} s) | "
-                     f"{r['kiln_peak_rss_mib']:.0f} |")
+                     f"{r['kiln_peak_rss_mib']:.0f} | {r['validate']['wall_s']:.1f} / "
+                     f"{r['validate']['peak_rss_mib']:.0f} |")
         if r["peer"] is None:
-            lines.append(f"| {r['rows']:,} | pandas | failed (killed: out of memory?) | | | - | - |")
+            lines.append(f"| {r['rows']:,} | pandas | failed (killed: out of memory?) | | | - | - | |")
         else:
             lines.append(f"| {r['rows']:,} | pandas | (one process: {r['pandas_wall_s']:.1f} s) | | | "
                          f"{r['pandas_rows_per_s']:,.0f} (CPU {r['pandas_cpu_s']:.0f} s) | "
-                         f"{r['pandas_peak_rss_mib']:.0f} |")
+                         f"{r['pandas_peak_rss_mib']:.0f} | |")
     if train is not None:
         lines.append(f"\nOne training epoch on the {results[-1]['rows']:,}-row features (1 rank, 2 threads, MLP 64-32, "
                      f"batch 4096): {train['wall_s']:.0f} s in all, {train['samples_per_s']:,.0f} samples/s, "

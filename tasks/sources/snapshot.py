@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kiln.tasks.features.batches import dictionary_columns
 from kiln.tasks.sources.errors import IngestError
 from kiln.tasks.sources.files import conform, unify
 
@@ -42,7 +43,8 @@ class SnapshotWriter:
         self.rows = 0
         self._buffer: list[pa.RecordBatch] = []
         self._buffered_rows = self._buffered_bytes = 0
-        self._writer = pq.ParquetWriter(path, self.schema, compression="snappy")
+        self._writer = pq.ParquetWriter(path, self.schema, compression="snappy",
+                                        use_dictionary=dictionary_columns(self.schema))
 
     def write(self, batch: pa.RecordBatch) -> None:
         """Add ``batch`` (conformed to the schema); a full row group goes to the file."""
