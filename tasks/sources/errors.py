@@ -14,5 +14,9 @@ class SourceReadError(IngestError):
     """The source cannot be listed or opened (no such file, bucket or prefix; access denied; no credentials)."""
 
 
+class SourceEmptyError(SourceReadError):
+    """The source's folder or S3 prefix exists but holds no data yet (ingest fails; a watcher waits for it)."""
+
+
 class SourceUnreachableError(ConnectionError):
     """The source's endpoint or database cannot be reached right now; a retry may succeed."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from kiln.tasks.sources.errors import SourceReadError
+from kiln.tasks.sources.errors import SourceEmptyError, SourceReadError
 from kiln.tasks.spec.sources import (
     URI_FORMS,
     SourceError,
@@ -162,7 +162,7 @@ def _list_folder(uri: str, folder: Path, source: SourceSpec, roots: tuple[Path, 
             raise SourceReadError(f"partition {name} of source.uri {uri!r}: {exc}") from None
         parts.append(_local_part(path, name))
     if not parts:
-        raise SourceReadError(f"folder {folder} (source.uri {uri!r}) holds no partition file (*.csv, *.csv.gz, "
+        raise SourceEmptyError(f"folder {folder} (source.uri {uri!r}) holds no partition file (*.csv, *.csv.gz, "
                               "*.parquet; names starting with '.' or '_' are skipped); put the data files there, "
                               "or set source.format to read files with other extensions")
     parts.sort(key=lambda p: p.name)

@@ -24,7 +24,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from kiln.tasks.settings import get_settings
-from kiln.tasks.sources.errors import SourceReadError, SourceUnreachableError
+from kiln.tasks.sources.errors import SourceEmptyError, SourceReadError, SourceUnreachableError
 from kiln.tasks.sources.listing import SourceListing, SourcePart, partition_format
 from kiln.tasks.spec.sources import SourceError, s3_parts
 from kiln.tasks.storage.s3 import (
@@ -82,11 +82,11 @@ def list_s3(uri: str, source: SourceSpec) -> SourceListing:
         key += "/"
     parts = _list_prefix(s3, bucket, key, uri, source)
     if not parts and not uri.endswith("/") and key != "/":
-        raise SourceReadError(f"no object s3://{bucket}/{key[:-1]} and no partition object under s3://{bucket}/{key} "
+        raise SourceEmptyError(f"no object s3://{bucket}/{key[:-1]} and no partition object under s3://{bucket}/{key} "
                               f"(source.uri {uri!r}) at {get_settings().s3_endpoint_url or 'AWS S3'}: fix the key "
                               "in source.uri, or upload the data")
     if not parts:
-        raise SourceReadError(f"no partition object under s3://{bucket}/{key} (source.uri {uri!r}; *.csv, "
+        raise SourceEmptyError(f"no partition object under s3://{bucket}/{key} (source.uri {uri!r}; *.csv, "
                               "*.csv.gz, *.parquet; names starting with '.' or '_' are skipped): fix the prefix, "
                               "upload the data, or set source.format to read objects with other extensions")
     return SourceListing(uri=uri, parts=tuple(sorted(parts, key=lambda p: p.name)), root=f"s3://{bucket}/{key}")

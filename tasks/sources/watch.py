@@ -13,7 +13,8 @@ What is compared, per source kind:
   (rows deleted) becomes the new mark without an event, so later rows above it are not missed.
 
 The first look (no state yet, or the state of another source) only records the baseline: data already there when
-the watch starts does not start a run.
+the watch starts does not start a run. An empty folder or S3 prefix is a state with no parts (its first
+partition starts a run), not an error.
 
 State: ``<pipeline>/_watch/state.json`` in the artifact store, published atomically (the store's writer). The
 caller decides when a change's state is saved (:meth:`SourceWatcher.commit`): kiln's trigger commits it only after
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.tasks.sources.errors import SourceReadError
+from kiln.tasks.sources.errors import SourceEmptyError, SourceReadError
 from kiln.tasks.storage.artifacts import ArtifactNotFoundError, read_json, write_json
 
 if TYPE_CHECKING:
@@ -250,7 +251,10 @@ class SourceWatcher:
             return WatchState(source=identity, watermark=value, watermark_type=kind)
         from kiln.tasks.sources.listing import list_source
 
-        return listing_state(identity, list_source(self.source, self.roots))
+        try:
+            return listing_state(identity, list_source(self.source, self.roots))
+        except SourceEmptyError:  # a landing folder or prefix before its first delivery: wait for it
+            return WatchState(source=identity, parts={})
 
     def poll(self) -> Observation:
         """Look at the source and compare it with the last state (the saved one after a restart).

@@ -16,7 +16,7 @@ from s3_server import LockedBucket, S3Endpoint, iam_endpoint, s3_endpoint  # noq
 from kiln.tasks.pipeline.accepted import publish_accepted
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.pipeline.keys import SNAPSHOT_FILE, SNAPSHOT_MANIFEST_FILE
-from kiln.tasks.sources.errors import SourceReadError
+from kiln.tasks.sources.errors import SourceEmptyError, SourceReadError
 from kiln.tasks.sources.listing import list_source
 from kiln.tasks.sources.s3 import download
 from kiln.tasks.spec import SourceSpec, load_spec
@@ -100,18 +100,20 @@ def test_object_replaced_after_listing_is_refused(s3_endpoint: S3Endpoint, bucke
         download(listing, listing.parts[0], tmp_path / "d.csv")
 
 
-@pytest.mark.parametrize(("uri", "setup", "needles"), [
-    ("s3://no-such-bucket-kiln/x.csv", None, ["bucket 'no-such-bucket-kiln' does not exist", "source.uri"]),
-    ("s3://{bucket}/empty/", None, ["no partition object under s3://{bucket}/empty/"]),
-    ("s3://{bucket}/typo.csv", None, ["no object s3://{bucket}/typo.csv and no partition object under"]),
-    ("s3://{bucket}/only-markers/", "only-markers/_SUCCESS", ["no partition object under"]),
-    ("s3://{bucket}/parts/", "parts/a.csv,parts/b.csv", ["partition s3://{bucket}/parts/b.csv", "extra column(s) c"]),
-    ("s3://{bucket}/x.csv", "nocreds", ["no AWS credentials for s3://{bucket}/x.csv", "KILN_S3_CONNECTION_ID"]),
+@pytest.mark.parametrize(("uri", "setup", "needles", "empty"), [
+    ("s3://no-such-bucket-kiln/x.csv", None, ["bucket 'no-such-bucket-kiln' does not exist", "source.uri"], False),
+    ("s3://{bucket}/empty/", None, ["no partition object under s3://{bucket}/empty/"], True),
+    ("s3://{bucket}/typo.csv", None, ["no object s3://{bucket}/typo.csv and no partition object under"], True),
+    ("s3://{bucket}/only-markers/", "only-markers/_SUCCESS", ["no partition object under"], True),
+    ("s3://{bucket}/parts/", "parts/a.csv,parts/b.csv", ["partition s3://{bucket}/parts/b.csv", "extra column(s) c"],
+     False),
+    ("s3://{bucket}/x.csv", "nocreds", ["no AWS credentials for s3://{bucket}/x.csv", "KILN_S3_CONNECTION_ID"], False),
 ], ids=["no-such-bucket", "empty-prefix", "missing-object", "prefix-without-partitions", "partition-schema-differs",
         "missing-credentials"])
 def test_unreadable_sources_name_the_object_and_publish_nothing(
         s3_endpoint: S3Endpoint, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
-        uri: str, setup: str | None, needles: list[str]) -> None:
+        uri: str, setup: str | None, needles: list[str], empty: bool) -> None:
+    """An empty prefix is a SourceEmptyError: ingest fails on it, a source watcher waits for the first delivery."""
     if setup == "nocreds":
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             monkeypatch.delenv(name)
@@ -123,6 +125,7 @@ def test_unreadable_sources_name_the_object_and_publish_nothing(
         snapshot(tmp_path, uri.format(bucket=bucket))
     for needle in needles:
         assert needle.format(bucket=bucket) in str(info.value)
+    assert isinstance(info.value, SourceEmptyError) is empty
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -113,6 +113,18 @@ def test_the_state_of_another_source_is_a_new_baseline(store, folder, tmp_path) 
     assert _watcher(store, other, tmp_path).poll().payload is None
 
 
+def test_an_empty_folder_is_waited_on_and_its_first_partition_starts_a_run(store, tmp_path) -> None:
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    watcher = _watcher(store, landing, tmp_path)
+    assert watcher.poll().payload is None  # no error: nothing delivered yet
+    assert load_state(store, PIPELINE).parts == {}
+    (landing / "day=1.csv").write_text("a,b\n1,2\n")
+    observation = watcher.poll()
+    assert observation.payload is not None and [p["name"] for p in observation.payload["parts"]] == ["day=1.csv"]
+    assert observation.payload["root"] == str(landing)
+
+
 def test_an_unreadable_source_names_it(store, tmp_path) -> None:
     from kiln.tasks.sources.errors import SourceReadError
 
