@@ -2,9 +2,10 @@
 the check that the parts an Asset event announced are still there as announced.
 
 A part is new when the last accepted snapshot's manifest has no part of the same name and ETag (``ingested_parts``:
-every part whose rows that snapshot holds or, for ``new_only``, that an accepted snapshot already held). A part
-rewritten under the same name is new again; a part deleted from the source leaves its rows in an ``append``
-snapshot.
+every part whose rows that snapshot holds or, for ``new_only``, that an accepted snapshot already held). Under
+``new_only`` a part rewritten under the same name is new again. Under ``append`` it is refused: the accepted rows
+hold its earlier version, and appending the new one would hold both (the fix is one run with ``incremental: off``).
+A part deleted from the source leaves its rows in an ``append`` snapshot.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def select_parts(listing: SourceListing, mode: str, previous: Previous | None) -
     """The parts to read under ``source.incremental`` = ``mode``.
 
     Raises:
-        IngestError: incremental mode and no part is new since the last accepted snapshot (nothing to ingest).
+        IngestError: incremental mode and no part is new since the last accepted snapshot (nothing to ingest);
+            ``append`` and a part rewritten since the accepted snapshot read it.
     """
     current = tuple(p.to_dict() for p in listing.parts)
     if mode == "off":
@@ -72,6 +74,16 @@ def select_parts(listing: SourceListing, mode: str, previous: Previous | None) -
         raise IngestError(f"nothing to ingest: no part under {listing.uri} is new since the last accepted snapshot "
                           f"(run {previous.run_key}, {len(seen)} parts); add new partition files there, or set "
                           "source.incremental: off to read every part again")
+    earlier = {p["name"]: p["etag"] for p in seen}
+    rewritten = [p for p in new if p.name in earlier]
+    if mode == "append" and rewritten:
+        first = rewritten[0]
+        raise IngestError(f"{listing.location(first)} was rewritten since the accepted snapshot of run "
+                          f"{previous.run_key} read it (ETag {earlier[first.name]} then, {first.etag} now"
+                          f"{f'; {len(rewritten) - 1} more part(s) too' if len(rewritten) > 1 else ''}): "
+                          "source.incremental: append keeps the rows of the version it read, and appending this "
+                          "one would hold both. Run once with source.incremental: off to read every part again, "
+                          "or write corrections as new partitions")
     log.info("incremental %s: %d new part(s) of %d under %s since run %s: %s", mode, len(new), len(listing.parts),
              listing.uri, previous.run_key, ", ".join(p.name for p in new[:10]))
     names = {p.name for p in new}

@@ -150,6 +150,15 @@ def test_incremental_reads_only_new_partitions_after_the_accepted_snapshot(tmp_p
     accept(store, "p", "p/r3")
     with pytest.raises(IngestError, match="nothing to ingest"):  # 1.csv stays ingested under new_only too
         ingest(ctx("r4"))
+    (tmp_path / "lake" / "1.csv").write_text("x,y\n1,a\n2,z\n")  # a corrected delivery under the same name
+    if mode == "new_only":
+        ingest(ctx("r5"))
+        assert pd.read_parquet(store.path("p/r5/ingest") / SNAPSHOT_FILE)["y"].tolist() == ["a", "z"]
+    else:  # appending it would hold both versions of its rows
+        with pytest.raises(IngestError, match=r"1\.csv was rewritten since the accepted snapshot of run p/r3 .*"
+                                              r"incremental: off"):
+            ingest(ctx("r5"))
+        assert not store.exists("p/r5/ingest")
 
 
 def test_trigger_event_parts_must_still_be_as_announced(tmp_path):
