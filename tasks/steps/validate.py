@@ -316,10 +316,10 @@ def record_cached_validation(ctx: RunContext, result: dict[str, Any]) -> None:
 
 def champion_classes(ctx: RunContext) -> tuple[str, ...] | None:
     """The classes the pipeline's champion was trained on (``None``: regression, ``allow_new_classes``, or no
-    champion yet)."""
+    champion yet), read from its bundle's feature spec without loading the model."""
     if ctx.spec.task != "classification" or ctx.spec.expectations.allow_new_classes:
         return None
-    from kiln.tasks.bundle.load import load_bundle
+    from kiln.tasks.features.transform import FEATURE_SPEC_FILE, FeatureTransform
     from kiln.tasks.pipeline.endpoint import bundle_cache
     from kiln.tasks.tracking.registry import Registry
 
@@ -327,4 +327,5 @@ def champion_classes(ctx: RunContext) -> tuple[str, ...] | None:
     champion = registry.champion(ctx.spec.name)
     if champion is None:
         return None
-    return load_bundle(registry.fetch_bundle(champion, bundle_cache(ctx.spec.name))).classes
+    bundle = registry.fetch_bundle(champion, bundle_cache(ctx.spec.name))
+    return FeatureTransform.load(bundle / FEATURE_SPEC_FILE).classes
