@@ -49,6 +49,13 @@ def _parser(default_host: str, default_port: int, default_tokens: str, default_r
     parser.add_argument("--tokens-file", default=default_tokens, help="the scoped tokens (default "
                         f"{default_tokens}, under KILN_SERVING_DIR; see kiln serve token add); re-read when it changes")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--capture-flush-s", type=float, default=10.0, help="seconds between two writes of "
+                        "captured requests and feedback to the artifact store (default 10; the share captured is "
+                        "the deployment file's capture.share)")
+    parser.add_argument("--capture-flush-rows", type=int, default=10_000, help="write as soon as this many captured "
+                        "records wait (default 10000)")
+    parser.add_argument("--capture-max-rows", type=int, default=50_000, help="most captured records (and feedback "
+                        "rows) held in memory; past it new ones are dropped and counted (default 50000)")
     add_limit_arguments(parser)
     return parser
 
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kiln.tasks.serving.app import ServerState, create_app
     from kiln.tasks.serving.auth import resolve_token
+    from kiln.tasks.serving.capture import CaptureOptions
     from kiln.tasks.serving.deployment import DeploymentError, read_deployment
     from kiln.tasks.serving.metrics import ServerMetrics
     from kiln.tasks.serving.models import ModelLoadError, build_model_set, freeze_heap, load_bundles
@@ -100,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         token = resolve_token(settings)
         state = ServerState(args.deployment, models, metrics, token, max_batch=args.max_batch,
                             max_wait_s=args.max_wait_ms / 1000, seed=args.seed, tokens_file=Path(args.tokens_file),
-                            runtime=args.runtime)
+                            runtime=args.runtime,
+                            capture_options=CaptureOptions(max_rows=args.capture_max_rows,
+                                                           flush_rows=args.capture_flush_rows,
+                                                           flush_s=args.capture_flush_s))
     except (DeploymentError, ModelLoadError, TokenFileError, ValueError, OSError) as exc:
         print(f"python -m kiln.tasks.serving: cannot serve {args.deployment}: {exc}", file=sys.stderr)
         return EXIT_BAD_DEPLOYMENT

@@ -1,4 +1,4 @@
-"""The model server's HTTP app (Starlette on uvicorn): predict, health, ready, metrics, reload, stats.
+"""The model server's HTTP app (Starlette on uvicorn): predict, feedback, health, ready, metrics, reload, stats.
 
 ``POST /predict`` (scope ``predict``) and ``/admin/*`` (scope ``admin``) need a bearer token that holds the scope
 for this server's pipeline (:mod:`.tokens`): 401 without a known token, 403 with one that lacks the scope or the
@@ -9,6 +9,10 @@ token is compared in constant time against the raw header, metric children are b
 pre-serialised bytes, and the records of concurrent requests share one forward pass (:mod:`.batching`). Each
 request is routed to the canary with probability ``share``; a canary that fails inside the model is counted and
 the request is answered by the champion, so a canary never fails a user request.
+
+Every ``/predict`` answer carries ``X-Request-Id``; a share of the answered requests (the deployment's
+``capture.share``) is captured, and ``POST /feedback`` takes the ground truth for a captured request by its id
+(:mod:`.capture`: the capture is one append after the answer is computed; files are written off the event loop).
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ from starlette.routing import Route
 
 from kiln.tasks.bundle.load import RecordError
 from kiln.tasks.serving import tokens
+from kiln.tasks.serving.capture import Capture, CaptureOptions, RequestIds, caller_request_id, parse_feedback
 from kiln.tasks.serving.deployment import read_deployment
 from kiln.tasks.serving.inputs import RequestError, parse_records, transform
-from kiln.tasks.serving.metrics import METRICS_CONTENT_TYPE, ServerMetrics
+from kiln.tasks.serving.metrics import METRICS_CONTENT_TYPE, ServerMetrics, ThrottledLog
 from kiln.tasks.serving.models import ModelSet, Variant, build_model_set, freeze_heap, load_bundles
-from kiln.tasks.settings import ServeRuntime
+from kiln.tasks.settings import ServeRuntime, get_settings
+from kiln.tasks.storage.artifacts import ArtifactStore, store_for_root
 
 log = logging.getLogger(__name__)
 
@@ -46,28 +52,6 @@ _UNAUTHORIZED = orjson.dumps({"detail": "missing or invalid bearer token (Author
 _NOT_READY = orjson.dumps({"detail": "no model is loaded"})
 #: Seconds after a reload before the heap is frozen again (see ``models.freeze_heap``).
 REFREEZE_DELAY_S = 1.0
-#: Seconds between two log lines about the same kind of model failure (each failure is counted in the metrics).
-FAILURE_LOG_INTERVAL_S = 10.0
-
-
-class _ThrottledLog:
-    """Logs a recurring failure at most once per ``interval_s``, with the number of occurrences since the last line
-    (under load a broken model fails thousands of requests a second; each is counted in the metrics anyway)."""
-
-    def __init__(self, level: int, interval_s: float = FAILURE_LOG_INTERVAL_S):
-        self.level = level
-        self.interval_s = interval_s
-        self._logged_at = -interval_s
-        self._unlogged = 0
-
-    def __call__(self, message: str, *args: Any, exc_info: BaseException | None = None) -> None:
-        self._unlogged += 1
-        now = time.monotonic()
-        if now - self._logged_at < self.interval_s:
-            return
-        log.log(self.level, message + " (%d time(s) since the last such line)", *args, self._unlogged,
-                exc_info=exc_info)
-        self._logged_at, self._unlogged = now, 0
 
 
 class ServerState:
@@ -83,11 +67,14 @@ class ServerState:
         max_wait_s: how long a batch waits for more requests (0: none).
         seed: seed of the canary routing (``None``: from the OS).
         runtime: what runs the models a reload loads (``models`` must have been loaded with it).
+        capture_store: where captured requests and feedback go (``None``: the artifact store of the settings).
+        capture_options: the capture buffers' bounds and pace.
     """
 
     def __init__(self, deployment_path: str | Path, models: ModelSet | None, metrics: ServerMetrics, token: str,
                  *, max_batch: int, max_wait_s: float = 0.0, seed: int | None = None,
-                 tokens_file: Path | None = None, runtime: ServeRuntime = "auto"):
+                 tokens_file: Path | None = None, runtime: ServeRuntime = "auto",
+                 capture_store: ArtifactStore | None = None, capture_options: CaptureOptions | None = None):
         self.deployment_path = Path(deployment_path)
         self.runtime = runtime
         self.models = models
@@ -96,9 +83,11 @@ class ServerState:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.random = random.Random(seed).random
+        store = capture_store if capture_store is not None else store_for_root(get_settings().artifact_root)
+        self.capture = Capture(store, token, metrics, self.random, capture_options)
         self._reload_lock = asyncio.Lock()
-        self.log_canary_failure = _ThrottledLog(logging.WARNING)
-        self.log_champion_failure = _ThrottledLog(logging.ERROR)
+        self.log_canary_failure = ThrottledLog(log, logging.WARNING)
+        self.log_champion_failure = ThrottledLog(log, logging.ERROR)
         if models is not None:
             self._publish(models)
 
@@ -156,8 +145,23 @@ def _describe(exc: BaseException) -> str:
     return last if len(lines) > 1 and "Error" in last.split(":", 1)[0] else f"{type(exc).__name__}: {last}"
 
 
-async def _predict_on(variant: Variant, x: np.ndarray) -> bytes:
-    """Predict ``x`` in ``variant``'s next batch; the 200 body.
+class _Call:
+    """One predict request as the serving functions need it."""
+
+    __slots__ = ("models", "records", "started", "caller_id", "nbytes")
+
+    def __init__(self, models: ModelSet, records: list[Any], started: float, caller_id: str | None, nbytes: int):
+        self.models, self.records, self.started, self.caller_id, self.nbytes = (models, records, started,
+                                                                                caller_id, nbytes)
+
+
+def _with_id(response: Response, request_id: str) -> Response:
+    response.raw_headers.append((b"x-request-id", request_id.encode()))
+    return response
+
+
+async def _predict_on(variant: Variant, x: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """Predict ``x`` in ``variant``'s next batch; the 200 body and the output rows.
 
     Raises:
         _ModelFailure: the forward pass raised, or returned non-finite values or a bad shape.
@@ -169,22 +173,26 @@ async def _predict_on(variant: Variant, x: np.ndarray) -> bytes:
         predictions = variant.bundle.format_predictions(y)
     except Exception as exc:  # noqa: BLE001 - every model failure is the caller's to count and answer
         raise _ModelFailure(_describe(exc)) from exc
-    return variant.head + orjson.dumps(predictions) + b"}"
+    return variant.head + orjson.dumps(predictions) + b"}", y
 
 
-def _answered(variant: Variant, body: bytes, n: int, started: float) -> Response:
-    took = time.perf_counter() - started
+def _answered(state: ServerState, variant: Variant, answer: tuple[bytes, np.ndarray], call: _Call) -> Response:
+    """Count the answer, capture the request if it is sampled (an append), and answer with its request id."""
+    took = time.perf_counter() - call.started
     m = variant.metrics
     m.ok.inc()
-    m.records.inc(n)
+    m.records.inc(len(call.records))
     m.latency.observe(took)
     variant.stats.latencies_ms.append(took * 1000)
-    return _json(body)
+    deployment = call.models.deployment
+    request_id = state.capture.answered(deployment.model, deployment.capture.share, variant, call.records, answer[1],
+                                        call.caller_id, call.started, call.nbytes)
+    return _with_id(_json(answer[0]), request_id)
 
 
-async def _serve_champion(state: ServerState, champion: Variant, records: list[Any], started: float) -> Response:
+async def _serve_champion(state: ServerState, champion: Variant, call: _Call) -> Response:
     try:
-        x = transform(champion.bundle, records)
+        x = transform(champion.bundle, call.records)
     except RecordError as exc:
         champion.metrics.invalid.inc()
         return _invalid(exc.errors)
@@ -192,10 +200,10 @@ async def _serve_champion(state: ServerState, champion: Variant, records: list[A
         return _champion_failed(state, champion, f"in its transform: {_describe(exc)}", exc)
     champion.stats.requests += 1
     try:
-        body = await _predict_on(champion, x)
+        answer = await _predict_on(champion, x)
     except _ModelFailure as exc:
         return _champion_failed(state, champion, str(exc), exc.__cause__, counted=True)
-    return _answered(champion, body, len(records), started)
+    return _answered(state, champion, answer, call)
 
 
 def _champion_failed(state: ServerState, champion: Variant, reason: str, cause: BaseException | None,
@@ -210,27 +218,27 @@ def _champion_failed(state: ServerState, champion: Variant, reason: str, cause: 
     return _json(orjson.dumps({"detail": f"the model failed: {reason}"}), 500)
 
 
-async def _serve_canary(state: ServerState, models: ModelSet, records: list[Any], started: float) -> Response:
-    canary, champion = models.canary, models.champion
+async def _serve_canary(state: ServerState, call: _Call) -> Response:
+    canary, champion = call.models.canary, call.models.champion
     assert canary is not None
     try:
-        x = transform(canary.bundle, records)
+        x = transform(canary.bundle, call.records)
     except RecordError as exc:
         # Refused by the canary's transform: the user's fault only if the champion refuses the records too.
-        response = await _serve_champion(state, champion, records, started)
+        response = await _serve_champion(state, champion, call)
         if response.status_code == 200:
             _canary_failed(state, canary, champion, f"its transform refused records the champion accepts: {exc}")
         return response
     except Exception as exc:  # noqa: BLE001 - a canary failure never fails the request: the champion answers
         _canary_failed(state, canary, champion, f"in its transform: {_describe(exc)}")
-        return await _serve_champion(state, champion, records, started)
+        return await _serve_champion(state, champion, call)
     try:
-        body = await _predict_on(canary, x)
+        answer = await _predict_on(canary, x)
     except _ModelFailure as exc:
         _canary_failed(state, canary, champion, str(exc))
-        return await _serve_champion(state, champion, records, started)
+        return await _serve_champion(state, champion, call)
     canary.stats.requests += 1
-    return _answered(canary, body, len(records), started)
+    return _answered(state, canary, answer, call)
 
 
 def _canary_failed(state: ServerState, canary: Variant, champion: Variant, reason: str) -> None:
@@ -261,6 +269,13 @@ class _Endpoints:
 
     async def predict(self, request: Request) -> Response:
         started = time.perf_counter()
+        caller_id = caller_request_id(request.scope["headers"])
+        response = await self._predict(request, started, caller_id)
+        if response.status_code != 200:  # an answer got its id where the request was sampled
+            _with_id(response, caller_id or RequestIds.plain())
+        return response
+
+    async def _predict(self, request: Request, started: float, caller_id: str | None) -> Response:
         state = self.state
         models = state.models  # this request's model set, whatever a reload does meanwhile
         refused = self._refusal(request, "predict", models)
@@ -271,15 +286,51 @@ class _Endpoints:
             self.refused["503"].inc()
             return _json(_NOT_READY, 503)
         try:
-            records = parse_records(await request.body(), state.max_batch)
+            body = await request.body()
+            records = parse_records(body, state.max_batch)
         except RequestError as exc:
             self.refused[str(exc.status)].inc()
             return _json(orjson.dumps({"detail": exc.detail}), exc.status)
         except ClientDisconnect:  # gone, or cut off by a limit of the protocol (which answered it)
             return Response(status_code=499)
+        call = _Call(models, records, started, caller_id, len(body))
         if models.canary is not None and state.random() < models.share:
-            return await _serve_canary(state, models, records, started)
-        return await _serve_champion(state, models.champion, records, started)
+            return await _serve_canary(state, call)
+        return await _serve_champion(state, models.champion, call)
+
+    async def feedback(self, request: Request) -> Response:
+        """``POST /feedback``: the ground truth of a captured request, by its ``X-Request-Id``.
+
+        It takes the ``predict`` scope on this pipeline, like ``/predict``: whoever may ask may answer, and a
+        client that labels its own requests needs no second token (nor kiln a new scope). An id that names no
+        captured request (:class:`~kiln.tasks.serving.capture.RequestIds`) gets 404; a full feedback buffer 503.
+        """
+        response = await self._feedback(request)
+        counter = self.state.metrics.feedback.get(str(response.status_code))
+        if counter is not None:  # every status but a disconnect (499)
+            counter.inc()
+        return response
+
+    async def _feedback(self, request: Request) -> Response:
+        models = self.state.models
+        if (refused := self._refusal(request, "predict", models)) is not None:
+            return refused
+        if models is None:
+            return _json(_NOT_READY, 503)
+        try:
+            body = await request.body()
+            request_id, labels = parse_feedback(body, self.state.max_batch)
+        except RequestError as exc:
+            return _json(orjson.dumps({"detail": exc.detail}), exc.status)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        capture, deployment = self.state.capture, models.deployment
+        if not capture.ids.is_captured(request_id, deployment.capture.share):
+            return _json(orjson.dumps({"detail": f"unknown request id {request_id!r}: feedback is taken only for "
+                                                 "captured requests, by the X-Request-Id of their answer"}), 404)
+        if not capture.add_feedback(deployment.model, request_id, labels, len(body)):
+            return _json(orjson.dumps({"detail": "the feedback buffer is full; retry later"}), 503)
+        return _json(orjson.dumps({"request_id": request_id, "stored": len(labels)}))
 
     async def health(self, request: Request) -> Response:
         return _json(_HEALTH)
@@ -323,15 +374,18 @@ class _Endpoints:
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        """SIGHUP reloads the deployment while the app runs (the handler needs uvicorn's running loop)."""
+        """SIGHUP reloads the deployment while the app runs (the handler needs uvicorn's running loop); the
+        capture flushes while it runs and once more at the end."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         watcher = loop.create_task(self._watch_tokens())
+        self.state.capture.start()
         try:
             yield
         finally:
             watcher.cancel()
             loop.remove_signal_handler(signal.SIGHUP)
+            await self.state.capture.close()
 
     async def _watch_tokens(self) -> None:
         """Re-read the tokens file when it changes (a rotation needs no reload and no restart)."""
@@ -347,12 +401,13 @@ def create_app(state: ServerState) -> Starlette:
         state: the shared server state (holds the model set, metrics, token and batch settings).
 
     Returns:
-        A Starlette (ASGI) app: ``POST /predict``, ``GET /health``, ``GET /ready``, ``GET /metrics``,
-        ``POST /admin/reload``, ``GET /admin/stats``.
+        A Starlette (ASGI) app: ``POST /predict``, ``POST /feedback``, ``GET /health``, ``GET /ready``,
+        ``GET /metrics``, ``POST /admin/reload``, ``GET /admin/stats``.
     """
     endpoints = _Endpoints(state)
     return Starlette(routes=[
         Route("/predict", endpoints.predict, methods=["POST"]),
+        Route("/feedback", endpoints.feedback, methods=["POST"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/ready", endpoints.ready, methods=["GET"]),
         Route("/metrics", endpoints.metrics, methods=["GET"]),

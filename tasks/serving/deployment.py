@@ -6,7 +6,11 @@ rename) and ask the server to reload, and a server that restarts reads the same 
     {"model": "penguins_species",
      "champion": {"version": "3", "bundle": "/abs/path/to/bundle"},
      "canary": {"version": "4", "bundle": "/abs/path", "share": 0.2},
+     "capture": {"share": 0.1},
      "updated_at": "2026-11-23T10:00:00Z"}
+
+``capture`` is optional (files from before it load with the default share :data:`DEFAULT_CAPTURE_SHARE`): the
+share of answered requests the server records for monitoring (:mod:`.capture`), 0 to record none.
 
 The helpers return new :class:`Deployment` values (they are frozen) with ``updated_at`` set to now.
 """
@@ -21,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from kiln.tasks.storage.artifacts import atomic_write_bytes
+
+#: Share of answered requests captured when the deployment file says nothing (the issue's "e.g. 10 %").
+DEFAULT_CAPTURE_SHARE = 0.1
+_FIELDS = ("model", "champion", "canary", "capture", "updated_at")
 
 
 class DeploymentError(ValueError):
@@ -89,6 +97,38 @@ class Canary:
 
 
 @dataclass(frozen=True)
+class CaptureSettings:
+    """How much of the served traffic the model server records for monitoring (:mod:`.capture`)."""
+
+    share: float = DEFAULT_CAPTURE_SHARE
+    """Probability that an answered request is captured, in [0, 1]; 0 turns capture off."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.share, bool) or not isinstance(self.share, int | float) \
+                or not math.isfinite(self.share) or not 0 <= self.share <= 1:
+            raise ValueError(f"capture.share must be a number in [0, 1] (the fraction of answered requests "
+                             f"recorded for monitoring, 0: none), found {self.share!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"share": self.share}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> CaptureSettings:
+        """Parse ``{"share": 0.1}`` (every key optional).
+
+        Raises:
+            ValueError: not an object, an unknown key or an invalid share; the message names the field.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f'capture must be an object such as {{"share": 0.1}}, found {data!r}')
+        unknown = sorted(set(data) - {"share"})
+        if unknown:
+            raise ValueError(f"capture.{unknown[0]} is not a known field (allowed: share)")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class Deployment:
     """What one model server serves."""
 
@@ -100,6 +140,8 @@ class Deployment:
     """The candidate under observation, if any."""
     updated_at: str = ""
     """ISO 8601 time of the last change (informational)."""
+    capture: CaptureSettings = CaptureSettings()
+    """What share of the answered requests is recorded for monitoring."""
 
     def __post_init__(self) -> None:
         _require_text(self.model, "model")
@@ -107,11 +149,14 @@ class Deployment:
             raise TypeError(f"champion must be a ModelRef, found {type(self.champion).__name__}")
         if self.canary is not None and not isinstance(self.canary, Canary):
             raise TypeError(f"canary must be a Canary or None, found {type(self.canary).__name__}")
+        if not isinstance(self.capture, CaptureSettings):
+            raise TypeError(f"capture must be a CaptureSettings, found {type(self.capture).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the file layout)."""
         return {"model": self.model, "champion": self.champion.to_dict(),
-                "canary": self.canary.to_dict() if self.canary else None, "updated_at": self.updated_at}
+                "canary": self.canary.to_dict() if self.canary else None, "capture": self.capture.to_dict(),
+                "updated_at": self.updated_at}
 
     @classmethod
     def from_dict(cls, data: Any) -> Deployment:
@@ -122,6 +167,9 @@ class Deployment:
         """
         if not isinstance(data, dict):
             raise ValueError(f"the top level must be a JSON object, found {type(data).__name__}")
+        unknown = sorted(set(data) - set(_FIELDS))
+        if unknown:
+            raise ValueError(f"the field '{unknown[0]}' is not known (allowed: {', '.join(_FIELDS)})")
         for key in ("model", "champion"):
             if key not in data:
                 raise ValueError(f"the field '{key}' is missing")
@@ -134,7 +182,8 @@ class Deployment:
                              f"found {canary!r}")
         return cls(model=data["model"], champion=ModelRef(**champion),
                    canary=Canary(**canary) if canary is not None else None,
-                   updated_at=str(data.get("updated_at") or ""))
+                   updated_at=str(data.get("updated_at") or ""),
+                   capture=CaptureSettings.from_dict(data["capture"]) if "capture" in data else CaptureSettings())
 
 
 def read_deployment(path: str | Path) -> Deployment:

@@ -7,8 +7,11 @@ counters and a bounded window of latencies, replaced on every reload (the canary
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +30,39 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 MODEL_STATUSES = ("200", "422", "500")
 #: The statuses of requests refused before a model was chosen.
 REFUSED_STATUSES = ("401", "403", "413", "422", "503")
+#: The statuses of ``POST /feedback`` (503: the feedback buffer is full, or no model is loaded).
+FEEDBACK_STATUSES = ("200", "401", "403", "404", "413", "422", "503")
+#: Why captured records or feedback rows were dropped: the buffer was full, or their flush failed.
+DROP_REASONS = ("full", "flush_failed", "feedback_full", "feedback_flush_failed")
+#: Seconds between two log lines about the same kind of recurring failure (each one is counted in the metrics).
+FAILURE_LOG_INTERVAL_S = 10.0
+
+
+class ThrottledLog:
+    """Logs a recurring failure at most once per ``interval_s``, with the number of occurrences since the last line
+    (under load a broken model fails thousands of requests a second; each is counted in the metrics anyway).
+
+    Args:
+        logger: where the lines go.
+        level: their level (``logging.WARNING``...).
+        interval_s: the least time between two lines.
+    """
+
+    def __init__(self, logger: logging.Logger, level: int, interval_s: float = FAILURE_LOG_INTERVAL_S):
+        self.logger = logger
+        self.level = level
+        self.interval_s = interval_s
+        self._logged_at = -interval_s
+        self._unlogged = 0
+
+    def __call__(self, message: str, *args: Any, exc_info: BaseException | None = None) -> None:
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at < self.interval_s:
+            return
+        self.logger.log(self.level, message + " (%d time(s) since the last such line)", *args, self._unlogged,
+                        exc_info=exc_info)
+        self._logged_at, self._unlogged = now, 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +124,35 @@ class ServerMetrics:
         self.reloads_ok = self.reloads.labels("ok")
         self.reloads_failed = self.reloads.labels("failed")
         self._loaded_labels: list[tuple[str, str]] = []
+        self._add_capture_metrics(r)
+
+    def _add_capture_metrics(self, r: CollectorRegistry) -> None:
+        """The series of traffic capture and feedback (:mod:`.capture`)."""
+        self.capture_records = Counter("kiln_capture_records", "Predicted records captured for monitoring "
+                                       "(taken into the capture buffer)", registry=r)
+        dropped = Counter("kiln_capture_dropped", "Captured records (or feedback rows, reasons feedback_*) "
+                          "dropped: the buffer was full, or the flush that wrote them failed", ["reason"], registry=r)
+        self.capture_dropped = {reason: dropped.labels(reason) for reason in DROP_REASONS}
+        flushes = Counter("kiln_capture_flushes", "Files of captured records or feedback written to the artifact "
+                          "store, by outcome", ["status"], registry=r)
+        self.capture_flushes = {status: flushes.labels(status) for status in ("ok", "failed")}
+        self.capture_buffered = Gauge("kiln_capture_buffered_records", "Captured records and feedback rows held in "
+                                      "memory, not yet written", registry=r)
+        self.capture_oldest_age = Gauge("kiln_capture_oldest_age_seconds", "Age of the oldest captured record or "
+                                        "feedback row not yet written (grows when capture falls behind)", registry=r)
+        feedback = Counter("kiln_feedback", "Feedback requests (POST /feedback) by HTTP status", ["status"],
+                           registry=r)
+        self.feedback = {status: feedback.labels(status) for status in FEEDBACK_STATUSES}
+
+    def watch_capture(self, buffered: Callable[[], float], oldest_age_s: Callable[[], float]) -> None:
+        """Read the capture gauges from these functions when ``/metrics`` is scraped (nothing on the request path).
+
+        Args:
+            buffered: the records and feedback rows held now.
+            oldest_age_s: seconds since the oldest of them was taken (0 when none).
+        """
+        self.capture_buffered.set_function(buffered)
+        self.capture_oldest_age.set_function(oldest_age_s)
 
     def count_connection_ended(self, reason: str) -> None:
         """Count a connection ended by a limit (the protocol's ``on_refused``)."""

@@ -43,7 +43,8 @@ def test_a_deployment_survives_a_round_trip_through_its_file(tmp_path):
     assert read_deployment(path) == dep
     assert json.loads(path.read_text()) == {
         "model": "penguins_species", "champion": {"version": "3", "bundle": "/bundles/v3"},
-        "canary": {"version": "4", "bundle": "/bundles/v4", "share": 0.2}, "updated_at": "2026-11-23T10:00:00Z"}
+        "canary": {"version": "4", "bundle": "/bundles/v4", "share": 0.2}, "capture": {"share": 0.1},
+        "updated_at": "2026-11-23T10:00:00Z"}
     assert [p.name for p in path.parent.iterdir()] == ["deployment.json"]  # no temporary file left behind
 
 
