@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kiln.tasks.bundle.baseline import BASELINE_FILES, BaselineConfig, write_baseline
 from kiln.tasks.bundle.load import (
     BUNDLE_FORMAT_VERSION,
     DATA_FILES,
@@ -57,6 +58,8 @@ class ExportConfig:
     metadata: dict[str, str] = field(default_factory=dict)
     """Provenance copied into ``bundle.json`` (e.g. pipeline, run_key, mlflow_run_id, spec_hash, data_hash,
     code_version)."""
+    baseline: BaselineConfig | None = None
+    """The training baseline to write into the bundle (:mod:`kiln.tasks.bundle.baseline`); ``None``: none."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features_dir", Path(self.features_dir))
@@ -67,6 +70,8 @@ class ExportConfig:
                 isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
             raise ValueError(f"ExportConfig.metadata must map strings to strings, found {self.metadata!r}; "
                              "convert values with str() first")
+        if self.baseline is not None and not isinstance(self.baseline, BaselineConfig):
+            raise ValueError(f"ExportConfig.baseline must be a BaselineConfig or None, found {self.baseline!r}")
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,8 @@ def export_bundle(config: ExportConfig, out_dir: Path) -> ExportResult:
 
     The bundle's program is the train output's ``model.pt2``, copied; ``model.onnx`` is added when the program
     converts to ONNX and ONNX Runtime reproduces the sample predictions within :data:`EXPORT_TOLERANCE` (else
-    ``bundle.json`` says why, a warning is logged, and the bundle serves with the torch runtime).
+    ``bundle.json`` says why, a warning is logged, and the bundle serves with the torch runtime). With
+    ``config.baseline``, the training baseline's two files are written too, and hashed like the others.
 
     Args:
         config: where the features and the model are, sample size and provenance.
@@ -109,6 +115,8 @@ def export_bundle(config: ExportConfig, out_dir: Path) -> ExportResult:
         BundleError: the model does not fit the features, the test split is empty, the model predicts
             non-finite values, or a runtime's predictions on the sample differ from training's by more than
             :data:`EXPORT_TOLERANCE`.
+        BaselineError: the baseline's rows or predictions do not fit the model
+            (:func:`kiln.tasks.bundle.baseline.write_baseline`).
     """
     from kiln.tasks.training.networks import MODEL_FILE as TRAINED_MODEL_FILE  # to read older train outputs
 
@@ -139,8 +147,11 @@ def export_bundle(config: ExportConfig, out_dir: Path) -> ExportResult:
     assert program is not None  # load_program keeps the program
     onnx = _write_onnx(program, x, expected, out_dir)
     atomic_write_bytes(out_dir / FEATURE_SPEC_FILE, spec_path.read_bytes())
+    if config.baseline is not None:
+        write_baseline(config.baseline, out_dir, transform.input_columns, transform.classes)
     manifest = _write_rest(out_dir, transform, sample, expected,
-                           {"model": meta, "metadata": config.metadata, "onnx": onnx})
+                           {"model": meta, "metadata": config.metadata, "onnx": onnx,
+                            "baseline": config.baseline is not None})
     max_diff = _self_check(out_dir, sample, expected, manifest["runtimes"])
     log.info("export_bundle: %s model (%d inputs -> %d features) exported to %s with runtimes %s; %d sample rows, "
              "max difference %.3g", transform.task, len(transform.input_columns), transform.input_dim, out_dir,
@@ -263,7 +274,8 @@ def _write_rest(out_dir: Path, transform: FeatureTransform, sample: pd.DataFrame
     np.save(buf, expected, allow_pickle=False)
     atomic_write_bytes(out_dir / SAMPLE_PREDICTIONS_FILE, buf.getvalue())
     onnx = provenance["onnx"]
-    files = (MODEL_FILE, *((ONNX_FILE,) if onnx["file"] else ()), *DATA_FILES)
+    files = (MODEL_FILE, *((ONNX_FILE,) if onnx["file"] else ()), *DATA_FILES,
+             *(BASELINE_FILES if provenance["baseline"] else ()))
     write_json(out_dir / MANIFEST_FILE, {
         "format_version": BUNDLE_FORMAT_VERSION, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__, "task": transform.task, "model": provenance["model"],

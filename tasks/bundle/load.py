@@ -13,6 +13,7 @@ parity checks before and after deployment), and a manifest with versions and pro
     signature.json            inputs (name, numeric|categorical, nullable) and outputs (task, classes)
     sample.parquet            raw sample rows (input columns only) from the test split
     sample_predictions.npy    training-side predictions of those rows
+    baseline.json, baseline_sample.parquet   the training baseline (:mod:`kiln.tasks.bundle.baseline`), optional
 
 A loaded bundle predicts with one runtime (:data:`kiln.tasks.settings.ServeRuntime`): ``onnx`` (ONNX Runtime on
 ``model.onnx``) or ``torch`` (the exported program); ``auto`` takes ONNX Runtime when the bundle has ``model.onnx``.
@@ -37,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kiln.tasks.bundle.files import BASELINE_FILES, MANIFEST_FILE
 from kiln.tasks.bundle.program import PROGRAM_FILE, ModelExportError, load_program, program_runner
 from kiln.tasks.features.records import RecordError, RecordTransform, records_from_frame
 from kiln.tasks.features.transform import FEATURE_SPEC_FILE, FeatureTransform
@@ -60,7 +62,6 @@ ONNX_FILE = "model.onnx"
 SIGNATURE_FILE = "signature.json"
 SAMPLE_FILE = "sample.parquet"
 SAMPLE_PREDICTIONS_FILE = "sample_predictions.npy"
-MANIFEST_FILE = "bundle.json"
 #: The files of every bundle beside its model files.
 DATA_FILES = (FEATURE_SPEC_FILE, SIGNATURE_FILE, SAMPLE_FILE, SAMPLE_PREDICTIONS_FILE)
 #: Largest difference allowed between the exported model's predictions and training's on the sample.
@@ -79,11 +80,13 @@ class BundleError(ValueError):
 
 
 def content_files(manifest: dict[str, Any]) -> tuple[str, ...]:
-    """Every file a bundle with this manifest holds but the manifest, which lists their sha256."""
+    """Every file a bundle with this manifest holds but the manifest, which lists their sha256 (the optional ones,
+    ``model.onnx`` and the baseline's, where it lists them)."""
     if manifest.get("format_version") == 1:
         return (_TORCHSCRIPT_FILE, *DATA_FILES)
-    with_onnx = isinstance(manifest.get("files"), dict) and ONNX_FILE in manifest["files"]
-    return (MODEL_FILE, *((ONNX_FILE,) if with_onnx else ()), *DATA_FILES)
+    listed = manifest["files"] if isinstance(manifest.get("files"), dict) else {}
+    with_baseline = BASELINE_FILES if any(name in listed for name in BASELINE_FILES) else ()
+    return (MODEL_FILE, *((ONNX_FILE,) if ONNX_FILE in listed else ()), *DATA_FILES, *with_baseline)
 
 
 class Bundle:

@@ -4,7 +4,9 @@ The bundle (:mod:`kiln.tasks.bundle`) goes to ``<run>/bundle`` and, as an MLflow
 training run that holds the bundle, becomes the new version of the registered model (named as the pipeline). The
 version is tagged with its provenance: the run key and MLflow run, the spec hash, the ingest snapshot's and the test
 split's hashes, kiln's code version, the pipeline's own code (``kiln.code_hash``, when it brings code) and the test
-score.
+score. The bundle holds the training baseline that monitoring compares live traffic with
+(:mod:`kiln.tasks.bundle.baseline`): the profile of the run's snapshot (``validate``'s, input columns only), a
+sample of its rows, the distribution of ``evaluate``'s test predictions and the test metrics.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import logging
 import subprocess
 from dataclasses import asdict, dataclass
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.settings import REPO_ROOT, get_settings
 from kiln.tasks.storage.artifacts import file_sha256, read_json
+
+if TYPE_CHECKING:
+    from kiln.tasks.bundle.baseline import BaselineConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +77,25 @@ def register(ctx: RunContext) -> RegisterResult:
     if trained.get("code_hash"):  # the pipeline's own code folder, as the training job ran it
         tags["kiln.code_hash"] = trained["code_hash"]
     config = ExportConfig(features_dir=ctx.input_dir(keys.BUILD_FEATURES), model_dir=ctx.input_dir(keys.TRAIN),
-                          metadata={"pipeline": spec.name, **tags})
+                          metadata={"pipeline": spec.name, **tags}, baseline=_baseline(ctx, evaluation))
     ctx.publish(keys.BUNDLE, lambda out: export_bundle(config, out))
     version = Registry.from_settings().register(spec.name, run_id, ctx.input_dir(keys.BUNDLE), tags)
     log.info("candidate: %s version %s (%s %s)", spec.name, version.version, spec.primary_metric,
              tags[f"kiln.test/{spec.primary_metric}"])
     return RegisterResult(model=spec.name, version=version.version, mlflow_run_id=run_id,
                           bundle_uri=ctx.store.uri(ctx.key(keys.BUNDLE)), tags=tags)
+
+
+def _baseline(ctx: RunContext, evaluation: dict[str, Any]) -> BaselineConfig:
+    """The bundle's training baseline: the run's snapshot and ``evaluate``'s test predictions and metrics."""
+    from kiln.tasks.bundle.baseline import BaselineConfig
+    from kiln.tasks.features.profile import PROFILE_FILE, DataProfile
+
+    # validate profiled this very snapshot (a cache hit: the same bytes); without its output, export profiles it.
+    profile = None
+    if ctx.store.exists(ctx.key(keys.VALIDATE)) and (ctx.input_dir(keys.VALIDATE) / PROFILE_FILE).is_file():
+        profile = DataProfile.from_dict(read_json(ctx.input_dir(keys.VALIDATE) / PROFILE_FILE))
+    return BaselineConfig(rows_path=ctx.input_dir(keys.INGEST) / keys.SNAPSHOT_FILE,
+                          predictions_path=ctx.input_dir(keys.EVALUATE) / keys.PREDICTIONS_FILE,
+                          metrics={k.removeprefix("test/"): v for k, v in evaluation.items() if k.startswith("test/")},
+                          primary_metric=ctx.spec.primary_metric, seed=ctx.spec.training.seed, profile=profile)
