@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -49,6 +50,8 @@ UNSEEN, RARE = "(unseen)", "(rare)"
 PREDICTED_CLASS, PREDICTED_VALUE = "predicted_class", "predicted_value"
 
 Status = Literal["drift", "ok", "not enough data", "not in traffic"]
+Kind = Literal["numeric", "categorical"]
+Test = Literal["ks", "chi-square"]
 
 
 @dataclass(frozen=True)
@@ -85,12 +88,12 @@ class FeatureDrift:
     """The drift figures and verdict of one feature (or of the predictions)."""
 
     column: str
-    kind: Literal["numeric", "categorical"]
+    kind: Kind
     status: Status
     rows: int
     """Present (non-missing) live values."""
     psi: float | None = None
-    test: Literal["ks", "chi-square"] | None = None
+    test: Test | None = None
     statistic: float | None = None
     p_value: float | None = None
     missing_share: float | None = None
@@ -131,7 +134,7 @@ def feature_drift(profile: DataProfile, sample: pd.DataFrame | None, live: pd.Da
     for name, column in profile.columns.items():
         base_missing = profile.missing_share(name)
         if name not in live.columns:
-            kind = "numeric" if column.kind == "numeric" else "categorical"
+            kind: Kind = "numeric" if column.kind == "numeric" else "categorical"
             out.append(FeatureDrift(name, kind, "not in traffic", 0, baseline_missing_share=base_missing,
                                     message=f"'{name}' is not among the captured columns"))
         elif column.kind == "numeric":
@@ -169,6 +172,7 @@ def numeric_drift(name: str, column: ColumnProfile, baseline_missing_share: floa
         return _too_few(name, "numeric", figures, thresholds)
     observed = _counts(edges, present)
     labels = _bin_labels(edges)
+    test: Test
     if base is not None:
         from scipy.stats import ks_2samp
 
@@ -187,9 +191,11 @@ def categorical_drift(name: str, column: ColumnProfile, baseline_missing_share: 
         The figures and the verdict, with the most frequent unseen values.
     """
     values = _category_values(live)
+    if column.type == "bool":  # the profile holds Arrow's "true"; the server captures Python's "True"
+        values = Counter({(v.lower() if v in ("True", "False") else v): n for v, n in values.items()})
     figures = {"missing_share": _share_missing(live), "baseline_missing_share": baseline_missing_share,
-               "rows": len(values)}
-    if len(values) < thresholds.min_rows:
+               "rows": values.total()}
+    if values.total() < thresholds.min_rows:
         return _too_few(name, "categorical", figures, thresholds)
     present = sum(column.categories.values()) + column.other
     # Values beyond the profile's top categories were seen in training, but are not told apart from new ones.
@@ -218,9 +224,9 @@ def prediction_drift(predictions: dict[str, Any], live: pd.DataFrame, thresholds
     import pandas as pd
 
     if predictions.get("kind") == "classes":
-        values = _category_values(live[PREDICTED_CLASS]) if PREDICTED_CLASS in live.columns else []
-        figures = {"missing_share": None, "baseline_missing_share": None, "rows": len(values)}
-        if len(values) < thresholds.min_rows:
+        values = _category_values(live[PREDICTED_CLASS]) if PREDICTED_CLASS in live.columns else Counter()
+        figures = {"missing_share": None, "baseline_missing_share": None, "rows": values.total()}
+        if values.total() < thresholds.min_rows:
             return _too_few(PREDICTED_CLASS, "categorical", figures, thresholds)
         return _distribution_drift(PREDICTED_CLASS, "categorical", dict(predictions["shares"]), values, thresholds,
                                    figures)
@@ -251,18 +257,15 @@ def psi(expected: np.ndarray, observed: np.ndarray) -> float:
     return float(np.sum((o - e) * np.log(o / e)))
 
 
-def _distribution_drift(name: str, kind: Literal["numeric", "categorical"], shares: dict[str, float],
-                        values: list[str], thresholds: DriftThresholds, figures: dict[str, Any]) -> FeatureDrift:
-    """PSI and chi-square of ``values`` over the buckets of ``shares``, pooled rare ones and unseen ones.
+def _distribution_drift(name: str, kind: Kind, shares: dict[str, float],
+                        counts: Counter[str], thresholds: DriftThresholds, figures: dict[str, Any]) -> FeatureDrift:
+    """PSI and chi-square of the live ``counts`` over the buckets of ``shares``, pooled rare ones and unseen ones.
 
     ``shares`` may hold :data:`RARE`: training values the profile did not list; live values it does not know
     then count as rare (they may be those), not unseen.
     """
-    from collections import Counter
-
     import numpy as np
 
-    counts = Counter(values)
     rare = {c for c, s in shares.items() if c == RARE or s < RARE_SHARE}
     kept = [c for c in shares if c not in rare]
     unknown = {v: n for v, n in counts.items() if v not in shares}
@@ -283,8 +286,8 @@ def _distribution_drift(name: str, kind: Literal["numeric", "categorical"], shar
                     thresholds, listed_all=listed_all)
 
 
-def _verdict(name: str, kind: Literal["numeric", "categorical"], labels: list[str], expected: np.ndarray,
-             observed: np.ndarray, test: Literal["ks", "chi-square"], statistic: float, p: float,
+def _verdict(name: str, kind: Kind, labels: list[str], expected: np.ndarray,
+             observed: np.ndarray, test: Test, statistic: float, p: float,
              figures: dict[str, Any], thresholds: DriftThresholds, listed_all: bool = True) -> FeatureDrift:
     live_shares = observed / observed.sum()
     value = psi(expected, live_shares)
@@ -303,7 +306,7 @@ def _verdict(name: str, kind: Literal["numeric", "categorical"], labels: list[st
                         p_value=p, bins=bins, message=message, **figures)
 
 
-def _too_few(name: str, kind: Literal["numeric", "categorical"], figures: dict[str, Any],
+def _too_few(name: str, kind: Kind, figures: dict[str, Any],
              thresholds: DriftThresholds) -> FeatureDrift:
     return FeatureDrift(name, kind, "not enough data", **figures,
                         message=f"'{name}': {figures['rows']} live values, fewer than min_rows "
@@ -350,19 +353,20 @@ def _bin_labels(edges: np.ndarray) -> list[str]:
     return [f"({lo}, {hi}]" if hi != "inf" else f"({lo}, inf)" for lo, hi in zip(bounds, bounds[1:], strict=False)]
 
 
-def _category_values(series: pd.Series) -> list[str]:
-    """The present values as the profile keys them: text cut to 100 characters, whole floats without ``.0``
-    (a categorical input captured as a number), booleans as Arrow writes them."""
-    out = []
-    for value in series.dropna().tolist():
+def _category_values(series: pd.Series) -> Counter[str]:
+    """The counts of the present values as the profile keys them: text cut to 100 characters, whole floats
+    without ``.0`` (a categorical input captured as a number), booleans as Arrow writes them. Counted per
+    distinct value first: a million rows hold a few distinct ones."""
+    counts: Counter[str] = Counter()
+    for value, n in series.value_counts(dropna=True).items():
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, float) and value.is_integer():
             text = str(int(value))
         else:
             text = str(value)
-        out.append(text[:MAX_VALUE_CHARS])
-    return out
+        counts[text[:MAX_VALUE_CHARS]] += int(n)
+    return counts
 
 
 def _share_missing(series: pd.Series) -> float:

@@ -25,11 +25,14 @@ log = logging.getLogger(__name__)
 EXACT_MULTICLASS = ("accuracy", "macro_f1")
 
 
+Status = Literal["breach", "ok", "not enough labels", "not computable"]
+
+
 @dataclass(frozen=True)
 class Quality:
     """The live primary metric against the baseline's test figure."""
 
-    status: Literal["breach", "ok", "not enough labels", "not computable"]
+    status: Status
     labelled_rows: int
     """Captured rows with a usable label."""
     metric: str | None = None
@@ -74,15 +77,17 @@ def live_quality(labelled: pd.DataFrame, predictions: dict[str, Any], metrics: d
     rows = labelled[labelled[LABEL].notna()] if LABEL in labelled.columns else labelled.iloc[:0]
     classification = predictions.get("kind") == "classes"
     live_metrics, used = (_classification(rows, predictions) if classification else _regression(rows))
-    base = {"metric": primary, "baseline": baseline, "labelled_rows": used, "metrics": live_metrics}
+    def verdict(status: Status, message: str, live: float | None = None, drop: float | None = None) -> Quality:
+        return Quality(status, used, primary, baseline, live, drop, live_metrics, message)
+
     if used < thresholds.min_rows:
-        return Quality("not enough labels", **base,
-                       message=f"{used} labelled rows, fewer than min_rows {thresholds.min_rows}: no quality verdict")
+        return verdict("not enough labels",
+                       f"{used} labelled rows, fewer than min_rows {thresholds.min_rows}: no quality verdict")
     if primary not in live_metrics or primary not in HIGHER_IS_BETTER or baseline is None:
-        return Quality("not computable", **base,
-                       message=f"the primary metric {primary!r} cannot be computed from captured rows (computable: "
-                               f"{', '.join(sorted(live_metrics))})" if primary not in live_metrics else
-                               f"the baseline has no test figure for {primary!r}")
+        return verdict("not computable",
+                       f"the primary metric {primary!r} cannot be computed from captured rows (computable: "
+                       f"{', '.join(sorted(live_metrics))})" if primary not in live_metrics else
+                       f"the baseline has no test figure for {primary!r}")
     live = live_metrics[primary]
     drop = baseline - live if HIGHER_IS_BETTER[primary] else live - baseline
     breached = drop > thresholds.max_metric_drop + 1e-12
@@ -91,7 +96,7 @@ def live_quality(labelled: pd.DataFrame, predictions: dict[str, Any], metrics: d
                f"{thresholds.max_metric_drop:g}){': breach' if breached else ''}")
     if breached:
         log.warning("%s", message)
-    return Quality("breach" if breached else "ok", **{**base, "live": live, "drop": drop}, message=message)
+    return verdict("breach" if breached else "ok", message, live, drop)
 
 
 def _classification(rows: pd.DataFrame, predictions: dict[str, Any]) -> tuple[dict[str, float], int]:
