@@ -33,7 +33,7 @@ from kiln.tasks.monitoring.window import (
     read_feedback,
     window_hours,
 )
-from kiln.tasks.serving import capture as server
+from kiln.tasks.serving import capture_format as server
 from kiln.tasks.storage.artifacts import ArtifactStore, LocalArtifactStore
 
 HOUR = timedelta(hours=1)
