@@ -36,7 +36,8 @@ from starlette.routing import Route
 
 from kiln.tasks.bundle.load import RecordError
 from kiln.tasks.serving import tokens
-from kiln.tasks.serving.capture import Capture, CaptureOptions, RequestIds, caller_request_id, parse_feedback
+from kiln.tasks.serving.capture import Capture, CaptureOptions, RequestIds, caller_request_id
+from kiln.tasks.serving.capture_format import parse_feedback
 from kiln.tasks.serving.deployment import read_deployment
 from kiln.tasks.serving.inputs import RequestError, parse_records, transform
 from kiln.tasks.serving.metrics import METRICS_CONTENT_TYPE, ServerMetrics, ThrottledLog

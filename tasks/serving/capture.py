@@ -21,7 +21,8 @@ once ``flush_rows`` rows wait, and on shutdown. Keys and columns are fixed by th
     <pipeline>/_capture/version=<version>/hour=<YYYY-MM-DDTHH>/<batch id>/capture.parquet
     <pipeline>/_feedback/hour=<YYYY-MM-DDTHH>/<batch id>/feedback.parquet
 
-with ``<batch id>`` = ``<UTC yyyymmddThhmmss>-<server id 8 hex>-<seq 6 digits>``. Memory is bounded before
+with ``<batch id>`` = ``<UTC yyyymmddThhmmss>-<server id 8 hex>-<seq 6 digits>`` (columns:
+:mod:`.capture_format`). Memory is bounded before
 completeness: a full buffer drops new rows, and a flush that fails drops its rows; both are counted
 (``kiln_capture_dropped_total{reason}``) and the failure is logged, at most once per interval.
 """
@@ -32,35 +33,38 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import math
+import random
 import re
 import secrets
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import orjson
 
-from kiln.tasks.serving.inputs import RequestError
+from kiln.tasks.serving.capture_format import (
+    CAPTURE_FILE,
+    FEEDBACK_FILE,
+    CapturedRequest,
+    FeedbackEntry,
+    capture_key,
+    capture_table,
+    feedback_key,
+    feedback_table,
+    hour_of,
+)
 from kiln.tasks.serving.metrics import ServerMetrics, ThrottledLog
 from kiln.tasks.storage.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-CAPTURE_FILE = "capture.parquet"
-FEEDBACK_FILE = "feedback.parquet"
-#: Columns every captured row has before the bundle's input columns (an input column of the same name is left out).
-FIXED_COLUMNS = ("request_id", "record", "received_at", "version", "variant", "predicted_class", "predicted_value")
-#: Longest label text ``/feedback`` takes.
-MAX_LABEL_CHARS = 1024
 _CALLER_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
-_TEXT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SERVER_ID = re.compile(r"[0-9a-f]{32}")
 _FRACTION_HEX = 13  # 52 bits: exact in a float
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))  # the version and variant fields of a uuid
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 def caller_request_id(raw_headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -79,21 +83,26 @@ class RequestIds:
         token: the kiln token; the HMAC secret is derived from it, so every replica and restart agrees.
     """
 
+    #: Bits of a random 128-bit number: the OS-seeded generator of the plain ids (which prove nothing, so need no
+    #: cryptographic randomness; ``uuid.uuid4()`` costs several microseconds per request on the hot path).
+    _bits = random.Random().getrandbits
+
     def __init__(self, token: str):
         self._secret = hmac.new(token.encode(), b"kiln capture request ids 1", hashlib.sha256).digest()
 
     def _tag(self, text: str) -> str:
-        return hmac.new(self._secret, text.encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(self._secret, text.encode(), "sha256").hex()
 
     def mint(self) -> str:
         """A new id of a captured request (32 hex)."""
         random_part = secrets.token_hex(10)
         return random_part + self._tag(random_part)[:12]
 
-    @staticmethod
-    def plain() -> str:
-        """A new id of a request that is not captured (uuid4 hex)."""
-        return uuid.uuid4().hex
+    @classmethod
+    def plain(cls) -> str:
+        """A new id of a request that is not captured: a random uuid4, as 32 hex."""
+        bits = cls._bits(128) & _UUID4_CLEAR | _UUID4_SET
+        return f"{bits:032x}"
 
     def is_captured(self, request_id: str, share: float) -> bool:
         """Whether ``request_id`` names a captured request (a server id with a valid tag, or a caller id that the
@@ -102,25 +111,6 @@ class RequestIds:
             return hmac.compare_digest(request_id[20:], self._tag(request_id[:20])[:12])
         fraction = int(self._tag("caller:" + request_id)[:_FRACTION_HEX], 16) / 16 ** _FRACTION_HEX
         return fraction < share
-
-
-class _Captured:
-    """One captured request: references only (converted in the flush thread)."""
-
-    __slots__ = ("received_at", "request_id", "pipeline", "version", "variant", "bundle", "records", "y")
-
-    def __init__(self, received_at: float, request_id: str, pipeline: str, version: str, variant: str,
-                 bundle: Any, records: list[Any], y: np.ndarray):
-        self.received_at, self.request_id, self.pipeline = received_at, request_id, pipeline
-        self.version, self.variant, self.bundle, self.records, self.y = version, variant, bundle, records, y
-
-
-@dataclass(frozen=True)
-class _Feedback:
-    received_at: float
-    request_id: str
-    pipeline: str
-    labels: list[tuple[int, str]]
 
 
 class _Buffer:
@@ -165,114 +155,6 @@ class _Buffer:
     def oldest_age(self, now: float) -> float:
         times = [t for t in (self.oldest, self.writing_oldest) if t is not None]
         return now - min(times) if times else 0.0
-
-
-def hour_of(epoch_s: float) -> str:
-    """The ``hour=`` value of a time: ``YYYY-MM-DDTHH`` in UTC."""
-    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H")
-
-
-def capture_key(pipeline: str, version: str, hour: str, batch_id: str) -> str:
-    """The store key of one captured batch (a folder holding ``capture.parquet``)."""
-    return f"{pipeline}/_capture/version={version}/hour={hour}/{batch_id}"
-
-
-def feedback_key(pipeline: str, hour: str, batch_id: str) -> str:
-    """The store key of one feedback batch (a folder holding ``feedback.parquet``)."""
-    return f"{pipeline}/_feedback/hour={hour}/{batch_id}"
-
-
-def _category(value: Any) -> str | None:
-    # Records were accepted by the transform: str, int, float, bool or None (bool as "True", like training).
-    return None if value is None else value if isinstance(value, str) else str(value)
-
-
-def capture_table(entries: list[_Captured]) -> Any:
-    """The Parquet table of captured requests of one bundle (columns: see the monitoring design).
-
-    Returns:
-        A ``pyarrow.Table``, one row per record.
-    """
-    import pyarrow as pa
-
-    transform, classes = entries[0].bundle.transform, entries[0].bundle.classes
-    records = [r for e in entries for r in e.records]
-    columns: dict[str, Any] = {
-        "request_id": pa.array([e.request_id for e in entries for _ in e.records], pa.string()),
-        "record": pa.array([i for e in entries for i in range(len(e.records))], pa.int32()),
-        "received_at": pa.array([round(e.received_at * 1e6) for e in entries for _ in e.records],
-                                pa.timestamp("us", tz="UTC")),
-        "version": pa.array([e.version for e in entries for _ in e.records], pa.string()),
-        "variant": pa.array([e.variant for e in entries for _ in e.records], pa.string())}
-    for column in transform.numeric:
-        if column.name not in FIXED_COLUMNS:
-            values = [r.get(column.name) for r in records]
-            columns[column.name] = pa.array([None if v is None else float(v) for v in values], pa.float64())
-    for column in transform.categorical:
-        if column.name not in FIXED_COLUMNS:
-            columns[column.name] = pa.array([_category(r.get(column.name)) for r in records], pa.string())
-    y = np.concatenate([e.y for e in entries])
-    if classes is None:
-        columns["predicted_class"] = pa.nulls(len(y), pa.string())
-        columns["predicted_value"] = pa.array(y.astype(np.float64), pa.float64())
-    else:
-        best = y.argmax(axis=1)
-        columns["predicted_class"] = pa.array(np.asarray(classes, dtype=object)[best], pa.string())
-        columns["predicted_value"] = pa.array(y[np.arange(len(y)), best].astype(np.float64), pa.float64())
-    return pa.table(columns)
-
-
-def feedback_table(entries: list[_Feedback]) -> Any:
-    """The Parquet table of feedback: ``request_id``, ``record`` (int32), ``label``, ``received_at``."""
-    import pyarrow as pa
-
-    rows = [(e.request_id, record, label, round(e.received_at * 1e6)) for e in entries for record, label in e.labels]
-    ids, records, labels, times = zip(*rows, strict=True) if rows else ((), (), (), ())
-    return pa.table({"request_id": pa.array(ids, pa.string()), "record": pa.array(records, pa.int32()),
-                     "label": pa.array(labels, pa.string()),
-                     "received_at": pa.array(times, pa.timestamp("us", tz="UTC"))})
-
-
-def _label_text(value: Any, field: str) -> str:
-    if isinstance(value, str) and 0 < len(value) <= MAX_LABEL_CHARS:
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return repr(float(value)) if isinstance(value, float) else str(value)
-    raise RequestError(422, [{"field": field, "message": f"a label must be a class label (a string of 1 to "
-                                                         f"{MAX_LABEL_CHARS} characters) or a finite number, "
-                                                         f"found {str(value)[:40]!r}"}])
-
-
-def parse_feedback(body: bytes, max_records: int) -> tuple[str, list[tuple[int, str]]]:
-    """The request id and ``(record, label text)`` pairs of a ``/feedback`` body: ``{"request_id": ..., "labels":
-    [one per record]}`` or ``{"request_id": ..., "record": 0, "label": ...}``.
-
-    Raises:
-        RequestError: 422 naming the field, or 413 for more than ``max_records`` labels.
-    """
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(422, [{"field": "body", "message": f"is not valid JSON: {exc}"}]) from exc
-    shapes = ({"request_id", "labels"}, {"request_id", "record", "label"})
-    if not isinstance(payload, dict) or set(payload) not in shapes:
-        raise RequestError(422, [{"field": "body", "message": 'must be {"request_id": ..., "labels": [...]} or '
-                                                             '{"request_id": ..., "record": 0, "label": ...}'}])
-    request_id = payload["request_id"]
-    if not isinstance(request_id, str) or not _TEXT_ID.fullmatch(request_id):
-        raise RequestError(422, [{"field": "request_id", "message": "must be the X-Request-Id of a /predict "
-                                                                   "answer (1-64 of A-Z a-z 0-9 . _ -)"}])
-    if "labels" in payload:
-        labels = payload["labels"]
-        if not isinstance(labels, list) or not labels:
-            raise RequestError(422, [{"field": "labels", "message": "must be a non-empty list, one per record"}])
-        if len(labels) > max_records:
-            raise RequestError(413, f"at most {max_records} labels per request, found {len(labels)}")
-        return request_id, [(i, _label_text(v, f"labels[{i}]")) for i, v in enumerate(labels)]
-    record = payload["record"]
-    if isinstance(record, bool) or not isinstance(record, int) or not 0 <= record < max_records:
-        raise RequestError(422, [{"field": "record", "message": f"must be an integer in [0, {max_records})"}])
-    return request_id, [(record, _label_text(payload["label"], "label"))]
 
 
 @dataclass(frozen=True)
@@ -364,27 +246,27 @@ class Capture:
             if not (share > 0 and self.ids.is_captured(caller_id, share)):
                 return request_id
         received_at = time.time() - (time.perf_counter() - started)
-        entry = _Captured(received_at, request_id, pipeline, variant.version, variant.role, variant.bundle, records,
-                          y.copy())  # a copy: the output may be a view that keeps a whole batch's array alive
-        if self._buffers[_CAPTURES.name].add(entry, len(records), nbytes):
+        # A copy of the rows: the output may be a view that keeps a whole batch's array alive.
+        entry = CapturedRequest(received_at, request_id, pipeline, variant.version, variant.role, variant.bundle,
+                                records, y.copy())
+        buffer = self._buffers[_CAPTURES.name]
+        if buffer.add(entry, len(records), nbytes):
             self.metrics.capture_records.inc(len(records))
-            self._wake_if_due()
+            if buffer.rows >= self.options.flush_rows:
+                self._wake.set()
         else:
             self.metrics.capture_dropped["full"].inc(len(records))
         return request_id
 
     def add_feedback(self, pipeline: str, request_id: str, labels: list[tuple[int, str]], nbytes: int) -> bool:
         """Buffer the labels of a known request; ``False`` when the feedback buffer is full (nothing kept)."""
-        if not self._buffers[_FEEDBACK.name].add(_Feedback(time.time(), request_id, pipeline, labels), len(labels),
-                                                 nbytes):
+        buffer = self._buffers[_FEEDBACK.name]
+        if not buffer.add(FeedbackEntry(time.time(), request_id, pipeline, labels), len(labels), nbytes):
             self.metrics.capture_dropped["feedback_full"].inc(len(labels))
             return False
-        self._wake_if_due()
-        return True
-
-    def _wake_if_due(self) -> None:
-        if any(b.rows >= self.options.flush_rows for b in self._buffers.values()):
+        if buffer.rows >= self.options.flush_rows:
             self._wake.set()
+        return True
 
     def start(self) -> None:
         """Start the flush task (on the running event loop)."""

@@ -18,16 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kiln.tasks.features.transform import FeatureTransform
-from kiln.tasks.serving.capture import (
-    Capture,
-    CaptureOptions,
-    RequestIds,
-    caller_request_id,
-    capture_key,
-    feedback_key,
-    hour_of,
-    parse_feedback,
-)
+from kiln.tasks.serving.capture import Capture, CaptureOptions, RequestIds, caller_request_id
+from kiln.tasks.serving.capture_format import capture_key, feedback_key, hour_of, parse_feedback
 from kiln.tasks.serving.deployment import DEFAULT_CAPTURE_SHARE, CaptureSettings, Deployment
 from kiln.tasks.serving.inputs import RequestError
 from kiln.tasks.serving.metrics import ServerMetrics
