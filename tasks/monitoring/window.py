@@ -120,7 +120,7 @@ def read_captures(store: ArtifactStore, pipeline: str, versions: Sequence[str], 
         ValueError: see :func:`window_hours`.
         ArtifactStoreError: the store itself failed (a listing refused); a single unreadable batch is skipped.
     """
-    keys = [(f"{prefix}/{name}", version) for version in versions for hour in window_hours(start, end)
+    keys = [(f"{prefix}/{name}", version) for version in dict.fromkeys(versions) for hour in window_hours(start, end)
             for prefix in [capture_key(pipeline, version, hour)] for name in list_children(store, prefix)]
     return _read(store, keys, CAPTURE_FILE, CAPTURE_COLUMNS, start, end)
 
