@@ -17,9 +17,10 @@ Monitoring compares live traffic with it. ``register`` writes two files into the
 
 The profile's quantiles are its own levels (0, 0.01, 0.05, 0.1, 0.25, 0.5, ..., 1), not deciles: deciles come from
 the sample. A categorical input that the source stores as numbers (an integer ``year``) is profiled as numeric: its
-categories are in the sample. The sample keeps the snapshot's column types; its rows are in snapshot order. Bundles from before the baseline have
-neither file: :func:`load_baseline` returns ``None`` for them. Nothing here imports torch, pandas or pyarrow at
-module level, nor :mod:`kiln.tasks.bundle.load` (torch): a monitor reads a baseline without loading the model.
+categories are in the sample. The sample keeps the snapshot's column types; its rows are in snapshot order.
+Bundles from before the baseline have neither file: :func:`load_baseline` returns ``None`` for them. Nothing here
+imports torch, pandas or pyarrow at module level, nor :mod:`kiln.tasks.bundle.load` (torch): a monitor reads a
+baseline without loading the model.
 """
 
 from __future__ import annotations
