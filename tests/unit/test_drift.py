@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from monitor_fixtures import INPUTS, NUMERIC, capture_table, make_baseline, train_and_live
 
+from kiln.tasks.bundle.baseline import Baseline
 from kiln.tasks.features.profile import ColumnProfile, DataProfile, profile_parquet
 from kiln.tasks.monitoring.drift import (
     RARE,
@@ -138,7 +139,7 @@ def test_psi_of_equal_shares_is_zero_and_an_empty_bin_costs_a_finite_amount() ->
     assert 0.5 < psi(np.array([0.5, 0.5]), np.array([1.0, 0.0])) < 10
 
 
-def labelled(tmp_path: Path, wrong_share: float, rows: int | None = None) -> tuple[pd.DataFrame, dict]:
+def labelled(tmp_path: Path, wrong_share: float, rows: int | None = None) -> tuple[pd.DataFrame, Baseline]:
     """Captured rows with labels, of which ``wrong_share`` name another species than the answer."""
     baseline, _, live = traffic(tmp_path)
     species = sorted(baseline.predictions["shares"])
