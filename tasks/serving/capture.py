@@ -22,9 +22,9 @@ once ``flush_rows`` rows wait, and on shutdown. Keys and columns are fixed by th
     <pipeline>/_feedback/hour=<YYYY-MM-DDTHH>/<batch id>/feedback.parquet
 
 with ``<batch id>`` = ``<UTC yyyymmddThhmmss>-<server id 8 hex>-<seq 6 digits>`` (columns:
-:mod:`.capture_format`). Memory is bounded before
-completeness: a full buffer drops new rows, and a flush that fails drops its rows; both are counted
-(``kiln_capture_dropped_total{reason}``) and the failure is logged, at most once per interval.
+:mod:`.capture_format`). Bounded memory wins over completeness: a full buffer drops new rows, and a flush that
+fails drops its rows; both are counted (``kiln_capture_dropped_total{reason}``) and the failure is logged, at most
+once per interval.
 """
 
 from __future__ import annotations
@@ -236,6 +236,9 @@ class Capture:
             caller_id: the caller's valid ``X-Request-Id``, if any.
             started: ``time.perf_counter()`` when the request arrived.
             nbytes: the request body's size.
+
+        Returns:
+            The request's id for its ``X-Request-Id``: the caller's, a minted one (captured), or a plain uuid4 hex.
         """
         if caller_id is None:
             if not (share > 0 and self.random() < share):
