@@ -16,14 +16,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kiln.tasks.storage.artifacts import (
     ArtifactNotFoundError,
     ArtifactStore,
     ArtifactStoreError,
-    LocalArtifactStore,
-    key_parts,
 )
 
 if TYPE_CHECKING:
@@ -121,7 +119,7 @@ def read_captures(store: ArtifactStore, pipeline: str, versions: Sequence[str], 
         ArtifactStoreError: the store itself failed (a listing refused); a single unreadable batch is skipped.
     """
     keys = [(f"{prefix}/{name}", version) for version in dict.fromkeys(versions) for hour in window_hours(start, end)
-            for prefix in [capture_key(pipeline, version, hour)] for name in list_children(store, prefix)]
+            for prefix in [capture_key(pipeline, version, hour)] for name in store.children(prefix)]
     return _read(store, keys, CAPTURE_FILE, CAPTURE_COLUMNS, start, end)
 
 
@@ -145,7 +143,7 @@ def read_feedback(store: ArtifactStore, pipeline: str, start: datetime, end: dat
         ArtifactStoreError: the store itself failed.
     """
     keys = [(f"{prefix}/{name}", None) for hour in window_hours(start, end)
-            for prefix in [feedback_key(pipeline, hour)] for name in list_children(store, prefix)]
+            for prefix in [feedback_key(pipeline, hour)] for name in store.children(prefix)]
     return _read(store, keys, FEEDBACK_FILE, FEEDBACK_COLUMNS, start, end)
 
 
@@ -171,42 +169,6 @@ def join_labels(captured: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
         latest, on=["request_id", "record"], how="left", validate="many_to_one")
     joined[LABEL] = joined[LABEL].astype(object).where(pd.notna(joined[LABEL]), None)
     return joined
-
-
-def list_children(store: ArtifactStore, key: str) -> list[str]:
-    """The names of the keys published directly under ``key`` (batch folders), sorted; none when it is absent.
-
-    Local stores list the folder (names starting with ``.`` are a writer's temporary folders); S3 stores list the
-    prefix's common prefixes.
-
-    Raises:
-        ArtifactStoreError: S3 refused the listing.
-        TypeError: a store of another kind.
-    """
-    if isinstance(store, LocalArtifactStore):
-        folder = store.root.joinpath(*key_parts(key))
-        if not folder.is_dir():
-            return []
-        return sorted(e.name for e in folder.iterdir() if e.is_dir() and not e.name.startswith("."))
-    from kiln.tasks.storage.s3 import S3ArtifactStore  # boto3 only where an S3 store is configured
-
-    if not isinstance(store, S3ArtifactStore):
-        raise TypeError(f"cannot list the keys of a {type(store).__name__}")
-    return _s3_children(store, key)
-
-
-def _s3_children(store: Any, key: str) -> list[str]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    prefix = f"{store._base(key)}/"
-    names: list[str] = []
-    try:
-        for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=prefix,
-                                                                            Delimiter="/"):
-            names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
-    except (ClientError, BotoCoreError) as exc:
-        raise store._store_error(exc, f"listing {store.uri(key)}") from exc
-    return sorted(n for n in names if n and not n.startswith("."))
 
 
 def _read(store: ArtifactStore, keys: Sequence[tuple[str, str | None]], filename: str, required: Sequence[str],

@@ -105,6 +105,15 @@ class ArtifactStore(ABC):
         """A URI naming ``key`` for people and logs."""
 
     @abstractmethod
+    def children(self, key: str) -> list[str]:
+        """The names directly under ``key`` (published keys or folders of them), sorted; none when there is
+        nothing under it. Names starting with ``.`` (writers' temporary and version folders) are left out.
+
+        Raises:
+            ArtifactStoreError: the store refused the listing.
+        """
+
+    @abstractmethod
     def scratch(self, key: str) -> Path:
         """A persistent local working folder (e.g. checkpoints) that survives task retries on this machine, and
         on every machine when :attr:`durable_scratch` is true."""
@@ -144,6 +153,12 @@ class LocalArtifactStore(ArtifactStore):
 
     def uri(self, key: str) -> str:
         return self._final(key).as_uri()
+
+    def children(self, key: str) -> list[str]:
+        folder = self._final(key)
+        if not folder.is_dir():
+            return []
+        return sorted(e.name for e in folder.iterdir() if e.is_dir() and not e.name.startswith("."))
 
     def scratch(self, key: str) -> Path:
         path = self._final(key)

@@ -168,6 +168,18 @@ class S3ArtifactStore(ArtifactStore):
     def exists(self, key: str) -> bool:
         return self._read_manifest(key) is not None
 
+    def children(self, key: str) -> list[str]:
+        prefix = f"{self._base(key)}/"
+        names: list[str] = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
+                                                                         Delimiter="/")
+            for page in pages:
+                names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        except (ClientError, BotoCoreError) as exc:
+            raise self._store_error(exc, f"listing {self.uri(key)}") from exc
+        return sorted(n for n in names if n and not n.startswith("."))
+
     def scratch(self, key: str) -> Path:
         """A persistent folder on THIS machine (``<cache_dir>/.scratch/...``); it is not uploaded to the bucket
         (``kiln.tasks.training.checkpoint_sync`` publishes what a retry elsewhere needs)."""

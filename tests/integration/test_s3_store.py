@@ -83,6 +83,16 @@ def test_round_trip_nested_and_multipart(s3_endpoint: S3Endpoint, bucket: str, t
     assert head["ContentLength"] == 50 * MB
 
 
+def test_children_are_the_keys_under_a_key(s3_endpoint: S3Endpoint, bucket: str, tmp_path: Path) -> None:  # noqa: F811
+    store = make_store(s3_endpoint, bucket, tmp_path / "cache")
+    for key in ("p/_capture/version=1/a", "p/_capture/version=1/b", "p/_capture/version=2/c", "p/_capture"):
+        publish(store, key, {"f": b"x"})
+    # Each published key's own version folder (.v) is not a child; keys published under it are.
+    assert store.children("p/_capture") == ["version=1", "version=2"]
+    assert store.children("p/_capture/version=1") == ["a", "b"]
+    assert store.children("p/nothing") == []
+
+
 def test_overwrite_publishes_new_version_and_removes_old(s3_endpoint: S3Endpoint, bucket: str,  # noqa: F811
                                                          tmp_path: Path) -> None:
     store = make_store(s3_endpoint, bucket, tmp_path / "cache")

@@ -144,3 +144,14 @@ def test_atomic_write_removes_dead_writers_temp_files_and_keeps_live_ones(tmp_pa
     atomic_write_bytes(tmp_path / "x.json", b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, "x.json"])
     assert read_json(tmp_path / "x.json") == {}
+
+
+def test_children_are_the_names_under_a_key_without_writers_folders(tmp_path):
+    store = LocalArtifactStore(tmp_path / "store")
+    for key in ("p/_capture/version=1/a", "p/_capture/version=1/b", "p/_capture/version=2/c"):
+        with store.writer(key) as out:
+            (out / "f").write_text("x")
+    (tmp_path / "store" / "p" / "_capture" / "version=1" / ".tmp-killed-writer").mkdir()
+    assert store.children("p/_capture") == ["version=1", "version=2"]
+    assert store.children("p/_capture/version=1") == ["a", "b"]
+    assert store.children("p/nothing") == []

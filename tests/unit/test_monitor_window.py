@@ -19,7 +19,6 @@ from monitor_fixtures import (
     publish_feedback,
     train_and_live,
 )
-from s3_server import S3Endpoint, s3_endpoint  # noqa: F401  (the session fixture of the S3 test)
 
 from kiln.tasks.monitoring.window import (
     CAPTURE_COLUMNS,
@@ -28,13 +27,12 @@ from kiln.tasks.monitoring.window import (
     capture_key,
     feedback_key,
     join_labels,
-    list_children,
     read_captures,
     read_feedback,
     window_hours,
 )
 from kiln.tasks.serving import capture_format as server
-from kiln.tasks.storage.artifacts import ArtifactStore, LocalArtifactStore
+from kiln.tasks.storage.artifacts import LocalArtifactStore
 
 HOUR = timedelta(hours=1)
 
@@ -116,7 +114,7 @@ def test_an_empty_window_has_no_rows_but_the_columns(store: LocalArtifactStore, 
 def test_temporary_folders_of_writers_are_not_batches(store: LocalArtifactStore, live: pa.Table) -> None:
     key = publish_capture(store, live, seq=1)
     (store.root / key).parent.joinpath(".tmp-somebatch-0123456789abcdef").mkdir()
-    assert list_children(store, key.rsplit("/", 1)[0]) == [key.rsplit("/", 1)[1]]
+    assert store.children(key.rsplit("/", 1)[0]) == [key.rsplit("/", 1)[1]]
 
 
 @pytest.mark.parametrize(("start", "end", "message"), [
@@ -158,22 +156,3 @@ def test_a_corrupt_feedback_batch_is_skipped_and_reported(store: LocalArtifactSt
     publish(store, bad, FEEDBACK_FILE, b"\x00" * 64)
     read = read_feedback(store, PIPELINE, T0, T0 + HOUR)
     assert read.rows == 0 and [s.key for s in read.skipped] == [bad]
-
-
-@pytest.mark.integration
-@pytest.mark.s3
-def test_an_s3_store_lists_the_same_batches(tmp_path: Path, s3_endpoint: S3Endpoint,  # noqa: F811
-                                            live: pa.Table) -> None:
-    from kiln.tasks.storage.s3 import S3ArtifactStore
-
-    bucket = "monitor-window"
-    s3_endpoint.client(direct=True).create_bucket(Bucket=bucket)
-    s3: ArtifactStore = S3ArtifactStore(f"s3://{bucket}/kiln", cache_dir=tmp_path / "cache",
-                                        endpoint_url=s3_endpoint.url)
-    first = publish_capture(s3, live, seq=1)
-    second = publish_capture(s3, live, seq=2)
-    publish_capture(s3, capture_table(train_and_live()[1].head(4), version="v9"), folder_version="v1", seq=3)
-    read = read_captures(s3, PIPELINE, ["v1"], T0, T0 + HOUR)
-    assert read.files == [first, second] and read.rows == 240 and len(read.skipped) == 1
-    assert list_children(s3, f"{PIPELINE}/_capture") == ["version=v1"]
-
