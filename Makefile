@@ -14,7 +14,7 @@ export AIRFLOW__CORE__PARALLELISM ?= 4
 export GX_ANALYTICS_ENABLED ?= false
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test layers bench lint airflow-init mlflow-ui clean docker-engine image postgres redis wrk serve-stop up down status chromium
+.PHONY: install demo test layers bench lint airflow-init mlflow-ui clean docker-engine image postgres redis wrk serve-stop up down status chromium prometheus
 .DEFAULT_GOAL := help
 
 help:
@@ -55,7 +55,7 @@ demo: install airflow-init
 	@$(VENV)/bin/kiln run penguins_species --log $(KILN_HOME)/logs/demo.log $(if $(CONF),--conf '$(CONF)') \
 	  || { echo "demo failed; last lines of $(KILN_HOME)/logs/demo.log:"; tail -40 $(KILN_HOME)/logs/demo.log; exit 1; }
 
-test: install image postgres redis chromium layers
+test: install image postgres redis chromium prometheus layers
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The layer contracts (pyproject.toml [tool.importlinter]) and the declared dependencies against the imports.
@@ -103,6 +103,11 @@ redis:
 # The browser test drives Debian's Chromium through Playwright (no browser download).
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# The alert-rule tests run Debian's Prometheus and promtool on loopback with their own config (the package's
+# service is not started; see the script).
+prometheus:
+	@docker/monitoring/install-prometheus.sh
 
 # The resource-pool lease store's tests and benchmark run against the local PostgreSQL (trust auth, 127.0.0.1:5432).
 postgres:
