@@ -18,6 +18,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+from kiln.tasks.serving.capture_format import (
+    CAPTURE_FILE,
+    FEEDBACK_FILE,
+    FIXED_COLUMNS,
+    HOUR_FORMAT,
+    capture_hour_key,
+    feedback_hour_key,
+)
 from kiln.tasks.storage.artifacts import (
     ArtifactNotFoundError,
     ArtifactStore,
@@ -30,15 +38,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CAPTURE_FILE = "capture.parquet"
-FEEDBACK_FILE = "feedback.parquet"
 #: The columns every captured batch has, whatever the model's inputs.
-CAPTURE_COLUMNS = ("request_id", "record", "received_at", "version", "variant", "predicted_class",
-                   "predicted_value")
+CAPTURE_COLUMNS = FIXED_COLUMNS
 FEEDBACK_COLUMNS = ("request_id", "record", "label", "received_at")
 #: The column :func:`join_labels` adds: the label sent for a captured record, ``None`` when none came.
 LABEL = "label"
-HOUR_FORMAT = "%Y-%m-%dT%H"
 
 
 @dataclass(frozen=True)
@@ -75,12 +79,12 @@ class WindowRead:
 
 def capture_key(pipeline: str, version: str, hour: datetime) -> str:
     """The store prefix holding the captured batches of one served version and one hour (UTC)."""
-    return f"{pipeline}/_capture/version={version}/hour={hour.astimezone(UTC).strftime(HOUR_FORMAT)}"
+    return capture_hour_key(pipeline, version, hour.astimezone(UTC).strftime(HOUR_FORMAT))
 
 
 def feedback_key(pipeline: str, hour: datetime) -> str:
     """The store prefix holding the feedback batches of one hour (UTC)."""
-    return f"{pipeline}/_feedback/hour={hour.astimezone(UTC).strftime(HOUR_FORMAT)}"
+    return feedback_hour_key(pipeline, hour.astimezone(UTC).strftime(HOUR_FORMAT))
 
 
 def window_hours(start: datetime, end: datetime) -> Iterator[datetime]:

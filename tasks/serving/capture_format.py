@@ -20,15 +20,18 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
-from kiln.tasks.serving.inputs import RequestError
+if TYPE_CHECKING:
+    from kiln.tasks.serving.inputs import RequestError
 
 CAPTURE_FILE = "capture.parquet"
 FEEDBACK_FILE = "feedback.parquet"
+#: The ``hour=`` folder names: the UTC hour a row was received in.
+HOUR_FORMAT = "%Y-%m-%dT%H"
 #: Columns every captured row has before the bundle's input columns (an input column of the same name is left out).
 FIXED_COLUMNS = ("request_id", "record", "received_at", "version", "variant", "predicted_class", "predicted_value")
 #: Longest label text ``/feedback`` takes.
@@ -59,17 +62,34 @@ class FeedbackEntry:
 
 def hour_of(epoch_s: float) -> str:
     """The ``hour=`` value of a time: ``YYYY-MM-DDTHH`` in UTC."""
-    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H")
+    return datetime.fromtimestamp(epoch_s, UTC).strftime(HOUR_FORMAT)
+
+
+def capture_hour_key(pipeline: str, version: str, hour: str) -> str:
+    """The store key under which the captured batches of one version and one hour are published."""
+    return f"{pipeline}/_capture/version={version}/hour={hour}"
+
+
+def feedback_hour_key(pipeline: str, hour: str) -> str:
+    """The store key under which the feedback batches of one hour are published."""
+    return f"{pipeline}/_feedback/hour={hour}"
 
 
 def capture_key(pipeline: str, version: str, hour: str, batch_id: str) -> str:
     """The store key of one captured batch (a folder holding ``capture.parquet``)."""
-    return f"{pipeline}/_capture/version={version}/hour={hour}/{batch_id}"
+    return f"{capture_hour_key(pipeline, version, hour)}/{batch_id}"
 
 
 def feedback_key(pipeline: str, hour: str, batch_id: str) -> str:
     """The store key of one feedback batch (a folder holding ``feedback.parquet``)."""
-    return f"{pipeline}/_feedback/hour={hour}/{batch_id}"
+    return f"{feedback_hour_key(pipeline, hour)}/{batch_id}"
+
+
+def _request_error(status: int, detail: Any) -> RequestError:
+    # Imported here: the monitor imports this module for the layout, and the request parsers load the bundle code.
+    from kiln.tasks.serving.inputs import RequestError
+
+    return RequestError(status, detail)
 
 
 def _category(value: Any) -> str | None:
@@ -128,7 +148,7 @@ def _label_text(value: Any, field: str) -> str:
         return value
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return repr(float(value)) if isinstance(value, float) else str(value)
-    raise RequestError(422, [{"field": field, "message": f"a label must be a class label (a string of 1 to "
+    raise _request_error(422, [{"field": field, "message": f"a label must be a class label (a string of 1 to "
                                                          f"{MAX_LABEL_CHARS} characters) or a finite number, "
                                                          f"found {str(value)[:40]!r}"}])
 
@@ -143,23 +163,23 @@ def parse_feedback(body: bytes, max_records: int) -> tuple[str, list[tuple[int, 
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise RequestError(422, [{"field": "body", "message": f"is not valid JSON: {exc}"}]) from exc
+        raise _request_error(422, [{"field": "body", "message": f"is not valid JSON: {exc}"}]) from exc
     shapes = ({"request_id", "labels"}, {"request_id", "record", "label"})
     if not isinstance(payload, dict) or set(payload) not in shapes:
-        raise RequestError(422, [{"field": "body", "message": 'must be {"request_id": ..., "labels": [...]} or '
+        raise _request_error(422, [{"field": "body", "message": 'must be {"request_id": ..., "labels": [...]} or '
                                                              '{"request_id": ..., "record": 0, "label": ...}'}])
     request_id = payload["request_id"]
     if not isinstance(request_id, str) or not _TEXT_ID.fullmatch(request_id):
-        raise RequestError(422, [{"field": "request_id", "message": "must be the X-Request-Id of a /predict "
+        raise _request_error(422, [{"field": "request_id", "message": "must be the X-Request-Id of a /predict "
                                                                    "answer (1-64 of A-Z a-z 0-9 . _ -)"}])
     if "labels" in payload:
         labels = payload["labels"]
         if not isinstance(labels, list) or not labels:
-            raise RequestError(422, [{"field": "labels", "message": "must be a non-empty list, one per record"}])
+            raise _request_error(422, [{"field": "labels", "message": "must be a non-empty list, one per record"}])
         if len(labels) > max_records:
-            raise RequestError(413, f"at most {max_records} labels per request, found {len(labels)}")
+            raise _request_error(413, f"at most {max_records} labels per request, found {len(labels)}")
         return request_id, [(i, _label_text(v, f"labels[{i}]")) for i, v in enumerate(labels)]
     record = payload["record"]
     if isinstance(record, bool) or not isinstance(record, int) or not 0 <= record < max_records:
-        raise RequestError(422, [{"field": "record", "message": f"must be an integer in [0, {max_records})"}])
+        raise _request_error(422, [{"field": "record", "message": f"must be an integer in [0, {max_records})"}])
     return request_id, [(record, _label_text(payload["label"], "label"))]
