@@ -13,6 +13,7 @@ the request is answered by the champion, so a canary never fails a user request.
 Every ``/predict`` answer carries ``X-Request-Id``; a share of the answered requests (the deployment's
 ``capture.share``) is captured, and ``POST /feedback`` takes the ground truth for a captured request by its id
 (:mod:`.capture`: the capture is one append after the answer is computed; files are written off the event loop).
+``GET /metrics`` also shows the pipeline monitor's latest figures, read from the store (:mod:`.monitor_gauges`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from kiln.tasks.serving.deployment import read_deployment
 from kiln.tasks.serving.inputs import RequestError, parse_records, transform
 from kiln.tasks.serving.metrics import METRICS_CONTENT_TYPE, ServerMetrics, ThrottledLog
 from kiln.tasks.serving.models import ModelSet, Variant, build_model_set, freeze_heap, load_bundles
+from kiln.tasks.serving.monitor_gauges import MonitorFiguresReader
 from kiln.tasks.settings import ServeRuntime, get_settings
 from kiln.tasks.storage.artifacts import ArtifactStore, store_for_root
 
@@ -68,7 +70,8 @@ class ServerState:
         max_wait_s: how long a batch waits for more requests (0: none).
         seed: seed of the canary routing (``None``: from the OS).
         runtime: what runs the models a reload loads (``models`` must have been loaded with it).
-        capture_store: where captured requests and feedback go (``None``: the artifact store of the settings).
+        capture_store: where captured requests and feedback go, and where the monitor's latest figures are read
+            from for ``/metrics`` (``None``: the artifact store of the settings).
         capture_options: the capture buffers' bounds and pace.
     """
 
@@ -86,6 +89,8 @@ class ServerState:
         self.random = random.Random(seed).random
         store = capture_store if capture_store is not None else store_for_root(get_settings().artifact_root)
         self.capture = Capture(store, token, metrics, self.random, capture_options)
+        self.monitor = MonitorFiguresReader(store)  # the monitor publishes its figures to the same store
+        metrics.watch_monitor(self.monitor.current)
         self._reload_lock = asyncio.Lock()
         self.log_canary_failure = ThrottledLog(log, logging.WARNING)
         self.log_champion_failure = ThrottledLog(log, logging.ERROR)
@@ -341,6 +346,8 @@ class _Endpoints:
         return _json(orjson.dumps(models.ready())) if models is not None else _json(_NOT_READY, 503)
 
     async def metrics(self, request: Request) -> Response:
+        models = self.state.models
+        await self.state.monitor.refresh(models.deployment.model if models is not None else None)
         return Response(self.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def reload(self, request: Request) -> Response:

@@ -11,12 +11,16 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from kiln.tasks.serving.monitor_gauges import MonitorFigures
 
 #: ``Content-Type`` of the ``/metrics`` response.
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -154,6 +158,15 @@ class ServerMetrics:
         self.capture_buffered.set_function(buffered)
         self.capture_oldest_age.set_function(oldest_age_s)
 
+    def watch_monitor(self, figures: Callable[[], MonitorFigures | None]) -> None:
+        """Expose the monitor's latest figures (:mod:`.monitor_gauges`) as the ``kiln_monitor_*`` gauges, read from
+        ``figures`` when ``/metrics`` is scraped; ``None`` exposes none of them.
+
+        Args:
+            figures: the figures to show now.
+        """
+        self.registry.register(_MonitorCollector(figures))
+
     def count_connection_ended(self, reason: str) -> None:
         """Count a connection ended by a limit (the protocol's ``on_refused``)."""
         self._ended_by_reason[reason].inc()
@@ -179,6 +192,59 @@ class ServerMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every series."""
         return generate_latest(self.registry)
+
+
+class _MonitorCollector(Collector):
+    """The ``kiln_monitor_*`` gauges of the monitor's latest run, every series labelled with the pipeline."""
+
+    def __init__(self, figures: Callable[[], MonitorFigures | None]):
+        self.figures = figures
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(self._families(None))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        # Only families with samples: without figures, /metrics names no monitor series at all.
+        return (family for family in self._families(self.figures()) if family.samples)
+
+    @staticmethod
+    def _families(f: MonitorFigures | None) -> list[GaugeMetricFamily]:
+        families = {
+            "psi": GaugeMetricFamily("kiln_monitor_feature_psi", "PSI of a live input feature against the training "
+                                     "baseline, in the monitor's latest window", labels=["pipeline", "feature"]),
+            "drift": GaugeMetricFamily("kiln_monitor_feature_drift", "1 when the monitor's latest run found the "
+                                       "feature drifted (PSI and test both past their thresholds)",
+                                       labels=["pipeline", "feature"]),
+            "prediction": GaugeMetricFamily("kiln_monitor_prediction_psi", "PSI of the live predictions against "
+                                            "the test split's", labels=["pipeline"]),
+            "live": GaugeMetricFamily("kiln_monitor_quality_live", "The primary metric on the labelled live rows",
+                                      labels=["pipeline", "metric"]),
+            "baseline": GaugeMetricFamily("kiln_monitor_quality_baseline", "The primary metric on the test split "
+                                          "at training time", labels=["pipeline", "metric"]),
+            "breach": GaugeMetricFamily("kiln_monitor_breach", "1 when the monitor's latest run found a breach "
+                                        "(drift or quality)", labels=["pipeline"]),
+            "rows": GaugeMetricFamily("kiln_monitor_rows", "Captured rows in the monitor's latest window",
+                                      labels=["pipeline"]),
+            "last_run": GaugeMetricFamily("kiln_monitor_last_run_timestamp_seconds", "When the monitor's latest run "
+                                          "finished (Unix time)", labels=["pipeline"]),
+        }
+        if f is None:
+            return list(families.values())
+        p = [f.pipeline]
+        for name, feature in f.features.items():
+            if feature.psi is not None:
+                families["psi"].add_metric([*p, name], feature.psi)
+            families["drift"].add_metric([*p, name], float(feature.drift))
+        if f.prediction_psi is not None:
+            families["prediction"].add_metric(p, f.prediction_psi)
+        if f.quality is not None:
+            for key, value in (("live", f.quality.live), ("baseline", f.quality.baseline)):
+                if value is not None:
+                    families[key].add_metric([*p, f.quality.metric], value)
+        families["breach"].add_metric(p, float(f.breach))
+        families["rows"].add_metric(p, f.rows)
+        families["last_run"].add_metric(p, f.finished_at)
+        return list(families.values())
 
 
 class VariantStats:
