@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable, Param, chain
+from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable, Param, chain, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 from kiln.operators.access import team_access_control
+from kiln.operators.s3_credentials import use_s3_connection
 from kiln.operators.source_trigger import source_trigger
 from kiln.operators.step import PipelineStepOperator
 from kiln.operators.train import TrainOperator
@@ -36,24 +38,33 @@ def _params(spec: PipelineSpec) -> dict[str, Param]:
 
 
 def _schedule(spec: PipelineSpec, spec_path: Path) -> Any:
-    """The spec's cron schedule, its Asset, both (either starts a run), or None (triggered runs only).
+    """The spec's cron schedule, its Assets, both (any of them starts a run), or None (triggered runs only).
 
-    The Asset is :meth:`PipelineSpec.asset_uri` (a local path as a ``file://`` URI). With ``source.watch`` it is the
-    source, watched on the triggerer by a :class:`~kiln.operators.source_trigger.SourceChangeTrigger`: new data
-    posts an event on it, which starts a run that reads that data.
+    The data Asset is :meth:`PipelineSpec.asset_uri` (a local path as a ``file://`` URI). With ``source.watch`` it
+    is the source, watched on the triggerer by a :class:`~kiln.operators.source_trigger.SourceChangeTrigger`: new
+    data posts an event on it, which starts a run that reads that data. With ``monitoring.on_breach: retrain`` the
+    monitor's retrain Asset (:meth:`PipelineSpec.retrain_asset_uri`) starts a run too, on the source's current
+    data. Airflow folds the events queued on these Assets while no run has started into the next run: one run
+    however many events came.
     """
+    assets = []
     uri = spec.asset_uri()
-    if uri is None:
+    if uri is not None:
+        if uri.startswith("/"):
+            uri = Path(uri).as_uri()
+        watchers = []
+        if spec.source.watch is not None:
+            watchers = [AssetWatcher(name=f"{spec.name}_source",
+                                     trigger=source_trigger(spec.name, spec.source, spec_path))]
+        assets.append(Asset(uri, watchers=watchers))
+    if (retrain := spec.retrain_asset_uri()) is not None:
+        assets.append(Asset(retrain))
+    if not assets:
         return spec.schedule
-    if uri.startswith("/"):
-        uri = Path(uri).as_uri()
-    watchers = []
-    if spec.source.watch is not None:
-        watchers = [AssetWatcher(name=f"{spec.name}_source", trigger=source_trigger(spec.name, spec.source, spec_path))]
-    asset = Asset(uri, watchers=watchers)
+    condition = assets[0] if len(assets) == 1 else assets[0] | assets[1]
     if spec.schedule is None:
-        return asset
-    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(spec.schedule, timezone="UTC"), assets=asset)
+        return condition
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(spec.schedule, timezone="UTC"), assets=condition)
 
 
 def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
@@ -86,8 +97,93 @@ def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     return dag
 
 
-for _path, _spec in load_specs(get_settings().pipelines_dir)[0]:
+def build_monitor_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
+    """The monitor DAG of a spec with ``monitoring``: ``monitor >> retrain`` on ``monitoring.schedule``.
+
+    ``monitor`` runs :func:`kiln.tasks.monitoring.run.run_monitor` (it fails only on errors: a breach is its
+    outcome, in its XCom, the report, ``latest.json`` and the model server's gauges). ``retrain`` is skipped unless
+    the outcome requests a retrain (``on_breach: retrain`` outside the cool-down); its success emits the retrain
+    Asset event that starts the pipeline's gated run.
+    """
+    monitoring = spec.monitoring
+    assert monitoring is not None
+    retrain_uri = spec.retrain_asset_uri()
+    with DAG(
+        dag_id=monitor_dag_id(spec),
+        description=f"Drift and quality monitor of {spec.name}'s served model"[:200],
+        doc_md=(f"Monitor of the **{spec.name}** pipeline's served model: every run judges the last "
+                f"{monitoring.window_hours} h of captured traffic against the champion's training baseline "
+                f"(drift per feature and on the predictions, live quality where labels came back) and publishes "
+                f"the report to `{spec.name}/_monitor/` in the artifact store and to the champion's MLflow run. "
+                f"On a breach: `{monitoring.on_breach}`"
+                + (f" (the `retrain` task emits `{retrain_uri}`, at most once per "
+                   f"{monitoring.retrain.cooldown_hours} h)" if retrain_uri else "")
+                + f".\n\nSpec file: `{spec_path}`"),
+        schedule=CronTriggerTimetable(monitoring.schedule, timezone="UTC"),
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        # One run at a time: the retrain cool-down state has one writer.
+        max_active_runs=1,
+        tags=sorted({"kiln", "monitoring", spec.task, *spec.tags}),
+        default_args={"owner": spec.owner, "retries": 1, "retry_delay": timedelta(seconds=30)},
+        access_control=team_access_control(spec.access_team),
+    ) as dag:
+        path = str(spec_path)
+
+        @task(task_id="monitor")
+        def monitor(spec_file: str, dag_run: Any = None) -> dict[str, Any]:
+            from kiln.tasks.monitoring.run import MonitorConfig, run_monitor
+            from kiln.tasks.pipeline.context import default_store
+            from kiln.tasks.spec import load_spec
+
+            use_s3_connection()
+            outcome = run_monitor(MonitorConfig.from_spec(load_spec(Path(spec_file))), default_store(),
+                                  dag_run.run_after)
+            if outcome.action == "alert":
+                log.warning("breach (alert only): %s", outcome.summary)
+            return outcome.to_dict()
+
+        outlets = [Asset(retrain_uri)] if retrain_uri else []
+
+        @task(task_id="retrain", outlets=outlets)
+        def retrain(outcome: dict[str, Any], dag_run: Any = None, outlet_events: Any = None) -> str:
+            if not outcome["retrain_requested"]:
+                raise AirflowSkipException("no retrain requested: " + (
+                    "no breach" if not outcome["breach"] else
+                    f"on_breach is {outcome['action']}" if outcome["action"] != "retrain" else "in the cool-down"))
+            from kiln.tasks.monitoring.retrain import record_request
+            from kiln.tasks.pipeline.context import default_store
+
+            use_s3_connection()
+            record_request(default_store(), outcome["pipeline"], dag_run.run_after, outcome["summary"],
+                           outcome["report_key"])
+            outlet_events[outlets[0]].extra = {"kiln_retrain": {"report": outcome["report_key"],
+                                                                "summary": outcome["summary"][:500]}}
+            return f"retrain of {outcome['pipeline']} requested: {outcome['summary']}"
+
+        retrain(monitor(path))
+    return dag
+
+
+def monitor_dag_id(spec: PipelineSpec) -> str:
+    """The id of a pipeline's monitor DAG."""
+    return f"{spec.name}_monitor"
+
+
+_loaded = load_specs(get_settings().pipelines_dir)[0]
+for _path, _spec in _loaded:
     try:
         globals()[_spec.name] = build_dag(_spec, _path)
     except Exception:  # noqa: BLE001 - a DAG that Airflow refuses must not take the other pipelines' DAGs with it
         log.exception("pipeline spec %s is valid but Airflow refused its DAG; it is left out", _path)
+for _path, _spec in _loaded:
+    if _spec.monitoring is None:
+        continue
+    if monitor_dag_id(_spec) in {s.name for _, s in _loaded}:
+        log.error("the monitor of %s is left out: its DAG id %s is the name of another pipeline; rename that "
+                  "pipeline", _spec.name, monitor_dag_id(_spec))
+        continue
+    try:
+        globals()[monitor_dag_id(_spec)] = build_monitor_dag(_spec, _path)
+    except Exception:  # noqa: BLE001 - as above: one refused DAG must not hide the others
+        log.exception("the monitor of pipeline spec %s was refused by Airflow; it is left out", _path)

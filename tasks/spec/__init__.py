@@ -25,6 +25,7 @@ from kiln.tasks.spec.data import (
     WatchSpec,
 )
 from kiln.tasks.spec.loading import discover_specs, load_spec, load_specs, spec_named
+from kiln.tasks.spec.monitoring import DriftSpec, MonitoringSpec, QualitySpec, RetrainSpec
 from kiln.tasks.spec.pipeline import PARAM_FIELDS, PipelineSpec, parse_spec
 from kiln.tasks.spec.release import (
     CanarySpec,
@@ -40,8 +41,8 @@ from kiln.tasks.spec.yaml_reader import SPEC_LIMITS, SpecLimits
 __all__ = [
     "CLASSIFICATION_METRICS", "HIGHER_IS_BETTER", "PARAM_FIELDS", "REGRESSION_METRICS", "SPEC_LIMITS", "CacheSpec",
     "CanarySpec", "CleaningSpec", "CodeSpec", "ColumnCleaning", "ColumnType", "DeploymentSpec", "DockerSpec",
-    "EvaluationSpec", "ExpectationSpec", "ExpectationsSpec", "FeaturesSpec", "GateSpec", "InfraValidationSpec",
-    "ModelSpec", "PipelineSpec", "ProfileBoundsSpec", "ResourcesSpec", "SliceSpec", "SourceSpec", "SpecError",
-    "SpecLimits", "SqlSourceSpec", "TaskType", "TrainingSpec", "WatchSpec", "discover_specs", "load_spec",
-    "load_specs", "parse_spec", "spec_named",
+    "DriftSpec", "EvaluationSpec", "ExpectationSpec", "ExpectationsSpec", "FeaturesSpec", "GateSpec",
+    "InfraValidationSpec", "ModelSpec", "MonitoringSpec", "PipelineSpec", "ProfileBoundsSpec", "QualitySpec",
+    "ResourcesSpec", "RetrainSpec", "SliceSpec", "SourceSpec", "SpecError", "SpecLimits", "SqlSourceSpec", "TaskType",
+    "TrainingSpec", "WatchSpec", "discover_specs", "load_spec", "load_specs", "parse_spec", "spec_named",
 ]

@@ -21,6 +21,7 @@ from kiln.tasks.spec.base import (
     unknown_key,
 )
 from kiln.tasks.spec.data import CacheSpec, CleaningSpec, ExpectationsSpec, FeaturesSpec, SourceSpec
+from kiln.tasks.spec.monitoring import MonitoringSpec, check_cron
 from kiln.tasks.spec.release import DeploymentSpec, EvaluationSpec
 from kiln.tasks.spec.training import CodeSpec, ModelSpec, TrainingSpec
 
@@ -66,6 +67,9 @@ class PipelineSpec(_Strict):
     """The step cache (README "Step cache")."""
     code: CodeSpec = CodeSpec()
     """The pipeline's own code (``model.type: custom``, ``training.entrypoint``) and its requirements."""
+    monitoring: MonitoringSpec | None = None
+    """Watch the served model (README "Monitoring"): a ``<name>_monitor`` DAG judges its captured traffic for
+    drift and quality, and alerts or requests a retrain. None: no monitor."""
 
     @field_validator("name")
     @classmethod
@@ -80,12 +84,7 @@ class PipelineSpec(_Strict):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, value: str | None) -> str | None:
-        from croniter import croniter
-
-        if value is not None and not croniter.is_valid(value):
-            raise ValueError(f"{value!r} is not a cron expression ('minute hour day month weekday', e.g. '0 3 * * *') "
-                             "or a preset (@hourly, @daily, @weekly, @monthly, @yearly)")
-        return value
+        return check_cron(value)
 
     @field_validator("asset")
     @classmethod
@@ -113,6 +112,10 @@ class PipelineSpec(_Strict):
         problem = self._asset_problem()
         if problem:
             raise ValueError(problem)
+        if self.monitoring is not None and self.monitoring.quality.metric is not None:
+            problem = metric_problem(self.task, [self.monitoring.quality.metric])
+            if problem:
+                raise ValueError(f"monitoring.quality.metric: {problem}")
         for field, ref in (("model.factory", self.model.factory), ("training.entrypoint", self.training.entrypoint)):
             if ref and ref.split(":")[0].endswith(".py") and self.code.path is None:
                 raise ValueError(f"{field} '{ref}' names a file, but the pipeline has no code folder: set code.path "
@@ -149,6 +152,19 @@ class PipelineSpec(_Strict):
     def primary_metric(self) -> str:
         """The metric models are compared on."""
         return self.evaluation.primary_metric or ("accuracy" if self.task == "classification" else "rmse")
+
+    @property
+    def quality_metric(self) -> str:
+        """The metric the monitor compares live: ``monitoring.quality.metric``, else the primary metric."""
+        metric = self.monitoring.quality.metric if self.monitoring is not None else None
+        return metric or self.primary_metric
+
+    def retrain_asset_uri(self) -> str | None:
+        """The Asset a monitor's retrain request emits and this pipeline's DAG is scheduled on (``kiln://<name>/
+        retrain``), or None when no monitor retrains it."""
+        if self.monitoring is None or self.monitoring.on_breach != "retrain":
+            return None
+        return f"kiln://{self.name}/retrain"
 
     @property
     def access_team(self) -> str:

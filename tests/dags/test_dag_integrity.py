@@ -28,8 +28,20 @@ def test_no_import_errors(dagbag) -> None:
 
 
 def test_one_dag_per_shipped_spec(dagbag) -> None:
-    specs = sorted(p.stem for p in (DAGS / "pipelines").glob("*.yaml"))
-    assert sorted(dagbag.dag_ids) == sorted([*specs, "kiln_champion"])
+    from kiln.tasks.spec import load_spec
+
+    specs = [load_spec(p) for p in (DAGS / "pipelines").glob("*.yaml")]
+    monitors = [f"{s.name}_monitor" for s in specs if s.monitoring is not None]
+    assert monitors, "an example spec shows the monitoring section"
+    assert sorted(dagbag.dag_ids) == sorted([*(s.name for s in specs), *monitors, "kiln_champion"])
+
+
+def test_the_monitor_dag_is_documented_owned_and_retried(dagbag) -> None:
+    dag = dagbag.dags["penguins_species_monitor"]
+    assert dag.doc_md and "kiln" in dag.tags and "monitoring" in dag.tags
+    assert [t.task_id for t in dag.topological_sort()] == ["monitor", "retrain"]
+    for t in dag.tasks:
+        assert t.owner == "ml-platform" and t.retries >= 1, t.task_id
 
 
 @pytest.mark.parametrize("dag_id", ["penguins_species", "digits_cnn"], ids=["tabular", "image"])
@@ -92,7 +104,8 @@ def test_invalid_spec_is_an_import_error_naming_file_and_field(tmp_path: Path) -
     finally:
         os.environ.clear()
         os.environ.update(old)
-    assert sorted(bag.dag_ids) == ["kiln_champion", "penguins_species"]  # the valid spec still becomes a DAG
+    # the valid spec still becomes its DAGs
+    assert sorted(bag.dag_ids) == ["kiln_champion", "penguins_species", "penguins_species_monitor"]
     assert list(bag.import_errors) == [str(DAGS / "kiln_spec_errors.py")]
     message = next(iter(bag.import_errors.values()))
     assert "broken.yaml" in message

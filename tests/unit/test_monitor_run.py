@@ -1,0 +1,193 @@
+"""A monitor run on real captured batches in a real local store, against a real bundle baseline and deployment file:
+in-distribution traffic is no breach, the issue's shift is a breach naming exactly its features, worse labels are
+a quality breach; latest.json (the gauges' contract) and the report are published; retrain requests respect the
+cool-down."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from monitor_fixtures import (
+    PIPELINE,
+    T0,
+    capture_table,
+    feedback_table,
+    make_baseline,
+    publish_capture,
+    publish_feedback,
+    train_and_live,
+)
+
+from kiln.tasks.bundle.files import BASELINE_FILE, MANIFEST_FILE
+from kiln.tasks.monitoring.retrain import load_state, record_request, retrain_key, should_request
+from kiln.tasks.monitoring.run import LATEST_FILE, MonitorConfig, latest_key, live_expectations, run_monitor
+from kiln.tasks.serving.deployment import Deployment, ModelRef, write_deployment
+from kiln.tasks.serving.monitor_gauges import parse_latest
+from kiln.tasks.spec import ExpectationSpec, MonitoringSpec
+from kiln.tasks.storage.artifacts import LocalArtifactStore, file_sha256, write_json
+
+NOW = T0 + timedelta(hours=1)
+SPECIES = ["Adelie", "Chinstrap", "Gentoo"]
+
+
+def shifted(live: pd.DataFrame) -> pd.DataFrame:
+    """The issue's shift: body_mass_g +30 % and an island the model never saw in a third of the rows."""
+    out = live.copy()
+    out["body_mass_g"] = out["body_mass_g"] * 1.3
+    out.loc[out.index % 3 == 0, "island"] = "Anvers"
+    return out
+
+
+def serve(tmp_path: Path, with_baseline: bool = True) -> Path:
+    """A bundle folder (with its baseline and bundle.json hashes, or none) served as champion v1; returns the
+    deployment file."""
+    train, _ = train_and_live()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir(parents=True)
+    if with_baseline:
+        b = make_baseline(bundle, train)
+        write_json(bundle / BASELINE_FILE, {"format": 1, "profile": b.profile.to_dict(), "predictions": b.predictions,
+                                            "metrics": b.metrics, "sample_rows": b.sample_rows,
+                                            "created_at": b.created_at})
+    write_json(bundle / MANIFEST_FILE, {"files": {p.name: file_sha256(p) for p in bundle.iterdir()}})
+    deployment = tmp_path / "serving" / "deployment.json"
+    write_deployment(deployment, Deployment(model=PIPELINE, champion=ModelRef("v1", str(bundle))))
+    return deployment
+
+
+def config(deployment: Path, expectations: tuple[ExpectationSpec, ...] = (), **monitoring: object) -> MonitorConfig:
+    return MonitorConfig(PIPELINE, MonitoringSpec(**monitoring), "accuracy", deployment, expectations,
+                         log_to_mlflow=False)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalArtifactStore:
+    return LocalArtifactStore(tmp_path / "store")
+
+
+def latest(store: LocalArtifactStore) -> dict:
+    """latest.json as published, checked with the model server's own reader (the gauges' contract)."""
+    data = (store.path(latest_key(PIPELINE)) / LATEST_FILE).read_bytes()
+    doc = json.loads(data)
+    figures = parse_latest(data, PIPELINE)
+    assert (figures.breach, figures.rows, set(figures.features)) == (doc["breach"], doc["rows"], set(doc["features"]))
+    return doc
+
+
+def test_in_distribution_traffic_is_no_breach_and_latest_json_is_published(store, tmp_path: Path) -> None:
+    publish_capture(store, capture_table(train_and_live()[1]))
+    outcome = run_monitor(config(serve(tmp_path)), store, NOW)
+    assert (outcome.breach, outcome.action, outcome.retrain_requested) == (False, None, False)
+    doc = latest(store)
+    assert doc == outcome.latest
+    assert {k: doc[k] for k in ("format", "pipeline", "versions", "rows", "no_traffic", "breach", "action",
+                                "retrain_requested")} == {
+        "format": 1, "pipeline": PIPELINE, "versions": ["v1"], "rows": 138, "no_traffic": False, "breach": False,
+        "action": None, "retrain_requested": False}
+    assert doc["window"] == {"start": (NOW - timedelta(hours=24)).isoformat(), "end": NOW.isoformat()}
+    assert set(doc["features"]) == {"island", "bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g",
+                                    "sex", "year"}
+    assert not any(f["drift"] for f in doc["features"].values())
+    assert all(0 <= f["psi"] < 0.2 for f in doc["features"].values())
+    assert doc["predictions"]["drift"] is False and doc["quality"] is None  # no labels came back
+    report = store.path(outcome.report_key)
+    assert outcome.report_key == f"{PIPELINE}/_monitor/20261207T0400"
+    assert json.loads((report / "report.json").read_text())["breached"] is False
+    assert "no feature drift" in (report / "report.html").read_text()
+
+
+def test_shifted_traffic_is_a_breach_on_exactly_those_features_and_requests_a_retrain_once(store,
+                                                                                           tmp_path: Path) -> None:
+    publish_capture(store, capture_table(shifted(train_and_live()[1])))
+    island_in_set = ExpectationSpec(type="expect_column_values_to_be_in_set",
+                                    kwargs={"column": "island", "value_set": ["Biscoe", "Dream", "Torgersen"]})
+    cfg = config(serve(tmp_path), (island_in_set,), on_breach="retrain")
+    outcome = run_monitor(cfg, store, NOW)
+    assert (outcome.breach, outcome.action, outcome.retrain_requested) == (True, "retrain", True)
+    doc = latest(store)
+    assert sorted(f for f, v in doc["features"].items() if v["drift"]) == ["body_mass_g", "island"]
+    assert doc["features"]["body_mass_g"]["psi"] >= 0.2 and doc["features"]["body_mass_g"]["p_value"] < 0.01
+    assert "drift on island, body_mass_g" in outcome.summary
+    report = json.loads((store.path(outcome.report_key) / "report.json").read_text())
+    assert report["drifted"] == ["island", "body_mass_g"]
+    # The live inputs were checked with the spec's expectations: the unseen island fails the value set.
+    assert report["validation"]["success"] is False
+    assert [e["unexpected_count"] for e in report["validation"]["expectations"]] == [46]
+    assert (store.path(outcome.report_key) / "validation" / "index.html").is_file()
+    assert "Live input expectations" in (store.path(outcome.report_key) / "report.html").read_text()
+    # The DAG's retrain task records the request; a breach inside the cool-down asks for none.
+    record_request(store, PIPELINE, NOW, outcome.summary, outcome.report_key)
+    again = run_monitor(cfg, store, NOW + timedelta(hours=2))
+    assert (again.breach, again.action, again.retrain_requested) == (True, "retrain", False)
+    assert latest(store)["retrain_requested"] is False
+
+
+def test_worse_labels_are_a_quality_breach_that_only_alerts(store, tmp_path: Path) -> None:
+    live = train_and_live()[1]
+    table = capture_table(live)
+    publish_capture(store, table)
+    labels = live["species"].astype(str).tolist()
+    labels[:45] = [SPECIES[(SPECIES.index(v) + 1) % 3] for v in labels[:45]]  # a third answered wrong
+    publish_feedback(store, feedback_table(table, labels))
+    outcome = run_monitor(config(serve(tmp_path)), store, NOW)
+    assert (outcome.breach, outcome.action, outcome.retrain_requested) == (True, "alert", False)
+    doc = latest(store)
+    assert not any(f["drift"] for f in doc["features"].values())
+    assert doc["quality"] == {"metric": "accuracy", "live": pytest.approx(1 - 45 / 138), "baseline": 0.97,
+                              "breach": True}
+    # min_labels above the labelled rows: no verdict, so no breach.
+    assert run_monitor(config(serve(tmp_path / "b"), quality={"min_labels": 500}), store, NOW).breach is False
+
+
+def test_an_empty_window_nothing_served_or_no_baseline_claims_no_drift(store, tmp_path: Path) -> None:
+    empty = run_monitor(config(serve(tmp_path / "a")), store, NOW)
+    assert (empty.breach, latest(store)["no_traffic"], latest(store)["rows"]) == (False, True, 0)
+    assert "no traffic" in empty.summary
+    unserved = run_monitor(config(tmp_path / "none" / "deployment.json"), store, NOW)
+    assert unserved.breach is False and latest(store)["versions"] == []
+    assert "nothing is served" in unserved.notes[0]
+    publish_capture(store, capture_table(shifted(train_and_live()[1])))
+    old = run_monitor(config(serve(tmp_path / "b", with_baseline=False)), store, NOW)
+    assert old.breach is False and latest(store)["features"] == {} and latest(store)["rows"] == 138
+    assert "before bundles carried a training baseline" in old.notes[0]
+    report = json.loads((store.path(old.report_key) / "report.json").read_text())
+    assert report["notes"] == old.notes
+
+
+def test_the_retrain_cool_down(store) -> None:
+    assert should_request(store, PIPELINE, NOW, 24) and load_state(store, PIPELINE) is None
+    record_request(store, PIPELINE, NOW, "drift on island")
+    assert not should_request(store, PIPELINE, NOW + timedelta(hours=23, minutes=59), 24)
+    assert should_request(store, PIPELINE, NOW + timedelta(hours=24), 24)
+    assert should_request(store, PIPELINE, NOW, 0)
+    # A late retry of an older run does not move the cool-down back.
+    assert record_request(store, PIPELINE, NOW - timedelta(hours=5)).requested_at == NOW.isoformat()
+    assert load_state(store, PIPELINE).reason == "drift on island"
+    with pytest.raises(ValueError, match="no timezone"):
+        should_request(store, PIPELINE, NOW.replace(tzinfo=None), 24)
+    (store.path(retrain_key(PIPELINE)) / "state.json").write_text('{"requested_at": "yesterday"}')
+    with pytest.raises(ValueError, match="is not a retrain state.*delete it"):
+        should_request(store, PIPELINE, NOW, 24)
+
+
+def test_live_expectations_leave_out_the_target_and_the_table_shape(tmp_path: Path) -> None:
+    from kiln.tasks.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "dags" / "pipelines" / "penguins_species.yaml")
+    extra = [{"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "species"}},
+             {"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": 100}},
+             {"type": "expect_column_pair_values_a_to_be_greater_than_b",
+              "kwargs": {"column_A": "flipper_length_mm", "column_B": "bill_length_mm"}}]
+    data = spec.model_dump(mode="json")
+    data["expectations"]["declared"] += extra
+    from kiln.tasks.spec import parse_spec
+
+    kept = live_expectations(parse_spec(data, "test"))
+    assert [(e.type, e.kwargs.get("column", e.kwargs.get("column_A"))) for e in kept] == [
+        ("expect_column_values_to_be_between", "body_mass_g"), ("expect_column_values_to_be_in_set", "island"),
+        ("expect_column_pair_values_a_to_be_greater_than_b", "flipper_length_mm")]
+    assert MonitorConfig.from_spec(parse_spec(data, "test")).expectations == kept
