@@ -68,8 +68,8 @@ def test_a_breach_emits_one_retrain_event_that_queues_the_pipeline_and_the_cool_
         airflow_db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from airflow.dag_processing.bundles.manager import DagBundlesManager
     from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
-    from airflow.models.dag import DagModel
     from airflow.models.asset import AssetDagRunQueue, AssetEvent, AssetModel
+    from airflow.models.dag import DagModel
     from airflow.utils.session import create_session
     from mlflow import MlflowClient
     from sqlalchemy import select
