@@ -50,10 +50,11 @@ Cron = Annotated[str, AfterValidator(check_cron)]
 
 def _threshold(value: Any, info: ValidationInfo) -> Any:
     """Check one threshold with drift.py's own bounds (the message without the repeated field name)."""
+    name = str(info.field_name)
     try:
-        _thresholds(**{info.field_name: value})
+        _thresholds(**{name: value})
     except ValueError as exc:
-        raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
+        raise ValueError(str(exc).removeprefix(f"{name}: ")) from None
     return value
 
 
@@ -132,11 +133,14 @@ class MonitoringSpec(_Strict):
     window_hours: int = Field(default=24, ge=1, le=720)
     """The captured traffic of this many hours before each monitor run is judged."""
     drift: DriftSpec = Field(default_factory=DriftSpec)
+    """When a feature's or the predictions' distribution counts as drifted."""
     quality: QualitySpec = Field(default_factory=QualitySpec)
+    """When the live metric, where labels came back, is a breach."""
     on_breach: Literal["alert", "retrain"] = "alert"
     """``alert``: the breach is reported (report, ``latest.json``, gauges and alert rules) and nothing else;
     ``retrain``: the monitor also emits the pipeline's retrain Asset event, which starts a gated run."""
     retrain: RetrainSpec = RetrainSpec()
+    """The cool-down between retrain requests."""
     validate_live: bool = True
     """Check the live inputs with the spec's declared expectations that do not name the target (into the report)."""
 
