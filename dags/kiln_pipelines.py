@@ -4,6 +4,8 @@ Wiring only: one task per step of :data:`kiln.tasks.pipeline.steps.STEPS`, in it
 ``TrainOperator`` for the step that runs on leased devices). The steps import their libraries when they run, so this
 file parses quickly. Invalid spec files are skipped here and reported by ``kiln_spec_errors.py``; each file is
 read within its own limits and time budget (``kiln.tasks.spec.yaml_reader``), so a hostile one is refused quickly.
+
+A spec with a ``monitoring:`` section also gets a monitor DAG, ``<pipeline>_monitor`` (:func:`build_monitor_dag`).
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def build_monitor_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     Asset event that starts the pipeline's gated run.
     """
     monitoring = spec.monitoring
-    assert monitoring is not None
+    if monitoring is None:
+        raise ValueError(f"pipeline {spec.name} has no monitoring section: it has no monitor DAG")
     retrain_uri = spec.retrain_asset_uri()
     with DAG(
         dag_id=monitor_dag_id(spec),
