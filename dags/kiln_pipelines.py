@@ -137,10 +137,12 @@ def build_monitor_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         def monitor(spec_file: str, dag_run: Any = None) -> dict[str, Any]:
             from kiln.tasks.monitoring.run import MonitorConfig, run_monitor
             from kiln.tasks.pipeline.context import default_store
+            from kiln.tasks.pipeline.endpoint import Endpoint
             from kiln.tasks.spec import load_spec
 
             use_s3_connection()
-            outcome = run_monitor(MonitorConfig.from_spec(load_spec(Path(spec_file))), default_store(),
+            watched = load_spec(Path(spec_file))
+            outcome = run_monitor(MonitorConfig.from_spec(watched, Endpoint.of(watched).deployment), default_store(),
                                   dag_run.run_after)
             if outcome.action == "alert":
                 log.warning("breach (alert only): %s", outcome.summary)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.tasks.monitoring.report import REPORT_HTML, REPORT_JSON, MonitorReport, build_report, render_html
 from kiln.tasks.monitoring.window import CAPTURE_COLUMNS, LABEL, WindowRead, read_captures, read_feedback
+from kiln.tasks.serving.monitor_gauges import LATEST_FILE, LATEST_FORMAT, latest_key
 from kiln.tasks.storage.artifacts import ArtifactStore, atomic_write_bytes, write_json
 
 if TYPE_CHECKING:
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LATEST_FORMAT = 1
-LATEST_FILE = "latest.json"
 VALIDATION_DOCS = "validation"
 STAMP_FORMAT = "%Y%m%dT%H%M"
 
@@ -49,11 +48,6 @@ STAMP_FORMAT = "%Y%m%dT%H%M"
 def monitor_key(pipeline: str, end: datetime) -> str:
     """The artifact key of the report of the window ending at ``end``."""
     return f"{pipeline}/_monitor/{end.astimezone(UTC):{STAMP_FORMAT}}"
-
-
-def latest_key(pipeline: str) -> str:
-    """The artifact key of the latest figures (``latest.json``), read by the model server's gauges."""
-    return f"{pipeline}/_monitor/latest"
 
 
 @dataclass(frozen=True)
@@ -73,18 +67,20 @@ class MonitorConfig:
     """Log the report folder to the champion's MLflow run (the registry version's run)."""
 
     @classmethod
-    def from_spec(cls, spec: PipelineSpec) -> MonitorConfig:
+    def from_spec(cls, spec: PipelineSpec, deployment_file: Path) -> MonitorConfig:
         """The config of ``spec``'s monitor.
+
+        Args:
+            spec: the pipeline.
+            deployment_file: its endpoint's deployment file (``kiln.tasks.pipeline.endpoint.Endpoint.of(spec)``;
+                the run wiring knows where endpoints live, this library does not).
 
         Raises:
             ValueError: the spec has no ``monitoring`` section.
         """
-        from kiln.tasks.pipeline.endpoint import Endpoint
-
         if spec.monitoring is None:
             raise ValueError(f"pipeline {spec.name} has no monitoring section")
-        return cls(spec.name, spec.monitoring, spec.quality_metric, Endpoint.of(spec).deployment,
-                   live_expectations(spec))
+        return cls(spec.name, spec.monitoring, spec.quality_metric, deployment_file, live_expectations(spec))
 
 
 def live_expectations(spec: PipelineSpec) -> tuple[ExpectationSpec, ...]:

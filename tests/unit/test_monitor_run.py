@@ -190,4 +190,4 @@ def test_live_expectations_leave_out_the_target_and_the_table_shape(tmp_path: Pa
     assert [(e.type, e.kwargs.get("column", e.kwargs.get("column_A"))) for e in kept] == [
         ("expect_column_values_to_be_between", "body_mass_g"), ("expect_column_values_to_be_in_set", "island"),
         ("expect_column_pair_values_a_to_be_greater_than_b", "flipper_length_mm")]
-    assert MonitorConfig.from_spec(parse_spec(data, "test")).expectations == kept
+    assert MonitorConfig.from_spec(parse_spec(data, "test"), Path("deployment.json")).expectations == kept
