@@ -1,5 +1,6 @@
 """Load driving for ``bench/serving.py``: a server process under test (start pinned to a core, wait for its
-health route, one request, stop) and ``wrk`` runs against it, cell by cell with the servers taking turns."""
+health route, one request, stop) and ``wrk`` runs against it, cell by cell with the servers taking turns; what a
+capturing server counted and stored."""
 
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ def run_wrk(server: Server, clients: int, rows: int, duration_s: int, cpu: str) 
 
 def measure(servers: list[Server], args: argparse.Namespace) -> dict[tuple[str, int, int], dict]:
     """Warm every server, then run each (clients, rows) cell on every server in turn (rotating the order),
-    ``args.repeat`` times; each cell's result is its run with the median requests/s."""
+    ``args.repeat`` times; each cell's result is its run with the median requests/s, with ``rps_runs``: every
+    run's requests/s in turn order (run i of two servers ran in the same round)."""
     for s in servers if args.warmup else ():
         for rows in args.rows:
             run_wrk(s, max(args.clients), rows, args.warmup, args.client_cpu)
@@ -129,4 +131,25 @@ def measure(servers: list[Server], args: argparse.Namespace) -> dict[tuple[str, 
             print(json.dumps({"server": s.name, "clients": clients, "rows": rows, "rps": r["rps"],
                               "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "cpu_us": round(r["cpu_us"], 1),
                               "socket_errors": sum(r["errors"].values())}), flush=True)
-    return {key: sorted(rs, key=lambda r: r["rps"])[len(rs) // 2] for key, rs in runs.items()}
+    return {key: {**sorted(rs, key=lambda r: r["rps"])[len(rs) // 2], "rps_runs": [r["rps"] for r in rs]}
+            for key, rs in runs.items()}
+
+
+def scrape_capture_counters(server: Server) -> dict[str, int]:
+    """The server's own count of records predicted, captured and dropped by the capture (``GET /metrics``)."""
+    req = urllib.request.Request(server.url.rsplit("/", 1)[0] + "/metrics",
+                                 headers={"Authorization": f"Bearer {server.token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        text = resp.read().decode()
+    names = {"predicted": "kiln_serve_records_predicted_total", "captured": "kiln_capture_records_total",
+             "dropped": "kiln_capture_dropped_total"}
+    return {key: int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith((name + "{", name + " ")))) for key, name in names.items()}
+
+
+def stored_capture_rows(store: Path) -> dict[str, int]:
+    """Captured batches and their rows in a server's artifact root (read after the server stopped and flushed)."""
+    import pyarrow.parquet as pq
+
+    files = sorted(store.rglob("capture.parquet"))
+    return {"files": len(files), "stored_rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files)}

@@ -4,8 +4,9 @@ Each benchmark is a script whose last printed line is a JSON object
 ``{"name", "value", "unit", "peer", "peer_value", "ratio", "target"}``. Rows are appended, so the file keeps
 the history of every run; each row names its command, its peer measured in the same run, and the date. A result
 may add ``details`` (a markdown table of every measured cell): it is written to ``bench/results/<name>.md``,
-replacing the previous run's. A benchmark that cannot run on this machine (``gpu_training`` without a CUDA GPU)
-prints ``{"name", "skipped": reason}`` instead and gets no row.
+replacing the previous run's. A benchmark with no fair peer gives ``peer`` and ``peer_value`` null, a ``ratio``
+against its target bound and a ``note``. A benchmark that cannot run on this machine (``gpu_training`` without a
+CUDA GPU) prints ``{"name", "skipped": reason}`` instead and gets no row.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ BENCH = Path(__file__).resolve().parent
 OUT = BENCH.parent / "BENCHMARKS.md"
 #: Benchmarks that are a second run of a script with arguments: name -> (script, arguments).
 VARIANTS = {"train_harness_user_loop": ("train_harness.py", ["--compare", "user-loop"]),
-            "serving_runtimes": ("serving.py", ["--runtimes", "--repeat", "5"])}
+            "serving_runtimes": ("serving.py", ["--runtimes", "--repeat", "5"]),
+            "serving_capture": ("serving.py", ["--capture", "--repeat", "5"])}
 HEADER = """# Benchmarks
 
 Written by `make bench` (`bench/run_all.py`); one row per benchmark run, newest at the bottom. Figures are
@@ -74,8 +76,11 @@ def main() -> int:
         if r.get("skipped"):
             print(f"  skipped: {r['skipped']}", flush=True)
             continue
+        # A benchmark without a fair peer (``monitor``: a bound, not a comparison) says so and why in ``note``.
+        peer = (f"{r['peer']}: {r['peer_value']:.4g} {r['unit']}" if r.get("peer") is not None
+                else f"no peer ({r.get('note', 'ratio against the target bound')})")
         row = (f"| {dt.date.today().isoformat()} | {r['name']} | `{command}` | "
-               f"{r['value']:.4g} {r['unit']} | {r['peer']}: {r['peer_value']:.4g} {r['unit']} | "
+               f"{r['value']:.4g} {r['unit']} | {peer} | "
                f"{r['ratio']:.3f} | {r['target']} | {_met(r['ratio'], r['target'])} |\n")
         with OUT.open("a") as fh:
             fh.write(row)

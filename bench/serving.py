@@ -43,6 +43,15 @@ process pinned to the servers' core) is timed: for so small a network it is a fe
 the HTTP figures hide. The JSON line (name ``serving_runtimes``) is the runtime that ``auto`` picks against
 TorchScript at 64 clients, 1 record (target >= 1.0), with the other runtime's ratio, every p99, CPU time per request
 and the model-call times in the ``peer`` text (``ratios``, ``model_call_us``, ``cells``: all of it).
+
+``--capture`` measures what traffic capture costs (monitoring): our server twice on the same bundle and runtime,
+its deployment file saying ``"capture": {"share": 0.1}`` (capture_on, the default share) or ``{"share": 0}``
+(capture_off), 64 clients, 1 and 32 records, the two taking turns in each cell. Each server captures into its own
+temporary artifact root (``KILN_ARTIFACT_ROOT``); after the servers stop (which flushes the buffers) the captured
+Parquet rows are counted, with the server's own counters (records predicted, captured, dropped), to show that
+capture was on, at the share asked, in one server only. The JSON line (name ``serving_capture``): capture_on's
+requests/s against capture_off's at 64 clients, 1 record (target >= 0.95), both p99s and the counts in the ``peer``
+text.
 """
 
 from __future__ import annotations
@@ -58,21 +67,25 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from _common import REPO, time_model_calls, write_torchscript_bundle
-from _load import Server, free_port, measure
+from _load import Server, free_port, measure, scrape_capture_counters, stored_capture_rows
 
 BENCH = Path(__file__).resolve().parent
 SPEC = REPO / "dags" / "pipelines" / "penguins_species.yaml"
 SERVERS = ("ours", "mlflow", "bare")
 #: Our server with each model runtime (``--runtimes``); torchscript, the peer, serves a format 1 bundle.
 RUNTIME_SERVERS = ("torchscript", "torch", "onnx")
+#: Our server with capture at the default share and off (``--capture``): name -> the deployment's capture share.
+CAPTURE_SERVERS = {"capture_on": 0.1, "capture_off": 0.0}
 CLIENTS, ROWS = (1, 16, 64), (1, 32)
 DURATION_S, WARMUP_S = 8, 3  # whole seconds: wrk takes no fractions
 TARGET_VS_MLFLOW, TARGET_P99_MS, TARGET_VS_BARE = 6.0, 50.0, 0.7
 TARGET_VS_TORCHSCRIPT = 1.0
+TARGET_CAPTURE_VS_OFF = 0.95
 TOKEN = "bench-serving-token"
 
 
@@ -128,13 +141,16 @@ def export_bundle_of_run(tmp: Path, features_dir: Path, model_dir: Path) -> Path
 
 
 def make_ours(tmp: Path, bundle: Path, rows: pd.DataFrame, model_name: str, name: str = "ours",
-              runtime: str = "auto") -> Server:
-    """Write a deployment with ``bundle`` as champion and describe ``python -m kiln.tasks.serving --runtime``."""
-    from kiln.tasks.serving.deployment import Deployment, ModelRef, utc_now, write_deployment
+              runtime: str = "auto", capture_share: float | None = None) -> Server:
+    """Write a deployment with ``bundle`` as champion and describe ``python -m kiln.tasks.serving --runtime``;
+    ``capture_share`` is the deployment's ``capture.share`` (``None``: the default), captured into
+    ``tmp/store_<name>``."""
+    from kiln.tasks.serving.deployment import CaptureSettings, Deployment, ModelRef, utc_now, write_deployment
 
     deployment = tmp / f"deployment_{name}.json"
+    capture = CaptureSettings() if capture_share is None else CaptureSettings(share=capture_share)
     write_deployment(deployment, Deployment(model=model_name, champion=ModelRef(version="1", bundle=str(bundle)),
-                                            canary=None, updated_at=utc_now()))
+                                            canary=None, updated_at=utc_now(), capture=capture))
     port = free_port()
     bodies = write_bodies(tmp, "ours", lambda n: '{"records": ' + rows.head(n).to_json(orient="records") + "}")
     return Server(name, [sys.executable, "-m", "kiln.tasks.serving", "--deployment", str(deployment),
@@ -142,7 +158,7 @@ def make_ours(tmp: Path, bundle: Path, rows: pd.DataFrame, model_name: str, name
                   f"http://127.0.0.1:{port}/predict", f"http://127.0.0.1:{port}/health", bodies,
                   lambda body: [p["label"] for p in body["predictions"]], token=TOKEN,
                   env={**server_env(tmp / "home"), "KILN_SERVE_TOKEN": TOKEN,
-                       "KILN_SERVING_DIR": str(tmp / "serving")})
+                       "KILN_SERVING_DIR": str(tmp / "serving"), "KILN_ARTIFACT_ROOT": str(tmp / f"store_{name}")})
 
 
 def make_mlflow(tmp: Path, features_dir: Path, model_dir: Path, rows: pd.DataFrame) -> Server:
@@ -219,13 +235,15 @@ def markdown_table(results: dict[tuple[str, int, int], dict], names: list[str]) 
     return "\n".join(lines)
 
 
-def report(results: dict[tuple[str, int, int], dict], names: list[str], calls: dict[str, dict[int, float]]
-           ) -> None:
+def report(results: dict[tuple[str, int, int], dict], names: list[str], calls: dict[str, dict[int, float]],
+           captured: dict[str, dict[str, int]]) -> None:
     """Print the table and, when ours, MLflow and bare were all measured, the JSON result line (last); when the
-    three runtimes were, their JSON line."""
+    three runtimes were, or capture on and off, their JSON line."""
     print(markdown_table(results, names), flush=True)
     if 1 not in {r for _, _, r in results}:
         return
+    if set(CAPTURE_SERVERS) <= set(names):
+        report_capture(results, names, captured)
     if set(RUNTIME_SERVERS) <= set(names):
         report_runtimes(results, names, calls)
     if {"ours", "mlflow", "bare"} <= set(names):
@@ -241,14 +259,11 @@ def report_vs_mlflow(results: dict[tuple[str, int, int], dict], names: list[str]
     print(f"ours at {top} clients, 1 record: {ours['rps']:.0f} req/s, p99 {ours['p99_ms']:.1f} ms "
           f"(target <= {TARGET_P99_MS:g} ms: {'met' if met['p99'] else 'NOT met'}); ours / bare {vs_bare:.2f} "
           f"(target >= {TARGET_VS_BARE:g}: {'met' if met['bare'] else 'NOT met'})", flush=True)
-    line = {"name": "serving", "value": round(ours["rps"], 3), "unit": "req/s",
-            "peer": (f"`mlflow models serve`, {top} clients, 1 record/request, p99 {mlf['p99_ms']:.0f} ms (ours: p99 "
+    print_line("serving", ours["rps"], mlf["rps"], TARGET_VS_MLFLOW, results, names,
+               peer=(f"`mlflow models serve`, {top} clients, 1 record/request, p99 {mlf['p99_ms']:.0f} ms (ours: p99 "
                      f"{ours['p99_ms']:.1f} ms, target <= {TARGET_P99_MS:g} ms; ours / bare FastAPI "
                      f"{vs_bare:.2f} at {bare['rps']:.0f} req/s, target >= {TARGET_VS_BARE:g})"),
-            "peer_value": round(mlf["rps"], 3), "ratio": round(ours["rps"] / mlf["rps"], 3),
-            "target": f">= {TARGET_VS_MLFLOW:g}", "ours_vs_bare": round(vs_bare, 3), "cells": cell_list(results),
-            "details": markdown_table(results, names)}
-    print(json.dumps(line), flush=True)
+               ours_vs_bare=round(vs_bare, 3))
 
 
 def report_runtimes(results: dict[tuple[str, int, int], dict], names: list[str],
@@ -269,17 +284,47 @@ def report_runtimes(results: dict[tuple[str, int, int], dict], names: list[str],
         f"{n} {r['rps']:.0f} req/s ({says(n)}, {ratios[n]:.2f}x TorchScript)" for n, r in runs.items())
         + f"; TorchScript {peer['rps']:.0f} req/s (p99 {peer['p99_ms']:.1f} ms, {peer['cpu_us']:.0f} CPU µs/req)",
         flush=True)
-    line = {"name": "serving_runtimes", "value": round(runs[auto]["rps"], 3), "unit": "req/s",
-            "peer": (f"TorchScript server (format 1 bundle), {top} clients, 1 record/request, p99 "
+    print_line("serving_runtimes", runs[auto]["rps"], peer["rps"], TARGET_VS_TORCHSCRIPT, results, names,
+               peer=(f"TorchScript server (format 1 bundle), {top} clients, 1 record/request, p99 "
                      f"{peer['p99_ms']:.1f} ms, {peer['cpu_us']:.0f} CPU µs/req (value: the {auto} runtime, "
                      f"auto's choice, {says(auto)}; {other} runtime {runs[other]['rps']:.0f} req/s = "
                      f"{ratios[other]:.2f}x, {says(other)}; the model call alone at "
                      f"{'/'.join(map(str, ROWS))} rows: " + ", ".join(
                          f"{n} {'/'.join(f'{us:.0f}' for us in calls[n].values())} µs" for n in calls) + ")"),
-            "peer_value": round(peer["rps"], 3), "ratio": round(ratios[auto], 3),
-            "target": f">= {TARGET_VS_TORCHSCRIPT:g}", "ratios": {k: round(v, 3) for k, v in ratios.items()},
-            "model_call_us": calls, "cells": cell_list(results), "details": markdown_table(results, names)}
-    print(json.dumps(line), flush=True)
+               ratios={k: round(v, 3) for k, v in ratios.items()}, model_call_us=calls)
+
+
+def report_capture(results: dict[tuple[str, int, int], dict], names: list[str],
+                   captured: dict[str, dict[str, int]]) -> None:
+    """The ``serving_capture`` line: our server capturing 10 % of its requests against the same server not
+    capturing, with what each captured (Parquet rows in its store, and its own counters)."""
+    top = max(c for _, c, _ in results)
+    on, off = results[("capture_on", top, 1)], results[("capture_off", top, 1)]
+    say = {n: f"{c['stored_rows']:,} rows in {c['files']} files captured of {c['predicted']:,} records predicted "
+              f"(counter {c['captured']:,}, dropped {c['dropped']:,})" for n, c in captured.items()}
+    rounds = [a / b for a, b in zip(on["rps_runs"], off["rps_runs"], strict=True)]
+    more = "".join(
+        f"; {rows} records/request: on {results[('capture_on', top, rows)]['rps']:.0f} req/s (p99 "
+        f"{results[('capture_on', top, rows)]['p99_ms']:.1f} ms), off {results[('capture_off', top, rows)]['rps']:.0f}"
+        f" (p99 {results[('capture_off', top, rows)]['p99_ms']:.1f} ms)"
+        for rows in sorted({r for _, _, r in results} - {1}))
+    print_line("serving_capture", on["rps"], off["rps"], TARGET_CAPTURE_VS_OFF, results, names,
+               peer=(f"the same server with capture off (share 0), same bundle, {top} clients, 1 record/request, p99 "
+                     f"{off['p99_ms']:.1f} ms, {off['cpu_us']:.0f} CPU µs/req (ratio of the medians; round by round "
+                     f"{', '.join(f'{r:.3f}' for r in rounds)}, median {sorted(rounds)[len(rounds) // 2]:.3f}; "
+                     f"capture at 0.1: p99 "
+                     f"{on['p99_ms']:.1f} ms, {on['cpu_us']:.0f} CPU µs/req, {say['capture_on']}; off: "
+                     f"{say['capture_off']}{more})"), captured=captured,
+               round_ratios=[round(r, 3) for r in rounds])
+
+
+def print_line(name: str, value: float, peer_value: float, target: float,
+               results: dict[tuple[str, int, int], dict], names: list[str], peer: str, **extra: Any) -> None:
+    """Print one JSON result line (req/s against a peer's, target ``>= target``) with every cell."""
+    print(json.dumps({"name": name, "value": round(value, 3), "unit": "req/s", "peer": peer,
+                      "peer_value": round(peer_value, 3), "ratio": round(value / peer_value, 3),
+                      "target": f">= {target:g}", **extra, "cells": cell_list(results),
+                      "details": markdown_table(results, names)}), flush=True)
 
 
 def cell_list(results: dict[tuple[str, int, int], dict]) -> list[dict]:
@@ -297,17 +342,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS), choices=ROWS, help="records per request")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each cell per server; the median counts "
                         "(default %(default)s)")
-    parser.add_argument("--servers", nargs="+", default=None, choices=SERVERS + RUNTIME_SERVERS,
+    parser.add_argument("--servers", nargs="+", default=None, choices=SERVERS + RUNTIME_SERVERS
+                        + tuple(CAPTURE_SERVERS),
                         help=f"servers to measure (default {' '.join(SERVERS)}; with --runtimes "
                         f"{' '.join(RUNTIME_SERVERS)})")
     parser.add_argument("--runtimes", action="store_true", help="compare our server's runtimes (TorchScript, torch, "
                         "onnx) at 64 clients (unless --clients says otherwise), instead of ours, MLflow and bare")
+    parser.add_argument("--capture", action="store_true", help="our server with capture at 10 %% against capture "
+                        "off, at 64 clients (unless --clients says otherwise)")
     parser.add_argument("--server-cpu", default="1", help="taskset CPU list of the servers (default %(default)s)")
     parser.add_argument("--client-cpu", default="0", help="taskset CPU list of wrk (default %(default)s)")
     args = parser.parse_args(argv)
+    if args.runtimes and args.capture:
+        parser.error("--runtimes and --capture are two separate comparisons: give one")
     if args.servers is None:
-        args.servers = list(RUNTIME_SERVERS if args.runtimes else SERVERS)
-    if args.runtimes and args.clients == list(CLIENTS):
+        args.servers = list(RUNTIME_SERVERS if args.runtimes else CAPTURE_SERVERS if args.capture else SERVERS)
+    if (args.runtimes or args.capture) and args.clients == list(CLIENTS):
         args.clients = [max(CLIENTS)]
     if args.duration < 1 or args.warmup < 0 or min(args.clients) < 1 or args.repeat < 1:
         parser.error("--duration, --clients and --repeat must be >= 1 and --warmup >= 0 (0: no warm-up)")
@@ -335,7 +385,8 @@ def main(argv: list[str] | None = None) -> None:
         runtimes = {"torchscript": (format1, "auto"), "torch": (bundle, "torch"), "onnx": (bundle, "onnx")}
         def kiln_server(name: str) -> Server:
             folder, runtime = runtimes.get(name, (bundle, "auto"))
-            return make_ours(tmp, folder, rows, spec.name, name, runtime=runtime)
+            return make_ours(tmp, folder, rows, spec.name, name, runtime=runtime,
+                             capture_share=CAPTURE_SERVERS.get(name))
 
         makers: dict[str, Callable[[], Server]] = {
             "mlflow": lambda: make_mlflow(tmp, features_dir, model_dir, rows),
@@ -353,10 +404,14 @@ def main(argv: list[str] | None = None) -> None:
                 s.wait_ready()
             check_answers(servers)
             results = measure(servers, args)
+            captured = {s.name: scrape_capture_counters(s) for s in servers if s.name in CAPTURE_SERVERS}
         finally:
             for s in servers:
                 s.stop()
-    report(results, [s.name for s in servers], calls)
+        # Stopping flushed the capture buffers: count what reached each server's store.
+        for name, counters in captured.items():
+            counters.update(stored_capture_rows(tmp / f"store_{name}"))
+    report(results, [s.name for s in servers], calls, captured)
 
 
 if __name__ == "__main__":
