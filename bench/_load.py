@@ -122,9 +122,12 @@ def measure(servers: list[Server], args: argparse.Namespace) -> dict[tuple[str, 
         for rows in args.rows:
             run_wrk(s, max(args.clients), rows, args.warmup, args.client_cpu)
     runs: dict[tuple[str, int, int], list[dict]] = {}
-    cells = [(c, r) for _ in range(args.repeat) for r in args.rows for c in args.clients]
-    for i, (clients, rows) in enumerate(cells):
-        order = servers[i % len(servers):] + servers[:i % len(servers)]
+    cells = [(c, r) for r in args.rows for c in args.clients]
+    for i, (clients, rows) in enumerate(cells * args.repeat):
+        # Who goes first moves on from cell to cell and, for the same cell, from round to round (with as many
+        # cells per round as servers, a shift by the cell's index alone would give a cell the same order each round).
+        shift = (i % len(cells) + i // len(cells)) % len(servers)
+        order = servers[shift:] + servers[:shift]
         for s in order:
             r = run_wrk(s, clients, rows, args.duration, args.client_cpu)
             runs.setdefault((s.name, clients, rows), []).append(r)
