@@ -50,8 +50,9 @@ its deployment file saying ``"capture": {"share": 0.1}`` (capture_on, the defaul
 temporary artifact root (``KILN_ARTIFACT_ROOT``); after the servers stop (which flushes the buffers) the captured
 Parquet rows are counted, with the server's own counters (records predicted, captured, dropped), to show that
 capture was on, at the share asked, in one server only. The JSON line (name ``serving_capture``): capture_on's
-requests/s against capture_off's at 64 clients, 1 record (target >= 0.95), both p99s and the counts in the ``peer``
-text.
+requests/s against capture_off's at 64 clients, 1 record (target >= 0.95; ratio of the two medians), both p99s,
+the counts and the round-by-round ratios (``round_ratios``: less moved by the machine's speed drifting between
+rounds) in the ``peer`` text.
 """
 
 from __future__ import annotations
