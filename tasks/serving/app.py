@@ -45,7 +45,7 @@ from kiln.tasks.serving.metrics import METRICS_CONTENT_TYPE, ServerMetrics, Thro
 from kiln.tasks.serving.models import ModelSet, Variant, build_model_set, freeze_heap, load_bundles
 from kiln.tasks.serving.monitor_gauges import MonitorFiguresReader
 from kiln.tasks.settings import ServeRuntime, get_settings
-from kiln.tasks.storage.artifacts import ArtifactStore, store_for_root
+from kiln.tasks.storage.artifacts import ArtifactStore, UnavailableStore, store_for_root
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class ServerState:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.random = random.Random(seed).random
-        store = capture_store if capture_store is not None else store_for_root(get_settings().artifact_root)
+        store = capture_store if capture_store is not None else _open_store()
         self.capture = Capture(store, token, metrics, self.random, capture_options)
         self.monitor = MonitorFiguresReader(store)  # the monitor publishes its figures to the same store
         metrics.watch_monitor(self.monitor.current)
@@ -130,6 +130,18 @@ class ServerState:
             log.info("reloaded %s: champion %s, canary %s", self.deployment_path, models.champion.version,
                      f"{models.canary.version} (share {models.share:g})" if models.canary else "none")
             return models
+
+
+def _open_store() -> ArtifactStore:
+    """The settings' artifact store for captures and the monitor's figures; one that cannot be opened (an S3 root
+    without the secret the platform withholds from model servers) leaves the server serving, its captures failing
+    (counted) and no monitor figures."""
+    root = get_settings().artifact_root
+    try:
+        return store_for_root(root)
+    except Exception as exc:  # noqa: BLE001 - a server must serve even when its capture store cannot be opened
+        log.error("captures and monitor figures are off: the artifact store %s cannot be opened: %s", root, exc)
+        return UnavailableStore(str(root), f"{type(exc).__name__}: {exc}")
 
 
 def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:

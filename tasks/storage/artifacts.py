@@ -166,6 +166,39 @@ class LocalArtifactStore(ArtifactStore):
         return path
 
 
+class UnavailableStore(ArtifactStore):
+    """A store that could not be opened (e.g. S3 without its secret): nothing is found under any key, and every
+    write fails naming why. For a process whose main work does not need the store (the model server, whose
+    captures are its only writes) and must not die of it."""
+
+    durable_scratch = False
+
+    def __init__(self, root: str, reason: str):
+        self.root, self.reason = root, reason
+
+    def _error(self, key: str) -> ArtifactStoreError:
+        return ArtifactStoreError(f"the artifact store {self.root} could not be opened ({self.reason}); "
+                                  f"nothing can be written under {key}")
+
+    def writer(self, key: str) -> AbstractContextManager[Path]:
+        raise self._error(key)
+
+    def path(self, key: str) -> Path:
+        raise ArtifactNotFoundError(f"{key}: the artifact store {self.root} could not be opened ({self.reason})")
+
+    def exists(self, key: str) -> bool:
+        return False
+
+    def uri(self, key: str) -> str:
+        return f"{self.root.rstrip('/')}/{key}"
+
+    def children(self, key: str) -> list[str]:
+        return []
+
+    def scratch(self, key: str) -> Path:
+        raise self._error(key)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary name in the same folder, then rename. Readers see the old
     bytes or the new ones; the temporary files of writers killed earlier are removed first."""

@@ -328,3 +328,22 @@ def test_an_invalid_capture_section_is_refused_naming_the_field(capture, match):
 def test_an_unknown_deployment_field_is_refused_naming_it():
     with pytest.raises(ValueError, match="'captures' is not known"):
         Deployment.from_dict({"model": "penguins", "champion": {"version": "1", "bundle": "/b"}, "captures": {}})
+
+
+def test_a_server_whose_store_cannot_be_opened_serves_and_counts_its_failed_captures(monkeypatch, caplog):
+    """Model servers do not get the platform's S3 secret: with an S3 root and only the key id, opening the store
+    fails (botocore: partial credentials). The server must still start; its captures fail, counted."""
+    from kiln.tasks.serving.app import ServerState
+
+    monkeypatch.setenv("KILN_ARTIFACT_ROOT", "s3://kiln-captures/root")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    metrics = ServerMetrics()
+    state = ServerState("deployment.json", None, metrics, TOKEN, max_batch=8)
+
+    assert "cannot be opened" in caplog.text and "s3://kiln-captures/root" in caplog.text
+    state.capture.answered("penguins", 1.0, variant(), RECORDS, probabilities(3), None, time.perf_counter(), 100)
+    asyncio.run(state.capture.flush())
+    assert metric(metrics, "kiln_capture_flushes_total", status="failed") == 1
+    assert metric(metrics, "kiln_capture_dropped_total", reason="flush_failed") == 3
+    assert state.monitor.current() is None
