@@ -43,10 +43,11 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 def read_files(root: Path, kind: str) -> pa.Table | None:
-    """Every ``<kind>.parquet`` the server published under ``root`` (each one must be readable)."""
+    """Every ``<kind>.parquet`` the server published under ``root`` (each one must be readable); a writer's staging
+    folder (``.tmp-*``: a flush in progress) is not published, so it is not read, as the store's readers skip it."""
     pattern = ("_capture/version=*/hour=*/*/capture.parquet" if kind == "capture"
                else "_feedback/hour=*/*/feedback.parquet")
-    tables = [pq.read_table(f) for f in sorted((root / PIPELINE).glob(pattern))]
+    tables = [pq.read_table(f) for f in sorted((root / PIPELINE).glob(pattern)) if not f.parent.name.startswith(".")]
     return pa.concat_tables(tables) if tables else None
 
 
