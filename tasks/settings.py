@@ -65,6 +65,11 @@ class Settings:
     """``KILN_SERVE_RUNTIME``: what runs the models in the model servers: ``auto`` (default: ONNX Runtime when a
     bundle has ``model.onnx``, else the exported torch program), ``onnx`` or ``torch``; the server's ``--runtime``
     flag overrides it."""
+    serve_s3_keys: tuple[str, str] | None
+    """``KILN_SERVE_AWS_ACCESS_KEY_ID`` and ``KILN_SERVE_AWS_SECRET_ACCESS_KEY``: the model servers' own S3 keys
+    (least privilege: write ``<pipeline>/_capture/`` and ``_feedback/``, read ``<pipeline>/_monitor/latest/``),
+    given to each server kiln starts as its ``AWS_*`` keys. The platform's own S3 secret never reaches a server.
+    Unset: a server has no S3 keys of kiln's (an instance role or ``AWS_PROFILE`` still applies). Both or neither."""
     mlflow_ui_url: str
     """``KILN_MLFLOW_UI_URL``: the MLflow UI that the Airflow UI's extra links point at (default
     ``http://127.0.0.1:5000``, where ``make up`` serves it)."""
@@ -96,8 +101,19 @@ def get_settings(environ: Mapping[str, str] | None = None) -> Settings:
         serve_port=_int_env("KILN_SERVE_PORT", 8765, env),
         serve_token=env.get("KILN_SERVE_TOKEN") or None,
         serve_runtime=_choice_env("KILN_SERVE_RUNTIME", SERVE_RUNTIMES, env),  # type: ignore[arg-type]
+        serve_s3_keys=_key_pair_env("KILN_SERVE_AWS_ACCESS_KEY_ID", "KILN_SERVE_AWS_SECRET_ACCESS_KEY", env),
         mlflow_ui_url=(env.get("KILN_MLFLOW_UI_URL") or "http://127.0.0.1:5000").rstrip("/"),
     )
+
+
+def _key_pair_env(id_name: str, secret_name: str, env: Mapping[str, str]) -> tuple[str, str] | None:
+    """An access key id and its secret, both set or neither (a key without its secret cannot sign)."""
+    key_id, secret = env.get(id_name) or None, env.get(secret_name) or None
+    if (key_id is None) != (secret is None):
+        missing, present = (secret_name, id_name) if secret is None else (id_name, secret_name)
+        raise ValueError(f"{present} is set but {missing} is not: set both (the model servers' S3 key pair) or "
+                         "neither")
+    return None if key_id is None or secret is None else (key_id, secret)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 from kiln.tasks.processes import ProcessGroup, alive, start_process, stop_groups, tail
 from kiln.tasks.serving.client import READY_POLL_S, ServingClient, ServingError
 from kiln.tasks.serving.deployment import Deployment, read_deployment
+from kiln.tasks.settings import get_settings
 from kiln.tasks.storage.artifacts import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -229,8 +230,21 @@ def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: st
 
 def server_environment(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` less what a model server must not hold: Airflow's settings and secrets (``AIRFLOW*``), database
-    URLs and the MLflow login. A server needs its bundle files and its token, nothing of the platform's."""
-    return {k: v for k, v in env.items() if not k.startswith("AIRFLOW") and k not in SERVER_WITHHELD}
+    URLs, the MLflow login and the platform's S3 keys. A server needs its bundle files, its token and, to publish
+    captures to an S3 store, S3 keys of its own: ``KILN_SERVE_AWS_ACCESS_KEY_ID``/``..._SECRET_ACCESS_KEY``
+    become its ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``. Without them the platform's key id is dropped
+    too (a key id without its secret would stop boto3 from trying an instance role or profile).
+
+    Raises:
+        ValueError: only one of the two server key variables is set.
+    """
+    keys = get_settings(env).serve_s3_keys
+    out = {k: v for k, v in env.items() if not k.startswith("AIRFLOW") and k not in SERVER_WITHHELD
+           and not k.startswith("KILN_SERVE_AWS_")}
+    out.pop("AWS_ACCESS_KEY_ID", None)
+    if keys is not None:
+        out["AWS_ACCESS_KEY_ID"], out["AWS_SECRET_ACCESS_KEY"] = keys
+    return out
 
 
 def _drop_pid_file(run_dir: Path, pid: int) -> None:
