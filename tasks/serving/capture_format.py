@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -97,6 +98,18 @@ def _category(value: Any) -> str | None:
     return None if value is None else value if isinstance(value, str) else str(value)
 
 
+def _column(values: list[Any], kind: Any, convert: Callable[[Any], Any]) -> Any:
+    """``values`` as an Arrow array of ``kind``: converted by Arrow in one call when they already fit (the usual
+    case: numbers, or strings and nulls; a quarter of the per-value Python conversion's time), else value by value
+    with ``convert``."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, kind)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([convert(v) for v in values], kind)
+
+
 def capture_table(entries: list[CapturedRequest]) -> Any:
     """The Parquet table of captured requests of one bundle (columns: see the monitoring design).
 
@@ -116,11 +129,11 @@ def capture_table(entries: list[CapturedRequest]) -> Any:
         "variant": pa.array([e.variant for e in entries for _ in e.records], pa.string())}
     for column in transform.numeric:
         if column.name not in FIXED_COLUMNS:
-            values = [r.get(column.name) for r in records]
-            columns[column.name] = pa.array([None if v is None else float(v) for v in values], pa.float64())
+            columns[column.name] = _column([r.get(column.name) for r in records], pa.float64(),
+                                           lambda v: None if v is None else float(v))
     for column in transform.categorical:
         if column.name not in FIXED_COLUMNS:
-            columns[column.name] = pa.array([_category(r.get(column.name)) for r in records], pa.string())
+            columns[column.name] = _column([r.get(column.name) for r in records], pa.string(), _category)
     y = np.concatenate([e.y for e in entries])
     if classes is None:
         columns["predicted_class"] = pa.nulls(len(y), pa.string())
