@@ -162,8 +162,11 @@ def build_monitor_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
             use_s3_connection()
             record_request(default_store(), outcome["pipeline"], dag_run.run_after, outcome["summary"],
                            outcome["report_key"])
+            # labelled: the report folder whose labelled.parquet the triggered run's ingest appends (append_labelled).
             outlet_events[outlets[0]].extra = {"kiln_retrain": {"report": outcome["report_key"],
-                                                                "summary": outcome["summary"][:500]}}
+                                                                "summary": outcome["summary"][:500],
+                                                                "labelled": outcome.get("labelled_key"),
+                                                                "labelled_rows": outcome.get("labelled_rows", 0)}}
             return f"retrain of {outcome['pipeline']} requested: {outcome['summary']}"
 
         retrain(monitor(path))

@@ -51,10 +51,11 @@ def make_baseline(folder: Path, train: pd.DataFrame, accuracy: float = 0.97) -> 
 
 
 def capture_table(rows: pd.DataFrame, version: str = "v1", start: datetime = T0, step: timedelta =
-                  timedelta(seconds=10), records_per_request: int = 2) -> pa.Table:
-    """Captured rows in the server's format: one row per record, predicted class = the true species."""
+                  timedelta(seconds=10), records_per_request: int = 2, first_request: int = 0) -> pa.Table:
+    """Captured rows in the server's format: one row per record, predicted class = the true species; the request
+    ids count from ``first_request`` (another batch of the same window starts where the last one ended)."""
     n = len(rows)
-    request = [f"req{i // records_per_request:06d}" for i in range(n)]
+    request = [f"req{first_request + i // records_per_request:06d}" for i in range(n)]
     columns: dict[str, pa.Array] = {
         "request_id": pa.array(request, pa.string()),
         "record": pa.array([i % records_per_request for i in range(n)], pa.int32()),
@@ -106,3 +107,13 @@ def publish_feedback(store: ArtifactStore, table: pa.Table, hour: datetime = T0,
     key = f"{PIPELINE}/_feedback/hour={hour:%Y-%m-%dT%H}/{batch_id(seq, hour)}"
     publish(store, key, "feedback.parquet", table)
     return key
+
+
+def read_labelled(path: Path) -> pd.DataFrame:
+    """A monitor's labelled.parquet, checked to hold the monitor's types: captured numbers as float64, captured
+    text and the label as strings."""
+    table = pq.read_table(path)
+    for name in [*INPUTS, TARGET]:
+        expected = pa.float64() if name in NUMERIC else pa.string()
+        assert table.schema.field(name).type == expected, (name, table.schema.field(name).type)
+    return table.to_pandas()

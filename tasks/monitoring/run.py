@@ -5,7 +5,8 @@ baseline (:func:`kiln.tasks.bundle.baseline.load_baseline`), the window's captur
 (:mod:`.window`), computes drift and quality (:mod:`.drift`, :mod:`.quality`) into the report (:mod:`.report`),
 checks the live inputs with the spec's declared expectations, and publishes to the artifact store:
 
-    <pipeline>/_monitor/<window end yyyymmddThhmm>/   report.json, report.html (+ validation/ Data Docs)
+    <pipeline>/_monitor/<window end yyyymmddThhmm>/   report.json, report.html (+ validation/ Data Docs,
+                                                     + labelled.parquet with retrain.append_labelled: .labelled)
     <pipeline>/_monitor/latest/latest.json           the figures the model server's gauges show (format 1)
 
 then logs the report folder to the champion's MLflow run under ``monitoring/<window end>/``. A window without
@@ -28,8 +29,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.tasks.monitoring.labelled import LabelledExport, input_columns
 from kiln.tasks.monitoring.report import REPORT_HTML, REPORT_JSON, MonitorReport, build_report, render_html
-from kiln.tasks.monitoring.window import CAPTURE_COLUMNS, LABEL, WindowRead, read_captures, read_feedback
+from kiln.tasks.monitoring.window import WindowRead, read_captures, read_feedback
 from kiln.tasks.serving.monitor_gauges import LATEST_FILE, LATEST_FORMAT, latest_key
 from kiln.tasks.storage.artifacts import ArtifactStore, atomic_write_bytes, write_json
 
@@ -65,6 +67,14 @@ class MonitorConfig:
     """Checked on the live inputs when ``monitoring.validate_live`` (see :func:`live_expectations`)."""
     log_to_mlflow: bool = True
     """Log the report folder to the champion's MLflow run (the registry version's run)."""
+    target: str = ""
+    """The spec's target column: the labelled rows exported for a retrain (``monitoring.retrain.append_labelled``)
+    carry the label under this name."""
+
+    def __post_init__(self) -> None:
+        if self.monitoring.retrain.append_labelled and not self.target:
+            raise ValueError("MonitorConfig.target: monitoring.retrain.append_labelled needs the target column's "
+                             "name (MonitorConfig.from_spec gives the spec's)")
 
     @classmethod
     def from_spec(cls, spec: PipelineSpec, deployment_file: Path) -> MonitorConfig:
@@ -80,7 +90,8 @@ class MonitorConfig:
         """
         if spec.monitoring is None:
             raise ValueError(f"pipeline {spec.name} has no monitoring section")
-        return cls(spec.name, spec.monitoring, spec.quality_metric, deployment_file, live_expectations(spec))
+        return cls(spec.name, spec.monitoring, spec.quality_metric, deployment_file, live_expectations(spec),
+                   target=spec.target)
 
 
 def live_expectations(spec: PipelineSpec) -> tuple[ExpectationSpec, ...]:
@@ -112,6 +123,10 @@ class MonitorOutcome:
     latest: dict[str, Any] = field(default_factory=dict)
     """The content of ``latest.json``."""
     notes: list[str] = field(default_factory=list)
+    labelled_key: str | None = None
+    """The report folder holding the labelled rows exported for a retrain (``labelled.parquet``), or None."""
+    labelled_rows: int = 0
+    """Rows in that file."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (the monitor task's XCom)."""
@@ -160,14 +175,35 @@ def run_monitor(config: MonitorConfig, store: ArtifactStore, now: datetime) -> M
     feedback = read_feedback(store, config.pipeline, start, end)
     report = _report(config, versions, captures, feedback, baseline)
     key = monitor_key(config.pipeline, end)
-    validation = None
+    validation = labelled = None
     with store.writer(key) as folder:
         if config.monitoring.validate_live and config.expectations and captures.rows:
             validation = validate_live(captures, baseline, list(config.expectations), folder / VALIDATION_DOCS)
-        write_monitor_report(report, folder, notes, validation)
+        if config.monitoring.retrain.append_labelled:
+            labelled = _export_labelled(config, store, folder, captures, feedback, baseline, notes)
+        write_monitor_report(report, folder, notes, validation, labelled)
     if config.log_to_mlflow and deployment is not None:
         _log_to_mlflow(config.pipeline, deployment, store.path(key), end)
-    return _publish_latest(config, store, report, key, end, notes)
+    outcome = _publish_latest(config, store, report, key, end, notes)
+    if labelled is not None and labelled.rows:
+        outcome = replace(outcome, labelled_key=key, labelled_rows=labelled.rows)
+    return outcome
+
+
+def _export_labelled(config: MonitorConfig, store: ArtifactStore, folder: Path, captures: WindowRead,
+                     feedback: WindowRead, baseline: Baseline | None, notes: list[str]) -> LabelledExport:
+    """The labelled rows received since the last retrain request, into ``folder`` (a note says how many)."""
+    from kiln.tasks.monitoring.labelled import LABELLED_FILE, export_labelled
+    from kiln.tasks.monitoring.retrain import load_state
+
+    last = load_state(store, config.pipeline)
+    export = export_labelled(folder, captures.frame, feedback.frame, baseline, config.target,
+                             last.at if last is not None else None)
+    since = f" received since the last retrain request ({export.since})" if export.since else ""
+    notes.append(f"{export.rows} labelled captured rows{since} exported to {LABELLED_FILE} for a retrain"
+                 + (f" ({export.left_out} older ones left out: at most the newest are kept)" if export.left_out
+                    else ""))
+    return export
 
 
 def _report(config: MonitorConfig, versions: list[str], captures: WindowRead, feedback: WindowRead,
@@ -211,9 +247,7 @@ def validate_live(captures: WindowRead, baseline: Baseline | None, specs: list[E
     from kiln.tasks.features.expectation_suite import check_expectations, run_suite
 
     check_expectations(specs, where="monitoring live expectations")
-    inputs = list(baseline.profile.columns) if baseline is not None else \
-        [c for c in captures.frame.columns if c not in (*CAPTURE_COLUMNS, LABEL)]
-    frame = captures.frame[[c for c in inputs if c in captures.frame.columns]]
+    frame = captures.frame[input_columns(list(captures.frame.columns), baseline)]
     with tempfile.TemporaryDirectory(prefix="kiln-monitor-") as tmp:
         snapshot = Path(tmp) / "live.parquet"
         frame.to_parquet(snapshot, index=False)
@@ -226,13 +260,15 @@ def validate_live(captures: WindowRead, baseline: Baseline | None, specs: list[E
     return out
 
 
-def write_monitor_report(report: MonitorReport, folder: Path, notes: list[str],
-                         validation: dict[str, Any] | None) -> None:
-    """``report.json`` (C's report plus ``notes`` and ``validation``) and ``report.html`` (C's page plus a section
-    for them), each written atomically into ``folder``."""
+def write_monitor_report(report: MonitorReport, folder: Path, notes: list[str], validation: dict[str, Any] | None,
+                         labelled: LabelledExport | None = None) -> None:
+    """``report.json`` (C's report plus ``notes``, ``validation`` and ``labelled``: the rows exported for a retrain,
+    None when ``append_labelled`` is off) and ``report.html`` (C's page plus a section for them), each written
+    atomically into ``folder``."""
     import html
 
-    write_json(folder / REPORT_JSON, {**report.to_dict(), "notes": notes, "validation": validation})
+    write_json(folder / REPORT_JSON, {**report.to_dict(), "notes": notes, "validation": validation,
+                                      "labelled": labelled.to_dict() if labelled is not None else None})
     extra = "".join(f"<p><b>Note:</b> {html.escape(n)}</p>" for n in notes)
     if validation is not None:
         failed = [e for e in validation["expectations"] if not e["success"]]

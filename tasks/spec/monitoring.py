@@ -113,15 +113,11 @@ class RetrainSpec(_Strict):
     cooldown_hours: int = Field(default=24, ge=0, le=720)
     """After a retrain request, further breaches request none for this long (no retraining storms)."""
     append_labelled: bool = False
-    """Append the labelled captured rows to the source's data for the retrain (not built yet: must be false)."""
-
-    @field_validator("append_labelled")
-    @classmethod
-    def _not_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("appending the labelled captured rows to the retraining data is not supported yet; "
-                             "set append_labelled: false (a retrain reads the source's current data)")
-        return value
+    """Retrain on the source's current data plus the captured rows whose labels came back: each monitor run exports
+    the labelled rows of its window received since the last retrain request (the model's inputs as captured and
+    the label as the target; at most :data:`kiln.tasks.monitoring.labelled.MAX_LABELLED_ROWS`, the newest) to
+    ``labelled.parquet`` in its report folder, the retrain event names that file, and the triggered run's ``ingest``
+    appends its rows to the snapshot, cast to the snapshot's column types. ``false``: the source's data only."""
 
 
 class MonitoringSpec(_Strict):
@@ -140,7 +136,7 @@ class MonitoringSpec(_Strict):
     """``alert``: the breach is reported (report, ``latest.json``, gauges and alert rules) and nothing else;
     ``retrain``: the monitor also emits the pipeline's retrain Asset event, which starts a gated run."""
     retrain: RetrainSpec = RetrainSpec()
-    """The cool-down between retrain requests."""
+    """The cool-down between retrain requests, and whether the labelled captured rows join the retraining data."""
     validate_live: bool = True
     """Check the live inputs with the spec's declared expectations that do not name the target (into the report)."""
 

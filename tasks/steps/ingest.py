@@ -24,7 +24,7 @@ from kiln.tasks.sources.errors import IngestError
 from kiln.tasks.sources.incremental import Previous
 from kiln.tasks.spec import PipelineSpec, SourceSpec
 from kiln.tasks.spec.sources import data_roots
-from kiln.tasks.storage.artifacts import file_sha256, read_json, write_json
+from kiln.tasks.storage.artifacts import ArtifactStore, file_sha256, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,19 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class IngestRun:
-    """What the run adds to the config: the previous snapshot, the events that started it, its data interval and
-    its connections."""
+    """What the run adds to the config: the previous snapshot, the events that started it, its data interval, its
+    connections and its artifact store."""
 
     previous: Previous | None = None
     """The last accepted snapshot (``source.incremental``), or ``None``."""
     trigger_events: tuple[Mapping[str, Any], ...] = ()
+    """The extras of the Asset events that started the run; a retrain event's ``kiln_retrain.labelled`` names
+    labelled rows to append (:mod:`kiln.tasks.sources.appended`)."""
     data_interval: tuple[datetime, datetime] | None = None
     connection_url: Callable[[str], str] | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    store: ArtifactStore | None = None
+    """Where the labelled rows that a retrain event names are read from (needed only then)."""
 
 
 @dataclass(frozen=True)
@@ -105,10 +109,13 @@ def run_ingest(config: IngestConfig, out_dir: Path, run: IngestRun | None = None
     Raises:
         IngestError: the source is missing, unreadable, not in the declared format, empty (also after sampling),
             has duplicate column names or partitions that differ, has nothing new (incremental), changed since
-            the event that started the run; the connection is missing or the query fails or returns nothing.
+            the event that started the run; the connection is missing or the query fails or returns nothing;
+            labelled rows a retrain event names are missing, too many, or do not cast to the snapshot's types
+            (nothing is left in ``out_dir`` then).
         SourceUnreachableError: the S3 endpoint or the database cannot be reached (a retry may succeed).
     """
     # The readers import pyarrow and pandas: imported here, so the DAG file that lists the steps parses quickly.
+    from kiln.tasks.sources.appended import append_labelled, labelled_keys, open_labelled
     from kiln.tasks.sources.reading import Sampling, snapshot_files, snapshot_sql
     from kiln.tasks.sources.snapshot import pandas_dtypes
 
@@ -116,6 +123,7 @@ def run_ingest(config: IngestConfig, out_dir: Path, run: IngestRun | None = None
     source, out_dir = config.source, Path(out_dir)
     snapshot, scratch = out_dir / keys.SNAPSHOT_FILE, out_dir / ".ingest-scratch"
     sampling = Sampling(config.sample_fraction, config.seed)
+    labelled = open_labelled(labelled_keys(run.trigger_events), run.store)
     scratch.mkdir()
     try:
         if source.sql is not None:
@@ -124,16 +132,24 @@ def run_ingest(config: IngestConfig, out_dir: Path, run: IngestRun | None = None
         else:
             roots = data_roots(None) if config.data_roots is None else config.data_roots
             taken = snapshot_files(source, roots, snapshot, scratch, sampling, run.previous, run.trigger_events)
+        rows, schema = taken.stats.rows, taken.stats.schema
+        if labelled:
+            try:
+                rows, schema = append_labelled(snapshot, labelled, scratch, source.asset_uri(config.pipeline))
+            except BaseException:
+                snapshot.unlink(missing_ok=True)
+                raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    columns = pandas_dtypes(taken.stats.schema)
-    result = IngestResult(rows=taken.stats.rows, columns=columns, sha256=file_sha256(snapshot),
+    columns = pandas_dtypes(schema)
+    result = IngestResult(rows=rows, columns=columns, sha256=file_sha256(snapshot),
                           source_uri=source.asset_uri(config.pipeline), source_sha256=taken.source_sha256)
     write_json(out_dir / keys.SNAPSHOT_MANIFEST_FILE, {
         "source_uri": result.source_uri,
         "source_kind": source.kind,
         "source_sha256": result.source_sha256,
         **taken.record,
+        **({"appended": [f.to_dict() for f in labelled]} if labelled else {}),
         "rows": result.rows,
         "columns": columns,
         "sha256": result.sha256,
@@ -159,7 +175,7 @@ def ingest(ctx: RunContext) -> IngestResult:
         return IngestResult(**{k: v for k, v in manifest.items() if k in IngestResult.__dataclass_fields__})
     config = IngestConfig.from_spec(ctx.spec, Path(ctx.spec_path).parent if ctx.spec_path else None)
     run = IngestRun(previous=_previous(ctx), trigger_events=tuple(ctx.trigger_events),
-                    data_interval=ctx.data_interval, connection_url=ctx.connection_url)
+                    data_interval=ctx.data_interval, connection_url=ctx.connection_url, store=ctx.store)
     result = ctx.publish(keys.INGEST, lambda out: run_ingest(config, out, run))
     (ctx.input_dir(keys.INGEST) / keys.SNAPSHOT_FILE).chmod(0o444)
     return result

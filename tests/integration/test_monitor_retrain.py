@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from monitor_fixtures import capture_table, make_baseline, publish, train_and_live
+from monitor_fixtures import capture_table, feedback_table, make_baseline, publish, train_and_live
 
 pytestmark = pytest.mark.integration
 
@@ -22,8 +22,9 @@ RETRAIN = f"kiln://{NAME}/retrain"
 
 
 def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A pipeline spec with ``on_breach: retrain``, its champion (version 1 in a real MLflow registry, a bundle
-    with a baseline) served per its deployment file, and shifted traffic captured half an hour ago."""
+    """A pipeline spec with ``on_breach: retrain`` and ``append_labelled``, its champion (version 1 in a real
+    MLflow registry, a bundle with a baseline) served per its deployment file, and shifted traffic captured half an
+    hour ago, 20 of its rows labelled ten minutes ago."""
     from mlflow import MlflowClient
 
     from kiln.tasks.bundle.files import BASELINE_FILE, MANIFEST_FILE
@@ -37,7 +38,7 @@ def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("KILN_PIPELINES_DIR", str(home / "pipelines"))
     data = yaml.safe_load((REPO / "dags" / "pipelines" / "penguins_species.yaml").read_text())
     data.update(name=NAME, monitoring={"on_breach": "retrain", "validate_live": False,
-                                       "retrain": {"cooldown_hours": 6}})
+                                       "retrain": {"cooldown_hours": 6, "append_labelled": True}})
     (home / "pipelines" / f"{NAME}.yaml").write_text(yaml.safe_dump(data))
 
     settings = get_settings()
@@ -59,9 +60,13 @@ def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     live["body_mass_g"] = live["body_mass_g"] * 1.3
     live.loc[live.index % 3 == 0, "island"] = "Anvers"
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
-    publish(LocalArtifactStore(settings.artifact_root),
-            f"{NAME}/_capture/version=1/hour={start:%Y-%m-%dT%H}/{start:%Y%m%dT%H%M%S}-0a1b2c3d-000001",
-            "capture.parquet", capture_table(live, version="1", start=start))
+    store = LocalArtifactStore(settings.artifact_root)
+    table = capture_table(live, version="1", start=start)
+    publish(store, f"{NAME}/_capture/version=1/hour={start:%Y-%m-%dT%H}/{start:%Y%m%dT%H%M%S}-0a1b2c3d-000001",
+            "capture.parquet", table)
+    labelled_at = start + timedelta(minutes=20)
+    publish(store, f"{NAME}/_feedback/hour={labelled_at:%Y-%m-%dT%H}/{labelled_at:%Y%m%dT%H%M%S}-0a1b2c3d-000001",
+            "feedback.parquet", feedback_table(table.slice(0, 20), ["Adelie"] * 20, labelled_at))
     return run.info.run_id
 
 
@@ -101,6 +106,11 @@ def test_a_breach_emits_one_retrain_event_that_queues_the_pipeline_and_the_cool_
         asset_id = session.scalar(select(AssetModel.id).where(AssetModel.uri == RETRAIN))
         events = session.scalars(select(AssetEvent).where(AssetEvent.asset_id == asset_id)).all()
         assert [e.extra["kiln_retrain"]["report"] for e in events] == [outcome["report_key"]]
+        # append_labelled: the event names the report folder whose labelled.parquet the pipeline's ingest appends.
+        assert (outcome["labelled_key"], outcome["labelled_rows"]) == (outcome["report_key"], 20)
+        assert {k: events[0].extra["kiln_retrain"][k] for k in ("labelled", "labelled_rows")} == {
+            "labelled": outcome["report_key"], "labelled_rows": 20}
+        assert (store.path(outcome["report_key"]) / "labelled.parquet").is_file()
         queued = session.scalars(select(AssetDagRunQueue.target_dag_id).where(
             AssetDagRunQueue.asset_id == asset_id)).all()
         assert queued == [NAME]  # the scheduler starts the pipeline's run from this

@@ -12,17 +12,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from monitor_fixtures import (
+    INPUTS,
     PIPELINE,
     T0,
+    TARGET,
     capture_table,
     feedback_table,
     make_baseline,
     publish_capture,
     publish_feedback,
+    read_labelled,
     train_and_live,
 )
 
 from kiln.tasks.bundle.files import BASELINE_FILE, MANIFEST_FILE
+from kiln.tasks.monitoring.labelled import LABELLED_FILE, labelled_rows
 from kiln.tasks.monitoring.retrain import load_state, record_request, retrain_key, should_request
 from kiln.tasks.monitoring.run import LATEST_FILE, MonitorConfig, latest_key, live_expectations, run_monitor
 from kiln.tasks.serving.deployment import Deployment, ModelRef, write_deployment
@@ -61,7 +65,7 @@ def serve(tmp_path: Path, with_baseline: bool = True) -> Path:
 
 def config(deployment: Path, expectations: tuple[ExpectationSpec, ...] = (), **monitoring: object) -> MonitorConfig:
     return MonitorConfig(PIPELINE, MonitoringSpec(**monitoring), "accuracy", deployment, expectations,
-                         log_to_mlflow=False)
+                         log_to_mlflow=False, target=TARGET)
 
 
 @pytest.fixture
@@ -191,3 +195,56 @@ def test_live_expectations_leave_out_the_target_and_the_table_shape(tmp_path: Pa
         ("expect_column_values_to_be_between", "body_mass_g"), ("expect_column_values_to_be_in_set", "island"),
         ("expect_column_pair_values_a_to_be_greater_than_b", "flipper_length_mm")]
     assert MonitorConfig.from_spec(parse_spec(data, "test"), Path("deployment.json")).expectations == kept
+
+
+def test_append_labelled_exports_the_labelled_rows_received_since_the_last_request(store, tmp_path: Path) -> None:
+    live = train_and_live()[1]
+    first, second = live.iloc[:60], live.iloc[60:]
+    table = capture_table(first)  # received from T0 to T0 + 5 min
+    publish_capture(store, table)
+    publish_feedback(store, feedback_table(table.slice(0, 40), ["Gentoo"] * 40))  # 40 of 60 labelled
+    cfg = config(serve(tmp_path), on_breach="retrain", retrain={"append_labelled": True})
+    outcome = run_monitor(cfg, store, NOW)
+    assert (outcome.labelled_key, outcome.labelled_rows) == (outcome.report_key, 40)
+    assert json.loads(json.dumps(outcome.to_dict())) == outcome.to_dict()  # the XCom
+    rows = read_labelled(store.path(outcome.report_key) / LABELLED_FILE)
+    expected = first.iloc[:40][INPUTS].reset_index(drop=True).assign(**{TARGET: "Gentoo"})
+    expected["year"] = expected["year"].astype(str)  # as captured: the spec declares year categorical
+    pd.testing.assert_frame_equal(rows, expected, check_dtype=False)
+    assert list(rows.columns) == [*INPUTS, TARGET]  # the inputs and the target; no capture provenance
+    report = json.loads((store.path(outcome.report_key) / "report.json").read_text())
+    assert report["labelled"] == {"rows": 40, "left_out": 0, "since": None, "file": LABELLED_FILE}
+    assert "40 labelled captured rows exported" in outcome.notes[-1]
+
+    # The DAG records the request at T0 + 20 min; the next export holds only rows captured after it.
+    requested = T0 + timedelta(minutes=20)
+    record_request(store, PIPELINE, requested, outcome.summary, outcome.report_key)
+    later = capture_table(second, start=T0 + timedelta(minutes=40), first_request=30)
+    publish_capture(store, later, seq=2)
+    publish_feedback(store, feedback_table(later.slice(0, 10), ["Adelie"] * 10, T0 + timedelta(minutes=50)), seq=2)
+    again = run_monitor(cfg, store, NOW + timedelta(minutes=10))
+    assert (again.labelled_key, again.labelled_rows) == (again.report_key, 10)
+    rows = read_labelled(store.path(again.report_key) / LABELLED_FILE)
+    assert rows[TARGET].tolist() == ["Adelie"] * 10
+    assert rows["body_mass_g"].tolist() == second["body_mass_g"].iloc[:10].tolist()
+    report = json.loads((store.path(again.report_key) / "report.json").read_text())
+    assert report["labelled"]["since"] == requested.isoformat()
+
+
+def test_append_labelled_without_labels_writes_no_file(store, tmp_path: Path) -> None:
+    publish_capture(store, capture_table(train_and_live()[1]))
+    outcome = run_monitor(config(serve(tmp_path), retrain={"append_labelled": True}), store, NOW)
+    assert (outcome.labelled_key, outcome.labelled_rows) == (None, 0)
+    assert not (store.path(outcome.report_key) / LABELLED_FILE).exists()
+    assert json.loads((store.path(outcome.report_key) / "report.json").read_text())["labelled"]["rows"] == 0
+    off = run_monitor(config(serve(tmp_path / "b")), store, NOW + timedelta(minutes=1))  # append_labelled off
+    assert json.loads((store.path(off.report_key) / "report.json").read_text())["labelled"] is None
+    with pytest.raises(ValueError, match="MonitorConfig.target: monitoring.retrain.append_labelled needs"):
+        MonitorConfig(PIPELINE, MonitoringSpec(retrain={"append_labelled": True}), "accuracy", tmp_path / "d.json")
+
+
+def test_labelled_rows_keep_the_newest_within_the_bound() -> None:
+    table = capture_table(train_and_live()[1].iloc[:10])
+    rows, left_out = labelled_rows(table.to_pandas(), feedback_table(table, [str(i) for i in range(10)]).to_pandas(),
+                                   INPUTS, TARGET, None, max_rows=4)
+    assert (rows[TARGET].tolist(), left_out) == (["6", "7", "8", "9"], 6)

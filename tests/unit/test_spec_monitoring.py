@@ -36,6 +36,11 @@ def test_given_values_reach_the_thresholds_and_retrain_names_its_asset() -> None
     assert spec.retrain_asset_uri() == "kiln://m/retrain"
 
 
+def test_append_labelled_is_accepted() -> None:
+    spec = _parse({"on_breach": "retrain", "retrain": {"append_labelled": True, "cooldown_hours": 6}})
+    assert (spec.monitoring.retrain.append_labelled, spec.monitoring.retrain.cooldown_hours) == (True, 6)
+
+
 @pytest.mark.parametrize(("monitoring", "expected"), [
     ({"quality": {"metric": "acuracy"}}, ["field 'monitoring.quality.metric'", "unknown metric 'acuracy'",
                                           "allowed: accuracy, macro_f1, roc_auc, log_loss, rmse, mae, r2"]),
@@ -51,8 +56,7 @@ def test_given_values_reach_the_thresholds_and_retrain_names_its_asset() -> None
     ({"schedule": "every hour"}, ["field 'monitoring.schedule'", "not a cron expression"]),
     ({"on_breach": "page"}, ["field 'monitoring.on_breach'", "'alert' or 'retrain'"]),
     ({"retrain": {"cooldown_hours": -1}}, ["field 'monitoring.retrain.cooldown_hours'", "greater than or equal"]),
-    ({"retrain": {"append_labelled": True}}, ["field 'monitoring.retrain.append_labelled'", "not supported yet",
-                                              "append_labelled: false"]),
+    ({"retrain": {"append_labelled": "sometimes"}}, ["field 'monitoring.retrain.append_labelled'", "boolean"]),
     ({"windw_hours": 2}, ["field 'monitoring.windw_hours'", "did you mean 'window_hours'"]),
 ], ids=["unknown-metric", "metric-of-another-task", "psi", "p-value", "min-rows", "typo", "metric-drop",
         "min-labels", "window", "cron", "on-breach", "cooldown", "append-labelled", "unknown-field"])
