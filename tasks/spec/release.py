@@ -92,6 +92,13 @@ class InfraValidationSpec(_Strict):
     """One-row requests replayed to time it."""
 
 
+def _default_capture_share() -> float:
+    # The model server's own default (one declaration), imported when a spec is validated.
+    from kiln.tasks.serving.deployment import DEFAULT_CAPTURE_SHARE
+
+    return DEFAULT_CAPTURE_SHARE
+
+
 class DeploymentSpec(_Strict):
     """What happens after a candidate passes the gate."""
 
@@ -103,3 +110,6 @@ class DeploymentSpec(_Strict):
     are served at the same time need different ports."""
     canary: CanarySpec = Field(default_factory=CanarySpec)
     infra_validation: InfraValidationSpec = Field(default_factory=InfraValidationSpec)
+    capture_share: float = Field(default_factory=lambda: _default_capture_share(), ge=0, le=1)
+    """Share of the answered requests the model server captures for monitoring (README "Monitoring"), in [0, 1];
+    0 turns capture off. Written into the deployment file on every deploy."""

@@ -69,7 +69,9 @@ def deploy(ctx: RunContext) -> DeployResult:
 
 
 def _deploy(ctx: RunContext, record: GateRecord, grant: LockGrant, changing: list[bool]) -> DeployResult:
-    from kiln.tasks.serving.deployment import Deployment, utc_now, with_canary, with_champion
+    from dataclasses import replace
+
+    from kiln.tasks.serving.deployment import CaptureSettings, Deployment, utc_now, with_canary, with_champion
 
     strategy = ctx.spec.deployment.strategy
     lock = {"lock": grant.to_dict(), "lock_wait_s": grant.waited_s}
@@ -91,6 +93,7 @@ def _deploy(ctx: RunContext, record: GateRecord, grant: LockGrant, changing: lis
         new = with_canary(previous, ref, ctx.spec.deployment.canary.share)
     else:
         new = with_champion(previous, ref)
+    new = replace(new, capture=CaptureSettings(ctx.spec.deployment.capture_share))
     result = DeployResult(strategy=strategy, version=ref.version, url=endpoint.url,
                           previous=previous.to_dict() if previous else None, **lock)
     # Published before serving: verify must be able to restore the previous deployment.

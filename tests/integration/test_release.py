@@ -152,7 +152,8 @@ def test_canary_is_judged_on_live_traffic_then_promoted(runs: dict, tmp_path: Pa
     from kiln.tasks.tracking.registry import Registry
 
     spec = yaml.safe_load(SPEC.read_text())
-    spec["deployment"] = {"strategy": "canary", "canary": {"share": 0.5, "min_requests": 10, "window_s": 60}}
+    spec["deployment"] = {"strategy": "canary", "canary": {"share": 0.5, "min_requests": 10, "window_s": 60},
+                          "capture_share": 0.25}
     canary_spec = tmp_path / "penguins_species.yaml"
     canary_spec.write_text(yaml.safe_dump(spec))
     before = Registry.from_settings().champion(MODEL).version
@@ -165,6 +166,7 @@ def test_canary_is_judged_on_live_traffic_then_promoted(runs: dict, tmp_path: Pa
     assert (results["promote"].champion, results["promote"].previous) == (version, before)
     deployment = Endpoint.of(load_spec(canary_spec)).current()
     assert deployment.champion.version == version and deployment.canary is None
+    assert deployment.capture.share == 0.25  # the spec's deployment.capture_share, kept through the promotion
     assert _served([{"bill_length_mm": 40.0, "bill_depth_mm": 18.0, "flipper_length_mm": 190.0,
                      "body_mass_g": 3800.0, "island": "Dream", "sex": "male", "year": "2008"}])["version"] == version
 
