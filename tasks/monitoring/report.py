@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -153,8 +154,14 @@ def write_report(report: MonitorReport, folder: str | Path) -> tuple[Path, Path]
     return json_path, html_path
 
 
-def render_html(report: MonitorReport) -> str:
-    """A self-contained HTML page (no scripts): the summary, then features, predictions, quality and files."""
+def render_html(report: MonitorReport, sections: Sequence[str] = ()) -> str:
+    """A self-contained HTML page (no scripts): the summary, then features, predictions, quality and files.
+
+    Args:
+        report: the figures.
+        sections: more HTML, already escaped, placed before the closing thresholds line (the monitor run's notes
+            and live expectations).
+    """
     e = _escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(report.pipeline)}: monitor report"
              f"</title><style>{_STYLE}</style></head><body>",
@@ -173,6 +180,7 @@ def render_html(report: MonitorReport) -> str:
     if report.skipped:
         rows = "".join(f"<tr><td>{e(s.key)}</td><td>{e(s.reason)}</td></tr>" for s in report.skipped)
         parts.append(f"<h2>Skipped batches</h2><table><tr><th>batch</th><th>reason</th></tr>{rows}</table>")
+    parts += sections
     t = report.thresholds
     parts.append(f"<p class='small'>A feature drifts when PSI &gt;= {t.psi_threshold:g} and its test's p-value "
                  f"&lt; {t.p_value:g}, over at least {t.min_rows} values; quality breaches when the primary metric "

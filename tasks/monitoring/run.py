@@ -278,9 +278,7 @@ def write_monitor_report(report: MonitorReport, folder: Path, notes: list[str], 
                   f"{len(validation['expectations'])} passed; Data Docs in <code>{VALIDATION_DOCS}/</code>.</p>"
                   + (f"<table><tr><th>expectation</th><th>kwargs</th><th>unexpected</th></tr>{rows}</table>"
                      if failed else ""))
-    page = render_html(report)
-    head, sep, tail = page.rpartition("<p class='small'>")
-    atomic_write_bytes(folder / REPORT_HTML, (head + extra + sep + tail if sep else page + extra).encode())
+    atomic_write_bytes(folder / REPORT_HTML, render_html(report, [extra]).encode())
 
 
 def latest_figures(report: MonitorReport, finished_at: datetime, action: str | None,
