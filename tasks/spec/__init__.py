@@ -36,13 +36,15 @@ from kiln.tasks.spec.release import (
     SliceSpec,
 )
 from kiln.tasks.spec.training import CodeSpec, DockerSpec, ModelSpec, ResourcesSpec, TrainingSpec
+from kiln.tasks.spec.tuning import DistributionSpec, ObjectiveSpec, TuningSpec
 from kiln.tasks.spec.yaml_reader import SPEC_LIMITS, SpecLimits
 
 __all__ = [
     "CLASSIFICATION_METRICS", "HIGHER_IS_BETTER", "PARAM_FIELDS", "REGRESSION_METRICS", "SPEC_LIMITS", "CacheSpec",
     "CanarySpec", "CleaningSpec", "CodeSpec", "ColumnCleaning", "ColumnType", "DeploymentSpec", "DockerSpec",
-    "DriftSpec", "EvaluationSpec", "ExpectationSpec", "ExpectationsSpec", "FeaturesSpec", "GateSpec",
-    "InfraValidationSpec", "ModelSpec", "MonitoringSpec", "PipelineSpec", "ProfileBoundsSpec", "QualitySpec",
-    "ResourcesSpec", "RetrainSpec", "SliceSpec", "SourceSpec", "SpecError", "SpecLimits", "SqlSourceSpec", "TaskType",
-    "TrainingSpec", "WatchSpec", "discover_specs", "load_spec", "load_specs", "parse_spec", "spec_named",
+    "DistributionSpec", "DriftSpec", "EvaluationSpec", "ExpectationSpec", "ExpectationsSpec", "FeaturesSpec",
+    "GateSpec", "InfraValidationSpec", "ModelSpec", "MonitoringSpec", "ObjectiveSpec", "PipelineSpec",
+    "ProfileBoundsSpec", "QualitySpec", "ResourcesSpec", "RetrainSpec", "SliceSpec", "SourceSpec", "SpecError",
+    "SpecLimits", "SqlSourceSpec", "TaskType", "TrainingSpec", "TuningSpec", "WatchSpec", "discover_specs", "load_spec",
+    "load_specs", "parse_spec", "spec_named",
 ]

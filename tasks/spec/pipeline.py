@@ -24,6 +24,7 @@ from kiln.tasks.spec.data import CacheSpec, CleaningSpec, ExpectationsSpec, Feat
 from kiln.tasks.spec.monitoring import MonitoringSpec, check_cron
 from kiln.tasks.spec.release import DeploymentSpec, EvaluationSpec
 from kiln.tasks.spec.training import CodeSpec, ModelSpec, TrainingSpec
+from kiln.tasks.spec.tuning import TuningSpec
 
 #: Pipeline names that belong to the platform: its DAGs (``dags/kiln_*.py``: ``kiln_champion``; the DAG files
 #: ``kiln_pipelines`` and ``kiln_spec_errors``) and any it adds later, matched case-insensitively.
@@ -70,6 +71,10 @@ class PipelineSpec(_Strict):
     monitoring: MonitoringSpec | None = None
     """Watch the served model (README "Monitoring"): a ``<name>_monitor`` DAG judges its captured traffic for
     drift and quality, and alerts or requests a retrain. None: no monitor."""
+    tuning: TuningSpec | None = None
+    """Search hyper-parameters (README "Tuning"): an Optuna study of ``tuning.trials`` trainings over
+    ``tuning.space``, stored in the lease store's database; the best trial's model continues to evaluate. None:
+    one training with the spec's values."""
 
     @field_validator("name")
     @classmethod
@@ -116,6 +121,9 @@ class PipelineSpec(_Strict):
             problem = metric_problem(self.task, [self.monitoring.quality.metric])
             if problem:
                 raise ValueError(f"monitoring.quality.metric: {problem}")
+        problem = self.tuning.problem(self) if self.tuning is not None else None
+        if problem:
+            raise ValueError(problem)
         for field, ref in (("model.factory", self.model.factory), ("training.entrypoint", self.training.entrypoint)):
             if ref and ref.split(":")[0].endswith(".py") and self.code.path is None:
                 raise ValueError(f"{field} '{ref}' names a file, but the pipeline has no code folder: set code.path "
