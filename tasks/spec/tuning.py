@@ -103,9 +103,11 @@ class DistributionSpec(_Strict):
     def _keys_of_type(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("type") in _KEYS:
             allowed = ["type", *_KEYS[data["type"]]]
-            extra = [k for k in data if k not in allowed]
+            # A dumped spec (trigger overrides, a trial's spec) holds every key, those of other types as null.
+            extra = [k for k, v in data.items() if k not in allowed and v is not None]
             if extra:
                 raise ValueError(f"{unknown_key(str(extra[0]), allowed)} (for type '{data['type']}')")
+            data = {k: v for k, v in data.items() if k in allowed}
         return data
 
     @model_validator(mode="after")
