@@ -18,12 +18,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from kiln.tasks.pools.store import LeaseStore
 from kiln.tasks.spec import PipelineSpec, parse_spec
 from kiln.tasks.tuning import (
     TuningError,
     apply_values,
     fail,
     finish,
+    heartbeat,
     open_storage,
     open_study,
     open_trial,
@@ -199,6 +201,27 @@ def test_a_trial_whose_process_died_is_failed_and_its_values_retried(tmp_path: P
     assert study.get_trials()[dead.number].state == TrialState.FAIL
     assert retry.number == 1 and suggest(retry, spec.tuning.space) == dead_values
     assert retry.user_attrs[INDEX_ATTR] == 1
+
+
+def test_a_live_trial_keeps_its_heartbeat_through_a_long_epoch(tmp_path: Path) -> None:
+    spec, url = _spec(), _url(tmp_path)
+    study = open_study(spec, RUN_ID, open_storage(url, heartbeat_s=1, grace_s=2))
+    live = open_trial(study, 0)
+    with heartbeat(live):
+        time.sleep(3.5)  # an epoch longer than the grace period
+        other = open_trial(open_study(spec, RUN_ID, open_storage(url, heartbeat_s=1, grace_s=2)), 1)
+    assert study.get_trials()[live.number].state == TrialState.RUNNING
+    assert other.number == 1
+    assert finish(live, 0.5).state == TrialState.COMPLETE
+
+
+def test_the_storage_is_the_lease_stores_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILN_POOLS_DB_URL", _url(tmp_path))
+    LeaseStore.from_settings().close()  # the lease store's tables first, as on a platform already running
+    study = open_study(_spec(), RUN_ID)
+    assert optuna.study.get_all_study_names(_url(tmp_path)) == [study.study_name]
+    with LeaseStore.from_settings() as store:  # and the store still opens beside Optuna's tables
+        assert store.url == _url(tmp_path)
 
 
 def test_open_study_needs_a_tuning_section_and_takes_the_direction(tmp_path: Path) -> None:
