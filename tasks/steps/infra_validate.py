@@ -114,7 +114,7 @@ def run_infra_validate(config: InfraValidateConfig) -> InfraValidateResult:
 
     from kiln.tasks.bundle.load import load_bundle, records_from_frame
     from kiln.tasks.serving.client import ServingClient, ServingError
-    from kiln.tasks.serving.deployment import Deployment, ModelRef, utc_now, write_deployment
+    from kiln.tasks.serving.deployment import CaptureSettings, Deployment, ModelRef, utc_now, write_deployment
     from kiln.tasks.serving.process import ServerStartError, ensure_server, stop_server
 
     bundle_dir = Path(config.bundle_dir).resolve()
@@ -126,8 +126,10 @@ def run_infra_validate(config: InfraValidateConfig) -> InfraValidateResult:
     model = str((bundle.manifest.get("metadata") or {}).get("pipeline") or bundle_dir.name)
     with tempfile.TemporaryDirectory(prefix="kiln-infra-validate-") as tmp:
         run_dir = Path(tmp)
+        # No capture: its replayed requests are not traffic, and would land in the pipeline's capture folders.
         deployment = write_deployment(run_dir / "deployment.json", Deployment(
-            model=model, champion=ModelRef(VALIDATION_VERSION, str(bundle_dir)), updated_at=utc_now()))
+            model=model, champion=ModelRef(VALIDATION_VERSION, str(bundle_dir)), updated_at=utc_now(),
+            capture=CaptureSettings(0.0)))
         token = secrets.token_urlsafe(32)
         try:
             # A throwaway server: it dies with this task, even by SIGKILL, instead of serving on unowned.
