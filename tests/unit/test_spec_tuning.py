@@ -189,3 +189,17 @@ def test_a_dumped_tuning_spec_parses_again_and_takes_trigger_params() -> None:
     again = parse_spec(spec.model_dump(mode="json"), "dumped")
     assert again == spec and again.spec_hash() == spec.spec_hash()
     assert spec.with_overrides({"epochs": 3}).tuning == spec.tuning
+
+
+def test_a_run_of_a_spec_with_tuning_is_refused_until_trials_run(tmp_path) -> None:
+    """The section is checked, but no trial task runs a study yet: a run must not train one model and look done."""
+    from kiln.tasks.pipeline.context import make_context
+
+    path = tmp_path / "m.yaml"
+    (tmp_path / "x.csv").write_text("a,y\n1,0\n")
+    local = {**MINIMAL, "source": {"uri": "x.csv"}}
+    path.write_text(yaml.safe_dump({**local, "tuning": {"space": LR}}))
+    with pytest.raises(SpecError, match="tuning: hyper-parameter search does not run yet"):
+        make_context(path, "manual__1")
+    path.write_text(yaml.safe_dump(local))
+    assert make_context(path, "manual__1", store=None).spec.tuning is None
