@@ -5,7 +5,7 @@ baseline (:func:`kiln.tasks.bundle.baseline.load_baseline`), the window's captur
 (:mod:`.window`), computes drift and quality (:mod:`.drift`, :mod:`.quality`) into the report (:mod:`.report`),
 checks the live inputs with the spec's declared expectations, and publishes to the artifact store:
 
-    <pipeline>/_monitor/<window end yyyymmddThhmm>/   report.json, report.html (+ validation/ Data Docs,
+    <pipeline>/_monitor/<window end yyyymmddThhmmss>/   report.json, report.html (+ validation/ Data Docs,
                                                      + labelled.parquet with retrain.append_labelled: .labelled)
     <pipeline>/_monitor/latest/latest.json           the figures the model server's gauges show (format 1)
 
@@ -13,8 +13,10 @@ then logs the report folder to the champion's MLflow run under ``monitoring/<win
 traffic, or a champion whose bundle predates baselines, is reported as such and is never a breach. A breach is an
 outcome, not an error: the caller (the monitor DAG) acts on :attr:`MonitorOutcome.retrain_requested`.
 
-The window is ``[end - window_hours, end)`` with ``end`` the run's time cut to the minute, so a retried run
-rewrites the same report folder.
+The window is ``[end - window_hours, end)`` with ``end`` the run's time (Airflow's ``run_after``, the same for
+every try of a run, so a retried run rewrites its own report folder). The folder is named by that time to the
+second: two runs never share one, so a later run cannot replace the ``labelled.parquet`` that a queued retrain
+run is about to read.
 
 Only the champion's traffic is judged: a canary is judged by the rollout's ``verify`` step, and its rows, answered
 by another model, would blur the champion's prediction and quality figures.
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VALIDATION_DOCS = "validation"
-STAMP_FORMAT = "%Y%m%dT%H%M"
+STAMP_FORMAT = "%Y%m%dT%H%M%S"
 
 
 def monitor_key(pipeline: str, end: datetime) -> str:
@@ -139,7 +141,7 @@ def run_monitor(config: MonitorConfig, store: ArtifactStore, now: datetime) -> M
     Args:
         config: what to judge and how.
         store: the artifact store the model server captures to.
-        now: the run's time (timezone-aware); the window ends at it, cut to the minute.
+        now: the run's time (timezone-aware); the window ends at it.
 
     Returns:
         The outcome; a breach is an outcome, not an exception.
@@ -155,7 +157,7 @@ def run_monitor(config: MonitorConfig, store: ArtifactStore, now: datetime) -> M
 
     if now.tzinfo is None:
         raise ValueError(f"now {now.isoformat()} has no timezone: pass an aware datetime (UTC)")
-    end = now.astimezone(UTC).replace(second=0, microsecond=0)
+    end = now.astimezone(UTC)
     start = end - timedelta(hours=config.monitoring.window_hours)
     deployment = read_deployment(config.deployment_file) if config.deployment_file.is_file() else None
     notes: list[str] = []

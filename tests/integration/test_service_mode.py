@@ -16,7 +16,6 @@ import stat
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import airflow_client.client as ac
@@ -206,11 +205,9 @@ def _served_counts(server: httpx.Client) -> dict[str, float]:
             "buffered": samples.get(("kiln_capture_buffered_records", None), 0.0)}
 
 
-def _monitor(platform: Platform, after_the_minute: bool = True) -> tuple[dict, dict[str, str]]:
-    """Run the monitor DAG once through REST and return its ``monitor`` XCom and every task's state. A window ends
-    at its run's minute, so a run that must see the traffic just sent starts after the minute turns."""
-    if after_the_minute:
-        time.sleep(61 - datetime.now(UTC).second)
+def _monitor(platform: Platform) -> tuple[dict, dict[str, str]]:
+    """Run the monitor DAG once through REST (its window ends at the trigger's time: after the traffic sent) and
+    return its ``monitor`` XCom and every task's state."""
     run_id = platform.trigger(MONITOR)
     assert platform.wait(MONITOR, run_id, timeout=300) == "success", platform.service.log_tails()
     states = {ti.task_id: ti.state.value
@@ -264,7 +261,7 @@ def test_the_served_model_is_watched_and_drift_starts_a_gated_retrain_on_the_lab
         breach["latest"]["features"]["body_mass_g"]["psi"])
 
     # A second breach at once, inside the cool-down (the retrain run has not deployed anything yet): no request.
-    again, states = _monitor(platform, after_the_minute=False)
+    again, states = _monitor(platform)
     assert (again["breach"], again["retrain_requested"], states["retrain"]) == (True, False, "skipped"), again
 
     deadline = time.monotonic() + 60

@@ -22,7 +22,7 @@ from kiln.tasks.steps.ingest import IngestConfig, IngestError, IngestRun, ingest
 from kiln.tasks.storage.artifacts import LocalArtifactStore, file_sha256
 
 CSV = "a,b,c,y\n1,2.5,p,0\n3,4.5,q,1\n5,6.5,p,1\n7,8.5,r,0\n"
-KEY = "p/_monitor/20261207T0400"
+KEY = "p/_monitor/20261207T040000"
 
 
 @pytest.fixture

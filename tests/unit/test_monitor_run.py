@@ -99,7 +99,7 @@ def test_in_distribution_traffic_is_no_breach_and_latest_json_is_published(store
     assert all(0 <= f["psi"] < 0.2 for f in doc["features"].values())
     assert doc["predictions"]["drift"] is False and doc["quality"] is None  # no labels came back
     report = store.path(outcome.report_key)
-    assert outcome.report_key == f"{PIPELINE}/_monitor/20261207T0400"
+    assert outcome.report_key == f"{PIPELINE}/_monitor/20261207T040000"
     assert json.loads((report / "report.json").read_text())["breached"] is False
     assert "no feature drift" in (report / "report.html").read_text()
 
@@ -229,6 +229,10 @@ def test_append_labelled_exports_the_labelled_rows_received_since_the_last_reque
     assert rows["body_mass_g"].tolist() == second["body_mass_g"].iloc[:10].tolist()
     report = json.loads((store.path(again.report_key) / "report.json").read_text())
     assert report["labelled"]["since"] == requested.isoformat()
+    # A run 20 s later, in the same minute, has a folder of its own: it never replaces the labelled file that a
+    # retrain queued by the earlier run is about to read.
+    soon = run_monitor(cfg, store, NOW + timedelta(minutes=10, seconds=20))
+    assert soon.report_key == again.report_key[:-2] + "20" != again.report_key
 
 
 def test_append_labelled_without_labels_writes_no_file(store, tmp_path: Path) -> None:
