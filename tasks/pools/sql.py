@@ -12,7 +12,9 @@ connection or a session-pooling proxy, not PgBouncer's transaction pooling.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections import namedtuple
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,52 +105,13 @@ RELEASE_PG = Stmt("release", f"WITH l AS ({_END}), d AS (DELETE FROM kiln_lease_
                              f"(SELECT id FROM l)) INSERT INTO kiln_lease_events (ts, lease_id, pool, event, "
                              f"devices, detail) SELECT CAST(:now AS double precision), id, pool, {_EVENT_OF_END}, "
                              "devices, :reason FROM l RETURNING event")
-#: PostgreSQL fast path: the pool's live entries (no lock taken) from which the client places the request.
-SELECT_POOL_STATE = Stmt("select_pool_state", "SELECT id, state, priority, allocation FROM kiln_leases WHERE "
-                                              f"pool = :pool AND state IN {LIVE}")
-_FAST_LEASE = ("id", "pool", "team", "request", "dag_id", "run_id", "task_id", "host")
-_FAST_TYPED = (("priority", "integer"), ("gpus", "integer"), ("cpus", "integer"), ("memory", "bigint"),
-               ("try_number", "integer"), ("pid", "integer"), ("ttl_s", "double precision"),
-               ("preemptible", "boolean"), ("created_at", "double precision"), ("expires_at", "double precision"))
-#: PostgreSQL fast path, run right after LOCK_POOL in the same implicit transaction: grant the first of the
-#: client's alternative placements (``:a_alloc``/``:a_devs``, rows ``:d_*`` and memory rooms ``:m_*`` numbered
-#: from 1) whose devices are all free and whose nodes' memory still fits, unless a waiter of equal or higher
-#: priority is queued in the pool. Lease row, device rows and grant event are written together; it returns the
-#: alternative granted, or no row (nothing written).
-FAST_GRANT = Stmt("fast_grant", (
-    "WITH alt_dev AS (SELECT * FROM unnest(CAST(:d_alt AS int[]), CAST(:d_node AS text[]), "
-    "CAST(:d_kind AS text[]), CAST(:d_dev AS text[])) AS t(alt, node, kind, device)), "
-    "alt_mem AS (SELECT * FROM unnest(CAST(:m_alt AS int[]), CAST(:m_node AS text[]), CAST(:m_room AS bigint[])) "
-    "AS t(alt, node, room)), "
-    "used AS MATERIALIZED (SELECT n.key AS node, SUM(CAST(n.value ->> 'memory' AS bigint)) AS memory "
-    "FROM kiln_leases l, json_each(CAST(l.devices AS json)) n WHERE l.pool = :pool AND l.state = 'granted' "
-    "GROUP BY n.key), "
-    "pick AS (SELECT a.alt, a.alloc, a.devs FROM unnest(CAST(:a_alloc AS text[]), CAST(:a_devs AS text[])) "
-    "WITH ORDINALITY AS a(alloc, devs, alt) "
-    "WHERE NOT EXISTS (SELECT 1 FROM kiln_leases w WHERE w.pool = :pool AND w.state = 'waiting' "
-    "AND w.priority >= CAST(:priority AS integer)) "
-    "AND NOT EXISTS (SELECT 1 FROM alt_dev d JOIN kiln_lease_devices h ON h.pool = :pool AND h.node = d.node "
-    "AND h.kind = d.kind AND h.device = d.device WHERE d.alt = a.alt) "
-    "AND NOT EXISTS (SELECT 1 FROM alt_mem m JOIN used u ON u.node = m.node WHERE m.alt = a.alt "
-    "AND u.memory > m.room) ORDER BY a.alt LIMIT 1), "
-    f"lease AS (INSERT INTO kiln_leases ({', '.join(_FAST_LEASE)}, {', '.join(c for c, _ in _FAST_TYPED)}, "
-    "state, allocation, devices, granted_at, seq) "
-    f"SELECT {', '.join(':' + c for c in _FAST_LEASE)}, "
-    f"{', '.join(f'CAST(:{c} AS {t})' for c, t in _FAST_TYPED)}, "
-    "'granted', p.alloc, p.devs, CAST(:now AS double precision), "
-    "(SELECT seq FROM kiln_pools WHERE name = :pool) FROM pick p RETURNING id, devices), "
-    "dev AS (INSERT INTO kiln_lease_devices (lease_id, pool, node, kind, device) "
-    "SELECT :id, :pool, d.node, d.kind, d.device FROM alt_dev d JOIN pick p ON d.alt = p.alt), "
-    "event AS (INSERT INTO kiln_lease_events (ts, lease_id, pool, event, devices, detail) "
-    "SELECT CAST(:now AS double precision), id, :pool, 'grant', devices, '' FROM lease) "
-    "SELECT alt FROM pick"))
 #: SQLite: the same in three statements (no data-modifying CTEs there), inside BEGIN IMMEDIATE.
 END_LEASE = Stmt("end_lease", _END)
 DELETE_DEVICES_OF = Stmt("delete_devices_of", "DELETE FROM kiln_lease_devices WHERE lease_id = :id")
 
 PREPARED = (BUMP_POOL, LOCK_POOL, LOCK_POOL_OF, LOCK_LEASE, SELECT_LIVE, SELECT_LIVE_AND_OWN, LOCK_TEAM, TEAM_USAGE,
             INSERT_LEASE, GRANT_WAITING, TOUCH_WAITING, INSERT_EVENT, INSERT_DEVICES_PG, HEARTBEAT, EXPIRE,
-            RELEASE_PG, SELECT_POOL_STATE, FAST_GRANT)
+            RELEASE_PG)
 
 
 def prepare_all(dbapi_connection: Any) -> None:
@@ -190,6 +153,46 @@ def delete_devices_of(count: int) -> str:
     return f"DELETE FROM kiln_lease_devices WHERE lease_id IN ({', '.join(f':i{i}' for i in range(count))})"
 
 
+@functools.lru_cache(maxsize=64)
+def _row_type(names: tuple[str, ...]) -> Any:
+    return namedtuple("Row", names, rename=True)  # type: ignore[misc]  # noqa: PYI024
+
+
+@functools.lru_cache(maxsize=512)
+def _pyformat(sql: str) -> str:
+    """``:name`` parameters as psycopg2's ``%(name)s``."""
+    return _PARAM.sub(lambda m: f"%({m.group(1)})s", sql.replace("%", "%%"))
+
+
+class Rows:
+    """What a statement sent on the DBAPI cursor returned: its rows (attributes by column name) and row count.
+
+    The store's PostgreSQL statements skip SQLAlchemy's execution layer: compiling the parameters and building
+    the result there cost more client CPU per statement than psycopg2's own work (~150 against ~60 us measured),
+    and the clients' CPU is what bounded a pool's grant rate on a small machine."""
+
+    def __init__(self, cursor: Any):
+        self.rowcount: int = cursor.rowcount
+        self._rows: list[Any] = []
+        if cursor.description is not None:
+            row = _row_type(tuple(d[0] for d in cursor.description))
+            self._rows = [row._make(r) for r in cursor.fetchall()]
+
+    def all(self) -> list[Any]:
+        return self._rows
+
+    def first(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def one(self) -> Any:
+        if len(self._rows) != 1:
+            raise ValueError(f"expected one row, found {len(self._rows)}")
+        return self._rows[0]
+
+    def scalar(self) -> Any:
+        return self._rows[0][0] if self._rows else None
+
+
 class Tx:
     """A write transaction whose statements go out in batches.
 
@@ -205,8 +208,14 @@ class Tx:
         self.batched = batched
         self.open = False
         self.done = False
+        self._cursor = conn.connection.dbapi_connection.cursor() if batched else None  # type: ignore[union-attr]
 
-    def run(self, statements: Sequence[Stmt | str], params: dict[str, Any]) -> CursorResult:
+    def _send(self, sql: str, params: dict[str, Any] | None = None) -> Rows:
+        assert self._cursor is not None
+        self._cursor.execute(_pyformat(sql), params or {})
+        return Rows(self._cursor)
+
+    def run(self, statements: Sequence[Stmt | str], params: dict[str, Any]) -> CursorResult | Rows:
         """Execute ``statements`` in order; return the last one's result."""
         if not self.batched:
             result = None
@@ -220,22 +229,14 @@ class Tx:
         sql = "; ".join(st.execute if isinstance(st, Stmt) else st for st in statements)
         if not self.open:
             sql, self.open = "BEGIN; " + sql, True
-        return self.conn.execute(_text(sql), params)
+        return self._send(sql, params)
 
-    def once(self, statement: Stmt, params: dict[str, Any]) -> CursorResult:
+    def once(self, statement: Stmt, params: dict[str, Any]) -> CursorResult | Rows:
         """Execute one statement as its own transaction (autocommit: one round trip) when nothing is open yet."""
         if self.batched and not self.open:
             self.done = True
-            return self.conn.execute(_text(statement.execute), params)
+            return self._send(statement.execute, params)
         return self.run([statement], params)
-
-    def atomic(self, statements: Sequence[Stmt], params: dict[str, Any]) -> CursorResult:
-        """PostgreSQL, nothing open: ``statements`` in one round trip as one implicit transaction, committed when
-        the last one ends (a multi-statement query in autocommit). Each statement reads a fresh snapshot, so one
-        that follows a lock statement sees every commit made before the lock was granted. Returns the last one's
-        result."""
-        assert self.batched and not self.open, "atomic() needs a PostgreSQL connection with no transaction open"
-        return self.conn.execute(_text("; ".join(st.execute for st in statements)), params)
 
     def make_durable(self) -> None:
         """Wait until everything this session committed is on disk (PostgreSQL; SQLite commits are already).
@@ -245,7 +246,7 @@ class Tx:
         just made survives a server crash before its holder ever hears of it.
         """
         if self.batched:
-            self.conn.execute(_text(_FLUSH))
+            self._send(_FLUSH)
 
     def commit(self, statements: Sequence[Stmt | str] = (), params: dict[str, Any] | None = None) -> None:
         """Execute ``statements`` and commit (in one round trip when batched)."""
@@ -257,7 +258,7 @@ class Tx:
         if not self.open and not statements:
             return
         sql = "; ".join([*(st.execute if isinstance(st, Stmt) else st for st in statements), "COMMIT"])
-        self.conn.execute(_text(sql if self.open else "BEGIN; " + sql), params or {})
+        self._send(sql if self.open else "BEGIN; " + sql, params)
         self.open = False
 
 

@@ -2,8 +2,7 @@
 
 Every process (Airflow workers, the triggerer, CLIs, tests) opens its own :class:`LeaseStore` on the same database;
 the database is the only coordinator, so no daemon is needed. See :mod:`kiln.tasks.pools.tables` for how grants are
-serialised and :mod:`kiln.tasks.pools.grant` for how they are decided (and the short path most of them take on
-PostgreSQL). A lease lives ``ttl_s`` seconds past its last heartbeat (:mod:`~kiln.tasks.pools.keepalive` sends
+serialised. A lease lives ``ttl_s`` seconds past its last heartbeat (:mod:`~kiln.tasks.pools.keepalive` sends
 them); an expired lease's devices are reclaimed by the next grant in its pool that would not fit otherwise, or by
 ``reap()``.
 
@@ -26,11 +25,21 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from kiln.tasks.pools import sql
-from kiln.tasks.pools.allocation import Allocation, LeaseLostError, LeaseRequest, Owner, PoolTimeoutError
-from kiln.tasks.pools.grant import Granting
-from kiln.tasks.pools.inventory import Inventory
-from kiln.tasks.pools.leases import LIVE_STATES, allocation_json, devices_json
-from kiln.tasks.pools.placement import UsageTracker, check_satisfiable
+from kiln.tasks.pools.allocation import (
+    Allocation,
+    LeaseLostError,
+    LeaseRequest,
+    NodeAllocation,
+    Owner,
+    PoolTimeoutError,
+)
+from kiln.tasks.pools.inventory import Inventory, Pool
+from kiln.tasks.pools.leases import (
+    LIVE_STATES,
+    allocation_json,
+    devices_json,
+)
+from kiln.tasks.pools.placement import UsageTracker, check_satisfiable, place
 from kiln.tasks.pools.queries import LeaseQueries
 from kiln.tasks.pools.sql import Tx
 from kiln.tasks.pools.tables import create_schema, make_engine
@@ -42,7 +51,7 @@ SWEEP_INTERVAL_S = 2.0
 _CACHE_MAX = 4096
 
 
-class LeaseStore(Granting, LeaseQueries):
+class LeaseStore(LeaseQueries):
     """Leases on the pools of ``inventory``, kept in the database at ``url`` (SQLite or PostgreSQL).
 
     Args:
@@ -84,6 +93,90 @@ class LeaseStore(Granting, LeaseQueries):
 
     def _tx(self) -> AbstractContextManager[Tx]:
         return sql.transaction(self._engine, batched=self._batched)
+
+    # --- the grant decision -------------------------------------------------------------------------------
+
+    def _priority(self, request: LeaseRequest) -> int:
+        return request.priority if request.priority is not None else self.inventory.teams[request.team].priority
+
+    def _allocation(self, row: Any) -> Allocation:
+        allocation = self._allocations.get(row.id)
+        if allocation is None:
+            if len(self._allocations) >= _CACHE_MAX:
+                self._allocations.clear()
+            allocation = self._allocations[row.id] = Allocation.from_json(row.allocation)
+        return allocation
+
+    def _team_over(self, tx: Tx, team_name: str, request: LeaseRequest, *, lock: bool) -> bool:
+        """Whether granting ``request`` would take ``team_name`` over its quota (False when it has none)."""
+        team = self.inventory.teams.get(team_name)
+        quota = (team.quota_gpus, team.quota_cpus, team.quota_memory) if team else (None, None, None)
+        if quota == (None, None, None):
+            return False
+        # Quotas span pools, whose grants run in parallel on PostgreSQL: the team's lock serialises them.
+        used = tx.run([sql.LOCK_TEAM, sql.TEAM_USAGE] if lock else [sql.TEAM_USAGE], {"team": team_name}).one()
+        asked = (request.gpus * request.nodes, request.cpus * request.nodes, request.memory * request.nodes)
+        return any(q is not None and u + a > q for u, a, q in zip(used, asked, quota, strict=True))
+
+    def _decide(self, tx: Tx, pool: Pool, request: LeaseRequest, priority: int, seq: int | None,
+                lease_id: str | None, rows: Sequence[Any]) -> tuple[NodeAllocation, ...] | None:
+        """The devices to grant now, or None: a waiter is ahead in the queue, it does not fit, or over quota.
+
+        A waiter ahead (higher priority, or equal and earlier) blocks the request, unless that waiter is itself
+        held back only by its own team's quota and belongs to another team: one team at its ceiling must not
+        stall the pool for everyone.
+        """
+        granted: dict[str, Allocation] = {}
+        for r in rows:
+            if r.state == "granted":
+                granted[r.id] = self._allocation(r)
+            elif r.id != lease_id and (r.priority > priority or (r.priority == priority
+                                                                 and (seq is None or r.seq < seq))):
+                if r.team == request.team or not self._team_over(
+                        tx, r.team, LeaseRequest.from_dict(json.loads(r.request)), lock=False):
+                    return None
+        nodes = place(pool, self._usage.setdefault(pool.name, UsageTracker()).update(granted), request)
+        if nodes is None or self._team_over(tx, request.team, request, lock=True):
+            return None
+        return nodes
+
+    def _decide_or_reap(self, tx: Tx, pool: Pool, request: LeaseRequest, priority: int, seq: int | None,
+                        lease_id: str | None, rows: Sequence[Any], now: float,
+                        reread: tuple[sql.Stmt, dict[str, Any]]) -> tuple[NodeAllocation, ...] | None:
+        # Expired leases only matter when something does not fit, so the reap runs on that path alone.
+        nodes = self._decide(tx, pool, request, priority, seq, lease_id, rows)
+        if nodes is None and self._reap(tx, now, pool.name):
+            rows = tx.run([reread[0]], reread[1]).all()
+            nodes = self._decide(tx, pool, request, priority, seq, lease_id, rows)
+        return nodes
+
+    def _grant_statements(self, tx: Tx, allocation: Allocation, params: dict[str, Any]) -> list[sql.Stmt | str]:
+        """Statements (their parameters added to ``params``) recording the devices and the grant event."""
+        devices = [(n.node, kind, str(d)) for n in allocation.nodes
+                   for kind, ids in (("gpu", n.gpus), ("cpu", n.cpus)) for d in ids]
+        params.update(event="grant", detail="")
+        if not devices:
+            return [sql.INSERT_EVENT]
+        # The UNIQUE constraint on the device rows makes the database refuse a device held twice.
+        if tx.batched:
+            params.update(nodes=[d[0] for d in devices], kinds=[d[1] for d in devices],
+                          device_ids=[d[2] for d in devices])
+            return [sql.INSERT_DEVICES_PG, sql.INSERT_EVENT]
+        for i, (node, kind, device) in enumerate(devices):
+            params.update({f"n{i}": node, f"k{i}": kind, f"d{i}": device})
+        return [sql.insert_devices(len(devices)), sql.INSERT_EVENT]
+
+    def _reap(self, tx: Tx, now: float, pool: str, lock: Sequence[sql.Stmt] = ()) -> list[str]:
+        expired = tx.run([*lock, sql.EXPIRE], {"now": now, "pool": pool}).all()
+        if not expired:
+            return []
+        params: dict[str, Any] = {"now": now, "detail": "no heartbeat within ttl"}
+        for i, r in enumerate(expired):
+            params.update({f"i{i}": r.id, f"p{i}": r.pool, f"v{i}": r.devices, f"e{i}": "expire"})
+        tx.run([sql.delete_devices_of(len(expired)), sql.insert_events(len(expired))], params)
+        ids = [r.id for r in expired]
+        logger.warning("expired %d lease(s) whose holders stopped heartbeating: %s", len(ids), ", ".join(ids))
+        return ids
 
     def _sweep_if_due(self) -> None:
         """Reap every pool now and then while requests wait: a dead lease in another pool may hold team quota."""
@@ -132,12 +225,6 @@ class LeaseStore(Granting, LeaseQueries):
         pool, lease_id, params = self.inventory.pools[request.pool], uuid.uuid4().hex, {"pool": request.pool}
         values = self._lease_params(lease_id, request, owner)
         with self._tx() as tx:
-            if tx.batched and request.nodes == 1 and not self._has_quota(request.team):
-                allocation = self._try_fast(tx, pool, request, self._stamp(dict(values), self._clock()))
-                if allocation is not None:
-                    tx.make_durable()
-                    logger.info("granted lease %s to %s: %s", lease_id, owner.label(), request.describe())
-                    return allocation
             now = self._clock()
             rows = tx.run([sql.LOCK_POOL, sql.SELECT_LIVE], params).all()
             nodes = self._decide_or_reap(tx, pool, request, self._priority(request), None, None, rows, now,
