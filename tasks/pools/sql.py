@@ -2,9 +2,10 @@
 
 On PostgreSQL the engine runs in autocommit mode and a write transaction is opened by hand: ``BEGIN`` travels
 with the first batch and ``COMMIT`` with the last, so a grant costs two round trips (lock + read, then write +
-commit) and a release one (a single statement with data-modifying CTEs). The pool row's lock is then held for one
-round trip plus the commit, which is what bounds a pool's grant rate. SQLite runs the same statements one by one
-inside ``BEGIN IMMEDIATE`` (in-process calls, no round trips).
+commit + the durability flush, which runs after the lock is released) and a release one (a single statement with
+data-modifying CTEs). The pool's lock is then held for one round trip plus the commit. Statements go to the
+psycopg2 cursor directly (see :class:`Rows`). SQLite runs the same statements one by one inside ``BEGIN
+IMMEDIATE`` (in-process calls, no round trips).
 
 The PostgreSQL side keeps per-session state (prepared statements, ``synchronous_commit``), so it needs a direct
 connection or a session-pooling proxy, not PgBouncer's transaction pooling.
@@ -248,17 +249,25 @@ class Tx:
         if self.batched:
             self._send(_FLUSH)
 
-    def commit(self, statements: Sequence[Stmt | str] = (), params: dict[str, Any] | None = None) -> None:
-        """Execute ``statements`` and commit (in one round trip when batched)."""
+    def commit(self, statements: Sequence[Stmt | str] = (), params: dict[str, Any] | None = None, *,
+               durable: bool = False) -> None:
+        """Execute ``statements`` and commit (in one round trip when batched).
+
+        Args:
+            durable: then also :meth:`make_durable`, in the same round trip on PostgreSQL: the server runs the
+                flush after the COMMIT that released the locks, without waiting for the client in between.
+        """
         self.done = True
         if not self.batched:
             if statements:
                 self.run(statements, params or {})
             return
         if not self.open and not statements:
+            if durable:
+                self.make_durable()
             return
         sql = "; ".join([*(st.execute if isinstance(st, Stmt) else st for st in statements), "COMMIT"])
-        self._send(sql if self.open else "BEGIN; " + sql, params)
+        self._send((sql if self.open else "BEGIN; " + sql) + ("; " + _FLUSH if durable else ""), params)
         self.open = False
 
 

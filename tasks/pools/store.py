@@ -235,8 +235,9 @@ class LeaseStore(LeaseQueries):
             else:
                 allocation = Allocation(lease_id=lease_id, pool=pool.name, nodes=nodes, ttl_s=request.ttl_s)
                 self._stamp(values, now, allocation)
-                tx.commit([sql.INSERT_LEASE, *self._grant_statements(tx, allocation, values)], values)
-                tx.make_durable()  # the pool lock is already released: concurrent clients share this fsync
+                # Durable in the same round trip, after the COMMIT that released the pool lock: concurrent
+                # clients share the fsync.
+                tx.commit([sql.INSERT_LEASE, *self._grant_statements(tx, allocation, values)], values, durable=True)
         if allocation is None:
             self._sweep_if_due()
             return None
@@ -255,8 +256,7 @@ class LeaseStore(LeaseQueries):
         with self._tx() as tx:
             values = self._stamp(self._lease_params(lease_id, request, owner), self._clock())
             values.update(event="request", detail=f"{request.describe()} for {owner.label()}")
-            tx.commit([sql.LOCK_POOL, sql.BUMP_POOL, sql.INSERT_LEASE, sql.INSERT_EVENT], values)
-            tx.make_durable()
+            tx.commit([sql.LOCK_POOL, sql.BUMP_POOL, sql.INSERT_LEASE, sql.INSERT_EVENT], values, durable=True)
         logger.info("queued lease %s for %s: %s", lease_id, owner.label(), request.describe())
         return lease_id
 
