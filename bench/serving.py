@@ -50,9 +50,11 @@ its deployment file saying ``"capture": {"share": 0.1}`` (capture_on, the defaul
 temporary artifact root (``KILN_ARTIFACT_ROOT``); after the servers stop (which flushes the buffers) the captured
 Parquet rows are counted, with the server's own counters (records predicted, captured, dropped), to show that
 capture was on, at the share asked, in one server only. The JSON line (name ``serving_capture``): capture_on's
-requests/s against capture_off's at 64 clients, 1 record (target >= 0.95; ratio of the two medians), both p99s,
-the counts and the round-by-round ratios (``round_ratios``: less moved by the machine's speed drifting between
-rounds) in the ``peer`` text.
+requests/s against capture_off's at 64 clients, 1 record (target >= 0.95), both p99s and the counts in the
+``peer`` text. Its ratio is the median of the rounds' ratios (``round_ratios``): the two servers run back to back
+in each round, so each round compares them at one machine speed, while the speed of a shared machine moves by
+10-20 % between rounds, more than capture costs; the ratio of the two medians and the CPU time per request of
+each are in the ``peer`` text too.
 """
 
 from __future__ import annotations
