@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,3 +55,14 @@ def unknown_key(key: str, allowed: list[str]) -> str:
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown field '{key}'{hint} allowed: {', '.join(allowed)}"
+
+
+def set_field(data: dict[str, Any], field: str, value: Any) -> dict[str, Any]:
+    """Set the dotted ``field`` (``training.learning_rate``, ``training.params.depth``) of a dumped spec to
+    ``value``, in place; returns ``data``."""
+    node = data
+    *parents, leaf = field.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return data

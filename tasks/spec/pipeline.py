@@ -18,6 +18,7 @@ from kiln.tasks.spec.base import (
     TaskType,
     _Strict,
     metric_problem,
+    set_field,
     unknown_key,
 )
 from kiln.tasks.spec.data import CacheSpec, CleaningSpec, ExpectationsSpec, FeaturesSpec, SourceSpec
@@ -198,11 +199,7 @@ class PipelineSpec(_Strict):
                 continue
             if value is None:
                 continue
-            node = data
-            *parents, leaf = PARAM_FIELDS[key]
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
+            set_field(data, ".".join(PARAM_FIELDS[key]), value)
         if problems:
             raise SpecError(source, problems)
         try:

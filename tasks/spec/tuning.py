@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from kiln.tasks.spec.base import HIGHER_IS_BETTER, _Strict, unknown_key
+from kiln.tasks.spec.base import HIGHER_IS_BETTER, _Strict, set_field, unknown_key
 from kiln.tasks.spec.training import ModelSpec, TrainingSpec
 
 if TYPE_CHECKING:
@@ -278,14 +278,3 @@ def _first_error(exc: ValidationError) -> str:
     where = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     return f"{msg} (at {where})" if where else msg
-
-
-def set_field(data: dict[str, Any], field: str, value: Any) -> dict[str, Any]:
-    """Set the dotted ``field`` (``training.learning_rate``, ``training.params.depth``) of a dumped spec to
-    ``value``, in place; returns ``data``."""
-    node = data
-    *parents, leaf = field.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-    return data

@@ -15,7 +15,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import BaseTrial, FrozenTrial
 
 from kiln.tasks.spec import DistributionSpec, PipelineSpec, parse_spec
-from kiln.tasks.spec.tuning import set_field
+from kiln.tasks.spec.base import set_field
 
 _SCALARS = (type(None), bool, int, float, str)
 
