@@ -120,7 +120,8 @@ class ChampionLocks:
             got = conn.execute(taken.returning(champion_locks.c.token)).first()
         if got is None:
             return None
-        if before is not None and before["holder"] != holder:
+        # Only a lock that had expired was taken over; a live one we saw was released before our upsert.
+        if before is not None and before["holder"] != holder and before["expires_at"] < now:
             log.warning("took over the champion lock of %s from %s: it expired %.0f s ago without a release",
                         model, before["holder"], now - before["expires_at"])
         return LockGrant(model, holder, token, expires_at)

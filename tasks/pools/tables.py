@@ -12,6 +12,8 @@ after a release committed sees the devices free; one that started before still s
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +149,7 @@ def _sqlite_transactions(engine: Engine) -> None:
         dbapi_connection.isolation_level = None
         cur = dbapi_connection.cursor()
         cur.execute(f"PRAGMA busy_timeout = {int(_SQLITE_BUSY_S * 1000)}")
-        cur.execute("PRAGMA journal_mode = WAL")
+        _wal_mode(cur)
         cur.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable against a process crash, not a power cut
         cur.close()
 
@@ -155,6 +157,23 @@ def _sqlite_transactions(engine: Engine) -> None:
     def _begin(conn: Connection) -> None:
         mode = "DEFERRED" if conn.get_execution_options().get(READ_ONLY) else "IMMEDIATE"
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _wal_mode(cur: Any) -> None:
+    # Switching a file to WAL takes the write lock, and SQLite answers this pragma "database is locked" at once when
+    # another connection holds it, without calling the busy handler (many tasks open a new store together), so the
+    # wait is ours, bounded like the busy timeout.
+    deadline = time.monotonic() + _SQLITE_BUSY_S
+    pause = 0.005
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def insert_ignore(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:

@@ -358,3 +358,27 @@ def test_sqlite_store_creates_its_folder(tmp_path: Path) -> None:
     finally:
         store.close()
     assert (tmp_path / "new" / "home" / "pools.db").exists()
+
+
+def test_a_first_connection_waits_for_another_process_writing_the_new_file(tmp_path: Path) -> None:
+    # Switching a new file to WAL needs the write lock, and SQLite answers that pragma "database is locked" at once
+    # instead of calling the busy handler: many tasks opening the embedded store together must wait, not fail.
+    import sqlite3
+
+    from kiln.tasks.pools.tables import make_engine
+
+    path = tmp_path / "pools.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE theirs (x INTEGER)")
+    commit = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    commit.start()
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("SELECT count(*) FROM theirs").scalar() == 0
+    finally:
+        commit.join()
+        engine.dispose()
+        other.close()
