@@ -16,15 +16,26 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable, Param, chain, task
+from airflow.sdk import (
+    DAG,
+    Asset,
+    AssetOrTimeSchedule,
+    AssetWatcher,
+    CronTriggerTimetable,
+    Param,
+    TriggerRule,
+    chain,
+    task,
+)
 from airflow.sdk.exceptions import AirflowSkipException
 
 from kiln.operators.access import team_access_control
 from kiln.operators.s3_credentials import use_s3_connection
 from kiln.operators.source_trigger import source_trigger
 from kiln.operators.step import PipelineStepOperator
-from kiln.operators.train import TrainOperator
-from kiln.tasks.pipeline.steps import STEPS
+from kiln.operators.train import StudyOperator, TrainOperator, TrialOperator
+from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.steps import STEPS, STUDY, TRAIN_BEST
 from kiln.tasks.settings import get_settings
 from kiln.tasks.spec import PipelineSpec, load_specs
 from kiln.tasks.spec.params import param_schemas
@@ -71,7 +82,8 @@ def _schedule(spec: PipelineSpec, spec_path: Path) -> Any:
 
 def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     """The DAG of one pipeline spec: ingest >> validate >> clean >> build_features >> train >> evaluate >>
-    register >> gate >> infra_validate >> deploy >> verify >> promote.
+    register >> gate >> infra_validate >> deploy >> verify >> promote; with ``tuning:``, ``train`` is
+    ``study >> trial (mapped) >> train`` (:func:`_study_tasks`).
 
     A candidate the gate rejects leaves ``gate`` successful (its decision is the output) and the rollout skipped.
     Each step's task page links to the run's MLflow run (and the validation report, the gate decision).
@@ -90,13 +102,36 @@ def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         default_args={"owner": spec.owner, "retries": 1, "retry_delay": timedelta(seconds=10)},
         # Access (prod profile): the spec's team sees and triggers this DAG; admins and viewers see every DAG.
         access_control=team_access_control(spec.access_team),
+        # Bagged from this module's globals only: a DAG whose build raised must not be bagged half-built.
+        auto_register=False,
     ) as dag:
         path = str(spec_path)
         # Airflow counts a deferred task's wait in its execution time: allow the lease wait plus the job.
-        budget_s = spec.training.timeout_s + spec.training.resources.wait_timeout_s + 300
-        chain(*(TrainOperator(spec_path=path, execution_timeout=timedelta(seconds=budget_s)) if step.leased
-                else PipelineStepOperator(step=step, spec_path=path) for step in STEPS))
+        budget = timedelta(seconds=spec.training.timeout_s + spec.training.resources.wait_timeout_s + 300)
+        tasks: list[Any] = []
+        for step in STEPS:
+            if step.name == keys.TRAIN and spec.tuning is not None:
+                tasks += _study_tasks(spec, path, budget)
+            elif step.leased:
+                tasks.append(TrainOperator(spec_path=path, execution_timeout=budget))
+            else:
+                tasks.append(PipelineStepOperator(step=step, spec_path=path))
+        chain(*tasks)
     return dag
+
+
+def _study_tasks(spec: PipelineSpec, path: str, budget: timedelta) -> list[Any]:
+    """A tuned run's tasks in place of ``train``: ``study``, one mapped ``trial`` per trial (at most
+    ``tuning.parallel`` at once), then ``train``, which publishes the best trial once every trial has ended."""
+    assert spec.tuning is not None
+    study = StudyOperator(step=STUDY, spec_path=path)
+    trials = TrialOperator.partial(
+        task_id=keys.TRIAL, spec_path=path, execution_timeout=budget, retries=0,
+        max_active_tis_per_dagrun=spec.tuning.parallel, map_index_template="trial {{ task.index }}",
+    ).expand(index=study.output)
+    # Every trial ended (pruned trials are skipped, failed ones failed): the best completed one goes on.
+    best = PipelineStepOperator(step=TRAIN_BEST, spec_path=path, trigger_rule=TriggerRule.ALL_DONE)
+    return [study, trials, best]
 
 
 def build_monitor_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
@@ -130,6 +165,8 @@ def build_monitor_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         tags=sorted({"kiln", "monitoring", spec.task, *spec.tags}),
         default_args={"owner": spec.owner, "retries": 1, "retry_delay": timedelta(seconds=30)},
         access_control=team_access_control(spec.access_team),
+        # Bagged from this module's globals only: a DAG whose build raised must not be bagged half-built.
+        auto_register=False,
     ) as dag:
         path = str(spec_path)
 

@@ -78,7 +78,8 @@ class PipelineStepOperator(BaseOperator):
 
     A rejected candidate is an outcome, not a failure: the gate's ``GateRejectedError`` in a rollout step becomes
     a skip. Errors that a retry cannot fix (bad data, a bad spec or Param, a candidate that failed in the serving
-    runtime, a champion alias moved outside kiln) fail the task without retrying.
+    runtime, a champion alias moved outside kiln, a study's trials that the pool cannot hold at once, a study
+    whose trials all failed) fail the task without retrying.
 
     Args:
         step: the step (one of :data:`kiln.tasks.pipeline.steps.STEPS`); the task id defaults to its name.
@@ -102,8 +103,10 @@ class PipelineStepOperator(BaseOperator):
         from kiln.tasks.pipeline.endpoint import DeploymentFailedError
         from kiln.tasks.pipeline.gate_decision import GateRejectedError
         from kiln.tasks.pipeline.step_cache import run_step
+        from kiln.tasks.pools.allocation import UnsatisfiableRequestError
         from kiln.tasks.steps.infra_validate import InfraValidationError
         from kiln.tasks.tracking.registry import ChampionMismatchError
+        from kiln.tasks.tuning.study import TuningError
 
         with noting_failure(context):
             ctx = run_context(self.spec_path, context)
@@ -111,5 +114,6 @@ class PipelineStepOperator(BaseOperator):
                 return run_step(self.step, ctx)
             except GateRejectedError as exc:
                 raise AirflowSkipException(str(exc)) from exc
-            except (DataError, InfraValidationError, DeploymentFailedError, ChampionMismatchError) as exc:
+            except (DataError, InfraValidationError, DeploymentFailedError, ChampionMismatchError,
+                    UnsatisfiableRequestError, TuningError) as exc:
                 raise AirflowFailException(str(exc)) from exc

@@ -1,4 +1,5 @@
-"""``TrainOperator`` and ``DockerTrainOperator``: the ``train`` step on devices leased from a resource pool."""
+"""``TrainOperator`` and ``DockerTrainOperator``: the ``train`` step on devices leased from a resource pool; and
+``TrialOperator``: one trial of a tuned run's study, mapped over the ``study`` step's indices."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperatorLink
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from kiln.operators.links import step_links
 from kiln.operators.pools import PooledOperator
-from kiln.operators.step import noting_failure, run_context
+from kiln.operators.step import PipelineStepOperator, noting_failure, run_context
 from kiln.tasks.pipeline import keys
 
 if TYPE_CHECKING:
@@ -59,7 +61,7 @@ class TrainOperator(PooledOperator):
         return run_context(self.spec_path, context, {"launcher": self.launcher_name} if self.launcher_name else None)
 
     def lease_request(self, context: Any) -> tuple[LeaseRequest, float]:
-        from kiln.tasks.steps.train import lease_request
+        from kiln.tasks.pipeline.training_run import lease_request
 
         spec = self._context(context).spec
         return lease_request(spec), spec.training.resources.wait_timeout_s
@@ -100,3 +102,60 @@ class DockerTrainOperator(TrainOperator):
 
     launcher_name = "docker"
     ui_color = "#dbeafe"
+
+
+class StudyOperator(PipelineStepOperator):
+    """The ``study`` step of a tuned run. Its XCom is the list of trial indices, which the ``trial`` tasks are
+    mapped over (Airflow maps over a task's return value only); the study's plan is the XCom ``study``."""
+
+    ui_color = "#fde7c8"
+
+    def execute(self, context: Any) -> Any:
+        plan = super().execute(context)
+        context["ti"].xcom_push(key=keys.STUDY, value=plan)
+        return list(plan["indices"])
+
+
+class TrialOperator(TrainOperator):
+    """One trial of a tuned run's study (:func:`kiln.tasks.steps.trial.trial`) on its own leased devices, leased
+    one priority below the spec's and preemptible. A pruned trial ends skipped; a failed one fails without a retry
+    (it is recorded FAIL in the study, and a retry would be a new trial); the study goes on either way.
+
+    Args:
+        spec_path: the pipeline spec file.
+        index: the trial's index (the task's map index).
+    """
+
+    template_fields: Sequence[str] = ("spec_path",)
+    ui_color = "#ece4ff"
+    # Mapped operators read their links from the class (TrainOperator's property is per instance).
+    operator_extra_links = step_links(keys.TRIAL)
+
+    def __init__(self, *, spec_path: str, index: int, **kwargs: Any) -> None:
+        super().__init__(spec_path=spec_path, **{"task_id": keys.TRIAL, **kwargs})
+        self.index = index
+
+    def execute(self, context: Any) -> Any:
+        with noting_failure(context):  # no step cache: every trial trains
+            return PooledOperator.execute(self, context)
+
+    def lease_request(self, context: Any) -> tuple[LeaseRequest, float]:
+        from kiln.tasks.pipeline.tuned_run import trial_request
+
+        spec = self._context(context).spec
+        return trial_request(spec), spec.training.resources.wait_timeout_s
+
+    def run_leased(self, context: Any, allocation: Allocation) -> dict[str, Any]:
+        from kiln.tasks.launch.base import get_launcher
+        from kiln.tasks.steps.trial import TrialPrunedError, trial
+
+        ctx = self._context(context)
+        self._launcher = get_launcher(ctx.spec.training.launcher)
+        try:
+            return trial(ctx, int(self.index), self._launcher, allocation).to_dict()
+        except TrialPrunedError as exc:
+            raise AirflowSkipException(str(exc)) from exc
+        except Exception as exc:
+            raise AirflowFailException(str(exc)) from exc
+        finally:
+            self._launcher = None

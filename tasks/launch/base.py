@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,21 @@ class LaunchResult:
 
 class Launcher(ABC):
     """Starts a training job's ranks and watches them until all have exited."""
+
+    _output_hooks: tuple[Callable[[str], None], ...] = ()
+
+    def watch_output(self, hook: Callable[[str], None]) -> None:
+        """Call ``hook`` with every output line of the jobs this launcher runs (from the thread that reads the
+        output; a tuning trial reads its metric lines there). Set it before :meth:`launch`."""
+        self._output_hooks = (*self._output_hooks, hook)
+
+    def _output(self, line: str) -> None:
+        """Hand one output line to the hooks; a failing hook is logged and the job goes on."""
+        for hook in self._output_hooks:
+            try:
+                hook(line)
+            except Exception:  # noqa: BLE001 (the reader thread must keep draining the job's output)
+                log.exception("an output hook failed on the line %r", line[:200])
 
     @abstractmethod
     def launch(self, config: TrainConfig, *, nproc: int, workdir: Path,

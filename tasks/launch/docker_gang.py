@@ -191,7 +191,7 @@ class DockerGangLauncher(Launcher):
                 raise TrainingFailedError(-15, "", reason="was terminated before it started")
             job = self.job_id = uuid.uuid4().hex[:12]
         base = t.docker.image or get_settings().train_image
-        sink = OutputLog(workdir / LOG_FILE, self.tail_lines, on_line=lambda text: log.info("%s", text))
+        sink = OutputLog(workdir / LOG_FILE, self.tail_lines, on_line=self._log_line)
         clients: dict[str | None, DockerClient] = {}
         reaper = start_watchdog(job, sorted({n.docker_url or "" for n in nodes}))
         try:
@@ -329,6 +329,10 @@ class DockerGangLauncher(Launcher):
                 return _Outcome(status, nodes[index].node, code, f"exited with code {code}")
             pending.discard(index)
         return _Outcome("ok")
+
+    def _log_line(self, text: str) -> None:
+        log.info("%s", text)
+        self._output(text)
 
     @staticmethod
     def _error(outcome: _Outcome, timeout_s: int, restarts: int, tail: str) -> TrainingFailedError:

@@ -119,6 +119,7 @@ class LocalTorchrunLauncher(Launcher):
 
     def _log_line(self, line: str) -> None:
         log.info("%s %s", self.log_prefix, line)
+        self._output(line)
 
     def _stop(self, proc: ProcessGroup) -> None:
         """SIGTERM the job's process group, then SIGKILL whatever is left after the grace period."""

@@ -40,7 +40,8 @@ CODE_MODULES: dict[str, tuple[str, ...]] = {
     keys.VALIDATE: ("kiln.tasks.steps.validate", "kiln.tasks.features"),
     keys.CLEAN: ("kiln.tasks.steps.clean", "kiln.tasks.features"),
     keys.BUILD_FEATURES: ("kiln.tasks.steps.build_features", "kiln.tasks.features"),
-    keys.TRAIN: ("kiln.tasks.steps.train", "kiln.tasks.training", "kiln.tasks.features"),
+    keys.TRAIN: ("kiln.tasks.steps.train", "kiln.tasks.pipeline.training_run", "kiln.tasks.training",
+                 "kiln.tasks.features"),
 }
 _DATA_LIBRARIES = ("numpy", "pandas", "pyarrow")
 #: Third-party distributions whose version is part of each step's code version.

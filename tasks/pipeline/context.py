@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from kiln.tasks.settings import get_settings
-from kiln.tasks.spec import PipelineSpec, SpecError, load_spec
+from kiln.tasks.spec import PipelineSpec, load_spec
 from kiln.tasks.storage.artifacts import ArtifactStore, run_key, store_for_root
 
 R = TypeVar("R")
@@ -89,12 +89,6 @@ def make_context(spec_path: str | Path, run_id: str, params: dict[str, Any] | No
         SpecError: the spec file or a Param is invalid.
     """
     spec = load_spec(spec_path)
-    if spec.tuning is not None:
-        # The spec section and the study library exist; the trial tasks that run a study do not yet. A run that
-        # silently trained one model with the spec's own values would look like a finished search.
-        raise SpecError(str(spec_path), ["tuning: hyper-parameter search does not run yet (the spec section is "
-                                         "checked, the trial tasks are not built): remove the section to run this "
-                                         "pipeline"])
     if params:
         spec = spec.with_overrides(dict(params))
     return RunContext(spec=spec, run_key=run_key(spec.name, run_id), store=store or default_store(),

@@ -26,6 +26,17 @@ BUNDLE = "bundle"
 #: Scratch key where training keeps checkpoints across task retries.
 CHECKPOINTS = "checkpoints"
 
+# A tuned run (the spec's ``tuning:``): ``study`` opens the study, one ``trial`` task per trial trains into
+# ``<run>/trials/<index>/train`` (checkpoints beside it), and ``train`` publishes the best trial's as ``<run>/train``.
+STUDY = "study"
+TRIAL = "trial"
+TRIALS = "trials"
+
+
+def trial_key(index: int, output: str) -> str:
+    """The key, within a run, of one trial's ``train`` or ``checkpoints`` folder: ``trials/<index>/<output>``."""
+    return f"{TRIALS}/{index}/{output}"
+
 # ingest
 SNAPSHOT_FILE = "snapshot.parquet"
 #: Rows, schema, source and sha256 of the snapshot.

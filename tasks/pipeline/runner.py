@@ -7,10 +7,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import RunContext, StepResult
 from kiln.tasks.pipeline.gate_decision import GateRejectedError
 from kiln.tasks.pipeline.step_cache import execute_step
-from kiln.tasks.pipeline.steps import STEPS, step_named
+from kiln.tasks.pipeline.steps import step_named, steps_of
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +74,44 @@ def run_all(ctx: RunContext, until: str | None = None) -> RunResult:
     Raises:
         KeyError: ``until`` names no step.
     """
-    last = step_named(until).name if until else STEPS[-1].name
+    steps = steps_of(ctx.spec)
+    last = step_named(until).name if until else steps[-1].name
     t0 = time.perf_counter()
     run = RunResult()
-    for step in STEPS:
+    for step in steps:
         log.info("step %s", step.name)
         try:
             run.results[step.name] = StepOutput(*execute_step(step, ctx))
         except GateRejectedError as exc:
             run.skipped[step.name] = str(exc)
             log.info("step %s skipped: %s", step.name, exc)
+        if step.name == keys.STUDY:
+            run.results.update(run_trials(ctx, run.results[step.name].indices))
         if step.name == last:
             break
     run.duration_s = round(time.perf_counter() - t0, 3)
     return run
+
+
+def run_trials(ctx: RunContext, indices: list[int]) -> dict[str, StepOutput]:
+    """A tuned run's trials in this process, one after another (the DAG runs them as mapped tasks, several at
+    once). A pruned or failed trial is recorded in the study and the next one runs.
+
+    Returns:
+        Each trial's output under ``trial[<index>]``: its result, or ``{"pruned": ...}`` / ``{"failed": ...}``.
+    """
+    from kiln.tasks.steps.trial import TrialPrunedError, trial
+
+    out: dict[str, StepOutput] = {}
+    for index in indices:
+        name = f"{keys.TRIAL}[{index}]"
+        log.info("step %s", name)
+        try:
+            result = trial(ctx, index)
+            out[name] = StepOutput(result.to_dict(), result)
+        except TrialPrunedError as exc:
+            out[name] = StepOutput({"pruned": str(exc)})
+        except Exception as exc:  # noqa: BLE001 (recorded FAIL in the study, which goes on; train reports it)
+            log.warning("trial %d failed: %s", index, exc)
+            out[name] = StepOutput({"failed": f"{type(exc).__name__}: {exc}"[:2000]})
+    return out

@@ -23,6 +23,7 @@ from kiln.tasks.pipeline.cache_keys import (
     validate_key,
 )
 from kiln.tasks.pipeline.context import RunContext, StepResult
+from kiln.tasks.spec import PipelineSpec
 from kiln.tasks.steps.build_features import build_features
 from kiln.tasks.steps.clean import clean
 from kiln.tasks.steps.deploy import deploy
@@ -32,7 +33,8 @@ from kiln.tasks.steps.infra_validate import infra_validate
 from kiln.tasks.steps.ingest import ingest
 from kiln.tasks.steps.promote import promote
 from kiln.tasks.steps.register import register
-from kiln.tasks.steps.train import train
+from kiln.tasks.steps.study import study
+from kiln.tasks.steps.train import train, train_best
 from kiln.tasks.steps.validate import record_cached_validation, validate
 from kiln.tasks.steps.verify import verify
 
@@ -70,6 +72,20 @@ STEPS: tuple[Step, ...] = (
     Step(keys.PROMOTE, promote),
 )
 
+#: A tuned run (the spec's ``tuning:``) replaces ``train`` with these two, and maps one ``trial`` task
+#: (:mod:`kiln.tasks.steps.trial`, on leased devices) over the study's indices between them.
+STUDY = Step(keys.STUDY, study)
+TRAIN_BEST = Step(keys.TRAIN, train_best)
+
+
+def steps_of(spec: PipelineSpec) -> tuple[Step, ...]:
+    """The steps of a run of ``spec`` in order: :data:`STEPS`, or for a tuned spec ``study`` and the best trial's
+    ``train`` in place of ``train`` (the trials run between them)."""
+    if spec.tuning is None:
+        return STEPS
+    at = [s.name for s in STEPS].index(keys.TRAIN)
+    return (*STEPS[:at], STUDY, TRAIN_BEST, *STEPS[at + 1:])
+
 
 def step_named(name: str) -> Step:
     """The step whose task id is ``name``.
@@ -77,7 +93,7 @@ def step_named(name: str) -> Step:
     Raises:
         KeyError: no such step (the message lists them).
     """
-    for step in STEPS:
+    for step in (*STEPS, STUDY):
         if step.name == name:
             return step
-    raise KeyError(f"unknown step {name!r}; steps: {', '.join(s.name for s in STEPS)}")
+    raise KeyError(f"unknown step {name!r}; steps: {', '.join(s.name for s in (*STEPS, STUDY))}")

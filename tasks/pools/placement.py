@@ -193,3 +193,23 @@ def check_satisfiable(inventory: Inventory, request: LeaseRequest) -> None:
         if quota is not None and total > quota:
             raise UnsatisfiableRequestError(f"{asked}: asks {fmt(total)} {what} in all but team {team.name!r} may "
                                             f"hold at most {fmt(quota)} {what} at once (its quota)")
+
+
+def copies_at_once(inventory: Inventory, request: LeaseRequest, wanted: int) -> int:
+    """How many leases of ``request`` its pool and team could hold at once with every device free, up to
+    ``wanted`` (a study's trials at once are checked against this before any is queued).
+
+    Raises:
+        UnsatisfiableRequestError: even one copy could never be granted (:func:`check_satisfiable`).
+    """
+    check_satisfiable(inventory, request)
+    pool, team = inventory.pools[request.pool], inventory.teams[request.team]
+    held: list[Allocation] = []
+    for count in range(wanted):
+        over_quota = any(quota is not None and (count + 1) * amount * request.nodes > quota for amount, quota in (
+            (request.gpus, team.quota_gpus), (request.cpus, team.quota_cpus), (request.memory, team.quota_memory)))
+        nodes = None if over_quota else place(pool, usage_of(held), request)
+        if nodes is None:
+            return count
+        held.append(Allocation(lease_id=f"copy-{count}", pool=pool.name, nodes=nodes, ttl_s=request.ttl_s))
+    return wanted

@@ -34,6 +34,8 @@ def param_schemas(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
         for part in path[:-1]:
             value = getattr(value, part)
             model = type(value)
+        if value is None:  # an optional section this spec leaves out (tuning): its Params do not apply
+            continue
         field = path[-1]
         schema = _properties(model)[field]
         info = model.model_fields[field]

@@ -199,7 +199,14 @@ class PipelineSpec(_Strict):
                 continue
             if value is None:
                 continue
+            if PARAM_FIELDS[key][0] == "tuning" and self.tuning is None:
+                problems.append(f"Param '{key}': pipeline {self.name!r} has no tuning section, so it runs no study; "
+                                "leave the Param out, or add tuning: to its spec")
+                continue
             set_field(data, ".".join(PARAM_FIELDS[key]), value)
+            if key == "tuning_trials" and type(value) is int and self.tuning is not None and \
+                    1 <= value < self.tuning.parallel:
+                set_field(data, "tuning.parallel", value)  # fewer trials than the spec runs at once: all at once
         if problems:
             raise SpecError(source, problems)
         try:
@@ -221,6 +228,9 @@ PARAM_FIELDS: dict[str, tuple[str, ...]] = {
     "sample_fraction": ("sample_fraction",),
     "deployment": ("deployment", "strategy"),
     "use_cache": ("cache", "enabled"),
+    # Tuned pipelines only (the form of a spec without ``tuning:`` does not show it). The trials at once are the
+    # spec's: Airflow caps a mapped task's concurrency when it parses the DAG, not per run.
+    "tuning_trials": ("tuning", "trials"),
 }
 
 

@@ -1,128 +1,98 @@
-"""The ``train`` step: lease devices from the spec's resource pool and run the training job on them.
+"""The ``train`` step: lease devices from the spec's resource pool and train the model on them
+(:func:`kiln.tasks.pipeline.training_run.run_training`); in a tuned run, publish the study's best trial instead.
 
-The job itself (:mod:`kiln.tasks.training`) runs as ``training.nproc`` DDP ranks per node under the launcher the
-spec names (:mod:`kiln.tasks.launch`): local torchrun, or a gang of Docker containers. It checkpoints every epoch
-under ``<run>/checkpoints``, so a retried task resumes from the last complete epoch, and rank 0 writes the network
-and its metrics into ``<run>/train``.
+The job checkpoints every epoch under ``<run>/checkpoints``, so a retried task resumes from the last complete
+epoch, and rank 0 writes the network and its metrics into ``<run>/train``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import shutil
-import socket
-import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import RunContext
-from kiln.tasks.pools.allocation import Allocation, LeaseRequest, Owner, parse_size
+from kiln.tasks.pipeline.training_run import TrainResult, run_training
 from kiln.tasks.settings import get_settings
-from kiln.tasks.spec import PipelineSpec
 from kiln.tasks.storage.artifacts import atomic_write_bytes, read_json
 
 if TYPE_CHECKING:
     from kiln.tasks.launch.base import Launcher
+    from kiln.tasks.pools.allocation import Allocation
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TrainResult:
-    """What the ``train`` step produced."""
-
-    model_uri: str
-    """Where the trained network and its metrics are published (``<run>/train``)."""
-    mlflow_run_id: str
-    duration_s: float
-    """Wall time of the job, restarts included."""
-    final: dict[str, float]
-    """The last epoch's metrics (``train/loss``, ``val/loss``, ``val/accuracy`` or ``val/rmse``)."""
-    resumed_from_epoch: int | None
-    """The checkpoint epoch this job continued from; ``None`` for a fresh start."""
-    samples_per_s: float | None
-    """Global training throughput of the epochs this job ran."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict (the step's XCom value)."""
-        return asdict(self)
-
-
-def lease_request(spec: PipelineSpec) -> LeaseRequest:
-    """What the ``train`` step leases: ``training.resources`` per node, on ``training.nodes`` nodes."""
-    t, r = spec.training, spec.training.resources
-    return LeaseRequest(pool=r.pool, nodes=t.nodes, gpus=r.gpus,
-                        gpu_memory_min=parse_size(r.gpu_memory_min, field_name="training.resources.gpu_memory_min"),
-                        cpus=t.lease_cpus(), memory=parse_size(r.memory, field_name="training.resources.memory"),
-                        team=r.team, priority=r.priority, placement=r.placement, ttl_s=float(r.ttl_s),
-                        preemptible=r.preemptible)
-
-
 def train(ctx: RunContext, launcher: Launcher | None = None, allocation: Allocation | None = None) -> TrainResult:
-    """Train with the spec's launcher into ``<run>/train``; checkpoints survive in ``<run>/checkpoints`` (published
-    there as they are written when the store's scratch folders are local to this machine, as on S3).
-
-    Args:
-        ctx: the run.
-        launcher: the launcher to run the job; default: the one the spec names. Passed in by the Airflow operator
-            so that ``on_kill`` can terminate it.
-        allocation: the devices leased for the job; the Airflow operator leases them (deferring while it waits)
-            and passes them in. ``None``: lease here, blocking up to ``training.resources.wait_timeout_s``.
+    """Train with the spec's launcher into ``<run>/train`` (see :func:`~kiln.tasks.pipeline.training_run.run_training`:
+    ``allocation`` ``None`` leases here, blocking).
 
     Raises:
         TrainingFailedError: the job failed (a retry resumes from its last complete checkpoint).
         PoolError: the devices could not be leased.
     """
-    if allocation is None:
-        from kiln.tasks.pools.keepalive import hold
-        from kiln.tasks.pools.store import LeaseStore
+    return run_training(ctx, launcher, allocation)
 
-        owner = Owner(run_id=ctx.run_key, task_id=keys.TRAIN, host=socket.gethostname(), pid=os.getpid())
-        with hold(LeaseStore.from_settings(), lease_request(ctx.spec), owner,
-                  timeout_s=ctx.spec.training.resources.wait_timeout_s) as leased:
-            return train(ctx, launcher, leased)
 
-    from kiln.tasks.launch.base import get_launcher
-    from kiln.tasks.training import fence
-    from kiln.tasks.training.checkpoint_sync import CheckpointMirror
-    from kiln.tasks.training.job import CONFIG_FILE, METRICS_FILE, TrainConfig
-    from kiln.tasks.training.user_code import code_hash
+@dataclass(frozen=True)
+class BestTrialResult(TrainResult):
+    """What ``train`` produced in a tuned run: the study's best trial, published as the run's model."""
+
+    study_name: str
+    best_trial: int
+    best_value: float
+    best_params: dict[str, Any]
+    """The best trial's values, by spec field."""
+    states: dict[str, int]
+    """Trials per state (``COMPLETE``, ``PRUNED``, ``FAIL``, ...)."""
+
+
+def train_best(ctx: RunContext) -> BestTrialResult:
+    """The ``train`` step of a tuned run: publish the study's best trial's network as ``<run>/train`` (so
+    ``evaluate``, ``register`` and ``gate`` run unchanged) and log the study's plots and summary to the pipeline
+    run's MLflow run, under ``tuning/``.
+
+    Raises:
+        TuningError: no trial completed; when every trial failed, the message holds the first error.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from kiln.tasks import tuning
+    from kiln.tasks.pipeline.tuned_run import DURATION_ATTR, open_run_study
+    from kiln.tasks.training.job import METRICS_FILE
 
     spec = ctx.spec
-    launcher = launcher or get_launcher(spec.training.launcher)
-    run_id = ctx.mlflow_run()
-    checkpoints = ctx.store.scratch(ctx.key(keys.CHECKPOINTS))
-    published = ctx.store.uri(ctx.key(keys.TRAIN))
-    # Where the scratch folder is this machine's alone (S3), each checkpoint is also published under the same key,
-    # and the newest published one comes back first: a retry on another machine resumes too.
-    token = f"{allocation.lease_id}/{uuid.uuid4().hex[:12]}"  # this try's, unique even when a lease is reused
-    with CheckpointMirror(ctx.store, ctx.key(keys.CHECKPOINTS), checkpoints) as mirror, \
-            ctx.store.writer(ctx.key(keys.TRAIN)) as out:
-        config = TrainConfig(features_dir=str(ctx.input_dir(keys.BUILD_FEATURES)), output_dir=str(out),
-                             checkpoint_dir=str(checkpoints), task=spec.task, model=spec.model,
-                             training=spec.training, mlflow_tracking_uri=get_settings().mlflow_tracking_uri,
-                             mlflow_run_id=run_id, fence_token=token, code_dir=spec.code.path,
-                             code_hash=code_hash(spec.code.path) if spec.code.path else None,
-                             raw_snapshot=_raw_snapshot(ctx), requirements=tuple(spec.code.requirements))
-        # This try owns the checkpoints from now on: a job an earlier, killed try left running stops writing.
-        fence.claim(checkpoints, token)
-        launched = launcher.launch(config, nproc=spec.training.nproc, workdir=out, allocation=allocation)
-        # The published copy of the config names where the model is published, not the temporary folder.
-        atomic_write_bytes(out / CONFIG_FILE, replace(config, output_dir=published).to_json().encode())
-    if mirror.active:
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the store has the last one; this disk need not keep it
-    log.info("training finished in %.1f s", launched.duration_s)
+    assert spec.tuning is not None, "train_best runs tuned pipelines only"
+    study = open_run_study(ctx)
+    outcome = tuning.study_outcome(study)
+    best = study.best_trial
+    values = tuning.trial_values(best, spec.tuning.space)
+    source = ctx.store.path(ctx.key(keys.trial_key(best.number, keys.TRAIN)))
+    ctx.publish(keys.TRAIN, lambda out: shutil.copytree(source, out, dirs_exist_ok=True))
     metrics = read_json(ctx.input_dir(keys.TRAIN) / METRICS_FILE)
-    return TrainResult(model_uri=published, mlflow_run_id=run_id, duration_s=round(launched.duration_s, 3),
-                       final=metrics.get("final", {}), resumed_from_epoch=metrics.get("resumed_from_epoch"),
-                       samples_per_s=metrics.get("samples_per_s"))
-
-
-def _raw_snapshot(ctx: RunContext) -> str | None:
-    """The ingest snapshot for a user loop (which may build its own features); kiln's loop reads only the features,
-    so the snapshot is not fetched (from S3) for it."""
-    if not ctx.spec.training.entrypoint or not ctx.store.exists(ctx.key(keys.INGEST)):
-        return None
-    return str(ctx.input_dir(keys.INGEST) / keys.SNAPSHOT_FILE)
+    run_id = ctx.mlflow_run()
+    client = MlflowClient(get_settings().mlflow_tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="kiln-study-") as tmp:
+        folder = Path(tmp)
+        tuning.write_plots(study, folder, spec.tuning.metric(spec))
+        atomic_write_bytes(folder / "study.json", json.dumps({**asdict(outcome), "best_values": values},
+                                                              indent=2, default=str).encode())
+        client.log_artifacts(run_id, str(folder), "tuning")
+    # Tags, not params: a restarted study may find a better trial, and MLflow refuses a changed param.
+    for name, value in {"kiln.tuning.best_trial": best.number, "kiln.tuning.study": study.study_name,
+                        **{f"kiln.tuning.best.{k}": v for k, v in values.items()}}.items():
+        client.set_tag(run_id, name, json.dumps(value) if not isinstance(value, str) else value)
+    log.info("best trial %d of study %s: %s %.6g with %s", best.number, study.study_name, outcome.direction,
+             outcome.best_value, values)
+    return BestTrialResult(model_uri=ctx.store.uri(ctx.key(keys.TRAIN)), mlflow_run_id=run_id,
+                           duration_s=float(best.user_attrs.get(DURATION_ATTR, 0.0)),
+                           final=metrics.get("final", {}), resumed_from_epoch=metrics.get("resumed_from_epoch"),
+                           samples_per_s=metrics.get("samples_per_s"), study_name=study.study_name,
+                           best_trial=best.number, best_value=outcome.best_value, best_params=values,
+                           states=outcome.states)

@@ -16,6 +16,7 @@ The loop never imports Airflow or MLflow; it runs the same under any launcher.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from kiln.tasks.features.splits import load_split as _read_split
 from kiln.tasks.features.transform import FEATURE_SPEC_FILE
 from kiln.tasks.storage.artifacts import atomic_write_bytes, read_json
 from kiln.tasks.training import checkpoints, fence
+from kiln.tasks.training.job import METRIC_LINE
 from kiln.tasks.training.user_code import CategoricalSlice, FeatureLayout, build_custom_model
 
 if TYPE_CHECKING:
@@ -326,6 +328,10 @@ class TrainContext:
             log.warning("more than %d metric entries: train_metrics.json keeps the first ones, MLflow gets all",
                         MAX_HISTORY)
         log.info("step %d metrics: %s", step, " ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        reported = self._config.report_metric
+        if reported is not None and reported in values:
+            # Exact, for the task that prunes a tuning trial on it (the line above rounds for people).
+            log.info("%s %s", METRIC_LINE, json.dumps({"step": step, "value": values[reported]}))
         with fence.holding(self.checkpoint_dir, self._config.fence_token):
             self._mlflow.log_metrics(values, step=step)
 

@@ -26,6 +26,23 @@ TRAIN_MODULE = "kiln.tasks.training"
 _TASKS = ("classification", "regression")
 
 
+#: Starts the machine-readable line of a reported metric: ``KILN_METRIC {"step": 3, "value": 0.91}``.
+METRIC_LINE = "KILN_METRIC"
+
+
+def parse_metric_line(line: str) -> tuple[int, float] | None:
+    """The ``(step, value)`` of a :data:`METRIC_LINE` anywhere in an output line (launchers prefix lines with the
+    node or rank), or ``None`` for any other line."""
+    at = line.find(METRIC_LINE + " {")
+    if at < 0:
+        return None
+    try:
+        data = json.loads(line[at + len(METRIC_LINE) + 1:].strip())
+        return int(data["step"]), float(data["value"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one training job needs; serialised to JSON for the worker processes."""
@@ -61,6 +78,9 @@ class TrainConfig:
     requirements: tuple[str, ...] = ()
     """The code's extra Python requirements (``code.requirements``, PEP 508 lines): installed into the user
     training image by the ``docker`` launcher, checked against the installed packages by ``local``."""
+    report_metric: str | None = None
+    """A metric whose every value rank 0 also prints as a :data:`METRIC_LINE` line (a tuning trial's objective: the
+    task reads them from the job's output to prune the trial); ``None``: none."""
 
     def __post_init__(self) -> None:
         # A tuple, so the frozen config stays hashable; JSON and callers give a list.

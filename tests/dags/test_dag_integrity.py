@@ -58,7 +58,7 @@ def test_pipeline_shape_and_hygiene(dagbag, dag_id: str) -> None:
         assert t.retries >= 1, t.task_id
     from kiln.tasks.spec import PARAM_FIELDS
 
-    assert set(dag.params.keys()) == set(PARAM_FIELDS)
+    assert set(dag.params.keys()) == {k for k, path in PARAM_FIELDS.items() if path[0] != "tuning"}  # not tuned
 
 
 def test_params_reject_out_of_range(dagbag) -> None:
@@ -146,3 +146,33 @@ def test_params_reject_unbounded_and_non_finite(dagbag, name: str, value: float)
     with pytest.raises(Exception, match=name):
         params.update({name: value})
         params.validate()
+
+
+def test_a_tuned_spec_maps_trials_and_a_dag_airflow_refuses_is_left_out_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+    from airflow.dag_processing.dagbag import DagBag
+
+    from kiln.operators.train import TrialOperator
+
+    spec = yaml.safe_load((DAGS / "pipelines" / "penguins_species.yaml").read_text())
+    spec.update(name="tuned", tuning={"space": {"training.learning_rate": {"type": "log_uniform", "low": 1e-4,
+                                                                           "high": 0.1}}, "trials": 6, "parallel": 3})
+    (tmp_path / "tuned.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "plain.yaml").write_text((DAGS / "pipelines" / "penguins_species.yaml").read_text())
+    monkeypatch.setenv("KILN_PIPELINES_DIR", str(tmp_path))
+    dag = DagBag(dag_folder=str(DAGS / "kiln_pipelines.py")).dags["tuned"]
+    steps = [t.task_id for t in dag.topological_sort()]
+    train = PIPELINE_STEPS.index("train")
+    assert steps == [*PIPELINE_STEPS[:train], "study", "trial", *PIPELINE_STEPS[train:]]
+    trial = dag.task_dict["trial"]
+    assert trial.max_active_tis_per_dagrun == 3 and trial.upstream_task_ids == {"study"}
+    assert dag.task_dict["train"].trigger_rule == "all_done" and "tuning_trials" in dag.params
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("refused by Airflow")
+
+    monkeypatch.setattr(TrialOperator, "partial", refused)
+    bag = DagBag(dag_folder=str(DAGS / "kiln_pipelines.py"))
+    assert "tuned" not in bag.dags and {"penguins_species", "penguins_species_monitor", "tuned_monitor"} <= set(
+        bag.dags)

@@ -34,7 +34,22 @@ def test_the_defaults_are_this_spec_s_values() -> None:
     schemas = param_schemas(changed)
     assert (schemas["epochs"]["default"], schemas["nproc"]["default"], schemas["deployment"]["default"]) == \
         (7, 1, "canary")
-    assert set(schemas) == set(PARAM_FIELDS)
+    assert set(schemas) == {name for name, path in PARAM_FIELDS.items() if path[0] != "tuning"}  # SPEC is not tuned
+
+
+def test_tuning_params_apply_to_tuned_pipelines_only() -> None:
+    from kiln.tasks.spec import SpecError, parse_spec
+
+    tuned = parse_spec({**SPEC.model_dump(mode="json"), "tuning": {
+        "space": {"training.learning_rate": {"type": "log_uniform", "low": 1e-4, "high": 0.1}}, "trials": 8}}, "t")
+    assert param_schemas(tuned)["tuning_trials"] | {"default": 8, "minimum": 1, "maximum": 1000} == \
+        param_schemas(tuned)["tuning_trials"]
+    assert tuned.with_overrides({"tuning_trials": 3}).tuning.trials == 3
+    assert (tuned.with_overrides({"tuning_trials": 1}).tuning.parallel, tuned.tuning.parallel) == (1, 2)
+    with pytest.raises(SpecError, match="field 'tuning.trials' \\(Param 'tuning_trials'\\)"):
+        tuned.with_overrides({"tuning_trials": 0})
+    with pytest.raises(SpecError, match="Param 'tuning_trials': pipeline 'penguins_species' has no tuning section"):
+        SPEC.with_overrides({"tuning_trials": 3})
 
 
 def test_a_new_tunable_field_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,3 +129,17 @@ def test_satisfiable_requests_pass() -> None:
     for ok in (LeaseRequest(pool="p", nodes=2, gpus=1, gpu_memory_min=24 * GiB, team="small"),
                LeaseRequest(pool="cpu", cpus=8, memory=64 * GiB)):
         check_satisfiable(INVENTORY, ok)
+
+
+def test_copies_at_once_count_what_the_pool_and_the_team_quota_hold_together() -> None:
+    from kiln.tasks.pools.placement import copies_at_once
+
+    inventory = Inventory(pools={"p": pool(node("a", gpus=4), node("b", gpus=2))},
+                          teams={"default": Team("default"), "small": Team("small", quota_gpus=3)}, source="test")
+    two_gpus = LeaseRequest(pool="p", gpus=2, cpus=1)
+    assert copies_at_once(inventory, two_gpus, 10) == 3  # two on a, one on b
+    assert copies_at_once(inventory, two_gpus, 2) == 2  # never more than asked
+    assert copies_at_once(inventory, LeaseRequest(pool="p", gpus=1, cpus=1, team="small"), 10) == 3  # the quota
+    assert copies_at_once(inventory, LeaseRequest(pool="p", gpus=2, cpus=1, nodes=2), 10) == 1  # a gang: a and b
+    with pytest.raises(UnsatisfiableRequestError, match="largest node"):
+        copies_at_once(inventory, LeaseRequest(pool="p", gpus=8), 1)

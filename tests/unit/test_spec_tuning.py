@@ -191,15 +191,19 @@ def test_a_dumped_tuning_spec_parses_again_and_takes_trigger_params() -> None:
     assert spec.with_overrides({"epochs": 3}).tuning == spec.tuning
 
 
-def test_a_run_of_a_spec_with_tuning_is_refused_until_trials_run(tmp_path) -> None:
-    """The section is checked, but no trial task runs a study yet: a run must not train one model and look done."""
+def test_a_tuned_spec_runs_study_and_best_trial_in_place_of_train(tmp_path) -> None:
+    """A spec with ``tuning:`` swaps ``train`` for ``study`` and the best trial's ``train``; others are unchanged."""
+    from kiln.tasks.pipeline import keys
     from kiln.tasks.pipeline.context import make_context
+    from kiln.tasks.pipeline.steps import STEPS, STUDY, TRAIN_BEST, steps_of
 
     path = tmp_path / "m.yaml"
     (tmp_path / "x.csv").write_text("a,y\n1,0\n")
     local = {**MINIMAL, "source": {"uri": "x.csv"}}
     path.write_text(yaml.safe_dump({**local, "tuning": {"space": LR}}))
-    with pytest.raises(SpecError, match="tuning: hyper-parameter search does not run yet"):
-        make_context(path, "manual__1")
+    tuned = make_context(path, "manual__1").spec
+    names = [s.name for s in steps_of(tuned)]
+    assert names[names.index(keys.BUILD_FEATURES) + 1:names.index(keys.EVALUATE)] == [keys.STUDY, keys.TRAIN]
+    assert STUDY in steps_of(tuned) and TRAIN_BEST in steps_of(tuned)
     path.write_text(yaml.safe_dump(local))
-    assert make_context(path, "manual__1", store=None).spec.tuning is None
+    assert steps_of(make_context(path, "manual__1", store=None).spec) == STEPS

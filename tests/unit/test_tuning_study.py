@@ -245,3 +245,14 @@ def test_study_on_postgresql(postgres_url: str) -> None:
     study = open_study(spec, RUN_ID, open_storage(postgres_url))
     assert sorted(t.number for t in study.get_trials()) == [0, 1, 2, 3]
     assert study_outcome(study).best_number in {r["number"] for r in results if r["state"] == "COMPLETE"}
+
+
+def test_a_metric_line_is_found_behind_any_prefix_and_nothing_else_is_one() -> None:
+    from kiln.tasks.training.job import METRIC_LINE, parse_metric_line
+
+    line = f'[n0] 2026-12-07 09:30:02,510 rank0 INFO {METRIC_LINE} {{"step": 3, "value": 0.9142857142857143}}'
+    assert parse_metric_line(line) == (3, 0.9142857142857143)
+    assert parse_metric_line(f"[default0]:{METRIC_LINE} " + '{"step": 1, "value": 2}') == (1, 2.0)
+    for other in ("step 3 metrics: val/accuracy 0.9143", f"{METRIC_LINE} {{not json", f"{METRIC_LINE} {{}}",
+                  f'{METRIC_LINE} {{"step": "x", "value": 1}}', ""):
+        assert parse_metric_line(other) is None, other

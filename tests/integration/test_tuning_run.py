@@ -1,0 +1,81 @@
+"""A tuned run in this process (``run_all``): the study step, each trial trained with torchrun on its own values
+into its own folders and nested MLflow run, pruned trials stopped mid-job, and the best trial published as the
+run's ``train`` output, evaluated and gated unchanged. Through Airflow: ``test_tuning_dag.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from kiln.tasks.pipeline import keys
+from kiln.tasks.pipeline.context import make_context
+from kiln.tasks.storage.artifacts import LocalArtifactStore
+
+pytestmark = pytest.mark.integration
+
+
+def write_tuned_pipeline(folder: Path, **tuning: object) -> Path:
+    rng = np.random.default_rng(3)
+    x1, x2 = rng.normal(size=400).round(3), rng.normal(size=400).round(3)
+    pd.DataFrame({"x1": x1, "x2": x2, "y": np.where(x1 - x2 > 0, "hi", "lo")}).to_csv(folder / "data.csv",
+                                                                                       index=False)
+    path = folder / "tuned.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tuned", "source": {"uri": "data.csv"}, "target": "y", "task": "classification",
+        "training": {"nproc": 1, "batch_size": 32, "epochs": 6},
+        "evaluation": {"primary_metric": "accuracy", "thresholds": {"accuracy": 0.5}},
+        "deployment": {"strategy": "none"},
+        "tuning": {"space": {"training.learning_rate": {"type": "log_uniform", "low": 1e-4, "high": 0.05}},
+                   "objective": {"metric": "val/accuracy"}, "seed": 7, **tuning}}))
+    return path
+
+
+def test_a_tuned_run_trains_each_trial_prunes_the_hopeless_and_publishes_the_best(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from kiln.tasks.pipeline.runner import run_all
+    from kiln.tasks.pipeline.tuned_run import open_run_study
+    from kiln.tasks.settings import get_settings
+
+    store = LocalArtifactStore(tmp_path / "store")
+    ctx = make_context(write_tuned_pipeline(tmp_path, trials=5, parallel=1, pruner="median"), "manual__t1",
+                       store=store)
+    run = run_all(ctx, until=keys.GATE)
+    trials = {k: v.to_dict() for k, v in run.results.items() if k.startswith("trial[")}
+    assert sorted(trials) == [f"trial[{i}]" for i in range(5)]
+    study = open_run_study(ctx)
+    states = [t.state for t in study.trials]
+    assert TrialState.PRUNED in states and TrialState.COMPLETE in states, states
+    assert len({t.params["training.learning_rate"] for t in study.trials}) == 5
+    complete = {t.number: t.value for t in study.trials if t.state == TrialState.COMPLETE}
+    best = run[keys.TRAIN].to_dict()
+    assert best["best_value"] == max(complete.values()) and complete[best["best_trial"]] == best["best_value"]
+    assert best["states"] == {"COMPLETE": len(complete), "PRUNED": 5 - len(complete)}
+    # The run's model is the best trial's, byte for byte, and it goes on through evaluate and gate.
+    published = store.path(ctx.key(keys.TRAIN)) / "model.pt"
+    assert published.read_bytes() == (store.path(ctx.key(keys.trial_key(best["best_trial"], keys.TRAIN)))
+                                      / "model.pt").read_bytes()
+    assert run[keys.GATE].to_dict()["candidate_metrics"]["accuracy"] > 0.5
+
+    # Each trial is a nested MLflow run: finished ones FINISHED, pruned ones KILLED after fewer epochs.
+    client = MlflowClient(get_settings().mlflow_tracking_uri)
+    parent = best["mlflow_run_id"]
+    children = {int(c.data.tags["kiln.trial_number"]): c for c in client.search_runs(
+        [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
+    assert sorted(children) == [t.number for t in study.trials]
+    for t in study.trials:
+        child = children[t.number]
+        assert float(child.data.params["training.learning_rate"]) == pytest.approx(t.params["training.learning_rate"])
+        if t.state == TrialState.PRUNED:
+            assert child.info.status == "KILLED" and t.last_step < 6
+            assert len(client.get_metric_history(child.info.run_id, "val/accuracy")) < 6
+        else:
+            assert child.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent, "tuning")}
+    assert {"tuning/study.json", "tuning/optimization_history.png"} <= artifacts, artifacts
+    assert client.get_run(parent).data.tags["kiln.tuning.best_trial"] == str(best["best_trial"])
