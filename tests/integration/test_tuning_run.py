@@ -79,3 +79,23 @@ def test_a_tuned_run_trains_each_trial_prunes_the_hopeless_and_publishes_the_bes
     artifacts = {a.path for a in client.list_artifacts(parent, "tuning")}
     assert {"tuning/study.json", "tuning/optimization_history.png"} <= artifacts, artifacts
     assert client.get_run(parent).data.tags["kiln.tuning.best_trial"] == str(best["best_trial"])
+
+
+def test_a_study_whose_trials_all_fail_fails_the_run_with_the_first_error(tmp_path: Path) -> None:
+    from optuna.trial import TrialState
+
+    from kiln.tasks.pipeline.runner import run_all
+    from kiln.tasks.pipeline.tuned_run import open_run_study
+    from kiln.tasks.tuning import TuningError
+
+    path = write_tuned_pipeline(tmp_path, trials=2, parallel=1)
+    spec = yaml.safe_load(path.read_text())
+    spec["training"]["entrypoint"] = "loop.py:train"  # the pipeline's own loop, broken
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "loop.py").write_text("def train(ctx):\n    raise RuntimeError('the loop is broken')\n")
+    path.write_text(yaml.safe_dump(spec))
+    ctx = make_context(path, "manual__f1", store=LocalArtifactStore(tmp_path / "store"))
+    with pytest.raises(TuningError, match=r"(?s)all 2 trials failed; the first error: trial 0: .*the loop is broken"):
+        run_all(ctx, until=keys.TRAIN)
+    assert [t.state for t in open_run_study(ctx).trials] == [TrialState.FAIL] * 2
+    assert not ctx.store.exists(ctx.key(keys.TRAIN))
