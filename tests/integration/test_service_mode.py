@@ -62,17 +62,35 @@ def platform(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     spec["expectations"]["declared"][0]["kwargs"]["max_value"] = 10_000
     (tmp / "specs").mkdir()
     (tmp / "specs" / f"{DAG_ID}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (tmp / "specs" / f"{TUNED}.yaml").write_text(yaml.safe_dump(_tuned_spec(), sort_keys=False))
     started = time.monotonic()
-    with running_service(tmp, profile=request.param, specs=[tmp / "specs" / f"{DAG_ID}.yaml"]) as platform:
+    with running_service(tmp, profile=request.param,
+                         specs=[tmp / "specs" / f"{DAG_ID}.yaml", tmp / "specs" / f"{TUNED}.yaml"]) as platform:
         log.info("%s profile ready in %.1f s", request.param, time.monotonic() - started)
         yield platform
 
 
-def _wait_for_dag(platform: Platform, timeout: float = 90.0) -> None:
+#: A tuned copy of the penguins pipeline (registered, not served: one model server per platform here).
+TUNED = "penguins_tuned"
+
+
+def _tuned_spec() -> dict:
+    spec = yaml.safe_load((EXAMPLE_SPECS / f"{DAG_ID}.yaml").read_text())
+    spec.update(name=TUNED, deployment={"strategy": "none"}, tuning={
+        "space": {"training.learning_rate": {"type": "log_uniform", "low": 1e-4, "high": 0.05}},
+        "objective": {"metric": "val/accuracy"}, "trials": 4, "parallel": 2, "pruner": "median", "seed": 5})
+    spec["training"].update(epochs=8, nproc=1)
+    spec["evaluation"]["thresholds"] = {"accuracy": 0.7}
+    spec["evaluation"]["gate"].pop("slices")
+    spec.pop("monitoring")
+    return spec
+
+
+def _wait_for_dag(platform: Platform, timeout: float = 90.0, dag_id: str = DAG_ID) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            DAGApi(platform.api).get_dag(DAG_ID)
+            DAGApi(platform.api).get_dag(dag_id)
             return
         except ac.ApiException as exc:
             if exc.status != 404 or time.monotonic() > deadline:
@@ -320,6 +338,43 @@ def test_an_asset_event_starts_a_run(platform: Platform) -> None:
     # The run uses the spec's defaults: no need to finish it here (the REST test covers a whole run).
     DagRunApi(platform.api).patch_dag_run(DAG_ID, new[0].dag_run_id,
                                           DAGRunPatchBody(state=DagRunMutableStates.FAILED))
+
+
+def test_a_study_trains_two_trials_at_once_and_registers_the_best(platform: Platform) -> None:
+    """The tuned pipeline on the running platform: its mapped trials run two at once on leased devices (the
+    scheduler and workers, not ``dag.test``), the study lives in the lease store's database (PostgreSQL on prod),
+    and the best trial goes through evaluate, register and gate."""
+    from kiln.tasks.settings import get_settings
+    from kiln.tasks.spec import parse_spec
+    from kiln.tasks.storage.artifacts import run_key
+    from kiln.tasks.tuning import open_study
+
+    if platform.service.settings.profile == "embedded":
+        pytest.skip("the embedded profile's study (SQLite, one process) is test_tuning_dag.py's; this runs on prod, "
+                    "where the trials are Celery tasks and the study lives on PostgreSQL (2 minutes of suite time)")
+    _wait_for_dag(platform, dag_id=TUNED)
+    run_id = platform.trigger(TUNED, {"tuning_trials": 4})
+    assert platform.wait(TUNED, run_id) == "success", platform.service.log_tails()
+    tis = TaskInstanceApi(platform.api).get_task_instances(TUNED, run_id).task_instances
+    trials = sorted((ti for ti in tis if ti.task_id == "trial"), key=lambda ti: ti.map_index)
+    assert [ti.map_index for ti in trials] == [0, 1, 2, 3]
+    assert {ti.state.value for ti in trials} <= {"success", "skipped"}
+    spans = [(ti.start_date, ti.end_date) for ti in trials]
+    overlapping = [(a, b) for a in range(4) for b in range(a + 1, 4)
+                   if spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]]
+    assert overlapping, f"no two trials ran at once: {spans}"
+    at_once = max(sum(1 for start, end in spans if start <= t < end) for t, _ in spans)
+    assert at_once == 2, f"the spec runs 2 trials at once, {at_once} ran together: {spans}"
+    gate = XComApi(platform.api).get_xcom_entry(TUNED, "gate", run_id, "return_value",
+                                                deserialize=True).actual_instance.value
+    gate = json.loads(gate) if isinstance(gate, str) else gate
+    assert gate["passed"] is True, gate
+
+    # The study, read back from the lease store's database with Optuna: one trial per task, numbers never repeated.
+    study = open_study(parse_spec(_tuned_spec(), TUNED), run_key(TUNED, run_id).split("/", 1)[1],
+                       get_settings(platform.service.env).pools_db_url)
+    numbers = sorted(t.number for t in study.trials)
+    assert numbers == [0, 1, 2, 3] and sorted(t.user_attrs["kiln_index"] for t in study.trials) == [0, 1, 2, 3]
 
 
 #: A YAML alias bomb of about 600 bytes: nine levels of nine aliases, 9**9 strings once expanded.
