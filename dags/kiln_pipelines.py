@@ -126,7 +126,7 @@ def _study_tasks(spec: PipelineSpec, path: str, budget: timedelta) -> list[Any]:
     assert spec.tuning is not None
     study = StudyOperator(step=STUDY, spec_path=path)
     trials = TrialOperator.partial(
-        task_id=keys.TRIAL, spec_path=path, execution_timeout=budget, retries=0,
+        task_id=keys.TRIAL, spec_path=path, execution_timeout=budget,
         max_active_tis_per_dagrun=spec.tuning.parallel, map_index_template="trial {{ task.index }}",
     ).expand(index=study.output)
     # Every trial ended (pruned trials are skipped, failed ones failed): the best completed one goes on.

@@ -118,8 +118,9 @@ class StudyOperator(PipelineStepOperator):
 
 class TrialOperator(TrainOperator):
     """One trial of a tuned run's study (:func:`kiln.tasks.steps.trial.trial`) on its own leased devices, leased
-    one priority below the spec's and preemptible. A pruned trial ends skipped; a failed one fails without a retry
-    (it is recorded FAIL in the study, and a retry would be a new trial); the study goes on either way.
+    one priority below the spec's and preemptible. A pruned trial ends skipped; one that failed by itself fails
+    without a retry (it is recorded FAIL in the study, and a retry would be a new trial); the study goes on either
+    way. A task whose worker died is retried: it gets its RUNNING trial back and resumes from its checkpoint.
 
     Args:
         spec_path: the pipeline spec file.

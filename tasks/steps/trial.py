@@ -14,6 +14,8 @@ trials are the pool's background work.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -64,13 +66,24 @@ def trial(ctx: RunContext, index: int, launcher: Launcher | None = None,
         ctx: the tuned run.
         index: the task's map index (one of the ``study`` step's indices).
         launcher: the launcher (the operator passes its own so that ``on_kill`` can stop the job).
-        allocation: the leased devices (``None``: lease here, blocking, as
-            :func:`kiln.tasks.pipeline.training_run.run_training` does).
+        allocation: the leased devices (``None``: lease the trial's request here, blocking).
 
     Raises:
         TrialPrunedError: the pruner stopped it (recorded PRUNED).
         TrainingFailedError, Exception: the trial failed (recorded FAIL with the error; the study goes on).
     """
+    if allocation is None:  # in-process (kiln run): lease here, blocking, as the trial task would have
+        from kiln.tasks.pipeline.tuned_run import trial_request
+        from kiln.tasks.pools.allocation import Owner
+        from kiln.tasks.pools.keepalive import hold
+        from kiln.tasks.pools.store import LeaseStore
+
+        owner = Owner(run_id=ctx.run_key, task_id=f"{keys.TRIAL}[{index}]", host=socket.gethostname(),
+                      pid=os.getpid())
+        with hold(LeaseStore.from_settings(), trial_request(ctx.spec), owner,
+                  timeout_s=ctx.spec.training.resources.wait_timeout_s) as leased:
+            return trial(ctx, index, launcher, leased)
+
     from kiln.tasks import tuning
     from kiln.tasks.launch.base import get_launcher
     from kiln.tasks.pipeline.training_run import TrainTarget, run_training
