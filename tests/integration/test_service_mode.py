@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -340,10 +341,11 @@ def test_an_asset_event_starts_a_run(platform: Platform) -> None:
                                           DAGRunPatchBody(state=DagRunMutableStates.FAILED))
 
 
-def test_a_study_trains_two_trials_at_once_and_registers_the_best(platform: Platform) -> None:
+def test_a_study_trains_two_trials_at_once_survives_its_scheduler_and_registers_the_best(platform: Platform) -> None:
     """The tuned pipeline on the running platform: its mapped trials run two at once on leased devices (the
-    scheduler and workers, not ``dag.test``), the study lives in the lease store's database (PostgreSQL on prod),
-    and the best trial goes through evaluate, register and gate."""
+    scheduler and workers, not ``dag.test``), the study lives in the lease store's database (PostgreSQL on prod);
+    the scheduler and the triggerer are killed mid-study and started again, and the study goes on with its finished
+    trials kept and no trial number twice; the best trial goes through evaluate, register and gate."""
     from kiln.tasks.settings import get_settings
     from kiln.tasks.spec import parse_spec
     from kiln.tasks.storage.artifacts import run_key
@@ -354,6 +356,24 @@ def test_a_study_trains_two_trials_at_once_and_registers_the_best(platform: Plat
                     "where the trials are Celery tasks and the study lives on PostgreSQL (2 minutes of suite time)")
     _wait_for_dag(platform, dag_id=TUNED)
     run_id = platform.trigger(TUNED, {"tuning_trials": 4})
+    # One storage for the whole test: each open_study makes an engine, and a connection pool a second would exhaust
+    # the PostgreSQL server the platform runs on.
+    study = open_study(parse_spec(_tuned_spec(), TUNED), run_key(TUNED, run_id).split("/", 1)[1],
+                       get_settings(platform.service.env).pools_db_url)
+    deadline = time.monotonic() + 600
+    while not (done := [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]):
+        assert time.monotonic() < deadline, f"no trial finished in 600 s\n{platform.service.log_tails()}"
+        time.sleep(1)
+    before = {t.number: (t.state, t.value, t.params) for t in done}
+    pids = platform.service.state()["pids"]
+    for name in ("scheduler", "triggerer"):
+        os.killpg(pids[name], signal.SIGKILL)
+    gone = time.monotonic() + 30
+    while any(alive(pids[name]) for name in ("scheduler", "triggerer")):
+        assert time.monotonic() < gone, "the killed scheduler or triggerer is still alive after 30 s"
+        time.sleep(0.2)
+    log.info("killed the scheduler and the triggerer with %d trial(s) finished", len(before))
+    platform.service.up()  # what `kiln up` does: start what is dead, leave the rest
     assert platform.wait(TUNED, run_id) == "success", platform.service.log_tails()
     tis = TaskInstanceApi(platform.api).get_task_instances(TUNED, run_id).task_instances
     trials = sorted((ti for ti in tis if ti.task_id == "trial"), key=lambda ti: ti.map_index)
@@ -370,11 +390,12 @@ def test_a_study_trains_two_trials_at_once_and_registers_the_best(platform: Plat
     gate = json.loads(gate) if isinstance(gate, str) else gate
     assert gate["passed"] is True, gate
 
-    # The study, read back from the lease store's database with Optuna: one trial per task, numbers never repeated.
-    study = open_study(parse_spec(_tuned_spec(), TUNED), run_key(TUNED, run_id).split("/", 1)[1],
-                       get_settings(platform.service.env).pools_db_url)
-    numbers = sorted(t.number for t in study.trials)
-    assert numbers == [0, 1, 2, 3] and sorted(t.user_attrs["kiln_index"] for t in study.trials) == [0, 1, 2, 3]
+    # The study, read back from the lease store's database with Optuna: one trial per task, numbers never repeated,
+    # and what had finished before the kill as it was.
+    trials = study.get_trials(deepcopy=False)
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3], [(t.number, t.state) for t in trials]
+    assert sorted(t.user_attrs["kiln_index"] for t in trials) == [0, 1, 2, 3]
+    assert {t.number: (t.state, t.value, t.params) for t in trials if t.number in before} == before
 
 
 #: A YAML alias bomb of about 600 bytes: nine levels of nine aliases, 9**9 strings once expanded.
