@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +38,7 @@ def test_a_tuned_pipeline_maps_one_task_per_trial_and_serves_the_best(airflow_db
     pipelines.mkdir()
     (pipelines / "penguins_tuned.yaml").write_text(yaml.safe_dump(spec))
     monkeypatch.setenv("KILN_PIPELINES_DIR", str(pipelines))
+    monkeypatch.setenv("KILN_SERVE_PORT", str(free_port()))  # the session's port may hold another test's server
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
