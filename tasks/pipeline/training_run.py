@@ -15,6 +15,8 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +64,19 @@ def lease_request(spec: PipelineSpec) -> LeaseRequest:
                         preemptible=r.preemptible)
 
 
+@contextmanager
+def lease_here(ctx: RunContext, request: LeaseRequest, task_id: str) -> Iterator[Allocation]:
+    """Lease ``request`` in this process, blocking up to ``training.resources.wait_timeout_s``, and hold it for
+    the block (a run outside Airflow, where no operator leases and defers)."""
+    from kiln.tasks.pools.keepalive import hold
+    from kiln.tasks.pools.store import LeaseStore
+
+    owner = Owner(run_id=ctx.run_key, task_id=task_id, host=socket.gethostname(), pid=os.getpid())
+    with hold(LeaseStore.from_settings(), request, owner,
+              timeout_s=ctx.spec.training.resources.wait_timeout_s) as leased:
+        yield leased
+
+
 @dataclass(frozen=True)
 class TrainTarget:
     """Where one training job publishes: the run's ``train`` output, or a tuning trial's own folders."""
@@ -99,12 +114,7 @@ def run_training(ctx: RunContext, launcher: Launcher | None = None, allocation: 
         PoolError: the devices could not be leased.
     """
     if allocation is None:
-        from kiln.tasks.pools.keepalive import hold
-        from kiln.tasks.pools.store import LeaseStore
-
-        owner = Owner(run_id=ctx.run_key, task_id=keys.TRAIN, host=socket.gethostname(), pid=os.getpid())
-        with hold(LeaseStore.from_settings(), lease_request(ctx.spec), owner,
-                  timeout_s=ctx.spec.training.resources.wait_timeout_s) as leased:
+        with lease_here(ctx, lease_request(ctx.spec), keys.TRAIN) as leased:
             return run_training(ctx, launcher, leased, target)
 
     from kiln.tasks.launch.base import get_launcher

@@ -14,8 +14,6 @@ trials are the pool's background work.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -73,15 +71,10 @@ def trial(ctx: RunContext, index: int, launcher: Launcher | None = None,
         TrainingFailedError, Exception: the trial failed (recorded FAIL with the error; the study goes on).
     """
     if allocation is None:  # in-process (kiln run): lease here, blocking, as the trial task would have
+        from kiln.tasks.pipeline.training_run import lease_here
         from kiln.tasks.pipeline.tuned_run import trial_request
-        from kiln.tasks.pools.allocation import Owner
-        from kiln.tasks.pools.keepalive import hold
-        from kiln.tasks.pools.store import LeaseStore
 
-        owner = Owner(run_id=ctx.run_key, task_id=f"{keys.TRIAL}[{index}]", host=socket.gethostname(),
-                      pid=os.getpid())
-        with hold(LeaseStore.from_settings(), trial_request(ctx.spec), owner,
-                  timeout_s=ctx.spec.training.resources.wait_timeout_s) as leased:
+        with lease_here(ctx, trial_request(ctx.spec), f"{keys.TRIAL}[{index}]") as leased:
             return trial(ctx, index, launcher, leased)
 
     from kiln.tasks import tuning
@@ -104,12 +97,16 @@ def trial(ctx: RunContext, index: int, launcher: Launcher | None = None,
                             f"{ctx.run_key}/trial-{opened.number}",
                             tags={"mlflow.parentRunId": parent, "kiln.study": study.study_name,
                                   "kiln.trial_number": str(opened.number), "kiln.trial_index": str(index)})
+
+    def failed(error: BaseException | str) -> None:  # the study and the trial's MLflow run both say so
+        tuning.fail(opened, error)
+        finish_run(settings.mlflow_tracking_uri, mlflow_run, "FAILED")
+
     try:
         values = tuning.suggest(opened, spec.tuning.space)
         trial_ctx = replace(ctx, spec=tuning.apply_values(spec, values, source=f"trial {opened.number}"))
     except Exception as exc:
-        tuning.fail(opened, exc)
-        finish_run(settings.mlflow_tracking_uri, mlflow_run, "FAILED")
+        failed(exc)
         raise
     log.info("trial %d (index %d) of study %s: %s", opened.number, index, study.study_name,
              ", ".join(f"{k}={v!r}" for k, v in values.items()))
@@ -134,8 +131,7 @@ def trial(ctx: RunContext, index: int, launcher: Launcher | None = None,
             result = None if pruned.is_set() else run_training(trial_ctx, launcher, allocation, target)
         except Exception as exc:
             if not pruned.is_set():
-                tuning.fail(opened, exc)
-                finish_run(settings.mlflow_tracking_uri, mlflow_run, "FAILED")
+                failed(exc)
                 raise
         if pruned.is_set():
             frozen = tuning.prune(opened)
@@ -148,8 +144,7 @@ def trial(ctx: RunContext, index: int, launcher: Launcher | None = None,
         if value is None:
             error = (f"tuning.objective.metric: the job did not log {metric!r} (it logged "
                      f"{', '.join(sorted(result.final)) or 'nothing'}); name one of those or log it every epoch")
-            tuning.fail(opened, error)
-            finish_run(settings.mlflow_tracking_uri, mlflow_run, "FAILED")
+            failed(error)
             raise ValueError(error)
         opened.set_user_attr(DURATION_ATTR, round(result.duration_s, 3))
         frozen = tuning.finish(opened, value)
