@@ -31,8 +31,8 @@ class UnsatisfiableRequestError(PoolError, ValueError):
 
 
 class LeaseLostError(PoolError):
-    """A lease expired (its heartbeats stopped for longer than its TTL) or was preempted, so its devices may
-    already belong to someone else."""
+    """A lease expired (its heartbeats stopped for longer than its TTL) or was revoked (preempted, and not given
+    back within its grace period), so its devices may already belong to someone else."""
 
 
 def parse_size(value: int | float | str, *, field_name: str = "memory") -> int:
@@ -108,7 +108,10 @@ class LeaseRequest:
     ttl_s: float = 60.0
     """The lease expires unless heartbeated at least this often."""
     preemptible: bool = False
-    """The holder declared a checkpoint and may be preempted by higher-priority requests."""
+    """The holder checkpoints and may be preempted: by requests of higher priority, and by other teams' requests
+    while its team holds more than its quota (only a preemptible request may borrow beyond the quota)."""
+    grace_s: float = 60.0
+    """Seconds a preempted holder has to checkpoint and give its devices back before the lease is revoked."""
 
     def __post_init__(self) -> None:
         for name in ("nodes",):
@@ -117,8 +120,9 @@ class LeaseRequest:
         for name in ("gpus", "gpu_memory_min", "cpus", "memory"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: cannot be negative, found {getattr(self, name)}")
-        if self.ttl_s <= 0:
-            raise ValueError(f"ttl_s: must be positive, found {self.ttl_s}")
+        for name in ("ttl_s", "grace_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, found {getattr(self, name)}")
         if self.placement not in (None, "pack", "spread"):
             raise ValueError(f"placement: expected 'pack' or 'spread', found {self.placement!r}")
         if not self.pool:

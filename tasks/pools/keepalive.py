@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -11,9 +12,14 @@ from typing import TYPE_CHECKING
 from kiln.tasks.pools.allocation import Allocation, LeaseLostError, LeaseRequest, Owner
 
 if TYPE_CHECKING:
+    from kiln.tasks.pools.leases import Preemption
     from kiln.tasks.pools.store import LeaseStore
 
 logger = logging.getLogger(__name__)
+
+#: How often a preemptible lease's holder looks whether it was preempted (seconds): the preempting request waits
+#: at least this long.
+PREEMPT_POLL_S = 1.0
 
 
 class KeepAlive:
@@ -23,23 +29,37 @@ class KeepAlive:
     ``lost`` is set, ``on_lost`` is called (on the heartbeat thread) and the thread ends when the store says the
     lease is no longer granted: the holder must stop using its devices. A failing database is retried at the next
     beat; the lease survives that as long as one beat in ``ttl_s`` gets through.
+
+    With ``on_preempted`` (a preemptible lease) it also looks every :data:`PREEMPT_POLL_S` seconds whether the
+    lease was preempted, and then calls it once with the :class:`~kiln.tasks.pools.leases.Preemption` (whose
+    deadline the holder must release by) and sets ``preempted``; it goes on heartbeating until :meth:`stop`.
     """
 
     def __init__(self, store: LeaseStore, lease_id: str, ttl_s: float,
-                 on_lost: Callable[[], None] | None = None):
+                 on_lost: Callable[[], None] | None = None,
+                 on_preempted: Callable[[Preemption], None] | None = None):
         self.store = store
         self.lease_id = lease_id
         self.on_lost = on_lost
+        self.on_preempted = on_preempted
         self.interval_s = ttl_s / 3
         self.lost = threading.Event()
+        self.preempted = threading.Event()
+        self.preemption: Preemption | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"kiln-keepalive-{lease_id[:8]}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        tick = min(self.interval_s, PREEMPT_POLL_S) if self.on_preempted is not None else self.interval_s
+        next_beat = time.monotonic() + self.interval_s
+        while not self._stop.wait(tick):
             try:
-                self.store.heartbeat(self.lease_id)
+                if self.on_preempted is not None and not self.preempted.is_set():
+                    self._look_for_preemption()
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.interval_s
+                    self.store.heartbeat(self.lease_id)
             except LeaseLostError as exc:
                 logger.error("lease %s lost: %s", self.lease_id, exc)
                 self.lost.set()
@@ -48,7 +68,18 @@ class KeepAlive:
                 return
             except Exception as exc:  # a database hiccup: the next beat may get through before the ttl runs out
                 logger.warning("heartbeat of lease %s failed (%s: %s); retrying in %.1fs", self.lease_id,
-                               type(exc).__name__, exc, self.interval_s)
+                               type(exc).__name__, exc, tick)
+
+    def _look_for_preemption(self) -> None:
+        preemption = self.store.preemption(self.lease_id)
+        if preemption is None:
+            return
+        self.preemption = preemption
+        self.preempted.set()
+        logger.warning("lease %s is preempted by lease %s: give the devices back within %.0f s", self.lease_id,
+                       preemption.by_lease, preemption.deadline - time.time())
+        assert self.on_preempted is not None
+        self.on_preempted(preemption)
 
     def stop(self) -> None:
         """Stop heartbeating (idempotent); returns once the thread has ended."""

@@ -27,7 +27,7 @@ class LeaseRecord:
     priority: int
     """The effective priority (the request's, else its team's)."""
     state: str
-    """``waiting``, ``granted``, ``released``, ``expired`` or ``cancelled``."""
+    """``waiting``, ``granted``, ``released``, ``expired``, ``cancelled`` or ``revoked``."""
     owner: Owner
     request: LeaseRequest
     allocation: Allocation | None
@@ -62,7 +62,8 @@ class AuditEvent:
     lease_id: str
     pool: str
     event: str
-    """``request``, ``grant``, ``release``, ``expire``, ``cancel`` or ``timeout``."""
+    """``request``, ``grant``, ``release``, ``expire``, ``cancel``, ``timeout``, ``preempt`` (the lease was asked
+    to give its devices back; ``detail`` names the lease that takes them) or ``revoke`` (it did not, in time)."""
     devices: dict[str, dict[str, Any]]
     """``{node: {"gpus": [...], "cpus": [...], "memory": bytes}}`` granted or freed by this event."""
     detail: str
@@ -72,6 +73,18 @@ class AuditEvent:
         """From a ``kiln_lease_events`` row."""
         return cls(id=row.id, ts=row.ts, lease_id=row.lease_id, pool=row.pool, event=row.event,
                    devices=json.loads(row.devices or "{}"), detail=row.detail)
+
+
+@dataclass(frozen=True)
+class Preemption:
+    """A granted lease asked to give its devices back (see :mod:`kiln.tasks.pools.preemption`)."""
+
+    lease_id: str
+    by_lease: str
+    """The queued lease that takes the devices."""
+    requested_at: float
+    deadline: float
+    """Epoch seconds; a lease still held then is revoked."""
 
 
 def allocation_json(allocation: Allocation) -> str:

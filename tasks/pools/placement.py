@@ -187,6 +187,8 @@ def check_satisfiable(inventory: Inventory, request: LeaseRequest) -> None:
         raise UnsatisfiableRequestError(
             f"{asked}: needs {request.nodes} distinct node(s) that can each host that shape but only {len(able)} "
             f"of the {len(pool.nodes)} node(s) of pool {pool.name!r} can ({', '.join(able) or 'none'})")
+    if request.preemptible:
+        return  # a preemptible request may borrow beyond its team's quota
     for what, total, quota, fmt in (("GPU(s)", request.gpus * request.nodes, team.quota_gpus, str),
                                     ("CPU(s)", request.cpus * request.nodes, team.quota_cpus, str),
                                     ("of memory", request.memory * request.nodes, team.quota_memory, format_size)):
@@ -197,7 +199,8 @@ def check_satisfiable(inventory: Inventory, request: LeaseRequest) -> None:
 
 def copies_at_once(inventory: Inventory, request: LeaseRequest, wanted: int) -> int:
     """How many leases of ``request`` its pool and team could hold at once with every device free, up to
-    ``wanted`` (a study's trials at once are checked against this before any is queued).
+    ``wanted`` (a study's trials at once are checked against this before any is queued). A preemptible request
+    may borrow beyond its team's quota, so only the pool bounds it.
 
     Raises:
         UnsatisfiableRequestError: even one copy could never be granted (:func:`check_satisfiable`).
@@ -206,10 +209,56 @@ def copies_at_once(inventory: Inventory, request: LeaseRequest, wanted: int) -> 
     pool, team = inventory.pools[request.pool], inventory.teams[request.team]
     held: list[Allocation] = []
     for count in range(wanted):
-        over_quota = any(quota is not None and (count + 1) * amount * request.nodes > quota for amount, quota in (
-            (request.gpus, team.quota_gpus), (request.cpus, team.quota_cpus), (request.memory, team.quota_memory)))
+        quotas = ((request.gpus, team.quota_gpus), (request.cpus, team.quota_cpus),
+                  (request.memory, team.quota_memory))
+        over_quota = not request.preemptible and any(
+            quota is not None and (count + 1) * amount * request.nodes > quota for amount, quota in quotas)
         nodes = None if over_quota else place(pool, usage_of(held), request)
         if nodes is None:
             return count
         held.append(Allocation(lease_id=f"copy-{count}", pool=pool.name, nodes=nodes, ttl_s=request.ttl_s))
     return wanted
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A granted lease as preemption sees it."""
+
+    lease_id: str
+    allocation: Allocation
+    priority: int
+    granted_at: float
+
+
+def choose_victims(pool: Pool, granted: Mapping[str, Allocation], candidates: Iterable[Holder],
+                   request: LeaseRequest) -> list[str] | None:
+    """The leases to preempt so that ``request`` fits, or None when preempting every candidate would not make it
+    fit (then none is preempted).
+
+    Candidates are taken lowest priority first, then the youngest grant first (it has the least work to lose),
+    until the request fits; a victim the others already make room for is then spared.
+
+    Args:
+        pool: the pool from the inventory.
+        granted: every granted allocation of the pool, by lease id (candidates included).
+        candidates: the preemptible leases the request may take devices from.
+        request: what must fit.
+    """
+    order = sorted(candidates, key=lambda h: (h.priority, -h.granted_at, h.lease_id))
+    chosen: list[str] = []
+
+    def fits(without: list[str]) -> bool:
+        gone = set(without)
+        return place(pool, usage_of(a for i, a in granted.items() if i not in gone), request) is not None
+
+    for holder in order:
+        chosen.append(holder.lease_id)
+        if fits(chosen):
+            break
+    else:
+        return None
+    for lease_id in reversed(chosen[:-1]):  # the last one was needed; an earlier one may not be
+        rest = [i for i in chosen if i != lease_id]
+        if fits(rest):
+            chosen = rest
+    return chosen

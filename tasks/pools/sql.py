@@ -27,7 +27,8 @@ from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.sql.elements import TextClause
 
 LIVE = "('waiting', 'granted')"
-LIVE_COLUMNS = "id, pool, state, team, priority, seq, request, allocation, ttl_s, expires_at, created_at"
+LIVE_COLUMNS = ("id, pool, state, team, priority, seq, request, allocation, ttl_s, expires_at, created_at, "
+                "preemptible, granted_at")
 _PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
 

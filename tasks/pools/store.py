@@ -40,6 +40,7 @@ from kiln.tasks.pools.leases import (
     devices_json,
 )
 from kiln.tasks.pools.placement import UsageTracker, check_satisfiable, place
+from kiln.tasks.pools.preemption import Preemptions
 from kiln.tasks.pools.queries import LeaseQueries
 from kiln.tasks.pools.sql import Tx
 from kiln.tasks.pools.tables import create_schema, make_engine
@@ -51,7 +52,7 @@ SWEEP_INTERVAL_S = 2.0
 _CACHE_MAX = 4096
 
 
-class LeaseStore(LeaseQueries):
+class LeaseStore(LeaseQueries, Preemptions):
     """Leases on the pools of ``inventory``, kept in the database at ``url`` (SQLite or PostgreSQL).
 
     Args:
@@ -126,19 +127,25 @@ class LeaseStore(LeaseQueries):
         held back only by its own team's quota and belongs to another team: one team at its ceiling must not
         stall the pool for everyone.
         """
-        granted: dict[str, Allocation] = {}
-        for r in rows:
-            if r.state == "granted":
-                granted[r.id] = self._allocation(r)
-            elif r.id != lease_id and (r.priority > priority or (r.priority == priority
-                                                                 and (seq is None or r.seq < seq))):
-                if r.team == request.team or not self._team_over(
-                        tx, r.team, LeaseRequest.from_dict(json.loads(r.request)), lock=False):
-                    return None
+        if self._waiter_ahead(tx, request, priority, seq, lease_id, rows):
+            return None
+        granted = {r.id: self._allocation(r) for r in rows if r.state == "granted"}
         nodes = place(pool, self._usage.setdefault(pool.name, UsageTracker()).update(granted), request)
-        if nodes is None or self._team_over(tx, request.team, request, lock=True):
+        # A preemptible request may borrow beyond its team's quota (and is then preempted first by other teams).
+        if nodes is None or (not request.preemptible and self._team_over(tx, request.team, request, lock=True)):
             return None
         return nodes
+
+    def _waiter_ahead(self, tx: Tx, request: LeaseRequest, priority: int, seq: int | None, lease_id: str | None,
+                      rows: Sequence[Any]) -> bool:
+        """Whether a waiter ahead in the queue (higher priority, or equal and earlier) blocks the request."""
+        for r in rows:
+            if r.state == "waiting" and r.id != lease_id and (r.priority > priority or (
+                    r.priority == priority and (seq is None or r.seq < seq))):
+                if r.team == request.team or not self._team_over(
+                        tx, r.team, LeaseRequest.from_dict(json.loads(r.request)), lock=False):
+                    return True
+        return False
 
     def _decide_or_reap(self, tx: Tx, pool: Pool, request: LeaseRequest, priority: int, seq: int | None,
                         lease_id: str | None, rows: Sequence[Any], now: float,
@@ -166,14 +173,18 @@ class LeaseStore(LeaseQueries):
             params.update({f"n{i}": node, f"k{i}": kind, f"d{i}": device})
         return [sql.insert_devices(len(devices)), sql.INSERT_EVENT]
 
+    def _free(self, tx: Tx, ended: Sequence[Any], now: float, event: str, detail: str) -> None:
+        """Free the devices of leases just ended (rows of ``id, pool, devices``) and audit each with ``event``."""
+        params: dict[str, Any] = {"now": now, "detail": detail}
+        for i, r in enumerate(ended):
+            params.update({f"i{i}": r.id, f"p{i}": r.pool, f"v{i}": r.devices, f"e{i}": event})
+        tx.run([sql.delete_devices_of(len(ended)), sql.insert_events(len(ended))], params)
+
     def _reap(self, tx: Tx, now: float, pool: str, lock: Sequence[sql.Stmt] = ()) -> list[str]:
         expired = tx.run([*lock, sql.EXPIRE], {"now": now, "pool": pool}).all()
         if not expired:
             return []
-        params: dict[str, Any] = {"now": now, "detail": "no heartbeat within ttl"}
-        for i, r in enumerate(expired):
-            params.update({f"i{i}": r.id, f"p{i}": r.pool, f"v{i}": r.devices, f"e{i}": "expire"})
-        tx.run([sql.delete_devices_of(len(expired)), sql.insert_events(len(expired))], params)
+        self._free(tx, expired, now, "expire", "no heartbeat within ttl")
         ids = [r.id for r in expired]
         logger.warning("expired %d lease(s) whose holders stopped heartbeating: %s", len(ids), ", ".join(ids))
         return ids
@@ -297,8 +308,14 @@ class LeaseStore(LeaseQueries):
     def _grant_waiting(self, tx: Tx, own: Any, rows: Sequence[Any], now: float) -> Allocation | None:
         request = LeaseRequest.from_dict(json.loads(own.request))
         values: dict[str, Any] = {"id": own.id, "pool": own.pool, "now": now, "expires_at": now + own.ttl_s}
-        nodes = self._decide_or_reap(tx, self.inventory.pools[own.pool], request, own.priority, own.seq, own.id,
-                                     rows, now, (sql.SELECT_LIVE_AND_OWN, {"id": own.id}))
+        pool, reread = self.inventory.pools[own.pool], (sql.SELECT_LIVE_AND_OWN, {"id": own.id})
+        nodes = self._decide_or_reap(tx, pool, request, own.priority, own.seq, own.id, rows, now, reread)
+        if nodes is None and not self._waiter_ahead(tx, request, own.priority, own.seq, own.id, rows):
+            # The rows again: the decision above may have reaped expired leases.
+            rows = tx.run([reread[0]], reread[1]).all()
+            if self._make_room(tx, pool, own, request, rows, now):
+                rows = tx.run([reread[0]], reread[1]).all()
+                nodes = self._decide(tx, pool, request, own.priority, own.seq, own.id, rows)
         if nodes is None:
             tx.commit([sql.TOUCH_WAITING], values)
             return None

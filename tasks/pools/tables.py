@@ -62,7 +62,7 @@ leases = Table(
     Column("team", String(64), nullable=False),
     Column("priority", Integer, nullable=False),
     Column("seq", BigInteger, nullable=False),
-    Column("state", String(16), nullable=False),  # waiting | granted | released | expired | cancelled
+    Column("state", String(16), nullable=False),  # waiting | granted | released | expired | cancelled | revoked
     Column("request", Text, nullable=False),
     Column("allocation", Text),
     Column("devices", Text, nullable=False, server_default="{}"),  # the audit form of the allocation
@@ -98,13 +98,24 @@ devices = Table(
     UniqueConstraint("pool", "node", "kind", "device", name="uq_kiln_lease_devices_device"),
 )
 
+preemptions = Table(
+    "kiln_preemptions", metadata,  # one row per preempted lease: who took its devices and until when it may hold
+    Column("lease_id", String(32), primary_key=True),
+    Column("by_lease", String(32), nullable=False),
+    Column("pool", String(64), nullable=False),
+    Column("requested_at", Float, nullable=False),
+    Column("deadline", Float, nullable=False),  # then the lease is revoked, whether or not its job has exited
+    Index("ix_kiln_preemptions_pool", "pool"),
+)
+
 events = Table(
     "kiln_lease_events", metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("ts", Float, nullable=False),
     Column("lease_id", String(32), nullable=False),
     Column("pool", String(64), nullable=False),
-    Column("event", String(16), nullable=False),  # request | grant | release | expire | cancel | timeout
+    # request | grant | release | expire | cancel | timeout | preempt | revoke
+    Column("event", String(16), nullable=False),
     Column("devices", Text, nullable=False, default="{}"),
     Column("detail", Text, nullable=False, default=""),
     Index("ix_kiln_lease_events_pool", "pool", "id"),

@@ -143,3 +143,48 @@ def test_copies_at_once_count_what_the_pool_and_the_team_quota_hold_together() -
     assert copies_at_once(inventory, LeaseRequest(pool="p", gpus=2, cpus=1, nodes=2), 10) == 1  # a gang: a and b
     with pytest.raises(UnsatisfiableRequestError, match="largest node"):
         copies_at_once(inventory, LeaseRequest(pool="p", gpus=8), 1)
+    # A preemptible request may borrow beyond the quota, so only the pool bounds it.
+    assert copies_at_once(inventory, LeaseRequest(pool="p", gpus=1, cpus=1, team="small", preemptible=True), 10) == 6
+
+
+def _held(lease_id: str, node_name: str, gpus: int, priority: int, granted_at: float, first: int = 0) -> tuple:
+    """A granted allocation of GPUs ``first..first+gpus-1`` of a node, and its :class:`Holder`."""
+    from kiln.tasks.pools.placement import Holder
+
+    alloc = Allocation(lease_id=lease_id, pool="p", nodes=(NodeAllocation(
+        node=node_name, gpus=tuple(f"{node_name}-g{i}" for i in range(first, first + gpus))),))
+    return alloc, Holder(lease_id, alloc, priority, granted_at)
+
+
+@pytest.mark.parametrize(("holders", "want", "victims"), [
+    # Lowest priority first, then the youngest grant.
+    ([("old", "a", 2, -1, 1.0), ("young", "b", 2, -1, 2.0)], {"gpus": 2}, ["young"]),
+    ([("low", "a", 2, -5, 1.0), ("young", "b", 2, -1, 2.0)], {"gpus": 2}, ["low"]),
+    # A gang of two whole nodes needs both.
+    ([("a0", "a", 2, -1, 1.0), ("b0", "b", 2, -1, 2.0)], {"gpus": 2, "nodes": 2}, ["a0", "b0"]),
+    # The lowest-priority lease shares its node with one that is no candidate: preempting it made no room, so it is
+    # spared once the next one does.
+    ([("x", "a", 1, -3, 1.0), ("fixed", "a", 1, 9, 1.0, False, 1), ("y", "b", 2, -2, 1.0)], {"gpus": 2}, ["y"]),
+], ids=["youngest-of-equals", "lowest-priority", "gang", "spare-unneeded"])
+def test_victims_are_the_fewest_lowest_priority_youngest_leases_that_make_room(holders: list, want: dict,
+                                                                               victims: list[str]) -> None:
+    from kiln.tasks.pools.placement import choose_victims
+
+    p = pool(node("a", gpus=2), node("b", gpus=2))
+    made = [(_held(*h[:5], *h[6:]), h[5] if len(h) > 5 else True) for h in holders]
+    granted = {a.lease_id: a for (a, _), _ in made}
+    request = LeaseRequest(pool="p", **want)
+    got = choose_victims(p, granted, [h for (_, h), candidate in made if candidate], request)
+    assert got is not None and sorted(got) == sorted(victims)
+    assert place(p, usage_of(a for i, a in granted.items() if i not in got), request)
+
+
+def test_no_victim_when_preempting_every_candidate_would_still_not_make_room() -> None:
+    from kiln.tasks.pools.placement import choose_victims
+
+    p = pool(node("a", gpus=2), node("b", gpus=2))
+    (fixed, _), (soft, soft_holder) = _held("fixed", "a", 2, 5, 1.0), _held("soft", "b", 1, -1, 1.0)
+    # A 2-node gang of 2 GPUs each needs node a, whose lease is not a candidate.
+    assert choose_victims(p, {"fixed": fixed, "soft": soft}, [soft_holder],
+                          LeaseRequest(pool="p", gpus=2, nodes=2)) is None
+    assert choose_victims(p, {"fixed": fixed}, [], LeaseRequest(pool="p", gpus=1)) is None
