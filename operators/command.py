@@ -30,6 +30,9 @@ class PooledCommandOperator(PooledOperator):
         command: argv list (no shell).
         resource_pool, gpus, gpu_memory_min, cpus, memory, team, priority, placement, ttl_s: the lease request
             (one node); sizes as bytes or strings such as ``16GiB``.
+        preemptible: the command checkpoints: when the lease is preempted it gets SIGTERM and ``preempt_grace_s``
+            seconds to save its state and exit (then SIGKILL); the task queues for devices again and runs the
+            command anew, which resumes from what it saved.
         wait_timeout_s: how long the request may wait (deferred, in the triggerer) before the task fails.
         env: extra environment variables.
     """
@@ -39,7 +42,8 @@ class PooledCommandOperator(PooledOperator):
     def __init__(self, *, command: list[str], resource_pool: str = "local", gpus: int = 0,
                  gpu_memory_min: int | str = 0, cpus: int = 0, memory: int | str = 0, team: str = "default",
                  priority: int | None = None, placement: str | None = None, ttl_s: float = 60.0,
-                 wait_timeout_s: float = 3600.0, env: dict[str, str] | None = None,
+                 preemptible: bool = False, preempt_grace_s: float = 60.0, wait_timeout_s: float = 3600.0,
+                 env: dict[str, str] | None = None,
                  skip_on_exit_code: int | None = 99, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.command = command
@@ -52,6 +56,8 @@ class PooledCommandOperator(PooledOperator):
         self.priority = priority
         self.placement = placement
         self.ttl_s = ttl_s
+        self.preemptible = preemptible
+        self.preempt_grace_s = preempt_grace_s
         self.wait_timeout_s = wait_timeout_s
         self.env = env or {}
         self.skip_on_exit_code = skip_on_exit_code
@@ -64,7 +70,7 @@ class PooledCommandOperator(PooledOperator):
             pool=self.resource_pool, gpus=self.gpus, cpus=self.cpus, team=self.team, priority=self.priority,
             gpu_memory_min=parse_size(self.gpu_memory_min, field_name="gpu_memory_min"),
             memory=parse_size(self.memory, field_name="memory"), placement=self.placement,  # type: ignore[arg-type]
-            ttl_s=self.ttl_s)
+            ttl_s=self.ttl_s, preemptible=self.preemptible, grace_s=self.preempt_grace_s)
         return request, self.wait_timeout_s
 
     def run_leased(self, context: Any, allocation: Allocation) -> int:
@@ -93,3 +99,8 @@ class PooledCommandOperator(PooledOperator):
         proc = self._proc
         if proc is not None:
             proc.stop(grace_s=0)  # SIGKILL at once: the lease is lost or the task was killed
+
+    def preempt_work(self, grace_s: float) -> None:
+        proc = self._proc
+        if proc is not None:
+            proc.stop(grace_s=grace_s, what="preempted command")

@@ -5,6 +5,10 @@ A task that cannot be granted its devices at once defers: the request waits in t
 priority) while the triggerer polls it, so it occupies no worker slot. The lease is granted in the triggerer and
 held across the deferral; the resumed task heartbeats it while it works and releases it in ``finally`` and in
 ``on_kill``. A worker that dies without either stops heartbeating, and the lease is reclaimed after its TTL.
+
+A preemptible lease may be preempted by a request of higher priority (:mod:`kiln.tasks.pools.preemption`): the task
+asks its work to checkpoint and stop within the grace period (:meth:`PooledOperator.preempt_work`), gives the
+devices back, queues the same request again and defers, and resumes the work (from its checkpoint) when granted.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook, BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 if TYPE_CHECKING:
     from kiln.tasks.pools.allocation import Allocation, LeaseRequest, Owner
+    from kiln.tasks.pools.leases import Preemption
     from kiln.tasks.pools.store import LeaseStore
 
+#: Seconds of a preempted lease's grace period kept for giving the devices back after the work stopped.
+_RELEASE_MARGIN_S = 2.0
 #: Extra seconds the deferral may take beyond the request's own wait timeout (the trigger enforces the latter
 #: itself and reports it, so Airflow's generic deferral timeout is only a backstop).
 _DEFER_SLACK_S = 60
@@ -121,6 +128,15 @@ class PooledOperator(BaseOperator):
     def stop_work(self) -> None:
         """Interrupt :meth:`run_leased` from another thread (on_kill, lost lease). Safe to call twice."""
 
+    def preempt_work(self, grace_s: float) -> None:
+        """Ask :meth:`run_leased` (from another thread) to checkpoint and stop within ``grace_s`` seconds: its
+        preemptible lease was preempted. The default stops it at once (:meth:`stop_work`)."""
+        self.stop_work()
+
+    def wait_trigger(self, context: Any, lease_id: str, deadline: float) -> PoolLeaseTrigger:
+        """The trigger that waits for the queued ``lease_id`` while the task is deferred."""
+        return PoolLeaseTrigger(lease_id=lease_id, deadline=deadline, poll_s=self.poll_interval_s)
+
     # -- the lease protocol --------------------------------------------------------------------------------------
     def execute(self, context: Any) -> Any:
         from kiln.tasks.pools.allocation import UnsatisfiableRequestError
@@ -132,16 +148,20 @@ class PooledOperator(BaseOperator):
         except UnsatisfiableRequestError as exc:
             store.close()
             raise AirflowFailException(str(exc)) from exc
-        owner = owner_from_context(context)
-        allocation = store.try_acquire(request, owner)
+        allocation = store.try_acquire(request, owner_from_context(context))
         if allocation is not None:
-            return self._run(context, allocation)
-        lease_id = store.enqueue(request, owner)
-        store.close()  # the task leaves its worker while it waits; the trigger opens a store of its own
+            return self._run(context, request, allocation)
+        self._wait(context, store, request, wait_timeout_s)
+
+    def _wait(self, context: Any, store: LeaseStore, request: LeaseRequest, wait_timeout_s: float) -> None:
+        """Queue ``request`` and defer until the trigger reports its grant (then :meth:`execute_granted`)."""
+        try:
+            lease_id = store.enqueue(request, owner_from_context(context))
+        finally:
+            store.close()  # the task leaves its worker while it waits; the trigger opens a store of its own
         self.log.info("%s does not fit now; lease %s waits in the queue of pool %r (deferring, up to %d s)",
                       request.describe(), lease_id, request.pool, wait_timeout_s)
-        self.defer(trigger=PoolLeaseTrigger(lease_id=lease_id, deadline=time.time() + wait_timeout_s,
-                                            poll_s=self.poll_interval_s),
+        self.defer(trigger=self.wait_trigger(context, lease_id, time.time() + wait_timeout_s),
                    method_name="execute_granted", timeout=timedelta(seconds=wait_timeout_s + _DEFER_SLACK_S))
 
     def execute_granted(self, context: Any, event: dict[str, Any]) -> Any:
@@ -151,9 +171,10 @@ class PooledOperator(BaseOperator):
         if event.get("status") != "granted":
             raise AirflowException(f"lease {event.get('lease_id')} not granted: {event.get('message')}")
         self._store = ResourcePoolHook().get_store()
-        return self._run(context, Allocation.from_dict(event["allocation"]))
+        request, _ = self.lease_request(context)
+        return self._run(context, request, Allocation.from_dict(event["allocation"]))
 
-    def _run(self, context: Any, allocation: Allocation) -> Any:
+    def _run(self, context: Any, request: LeaseRequest, allocation: Allocation) -> Any:
         from kiln.tasks.pools.allocation import LeaseLostError
         from kiln.tasks.pools.keepalive import KeepAlive
 
@@ -162,21 +183,45 @@ class PooledOperator(BaseOperator):
         self._lease_id = allocation.lease_id
         nodes = "; ".join(f"{n.node}: GPUs [{n.cuda_visible_devices()}] CPUs [{n.cpuset()}]"
                           for n in allocation.nodes)
-        self.log.info("holding lease %s in pool %r (%s)", allocation.lease_id, allocation.pool, nodes)
-        # Heartbeats from here until stop(); a lost lease stops the work, since its devices may be re-granted.
-        keep = KeepAlive(store, allocation.lease_id, allocation.ttl_s, on_lost=self.stop_work)
+        self.log.info("holding lease %s in pool %r (%s)%s", allocation.lease_id, allocation.pool, nodes,
+                      ", preemptible" if request.preemptible else "")
+        # Heartbeats from here until stop(); a lost lease stops the work, since its devices may be re-granted; a
+        # preempted one asks the work to checkpoint and stop before the deadline.
+        keep = KeepAlive(store, allocation.lease_id, allocation.ttl_s, on_lost=self.stop_work,
+                         on_preempted=self._on_preempted if request.preemptible else None)
         try:
-            result = self.run_leased(context, allocation)
-            if keep.lost.is_set():
-                raise LeaseLostError(f"lease {allocation.lease_id} was lost while the task ran")
-            return result
+            try:
+                result = self.run_leased(context, allocation)
+            except AirflowSkipException:
+                raise  # an outcome (a pruned trial), whatever else happened meanwhile
+            except Exception:
+                if not keep.preempted.is_set():
+                    raise
+            else:
+                if keep.lost.is_set():
+                    raise LeaseLostError(f"lease {allocation.lease_id} was lost while the task ran")
+                return result  # it finished before it had to stop: the preemption costs it nothing
         finally:
             keep.stop()
-            self._release(store, allocation.lease_id)
+            by = keep.preemption.by_lease if keep.preemption is not None else None
+            self._release(store, allocation.lease_id, f"preempted by lease {by}" if by else "released")
             store.close()
+        # Preempted: the devices are back in the pool; wait for new ones, holding no worker, and resume there.
+        self.log.warning("lease %s was preempted by lease %s: the work stopped%s; queueing the request again",
+                         allocation.lease_id, by, " (and the lease was revoked)" if keep.lost.is_set() else "")
+        _, wait_timeout_s = self.lease_request(context)
+        self._store = ResourcePoolHook().get_store()
+        self._wait(context, self._store, request, wait_timeout_s)
 
-    def _release(self, store: LeaseStore, lease_id: str) -> None:
-        if store.release(lease_id):
+    def _on_preempted(self, preemption: Preemption) -> None:
+        # A margin for the release to reach the store before the preempting request revokes the lease.
+        grace_s = max(1.0, preemption.deadline - time.time() - _RELEASE_MARGIN_S)
+        self.log.warning("lease preempted by lease %s: asking the work to checkpoint and stop within %.0f s",
+                         preemption.by_lease, grace_s)
+        self.preempt_work(grace_s)
+
+    def _release(self, store: LeaseStore, lease_id: str, reason: str = "released") -> None:
+        if store.release(lease_id, reason=reason):
             self.log.info("released lease %s", lease_id)
         self._lease_id = None
 

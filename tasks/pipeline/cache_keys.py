@@ -53,7 +53,8 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
 #: ``training`` fields that only schedule the job (where and how long it may wait or run, how often it logs); every
 #: other training field is part of ``train``'s key, so a field added later is keyed unless it is listed here.
 TRAIN_SCHEDULING_FIELDS = {"timeout_s", "log_every_steps", "max_restarts"}
-TRAIN_RESOURCE_SCHEDULING_FIELDS = {"pool", "team", "priority", "wait_timeout_s", "ttl_s", "preemptible", "placement"}
+TRAIN_RESOURCE_SCHEDULING_FIELDS = {"pool", "team", "priority", "wait_timeout_s", "ttl_s", "preemptible",
+                                    "preempt_grace_s", "placement"}
 
 
 @dataclass(frozen=True, eq=False)

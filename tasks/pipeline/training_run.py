@@ -61,18 +61,19 @@ def lease_request(spec: PipelineSpec) -> LeaseRequest:
                         gpu_memory_min=parse_size(r.gpu_memory_min, field_name="training.resources.gpu_memory_min"),
                         cpus=t.lease_cpus(), memory=parse_size(r.memory, field_name="training.resources.memory"),
                         team=r.team, priority=r.priority, placement=r.placement, ttl_s=float(r.ttl_s),
-                        preemptible=r.preemptible)
+                        preemptible=r.preemptible, grace_s=float(r.preempt_grace_s))
 
 
 @contextmanager
 def lease_here(ctx: RunContext, request: LeaseRequest, task_id: str) -> Iterator[Allocation]:
     """Lease ``request`` in this process, blocking up to ``training.resources.wait_timeout_s``, and hold it for
-    the block (a run outside Airflow, where no operator leases and defers)."""
+    the block (a run outside Airflow, where no operator leases and defers). The lease is not preemptible here:
+    nothing would queue a preempted job again."""
     from kiln.tasks.pools.keepalive import hold
     from kiln.tasks.pools.store import LeaseStore
 
     owner = Owner(run_id=ctx.run_key, task_id=task_id, host=socket.gethostname(), pid=os.getpid())
-    with hold(LeaseStore.from_settings(), request, owner,
+    with hold(LeaseStore.from_settings(), replace(request, preemptible=False), owner,
               timeout_s=ctx.spec.training.resources.wait_timeout_s) as leased:
         yield leased
 

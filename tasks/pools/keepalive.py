@@ -31,8 +31,9 @@ class KeepAlive:
     beat; the lease survives that as long as one beat in ``ttl_s`` gets through.
 
     With ``on_preempted`` (a preemptible lease) it also looks every :data:`PREEMPT_POLL_S` seconds whether the
-    lease was preempted, and then calls it once with the :class:`~kiln.tasks.pools.leases.Preemption` (whose
-    deadline the holder must release by) and sets ``preempted``; it goes on heartbeating until :meth:`stop`.
+    lease was preempted, and then sets ``preempted`` and calls it once, on a thread of its own, with the
+    :class:`~kiln.tasks.pools.leases.Preemption` (whose deadline the holder must release by); it goes on
+    heartbeating until :meth:`stop`.
     """
 
     def __init__(self, store: LeaseStore, lease_id: str, ttl_s: float,
@@ -79,7 +80,10 @@ class KeepAlive:
         logger.warning("lease %s is preempted by lease %s: give the devices back within %.0f s", self.lease_id,
                        preemption.by_lease, preemption.deadline - time.time())
         assert self.on_preempted is not None
-        self.on_preempted(preemption)
+        # On a thread of its own: stopping the work may take the whole grace period, and the lease must go on
+        # being heartbeated meanwhile.
+        threading.Thread(target=self.on_preempted, args=(preemption,), name=f"kiln-preempt-{self.lease_id[:8]}",
+                         daemon=True).start()
 
     def stop(self) -> None:
         """Stop heartbeating (idempotent); returns once the thread has ended."""

@@ -160,7 +160,12 @@ class ResourcesSpec(_Strict):
     ttl_s: int = Field(default=60, ge=5, le=DAY_S)
     """The lease is reclaimed this long after its holder stops heartbeating (a killed worker frees its devices)."""
     preemptible: bool = False
-    """The job checkpoints, so a higher-priority request may preempt it; it then fails for retry and resumes."""
+    """The job checkpoints, so a higher-priority request (or another team, while this one borrows beyond its quota)
+    may preempt it: it checkpoints and exits, its task queues for devices again and resumes from the checkpoint.
+    Only a preemptible request may borrow beyond its team's quota."""
+    preempt_grace_s: int = Field(default=60, ge=1, le=DAY_S)
+    """Seconds a preempted job has to checkpoint and exit; then it is killed and its lease revoked (it resumes from
+    its last complete epoch)."""
 
     @field_validator("gpu_memory_min", "memory")
     @classmethod

@@ -209,6 +209,25 @@ def _beat(study: optuna.Study, trial: Trial) -> None:
         study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
 
 
+def beat_running(storage: RDBStorage, name: str, index: int) -> int | None:
+    """Record the heartbeat of study ``name``'s RUNNING trial of task ``index`` (a preempted trial's task beats it
+    while it waits for devices again), if there is one.
+
+    Returns:
+        The trial's number, or None (no such study or RUNNING trial).
+    """
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get(INDEX_ATTR) == index:
+            with _quiet():
+                storage.record_heartbeat(t._trial_id)
+            return t.number
+    return None
+
+
 @contextmanager
 def heartbeat(trial: Trial) -> Iterator[None]:
     """Record the trial's heartbeat every ``HEARTBEAT_S`` while the block runs (a trial trains longer than the

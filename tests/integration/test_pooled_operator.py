@@ -162,3 +162,88 @@ async def _first_event(trigger) -> dict:
     async for event in trigger.run():
         return event.payload
     raise AssertionError("trigger ended without an event")
+
+
+def _preempt_from_another_thread(op, task_id: str, code_started: Path) -> tuple[dict, str]:
+    """Run ``op`` on a thread until its command has started, then queue a higher-priority request for the whole pool
+    and poll it as the triggerer would. Returns the thread's outcome and the preempting lease's id."""
+    from kiln.tasks.pools.allocation import LeaseRequest, Owner
+
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            op.execute(_context(task_id))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not code_started.exists():
+        assert time.monotonic() < deadline, "the command never started"
+        time.sleep(0.05)
+    store = _store()
+    urgent = store.enqueue(LeaseRequest(pool="gpu", gpus=2, priority=10), Owner(host="test", pid=3))
+    try:
+        while store.try_grant(urgent) is None:
+            assert time.monotonic() < deadline + 30, "the preempting request was never granted"
+            time.sleep(0.1)
+    finally:
+        store.close()
+    worker.join(30)
+    assert not worker.is_alive()
+    return outcome, urgent
+
+
+def test_a_preempted_command_checkpoints_gives_its_devices_back_and_resumes_when_granted_again(
+        pool_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.sdk.exceptions import TaskDeferred
+
+    monkeypatch.setattr("kiln.tasks.pools.keepalive.PREEMPT_POLL_S", 0.1)
+    started, saved = pool_env / "started", pool_env / "checkpoint"
+    # Resumes from its checkpoint when there is one; on SIGTERM saves one and exits 75.
+    code = (f"import pathlib, signal, sys, time\nsaved = pathlib.Path({str(saved)!r})\n"
+            "if saved.exists(): print('resumed from', saved.read_text()); sys.exit(0)\n"
+            "def stop(*_): saved.write_text('step 3'); sys.exit(75)\n"
+            f"signal.signal(signal.SIGTERM, stop)\npathlib.Path({str(started)!r}).touch()\ntime.sleep(600)\n")
+    op = _op("trial", code, gpus=1, priority=-1, preemptible=True, preempt_grace_s=30)
+    began = time.monotonic()
+    outcome, urgent = _preempt_from_another_thread(op, "trial", started)
+    assert time.monotonic() - began < 15  # granted within seconds, not at the grace deadline
+    deferred = outcome.get("error")
+    assert isinstance(deferred, TaskDeferred), outcome  # queued again, holding no worker
+    assert saved.read_text() == "step 3"
+    store = _store()
+    [first] = [e for e in store.history("gpu") if e.event == "preempt"]
+    assert urgent in first.detail
+    released = [e for e in store.history(lease_id=first.lease_id) if e.event == "release"]
+    assert released and urgent in released[0].detail
+    [queued] = [lease for lease in store.leases() if lease.state == "waiting"]
+    assert queued.owner.task_id == "trial" and queued.request.preemptible
+    store.release(urgent)
+    event = asyncio.run(_first_event(deferred.trigger))
+    assert event["status"] == "granted"
+    assert op.execute_granted(_context("trial"), event) == 0
+    assert _live() == []
+    store.close()
+
+
+def test_a_preempted_command_that_ignores_sigterm_is_killed_at_its_grace_deadline(
+        pool_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.sdk.exceptions import TaskDeferred
+
+    monkeypatch.setattr("kiln.tasks.pools.keepalive.PREEMPT_POLL_S", 0.1)
+    started = pool_env / "started"
+    code = (f"import pathlib, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            f"pathlib.Path({str(started)!r}).touch()\ntime.sleep(600)\n")
+    # 3 s of grace: 1 s for the command (2 s are kept for the release), then SIGKILL.
+    op = _op("stubborn", code, gpus=2, priority=-1, preemptible=True, preempt_grace_s=3)
+    began = time.monotonic()
+    outcome, _ = _preempt_from_another_thread(op, "stubborn", started)
+    assert time.monotonic() - began < 20
+    assert isinstance(outcome.get("error"), TaskDeferred), outcome
+    store = _store()
+    ended = [e.event for e in store.history("gpu") if e.event in ("release", "revoke")]
+    assert ended[0] == "release"  # killed and given back by its task before the deadline, not revoked
+    store.close()
