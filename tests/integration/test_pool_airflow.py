@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from airflow_service import AirflowService
+from pool_audit import replay
 
 pytestmark = pytest.mark.integration
 
@@ -26,22 +27,6 @@ INVENTORY = {
         "gpus": [{"index": i, "memory": "80GiB", "model": "stand-in"} for i in range(4)],
     }]}},
 }
-
-
-def _max_concurrent(events: list) -> tuple[int, set[str]]:
-    """Replay grants and releases in commit order: the most leases held at once, and the GPUs held twice."""
-    held: dict[str, set[str]] = {}
-    peak, clashes = 0, set()
-    for e in events:
-        gpus = {g for node in e.devices.values() for g in node.get("gpus", [])}
-        if e.event == "grant":
-            in_use = set().union(*held.values()) if held else set()
-            clashes |= gpus & in_use
-            held[e.lease_id] = gpus
-            peak = max(peak, len(held))
-        elif e.event in ("release", "expire"):
-            held.pop(e.lease_id, None)
-    return peak, clashes
 
 
 def test_three_tasks_share_four_gpus_two_at_a_time(tmp_path: Path) -> None:
@@ -80,7 +65,7 @@ def test_three_tasks_share_four_gpus_two_at_a_time(tmp_path: Path) -> None:
     finally:
         store.close()
     assert len(grants) == 3
-    peak, clashes = _max_concurrent(history)
+    peak, clashes = replay(history)
     assert peak == 2, f"expected 2 leases at once at most and at least once, saw {peak}"
     assert clashes == set(), f"GPUs {clashes} were held by two leases at once"
     assert leases == [], "a lease was left behind"
