@@ -3,14 +3,21 @@
 A :class:`Launcher` runs ``python -m kiln.tasks.training --config <file>`` as ``nproc`` DDP ranks and returns when every
 rank has exited. It is the one place that knows *where* the workers run: :class:`LocalTorchrunLauncher` uses
 torchrun on this machine; a container launcher implements the same interface.
+
+A launcher stops a job in one of two ways: :meth:`Launcher.terminate` (stop now) and :meth:`Launcher.preempt` (stop
+after a checkpoint). Both send SIGTERM, which a rank answers by saving a checkpoint at its loop's next
+``save_checkpoint`` and exiting with :data:`~kiln.tasks.training.job.PREEMPTED_EXIT_CODE`, and SIGKILL what is left
+after a grace period. torchrun forwards the SIGTERM to its ranks and then waits for them for its
+``--shutdown-timeout``, which the launchers set to the job's timeout so that only their own grace period counts.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.tasks.pools.allocation import Allocation
@@ -39,6 +46,49 @@ class TrainingTimeoutError(TrainingFailedError):
     def __init__(self, timeout_s: float, exit_code: int, log_tail: str):
         self.timeout_s = timeout_s
         super().__init__(exit_code, log_tail, reason=f"ran past its {timeout_s:g} s timeout and was killed")
+
+
+class TrainingPreemptedError(TrainingFailedError):
+    """The training job was preempted (:meth:`Launcher.preempt`): asked to checkpoint and exit, and stopped.
+
+    ``exit_code`` is the job's exit status as the launcher saw it: torchrun exits 1 once its ranks have exited on a
+    SIGTERM it forwarded (it does not pass on their :data:`~kiln.tasks.training.job.PREEMPTED_EXIT_CODE`); a
+    process killed at the grace deadline -9, a container 137.
+    """
+
+    def __init__(self, exit_code: int, log_tail: str, *, grace_s: float, killed: bool, reason: str | None = None):
+        self.grace_s = grace_s
+        self.killed = killed
+        """The job did not exit within its grace period and was killed: it saved no checkpoint of its own at the
+        signal, and resumes from its last complete checkpoint. ``False``: it exited by itself, after saving the
+        checkpoint it was asked for (a rank that crashed instead says so in the log tail)."""
+        reason = reason or (
+            f"was preempted: it did not exit within its {grace_s:g} s grace period and was killed; it resumes from "
+            "its last complete checkpoint" if killed else
+            f"was preempted: it checkpointed and exited within its {grace_s:g} s grace period (code {exit_code})")
+        super().__init__(exit_code, log_tail, reason=reason)
+
+
+@dataclass
+class Preemption:
+    """A launcher's :meth:`Launcher.preempt`, shared with the thread inside :meth:`Launcher.launch`."""
+
+    grace_s: float
+    done: threading.Event = field(default_factory=threading.Event)
+    """Set once the job is stopped (or there was none to stop)."""
+    killed: bool = False
+    """Something of the job was still running at the grace deadline and was killed; valid once ``done`` is set."""
+
+    def error(self, exit_code: int, log_tail: str, reason: str | None = None) -> TrainingPreemptedError:
+        """The error :meth:`Launcher.launch` raises for the job it stopped (``reason``: instead of the default)."""
+        return TrainingPreemptedError(exit_code, log_tail, grace_s=self.grace_s, killed=self.killed, reason=reason)
+
+
+def refused_launch(preemption: Preemption | None) -> TrainingFailedError:
+    """The error of a launch on a launcher that was terminated (or preempted) before the job started."""
+    if preemption is not None:
+        return preemption.error(-15, "", reason="was preempted before it started")
+    return TrainingFailedError(-15, "", reason="was terminated before it started")
 
 
 @dataclass(frozen=True)
@@ -84,6 +134,7 @@ class Launcher(ABC):
 
         Raises:
             TrainingFailedError: a rank failed (the others are stopped) or :meth:`terminate` was called.
+            TrainingPreemptedError: :meth:`preempt` was called (a job that completed meanwhile returns its result).
             TrainingTimeoutError: the job ran past its timeout; every rank was killed.
         """
 
@@ -92,6 +143,16 @@ class Launcher(ABC):
         """Stop the running job, if any, and refuse later launches on this instance.
 
         Safe to call twice, before or after a launch, from another thread or from a signal handler.
+        """
+
+    @abstractmethod
+    def preempt(self, grace_s: float) -> None:
+        """Ask the running job to checkpoint and exit: SIGTERM now, SIGKILL what is left after ``grace_s`` seconds;
+        returns once it is stopped. :meth:`launch` then raises :class:`TrainingPreemptedError`. Later launches on
+        this instance are refused, as after :meth:`terminate`.
+
+        Safe to call twice (the second call returns at once and changes nothing), before or after a launch, and
+        from another thread.
         """
 
 

@@ -6,6 +6,7 @@ Pure functions, no engine: unit-testable, and the one place that maps a lease on
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
@@ -18,6 +19,8 @@ from docker.types import DeviceRequest, Ulimit
 from kiln.tasks.pools.allocation import Allocation, NodeAllocation
 from kiln.tasks.spec import DockerSpec
 from kiln.tasks.training.job import TRAIN_MODULE, TrainConfig
+
+log = logging.getLogger(__name__)
 
 #: Label on every container and network of a job; its value is :attr:`DockerGangLauncher.job_id`.
 JOB_LABEL = "kiln.job"
@@ -60,15 +63,18 @@ def gang_nodes(config: TrainConfig, nproc: int, allocation: Allocation | None) -
 
 
 def torchrun_command(*, nnodes: int, nproc: int, rdzv_endpoint: str, rdzv_id: str, config_path: str,
-                     local_addr: str | None = None) -> list[str]:
+                     local_addr: str | None = None, shutdown_timeout_s: int = 30) -> list[str]:
     """The command each container runs: torchrun with a c10d rendezvous, restarts left to the launcher.
 
     ``local_addr`` (host networking): the address the node announces to the others, instead of its host name,
-    which other hosts may not resolve and which every container on one host shares.
+    which other hosts may not resolve and which every container on one host shares. ``shutdown_timeout_s``: how
+    long torchrun, once stopped (SIGTERM), waits for its ranks to checkpoint and exit before it kills them itself;
+    no shorter than the grace period the launcher gives, or it would cut that short.
     """
     return ["python", "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
             "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}", "--max-restarts=0",
-            *([f"--local_addr={local_addr}"] if local_addr else []), "-m", TRAIN_MODULE, "--config", config_path]
+            f"--shutdown-timeout={shutdown_timeout_s}", *([f"--local_addr={local_addr}"] if local_addr else []),
+            "-m", TRAIN_MODULE, "--config", config_path]
 
 
 def container_kwargs(node: NodeAllocation, spec: DockerSpec, *, image: str, name: str, command: list[str],
@@ -154,6 +160,22 @@ def container_user(user: str | None) -> str:
     if not (uid.isdigit() and gid.isdigit()) or int(uid) == 0:
         raise ValueError(f"DockerGangLauncher user must be a non-root 'uid:gid', found {chosen!r}")
     return chosen
+
+
+def prepare_mount_sources(config: TrainConfig, user: str, workdir: Path) -> None:
+    """Create the bind mounts' sources; as root, give the containers' group read on what the job reads and write
+    where it writes (the services' umask 077 leaves a task's files to root alone)."""
+    for folder in (Path(config.output_dir), Path(config.checkpoint_dir)):
+        folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return  # the containers run as this process's own user (or one the caller set up for)
+    gid = int(user.partition(":")[2])
+    shared = [(Path(config.output_dir), True), (Path(config.checkpoint_dir), True),
+              (Path(config.features_dir), False), (workdir, False),
+              *([(Path(config.raw_snapshot), False)] if config.raw_snapshot else [])]
+    log.info("containers run as %s: giving group %d access to %s", user, gid, ", ".join(str(p) for p, _ in shared))
+    for path, write in shared:
+        share_with_group(path, gid, recursive=True, write=write)
 
 
 def share_with_group(path: Path, gid: int, *, recursive: bool, write: bool = True) -> None:

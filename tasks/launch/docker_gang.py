@@ -2,11 +2,13 @@
 
 The gang starts together (every container is created before any is started), dies together (the first non-zero
 exit kills the others at once) and comes back together: up to ``training.max_restarts`` times the whole gang is
-started again, and ``kiln.tasks.training.loop`` resumes from the last complete checkpoint. ``training.timeout_s``
-bounds the whole job, restarts included. The run's data, outputs and checkpoints (and nothing else of kiln's home)
-are bind-mounted at the same absolute paths, so a run writes exactly where
+started again, and ``kiln.tasks.training.loop`` resumes from the last complete checkpoint (never after
+:meth:`~DockerGangLauncher.preempt`, which stops every container with a grace period to checkpoint first).
+``training.timeout_s`` bounds the whole job, restarts included. The run's data, outputs and checkpoints (and nothing
+else of kiln's home) are bind-mounted at the same absolute paths, so a run writes exactly where
 :class:`kiln.tasks.launch.torchrun.LocalTorchrunLauncher` would. What each container is made of (command, devices,
-mounts, the nodes of a lease) is in :mod:`kiln.tasks.launch.containers`; this module drives the engines.
+mounts, the nodes of a lease) is in :mod:`kiln.tasks.launch.containers`, what is done to a running one in
+:mod:`kiln.tasks.launch.container_control`; this module drives the gang.
 
 A job with the pipeline's own code or requirements runs an image built FROM the base for it
 (:mod:`kiln.tasks.launch.user_image`, cached by content hash); its containers find the code at
@@ -32,17 +34,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 from docker.client import DockerClient
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.errors import DockerException, ImageNotFound
 from docker.models.containers import Container
 from docker.utils import kwargs_from_env
 
+from kiln.tasks.launch import container_control
 from kiln.tasks.launch.base import (
     LOG_FILE,
     Launcher,
     LaunchResult,
+    Preemption,
     TrainingFailedError,
     TrainingTimeoutError,
+    refused_launch,
 )
+from kiln.tasks.launch.container_control import KILLED_EXIT, kill_all, remove_all
 from kiln.tasks.launch.container_reaper import engine_client, owner_label, remove_job, start_watchdog, sweep_orphans
 from kiln.tasks.launch.containers import (
     JOB_LABEL,
@@ -55,7 +61,7 @@ from kiln.tasks.launch.containers import (
     containers_can_log,
     describe_refusal,
     gang_nodes,
-    share_with_group,
+    prepare_mount_sources,
     torchrun_command,
 )
 from kiln.tasks.launch.user_image import USER_CODE_DIR, ImageBuildError, ensure_user_image
@@ -84,49 +90,14 @@ class ContainerStartError(TrainingFailedError):
         super().__init__(ENGINE_ERROR_EXIT, log_tail, reason=f"could not start on node {node}: {cause}")
 
 
-def _pump(container: Container, source: str, output: OutputLog) -> None:
-    """Copy one container's log to ``output``, line by line as ``[source] line``, until it exits (the engine
-    sends chunks, not lines)."""
-    pending = b""
-    try:
-        for chunk in container.logs(stream=True, follow=True):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for raw in lines:
-                line = raw.decode(errors="replace").rstrip("\r")
-                output.write(f"[{source}] {line}")
-    except (DockerException, OSError):
-        pass  # the container was removed while streaming
-    if pending:
-        output.write(f"[{source}] {pending.decode(errors='replace')}")
-
-
 @dataclass(frozen=True)
 class _Outcome:
     """How one attempt of the gang ended."""
 
-    status: Literal["ok", "failed", "timeout", "terminated"]
+    status: Literal["ok", "failed", "timeout", "terminated", "preempted"]
     node: str = ""
     exit_code: int = 0
     detail: str = ""
-
-
-def _start(container: Container) -> DockerException | None:
-    """Start a created container; the engine's refusal is returned (raised by the caller, once all are done)."""
-    try:
-        container.start()
-    except DockerException as exc:
-        return exc
-    return None
-
-
-def _wait(container: Container, index: int, events: queue.Queue[tuple[int, int]]) -> None:
-    """Report a container's exit code (-1 when it was removed or the engine went away)."""
-    try:
-        code = int(container.wait()["StatusCode"])
-    except (DockerException, OSError):
-        code = -1
-    events.put((index, code))
 
 
 class DockerGangLauncher(Launcher):
@@ -157,6 +128,7 @@ class DockerGangLauncher(Launcher):
         self._lock = threading.RLock()
         self._containers: list[Container] = []
         self._terminated = False
+        self._preemption: Preemption | None = None
 
     def launch(self, config: TrainConfig, *, nproc: int, workdir: Path,
                allocation: Allocation | None = None) -> LaunchResult:
@@ -185,10 +157,10 @@ class DockerGangLauncher(Launcher):
         if code_dir:
             config = replace(config, code_dir=USER_CODE_DIR)  # the user image holds the code there
         atomic_write_bytes(workdir / CONFIG_FILE, config.to_json().encode())
-        self._prepare_paths(config, user, workdir)
+        prepare_mount_sources(config, user, workdir)
         with self._lock:
             if self._terminated:
-                raise TrainingFailedError(-15, "", reason="was terminated before it started")
+                raise refused_launch(self._preemption)
             job = self.job_id = uuid.uuid4().hex[:12]
         base = t.docker.image or get_settings().train_image
         sink = OutputLog(workdir / LOG_FILE, self.tail_lines, on_line=self._log_line)
@@ -237,7 +209,19 @@ class DockerGangLauncher(Launcher):
         with self._lock:
             self._terminated = True
             containers = list(self._containers)
-        _kill(containers)
+        kill_all(containers)
+
+    def preempt(self, grace_s: float) -> None:
+        with self._lock:
+            self._terminated = True
+            if self._preemption is not None:
+                return
+            preemption = self._preemption = Preemption(grace_s)
+            containers = list(self._containers)
+        try:
+            preemption.killed = container_control.stop_all(containers, grace_s)
+        finally:
+            preemption.done.set()
 
     def _gang(self, config: TrainConfig, nodes: tuple[NodeAllocation, ...], nproc: int, job: str, attempt: int, *,
               images: dict[str | None, str], user: str, workdir: Path) -> list[dict[str, Any]]:
@@ -250,27 +234,12 @@ class DockerGangLauncher(Launcher):
         return [container_kwargs(
             n, t.docker, image=images[n.docker_url], name=name, network=f"kiln-{job}", user=user,
             command=torchrun_command(nnodes=len(nodes), nproc=nproc, rdzv_endpoint=endpoint, rdzv_id=f"{job}-{attempt}",
-                                     config_path=str(workdir / CONFIG_FILE), local_addr=None if bridge else n.address),
+                                     config_path=str(workdir / CONFIG_FILE), local_addr=None if bridge else n.address,
+                                     shutdown_timeout_s=t.timeout_s),
             volumes=bind_volumes(config, workdir),
             labels={JOB_LABEL: job, "kiln.node": n.node, OWNER_LABEL: owner_label()},
             threads_per_proc=t.threads_per_proc, workdir=str(workdir), secrets=login)
             for n, name in zip(nodes, names, strict=True)]
-
-    @staticmethod
-    def _prepare_paths(config: TrainConfig, user: str, workdir: Path) -> None:
-        """Create the bind mounts' sources; as root, give the containers' group read on what the job reads and
-        write where it writes (the services' umask 077 leaves a task's files to root alone)."""
-        for folder in (Path(config.output_dir), Path(config.checkpoint_dir)):
-            folder.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() != 0:
-            return  # the containers run as this process's own user (or one the caller set up for)
-        gid = int(user.partition(":")[2])
-        shared = [(Path(config.output_dir), True), (Path(config.checkpoint_dir), True),
-                  (Path(config.features_dir), False), (workdir, False),
-                  *([(Path(config.raw_snapshot), False)] if config.raw_snapshot else [])]
-        log.info("containers run as %s: giving group %d access to %s", user, gid, ", ".join(str(p) for p, _ in shared))
-        for path, write in shared:
-            share_with_group(path, gid, recursive=True, write=write)
 
     def _run_attempt(self, clients: dict[str | None, DockerClient], nodes: tuple[NodeAllocation, ...],
                      kwargs: list[dict[str, Any]], sink: OutputLog, deadline: float) -> _Outcome:
@@ -286,56 +255,84 @@ class DockerGangLauncher(Launcher):
                 with self._lock:
                     self._containers.append(container)
             if self._terminated:
+                if self._preemption is not None:
+                    return _Outcome("preempted", exit_code=-15, detail="was preempted before it started")
                 return _Outcome("terminated", exit_code=-15)
             # Side by side: the rendezvous waits for the last member, and a terminate() that comes while they
             # start is caught by _watch, which kills whatever did start.
             with ThreadPoolExecutor(len(nodes)) as pool:
-                refusals = list(pool.map(_start, self._containers))
+                refusals = list(pool.map(container_control.start, self._containers))
             for n, refusal in zip(nodes, refusals, strict=True):
                 if refusal is not None:
                     raise ContainerStartError(n.node, describe_refusal(n, refusal), "\n".join(sink.tail)) from refusal
             events: queue.Queue[tuple[int, int]] = queue.Queue()
-            pumps = [threading.Thread(target=_pump, args=(c, n.node, sink), daemon=True)
+            pumps = [threading.Thread(target=container_control.stream_logs, args=(c, n.node, sink), daemon=True)
                      for n, c in zip(nodes, self._containers, strict=True)]
             for i, (pump, container) in enumerate(zip(pumps, self._containers, strict=True)):
                 pump.start()
-                threading.Thread(target=_wait, args=(container, i, events), daemon=True).start()
+                threading.Thread(target=container_control.report_exit, args=(container, i, events),
+                                 daemon=True).start()
             outcome = self._watch(nodes, events, deadline)
             if outcome.status != "ok":
-                _kill(self._containers)  # the whole gang at once: peers of a dead rank would hang
+                kill_all(self._containers)  # the whole gang at once: peers of a dead rank would hang
                 outcome = _explain(outcome, nodes, self._containers)
             for pump in pumps:
                 pump.join(timeout=5)  # the rest of the output, for the error's tail
             return outcome
         finally:
-            _remove(self._containers)
+            remove_all(self._containers)
 
     def _watch(self, nodes: tuple[NodeAllocation, ...], events: queue.Queue[tuple[int, int]],
                deadline: float) -> _Outcome:
-        """Wait until every container exited 0, or the first one failed, or the deadline or terminate() came."""
+        """Wait until every container exited 0, or the first one failed, or the deadline, terminate() or preempt()
+        came."""
         pending = set(range(len(nodes)))
         while pending:
             remaining = deadline - time.monotonic()
+            if self._preemption is not None:
+                return self._preempted(pending, events)
             if self._terminated:
                 return _Outcome("terminated", exit_code=-15)
             if remaining <= 0:
-                return _Outcome("timeout", exit_code=137)
+                return _Outcome("timeout", exit_code=KILLED_EXIT)
             try:
                 index, code = events.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 continue
+            if code != 0 and self._preemption is not None:
+                return self._preempted(pending - {index}, events, code)
             if code != 0:
                 status: Literal["failed", "terminated"] = "terminated" if self._terminated else "failed"
                 return _Outcome(status, nodes[index].node, code, f"exited with code {code}")
             pending.discard(index)
         return _Outcome("ok")
 
+    def _preempted(self, pending: set[int], events: queue.Queue[tuple[int, int]], code: int = 0) -> _Outcome:
+        """The gang's end once preempt() came: every container exited (0 each: it finished meanwhile) or stopped."""
+        assert self._preemption is not None
+        self._preemption.done.wait()  # stop_all() returns once every container it stopped has exited
+        codes = [code]
+        while pending:
+            try:
+                index, code = events.get(timeout=5)
+            except queue.Empty:
+                # Started after preempt() stopped the others (a start racing the preemption): no grace for it.
+                kill_all([self._containers[i] for i in pending])
+                self._preemption.killed = True
+                return _Outcome("preempted", exit_code=KILLED_EXIT)
+            codes.append(code)
+            pending.discard(index)
+        failed = [c for c in codes if c != 0]
+        return _Outcome("preempted", exit_code=failed[0]) if failed else _Outcome("ok")
+
     def _log_line(self, text: str) -> None:
         log.info("%s", text)
         self._output(text)
 
-    @staticmethod
-    def _error(outcome: _Outcome, timeout_s: int, restarts: int, tail: str) -> TrainingFailedError:
+    def _error(self, outcome: _Outcome, timeout_s: int, restarts: int, tail: str) -> TrainingFailedError:
+        if outcome.status == "preempted":
+            assert self._preemption is not None
+            return self._preemption.error(outcome.exit_code, tail, reason=outcome.detail or None)
         if outcome.status == "timeout":
             log.error("training job ran past its %d s timeout; killed every container", timeout_s)
             return TrainingTimeoutError(timeout_s, outcome.exit_code, tail)
@@ -347,7 +344,7 @@ class DockerGangLauncher(Launcher):
 
     def _clean_up(self, clients: dict[str | None, DockerClient], job: str) -> None:
         """Remove whatever of the job is left on every engine (found by label), then close the clients."""
-        _remove(self._containers)
+        remove_all(self._containers)
         for url, client in clients.items():
             try:
                 remove_job(client, job)
@@ -419,21 +416,3 @@ def _explain(outcome: _Outcome, nodes: tuple[NodeAllocation, ...], containers: l
     limit = format_size(nodes[index].memory) if nodes[index].memory else "the host's memory"
     return replace(outcome, detail=f"was killed by the kernel OOM killer at its memory limit ({limit}); lease more "
                                    "memory (training.resources.memory)")
-
-
-def _kill(containers: list[Container]) -> None:
-    for container in containers:
-        try:
-            container.kill()
-        except (DockerException, OSError):
-            pass  # already exited or removed
-
-
-def _remove(containers: list[Container]) -> None:
-    for container in containers:
-        try:
-            container.remove(force=True)
-        except NotFound:
-            pass
-        except (APIError, OSError) as exc:
-            log.warning("could not remove container %s: %s", container.name, exc)

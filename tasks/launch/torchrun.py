@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from kiln.tasks.launch.base import LOG_FILE, Launcher, LaunchResult, TrainingFailedError, TrainingTimeoutError
+from kiln.tasks.launch.base import (
+    LOG_FILE,
+    Launcher,
+    LaunchResult,
+    Preemption,
+    TrainingFailedError,
+    TrainingTimeoutError,
+    refused_launch,
+)
 from kiln.tasks.launch.requirements_check import check_installed
 from kiln.tasks.pools.allocation import Allocation
 from kiln.tasks.processes import OutputLog, ProcessGroup, start_process, usable_cpus
@@ -29,8 +36,8 @@ class LocalTorchrunLauncher(Launcher):
     """Runs the ranks on this machine with ``torchrun --standalone`` (gloo on CPU, nccl on GPUs).
 
     torchrun and its workers get a session of their own, so a timeout or :meth:`terminate` can signal every
-    process at once: SIGTERM, then SIGKILL for whatever is left after ``kill_grace_s``. torchrun itself stops the
-    other ranks as soon as one fails.
+    process at once: SIGTERM, then SIGKILL for whatever is left after ``kill_grace_s`` (:meth:`preempt`: after its
+    own grace period). torchrun itself stops the other ranks as soon as one fails.
     """
 
     def __init__(self, *, kill_grace_s: float = 10.0, tail_lines: int = 100, log_prefix: str = "[train]"):
@@ -41,16 +48,22 @@ class LocalTorchrunLauncher(Launcher):
         self._lock = threading.RLock()
         self._proc: ProcessGroup | None = None
         self._terminated = False
+        self._preemption: Preemption | None = None
 
     @property
     def pid(self) -> int | None:
         """Process id of the running torchrun (also its process group id), or ``None``."""
         return self._proc.pid if self._proc else None
 
-    def command(self, config_path: Path, nproc: int, max_restarts: int = 0) -> list[str]:
-        """The command line that starts the job (torchrun restarts all ranks together on a failure)."""
+    def command(self, config_path: Path, nproc: int, max_restarts: int = 0,
+                shutdown_timeout_s: int = 30) -> list[str]:
+        """The command line that starts the job (torchrun restarts all ranks together on a failure).
+
+        ``shutdown_timeout_s``: how long torchrun, once signalled, waits for its ranks before it kills them itself.
+        """
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                f"--max-restarts={max_restarts}", "-m", TRAIN_MODULE, "--config", str(config_path)]
+                f"--max-restarts={max_restarts}", f"--shutdown-timeout={shutdown_timeout_s}", "-m", TRAIN_MODULE,
+                "--config", str(config_path)]
 
     def launch(self, config: TrainConfig, *, nproc: int, workdir: Path,
                allocation: Allocation | None = None) -> LaunchResult:
@@ -77,12 +90,13 @@ class LocalTorchrunLauncher(Launcher):
             cpus = usable_cpus(node.cpus)
             log.info("lease %s on node %s: GPUs [%s], CPU cores [%s]", allocation.lease_id, node.node,
                      node.cuda_visible_devices(), node.cpuset())
-        cmd = self.command(config_path, nproc, config.training.max_restarts)
         timeout_s = config.training.timeout_s
+        # torchrun's default (30 s) would cut a longer preemption grace short; this launcher enforces the grace.
+        cmd = self.command(config_path, nproc, config.training.max_restarts, shutdown_timeout_s=timeout_s)
         with OutputLog(workdir / LOG_FILE, self.tail_lines, on_line=self._log_line) as output:
             with self._lock:
                 if self._terminated:
-                    raise TrainingFailedError(-signal.SIGTERM, "", reason="was terminated before it started")
+                    raise refused_launch(self._preemption)
                 log.info("launching %d rank(s), timeout %d s: %s", nproc, timeout_s, " ".join(cmd))
                 start = time.monotonic()
                 # The job dies with this process, even by SIGKILL: a job outliving its task would train on devices
@@ -96,13 +110,19 @@ class LocalTorchrunLauncher(Launcher):
                 timed_out = True
                 log.error("training job ran past its %d s timeout; killing it", timeout_s)
             finally:
-                # After a timeout, a failed job's leftovers, or an interrupted wait in this thread.
-                if proc.poll() != 0:
+                with self._lock:
+                    preemption = self._preemption
+                if preemption is not None:
+                    preemption.done.wait()  # the thread in preempt() stops the job, within its grace period
+                elif proc.poll() != 0:
+                    # After a timeout, a failed job's leftovers, or an interrupted wait in this thread.
                     self._stop(proc)
             code = proc.wait()
             proc.join_output(timeout=self.kill_grace_s)
         duration = time.monotonic() - start
         log_tail = "\n".join(output.tail)
+        if code != 0 and preemption is not None:
+            raise preemption.error(code, log_tail)
         if timed_out:
             raise TrainingTimeoutError(timeout_s, code, log_tail)
         if code != 0:
@@ -116,6 +136,19 @@ class LocalTorchrunLauncher(Launcher):
             proc = self._proc
         if proc is not None:
             self._stop(proc)
+
+    def preempt(self, grace_s: float) -> None:
+        with self._lock:
+            self._terminated = True
+            if self._preemption is not None:
+                return
+            preemption = self._preemption = Preemption(grace_s)
+            proc = self._proc
+        try:
+            if proc is not None:
+                preemption.killed = bool(proc.stop(grace_s, what="preempted training processes"))
+        finally:
+            preemption.done.set()
 
     def _log_line(self, line: str) -> None:
         log.info("%s %s", self.log_prefix, line)

@@ -9,7 +9,9 @@ returns exports the model (rank 0). The loop reaches the platform only through t
   the raw snapshot, the model the spec names (``build_model``), the rank layout and the device;
 - ``load_checkpoint``/``save_checkpoint``: a retried task or a restarted gang resumes where the newest checkpoint
   left off, every rank's RNG streams included, so a resumed run ends with the weights of an uninterrupted one;
-- ``log_metrics``/``log``: the run's MLflow run and the task log (rank 0).
+- ``log_metrics``/``log``: the run's MLflow run and the task log (rank 0);
+- ``stop_requested``/:class:`JobPreemptedError`: a job asked to stop (SIGTERM: a preemption) stops at its next
+  ``save_checkpoint``, on every rank, once that checkpoint is written.
 
 The loop never imports Airflow or MLflow; it runs the same under any launcher.
 """
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
     from kiln.tasks.spec import TaskType
     from kiln.tasks.training.job import TrainConfig
 
-__all__ = ["API_VERSION", "CategoricalSlice", "Checkpoint", "FeatureLayout", "TrainContext", "TrainedModel"]
+__all__ = ["API_VERSION", "CategoricalSlice", "Checkpoint", "FeatureLayout", "JobPreemptedError", "TrainContext",
+           "TrainedModel"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,30 @@ MAX_HISTORY = 10_000
 #: The ``training`` fields a loop sees in ``hparams`` (the others say where and how the job runs).
 HPARAM_FIELDS = ("epochs", "batch_size", "learning_rate", "weight_decay", "optimizer", "seed", "log_every_steps")
 _STREAM_STRIDE = 1009  # an epoch's offset of a rank's RNG seed, when RNG states cannot be restored
+
+# A plain bool, not a threading.Event: Event.set() takes a lock, and a second SIGTERM (torchrun forwards the one the
+# launcher sent to the ranks too) can run the handler again inside the first call, which would then deadlock.
+_stop_requested = False
+
+
+def request_stop(signum: int | None = None, frame: Any = None) -> None:
+    """Ask this process's training loop to stop at its next checkpoint; the SIGTERM handler of a training process
+    (it only sets a flag, which is safe in a signal handler)."""
+    global _stop_requested
+    _stop_requested = True
+
+
+class JobPreemptedError(BaseException):
+    """Raised on every rank by :meth:`TrainContext.save_checkpoint` once a rank was asked to stop (SIGTERM) and the
+    checkpoint of ``epoch`` is written; let it propagate: the job exits with
+    :data:`~kiln.tasks.training.job.PREEMPTED_EXIT_CODE` and its next run resumes from that checkpoint.
+
+    A ``BaseException``, so that a loop's ``except Exception`` does not swallow it.
+    """
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+        super().__init__(f"the job was asked to stop; checkpoint of epoch {epoch} saved")
 
 
 @dataclass(frozen=True)
@@ -282,6 +309,17 @@ class TrainContext:
             torch.manual_seed(t.seed + 1 + self.rank + epoch * _STREAM_STRIDE)
         return Checkpoint(epoch, found["state"])
 
+    @property
+    def stop_requested(self) -> bool:
+        """This rank was asked to stop (SIGTERM: the job is preempted and has a grace period to exit).
+
+        :meth:`save_checkpoint` acts on it by itself; a loop with long stretches between checkpoints may read it to
+        checkpoint early. It is this rank's flag only, and the ranks get the signal at slightly different times:
+        agree on it first (e.g. ``all_reduce`` it with the step's other values), since every rank must call
+        :meth:`save_checkpoint` together.
+        """
+        return _stop_requested
+
     def save_checkpoint(self, state: dict[str, Any], *, epoch: int) -> None:
         """Save ``state`` as the checkpoint of ``epoch``; every rank must call it (it gathers each rank's RNG state),
         and rank 0's ``state`` is written, atomically, keeping the newest two.
@@ -290,19 +328,26 @@ class TrainContext:
         (``state_dict()`` of modules and optimizers). The metrics logged so far are saved with it.
 
         Raises:
+            JobPreemptedError: a rank was asked to stop (:attr:`stop_requested`); raised on every rank once the
+                checkpoint is written.
             StaleFenceError: a newer try of the task took the checkpoint folder over (this job must stop).
         """
-        rng_states = gather(checkpoints.rng_state(self.device))
+        # The stop flags travel with the RNG states: every rank learns of any rank's signal in the same collective.
+        gathered = gather((checkpoints.rng_state(self.device), _stop_requested))
+        rng_states = [rng for rng, _ in gathered]
+        stopping = any(stop for _, stop in gathered)
         self._record.last_epoch = epoch
-        if not self.is_main:
-            return
-        self._log_params_once()
-        payload = {"epoch": epoch, "fingerprint": self._fingerprint, "state": state, "rng_states": rng_states,
-                   "history": self._record.history, "world_size": self.world_size, "api_version": API_VERSION,
-                   "config": self._config.to_json(), "fence_token": self._config.fence_token}
-        # A job of an earlier try (its task was killed) stops here instead of writing into the retry's state.
-        with fence.holding(self.checkpoint_dir, self._config.fence_token):
-            checkpoints.save_checkpoint(self.checkpoint_dir, payload)
+        if self.is_main:
+            self._log_params_once()
+            payload = {"epoch": epoch, "fingerprint": self._fingerprint, "state": state, "rng_states": rng_states,
+                       "history": self._record.history, "world_size": self.world_size, "api_version": API_VERSION,
+                       "config": self._config.to_json(), "fence_token": self._config.fence_token}
+            # A job of an earlier try (its task was killed) stops here instead of writing into the retry's state.
+            with fence.holding(self.checkpoint_dir, self._config.fence_token):
+                checkpoints.save_checkpoint(self.checkpoint_dir, payload)
+        if stopping:
+            broadcast(None)  # no rank reports the checkpoint saved before rank 0 has written it
+            raise JobPreemptedError(epoch)
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         """Log ``metrics`` (keys ``split/name``, e.g. ``val/loss``) at ``step`` to the run's MLflow run and as a

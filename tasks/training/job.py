@@ -26,6 +26,12 @@ TRAIN_MODULE = "kiln.tasks.training"
 _TASKS = ("classification", "regression")
 
 
+#: The exit code of a rank that was asked to stop (SIGTERM) and did: it saved the checkpoint it was asked for, and
+#: the job resumes from it (``EX_TEMPFAIL``: try again later). Launchers stop a job this way in
+#: :meth:`kiln.tasks.launch.base.Launcher.preempt`.
+PREEMPTED_EXIT_CODE = 75
+
+
 #: Starts the machine-readable line of a reported metric: ``KILN_METRIC {"step": 3, "value": 0.91}``.
 METRIC_LINE = "KILN_METRIC"
 

@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +30,16 @@ from torch.nn.parallel import DistributedDataParallel
 from kiln.tasks.parent_death import die_with_torchrun
 from kiln.tasks.storage.artifacts import write_json
 from kiln.tasks.training import fence
-from kiln.tasks.training.api import API_VERSION, TrainContext, TrainedModel, broadcast, gather
-from kiln.tasks.training.job import METRICS_FILE, TrainConfig, TrainJobResult
+from kiln.tasks.training.api import (
+    API_VERSION,
+    JobPreemptedError,
+    TrainContext,
+    TrainedModel,
+    broadcast,
+    gather,
+    request_stop,
+)
+from kiln.tasks.training.job import METRICS_FILE, PREEMPTED_EXIT_CODE, TrainConfig, TrainJobResult
 from kiln.tasks.training.networks import MODEL_FILE, save_model
 from kiln.tasks.training.user_code import UserCodeError, check_output_shape, import_callable
 
@@ -218,10 +227,14 @@ def _finish(config: TrainConfig, ctx: TrainContext, returned: Any) -> TrainJobRe
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m kiln.tasks.training --config cfg.json``; exits 0 on success, 1 on any error."""
+    """CLI: ``python -m kiln.tasks.training --config cfg.json``; exits 0 on success, 1 on any error, and
+    :data:`~kiln.tasks.training.job.PREEMPTED_EXIT_CODE` when it was asked to stop (SIGTERM) and saved a checkpoint
+    for that at the loop's next ``save_checkpoint``."""
     parser = argparse.ArgumentParser(prog="python -m kiln.tasks.training", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=Path, help="TrainConfig JSON file")
     args = parser.parse_args(argv)
+    # A preemption's SIGTERM asks for a checkpoint first; the launcher kills a rank that takes longer than the grace.
+    signal.signal(signal.SIGTERM, request_stop)
     # torchrun starts each rank in a session of its own: were torchrun killed, a rank would train on alone.
     die_with_torchrun()
     rank = _dist_env().rank
@@ -230,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         run_train(TrainConfig.from_json(args.config.read_text()))
+    except JobPreemptedError as stop:
+        log.info("preempted: checkpoint of epoch %d saved; exiting with %d", stop.epoch, PREEMPTED_EXIT_CODE)
+        code = PREEMPTED_EXIT_CODE
     except BaseException:
         log.exception("training failed on rank %d", rank)  # the traceback, tagged with the rank
         code = 1

@@ -1,4 +1,5 @@
-"""torchrun with 2 ranks on gloo through LocalTorchrunLauncher: synchronised training, and failures that end fast.
+"""torchrun with 2 ranks on gloo through LocalTorchrunLauncher: synchronised training, failures that end fast, and
+preemption (the job checkpoints and exits, or is killed at its grace deadline, and resumes where it stopped).
 
 The failures are real ones, not injected through a test-only switch in the training code:
 - a crash: the checkpoint folder cannot be created (a file is in the way), so rank 0 raises at start-up while
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ import psutil
 import pytest
 from synthetic import write_features
 
-from kiln.tasks.launch.base import TrainingFailedError, TrainingTimeoutError
+from kiln.tasks.launch.base import LOG_FILE, TrainingFailedError, TrainingPreemptedError, TrainingTimeoutError
 from kiln.tasks.launch.torchrun import LocalTorchrunLauncher
 from kiln.tasks.spec import ModelSpec, TrainingSpec
 from kiln.tasks.training.job import METRICS_FILE, TrainConfig
@@ -29,6 +31,7 @@ from kiln.tasks.training.networks import load_model, predict
 
 pytestmark = pytest.mark.integration
 
+CODE = Path(__file__).resolve().parents[1] / "user_code"
 
 
 def make_config(tmp_path: Path, features: Path, *, checkpoint_dir: Path | None = None, **training) -> TrainConfig:
@@ -87,7 +90,8 @@ def test_a_crashing_rank_fails_the_launch_quickly_with_its_traceback(tmp_path):
 def test_a_hung_job_is_killed_at_its_timeout(tmp_path):
     hang_rank0_on_checkpoint(tmp_path / "ckpt")
     # The smallest timeout TrainingSpec allows. Rank 1's collective timeout is as long, but it starts only after
-    # the ranks have started up, so the launcher's timeout always comes first.
+    # the ranks have started up, so the launcher's timeout always comes first (it may fire during the kill grace,
+    # in which a rank runs on to its next checkpoint).
     config = make_config(tmp_path, write_features(tmp_path / "features", n=600), timeout_s=10)
     launcher = LocalTorchrunLauncher(kill_grace_s=3)
     started = time.monotonic()
@@ -96,7 +100,7 @@ def test_a_hung_job_is_killed_at_its_timeout(tmp_path):
     elapsed = time.monotonic() - started
     assert 10 <= elapsed < 10 + 3 + 5
     assert "ran past its 10 s timeout" in str(info.value)
-    assert "training failed on rank" not in info.value.log_tail  # killed, not ended by a collective timeout
+    assert "training failed on rank 0" not in info.value.log_tail  # the hung rank was killed
     assert launcher.pid is not None
     assert_group_gone(launcher.pid)
 
@@ -125,5 +129,85 @@ def test_terminate_from_another_thread_stops_every_rank(tmp_path):
     assert not thread.is_alive()
     assert isinstance(errors[0], TrainingFailedError) and "was terminated" in str(errors[0])
     launcher.terminate()  # safe again after the job is gone
+    assert not any(w.is_running() for w in workers)
+    assert_group_gone(launcher.pid)
+
+
+def preempt_when(launcher: LocalTorchrunLauncher, text: str, grace_s: float) -> threading.Thread:
+    """Preempt the launcher's job, from a thread of its own, once an output line contains ``text``."""
+    preempting = threading.Thread(target=launcher.preempt, args=(grace_s,), name="preempt")
+
+    def hook(line: str) -> None:
+        if text in line and preempting.ident is None:
+            preempting.start()
+
+    launcher.watch_output(hook)
+    return preempting
+
+
+def test_a_preempted_job_checkpoints_exits_and_resumes_to_the_weights_of_a_straight_run(tmp_path):
+    features = write_features(tmp_path / "features", n=600)
+    config = make_config(tmp_path, features, epochs=30)
+    launcher = LocalTorchrunLauncher()
+    preempting = preempt_when(launcher, "epoch 1/30 done", grace_s=30)
+    with pytest.raises(TrainingPreemptedError) as info:
+        launcher.launch(config, nproc=2, workdir=tmp_path / "work")
+    preempting.join()
+
+    assert info.value.killed is False and info.value.grace_s == 30
+    assert "it checkpointed and exited within its 30 s grace period" in str(info.value)
+    saved = re.search(r"preempted: checkpoint of epoch (\d+) saved; exiting with 75", info.value.log_tail)
+    assert saved, "rank 0 did not report the checkpoint it saved"
+    epoch = int(saved[1])
+    assert 1 <= epoch < 30 and (tmp_path / "ckpt" / f"epoch_{epoch:04d}.pt").is_file()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert_group_gone(launcher.pid)
+    with pytest.raises(TrainingPreemptedError, match="was preempted before it started"):
+        launcher.launch(config, nproc=2, workdir=tmp_path / "refused")
+
+    LocalTorchrunLauncher().launch(config, nproc=2, workdir=tmp_path / "resumed")
+    assert f"resuming from checkpoint epoch {epoch} " in (tmp_path / "resumed" / LOG_FILE).read_text()
+    straight = make_config(tmp_path / "straight", features, epochs=30)
+    LocalTorchrunLauncher().launch(straight, nproc=2, workdir=tmp_path / "straight" / "work")
+    resumed_metrics, straight_metrics = (json.loads((Path(c.output_dir) / METRICS_FILE).read_text())
+                                         for c in (config, straight))
+    assert resumed_metrics["resumed_from_epoch"] == epoch
+    assert [h["epoch"] for h in resumed_metrics["history"]] == list(range(1, 31))
+    assert resumed_metrics["param_checksums"] == straight_metrics["param_checksums"]
+
+
+def test_a_preempted_job_that_ignores_sigterm_is_killed_at_its_grace_deadline(tmp_path):
+    config = TrainConfig(
+        features_dir=str(write_features(tmp_path / "features", n=200)), output_dir=str(tmp_path / "out"),
+        checkpoint_dir=str(tmp_path / "ckpt"), task="classification", model=ModelSpec(hidden_sizes=[8]),
+        training=TrainingSpec(epochs=1, timeout_s=300, entrypoint="user_loops.py:train_forever"), code_dir=str(CODE))
+    launcher = LocalTorchrunLauncher()
+    looping = threading.Event()
+    launcher.watch_output(lambda line: looping.set() if "looping until killed" in line else None)
+    errors: list[BaseException] = []
+
+    def launch() -> None:
+        try:
+            launcher.launch(config, nproc=2, workdir=tmp_path / "work")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=launch)
+    thread.start()
+    assert looping.wait(timeout=60), "the loop never started"
+    assert launcher.pid is not None
+    workers = psutil.Process(launcher.pid).children()
+    assert len(workers) == 2
+    started = time.monotonic()
+    launcher.preempt(grace_s=2)
+    launcher.preempt(grace_s=2)  # a second call is harmless
+    thread.join(timeout=15)
+    elapsed = time.monotonic() - started
+
+    assert not thread.is_alive()
+    assert 2 <= elapsed < 2 + 8, f"the launch returned {elapsed:.1f} s after the preemption"
+    assert isinstance(errors[0], TrainingPreemptedError) and errors[0].killed is True
+    assert "did not exit within its 2 s grace period and was killed; it resumes from its last complete checkpoint" \
+        in str(errors[0])
     assert not any(w.is_running() for w in workers)
     assert_group_gone(launcher.pid)

@@ -1,8 +1,8 @@
 """The Docker launcher on a real engine: a 2-node gang of ``kiln-train:cpu`` containers (torchrun, c10d rendezvous,
 gloo) trains, survives a killed container by restarting from its checkpoint, stops on ``terminate()`` and at its
-timeout, and turns a GPU request the engine cannot serve into a clear error. Nothing is mocked except the GPU: the
-lease in the last test names a GPU this machine does not have. After every test no container or network of the job
-is left on the engine.
+timeout, checkpoints and stops on ``preempt()`` without a restart, and turns a GPU request the engine cannot serve
+into a clear error. Nothing is mocked except the GPU: the lease in the last test names a GPU this machine does not
+have. After every test no container or network of the job is left on the engine.
 
 Needs a Docker engine and the test image: ``make docker-engine image`` (``make test`` runs both first).
 """
@@ -10,6 +10,7 @@ Needs a Docker engine and the test image: ``make docker-engine image`` (``make t
 from __future__ import annotations
 
 import os
+import re
 import stat
 import threading
 import time
@@ -20,7 +21,7 @@ import pytest
 from docker_engine import ready_engine
 from synthetic import write_features
 
-from kiln.tasks.launch.base import LOG_FILE, TrainingFailedError, TrainingTimeoutError
+from kiln.tasks.launch.base import LOG_FILE, TrainingFailedError, TrainingPreemptedError, TrainingTimeoutError
 from kiln.tasks.launch.docker_gang import JOB_LABEL, ContainerStartError, DockerGangLauncher
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import make_context
@@ -180,6 +181,28 @@ def test_terminate_stops_the_gang_and_leaves_nothing(engine, tmp_path):
     assert leftovers(engine, launcher.job_id) == []
     with pytest.raises(TrainingFailedError, match="terminated before it started"):
         launcher.launch(config, nproc=1, workdir=tmp_path / "again", allocation=two_nodes())
+
+
+def test_a_preempted_gang_checkpoints_stops_without_a_restart_and_leaves_nothing(engine, tmp_path):
+    config = synthetic_config(tmp_path, epochs=1000, max_restarts=3)  # a restart would train on
+    launcher = DockerGangLauncher()
+    thread, outcome = launch_in_thread(launcher, config, tmp_path / "work", two_nodes())
+    wait_for(lambda: log_has(tmp_path / "work", "epoch 1/1000 done"), 180, "training to run")
+
+    started = time.monotonic()
+    launcher.preempt(grace_s=60)  # as the pool's preemption does, from another thread
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    error = outcome[0]
+    assert isinstance(error, TrainingPreemptedError) and error.killed is False, error
+    assert time.monotonic() - started < 30, "the gang did not stop at its next checkpoint"
+    log = (tmp_path / "work" / LOG_FILE).read_text()
+    assert "restarting" not in log
+    saved = re.search(r"\[n0\] .* preempted: checkpoint of epoch (\d+) saved; exiting with 75", log)
+    assert saved, "rank 0 did not report the checkpoint it saved"
+    assert (Path(config.checkpoint_dir) / f"epoch_{int(saved[1]):04d}.pt").is_file()
+    launcher.preempt(grace_s=60)  # safe again once the job is gone
+    assert leftovers(engine, launcher.job_id) == []
 
 
 def test_a_job_past_its_timeout_is_killed_and_leaves_nothing(engine, tmp_path):

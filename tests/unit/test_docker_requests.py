@@ -94,10 +94,11 @@ def test_network_mode(network, expected):
 
 def test_the_container_runs_torchrun_with_a_c10d_rendezvous():
     cmd = torchrun_command(nnodes=2, nproc=4, rdzv_endpoint="kiln-job1-00:29500", rdzv_id="job1-0",
-                           config_path="/runs/r1/train/train_config.json")
+                           config_path="/runs/r1/train/train_config.json", shutdown_timeout_s=3600)
     assert cmd == ["python", "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=4",
                    "--rdzv_backend=c10d", "--rdzv_endpoint=kiln-job1-00:29500", "--rdzv_id=job1-0",
-                   "--max-restarts=0", "-m", "kiln.tasks.training", "--config", "/runs/r1/train/train_config.json"]
+                   "--max-restarts=0", "--shutdown-timeout=3600", "-m", "kiln.tasks.training", "--config",
+                   "/runs/r1/train/train_config.json"]
     kw = kwargs_for(NodeAllocation("n0"), command=cmd)
     assert kw["entrypoint"] + kw["command"] == cmd
 

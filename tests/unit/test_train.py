@@ -239,7 +239,8 @@ def test_unknown_launcher_lists_the_available_ones():
 class _StubbornLauncher(LocalTorchrunLauncher):
     """Runs a job that ignores SIGTERM instead of torchrun, to exercise the kill path without torch start-up."""
 
-    def command(self, config_path: Path, nproc: int, max_restarts: int = 0) -> list[str]:
+    def command(self, config_path: Path, nproc: int, max_restarts: int = 0,
+                shutdown_timeout_s: int = 30) -> list[str]:
         code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
                 "time.sleep(600)")
         return [sys.executable, "-c", code]

@@ -1,6 +1,6 @@
 """The training API in one process (world_size 1): a custom network in kiln's loop, a pipeline's own loop that
-checkpoints through the API, and what the job does with what a loop hands back (checked, exported, or an error
-naming the spec field and the fix, with nothing written)."""
+checkpoints through the API, what the job does with what a loop hands back (checked, exported, or an error
+naming the spec field and the fix, with nothing written), and a SIGTERM that stops a loop at its next checkpoint."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from synthetic import write_features
 
 from kiln.tasks.bundle.program import ModelExportError, load_program
 from kiln.tasks.spec import ModelSpec, TrainingSpec
+from kiln.tasks.training import api
+from kiln.tasks.training.api import JobPreemptedError, TrainContext
 from kiln.tasks.training.job import METRICS_FILE, TrainConfig
 from kiln.tasks.training.networks import load_model
 from kiln.tasks.training.runner import run_train
@@ -112,3 +115,41 @@ def test_requirements_travel_in_the_config_and_change_the_fingerprint(tmp_path, 
     assert config.requirements == ("tabulate==0.9.0",)
     assert TrainConfig.from_json(config.to_json()) == config
     assert dataclasses.replace(config, requirements=("tabulate==0.8.10",)).fingerprint() != config.fingerprint()
+
+
+@pytest.fixture
+def sigterm_asks_to_stop(monkeypatch):
+    """SIGTERM handled as a training process handles it; the flag and the previous handler come back afterwards."""
+    monkeypatch.setattr(api, "_stop_requested", False)
+    previous = signal.signal(signal.SIGTERM, api.request_stop)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_saves_the_next_checkpoint_then_stops_the_loop(tmp_path, features, sigterm_asks_to_stop):
+    config = make_config(tmp_path, features)
+    ctx = TrainContext(config, rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    ctx.save_checkpoint({"step": torch.tensor(1)}, epoch=1)
+    assert not ctx.stop_requested
+
+    signal.raise_signal(signal.SIGTERM)  # as a launcher's preempt() sends it
+    assert ctx.stop_requested
+    with pytest.raises(JobPreemptedError) as info:
+        try:
+            ctx.save_checkpoint({"step": torch.tensor(2)}, epoch=2)
+        except Exception:  # noqa: BLE001 - a loop's catch-all must not swallow the stop
+            pytest.fail("JobPreemptedError was caught by `except Exception`")
+    assert info.value.epoch == 2
+    resumed = ctx.load_checkpoint()  # written before the stop, and complete
+    assert resumed is not None and resumed.epoch == 2 and int(resumed.state["step"]) == 2
+
+
+def test_kilns_loop_stops_at_its_first_checkpoint_after_a_sigterm_and_exports_nothing(tmp_path, features,
+                                                                                      sigterm_asks_to_stop):
+    config = make_config(tmp_path, features, epochs=3)
+    signal.raise_signal(signal.SIGTERM)
+    with pytest.raises(JobPreemptedError) as info:
+        run_train(config)
+    assert info.value.epoch == 1
+    assert (Path(config.checkpoint_dir) / "epoch_0001.pt").is_file()
+    assert not Path(config.output_dir).exists() or not any(Path(config.output_dir).iterdir())

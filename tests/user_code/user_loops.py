@@ -64,3 +64,11 @@ def train_without_checkpoints(ctx: TrainContext) -> TrainedModel:
             raise RuntimeError("out of disk space while writing scratch data")
         ctx.log_metrics({"train/loss_sum": _epoch(ctx, model, optimizer, x, y, epoch)}, step=epoch)
     return TrainedModel(model, x[:8])  # a DDP wrapper: kiln unwraps it
+
+
+def train_forever(ctx: TrainContext) -> TrainedModel:
+    """Never checkpoints and never ends: a SIGTERM only sets ``ctx.stop_requested``, which it never reads, so only a
+    kill stops it."""
+    ctx.log("looping until killed")
+    while True:
+        time.sleep(0.1)
