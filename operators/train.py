@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperatorLink
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.triggers.base import TriggerEvent
 
 from kiln.operators.links import step_links
-from kiln.operators.pools import PooledOperator
+from kiln.operators.pools import PooledOperator, PoolLeaseTrigger
 from kiln.operators.step import PipelineStepOperator, noting_failure, run_context
 from kiln.tasks.pipeline import keys
 
@@ -90,6 +92,12 @@ class TrainOperator(PooledOperator):
             self.log.info("stopping the training job")
             launcher.terminate()
 
+    def preempt_work(self, grace_s: float) -> None:
+        launcher = self._launcher
+        if launcher is not None:
+            self.log.info("asking the training job to checkpoint and exit within %.0f s", grace_s)
+            launcher.preempt(grace_s)
+
 
 class DockerTrainOperator(TrainOperator):
     """:class:`TrainOperator` that always runs the job as a gang of Docker containers, one per leased node.
@@ -147,7 +155,7 @@ class TrialOperator(TrainOperator):
         return trial_request(spec), spec.training.resources.wait_timeout_s
 
     def run_leased(self, context: Any, allocation: Allocation) -> dict[str, Any]:
-        from kiln.tasks.launch.base import get_launcher
+        from kiln.tasks.launch.base import TrainingPreemptedError, get_launcher
         from kiln.tasks.steps.trial import TrialPrunedError, trial
 
         ctx = self._context(context)
@@ -156,7 +164,54 @@ class TrialOperator(TrainOperator):
             return trial(ctx, int(self.index), self._launcher, allocation).to_dict()
         except TrialPrunedError as exc:
             raise AirflowSkipException(str(exc)) from exc
+        except TrainingPreemptedError:
+            raise  # the trial stays RUNNING: the task queues for devices again and resumes it
         except Exception as exc:
             raise AirflowFailException(str(exc)) from exc
         finally:
             self._launcher = None
+
+    def wait_trigger(self, context: Any, lease_id: str, deadline: float) -> PoolLeaseTrigger:
+        from kiln.tasks.tuning import study_name
+
+        spec = self._context(context).spec
+        return TrialLeaseTrigger(lease_id=lease_id, deadline=deadline, poll_s=self.poll_interval_s,
+                                 study=study_name(spec.name, context["run_id"]), index=int(self.index))
+
+
+class TrialLeaseTrigger(PoolLeaseTrigger):
+    """:class:`PoolLeaseTrigger` for a trial task, which also keeps the heartbeat of the task's RUNNING trial while
+    it waits: a preempted trial queues for devices again, and without a heartbeat the study would take it for dead
+    after :data:`kiln.tasks.tuning.study.GRACE_S` and fail it."""
+
+    def __init__(self, lease_id: str, deadline: float, poll_s: float = 1.0, *, study: str, index: int):
+        super().__init__(lease_id, deadline, poll_s)
+        self.study = study
+        self.index = index
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        _, kwargs = super().serialize()
+        return "kiln.operators.train.TrialLeaseTrigger", {**kwargs, "study": self.study, "index": self.index}
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        beating = asyncio.create_task(self._beat())
+        try:
+            async for event in super().run():
+                yield event
+        finally:
+            beating.cancel()
+
+    async def _beat(self) -> None:
+        from kiln.tasks.tuning.study import HEARTBEAT_S, beat_running, open_storage
+
+        storage = await asyncio.to_thread(open_storage)
+        try:
+            while True:
+                try:
+                    await asyncio.to_thread(beat_running, storage, self.study, self.index)
+                except Exception as exc:  # noqa: BLE001 (the next beat may get through; the wait goes on)
+                    self.log.warning("could not record the heartbeat of trial index %d: %s", self.index, exc)
+                await asyncio.sleep(HEARTBEAT_S)
+        finally:
+            storage.remove_session()
+            storage.engine.dispose()

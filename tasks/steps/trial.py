@@ -8,7 +8,8 @@ nested MLflow run under the pipeline run's. Rank 0 prints the objective after ev
 (:data:`kiln.tasks.training.job.METRIC_LINE`); the task reports each value to the study, and when the pruner says
 so it stops the job: the trial ends PRUNED, its MLflow run KILLED. A trial that fails is recorded FAIL with its
 error, and the study goes on. The devices are leased one priority below the spec's and preemptible: a study's
-trials are the pool's background work.
+trials are the pool's background work. A preempted trial is no failure: it stays RUNNING, and its task resumes it
+from its checkpoint once granted devices again.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def trial(ctx: RunContext, index: int, launcher: Launcher | None = None,
             return trial(ctx, index, launcher, leased)
 
     from kiln.tasks import tuning
-    from kiln.tasks.launch.base import get_launcher
+    from kiln.tasks.launch.base import TrainingPreemptedError, get_launcher
     from kiln.tasks.pipeline.training_run import TrainTarget, run_training
     from kiln.tasks.pipeline.tuned_run import DURATION_ATTR, open_run_study
     from kiln.tasks.tracking.runs import ensure_run, finish_run
@@ -129,6 +130,13 @@ def trial(ctx: RunContext, index: int, launcher: Launcher | None = None,
     with tuning.heartbeat(opened):
         try:
             result = None if pruned.is_set() else run_training(trial_ctx, launcher, allocation, target)
+        except TrainingPreemptedError:
+            if not pruned.is_set():
+                # Not a failure: the trial stays RUNNING (its task beats it while it waits for devices again),
+                # and resumes from its checkpoint.
+                log.warning("trial %d preempted; it resumes from its checkpoint when granted devices again",
+                            opened.number)
+                raise
         except Exception as exc:
             if not pruned.is_set():
                 failed(exc)

@@ -215,6 +215,25 @@ def test_a_live_trial_keeps_its_heartbeat_through_a_long_epoch(tmp_path: Path) -
     assert finish(live, 0.5).state == TrialState.COMPLETE
 
 
+def test_a_preempted_trial_waiting_for_devices_is_kept_alive_by_its_task(tmp_path: Path) -> None:
+    """The beat a preempted trial's task records while it waits deferred (``beat_running``): the trial of its
+    index only, so another process opening trials meanwhile does not take it for dead."""
+    from kiln.tasks.tuning.study import beat_running
+
+    spec, url = _spec(), _url(tmp_path)
+    storage = open_storage(url, heartbeat_s=1, grace_s=2)
+    study = open_study(spec, RUN_ID, storage)
+    waiting, unattended = open_trial(study, 0), open_trial(study, 1)
+    name = study_name(spec.name, RUN_ID)
+    for _ in range(4):  # 3.5 s: past the grace period
+        assert beat_running(storage, name, 0) == waiting.number
+        time.sleep(0.9)
+    open_trial(study, 2)  # fails the stale trials first
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[waiting.number] == TrialState.RUNNING and states[unattended.number] == TrialState.FAIL
+    assert beat_running(storage, name, 7) is None and beat_running(storage, "no/such-study", 0) is None
+
+
 def test_the_storage_is_the_lease_stores_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KILN_POOLS_DB_URL", _url(tmp_path))
     LeaseStore.from_settings().close()  # the lease store's tables first, as on a platform already running
