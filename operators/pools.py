@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 #: Seconds of a preempted lease's grace period kept for giving the devices back after the work stopped.
 _RELEASE_MARGIN_S = 2.0
+#: Seconds a trigger holds a grant it got right after the task deferred (see PoolLeaseTrigger.run).
+GRANT_SETTLE_S = 15.0
 #: Extra seconds the deferral may take beyond the request's own wait timeout (the trigger enforces the latter
 #: itself and reports it, so Airflow's generic deferral timeout is only a backstop).
 _DEFER_SLACK_S = 60
@@ -63,19 +65,22 @@ class PoolLeaseTrigger(BaseTrigger):
     cancelled) or ``{"status": "lost", "message": ...}``.
     """
 
-    def __init__(self, lease_id: str, deadline: float, poll_s: float = 1.0):
+    def __init__(self, lease_id: str, deadline: float, poll_s: float = 1.0, settle_s: float = 0.0):
         super().__init__()
         self.lease_id = lease_id
         self.deadline = deadline
         self.poll_s = poll_s
+        self.settle_s = settle_s
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("kiln.operators.pools.PoolLeaseTrigger",
-                {"lease_id": self.lease_id, "deadline": self.deadline, "poll_s": self.poll_s})
+                {"lease_id": self.lease_id, "deadline": self.deadline, "poll_s": self.poll_s,
+                 "settle_s": self.settle_s})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from kiln.tasks.pools.allocation import LeaseLostError
 
+        started = time.monotonic()
         store = await asyncio.to_thread(ResourcePoolHook().get_store)
         self.log.info("waiting for lease %s", self.lease_id)
         try:
@@ -86,6 +91,13 @@ class PoolLeaseTrigger(BaseTrigger):
                     yield TriggerEvent({"status": "lost", "lease_id": self.lease_id, "message": str(exc)})
                     return
                 if allocation is not None:
+                    # Airflow 3.3 fails a task whose trigger fires so soon after it deferred that the resumed try
+                    # is running before the scheduler has taken in the deferring try's exit (apache/airflow#72716):
+                    # the grant is handed over once that has settled. The lease outlives the wait (its ttl).
+                    settle = self.settle_s - (time.monotonic() - started)
+                    if settle > 0:
+                        self.log.info("lease %s granted; handing it over in %.1f s", self.lease_id, settle)
+                        await asyncio.sleep(settle)
                     self.log.info("lease %s granted", self.lease_id)
                     yield TriggerEvent({"status": "granted", "allocation": allocation.to_dict()})
                     return
@@ -110,6 +122,8 @@ class PooledOperator(BaseOperator):
 
     #: Seconds between polls of a waiting request in the triggerer.
     poll_interval_s: float = 1.0
+    #: The least seconds between a deferral and the trigger's grant event (see :class:`PoolLeaseTrigger`).
+    grant_settle_s: float = GRANT_SETTLE_S
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -135,7 +149,8 @@ class PooledOperator(BaseOperator):
 
     def wait_trigger(self, context: Any, lease_id: str, deadline: float) -> PoolLeaseTrigger:
         """The trigger that waits for the queued ``lease_id`` while the task is deferred."""
-        return PoolLeaseTrigger(lease_id=lease_id, deadline=deadline, poll_s=self.poll_interval_s)
+        return PoolLeaseTrigger(lease_id=lease_id, deadline=deadline, poll_s=self.poll_interval_s,
+                                settle_s=self.grant_settle_s)
 
     # -- the lease protocol --------------------------------------------------------------------------------------
     def execute(self, context: Any) -> Any:
@@ -149,16 +164,28 @@ class PooledOperator(BaseOperator):
             store.close()
             raise AirflowFailException(str(exc)) from exc
         allocation = store.try_acquire(request, owner_from_context(context))
-        if allocation is not None:
-            return self._run(context, request, allocation)
-        self._wait(context, store, request, wait_timeout_s)
+        if allocation is None:
+            allocation = self._queue(context, store, request, wait_timeout_s)
+        return self._run(context, request, allocation)
 
-    def _wait(self, context: Any, store: LeaseStore, request: LeaseRequest, wait_timeout_s: float) -> None:
-        """Queue ``request`` and defer until the trigger reports its grant (then :meth:`execute_granted`)."""
+    def _queue(self, context: Any, store: LeaseStore, request: LeaseRequest, wait_timeout_s: float) -> Allocation:
+        """Queue ``request``; return its grant if it comes while the leases it preempted give way (seconds: the
+        worker is kept for that), else defer until the trigger reports it (then :meth:`execute_granted`)."""
+        lease_id = store.enqueue(request, owner_from_context(context))
         try:
-            lease_id = store.enqueue(request, owner_from_context(context))
-        finally:
-            store.close()  # the task leaves its worker while it waits; the trigger opens a store of its own
+            allocation = store.try_grant(lease_id)  # the first poll decides on preempting
+            until = store.preempting_for(lease_id)
+            while allocation is None and until is not None and time.time() < until + _RELEASE_MARGIN_S:
+                time.sleep(self.poll_interval_s)
+                allocation = store.try_grant(lease_id)
+        except BaseException:
+            store.release(lease_id, reason="cancelled")
+            store.close()
+            raise
+        if allocation is not None:
+            self.log.info("lease %s granted once the preempted lease(s) gave way", lease_id)
+            return allocation
+        store.close()  # the task leaves its worker while it waits; the trigger opens a store of its own
         self.log.info("%s does not fit now; lease %s waits in the queue of pool %r (deferring, up to %d s)",
                       request.describe(), lease_id, request.pool, wait_timeout_s)
         self.defer(trigger=self.wait_trigger(context, lease_id, time.time() + wait_timeout_s),
@@ -211,7 +238,7 @@ class PooledOperator(BaseOperator):
                          allocation.lease_id, by, " (and the lease was revoked)" if keep.lost.is_set() else "")
         _, wait_timeout_s = self.lease_request(context)
         self._store = ResourcePoolHook().get_store()
-        self._wait(context, self._store, request, wait_timeout_s)
+        return self._run(context, request, self._queue(context, self._store, request, wait_timeout_s))
 
     def _on_preempted(self, preemption: Preemption) -> None:
         # A margin for the release to reach the store before the preempting request revokes the lease.

@@ -151,8 +151,8 @@ class TrialOperator(TrainOperator):
     def lease_request(self, context: Any) -> tuple[LeaseRequest, float]:
         from kiln.tasks.pipeline.tuned_run import trial_request
 
-        spec = self._context(context).spec
-        return trial_request(spec), spec.training.resources.wait_timeout_s
+        ctx = self._context(context)
+        return trial_request(ctx.spec, ctx.run_key), ctx.spec.training.resources.wait_timeout_s
 
     def run_leased(self, context: Any, allocation: Allocation) -> dict[str, Any]:
         from kiln.tasks.launch.base import TrainingPreemptedError, get_launcher
@@ -176,7 +176,8 @@ class TrialOperator(TrainOperator):
 
         spec = self._context(context).spec
         return TrialLeaseTrigger(lease_id=lease_id, deadline=deadline, poll_s=self.poll_interval_s,
-                                 study=study_name(spec.name, context["run_id"]), index=int(self.index))
+                                 settle_s=self.grant_settle_s, study=study_name(spec.name, context["run_id"]),
+                                 index=int(self.index))
 
 
 class TrialLeaseTrigger(PoolLeaseTrigger):
@@ -184,8 +185,9 @@ class TrialLeaseTrigger(PoolLeaseTrigger):
     it waits: a preempted trial queues for devices again, and without a heartbeat the study would take it for dead
     after :data:`kiln.tasks.tuning.study.GRACE_S` and fail it."""
 
-    def __init__(self, lease_id: str, deadline: float, poll_s: float = 1.0, *, study: str, index: int):
-        super().__init__(lease_id, deadline, poll_s)
+    def __init__(self, lease_id: str, deadline: float, poll_s: float = 1.0, settle_s: float = 0.0, *, study: str,
+                 index: int):
+        super().__init__(lease_id, deadline, poll_s, settle_s)
         self.study = study
         self.index = index
 

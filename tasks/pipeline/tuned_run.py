@@ -27,8 +27,10 @@ def open_run_study(ctx: RunContext) -> optuna.Study:
     return open_study(ctx.spec, ctx.run_key.split("/", 1)[1])
 
 
-def trial_request(spec: PipelineSpec, inventory: Inventory | None = None) -> LeaseRequest:
-    """What one trial leases: the ``train`` step's request, one priority below it, and preemptible."""
+def trial_request(spec: PipelineSpec, run_key: str | None = None, inventory: Inventory | None = None) -> LeaseRequest:
+    """What one trial leases: the ``train`` step's request, one priority below it, and preemptible; with
+    ``run_key``, capped at ``tuning.parallel`` trials of the run holding devices at once (a run's
+    ``tuning_parallel`` Param may ask for fewer than the DAG's mapped-task limit, the spec's)."""
     from kiln.tasks.pools.inventory import Inventory
 
     request = lease_request(spec)
@@ -37,4 +39,7 @@ def trial_request(spec: PipelineSpec, inventory: Inventory | None = None) -> Lea
         inventory = inventory or Inventory.from_settings()
         team = inventory.teams.get(request.team)
         priority = team.priority if team is not None else 0
-    return replace(request, priority=priority - 1, preemptible=True)
+    request = replace(request, priority=priority - 1, preemptible=True)
+    if run_key is not None and spec.tuning is not None:
+        request = replace(request, group=f"study:{run_key}", group_limit=spec.tuning.parallel)
+    return request

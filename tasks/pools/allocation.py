@@ -112,6 +112,10 @@ class LeaseRequest:
     while its team holds more than its quota (only a preemptible request may borrow beyond the quota)."""
     grace_s: float = 60.0
     """Seconds a preempted holder has to checkpoint and give its devices back before the lease is revoked."""
+    group: str | None = None
+    """Requests that share a cap (a tuned run's trials)."""
+    group_limit: int | None = None
+    """The most leases of ``group`` granted at once in the pool; a request over it waits though it fits."""
 
     def __post_init__(self) -> None:
         for name in ("nodes",):
@@ -123,6 +127,9 @@ class LeaseRequest:
         for name in ("ttl_s", "grace_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, found {getattr(self, name)}")
+        if self.group_limit is not None and (self.group_limit < 1 or not self.group):
+            raise ValueError(f"group_limit: must be at least 1 and come with a group, found {self.group_limit} for "
+                             f"group {self.group!r}")
         if self.placement not in (None, "pack", "spread"):
             raise ValueError(f"placement: expected 'pack' or 'spread', found {self.placement!r}")
         if not self.pool:

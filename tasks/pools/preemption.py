@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from kiln.tasks.pools.allocation import Allocation, LeaseRequest, Owner
 from kiln.tasks.pools.inventory import Pool
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 _PENDING = ("SELECT p.lease_id, p.by_lease, p.deadline FROM kiln_preemptions p JOIN kiln_leases l ON l.id = "
             "p.lease_id WHERE p.pool = :pool AND l.state = 'granted'")
+_PREEMPTING_FOR = ("SELECT MAX(p.deadline) FROM kiln_preemptions p JOIN kiln_leases l ON l.id = p.lease_id WHERE "
+                   "p.by_lease = :id AND l.state = 'granted'")
 _OWNER = "SELECT dag_id, run_id, task_id, try_number, host, pid FROM kiln_leases WHERE id = :id"
 
 
@@ -49,6 +51,16 @@ def _insert_preemptions(count: int) -> str:
 def _preempt_events(count: int) -> str:
     rows = ", ".join(f"(:now, :v{i}, :pool, 'preempt', :d{i}, :x{i})" for i in range(count))
     return f"INSERT INTO kiln_lease_events (ts, lease_id, pool, event, devices, detail) VALUES {rows}"
+
+
+def group_full(request: LeaseRequest, rows: Sequence[Any]) -> bool:
+    """Whether ``request``'s group already holds its ``group_limit`` of the pool's granted ``rows`` (it must wait,
+    and preempts nothing: the cap is the group's own choice, not a shortage)."""
+    if request.group_limit is None:
+        return False
+    held = sum(1 for r in rows if r.state == "granted" and request.group in r.request
+               and json.loads(r.request).get("group") == request.group)
+    return held >= request.group_limit
 
 
 class Preemptions:
@@ -67,6 +79,12 @@ class Preemptions:
         return None if row is None else Preemption(lease_id=row.lease_id, by_lease=row.by_lease,
                                                    requested_at=row.requested_at, deadline=row.deadline)
 
+    def preempting_for(self, lease_id: str) -> float | None:
+        """The last deadline of the leases preempted for the queued ``lease_id`` that still hold their devices, or
+        None when it waits for none (its grant then depends on others' releases, not on this preemption)."""
+        with self._read() as conn:
+            return conn.execute(text(_PREEMPTING_FOR), {"id": lease_id}).scalar()
+
     def _make_room(self, tx: Tx, pool: Pool, own: Any, request: LeaseRequest, rows: Sequence[Any],
                    now: float) -> bool:
         """Preempt for the queued entry ``own``, which heads its queue but does not fit; or revoke its victims
@@ -75,6 +93,8 @@ class Preemptions:
         Returns:
             True when devices were freed (the caller decides again), False while the entry must wait.
         """
+        if group_full(request, rows):
+            return False
         pending = tx.run([_PENDING], {"pool": pool.name}).all()
         # Victims past their deadline lose their devices now (also those of a request that gave up meanwhile).
         overdue = [p for p in pending if p.deadline <= now]

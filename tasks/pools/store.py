@@ -40,7 +40,7 @@ from kiln.tasks.pools.leases import (
     devices_json,
 )
 from kiln.tasks.pools.placement import UsageTracker, check_satisfiable, place
-from kiln.tasks.pools.preemption import Preemptions
+from kiln.tasks.pools.preemption import Preemptions, group_full
 from kiln.tasks.pools.queries import LeaseQueries
 from kiln.tasks.pools.sql import Tx
 from kiln.tasks.pools.tables import create_schema, make_engine
@@ -127,7 +127,7 @@ class LeaseStore(LeaseQueries, Preemptions):
         held back only by its own team's quota and belongs to another team: one team at its ceiling must not
         stall the pool for everyone.
         """
-        if self._waiter_ahead(tx, request, priority, seq, lease_id, rows):
+        if self._waiter_ahead(tx, request, priority, seq, lease_id, rows) or group_full(request, rows):
             return None
         granted = {r.id: self._allocation(r) for r in rows if r.state == "granted"}
         nodes = place(pool, self._usage.setdefault(pool.name, UsageTracker()).update(granted), request)
@@ -138,12 +138,15 @@ class LeaseStore(LeaseQueries, Preemptions):
 
     def _waiter_ahead(self, tx: Tx, request: LeaseRequest, priority: int, seq: int | None, lease_id: str | None,
                       rows: Sequence[Any]) -> bool:
-        """Whether a waiter ahead in the queue (higher priority, or equal and earlier) blocks the request."""
+        """Whether a waiter ahead in the queue (higher priority, or equal and earlier) blocks the request: one held
+        back by its group's cap does not, nor one of another team held back by its team's quota."""
         for r in rows:
             if r.state == "waiting" and r.id != lease_id and (r.priority > priority or (
                     r.priority == priority and (seq is None or r.seq < seq))):
-                if r.team == request.team or not self._team_over(
-                        tx, r.team, LeaseRequest.from_dict(json.loads(r.request)), lock=False):
+                waiter = LeaseRequest.from_dict(json.loads(r.request))
+                if group_full(waiter, rows):
+                    continue
+                if r.team == request.team or not self._team_over(tx, r.team, waiter, lock=False):
                     return True
         return False
 

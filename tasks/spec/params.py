@@ -40,6 +40,8 @@ def param_schemas(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
         schema = _properties(model)[field]
         info = model.model_fields[field]
         out[name] = {"default": getattr(value, field), **{k: schema[k] for k in _KEYWORDS if k in schema}}
+        if path == ("tuning", "parallel"):  # the DAG's mapped-task limit is the spec's value
+            out[name]["maximum"] = getattr(value, field)
         if out[name].get("type") == "number":
             out[name]["not"] = _NAN
         if info.description:

@@ -203,10 +203,17 @@ class PipelineSpec(_Strict):
                 problems.append(f"Param '{key}': pipeline {self.name!r} has no tuning section, so it runs no study; "
                                 "leave the Param out, or add tuning: to its spec")
                 continue
+            if key == "tuning_parallel" and type(value) is int and self.tuning is not None and \
+                    value > self.tuning.parallel:
+                problems.append(f"Param 'tuning_parallel': {value} trials at once is more than the spec's "
+                                f"tuning.parallel ({self.tuning.parallel}), the most its DAG runs at once; ask for "
+                                f"at most {self.tuning.parallel}, or raise tuning.parallel in the spec")
+                continue
             set_field(data, ".".join(PARAM_FIELDS[key]), value)
-            if key == "tuning_trials" and type(value) is int and self.tuning is not None and \
-                    1 <= value < self.tuning.parallel:
-                set_field(data, "tuning.parallel", value)  # fewer trials than the spec runs at once: all at once
+        if self.tuning is not None and overrides.get("tuning_parallel") is None:
+            trials = data["tuning"]["trials"]
+            if type(trials) is int and 1 <= trials < data["tuning"]["parallel"]:
+                set_field(data, "tuning.parallel", trials)  # fewer trials than the spec runs at once: all at once
         if problems:
             raise SpecError(source, problems)
         try:
@@ -228,9 +235,11 @@ PARAM_FIELDS: dict[str, tuple[str, ...]] = {
     "sample_fraction": ("sample_fraction",),
     "deployment": ("deployment", "strategy"),
     "use_cache": ("cache", "enabled"),
-    # Tuned pipelines only (the form of a spec without ``tuning:`` does not show it). The trials at once are the
-    # spec's: Airflow caps a mapped task's concurrency when it parses the DAG, not per run.
+    # Tuned pipelines only (the form of a spec without ``tuning:`` does not show them). Airflow caps a mapped task's
+    # concurrency when it parses the DAG, at the spec's ``parallel``; a run's fewer trials at once are held to by
+    # the lease store (the trials' leases share a cap), the others waiting deferred.
     "tuning_trials": ("tuning", "trials"),
+    "tuning_parallel": ("tuning", "parallel"),
 }
 
 

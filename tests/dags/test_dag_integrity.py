@@ -167,7 +167,9 @@ def test_a_tuned_spec_maps_trials_and_a_dag_airflow_refuses_is_left_out_whole(
     assert steps == [*PIPELINE_STEPS[:train], "study", "trial", *PIPELINE_STEPS[train:]]
     trial = dag.task_dict["trial"]
     assert trial.max_active_tis_per_dagrun == 3 and trial.upstream_task_ids == {"study"}
-    assert dag.task_dict["train"].trigger_rule == "all_done" and "tuning_trials" in dag.params
+    assert dag.task_dict["train"].trigger_rule == "all_done"
+    assert {"tuning_trials", "tuning_parallel"} <= set(dag.params)
+    assert dag.params.get_param("tuning_parallel").schema["maximum"] == 3  # the DAG runs at most 3 at once
 
     def refused(*args: object, **kwargs: object) -> None:
         raise RuntimeError("refused by Airflow")

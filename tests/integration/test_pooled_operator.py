@@ -104,6 +104,7 @@ def test_waits_deferred_then_resumes_on_the_granted_lease(pool_env: Path) -> Non
     blocker = store.try_acquire(LeaseRequest(pool="gpu", gpus=2), Owner(host="test", pid=1))
     assert blocker is not None
     op = _op("waiter", "import os; assert os.environ['CUDA_VISIBLE_DEVICES'] == '0'", gpus=1, wait_timeout_s=60)
+    op.grant_settle_s = 3.0
     with pytest.raises(TaskDeferred) as deferred:
         op.execute(_context("waiter"))
     trigger = deferred.value.trigger
@@ -112,8 +113,11 @@ def test_waits_deferred_then_resumes_on_the_granted_lease(pool_env: Path) -> Non
     assert waiting.owner.task_id == "waiter"
 
     threading.Timer(1.0, store.release, args=(blocker.lease_id,)).start()
+    started = time.monotonic()
     event = asyncio.run(_first_event(trigger))
     assert event["status"] == "granted"
+    # Granted after 1 s, handed over once 3 s have passed since the deferral (Airflow's defer-exit race).
+    assert time.monotonic() - started >= 2.9
     assert op.execute_granted(_context("waiter"), event) == 0
     assert _live() == []
     store.close()
@@ -165,10 +169,9 @@ async def _first_event(trigger) -> dict:
 
 
 def _preempt_from_another_thread(op, task_id: str, code_started: Path) -> tuple[dict, str]:
-    """Run ``op`` on a thread until its command has started, then queue a higher-priority request for the whole pool
-    and poll it as the triggerer would. Returns the thread's outcome and the preempting lease's id."""
-    from kiln.tasks.pools.allocation import LeaseRequest, Owner
-
+    """Run ``op`` on a thread until its command has started, then run a task of higher priority that needs the whole
+    pool: it preempts ``op``'s lease and waits in its worker (it does not defer) until the devices are given back.
+    Returns ``op``'s outcome and the preempting lease's id."""
     outcome: dict[str, BaseException] = {}
 
     def run() -> None:
@@ -183,17 +186,17 @@ def _preempt_from_another_thread(op, task_id: str, code_started: Path) -> tuple[
     while not code_started.exists():
         assert time.monotonic() < deadline, "the command never started"
         time.sleep(0.05)
-    store = _store()
-    urgent = store.enqueue(LeaseRequest(pool="gpu", gpus=2, priority=10), Owner(host="test", pid=3))
-    try:
-        while store.try_grant(urgent) is None:
-            assert time.monotonic() < deadline + 30, "the preempting request was never granted"
-            time.sleep(0.1)
-    finally:
-        store.close()
+    urgent = _op("urgent", "import os; print(os.environ['KILN_LEASE_ID'])", gpus=2, priority=10)
+    assert urgent.execute(_context("urgent")) == 0  # no TaskDeferred: granted in its worker
     worker.join(30)
     assert not worker.is_alive()
-    return outcome, urgent
+    store = _store()
+    try:
+        [lease] = [e.lease_id for e in store.history("gpu") if e.event == "grant"
+                   and store.lease(e.lease_id).owner.task_id == "urgent"]
+    finally:
+        store.close()
+    return outcome, lease
 
 
 def test_a_preempted_command_checkpoints_gives_its_devices_back_and_resumes_when_granted_again(
@@ -208,6 +211,7 @@ def test_a_preempted_command_checkpoints_gives_its_devices_back_and_resumes_when
             "def stop(*_): saved.write_text('step 3'); sys.exit(75)\n"
             f"signal.signal(signal.SIGTERM, stop)\npathlib.Path({str(started)!r}).touch()\ntime.sleep(600)\n")
     op = _op("trial", code, gpus=1, priority=-1, preemptible=True, preempt_grace_s=30)
+    op.grant_settle_s = 0.0
     began = time.monotonic()
     outcome, urgent = _preempt_from_another_thread(op, "trial", started)
     assert time.monotonic() - began < 15  # granted within seconds, not at the grace deadline
@@ -221,7 +225,6 @@ def test_a_preempted_command_checkpoints_gives_its_devices_back_and_resumes_when
     assert released and urgent in released[0].detail
     [queued] = [lease for lease in store.leases() if lease.state == "waiting"]
     assert queued.owner.task_id == "trial" and queued.request.preemptible
-    store.release(urgent)
     event = asyncio.run(_first_event(deferred.trigger))
     assert event["status"] == "granted"
     assert op.execute_granted(_context("trial"), event) == 0

@@ -50,6 +50,16 @@ def test_tuning_params_apply_to_tuned_pipelines_only() -> None:
         tuned.with_overrides({"tuning_trials": 0})
     with pytest.raises(SpecError, match="Param 'tuning_trials': pipeline 'penguins_species' has no tuning section"):
         SPEC.with_overrides({"tuning_trials": 3})
+    # Fewer trials at once than the DAG's limit (the spec's parallel), never more.
+    assert param_schemas(tuned)["tuning_parallel"] | {"default": 2, "minimum": 1, "maximum": 2} == \
+        param_schemas(tuned)["tuning_parallel"]
+    assert tuned.with_overrides({"tuning_parallel": 1}).tuning.parallel == 1
+    assert tuned.with_overrides({"tuning_trials": 1, "tuning_parallel": None}).tuning.parallel == 1
+    with pytest.raises(SpecError, match="Param 'tuning_parallel': 3 trials at once is more than the spec's "
+                                        "tuning.parallel \\(2\\)"):
+        tuned.with_overrides({"tuning_parallel": 3})
+    with pytest.raises(SpecError, match="parallel 2 is more than tuning.trials 1"):
+        tuned.with_overrides({"tuning_trials": 1, "tuning_parallel": 2})
 
 
 def test_a_new_tunable_field_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:

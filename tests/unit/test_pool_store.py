@@ -382,3 +382,18 @@ def test_a_first_connection_waits_for_another_process_writing_the_new_file(tmp_p
         commit.join()
         engine.dispose()
         other.close()
+
+
+def test_a_groups_cap_holds_its_requests_back_without_blocking_the_queue(store: LeaseStore) -> None:
+    study = {"group": "penguins/run-1", "group_limit": 2, "gpus": 1}
+    first, second = (store.try_acquire(req(**study), OWNER) for _ in range(2))
+    assert first is not None and second is not None
+    assert store.try_acquire(req(**study), OWNER) is None  # two GPUs are free, but the study is at its cap
+    capped = store.enqueue(req(**study), OWNER)
+    assert store.try_grant(capped) is None
+    other = store.enqueue(req(gpus=1, group="penguins/run-2", group_limit=2), OWNER)
+    assert store.try_grant(other) is not None  # queued after the capped one, not held up by it
+    store.release(first.lease_id)
+    assert store.try_grant(capped) is not None
+    with pytest.raises(ValueError, match="group_limit"):
+        req(gpus=1, group_limit=1)

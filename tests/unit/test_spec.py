@@ -138,7 +138,7 @@ def test_overrides_apply_and_validate() -> None:
     with pytest.raises(SpecError, match="unknown field 'epoch'.*did you mean 'epochs'"):
         spec.with_overrides({"epoch": 3})
     assert set(PARAM_FIELDS) == {"epochs", "learning_rate", "batch_size", "seed", "nproc", "nodes", "launcher",
-                                 "sample_fraction", "deployment", "use_cache", "tuning_trials"}
+                                 "sample_fraction", "deployment", "use_cache", "tuning_trials", "tuning_parallel"}
     assert spec.with_overrides({"deployment": "canary"}).deployment.strategy == "canary"
     with pytest.raises(SpecError, match="deployment.strategy"):
         spec.with_overrides({"deployment": "blue-green"})

@@ -275,3 +275,15 @@ def test_a_metric_line_is_found_behind_any_prefix_and_nothing_else_is_one() -> N
     for other in ("step 3 metrics: val/accuracy 0.9143", f"{METRIC_LINE} {{not json", f"{METRIC_LINE} {{}}",
                   f'{METRIC_LINE} {{"step": "x", "value": 1}}', ""):
         assert parse_metric_line(other) is None, other
+
+
+def test_a_trials_lease_is_preemptible_below_train_and_capped_at_the_runs_trials_at_once() -> None:
+    from kiln.tasks.pipeline.tuned_run import trial_request
+    from kiln.tasks.pools.inventory import Inventory, Team
+
+    spec = _spec().with_overrides({"tuning_parallel": 1})
+    inventory = Inventory(pools={}, teams={"default": Team("default", 5)}, source="test")
+    request = trial_request(spec, "penguins/manual__1", inventory)
+    assert (request.priority, request.preemptible) == (4, True)
+    assert (request.group, request.group_limit) == ("study:penguins/manual__1", 1)
+    assert trial_request(spec, inventory=inventory).group_limit is None  # in-process: one trial at a time anyway
