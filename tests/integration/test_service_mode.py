@@ -33,6 +33,8 @@ from airflow_client.client.models.create_asset_events_body import CreateAssetEve
 from airflow_client.client.models.dag_run_mutable_states import DagRunMutableStates
 from airflow_client.client.models.dag_run_patch_body import DAGRunPatchBody
 from kiln_service import EXAMPLE_SPECS, REPO, Platform, running_service
+from pool_audit import replay
+from service_traffic import captured_rows, penguin_rows, samples, send
 
 from kiln.tasks.processes import alive, process_tree
 
@@ -64,26 +66,35 @@ def platform(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     (tmp / "specs").mkdir()
     (tmp / "specs" / f"{DAG_ID}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     (tmp / "specs" / f"{TUNED}.yaml").write_text(yaml.safe_dump(_tuned_spec(), sort_keys=False))
+    (tmp / "specs" / f"{URGENT}.yaml").write_text(yaml.safe_dump(_registered_copy(URGENT), sort_keys=False))
     started = time.monotonic()
     with running_service(tmp, profile=request.param,
-                         specs=[tmp / "specs" / f"{DAG_ID}.yaml", tmp / "specs" / f"{TUNED}.yaml"]) as platform:
+                         specs=[tmp / "specs" / f"{name}.yaml" for name in (DAG_ID, TUNED, URGENT)]) as platform:
         log.info("%s profile ready in %.1f s", request.param, time.monotonic() - started)
         yield platform
 
 
-#: A tuned copy of the penguins pipeline (registered, not served: one model server per platform here).
-TUNED = "penguins_tuned"
+#: A tuned copy of the penguins pipeline, and one whose training outranks the tuned one's trials (both registered,
+#: not served: one model server per platform here).
+TUNED, URGENT = "penguins_tuned", "penguins_urgent"
 
 
-def _tuned_spec() -> dict:
+def _registered_copy(name: str) -> dict:
+    """The penguins pipeline as ``name``: registered and gated, not served, not watched; one rank per job."""
     spec = yaml.safe_load((EXAMPLE_SPECS / f"{DAG_ID}.yaml").read_text())
-    spec.update(name=TUNED, deployment={"strategy": "none"}, tuning={
-        "space": {"training.learning_rate": {"type": "log_uniform", "low": 1e-4, "high": 0.05}},
-        "objective": {"metric": "val/accuracy"}, "trials": 4, "parallel": 2, "pruner": "median", "seed": 5})
+    spec.update(name=name, deployment={"strategy": "none"})
     spec["training"].update(epochs=8, nproc=1)
     spec["evaluation"]["thresholds"] = {"accuracy": 0.7}
     spec["evaluation"]["gate"].pop("slices")
     spec.pop("monitoring")
+    return spec
+
+
+def _tuned_spec() -> dict:
+    spec = _registered_copy(TUNED)
+    spec["tuning"] = {"space": {"training.learning_rate": {"type": "log_uniform", "low": 1e-4, "high": 0.05}},
+                      "objective": {"metric": "val/accuracy"}, "trials": 4, "parallel": 2, "pruner": "median",
+                      "seed": 5}
     return spec
 
 
@@ -159,71 +170,6 @@ MONITOR = f"{DAG_ID}_monitor"
 RETRAIN = f"kiln://{DAG_ID}/retrain"
 
 
-def _penguins() -> pd.DataFrame:
-    """The source's own rows: traffic in distribution."""
-    import palmerpenguins
-
-    return pd.read_csv(Path(palmerpenguins.__file__).parent / "data" / "penguins.csv")
-
-
-def _send(platform: Platform, rows: pd.DataFrame, labels: bool) -> int:
-    """POST ``rows`` (less the target) to the served endpoint, 50 records a request, and, with ``labels``, their
-    species to ``/feedback`` by each answer's request id; wait until the server has written them all to the store
-    (it flushes every 10 s). Returns the records sent."""
-    from kiln.tasks.serving.auth import resolve_token
-    from kiln.tasks.settings import get_settings
-
-    settings = get_settings(platform.service.env)
-    auth = {"Authorization": f"Bearer {resolve_token(settings)}"}
-    records = json.loads(rows.drop(columns=["species"]).to_json(orient="records"))
-    with httpx.Client(base_url=f"http://127.0.0.1:{settings.serve_port}", headers=auth, timeout=30) as server:
-        before = _served_counts(server)
-        for start in range(0, len(records), 50):
-            answer = server.post("/predict", json={"records": records[start:start + 50]})
-            assert answer.status_code == 200, answer.text
-            if labels:
-                sent = server.post("/feedback", json={"request_id": answer.headers["x-request-id"],
-                                                      "labels": list(rows["species"].iloc[start:start + 50])})
-                assert sent.status_code == 200, sent.text
-        deadline = time.monotonic() + 60
-        while (now := _served_counts(server))["flushed"] < before["flushed"] + (2 if labels else 1) or \
-                now["captured"] < before["captured"] + len(records) or now["buffered"] > 0:
-            assert time.monotonic() < deadline, f"the server did not flush its captures within 60 s: {now}"
-            time.sleep(0.5)
-    return len(records)
-
-
-def _captured_rows(platform: Platform, artifacts: Path) -> int:
-    """Rows in the pipeline's published capture files, once the server holds none unwritten."""
-    import pyarrow.parquet as pq
-
-    from kiln.tasks.settings import get_settings
-
-    port = get_settings(platform.service.env).serve_port
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as server:
-        deadline = time.monotonic() + 60
-        while _served_counts(server)["buffered"] > 0:
-            assert time.monotonic() < deadline, "the server did not write its captures within 60 s"
-            time.sleep(0.5)
-    files = (artifacts / DAG_ID / "_capture").glob("version=*/hour=*/*/capture.parquet")
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files if not f.parent.name.startswith("."))
-
-
-def _samples(server: httpx.Client) -> dict[tuple[str, str | None], float]:
-    """The server's ``/metrics``, keyed by sample name and its ``status`` or ``feature`` label."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {(s.name, s.labels.get("status") or s.labels.get("feature")): s.value
-            for family in text_string_to_metric_families(server.get("/metrics").text) for s in family.samples}
-
-
-def _served_counts(server: httpx.Client) -> dict[str, float]:
-    samples = _samples(server)
-    return {"captured": samples.get(("kiln_capture_records_total", None), 0.0),
-            "flushed": samples.get(("kiln_capture_flushes_total", "ok"), 0.0),
-            "buffered": samples.get(("kiln_capture_buffered_records", None), 0.0)}
-
-
 def _monitor(platform: Platform) -> tuple[dict, dict[str, str]]:
     """Run the monitor DAG once through REST (its window ends at the trigger's time: after the traffic sent) and
     return its ``monitor`` XCom and every task's state."""
@@ -249,10 +195,10 @@ def test_the_served_model_is_watched_and_drift_starts_a_gated_retrain_on_the_lab
 
     settings = get_settings(platform.service.env)
     artifacts = Path(settings.artifact_root)
-    rows = _penguins()
+    rows = penguin_rows()
     # The rollout's verify step probed the endpoint already: those answers were captured too (infra validation's
     # throwaway server captures nothing).
-    sent = _captured_rows(platform, artifacts) + _send(platform, rows, labels=False)
+    sent = captured_rows(platform, artifacts / DAG_ID) + send(platform, rows, labels=False)
     assert [p.name for p in (artifacts / DAG_ID / "_capture").iterdir()] == ["version=1"]
     calm, states = _monitor(platform)
     assert (calm["breach"], calm["latest"]["rows"], states["retrain"]) == (False, sent, "skipped"), calm
@@ -263,7 +209,7 @@ def test_the_served_model_is_watched_and_drift_starts_a_gated_retrain_on_the_lab
     shifted.loc[shifted.index % 3 == 0, "island"] = "Anvers"
     unseen, known = shifted[shifted["island"] == "Anvers"], shifted[shifted["island"] != "Anvers"]
     # Labels come back for the requests of known islands (an unseen island would stop the retrain at validate).
-    sent += _send(platform, unseen, labels=False) + _send(platform, known, labels=True)
+    sent += send(platform, unseen, labels=False) + send(platform, known, labels=True)
     before = {r.dag_run_id for r in DagRunApi(platform.api).get_dag_runs(DAG_ID).dag_runs}
     breach, states = _monitor(platform)
     assert (breach["breach"], breach["retrain_requested"], states["retrain"]) == (True, True, "success"), breach
@@ -273,7 +219,7 @@ def test_the_served_model_is_watched_and_drift_starts_a_gated_retrain_on_the_lab
     assert sorted(report["drifted"]) == drifted and report["rows"] == sent
     assert breach["labelled_rows"] == len(known)
     with httpx.Client(base_url=f"http://127.0.0.1:{settings.serve_port}", timeout=30) as server:
-        gauges = _samples(server)  # /metrics is open; the server reads latest.json when scraped
+        gauges = samples(server)  # /metrics is open; the server reads latest.json when scraped
     assert gauges[("kiln_monitor_breach", None)] == 1 and gauges[("kiln_monitor_rows", None)] == sent
     assert {f for (name, f), v in gauges.items() if name == "kiln_monitor_feature_drift" and v == 1} == set(drifted)
     assert gauges[("kiln_monitor_feature_psi", "body_mass_g")] == pytest.approx(
@@ -396,6 +342,67 @@ def test_a_study_trains_two_trials_at_once_survives_its_scheduler_and_registers_
     assert sorted(t.number for t in trials) == [0, 1, 2, 3], [(t.number, t.state) for t in trials]
     assert sorted(t.user_attrs["kiln_index"] for t in trials) == [0, 1, 2, 3]
     assert {t.number: (t.state, t.value, t.params) for t in trials if t.number in before} == before
+
+
+#: Epochs of each trial of the preemption test: long enough (about a minute here) that the trials still hold the pool
+#: when the other pipeline's training asks for devices.
+TRIAL_EPOCHS = 160
+
+
+@pytest.mark.parametrize("platform", ["embedded"], indirect=True)  # the lease store's SQL runs on both: its tests
+def test_a_trial_is_preempted_by_higher_priority_training_and_resumes_from_its_checkpoint(platform: Platform) -> None:
+    """Two trials hold every core of the pool; the other pipeline's ``train`` (its team's priority, one above the
+    trials') preempts the younger within seconds; the trial checkpoints, waits deferred, and resumes from its
+    checkpoint once the devices are free; both runs succeed and the audit history shows no core held twice."""
+    from kiln.tasks.pools.inventory import load_inventory
+    from kiln.tasks.pools.store import LeaseStore
+    from kiln.tasks.settings import get_settings
+    from kiln.tasks.storage.artifacts import run_key
+
+    for dag_id in (TUNED, URGENT):
+        _wait_for_dag(platform, dag_id=dag_id)
+    settings = get_settings(platform.service.env)
+    store = LeaseStore(settings.pools_db_url, load_inventory(settings.pools_file))
+    pool = store.inventory.pools["local"]
+    cores = sum(len(n.cpus) for n in pool.nodes)
+    assert cores == 2, f"the test fills the pool with two one-core trials; this pool has {cores} cores"
+    try:
+        tuned = platform.trigger(TUNED, {"tuning_trials": 2, "epochs": TRIAL_EPOCHS})
+        deadline = time.monotonic() + 300
+        while len([lease for lease in store.leases("local") if lease.owner.dag_id == TUNED
+                   and lease.state == "granted"]) < 2:
+            assert time.monotonic() < deadline, f"the two trials never held the pool\n{platform.service.log_tails()}"
+            time.sleep(1)
+        urgent = platform.trigger(URGENT)
+        assert platform.wait(URGENT, urgent) == "success", platform.service.log_tails()
+        assert platform.wait(TUNED, tuned) == "success", platform.service.log_tails()
+
+        history = store.history("local")
+        owners = {e.lease_id: store.lease(e.lease_id).owner for e in history}
+        [train] = [i for i, o in owners.items() if (o.dag_id, o.task_id) == (URGENT, "train")]
+        preempts = [e for e in history if e.event == "preempt"]
+        assert [owners[e.lease_id].task_id for e in preempts] == ["trial"], [(e.event, e.detail) for e in history]
+        assert train in preempts[0].detail
+        asked = next(e.ts for e in history if e.lease_id == train and e.event == "request")
+        granted = next(e.ts for e in history if e.lease_id == train and e.event == "grant")
+        log.info("the urgent training was granted %.1f s after it asked (the trial's checkpoint included)",
+                 granted - asked)
+        assert granted - asked < 30, "the higher-priority training waited for the trial to finish"
+        assert replay(history)[1] == set(), "a core was granted while another lease held it"
+    finally:
+        store.close()
+
+    # The preempted trial went on where its checkpoint left it, as the same trial of the same task try.
+    victim = owners[preempts[0].lease_id]
+    tis = TaskInstanceApi(platform.api).get_task_instances(TUNED, tuned).task_instances
+    trials = [ti for ti in tis if ti.task_id == "trial"]
+    assert sorted((ti.state.value, ti.try_number) for ti in trials) == [("success", 1), ("success", 1)]
+    assert victim.try_number == 1
+    runs = Path(settings.artifact_root) / run_key(TUNED, tuned) / "trials"
+    resumed = {int(d.name): json.loads((d / "train" / "train_metrics.json").read_text())["resumed_from_epoch"]
+               for d in runs.iterdir()}
+    assert sorted(resumed) == [0, 1], resumed  # no third trial: the preempted one kept its number
+    assert sum(1 for epoch in resumed.values() if epoch) == 1 and max(e or 0 for e in resumed.values()) >= 1, resumed
 
 
 #: A YAML alias bomb of about 600 bytes: nine levels of nine aliases, 9**9 strings once expanded.
