@@ -115,9 +115,10 @@ class PooledOperator(BaseOperator):
     """Base for operators whose work runs on devices leased from a resource pool.
 
     Subclasses implement :meth:`lease_request` (what to ask for) and :meth:`run_leased` (the work, given the
-    :class:`~kiln.tasks.pools.allocation.Allocation`), and :meth:`stop_work` if the work can be interrupted. This base
-    acquires (deferring while the request waits), heartbeats, stops the work if the lease is lost, and releases
-    in ``finally`` and in :meth:`on_kill`.
+    :class:`~kiln.tasks.pools.allocation.Allocation`), :meth:`stop_work` if the work can be interrupted, and
+    :meth:`preempt_work` if it can checkpoint first. This base acquires (deferring while the request waits),
+    heartbeats, stops the work if the lease is lost, and releases in ``finally`` and in :meth:`on_kill`; a
+    preempted lease's work is asked to stop, and the request queued again.
     """
 
     #: Seconds between polls of a waiting request in the triggerer.
