@@ -25,7 +25,7 @@ from sqlalchemy import select, text
 
 from kiln.tasks.pools.allocation import Allocation, LeaseRequest, Owner
 from kiln.tasks.pools.inventory import Pool
-from kiln.tasks.pools.leases import Preemption
+from kiln.tasks.pools.leases import Preemption, devices_json
 from kiln.tasks.pools.placement import Holder, choose_victims
 from kiln.tasks.pools.sql import Tx
 from kiln.tasks.pools.tables import preemptions
@@ -134,10 +134,7 @@ class Preemptions:
         params: dict[str, Any] = {"id": own.id, "pool": own.pool, "now": now}
         for i, v in enumerate(victims):
             grace = LeaseRequest.from_dict(json.loads(v.request)).grace_s
-            allocation = self._allocation(v)
-            devices = {n.node: {"gpus": list(n.gpus), "cpus": list(n.cpus), "memory": n.memory}
-                       for n in allocation.nodes}
-            params.update({f"v{i}": v.id, f"g{i}": now + grace, f"d{i}": json.dumps(devices, sort_keys=True),
+            params.update({f"v{i}": v.id, f"g{i}": now + grace, f"d{i}": devices_json(self._allocation(v)),
                            f"x{i}": f"preempted by lease {own.id} of {taker} (team {own.team!r}, priority "
                                     f"{own.priority}) for {request.describe()}; {grace:g} s to checkpoint and "
                                     "give the devices back"})

@@ -33,6 +33,7 @@ from kiln.tasks.pools.allocation import (
     Owner,
     PoolTimeoutError,
 )
+from kiln.tasks.pools.expiry import Expiry
 from kiln.tasks.pools.inventory import Inventory, Pool
 from kiln.tasks.pools.leases import (
     LIVE_STATES,
@@ -47,12 +48,10 @@ from kiln.tasks.pools.tables import create_schema, make_engine
 
 logger = logging.getLogger(__name__)
 
-#: A process sweeps every pool for expired leases at most this often while its requests wait (real seconds).
-SWEEP_INTERVAL_S = 2.0
 _CACHE_MAX = 4096
 
 
-class LeaseStore(LeaseQueries, Preemptions):
+class LeaseStore(LeaseQueries, Expiry, Preemptions):
     """Leases on the pools of ``inventory``, kept in the database at ``url`` (SQLite or PostgreSQL).
 
     Args:
@@ -175,28 +174,6 @@ class LeaseStore(LeaseQueries, Preemptions):
         for i, (node, kind, device) in enumerate(devices):
             params.update({f"n{i}": node, f"k{i}": kind, f"d{i}": device})
         return [sql.insert_devices(len(devices)), sql.INSERT_EVENT]
-
-    def _free(self, tx: Tx, ended: Sequence[Any], now: float, event: str, detail: str) -> None:
-        """Free the devices of leases just ended (rows of ``id, pool, devices``) and audit each with ``event``."""
-        params: dict[str, Any] = {"now": now, "detail": detail}
-        for i, r in enumerate(ended):
-            params.update({f"i{i}": r.id, f"p{i}": r.pool, f"v{i}": r.devices, f"e{i}": event})
-        tx.run([sql.delete_devices_of(len(ended)), sql.insert_events(len(ended))], params)
-
-    def _reap(self, tx: Tx, now: float, pool: str, lock: Sequence[sql.Stmt] = ()) -> list[str]:
-        expired = tx.run([*lock, sql.EXPIRE], {"now": now, "pool": pool}).all()
-        if not expired:
-            return []
-        self._free(tx, expired, now, "expire", "no heartbeat within ttl")
-        ids = [r.id for r in expired]
-        logger.warning("expired %d lease(s) whose holders stopped heartbeating: %s", len(ids), ", ".join(ids))
-        return ids
-
-    def _sweep_if_due(self) -> None:
-        """Reap every pool now and then while requests wait: a dead lease in another pool may hold team quota."""
-        if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
-            self.reap()
 
     def _lease_params(self, lease_id: str, request: LeaseRequest, owner: Owner) -> dict[str, Any]:
         """The new lease row's values, less the time and the allocation (prepared before the pool is locked)."""
@@ -396,16 +373,3 @@ class LeaseStore(LeaseQueries, Preemptions):
             return False
         logger.info("%s lease %s (%s)", event, lease_id, reason)
         return True
-
-    def reap(self) -> list[str]:
-        """Expire every granted lease and queue entry past its ``expires_at`` and free their devices.
-
-        Returns:
-            The ids expired.
-        """
-        expired: list[str] = []
-        for pool in sorted(self.inventory.pools):
-            with self._tx() as tx:
-                expired += self._reap(tx, self._clock(), pool, lock=[sql.LOCK_POOL])
-                tx.commit()
-        return expired
