@@ -59,8 +59,8 @@ class KeepAlive:
                 if self.on_preempted is not None and not self.preempted.is_set():
                     self._look_for_preemption()
                 if time.monotonic() >= next_beat:
-                    next_beat = time.monotonic() + self.interval_s
                     self.store.heartbeat(self.lease_id)
+                    next_beat = time.monotonic() + self.interval_s  # a failed beat is tried again next tick
             except LeaseLostError as exc:
                 logger.error("lease %s lost: %s", self.lease_id, exc)
                 self.lost.set()
