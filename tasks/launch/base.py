@@ -106,6 +106,12 @@ class Launcher(ABC):
 
     _output_hooks: tuple[Callable[[str], None], ...] = ()
 
+    def __init__(self) -> None:
+        # Re-entrant: terminate() and preempt() may run in a signal handler on the thread that is inside launch().
+        self._lock = threading.RLock()
+        self._terminated = False
+        self._preemption: Preemption | None = None
+
     def watch_output(self, hook: Callable[[str], None]) -> None:
         """Call ``hook`` with every output line of the jobs this launcher runs (from the thread that reads the
         output; a tuning trial reads its metric lines there). Set it before :meth:`launch`."""
@@ -145,7 +151,6 @@ class Launcher(ABC):
         Safe to call twice, before or after a launch, from another thread or from a signal handler.
         """
 
-    @abstractmethod
     def preempt(self, grace_s: float) -> None:
         """Ask the running job to checkpoint and exit: SIGTERM now, SIGKILL what is left after ``grace_s`` seconds;
         returns once it is stopped. :meth:`launch` then raises :class:`TrainingPreemptedError`. Later launches on
@@ -154,6 +159,19 @@ class Launcher(ABC):
         Safe to call twice (the second call returns at once and changes nothing), before or after a launch, and
         from another thread.
         """
+        with self._lock:
+            self._terminated = True
+            if self._preemption is not None:
+                return
+            preemption = self._preemption = Preemption(grace_s)
+        try:
+            preemption.killed = self._stop_within(grace_s)
+        finally:
+            preemption.done.set()
+
+    @abstractmethod
+    def _stop_within(self, grace_s: float) -> bool:
+        """SIGTERM the running job (if any), SIGKILL what is left after ``grace_s``; whether anything was killed."""
 
 
 #: The launchers a spec can name in ``training.launcher``.

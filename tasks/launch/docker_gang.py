@@ -43,7 +43,6 @@ from kiln.tasks.launch.base import (
     LOG_FILE,
     Launcher,
     LaunchResult,
-    Preemption,
     TrainingFailedError,
     TrainingTimeoutError,
     refused_launch,
@@ -124,11 +123,8 @@ class DockerGangLauncher(Launcher):
         self.tail_lines = tail_lines
         self.job_id: str | None = None
         """The running (or last) job's id: the value of the :data:`JOB_LABEL` label on its containers."""
-        # Re-entrant: terminate() may run in a signal handler on the thread that is inside launch().
-        self._lock = threading.RLock()
+        super().__init__()
         self._containers: list[Container] = []
-        self._terminated = False
-        self._preemption: Preemption | None = None
 
     def launch(self, config: TrainConfig, *, nproc: int, workdir: Path,
                allocation: Allocation | None = None) -> LaunchResult:
@@ -211,17 +207,10 @@ class DockerGangLauncher(Launcher):
             containers = list(self._containers)
         kill_all(containers)
 
-    def preempt(self, grace_s: float) -> None:
+    def _stop_within(self, grace_s: float) -> bool:
         with self._lock:
-            self._terminated = True
-            if self._preemption is not None:
-                return
-            preemption = self._preemption = Preemption(grace_s)
             containers = list(self._containers)
-        try:
-            preemption.killed = container_control.stop_all(containers, grace_s)
-        finally:
-            preemption.done.set()
+        return container_control.stop_all(containers, grace_s)
 
     def _gang(self, config: TrainConfig, nodes: tuple[NodeAllocation, ...], nproc: int, job: str, attempt: int, *,
               images: dict[str | None, str], user: str, workdir: Path) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from kiln.tasks.launch.base import (
     LOG_FILE,
     Launcher,
     LaunchResult,
-    Preemption,
     TrainingFailedError,
     TrainingTimeoutError,
     refused_launch,
@@ -44,11 +42,8 @@ class LocalTorchrunLauncher(Launcher):
         self.kill_grace_s = kill_grace_s
         self.tail_lines = tail_lines
         self.log_prefix = log_prefix
-        # Re-entrant: terminate() may run in a signal handler on the thread that is inside launch().
-        self._lock = threading.RLock()
+        super().__init__()
         self._proc: ProcessGroup | None = None
-        self._terminated = False
-        self._preemption: Preemption | None = None
 
     @property
     def pid(self) -> int | None:
@@ -137,18 +132,10 @@ class LocalTorchrunLauncher(Launcher):
         if proc is not None:
             self._stop(proc)
 
-    def preempt(self, grace_s: float) -> None:
+    def _stop_within(self, grace_s: float) -> bool:
         with self._lock:
-            self._terminated = True
-            if self._preemption is not None:
-                return
-            preemption = self._preemption = Preemption(grace_s)
             proc = self._proc
-        try:
-            if proc is not None:
-                preemption.killed = bool(proc.stop(grace_s, what="preempted training processes"))
-        finally:
-            preemption.done.set()
+        return proc is not None and bool(proc.stop(grace_s, what="preempted training processes"))
 
     def _log_line(self, line: str) -> None:
         log.info("%s %s", self.log_prefix, line)

@@ -159,7 +159,8 @@ def test_a_preempted_job_checkpoints_exits_and_resumes_to_the_weights_of_a_strai
     saved = re.search(r"preempted: checkpoint of epoch (\d+) saved; exiting with 75", info.value.log_tail)
     assert saved, "rank 0 did not report the checkpoint it saved"
     epoch = int(saved[1])
-    assert 1 <= epoch < 30 and (tmp_path / "ckpt" / f"epoch_{epoch:04d}.pt").is_file()
+    assert 1 <= epoch < 30, f"it stopped at epoch {epoch}, not mid-run"
+    assert (tmp_path / "ckpt" / f"epoch_{epoch:04d}.pt").is_file(), "the checkpoint it reported is not on disk"
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     assert_group_gone(launcher.pid)
     with pytest.raises(TrainingPreemptedError, match="was preempted before it started"):
