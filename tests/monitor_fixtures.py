@@ -51,7 +51,8 @@ def make_baseline(folder: Path, train: pd.DataFrame, accuracy: float = 0.97) -> 
 
 
 def capture_table(rows: pd.DataFrame, version: str = "v1", start: datetime = T0, step: timedelta =
-                  timedelta(seconds=10), records_per_request: int = 2, first_request: int = 0) -> pa.Table:
+                  timedelta(seconds=10), records_per_request: int = 2, first_request: int = 0,
+                  variant: str = "champion") -> pa.Table:
     """Captured rows in the server's format: one row per record, predicted class = the true species; the request
     ids count from ``first_request`` (another batch of the same window starts where the last one ended)."""
     n = len(rows)
@@ -62,7 +63,7 @@ def capture_table(rows: pd.DataFrame, version: str = "v1", start: datetime = T0,
         "received_at": pa.array([start + step * (i // records_per_request) for i in range(n)],
                                 pa.timestamp("us", "UTC")),
         "version": pa.array([version] * n, pa.string()),
-        "variant": pa.array(["champion"] * n, pa.string())}
+        "variant": pa.array([variant] * n, pa.string())}
     for name in INPUTS:
         if name in NUMERIC:
             columns[name] = pa.array(rows[name].astype("float64").tolist(), pa.float64())

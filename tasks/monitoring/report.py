@@ -165,18 +165,7 @@ def render_html(report: MonitorReport, sections: Sequence[str] = ()) -> str:
     e = _escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(report.pipeline)}: monitor report"
              f"</title><style>{_STYLE}</style></head><body>",
-             f"<h1>{e(report.pipeline)}: monitor report</h1>",
-             f"<p class='{'bad' if report.breached else 'good'}'><b>{e(report.summary())}</b></p>",
-             f"<p>Window {e(report.start.isoformat())} to {e(report.end.isoformat())}; versions "
-             f"{e(', '.join(report.versions))}; {report.rows} captured rows; traffic: {e(report.traffic)}.</p>"]
-    if report.no_traffic:
-        parts.append("<p>No captured traffic in this window: nothing to compare, no drift claimed.</p>")
-    if report.features:
-        parts += ["<h2>Input drift</h2>", _drift_table(report.features)]
-    if report.prediction is not None:
-        parts += ["<h2>Prediction drift</h2>", _drift_table([report.prediction])]
-    if report.quality is not None:
-        parts += ["<h2>Quality</h2>", f"<p>{e(report.quality.status)}: {e(report.quality.message)}</p>"]
+             f"<h1>{e(report.pipeline)}: monitor report</h1>", *report_body(report)]
     if report.skipped:
         rows = "".join(f"<tr><td>{e(s.key)}</td><td>{e(s.reason)}</td></tr>" for s in report.skipped)
         parts.append(f"<h2>Skipped batches</h2><table><tr><th>batch</th><th>reason</th></tr>{rows}</table>")
@@ -187,6 +176,24 @@ def render_html(report: MonitorReport, sections: Sequence[str] = ()) -> str:
                  f"falls by more than {t.max_metric_drop:g}. {report.files_read} batches read. Made "
                  f"{e(report.created_at)}.</p></body></html>")
     return "\n".join(parts)
+
+
+def report_body(report: MonitorReport, level: int = 2) -> list[str]:
+    """The page's figures of ``report`` (summary, window, drift tables, quality), headings at ``level``: the whole
+    page's body, and the canary's section of it (:mod:`.run`)."""
+    e, h = _escape, f"h{level}"
+    parts = [f"<p class='{'bad' if report.breached else 'good'}'><b>{e(report.summary())}</b></p>",
+             f"<p>Window {e(report.start.isoformat())} to {e(report.end.isoformat())}; versions "
+             f"{e(', '.join(report.versions))}; {report.rows} captured rows; traffic: {e(report.traffic)}.</p>"]
+    if report.no_traffic:
+        parts.append("<p>No captured traffic in this window: nothing to compare, no drift claimed.</p>")
+    if report.features:
+        parts += [f"<{h}>Input drift</{h}>", _drift_table(report.features)]
+    if report.prediction is not None:
+        parts += [f"<{h}>Prediction drift</{h}>", _drift_table([report.prediction])]
+    if report.quality is not None:
+        parts += [f"<{h}>Quality</{h}>", f"<p>{e(report.quality.status)}: {e(report.quality.message)}</p>"]
+    return parts
 
 
 def _drift_table(items: list[FeatureDrift]) -> str:

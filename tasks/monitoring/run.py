@@ -9,17 +9,20 @@ checks the live inputs with the spec's declared expectations, and publishes to t
                                                      + labelled.parquet with retrain.append_labelled: .labelled)
     <pipeline>/_monitor/latest/latest.json           the figures the model server's gauges show (format 1)
 
-then logs the report folder to the champion's MLflow run under ``monitoring/<window end>/``. A window without
-traffic, or a champion whose bundle predates baselines, is reported as such and is never a breach. A breach is an
-outcome, not an error: the caller (the monitor DAG) acts on :attr:`MonitorOutcome.retrain_requested`.
+then logs the report folder to the served versions' MLflow runs under ``monitoring/<window end>/``. A window
+without traffic, or a champion whose bundle predates baselines, is reported as such and is never a breach. A breach
+is an outcome, not an error: the caller (the monitor DAG) acts on :attr:`MonitorOutcome.retrain_requested`.
 
 The window is ``[end - window_hours, end)`` with ``end`` the run's time (Airflow's ``run_after``, the same for
 every try of a run, so a retried run rewrites its own report folder). The folder is named by that time to the
 second: two runs never share one, so a later run cannot replace the ``labelled.parquet`` that a queued retrain
 run is about to read.
 
-Only the champion's traffic is judged: a canary is judged by the rollout's ``verify`` step, and its rows, answered
-by another model, would blur the champion's prediction and quality figures.
+The champion's traffic and a canary's are judged apart, each against its own bundle's baseline: the canary's rows,
+answered by another model, would blur the champion's prediction and quality figures. The canary's judgement
+(:mod:`.canary`: its drift and quality, and its live metric against the champion's on the same window) is in the
+report and ``latest.json`` and is alerted on; only the champion's breach acts (``on_breach``), since the canary is
+the candidate the rollout's ``verify`` step decides on.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.tasks.monitoring.canary import CanaryJudgement, judge_canary
 from kiln.tasks.monitoring.labelled import LabelledExport, input_columns
 from kiln.tasks.monitoring.report import REPORT_HTML, REPORT_JSON, MonitorReport, build_report, render_html
 from kiln.tasks.monitoring.window import WindowRead, read_captures, read_feedback
@@ -129,6 +133,8 @@ class MonitorOutcome:
     """The report folder holding the labelled rows exported for a retrain (``labelled.parquet``), or None."""
     labelled_rows: int = 0
     """Rows in that file."""
+    canary: dict[str, Any] | None = None
+    """``{"version", "breach", "summary"}`` of the canary judged in the window, or None when none is served."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (the monitor task's XCom)."""
@@ -169,13 +175,11 @@ def run_monitor(config: MonitorConfig, store: ArtifactStore, now: datetime) -> M
         if baseline is None:
             notes.append(f"the champion (version {deployment.champion.version}) was exported before bundles "
                          "carried a training baseline: no drift or quality is claimed; retrain to get one")
-        if deployment.canary is not None:
-            notes.append(f"the canary (version {deployment.canary.version}) is not judged here: the rollout's "
-                         "verify step judges it")
     versions = [deployment.champion.version] if deployment is not None else []
     captures = read_captures(store, config.pipeline, versions, start, end)
     feedback = read_feedback(store, config.pipeline, start, end)
     report = _report(config, versions, captures, feedback, baseline)
+    canary = _judge_canary(config, store, deployment, start, end, feedback, report) if deployment else None
     key = monitor_key(config.pipeline, end)
     validation = labelled = None
     with store.writer(key) as folder:
@@ -183,13 +187,32 @@ def run_monitor(config: MonitorConfig, store: ArtifactStore, now: datetime) -> M
             validation = validate_live(captures, baseline, list(config.expectations), folder / VALIDATION_DOCS)
         if config.monitoring.retrain.append_labelled:
             labelled = _export_labelled(config, store, folder, captures, feedback, baseline, notes)
-        write_monitor_report(report, folder, notes, validation, labelled)
+        write_monitor_report(report, folder, notes, validation, labelled, canary)
     if config.log_to_mlflow and deployment is not None:
         _log_to_mlflow(config.pipeline, deployment, store.path(key), end)
-    outcome = _publish_latest(config, store, report, key, end, notes)
+    outcome = _publish_latest(config, store, report, key, end, notes, canary)
     if labelled is not None and labelled.rows:
         outcome = replace(outcome, labelled_key=key, labelled_rows=labelled.rows)
     return outcome
+
+
+def _judge_canary(config: MonitorConfig, store: ArtifactStore, deployment: Deployment, start: datetime,
+                  end: datetime, feedback: WindowRead, champion: MonitorReport) -> CanaryJudgement | None:
+    """The canary's rows of the window against its own baseline, and its live metric against the champion's."""
+    from kiln.tasks.bundle.baseline import load_baseline
+
+    if deployment.canary is None:
+        return None
+    version = deployment.canary.version
+    baseline = load_baseline(deployment.canary.bundle)
+    captures = read_captures(store, config.pipeline, [version], start, end)
+    report = _report(config, [version], captures, feedback, baseline) if baseline is not None else None
+    note = "" if baseline is not None else (f"its bundle was exported before bundles carried a training baseline: "
+                                            f"{captures.rows} captured rows, no drift or quality is claimed")
+    judgement = judge_canary(version, deployment.canary.share, report, champion.quality,
+                             config.monitoring.quality.max_metric_drop, note, captures.rows)
+    log.log(logging.WARNING if judgement.breached else logging.INFO, "%s", judgement.summary())
+    return judgement
 
 
 def _export_labelled(config: MonitorConfig, store: ArtifactStore, folder: Path, captures: WindowRead,
@@ -263,15 +286,18 @@ def validate_live(captures: WindowRead, baseline: Baseline | None, specs: list[E
 
 
 def write_monitor_report(report: MonitorReport, folder: Path, notes: list[str], validation: dict[str, Any] | None,
-                         labelled: LabelledExport | None = None) -> None:
-    """``report.json`` (C's report plus ``notes``, ``validation`` and ``labelled``: the rows exported for a retrain,
-    None when ``append_labelled`` is off) and ``report.html`` (C's page plus a section for them), each written
-    atomically into ``folder``."""
+                         labelled: LabelledExport | None = None, canary: CanaryJudgement | None = None) -> None:
+    """``report.json`` (C's report plus ``notes``, ``validation``, ``labelled``: the rows exported for a retrain,
+    None when ``append_labelled`` is off, and ``canary``: its judgement, None when none is served) and
+    ``report.html`` (C's page plus a section for each), each written atomically into ``folder``."""
     import html
 
     write_json(folder / REPORT_JSON, {**report.to_dict(), "notes": notes, "validation": validation,
-                                      "labelled": labelled.to_dict() if labelled is not None else None})
+                                      "labelled": labelled.to_dict() if labelled is not None else None,
+                                      "canary": canary.to_dict() if canary is not None else None})
     extra = "".join(f"<p><b>Note:</b> {html.escape(n)}</p>" for n in notes)
+    if canary is not None:
+        extra += canary.html()
     if validation is not None:
         failed = [e for e in validation["expectations"] if not e["success"]]
         rows = "".join(f"<tr><td>{html.escape(e['type'])}</td><td>{html.escape(str(e['kwargs']))}</td>"
@@ -283,8 +309,8 @@ def write_monitor_report(report: MonitorReport, folder: Path, notes: list[str], 
     atomic_write_bytes(folder / REPORT_HTML, render_html(report, [extra]).encode())
 
 
-def latest_figures(report: MonitorReport, finished_at: datetime, action: str | None,
-                   retrain_requested: bool) -> dict[str, Any]:
+def latest_figures(report: MonitorReport, finished_at: datetime, action: str | None, retrain_requested: bool,
+                   canary: CanaryJudgement | None = None) -> dict[str, Any]:
     """The content of ``latest.json`` (format 1, the contract with the model server's gauges)."""
     prediction = report.prediction
     quality = report.quality
@@ -299,18 +325,19 @@ def latest_figures(report: MonitorReport, finished_at: datetime, action: str | N
         {"psi": prediction.to_dict()["psi"], "drift": prediction.drifted},
         "quality": None if quality is None or quality.live is None else
         {"metric": quality.metric, "live": quality.live, "baseline": quality.baseline, "breach": quality.breached},
-        "breach": report.breached, "action": action, "retrain_requested": retrain_requested}
+        "breach": report.breached, "action": action, "retrain_requested": retrain_requested,
+        "canary": canary.latest() if canary is not None else None}
 
 
 def _publish_latest(config: MonitorConfig, store: ArtifactStore, report: MonitorReport, key: str, end: datetime,
-                    notes: list[str]) -> MonitorOutcome:
+                    notes: list[str], canary: CanaryJudgement | None) -> MonitorOutcome:
     from kiln.tasks.monitoring.retrain import should_request
 
     breach = report.breached
     action = config.monitoring.on_breach if breach else None
     requested = action == "retrain" and should_request(store, config.pipeline, end,
                                                        config.monitoring.retrain.cooldown_hours)
-    latest = latest_figures(report, datetime.now(UTC), action, requested)
+    latest = latest_figures(report, datetime.now(UTC), action, requested, canary)
     with store.writer(latest_key(config.pipeline)) as out:
         write_json(out / LATEST_FILE, latest)
     summary = report.summary()
@@ -319,18 +346,23 @@ def _publish_latest(config: MonitorConfig, store: ArtifactStore, report: Monitor
                     ", retrain requested" if requested else "", summary, store.uri(key))
     else:
         log.info("monitor: %s; report %s", summary, store.uri(key))
-    return MonitorOutcome(config.pipeline, key, summary, breach, action, requested, latest, notes)
+    return MonitorOutcome(config.pipeline, key, summary, breach, action, requested, latest, notes,
+                          canary=None if canary is None else
+                          {"version": canary.version, "breach": canary.breached, "summary": canary.summary()})
 
 
 def _log_to_mlflow(pipeline: str, deployment: Deployment, folder: Path, end: datetime) -> None:
-    """Log the report folder to the champion version's MLflow run under ``monitoring/<window end>/``."""
+    """Log the report folder to the served versions' MLflow runs (the champion's, and the canary's when one is
+    served) under ``monitoring/<window end>/``."""
     from kiln.tasks.tracking.registry import Registry
 
     registry = Registry.from_settings()
-    run_id = registry.version(pipeline, deployment.champion.version).run_id
-    if not run_id:
-        log.warning("version %s of %s has no MLflow run: the report is only in the store", pipeline,
-                    deployment.champion.version)
-        return
-    registry.client.log_artifacts(run_id, str(folder), f"monitoring/{end:{STAMP_FORMAT}}")
-    log.info("logged the monitor report to MLflow run %s under monitoring/%s", run_id, f"{end:{STAMP_FORMAT}}")
+    served = [deployment.champion.version] + ([deployment.canary.version] if deployment.canary is not None else [])
+    for version in served:
+        run_id = registry.version(pipeline, version).run_id
+        if not run_id:
+            log.warning("version %s of %s has no MLflow run: the report is only in the store", version, pipeline)
+            continue
+        registry.client.log_artifacts(run_id, str(folder), f"monitoring/{end:{STAMP_FORMAT}}")
+        log.info("logged the monitor report to MLflow run %s (version %s) under monitoring/%s", run_id, version,
+                 f"{end:{STAMP_FORMAT}}")

@@ -227,6 +227,13 @@ class _MonitorCollector(Collector):
                                       labels=["pipeline"]),
             "last_run": GaugeMetricFamily("kiln_monitor_last_run_timestamp_seconds", "When the monitor's latest run "
                                           "finished (Unix time)", labels=["pipeline"]),
+            "canary_breach": GaugeMetricFamily("kiln_monitor_canary_breach", "1 when the monitor's latest run found "
+                                               "the canary's traffic drifted or its quality worse (than its test "
+                                               "figure or the champion's live one)", labels=["pipeline", "version"]),
+            "canary_rows": GaugeMetricFamily("kiln_monitor_canary_rows", "The canary's captured rows in the "
+                                             "monitor's latest window", labels=["pipeline", "version"]),
+            "canary_live": GaugeMetricFamily("kiln_monitor_canary_quality_live", "The primary metric on the "
+                                             "canary's labelled live rows", labels=["pipeline", "version", "metric"]),
         }
         if f is None:
             return list(families.values())
@@ -244,6 +251,12 @@ class _MonitorCollector(Collector):
         families["breach"].add_metric(p, float(f.breach))
         families["rows"].add_metric(p, f.rows)
         families["last_run"].add_metric(p, f.finished_at)
+        if f.canary is not None:
+            c = [*p, f.canary.version]
+            families["canary_breach"].add_metric(c, float(f.canary.breach))
+            families["canary_rows"].add_metric(c, f.canary.rows)
+            if f.canary.live is not None and f.canary.metric is not None:
+                families["canary_live"].add_metric([*c, f.canary.metric], f.canary.live)
         return list(families.values())
 
 

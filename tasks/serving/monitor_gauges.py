@@ -8,7 +8,14 @@ After each run the pipeline's monitor publishes ``<pipeline>/_monitor/latest/lat
      "features": {"<feature>": {"psi": 0.31, "p_value": 1e-9, "drift": true}, ...},
      "predictions": {"psi": 0.05, "drift": false},
      "quality": {"metric": "accuracy", "live": 0.9, "baseline": 0.97, "breach": false} | null,
-     "breach": true, "action": "retrain" | "alert" | null, "retrain_requested": true}
+     "breach": true, "action": "retrain" | "alert" | null, "retrain_requested": true,
+     "canary": {"version": "4", "rows": 310, "drifted": ["island"],
+                "quality": {"metric": "accuracy", "live": 0.8, "baseline": 0.96, "breach": true} | null,
+                "versus_champion": {"metric": "accuracy", "champion": 0.95, "canary": 0.8, "breach": true} | null,
+                "breach": true} | null}
+
+``canary`` (absent in files from before canaries were judged, read as null) is the canary served when the
+monitor ran, judged on its own rows (:mod:`kiln.tasks.monitoring.canary`); the other figures are the champion's.
 
 The server reads only this JSON (none of the monitor's statistics libraries enter its import closure), off the
 event loop, when ``/metrics`` is scraped, and reads the file again only when it changed (another published
@@ -72,6 +79,21 @@ class QualityFigures:
 
 
 @dataclass(frozen=True)
+class CanaryFigures:
+    """The figures of the canary judged in the monitor's latest window."""
+
+    version: str
+    rows: int
+    """Its captured rows in the window."""
+    breach: bool
+    """Its traffic drifted, or its quality fell against its test figure or the champion's live figure."""
+    live: float | None
+    """Its primary metric on its labelled live rows (``None``: too few labels)."""
+    metric: str | None
+    """That metric's name."""
+
+
+@dataclass(frozen=True)
 class MonitorFigures:
     """What the gauges show: the figures of one monitor run."""
 
@@ -89,6 +111,8 @@ class MonitorFigures:
     """PSI of the predictions against the baseline's (``None``: not computed)."""
     quality: QualityFigures | None
     """``None`` where no labels were joined."""
+    canary: CanaryFigures | None = None
+    """``None`` when no canary was served."""
 
 
 def _field(obj: dict[str, Any], name: str, kinds: tuple[type, ...], where: str, nullable: bool = False) -> Any:
@@ -153,13 +177,26 @@ def parse_latest(data: bytes, pipeline: str) -> MonitorFigures:
     rows = _field(doc, "rows", (int,), "")
     if rows < 0:
         raise LatestFormatError(f"rows: expected a count, found {rows}")
+    canary = _field(doc, "canary", (dict,), "", nullable=True)
     return MonitorFigures(
+        canary=None if canary is None else _canary(canary),
         pipeline=pipeline, finished_at=_timestamp(_field(doc, "finished_at", (str,), ""), "finished_at"), rows=rows,
         breach=_field(doc, "breach", (bool,), ""), features=parsed,
         prediction_psi=None if predictions is None else _number(predictions, "psi", "predictions."),
         quality=None if quality is None else QualityFigures(
             _field(quality, "metric", (str,), "quality."), _number(quality, "live", "quality."),
             _number(quality, "baseline", "quality.")))
+
+
+def _canary(doc: dict[str, Any]) -> CanaryFigures:
+    rows = _field(doc, "rows", (int,), "canary.")
+    if rows < 0:
+        raise LatestFormatError(f"canary.rows: expected a count, found {rows}")
+    quality = _field(doc, "quality", (dict,), "canary.", nullable=True)
+    return CanaryFigures(
+        version=_field(doc, "version", (str,), "canary."), rows=rows, breach=_field(doc, "breach", (bool,), "canary."),
+        live=None if quality is None else _number(quality, "live", "canary.quality."),
+        metric=None if quality is None else _field(quality, "metric", (str,), "canary.quality."))
 
 
 class MonitorFiguresReader:

@@ -83,7 +83,8 @@ PSI = {"body_mass_g": 0.8, "island": 0.5, "bill_depth_mm": 0.02}
 
 def latest_with_breach() -> dict[str, Any]:
     """A ``latest.json`` (the monitor's format 1) of a run that found the features of :data:`PSI` at 0.2 or above
-    drifted, and the live accuracy 16 points below the test figure."""
+    drifted, and the live accuracy 16 points below the test figure; its canary (version 2) is 20 points below the
+    champion's live accuracy."""
     now = utc_now()
     drifted = {name: psi >= 0.2 for name, psi in PSI.items()}
     return {"format": 1, "pipeline": PIPELINE, "window": {"start": now, "end": now}, "finished_at": now,
@@ -92,7 +93,11 @@ def latest_with_breach() -> dict[str, Any]:
                          for name, psi in PSI.items()},
             "predictions": {"psi": 0.3, "drift": True},
             "quality": {"metric": "accuracy", "live": 0.81, "baseline": 0.97, "breach": True},
-            "breach": True, "action": "alert", "retrain_requested": False}
+            "breach": True, "action": "alert", "retrain_requested": False,
+            "canary": {"version": "2", "rows": 120, "drifted": [],
+                       "quality": {"metric": "accuracy", "live": 0.61, "baseline": 0.96, "breach": True},
+                       "versus_champion": {"metric": "accuracy", "champion": 0.81, "canary": 0.61, "breach": True},
+                       "breach": True}}
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +228,10 @@ def test_a_published_breach_fires_the_drift_alerts_of_the_drifted_features(serve
     drifted = eventually(lambda: (a := firing(prometheus, "KilnFeatureDrift")) and len(a) >= 2 and a,
                          "KilnFeatureDrift firing for both drifted features", prometheus)
     assert sorted(a["feature"] for a in drifted) == sorted(name for name, psi in PSI.items() if psi >= 0.2)
+    canary = eventually(lambda: firing(prometheus, "KilnCanaryMonitorBreach"), "firing KilnCanaryMonitorBreach",
+                        prometheus)
+    assert canary == [{"alertname": "KilnCanaryMonitorBreach", "pipeline": PIPELINE, "version": "2",
+                       "severity": "warning"}]
     assert not firing(prometheus, "KilnMonitorStale")
 
 

@@ -149,6 +149,28 @@ def test_without_a_model_nothing_is_exposed(store, served):
     assert monitor_samples(metrics) == {}
 
 
+def test_a_judged_canary_has_gauges_labelled_with_its_version_and_older_files_have_none(store, served):
+    reader, metrics = served
+    canary = {"version": "4", "rows": 310, "drifted": ["island"],
+              "quality": {"metric": "accuracy", "live": 0.8, "baseline": 0.96, "breach": True},
+              "versus_champion": {"metric": "accuracy", "champion": 0.95, "canary": 0.8, "breach": True},
+              "breach": True}
+    publish(store, latest_doc(canary=canary))
+    asyncio.run(reader.refresh(PIPELINE))
+
+    p, v = ("pipeline", PIPELINE), ("version", "4")
+    samples = monitor_samples(metrics)
+    assert {k: value for k, value in samples.items() if k[0].startswith("kiln_monitor_canary_")} == {
+        ("kiln_monitor_canary_breach", (p, v)): 1.0,
+        ("kiln_monitor_canary_rows", (p, v)): 310.0,
+        ("kiln_monitor_canary_quality_live", (("metric", "accuracy"), p, v)): 0.8}
+    assert samples[("kiln_monitor_rows", (p,))] == 1234.0  # the champion's figures are unchanged
+
+    publish(store, latest_doc())  # written before canaries were judged: no canary series
+    asyncio.run(reader.refresh(PIPELINE))
+    assert not any(name.startswith("kiln_monitor_canary_") for name, _ in monitor_samples(metrics))
+
+
 def test_figures_not_computed_are_left_out_not_shown_as_zero():
     doc = latest_doc(features={"island": {"psi": None, "p_value": None, "drift": False}},
                      quality={"metric": "f1_macro", "live": None, "baseline": 0.95, "breach": False})
@@ -176,8 +198,13 @@ def test_figures_not_computed_are_left_out_not_shown_as_zero():
     ({"features": {"island": 0.3}}, "features.island: expected an object"),
     ({"quality": {"live": 0.9}}, "quality.metric: expected str"),
     ({"features": {f"f{i}": {"psi": 0.1, "drift": False} for i in range(2001)}}, "at most 2000 are exposed"),
+    ({"canary": {"version": "4", "rows": 10}}, "canary.breach: expected bool"),
+    ({"canary": {"version": 4, "rows": 10, "breach": True}}, "canary.version: expected str"),
+    ({"canary": {"version": "4", "rows": -2, "breach": True}}, "canary.rows: expected a count"),
+    ({"canary": "4"}, "canary: expected dict or null"),
 ], ids=["format", "pipeline", "negative-rows", "rows-text", "breach-number", "time-text", "time-missing",
-        "psi-text", "psi-flag", "drift-missing", "feature-number", "quality-metric-missing", "too-many-features"])
+        "psi-text", "psi-flag", "drift-missing", "feature-number", "quality-metric-missing", "too-many-features",
+        "canary-breach-missing", "canary-version-number", "canary-negative-rows", "canary-text"])
 def test_a_file_not_in_format_1_is_refused_naming_the_field(changes, message):
     with pytest.raises(LatestFormatError, match=message.replace("(", r"\(")):
         parse_latest(json.dumps(latest_doc(**changes)).encode(), PIPELINE)

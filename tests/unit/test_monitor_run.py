@@ -26,10 +26,12 @@ from monitor_fixtures import (
 )
 
 from kiln.tasks.bundle.files import BASELINE_FILE, MANIFEST_FILE
+from kiln.tasks.monitoring.drift import DriftThresholds
 from kiln.tasks.monitoring.labelled import LABELLED_FILE, labelled_rows
+from kiln.tasks.monitoring.report import MonitorReport
 from kiln.tasks.monitoring.retrain import load_state, record_request, retrain_key, should_request
 from kiln.tasks.monitoring.run import LATEST_FILE, MonitorConfig, latest_key, live_expectations, run_monitor
-from kiln.tasks.serving.deployment import Deployment, ModelRef, write_deployment
+from kiln.tasks.serving.deployment import Canary, Deployment, ModelRef, write_deployment
 from kiln.tasks.serving.monitor_gauges import parse_latest
 from kiln.tasks.spec import ExpectationSpec, MonitoringSpec
 from kiln.tasks.storage.artifacts import LocalArtifactStore, file_sha256, write_json
@@ -46,20 +48,24 @@ def shifted(live: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def serve(tmp_path: Path, with_baseline: bool = True) -> Path:
-    """A bundle folder (with its baseline and bundle.json hashes, or none) served as champion v1; returns the
-    deployment file."""
+def bundle_folder(folder: Path, with_baseline: bool = True, accuracy: float = 0.97) -> Path:
+    """A bundle folder with its baseline (or none) and bundle.json hashes."""
     train, _ = train_and_live()
-    bundle = tmp_path / "bundle"
-    bundle.mkdir(parents=True)
+    folder.mkdir(parents=True)
     if with_baseline:
-        b = make_baseline(bundle, train)
-        write_json(bundle / BASELINE_FILE, {"format": 1, "profile": b.profile.to_dict(), "predictions": b.predictions,
+        b = make_baseline(folder, train, accuracy)
+        write_json(folder / BASELINE_FILE, {"format": 1, "profile": b.profile.to_dict(), "predictions": b.predictions,
                                             "metrics": b.metrics, "sample_rows": b.sample_rows,
                                             "created_at": b.created_at})
-    write_json(bundle / MANIFEST_FILE, {"files": {p.name: file_sha256(p) for p in bundle.iterdir()}})
+    write_json(folder / MANIFEST_FILE, {"files": {p.name: file_sha256(p) for p in folder.iterdir()}})
+    return folder
+
+
+def serve(tmp_path: Path, with_baseline: bool = True, canary: Canary | None = None) -> Path:
+    """A bundle folder served as champion v1 (and ``canary`` beside it); returns the deployment file."""
+    bundle = bundle_folder(tmp_path / "bundle", with_baseline)
     deployment = tmp_path / "serving" / "deployment.json"
-    write_deployment(deployment, Deployment(model=PIPELINE, champion=ModelRef("v1", str(bundle))))
+    write_deployment(deployment, Deployment(model=PIPELINE, champion=ModelRef("v1", str(bundle)), canary=canary))
     return deployment
 
 
@@ -252,3 +258,69 @@ def test_labelled_rows_keep_the_newest_within_the_bound() -> None:
     rows, left_out = labelled_rows(table.to_pandas(), feedback_table(table, [str(i) for i in range(10)]).to_pandas(),
                                    INPUTS, TARGET, None, max_rows=4)
     assert (rows[TARGET].tolist(), left_out) == (["6", "7", "8", "9"], 6)
+
+
+def test_a_canary_is_judged_on_its_own_rows_against_its_own_baseline_and_the_champions_live_metric(
+        store, tmp_path: Path) -> None:
+    champion_rows = train_and_live()[1]
+    champion = capture_table(champion_rows)
+    publish_capture(store, champion)
+    publish_feedback(store, feedback_table(champion, champion_rows["species"].astype(str).tolist()))
+    # The canary answered 138 other requests: the issue's shift, and a third of its answers wrong.
+    canary_rows = shifted(train_and_live(seed=1)[1])
+    canary = capture_table(canary_rows, version="v2", first_request=1000, variant="canary")
+    publish_capture(store, canary, version="v2")
+    labels = canary_rows["species"].astype(str).tolist()
+    labels[:46] = [SPECIES[(SPECIES.index(v) + 1) % 3] for v in labels[:46]]
+    publish_feedback(store, feedback_table(canary, labels), seq=2)
+    v2 = bundle_folder(tmp_path / "canary_bundle", accuracy=0.96)
+    deployment = serve(tmp_path, canary=Canary("v2", str(v2), 0.2))
+
+    outcome = run_monitor(config(deployment, on_breach="retrain"), store, NOW)
+    # The champion's figures are its own rows': no drift, its quality intact, so no breach and no retrain.
+    assert (outcome.breach, outcome.retrain_requested) == (False, False)
+    doc = latest(store)
+    assert (doc["versions"], doc["rows"], doc["quality"]["live"]) == (["v1"], 138, 1.0)
+    assert not any(f["drift"] for f in doc["features"].values())
+    # The canary's: drift on exactly the shifted features, its quality below its test figure and the champion's.
+    assert outcome.canary["version"] == "v2" and outcome.canary["breach"] is True
+    assert doc["canary"] == {
+        "version": "v2", "rows": 138, "drifted": ["island", "body_mass_g"],
+        "quality": {"metric": "accuracy", "live": pytest.approx(1 - 46 / 138), "baseline": 0.96, "breach": True},
+        "versus_champion": {"metric": "accuracy", "champion": 1.0, "canary": pytest.approx(1 - 46 / 138),
+                            "breach": True},
+        "breach": True}
+    figures = parse_latest(json.dumps(doc).encode(), PIPELINE).canary
+    assert (figures.version, figures.rows, figures.breach, figures.metric) == ("v2", 138, True, "accuracy")
+    report = json.loads((store.path(outcome.report_key) / "report.json").read_text())
+    assert report["breached"] is False and report["canary"]["report"]["versions"] == ["v2"]
+    assert report["canary"]["versus_champion"]["drop"] == pytest.approx(46 / 138)
+    page = (store.path(outcome.report_key) / "report.html").read_text()
+    assert "Canary: version v2 (20% of requests)" in page and "canary (version v2): penguins_species: 138 rows" in page
+
+    # A canary whose bundle has no baseline: its rows are counted, nothing is claimed, no breach.
+    old = bundle_folder(tmp_path / "old_bundle", with_baseline=False)
+    unjudged = run_monitor(config(serve(tmp_path / "b", canary=Canary("v2", str(old), 0.2))), store,
+                           NOW + timedelta(minutes=1))
+    assert unjudged.canary["breach"] is False and "before bundles carried a training baseline" in \
+        unjudged.canary["summary"]
+    assert latest(store)["canary"]["rows"] == 138 and latest(store)["canary"]["versus_champion"] is None
+
+
+def test_a_canary_as_good_as_the_champion_is_no_breach_and_lower_is_better_metrics_compare_the_right_way() -> None:
+    from kiln.tasks.monitoring.canary import judge_canary
+    from kiln.tasks.monitoring.quality import Quality
+
+    def report(metric: str, live: float) -> MonitorReport:
+        r = MonitorReport(PIPELINE, ["v2"], T0, NOW, 200, DriftThresholds())
+        r.quality = Quality("ok", 200, metric, live, live)
+        return r
+
+    same = judge_canary("v2", 0.2, report("accuracy", 0.94), Quality("ok", 200, "accuracy", 0.97, 0.95), 0.05)
+    assert (same.breached, same.versus.drop) == (False, pytest.approx(0.01))
+    rmse = judge_canary("v2", 0.2, report("rmse", 3.0), Quality("ok", 200, "rmse", 2.0, 2.0), 0.5)
+    assert (rmse.breached, rmse.versus.drop) == (True, pytest.approx(1.0))
+    better = judge_canary("v2", 0.2, report("rmse", 1.0), Quality("ok", 200, "rmse", 2.0, 2.0), 0.5)
+    assert (better.breached, better.versus.drop) == (False, pytest.approx(-1.0))
+    few = judge_canary("v2", 0.2, report("rmse", 1.0), Quality("not enough labels", 3), 0.5)
+    assert few.versus is None and "no head-to-head" in few.note
