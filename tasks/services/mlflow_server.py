@@ -8,6 +8,13 @@ are generated once into ``$KILN_HOME/secrets/mlflow.json`` (0600): ``admin`` for
 ``MLFLOW_TRACKING_PASSWORD``. Both are MLflow admins (kiln writes every pipeline's model); a user added later gets
 ``READ`` by default. The auth app's config and its user database sit in the same private folder.
 
+Verified credentials are cached (MLflow's ``auth_cache_ttl_seconds``, :data:`AUTH_CACHE_TTL_S`): MLflow stores
+passwords as scrypt hashes, whose check costs about 150 ms of server CPU by design, and every REST call of kiln's
+tasks and jobs authenticates (a training job logs its metrics every epoch: without the cache, most of a small job's
+time went to its server's password checks). The cache keys on the password's HMAC under a per-process key, so a
+wrong password still fails, and the server runs one worker, which drops a user's entries when their password, admin
+flag or account changes through MLflow's API; a change made straight in the user database takes up to the TTL.
+
 One process: ``mlflow server`` prepares its settings, then starts uvicorn as a child process and waits for it: the
 waiting parent keeps MLflow imported (about 200 MB) for nothing. Here the same preparation runs, and its final
 spawn becomes an ``exec``: uvicorn replaces this process (same pid, same environment additions), so the service
@@ -32,6 +39,8 @@ AUTH_CONFIG_FILE = "mlflow_auth.ini"
 AUTH_DB_FILE = "mlflow_auth.db"
 #: The auth app's Flask session/CSRF key, generated once (MLflow refuses to start the app without one).
 FLASK_KEY_FILE = "mlflow_flask_key"
+#: How long the server trusts a verified user/password pair without checking its hash again (module docstring).
+AUTH_CACHE_TTL_S = 300
 
 
 def _exec_instead(cmd: list[str], *, extra_env: dict[str, str] | None = None, **_ignored: Any) -> None:
@@ -65,7 +74,8 @@ def ensure_auth(secrets_dir: Path, users: dict[str, str], admin: str, task_user:
     config = configparser.ConfigParser(interpolation=None)
     config["mlflow"] = {"default_permission": "READ", "database_uri": database, "admin_username": admin,
                         "admin_password": users[admin],
-                        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}
+                        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+                        "auth_cache_ttl_seconds": str(AUTH_CACHE_TTL_S)}
     text = io.StringIO()
     config.write(text)
     path = secrets_dir / AUTH_CONFIG_FILE

@@ -105,3 +105,36 @@ def test_kilns_own_user_may_write(server: tuple[str, Path], monkeypatch: pytest.
     assert client.get_model_version_by_alias("m", "champion").version == "1"
     assert httpx.get(f"{url}/api/2.0/mlflow/registered-models/get", params={"name": "m"},
                      auth=("admin", creds["admin"]), timeout=10).status_code == 200
+
+
+def test_verified_credentials_are_cached_and_a_changed_password_is_refused_at_once(
+        server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every REST call of kiln's jobs and tasks authenticates, and MLflow's password check (scrypt) costs ~150 ms of
+    server CPU each: a training job's per-epoch metrics spent most of their time there. MLflow's own credential
+    cache is on; it keys on the password's HMAC, so a wrong password still fails, and the one worker drops a user's
+    entries when the password changes through the API."""
+    from mlflow.server.auth.config import read_auth_config
+
+    from kiln.tasks.services.mlflow_server import AUTH_CACHE_TTL_S, AUTH_CONFIG_FILE
+
+    url, home = server
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(home / "secrets" / AUTH_CONFIG_FILE))
+    assert read_auth_config().auth_cache_ttl_seconds == AUTH_CACHE_TTL_S > 0
+    admin = ("admin", _credentials(home)["admin"])
+    users = f"{url}/api/2.0/mlflow/users"
+    created = httpx.post(f"{users}/create", json={"username": "probe", "password": "first-password-123"},
+                         auth=admin, timeout=10)
+    assert created.status_code == 200, created.text
+    model = f"{url}/api/2.0/mlflow/registered-models/get"
+    for _ in range(3):  # the first verifies and caches; the next two are served from the cache
+        assert httpx.get(model, params={"name": "m"}, auth=("probe", "first-password-123"), timeout=10).status_code \
+            == 200
+    assert httpx.get(model, params={"name": "m"}, auth=("probe", "first-password-124"), timeout=10).status_code \
+        == 401
+    changed = httpx.patch(f"{users}/update-password", json={"username": "probe", "password": "second-password-456"},
+                          auth=admin, timeout=10)
+    assert changed.status_code == 200, changed.text
+    assert httpx.get(model, params={"name": "m"}, auth=("probe", "first-password-123"), timeout=10).status_code \
+        == 401
+    assert httpx.get(model, params={"name": "m"}, auth=("probe", "second-password-456"), timeout=10).status_code \
+        == 200
