@@ -248,7 +248,8 @@ def load_baseline(bundle_dir: str | Path) -> Baseline | None:
 
     path = Path(bundle_dir)
     manifest = _read(path / MANIFEST_FILE) if (path / MANIFEST_FILE).is_file() else {}
-    listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    files = manifest.get("files")
+    listed: dict[str, Any] = files if isinstance(files, dict) else {}
     if not (path / BASELINE_FILE).exists() and not any(name in listed for name in BASELINE_FILES):
         return None
     for name in BASELINE_FILES:

@@ -188,7 +188,10 @@ def run_suite(snapshot: Path, specs: list[ExpectationSpec], docs_dir: Path,
             gx.ExpectationSuite(name=_SUITE, expectations=check_expectations(marked, "suite")))
         del frame, validator
         for result in part.results:
-            results[result.expectation_config.meta.pop(_PLACE)] = result
+            config = result.expectation_config
+            if config is None:  # GX fills it in for every result of a suite it ran
+                raise RuntimeError(f"Great Expectations returned a result without its expectation: {result}")
+            results[config.meta.pop(_PLACE)] = result
         meta = meta or dict(part.meta)
         batch_id = batch_id or part.batch_id
     stats = calc_validation_statistics(results)
