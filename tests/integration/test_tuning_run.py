@@ -99,3 +99,45 @@ def test_a_study_whose_trials_all_fail_fails_the_run_with_the_first_error(tmp_pa
         run_all(ctx, until=keys.TRAIN)
     assert [t.state for t in open_run_study(ctx).trials] == [TrialState.FAIL] * 2
     assert not ctx.store.exists(ctx.key(keys.TRAIN))
+
+
+def test_trials_of_the_pipelines_own_loop_vary_its_params_and_report_from_its_log_metrics(tmp_path: Path) -> None:
+    """The own-code issue's loops are tuned like kiln's: each trial's values reach the loop (``ctx.hparams``), the
+    objective comes from the loop's own ``ctx.log_metrics`` every epoch, and the best trial's exported program is
+    the run's model."""
+    import shutil
+
+    import torch
+    from optuna.trial import TrialState
+
+    from kiln.tasks.pipeline.runner import run_all
+    from kiln.tasks.pipeline.tuned_run import open_run_study
+
+    path = write_tuned_pipeline(tmp_path, trials=2, parallel=1, pruner="none")
+    spec = yaml.safe_load(path.read_text())
+    # The spec's own width, 16, is not a choice: a trial whose value did not reach the loop would show it.
+    spec["training"].update(entrypoint="loop.py:train", epochs=3, params={"width": 16, "warmup_epochs": 1})
+    spec["tuning"]["space"] = {"training.params.width": {"type": "categorical", "choices": [8, 24]},
+                               "training.learning_rate": {"type": "log_uniform", "low": 1e-3, "high": 0.05}}
+    (tmp_path / "tuned").mkdir()
+    shutil.copy(Path(__file__).resolve().parents[2] / "dags" / "pipelines" / "penguins_ownloop" / "loop.py",
+                tmp_path / "tuned" / "loop.py")
+    path.write_text(yaml.safe_dump(spec))
+    store = LocalArtifactStore(tmp_path / "store")
+    ctx = make_context(path, "manual__o1", store=store)
+
+    run = run_all(ctx, until=keys.TRAIN)
+
+    trials = open_run_study(ctx).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    for t in trials:
+        assert sorted(t.intermediate_values) == [1, 2, 3]  # one report per epoch of the loop
+        assert t.value == t.intermediate_values[3]
+    for t in trials:  # the loop built its network from the trial's width: the exported program's first layer
+        program = torch.export.load(store.path(ctx.key(keys.trial_key(t.number, keys.TRAIN))) / "model.pt2")
+        stem = [v for k, v in program.state_dict.items() if k.endswith("stem.weight")]
+        assert [w.shape[0] for w in stem] == [t.params["training.params.width"]], list(program.state_dict)
+    best = run[keys.TRAIN].to_dict()
+    published = store.path(ctx.key(keys.TRAIN))
+    best_folder = store.path(ctx.key(keys.trial_key(best["best_trial"], keys.TRAIN)))
+    assert (published / "model.pt2").read_bytes() == (best_folder / "model.pt2").read_bytes()
