@@ -344,9 +344,11 @@ def test_a_study_trains_two_trials_at_once_survives_its_scheduler_and_registers_
     assert {t.number: (t.state, t.value, t.params) for t in trials if t.number in before} == before
 
 
-#: Epochs of each trial of the preemption test: long enough (about a minute here) that the trials still hold the pool
-#: when the other pipeline's training asks for devices.
-TRIAL_EPOCHS = 160
+#: Epochs and batch size of each trial of the preemption test: long enough (about 45 s here) that the trials still
+#: hold the pool when the other pipeline's training asks for devices, after its ingest, validate and features. The
+#: length comes from the steps, not from per-epoch costs around them (a faster MLflow once cut a 160-epoch trial
+#: from 48 s to 6 s, and the trials ended before the preemption).
+TRIAL_EPOCHS, TRIAL_BATCH = 320, 2
 
 
 @pytest.mark.parametrize("platform", ["embedded"], indirect=True)  # the lease store's SQL runs on both: its tests
@@ -367,7 +369,7 @@ def test_a_trial_is_preempted_by_higher_priority_training_and_resumes_from_its_c
     cores = sum(len(n.cpus) for n in pool.nodes)
     assert cores == 2, f"the test fills the pool with two one-core trials; this pool has {cores} cores"
     try:
-        tuned = platform.trigger(TUNED, {"tuning_trials": 2, "epochs": TRIAL_EPOCHS})
+        tuned = platform.trigger(TUNED, {"tuning_trials": 2, "epochs": TRIAL_EPOCHS, "batch_size": TRIAL_BATCH})
         deadline = time.monotonic() + 300
         while len([lease for lease in store.leases("local") if lease.owner.dag_id == TUNED
                    and lease.state == "granted"]) < 2:
