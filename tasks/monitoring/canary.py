@@ -99,9 +99,7 @@ class CanaryJudgement:
         quality = report.quality if report is not None else None
         return {"version": self.version, "rows": self.rows,
                 "drifted": report.drifted if report is not None else [],
-                "quality": None if quality is None or quality.live is None else
-                {"metric": quality.metric, "live": quality.live, "baseline": quality.baseline,
-                 "breach": quality.breached},
+                "quality": None if quality is None else quality.figures(),
                 "versus_champion": None if self.versus is None else
                 {"metric": self.versus.metric, "champion": self.versus.champion, "canary": self.versus.canary,
                  "breach": self.versus.breached},

@@ -55,6 +55,12 @@ class Quality:
         """A JSON-safe dict."""
         return asdict(self)
 
+    def figures(self) -> dict[str, Any] | None:
+        """``latest.json``'s quality entry (the gauges' contract), or None without a live figure."""
+        if self.live is None:
+            return None
+        return {"metric": self.metric, "live": self.live, "baseline": self.baseline, "breach": self.breached}
+
 
 def live_quality(labelled: pd.DataFrame, predictions: dict[str, Any], metrics: dict[str, Any],
                  thresholds: DriftThresholds) -> Quality:

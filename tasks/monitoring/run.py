@@ -323,8 +323,7 @@ def latest_figures(report: MonitorReport, finished_at: datetime, action: str | N
                      for f in report.features},
         "predictions": None if prediction is None or prediction.psi is None else
         {"psi": prediction.to_dict()["psi"], "drift": prediction.drifted},
-        "quality": None if quality is None or quality.live is None else
-        {"metric": quality.metric, "live": quality.live, "baseline": quality.baseline, "breach": quality.breached},
+        "quality": None if quality is None else quality.figures(),
         "breach": report.breached, "action": action, "retrain_requested": retrain_requested,
         "canary": canary.latest() if canary is not None else None}
 
