@@ -14,7 +14,7 @@ export AIRFLOW__CORE__PARALLELISM ?= 4
 export GX_ANALYTICS_ENABLED ?= false
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test layers bench lint airflow-init mlflow-ui clean docker-engine image postgres redis wrk serve-stop up down status chromium prometheus
+.PHONY: install demo test layers bench lint airflow-init mlflow-ui clean docker-engine image postgres redis wrk serve-stop up down status chromium prometheus haproxy
 .DEFAULT_GOAL := help
 
 help:
@@ -55,7 +55,7 @@ demo: install airflow-init
 	@$(VENV)/bin/kiln run penguins_species --log $(KILN_HOME)/logs/demo.log $(if $(CONF),--conf '$(CONF)') \
 	  || { echo "demo failed; last lines of $(KILN_HOME)/logs/demo.log:"; tail -40 $(KILN_HOME)/logs/demo.log; exit 1; }
 
-test: install image postgres redis chromium prometheus layers
+test: install image postgres redis chromium prometheus haproxy wrk layers
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The layer contracts (pyproject.toml [tool.importlinter]) and the declared dependencies against the imports.
@@ -71,12 +71,17 @@ docker-engine:
 image: docker-engine install
 	@PYTHON=$(PY) docker/build-test-image.sh
 
-bench: install airflow-init image postgres wrk
+bench: install airflow-init image postgres wrk haproxy
 	$(PY) bench/run_all.py
 
 # The serving benchmark's load generator (a Python client would saturate a core before the servers do).
 wrk:
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+
+# The load balancer in front of a model's replicas (a deployment with `replicas`; README: Serving at scale). Only the
+# binary is used: kiln starts one HAProxy per model with its own configuration, never the package's service.
+haproxy:
+	@command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; }
 
 serve-stop:
 	@[ ! -x $(VENV)/bin/kiln ] || $(VENV)/bin/kiln serve stop
@@ -84,7 +89,7 @@ serve-stop:
 # Service mode. PROFILE=embedded (SQLite, LocalExecutor) or prod (PostgreSQL + CeleryExecutor on Redis); every
 # setting is an environment variable (README: Service mode).
 PROFILE ?= embedded
-up: install $(if $(filter prod,$(PROFILE)),postgres redis)
+up: install haproxy $(if $(filter prod,$(PROFILE)),postgres redis)
 	@KILN_PROFILE=$(PROFILE) $(VENV)/bin/kiln up
 
 down:

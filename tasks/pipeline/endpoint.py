@@ -102,11 +102,21 @@ class Endpoint:
         return cls(spec.name, s.serve_host, s.serve_port, s.serving_dir / spec.name)
 
     def serve(self, deployment: Deployment) -> ServerHandle:
-        """Write ``deployment`` and make the server serve it: reload a running server, or start one."""
+        """Write ``deployment`` and make the server serve it: reload a running server, or start one.
+
+        Raises:
+            ValueError: its ``replicas`` ask for more than their pool can hold; nothing was written, and what is
+                served stays.
+        """
         from kiln.tasks.serving.auth import resolve_token
         from kiln.tasks.serving.deployment import write_deployment
         from kiln.tasks.serving.process import ensure_server
 
+        if deployment.replicas is not None:
+            from kiln.tasks.fleet.leases import check_capacity
+            from kiln.tasks.pools.inventory import Inventory
+
+            check_capacity(Inventory.from_settings(), deployment.replicas)
         write_deployment(self.deployment, deployment)
         return ensure_server(self.deployment, host=self.host, port=self.port,
                              token=resolve_token(get_settings()), run_dir=self.run_dir, port_setting=self.port_setting)

@@ -48,8 +48,10 @@ POLL_S = 0.25
 CONFIRM_S = 1.0
 #: How long a new watchdog waits to be named in the service record before it concludes it has no owner.
 ADOPTION_S = 120.0
-#: The module a model-server process runs, and its files in a model's folder (see kiln.tasks.serving.process).
+#: The modules a model's endpoint process runs (one server, or the fleet of its replicas), and its files in a
+#: model's folder (see kiln.tasks.serving.process).
 SERVER_MODULE = "kiln.tasks.serving"
+ENDPOINT_MODULES = frozenset({SERVER_MODULE, "kiln.tasks.fleet"})
 PID_FILE = "server.pid"
 DEPLOYMENT_FILE = "deployment.json"
 LOCK_FILE = ".supervise.lock"
@@ -114,7 +116,7 @@ def read_pid(run_dir: Path) -> int | None:
 def is_server(pid: int) -> bool:
     """Whether ``pid`` is a live model-server process (not a zombie, not a reused pid of something else)."""
     try:
-        return alive(pid) and SERVER_MODULE in psutil.Process(pid).cmdline()
+        return alive(pid) and not ENDPOINT_MODULES.isdisjoint(psutil.Process(pid).cmdline())
     except psutil.Error:
         return False
 

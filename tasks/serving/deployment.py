@@ -10,7 +10,9 @@ rename) and ask the server to reload, and a server that restarts reads the same 
      "updated_at": "2026-11-23T10:00:00Z"}
 
 ``capture`` is optional (files from before it load with the default share :data:`DEFAULT_CAPTURE_SHARE`): the
-share of answered requests the server records for monitoring (:mod:`.capture`), 0 to record none.
+share of answered requests the server records for monitoring (:mod:`.capture`), 0 to record none. ``replicas``
+is optional too (:class:`~.scaling.ReplicaSettings`): with it the model is served by a replica set behind a load
+balancer (:mod:`kiln.tasks.fleet`), without it by one server process.
 
 The helpers return new :class:`Deployment` values (they are frozen) with ``updated_at`` set to now.
 """
@@ -24,11 +26,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kiln.tasks.serving.scaling import ReplicaSettings
 from kiln.tasks.storage.artifacts import atomic_write_bytes
 
 #: Share of answered requests captured when the deployment file says nothing (the issue's "e.g. 10 %").
 DEFAULT_CAPTURE_SHARE = 0.1
-_FIELDS = ("model", "champion", "canary", "capture", "updated_at")
+_FIELDS = ("model", "champion", "canary", "capture", "replicas", "updated_at")
 
 
 class DeploymentError(ValueError):
@@ -142,6 +145,8 @@ class Deployment:
     """ISO 8601 time of the last change (informational)."""
     capture: CaptureSettings = CaptureSettings()
     """What share of the answered requests is recorded for monitoring."""
+    replicas: ReplicaSettings | None = None
+    """The replica set and its autoscaling; ``None``: one server process, no balancer."""
 
     def __post_init__(self) -> None:
         _require_text(self.model, "model")
@@ -151,12 +156,17 @@ class Deployment:
             raise TypeError(f"canary must be a Canary or None, found {type(self.canary).__name__}")
         if not isinstance(self.capture, CaptureSettings):
             raise TypeError(f"capture must be a CaptureSettings, found {type(self.capture).__name__}")
+        if self.replicas is not None and not isinstance(self.replicas, ReplicaSettings):
+            raise TypeError(f"replicas must be a ReplicaSettings or None, found {type(self.replicas).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the file layout)."""
-        return {"model": self.model, "champion": self.champion.to_dict(),
-                "canary": self.canary.to_dict() if self.canary else None, "capture": self.capture.to_dict(),
-                "updated_at": self.updated_at}
+        out = {"model": self.model, "champion": self.champion.to_dict(),
+               "canary": self.canary.to_dict() if self.canary else None, "capture": self.capture.to_dict(),
+               "updated_at": self.updated_at}
+        if self.replicas is not None:  # absent, not null: files without replicas read as before
+            out["replicas"] = self.replicas.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> Deployment:
@@ -183,7 +193,8 @@ class Deployment:
         return cls(model=data["model"], champion=ModelRef(**champion),
                    canary=Canary(**canary) if canary is not None else None,
                    updated_at=str(data.get("updated_at") or ""),
-                   capture=CaptureSettings.from_dict(data["capture"]) if "capture" in data else CaptureSettings())
+                   capture=CaptureSettings.from_dict(data["capture"]) if "capture" in data else CaptureSettings(),
+                   replicas=ReplicaSettings.from_dict(data["replicas"]) if data.get("replicas") is not None else None)
 
 
 def read_deployment(path: str | Path) -> Deployment:

@@ -34,8 +34,12 @@ SERVER_WITHHELD = frozenset({"KILN_MLFLOW_TRACKING_URI", "KILN_POOLS_DB_URL", "K
                              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
 LOG_FILE = "server.log"
-#: The module a server process runs.
+#: The module a server process runs; a deployment with ``replicas`` is served by the fleet module instead (its
+#: replicas run the server module; :mod:`kiln.tasks.fleet`).
 SERVER_MODULE = "kiln.tasks.serving"
+FLEET_MODULE = "kiln.tasks.fleet"
+#: What the fleet needs beside a server's environment: the lease store its replicas' cores come from.
+FLEET_KEEPS = ("KILN_POOLS_DB_URL",)
 #: The setting that moves the server to another port; named in the port-conflict error.
 PORT_SETTING = "KILN_SERVE_PORT"
 #: Timeout of the probes that identify what listens on a port.
@@ -127,6 +131,13 @@ def ensure_server(deployment: Path, *, host: str, port: int, token: str, run_dir
     dep = read_deployment(deployment)
     run_dir.mkdir(parents=True, exist_ok=True)
     url = server_url(host, port)
+    running = _read_pid(run_dir)
+    wanted = FLEET_MODULE if dep.replicas is not None else SERVER_MODULE
+    if running is not None and _is_server(running) and _module_of(running) not in (None, wanted):
+        # One server and a replica set are different processes: switching from one to the other restarts.
+        log.warning("model %r switches to %s: restarting its endpoint on port %d",
+                    dep.model, "replicas behind a balancer" if dep.replicas else "one server process", port)
+        stop_server(run_dir)
     if _port_taken(host, port):
         with ServingClient(url, token, timeout_s=max(PROBE_TIMEOUT_S, start_timeout_s)) as client:
             _reload_running(client, dep, port, start_timeout_s, port_setting)
@@ -194,9 +205,11 @@ def _start(deployment: Path, dep: Deployment, *, host: str, port: int, token: st
            start_timeout_s: float, die_with_parent: bool) -> ServerHandle:
     """Start a detached server process and wait until it serves the deployment's champion."""
     log_file = run_dir / LOG_FILE
-    cmd = [sys.executable, "-m", SERVER_MODULE, "--deployment", str(deployment), "--host", host,
-           "--port", str(port)]
+    cmd = [sys.executable, "-m", FLEET_MODULE if dep.replicas is not None else SERVER_MODULE,
+           "--deployment", str(deployment), "--host", host, "--port", str(port)]
     env = {**server_environment(os.environ), "KILN_SERVE_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+    if dep.replicas is not None:
+        env.update({k: os.environ[k] for k in FLEET_KEEPS if k in os.environ})
     offset = log_file.stat().st_size if log_file.exists() else 0
     proc = start_process(cmd, cwd=run_dir, env=env, output=log_file, die_with_parent=die_with_parent)
     _children[proc.pid] = proc
@@ -261,7 +274,16 @@ def _is_server(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc (macOS): trust the pid file
-    return SERVER_MODULE.encode() in cmdline
+    return SERVER_MODULE.encode() in cmdline or FLEET_MODULE.encode() in cmdline
+
+
+def _module_of(pid: int) -> str | None:
+    """The module ``python -m`` runs in process ``pid`` (``None``: not told, e.g. without ``/proc``)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return args[args.index(b"-m") + 1].decode() if b"-m" in args[:-1] else None
 
 
 def stop_server(run_dir: Path, timeout_s: float = 10) -> bool:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from kiln.tasks.serving.scaling import ReplicaSettings
 from kiln.tasks.spec.base import DAY_S, MAX_COUNT, _Strict
 
 
@@ -113,3 +114,13 @@ class DeploymentSpec(_Strict):
     capture_share: float = Field(default_factory=lambda: _default_capture_share(), ge=0, le=1)
     """Share of the answered requests the model server captures for monitoring (README "Monitoring"), in [0, 1];
     0 turns capture off. Written into the deployment file on every deploy."""
+    replicas: ReplicaSettings | None = None
+    """Serve the model with replicas behind a load balancer (README "Serving at scale"): ``{min, max}`` and the
+    autoscaling settings of ``kiln.tasks.serving.scaling.ReplicaSettings``; unset: one server process. Written
+    into the deployment file on every deploy."""
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replica_settings(cls, value: object) -> object:
+        # Declared once, in the serving package (the fleet reads the same fields from the deployment file).
+        return ReplicaSettings.from_dict(value) if isinstance(value, dict) else value

@@ -93,7 +93,8 @@ def _deploy(ctx: RunContext, record: GateRecord, grant: LockGrant, changing: lis
         new = with_canary(previous, ref, ctx.spec.deployment.canary.share)
     else:
         new = with_champion(previous, ref)
-    new = replace(new, capture=CaptureSettings(ctx.spec.deployment.capture_share))
+    new = replace(new, capture=CaptureSettings(ctx.spec.deployment.capture_share),
+                  replicas=ctx.spec.deployment.replicas)
     result = DeployResult(strategy=strategy, version=ref.version, url=endpoint.url,
                           previous=previous.to_dict() if previous else None, **lock)
     # Published before serving: verify must be able to restore the previous deployment.
