@@ -353,13 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deployment", required=True)
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--run-dir", default=".", help="where the balancer's files and the replicas' logs go "
+                        "(default: the working folder; kiln starts the fleet in the model's serving folder)")
     args, replica_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per readiness poll otherwise
     try:
         settings = get_settings()
         deployment = read_deployment(args.deployment)
-        fleet = Fleet(Path(args.deployment), host=args.host, port=args.port, run_dir=Path.cwd(),
+        fleet = Fleet(Path(args.deployment), host=args.host, port=args.port, run_dir=Path(args.run_dir).resolve(),
                       token=resolve_token(settings), leases=ReplicaLeases.open(deployment),
                       replica_args=replica_args)
         admin = serve_admin(fleet)

@@ -178,6 +178,9 @@ class _Endpoints:
         self.state = state
         self.refused = state.metrics.refused_by_status
         self._signal_tasks: set[asyncio.Task[Any]] = set()
+        # Predict requests being answered: a plain int (one event loop), read when /metrics is scraped.
+        self.in_flight = 0
+        state.metrics.watch_in_flight(lambda: self.in_flight)
 
     def _refusal(self, request: Request, scope: tokens.Scope, models: ModelSet | None) -> Response | None:
         """401 without a known token, 403 with one that lacks ``scope`` or this server's pipeline."""
@@ -192,7 +195,11 @@ class _Endpoints:
     async def predict(self, request: Request) -> Response:
         started = time.perf_counter()
         caller_id = caller_request_id(request.scope["headers"])
-        response = await self._predict(request, started, caller_id)
+        self.in_flight += 1
+        try:
+            response = await self._predict(request, started, caller_id)
+        finally:
+            self.in_flight -= 1
         if response.status_code != 200:  # an answer got its id where the request was sampled
             _with_id(response, caller_id or RequestIds.plain())
         return response

@@ -118,6 +118,8 @@ class ServerMetrics:
                             "version"], registry=r)
         self.canary_share = Gauge("kiln_serve_canary_share", "Share of requests routed to the canary (0: none)",
                                   registry=r)
+        self.in_flight = Gauge("kiln_serve_in_flight", "Predict requests being answered now (an autoscaling "
+                               "signal: a Kubernetes HPA reads it through the Prometheus Adapter)", registry=r)
         self.refused_by_status = {s: self.refused.labels(s) for s in REFUSED_STATUSES}
         self.connections_ended = Counter(
             "kiln_serve_connections_ended_by_limit", "Connections a limit ended before the app saw their request: "
@@ -157,6 +159,11 @@ class ServerMetrics:
         """
         self.capture_buffered.set_function(buffered)
         self.capture_oldest_age.set_function(oldest_age_s)
+
+    def watch_in_flight(self, count: Callable[[], float]) -> None:
+        """Read ``kiln_serve_in_flight`` from ``count`` when ``/metrics`` is scraped (nothing on the request path
+        but the caller's own counter)."""
+        self.in_flight.set_function(count)
 
     def watch_monitor(self, figures: Callable[[], MonitorFigures | None]) -> None:
         """Expose the monitor's latest figures (:mod:`.monitor_gauges`) as the ``kiln_monitor_*`` gauges, read from

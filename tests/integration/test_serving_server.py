@@ -236,6 +236,7 @@ def test_health_ready_and_metrics_report_the_served_model_and_its_traffic(server
     assert grew("kiln_serve_reloads_total", outcome="ok") == 0
     assert after[("kiln_serve_model_loaded", frozenset({"variant": "champion", "version": "1"}.items()))] == 1
     assert after[("kiln_serve_canary_share", frozenset())] == 0
+    assert after[("kiln_serve_in_flight", frozenset())] == 0  # every request, the refused one too, was counted out
 
 
 def test_a_hot_swap_under_load_fails_no_request(server, bundles):
