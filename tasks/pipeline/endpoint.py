@@ -118,8 +118,18 @@ class Endpoint:
 
             check_capacity(Inventory.from_settings(), deployment.replicas)
         write_deployment(self.deployment, deployment)
-        return ensure_server(self.deployment, host=self.host, port=self.port,
-                             token=resolve_token(get_settings()), run_dir=self.run_dir, port_setting=self.port_setting)
+        handle = ensure_server(self.deployment, host=self.host, port=self.port,
+                               token=resolve_token(get_settings()), run_dir=self.run_dir,
+                               port_setting=self.port_setting)
+        self._publish(deployment)
+        return handle
+
+    def _publish(self, deployment: Deployment | None) -> None:
+        """Record what is served in the artifact store, for the other hosts (:mod:`kiln.tasks.pipeline.served`)."""
+        from kiln.tasks.pipeline.context import default_store
+        from kiln.tasks.pipeline.served import publish_served
+
+        publish_served(default_store(), self.model, deployment)
 
     def client(self) -> ServingClient:
         """A client of the running server."""
@@ -143,6 +153,7 @@ def restore(endpoint: Endpoint, previous: dict[str, Any] | None, model: str) -> 
     if previous is None:
         stop_server(endpoint.run_dir)
         endpoint.deployment.unlink(missing_ok=True)
+        endpoint._publish(None)
         log.warning("stopped the %s server: no earlier model to serve", model)
         return
     endpoint.serve(Deployment.from_dict({**previous, "updated_at": utc_now()}))

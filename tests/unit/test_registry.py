@@ -186,3 +186,37 @@ def test_errors_name_the_problem(registry: Registry, tmp_path: Path, m: str, bun
     registry.set_champion(m, v1, action="gate", reason="first", actor="t")
     with pytest.raises(RegistryError, match=message):
         call(registry, m)
+
+
+def test_another_host_serves_what_the_store_records(registry: Registry, tmp_path: Path, m: str, bundles,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deploy on host A records its deployment in the store; host B (no deployment file) writes its own from the
+    record, with the registry's bundles in its own cache, and only when the record is newer."""
+    from kiln.tasks.pipeline.endpoint import Endpoint
+    from kiln.tasks.pipeline.served import materialise, publish_served, read_served
+    from kiln.tasks.serving.deployment import Deployment, ModelRef, read_deployment, with_canary
+    from kiln.tasks.storage.artifacts import LocalArtifactStore
+    from kiln.tasks.tracking.registry import RegistryError
+
+    v1, v2 = (_register(registry, tmp_path, m, f"m/run{i}", bundles["classification"]) for i in (1, 2))
+    store = LocalArtifactStore(tmp_path / "store")
+    on_a = with_canary(Deployment(m, ModelRef(v1, "/host-a/bundles/v1")), ModelRef(v2, "/host-a/bundles/v2"), 0.2)
+    publish_served(store, m, on_a)
+    monkeypatch.setenv("KILN_SERVING_DIR", str(tmp_path / "host-b"))
+    endpoint = Endpoint(m, "127.0.0.1", 1, tmp_path / "host-b" / m)
+
+    got = materialise(endpoint, store, registry)
+    assert got is not None and (got.champion.version, got.canary.version, got.canary.share) == (v1, v2, 0.2)
+    for bundle in (got.champion.bundle, got.canary.bundle):
+        assert Path(bundle).is_relative_to(tmp_path / "host-b") and (Path(bundle) / MANIFEST_FILE).is_file()
+    assert read_deployment(endpoint.deployment) == got
+    assert materialise(endpoint, store, registry) is None  # the local file is current
+
+    publish_served(store, m, None)  # a rollback to nothing on host A
+    assert read_served(store, m)["deployment"] is None and materialise(endpoint, store, registry) is None
+
+    later = "2999-01-01T00:00:00Z"  # a deploy after the one served here
+    publish_served(store, m, Deployment(m, ModelRef("99", "/host-a/bundles/v99"), updated_at=later))
+    with pytest.raises(RegistryError, match=rf"no version '99' \(versions: {v1}, {v2}\)"):
+        materialise(endpoint, store, registry)
+    assert read_deployment(endpoint.deployment) == got  # the failed refresh left the local file as it was
