@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from kiln.tasks.fleet.replicas import expected_version
 from kiln.tasks.serving import tokens
 from kiln.tasks.serving.deployment import DeploymentError, read_deployment
 
@@ -45,8 +46,10 @@ def rolling_reload(fleet: Fleet, authorization: str) -> tuple[int, Any]:
     with _reload_lock:
         fleet.apply(deployment)  # replicas that become ready from now on are brought to it
         with fleet.lock:
-            ready = [r for r in sorted(fleet.replicas.values(), key=lambda r: r.slot) if r.state == "ready"]
-        body: Any = None
+            # A canary replica left without a canary (a rollback, a promotion) is being drained, not reloaded.
+            ready = [r for r in sorted(fleet.replicas.values(), key=lambda r: (r.role != "champion", r.slot))
+                     if r.state == "ready" and expected_version(deployment, r.role) is not None]
+        bodies: dict[str, Any] = {}
         for done, replica in enumerate(ready):
             try:
                 response = httpx.post(f"http://127.0.0.1:{replica.port}/admin/reload",
@@ -60,10 +63,15 @@ def rolling_reload(fleet: Fleet, authorization: str) -> tuple[int, Any]:
                 log.error("rolling reload stopped at replica r%d (%d of %d reloaded): %s", replica.slot, done,
                           len(ready), detail)
                 return response.status_code, detail
-            body = response.json()
-            log.info("replica r%d reloaded (%d of %d)", replica.slot, done + 1, len(ready))
-    if body is None:
-        return 503, {"detail": "no replica is ready to reload; the ones starting read the new deployment"}
+            bodies[replica.role] = response.json()
+            log.info("replica r%d (%s) reloaded (%d of %d)", replica.slot, replica.role, done + 1, len(ready))
+    if "champion" not in bodies:
+        return 503, {"detail": "no champion replica is ready to reload; the ones starting read the new deployment"}
+    # One server's answer: the champion as its replicas serve it, the canary as the canary replica does, at the
+    # deployment's share (the balancer's weights; the replica itself sends it everything).
+    body = bodies["champion"]
+    if deployment.canary is not None and bodies.get("canary", {}).get("canary"):
+        body = {**body, "canary": {**bodies["canary"]["canary"], "share": deployment.canary.share}}
     return 200, body
 
 

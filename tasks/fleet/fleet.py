@@ -1,41 +1,35 @@
-"""A model served by replicas behind HAProxy: ``python -m kiln.tasks.fleet --deployment F --host H
---port P``.
+"""A model served by replicas behind HAProxy: the fleet process (``python -m kiln.tasks.fleet``, :mod:`.__main__`).
 
 The fleet is the process :func:`kiln.tasks.serving.process.ensure_server` starts for a deployment with
 ``replicas``; it takes the endpoint's place (the same pid file, address and token) and owns, dying with it:
 
-- **the balancer**: HAProxy on ``host:port`` (:mod:`.haproxy`), the one address of the model;
-- **the replicas**: kiln model servers (``python -m kiln.tasks.serving``) on loopback ports, each pinned to the
-  cores it leased from the resource pool ``replicas.pool`` (the pools show serving beside training); a replica
-  that dies is taken out of rotation by HAProxy's health check at once and replaced;
-- **the autoscaler** (:class:`~.scaling.Autoscaler`): every second it reads the requests in flight at the
-  balancer and adds a replica, or drains one (no new requests, the ones in flight finish) and stops it;
-- **the admin paths** (:mod:`.admin`): ``/admin/reload`` reloads the replicas one at a time (a rolling
-  update: each swaps its models in place, so no request fails), ``/admin/stats`` adds the replicas' figures up,
+- **the balancer**: HAProxy on ``host:port`` (:mod:`.haproxy`), the one address of the model, with a slot per
+  replica the set may grow to and one more for a canary;
+- **the replicas** (:mod:`.replicas`): kiln model servers on loopback ports, each pinned to the cores it leased
+  from the resource pool ``replicas.pool`` (the pools show serving beside training); a replica that dies is
+  taken out of rotation by HAProxy at once and replaced;
+- **the canary**: while the deployment has one, a replica of its own whose weight at the balancer is the canary's
+  share; a rollback drains it, a promotion rolls the champion replicas onto its version and drains it;
+- **the autoscaler** (:class:`~kiln.tasks.serving.scaling.Autoscaler`): every second it reads the requests in
+  flight at the balancer and adds a champion replica, or drains one (no new requests, the ones in flight finish)
+  and stops it;
+- **the admin paths** (:mod:`.admin`): ``/admin/reload`` reloads the replicas one at a time (a rolling update:
+  each swaps its models in place, so no request fails), ``/admin/stats`` adds the replicas' figures up,
   ``/admin/fleet`` says what runs.
-
-SIGTERM stops it all: the balancer first (no new requests), then the replicas (those in flight finish), then the
-leases are released. SIGHUP reloads like ``/admin/reload``.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import signal
-import socket
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from kiln.tasks.fleet.haproxy import RuntimeAPI, haproxy_binary, render_config
-from kiln.tasks.pools.allocation import Allocation
+from kiln.tasks.fleet.replicas import Replica, Role, expected_version, start_replica, weights, write_role_files
 from kiln.tasks.processes import ProcessGroup, start_process, tail
 from kiln.tasks.serving.__main__ import EXIT_BAD_DEPLOYMENT
 from kiln.tasks.serving.deployment import Deployment, read_deployment
@@ -51,50 +45,19 @@ SCALE_EVERY_S = 1.0
 REPLICA_START_TIMEOUT_S = 120.0
 #: Seconds between two attempts to start a replica that failed to start (doubling up to the second figure).
 RESTART_BACKOFF_S = (1.0, 30.0)
-#: The lease of a replica's cores expires unless heartbeated within this.
-LEASE_TTL_S = 30.0
 #: Files in the endpoint's run folder.
 HAPROXY_CONFIG = "haproxy.cfg"
 HAPROXY_LOG = "haproxy.log"
 ADMIN_SOCKET = "haproxy.sock"
 
 
-def free_port() -> int:
-    """A port free on loopback now (the replica binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Replica:
-    """One model-server process of the set."""
-
-    slot: int
-    port: int
-    proc: ProcessGroup
-    lease: Allocation
-    """The lease of its cores."""
-    state: str = "starting"
-    """``starting`` (loading its models), ``ready`` (in rotation) or ``draining`` (leaving it)."""
-    since: float = 0.0
-    deadline: float = 0.0
-    """When a start or a drain is given up."""
-    log_offset: int = 0
-    """Where this process's output starts in its slot's log file."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"slot": self.slot, "port": self.port, "pid": self.proc.pid, "state": self.state,
-                "cpus": list(self.lease.master.cpus), "lease": self.lease.lease_id}
-
-
 class Fleet:
     """The replicas of one model behind its balancer (see the module docstring).
 
     Args:
-        deployment_path: the deployment file every replica serves.
+        deployment_path: the deployment file of the model.
         host, port: the balancer's address (the model's endpoint).
-        run_dir: where the balancer's files and the replicas' logs go.
+        run_dir: where the balancer's files, the replicas' deployment files and their logs go.
         token: the kiln token (the replicas get it in their environment).
         leases: the replicas' cores (:class:`~kiln.tasks.fleet.leases.ReplicaLeases`).
         replica_args: extra flags of every replica's ``python -m kiln.tasks.serving``.
@@ -107,7 +70,9 @@ class Fleet:
         self.leases = leases
         self.replica_args = list(replica_args or [])
         self.deployment = read_deployment(self.deployment_path)
+        write_role_files(self.run_dir, self.deployment)
         self.settings = self.deployment.replicas or ReplicaSettings()
+        self.slots = self.settings.max + 1  # one more for a canary
         self.autoscaler = Autoscaler(self.settings)
         self.desired = self.settings.min
         self.replicas: dict[int, Replica] = {}
@@ -118,22 +83,20 @@ class Fleet:
         self.in_flight = 0
         self.balancer: ProcessGroup | None = None
         self.stopping = threading.Event()
-        self._backoff: dict[int, tuple[float, float]] = {}  # slot -> (next try, delay)
-        self._next_scale = 0.0
-        self._waiting = False
         self.served = False
         """Whether a replica was ever in rotation (before that, a deployment that cannot load ends the fleet)."""
         self.fatal: str | None = None
-
-    # The balancer -----------------------------------------------------------------------------------------
+        self._backoff: dict[int, tuple[float, float]] = {}  # slot -> (next try, delay)
+        self._weights: dict[int, int] = {}  # slot -> the weight HAProxy has
+        self._next_scale = 0.0
+        self._waiting = False
 
     def start_balancer(self, admin_port: int) -> None:
         """Write the configuration and start HAProxy on the endpoint's address, every slot empty."""
-        config = self.run_dir / HAPROXY_CONFIG
-        sock = self.run_dir / ADMIN_SOCKET
+        config, sock = self.run_dir / HAPROXY_CONFIG, self.run_dir / ADMIN_SOCKET
         sock.unlink(missing_ok=True)
-        config.write_text(render_config(host=self.host, port=self.port, slots=self.settings.max,
-                                        admin_port=admin_port, socket_path=sock))
+        config.write_text(render_config(host=self.host, port=self.port, slots=self.slots, admin_port=admin_port,
+                                        socket_path=sock))
         self.balancer = start_process([haproxy_binary(), "-db", "-f", str(config)], cwd=self.run_dir,
                                       output=self.run_dir / HAPROXY_LOG, die_with_parent=True)
         deadline = time.monotonic() + 10
@@ -143,62 +106,55 @@ class Fleet:
                                    f"{tail(self.run_dir / HAPROXY_LOG)}")
             time.sleep(0.05)
         log.info("balancer (HAProxy pid %d) on %s:%d, %d slot(s)", self.balancer.pid, self.host, self.port,
-                 self.settings.max)
+                 self.slots)
 
     # Replicas ---------------------------------------------------------------------------------------------
 
-    def _free_slot(self) -> int | None:
-        return next((s for s in range(1, self.settings.max + 1) if s not in self.replicas), None)
-
-    def _start_replica(self, slot: int, now: float) -> bool:
-        """Lease cores and start a replica in ``slot``; ``False`` when the pool has no room now."""
+    def _start_replica(self, role: Role, now: float) -> None:
+        """Lease cores and start a replica of ``role`` in a free slot (the pool full: tried again in a second)."""
+        slot = next((s for s in range(1, self.slots + 1)
+                     if s not in self.replicas and self._backoff.get(s, (0.0, 0.0))[0] <= now), None)
+        if slot is None:
+            return
         lease = self.leases.acquire(slot)
         if lease is None:
-            # Tried again in a second; logged once per wait.
             self._backoff[slot] = (now + 1.0, 0.5)
-            if not self._waiting:
+            if not self._waiting:  # logged once per wait
                 log.warning("replica r%d waits for %d core(s) of pool %s", slot, self.settings.cpus,
                             self.settings.pool)
             self._waiting = True
-            return False
+            return
         self._waiting = False
-        port = free_port()
-        log_file = self.run_dir / f"replica-r{slot}.log"
-        offset = log_file.stat().st_size if log_file.exists() else 0
-        cmd = [sys.executable, "-m", "kiln.tasks.serving", "--deployment", str(self.deployment_path),
-               "--host", "127.0.0.1", "--port", str(port), "--threads", str(self.settings.cpus), *self.replica_args]
-        from kiln.tasks.serving.process import server_environment
-
-        env = {**server_environment(os.environ), "KILN_SERVE_TOKEN": self.token, "PYTHONUNBUFFERED": "1"}
-        cpus = lease.master.cpus
         try:
-            proc = start_process(cmd, cwd=self.run_dir, env=env, output=log_file, cpus=cpus, die_with_parent=True)
+            proc, port, offset = start_replica(slot, role, lease, run_dir=self.run_dir, token=self.token,
+                                               threads=self.settings.cpus, extra_args=self.replica_args)
         except OSError:
             self.leases.release(lease)
             raise
-        self.replicas[slot] = Replica(slot, port, proc, lease, since=now, deadline=now + REPLICA_START_TIMEOUT_S,
-                                      log_offset=offset)
-        log.info("replica r%d starting (pid %d, port %d, cores %s)", slot, proc.pid, port, list(cpus) or "any")
-        return True
+        self.replicas[slot] = Replica(slot, role, port, proc, lease, since=now,
+                                      deadline=now + REPLICA_START_TIMEOUT_S, log_offset=offset)
 
     def _stop_replica(self, replica: Replica, grace_s: float = 10) -> None:
         """Stop ``replica``'s process, empty its slot and give its cores back."""
         self.api.empty(replica.slot)
+        self._weights.pop(replica.slot, None)
         replica.proc.stop(grace_s=grace_s, what=f"replica r{replica.slot} (pid {replica.proc.pid})")
         self.leases.release(replica.lease)
         self.replicas.pop(replica.slot, None)
 
     def _check_ready(self, replica: Replica, now: float) -> None:
-        """Put a starting replica in rotation once it serves the deployment's champion."""
+        """Put a starting replica in rotation once it serves its set's version."""
         try:
             response = httpx.get(f"http://127.0.0.1:{replica.port}/ready", timeout=0.5)
         except httpx.HTTPError:
             response = None
         if response is not None and response.status_code == 200:
-            version = str(response.json()["champion"]["version"])
-            if version != str(self.deployment.champion.version):
-                # Started before the deployment file changed: bring it to the current one first.
-                self._post(replica, "/admin/reload", self.token)
+            body = response.json()
+            served = body.get(replica.role) or {}
+            if str(served.get("version")) != expected_version(self.deployment, replica.role):
+                # Started before the deployment changed: bring it to the current one first.
+                httpx.post(f"http://127.0.0.1:{replica.port}/admin/reload",
+                           headers={"Authorization": f"Bearer {self.token}"}, timeout=REPLICA_START_TIMEOUT_S)
                 return
             self.api.fill(replica.slot, replica.port)
             replica.state, self.served = "ready", True
@@ -208,14 +164,11 @@ class Fleet:
             self._event("start-timeout", replica, f"not ready within {REPLICA_START_TIMEOUT_S:g} s")
             self._stop_replica(replica)
 
-    def _post(self, replica: Replica, path: str, token: str) -> httpx.Response:
-        return httpx.post(f"http://127.0.0.1:{replica.port}{path}", headers={"Authorization": f"Bearer {token}"},
-                          timeout=REPLICA_START_TIMEOUT_S)
-
     def _on_exit(self, replica: Replica, code: int, now: float) -> None:
         """A replica died: out of rotation, cores back, and its slot refilled (after a back-off when it never
         became ready: a deployment that cannot load must not be restarted in a tight loop)."""
         self.api.empty(replica.slot)
+        self._weights.pop(replica.slot, None)
         self.leases.release(replica.lease)
         self.replicas.pop(replica.slot, None)
         self.restarts += 1
@@ -234,7 +187,7 @@ class Fleet:
     # The loop ---------------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """One pass: deaths, readiness, finished drains, scaling, and slots to fill or empty."""
+        """One pass: deaths, readiness, finished drains, scaling, slots to fill or empty, and the weights."""
         with self.lock:
             for replica in list(self.replicas.values()):
                 code = replica.proc.poll()
@@ -246,7 +199,9 @@ class Fleet:
                 self._next_scale = now + SCALE_EVERY_S
                 self._scale(now)
             self._finish_drains(now)
-            self._converge(now)
+            self._converge("champion", self.desired, now)
+            self._converge("canary", 1 if self.deployment.canary is not None else 0, now)
+            self._weigh()
 
     def _scale(self, now: float) -> None:
         stats = self.api.stats()
@@ -259,14 +214,12 @@ class Fleet:
                                 "in_flight": self.in_flight})
             self.desired = desired
 
-    def _converge(self, now: float) -> None:
-        """Start replicas up to ``desired``, or drain the youngest beyond it."""
-        serving = [r for r in self.replicas.values() if r.state != "draining"]
-        if len(serving) < self.desired:
-            slot = self._free_slot()
-            if slot is not None and self._backoff.get(slot, (0.0, 0.0))[0] <= now:
-                self._start_replica(slot, now)
-        elif len(serving) > self.desired:
+    def _converge(self, role: Role, wanted: int, now: float) -> None:
+        """Start replicas of ``role`` up to ``wanted``, or drain the youngest beyond it."""
+        serving = [r for r in self.replicas.values() if r.role == role and r.state != "draining"]
+        if len(serving) < wanted:
+            self._start_replica(role, now)
+        elif len(serving) > wanted:
             youngest = max(serving, key=lambda r: (r.state == "starting", r.since))
             if youngest.state == "starting":
                 self._event("cancelled", youngest, "no longer wanted")
@@ -274,6 +227,7 @@ class Fleet:
             else:
                 self.api.drain(youngest.slot)
                 youngest.state, youngest.deadline = "draining", now + self.settings.drain_timeout_s
+                self._weights.pop(youngest.slot, None)
                 self._event("draining", youngest, "out of rotation; its requests in flight finish")
 
     def _finish_drains(self, now: float) -> None:
@@ -288,39 +242,56 @@ class Fleet:
                 self._stop_replica(replica)
                 self._event("stopped", replica, "drained" if busy == 0 else f"drain timed out with {busy} in flight")
 
+    def _weigh(self) -> None:
+        """Give each ready replica its set's weight: the canary set gets the canary's share of the requests."""
+        ready = [r for r in self.replicas.values() if r.state == "ready"]
+        share = self.deployment.canary.share if self.deployment.canary is not None else 0.0
+        per_role = dict(zip(("champion", "canary"), weights(
+            share, sum(r.role == "champion" for r in ready), sum(r.role == "canary" for r in ready)), strict=True))
+        for replica in ready:
+            if self._weights.get(replica.slot) != per_role[replica.role]:
+                self.api.set_weight(replica.slot, per_role[replica.role])
+                self._weights[replica.slot] = per_role[replica.role]
+
     def _event(self, event: str, replica: Replica, detail: str) -> None:
-        log.log(logging.WARNING if event in ("died", "start-timeout") else logging.INFO, "replica r%d (pid %d): %s: %s",
-                replica.slot, replica.proc.pid, event, detail)
-        self.events.append({"at": time.time(), "event": event, "slot": replica.slot, "pid": replica.proc.pid,
-                            "detail": detail})
+        log.log(logging.WARNING if event in ("died", "start-timeout") else logging.INFO, "replica r%d (%s, pid %d): "
+                "%s: %s", replica.slot, replica.role, replica.proc.pid, event, detail)
+        self.events.append({"at": time.time(), "event": event, "slot": replica.slot, "role": replica.role,
+                            "pid": replica.proc.pid, "detail": detail})
         del self.events[:-100]
 
     def apply(self, deployment: Deployment) -> None:
-        """Take a reloaded deployment's champion and replica settings (slots beyond the first ``max`` stay)."""
+        """Take a reloaded deployment: the sets' files, the replica settings (within the balancer's slots), and at
+        once the canary's weight (a rollback drains the canary now, not at the next pass)."""
         with self.lock:
+            write_role_files(self.run_dir, deployment)
             self.deployment = deployment
             settings = deployment.replicas or ReplicaSettings()
-            if settings.max > self.settings.max:
+            if settings.max > self.slots - 1:
                 log.warning("replicas.max grew from %d to %d: the balancer has %d slot(s) until the model is "
                             "served anew (kiln serve stop, then deploy)", self.settings.max, settings.max,
-                            self.settings.max)
-                settings = ReplicaSettings(**{**settings.to_dict(), "max": self.settings.max,
-                                              "min": min(settings.min, self.settings.max)})
-            self.settings = settings
-            self.autoscaler = Autoscaler(settings)
+                            self.slots - 1)
+                settings = ReplicaSettings(**{**settings.to_dict(), "max": self.slots - 1,
+                                              "min": min(settings.min, self.slots - 1)})
+            self.settings, self.autoscaler = settings, Autoscaler(settings)
             self.desired = max(settings.min, min(settings.max, self.desired))
+            self._converge("canary", 1 if deployment.canary is not None else 0, time.monotonic())
+            self._weigh()
 
     def status(self) -> dict[str, Any]:
         """What runs: the body of ``GET /admin/fleet``."""
         with self.lock:
+            canary = self.deployment.canary
             return {"model": self.deployment.model, "champion": self.deployment.champion.version,
+                    "canary": {"version": canary.version, "share": canary.share} if canary else None,
                     "desired": self.desired, "settings": self.settings.to_dict(), "in_flight": self.in_flight,
                     "restarts": self.restarts, "balancer_pid": self.balancer.pid if self.balancer else None,
-                    "replicas": [r.to_dict() for r in sorted(self.replicas.values(), key=lambda r: r.slot)],
+                    "replicas": [{**r.to_dict(), "weight": self._weights.get(r.slot)}
+                                 for r in sorted(self.replicas.values(), key=lambda r: r.slot)],
                     "events": self.events[-30:]}
 
     def run(self) -> None:
-        """Tick until :meth:`shutdown` is asked for."""
+        """Tick until :meth:`shutdown` is asked for or the deployment proved unservable."""
         while not self.stopping.is_set() and self.fatal is None:
             try:
                 self.tick(time.monotonic())
@@ -339,59 +310,3 @@ class Fleet:
                 self.leases.release(replica.lease)
             self.replicas.clear()
         self.leases.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the fleet until SIGTERM; exit 2 when it cannot start (the message names why)."""
-    from kiln.tasks.fleet.admin import serve_admin
-    from kiln.tasks.fleet.leases import ReplicaLeases
-    from kiln.tasks.serving.auth import resolve_token
-    from kiln.tasks.settings import get_settings
-
-    parser = argparse.ArgumentParser(prog="python -m kiln.tasks.fleet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--deployment", required=True)
-    parser.add_argument("--host", required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--run-dir", default=".", help="where the balancer's files and the replicas' logs go "
-                        "(default: the working folder; kiln starts the fleet in the model's serving folder)")
-    args, replica_args = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per readiness poll otherwise
-    try:
-        settings = get_settings()
-        deployment = read_deployment(args.deployment)
-        fleet = Fleet(Path(args.deployment), host=args.host, port=args.port, run_dir=Path(args.run_dir).resolve(),
-                      token=resolve_token(settings), leases=ReplicaLeases.open(deployment),
-                      replica_args=replica_args)
-        admin = serve_admin(fleet)
-        fleet.start_balancer(admin.server_address[1])
-    except Exception as exc:  # noqa: BLE001 - the starter reads the reason from the log and the exit code
-        print(f"python -m kiln.tasks.fleet: cannot serve {args.deployment}: {exc}", file=sys.stderr)
-        return EXIT_BAD_DEPLOYMENT
-    signal.signal(signal.SIGTERM, lambda *_: fleet.stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: fleet.stopping.set())
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=fleet_reload_quietly, args=(fleet,),
-                                                            daemon=True).start())
-    log.info("watching the replicas of %s (min %d, max %d)", deployment.model, fleet.settings.min, fleet.settings.max)
-    try:
-        fleet.run()
-    finally:
-        admin.shutdown()
-        fleet.shutdown()
-    if fleet.fatal is not None:
-        print(f"python -m kiln.tasks.fleet: {fleet.fatal}", file=sys.stderr)
-        return EXIT_BAD_DEPLOYMENT
-    return 0
-
-
-def fleet_reload_quietly(fleet: Fleet) -> None:
-    """SIGHUP: a rolling reload with the kiln token, its outcome logged (a signal has no caller to answer)."""
-    from kiln.tasks.fleet.admin import rolling_reload
-
-    status, body = rolling_reload(fleet, f"Bearer {fleet.token}")
-    log.log(logging.INFO if status == 200 else logging.ERROR, "SIGHUP reload: %d %s", status, body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

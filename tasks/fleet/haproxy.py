@@ -176,6 +176,10 @@ class RuntimeAPI:
         """Take ``slot`` out of rotation at once (maintenance)."""
         self.command(f"set server {BACKEND}/{slot_name(slot)} state maint")
 
+    def set_weight(self, slot: int, weight: int) -> None:
+        """``slot``'s weight (0..256), relative to the other slots'."""
+        self.command(f"set weight {BACKEND}/{slot_name(slot)} {weight}")
+
     def stats(self) -> dict[str, SlotStat]:
         """Each slot's state, in-flight and queued requests; the key ``BACKEND`` is the backend's own line
         (its ``queued`` counts requests no replica has taken yet)."""

@@ -36,24 +36,32 @@ def replica_request(settings: ReplicaSettings) -> LeaseRequest:
     return LeaseRequest(pool=settings.pool, cpus=settings.cpus, team=SERVING_TEAM, ttl_s=LEASE_TTL_S)
 
 
-def check_capacity(inventory: Inventory, settings: ReplicaSettings) -> None:
+def check_capacity(inventory: Inventory, settings: ReplicaSettings, *, canary: bool = False) -> None:
     """Refuse replica settings the pool could never hold, even with every core free.
 
+    Args:
+        inventory: the pools.
+        settings: the replica settings.
+        canary: the deployment has a canary, which runs on a replica of its own beside ``replicas.max``.
+
     Raises:
-        ValueError: ``replicas.pool`` is unknown, or the pool holds fewer than ``replicas.max`` replicas of
-            ``replicas.cpus`` cores; the message names the field and the fix.
+        ValueError: ``replicas.pool`` is unknown, or the pool holds fewer than ``replicas.max`` replicas (plus the
+            canary's) of ``replicas.cpus`` cores; the message names the field and the fix.
     """
     if settings.pool not in inventory.pools:
         raise ValueError(f"replicas.pool {settings.pool!r} is not a pool of the inventory (pools: "
                          f"{', '.join(sorted(inventory.pools))}); name one of them")
+    wanted = settings.max + (1 if canary else 0)
     try:
-        fits = copies_at_once(inventory, replica_request(settings), settings.max)
+        fits = copies_at_once(inventory, replica_request(settings), wanted)
     except ValueError as exc:  # UnsatisfiableRequestError: not even one replica fits
         raise ValueError(f"replicas.cpus: one replica of {settings.cpus} core(s) never fits pool "
                          f"{settings.pool!r} ({exc}); lower replicas.cpus") from None
-    if fits < settings.max:
-        raise ValueError(f"replicas.max is {settings.max} but pool {settings.pool!r} holds at most {fits} replica(s) "
-                         f"of {settings.cpus} core(s); lower replicas.max (or replicas.cpus), or add nodes to the pool")
+    if fits < wanted:
+        with_canary = " plus the canary's replica" if canary else ""
+        raise ValueError(f"replicas.max is {settings.max}{with_canary} but pool {settings.pool!r} holds at most "
+                         f"{fits} replica(s) of {settings.cpus} core(s); lower replicas.max (or replicas.cpus), or "
+                         "add nodes to the pool")
 
 
 class ReplicaLeases:
@@ -82,7 +90,7 @@ class ReplicaLeases:
         settings = deployment.replicas or ReplicaSettings()
         store = LeaseStore.from_settings()
         try:
-            check_capacity(store.inventory, settings)
+            check_capacity(store.inventory, settings, canary=deployment.canary is not None)
         except BaseException:
             store.close()
             raise

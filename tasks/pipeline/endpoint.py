@@ -105,8 +105,8 @@ class Endpoint:
         """Write ``deployment`` and make the server serve it: reload a running server, or start one.
 
         Raises:
-            ValueError: its ``replicas`` ask for more than their pool can hold; nothing was written, and what is
-                served stays.
+            ValueError: its ``replicas`` (and a canary's replica) ask for more than their pool can hold; nothing was
+                written, and what is served stays.
         """
         from kiln.tasks.serving.auth import resolve_token
         from kiln.tasks.serving.deployment import write_deployment
@@ -116,7 +116,7 @@ class Endpoint:
             from kiln.tasks.fleet.leases import check_capacity
             from kiln.tasks.pools.inventory import Inventory
 
-            check_capacity(Inventory.from_settings(), deployment.replicas)
+            check_capacity(Inventory.from_settings(), deployment.replicas, canary=deployment.canary is not None)
         write_deployment(self.deployment, deployment)
         handle = ensure_server(self.deployment, host=self.host, port=self.port,
                                token=resolve_token(get_settings()), run_dir=self.run_dir,

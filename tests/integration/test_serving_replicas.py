@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from kiln.tasks.serving.deployment import (
     Deployment,
     ModelRef,
     drop_canary,
+    promote_canary,
     read_deployment,
     with_canary,
     with_champion,
@@ -164,27 +166,55 @@ def test_a_killed_replica_costs_at_most_its_requests_in_flight_and_is_replaced(e
     assert any(e["event"] == "died" and e["pid"] == victim["pid"] for e in fleet["events"])
 
 
-def test_rolling_update_canary_and_rollback_fail_no_request(endpoint, bundles, body):
-    settings = ReplicaSettings(min=2, max=2)
-    endpoint.serve(Deployment(MODEL, ModelRef("1", str(bundles["1"])), replicas=settings))
+def served_versions(endpoint: Endpoint, n: int = 60) -> dict[str, int]:
+    with ServingClient(endpoint.url, TOKEN) as client:
+        return dict(Counter(client.predict(records(1))["version"] for _ in range(n)))
+
+
+def test_a_rolling_update_fails_no_request(endpoint, bundles, body):
+    endpoint.serve(Deployment(MODEL, ModelRef("1", str(bundles["1"])), replicas=ReplicaSettings(min=2, max=2)))
     endpoint.wait("2 ready replicas", lambda: len(endpoint.ready()) == 2, timeout_s=30)
+    pids = {r["pid"] for r in endpoint.ready()}
 
-    def versions(n: int = 40) -> set[str]:
-        with ServingClient(endpoint.url, TOKEN) as client:
-            return {client.predict(records(1))["version"] for _ in range(n)}
-
-    load = Load(endpoint, body, clients=8, duration_s=12)
+    load = Load(endpoint, body, clients=8, duration_s=6)
     time.sleep(1)
-    current = read_deployment(endpoint.deployment)
-    endpoint.serve(with_champion(current, ModelRef("2", str(bundles["2"]))))  # a rolling update
-    assert versions() == {"2"}
-    endpoint.serve(with_canary(read_deployment(endpoint.deployment), ModelRef("1", str(bundles["1"])), 0.5))
-    assert versions() == {"1", "2"}
-    endpoint.serve(drop_canary(read_deployment(endpoint.deployment)))  # the rollback
-    assert versions() == {"2"}
+    endpoint.serve(with_champion(read_deployment(endpoint.deployment), ModelRef("2", str(bundles["2"]))))
+    assert set(served_versions(endpoint)) == {"2"}
     result = load.result()
     assert failed(result) == 0, result
-    assert endpoint.fleet()["champion"] == "2"
+    fleet = endpoint.fleet()
+    assert fleet["champion"] == "2" and {r["pid"] for r in fleet["replicas"]} == pids  # reloaded in place
+
+
+def test_a_canary_is_a_replica_weighted_at_its_share_and_a_rollback_drains_it(endpoint, bundles, body):
+    endpoint.serve(Deployment(MODEL, ModelRef("1", str(bundles["1"])), replicas=ReplicaSettings(min=1, max=1)))
+    load = Load(endpoint, body, clients=8, duration_s=12)
+    time.sleep(1)
+    endpoint.serve(with_canary(read_deployment(endpoint.deployment), ModelRef("2", str(bundles["2"])), 0.25))
+    canary = endpoint.wait("the canary's replica in rotation",
+                           lambda: next((r for r in endpoint.ready() if r["role"] == "canary"), None), timeout_s=30)
+    champion = next(r for r in endpoint.ready() if r["role"] == "champion")
+    assert canary["weight"] / (canary["weight"] + champion["weight"]) == pytest.approx(0.25, abs=0.01)
+    seen = served_versions(endpoint, 200)
+    assert set(seen) == {"1", "2"} and 0.1 < seen["2"] / 200 < 0.4, seen
+
+    endpoint.serve(drop_canary(read_deployment(endpoint.deployment)))  # the rollback
+    assert set(served_versions(endpoint)) == {"1"}  # the weight moved back at once
+    endpoint.wait("the canary's replica stopped", lambda: len(endpoint.fleet()["replicas"]) == 1, timeout_s=15)
+    result = load.result()
+    assert failed(result) == 0, result
+    stopped = [e for e in endpoint.fleet()["events"] if e["event"] == "stopped"]
+    assert [(e["role"], e["detail"]) for e in stopped] == [("canary", "drained")]
+
+
+def test_a_promoted_canary_rolls_onto_the_champion_replicas(endpoint, bundles):
+    first = Deployment(MODEL, ModelRef("1", str(bundles["1"])), replicas=ReplicaSettings(min=1, max=1))
+    endpoint.serve(with_canary(first, ModelRef("2", str(bundles["2"])), 0.5))
+    endpoint.wait("the canary's replica in rotation", lambda: len(endpoint.ready()) == 2, timeout_s=30)
+    endpoint.serve(promote_canary(read_deployment(endpoint.deployment)))
+    assert set(served_versions(endpoint)) == {"2"}
+    endpoint.wait("the canary's replica stopped", lambda: len(endpoint.fleet()["replicas"]) == 1, timeout_s=15)
+    assert endpoint.fleet()["replicas"][0]["role"] == "champion"
 
 
 def test_a_deployment_that_cannot_load_ends_the_start_with_its_reason(endpoint, tmp_path):

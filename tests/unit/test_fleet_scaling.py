@@ -10,6 +10,7 @@ import pytest
 from kiln.tasks.fleet.admin import aggregate_stats
 from kiln.tasks.fleet.haproxy import haproxy_binary, render_config
 from kiln.tasks.fleet.leases import check_capacity
+from kiln.tasks.fleet.replicas import weights
 from kiln.tasks.pools.inventory import load_inventory
 from kiln.tasks.serving.deployment import Deployment, ModelRef
 from kiln.tasks.serving.scaling import Autoscaler, ReplicaSettings
@@ -101,3 +102,15 @@ def test_a_pool_too_small_for_max_replicas_is_refused_naming_the_fix(tmp_path: P
         check_capacity(inventory, ReplicaSettings(max=3, cpus=2, pool="serve"))
     with pytest.raises(ValueError, match=r"replicas.pool 'gpu' is not a pool"):
         check_capacity(inventory, ReplicaSettings(pool="gpu"))
+
+
+@pytest.mark.parametrize(("share", "champions", "canaries", "expected"), [
+    (0.2, 2, 1, (102, 51)),   # the canary set's weight is 1/5 of the total: 51 / (2 * 102 + 51)
+    (0.5, 1, 1, (128, 128)),
+    (0.0, 3, 0, (85, 0)),     # no canary: the champions share everything
+    (0.3, 2, 0, (128, 0)),    # the canary's replica not ready yet: nothing is sent to it
+    (0.3, 0, 1, (0, 256)),    # no champion replica ready: the canary takes all
+    (0.001, 1, 1, (256, 1)),  # a tiny share still keeps the canary in rotation
+], ids=["fifth", "half", "none", "canary-starting", "champions-starting", "tiny"])
+def test_the_canary_share_becomes_weights_across_the_two_sets(share, champions, canaries, expected):
+    assert weights(share, champions, canaries) == expected
