@@ -311,6 +311,16 @@ class Registry:
         raise RegistryError(f"model '{name}' has no earlier champion than version {current.version}; name the "
                             "version to roll back to")
 
+    def bundle_uri(self, version: ModelVersionInfo) -> str:
+        """Where a version's bundle lives in the artifact store of MLflow (``s3://...`` in production): inside the
+        version's MLflow Model, or the source itself for versions registered before kiln logged MLflow Models."""
+        from kiln.tasks.tracking.pyfunc_model import MODEL_BUNDLE_PATH
+
+        if not version.model_id:
+            return version.source
+        location = self.client.get_model_version_download_uri(version.name, version.version)
+        return f"{location.rstrip('/')}/{MODEL_BUNDLE_PATH}"
+
     def fetch_bundle(self, version: ModelVersionInfo, cache_dir: Path) -> Path:
         """A local copy of a version's bundle under ``cache_dir/v<version>`` (downloaded once, atomically).
 
@@ -319,15 +329,10 @@ class Registry:
         """
         import mlflow.artifacts
 
-        from kiln.tasks.tracking.pyfunc_model import MODEL_BUNDLE_PATH
-
         final = Path(cache_dir) / f"v{version.version}"
         if final.is_dir():
             return final
-        uri = version.source
-        if version.model_id:
-            location = self.client.get_model_version_download_uri(version.name, version.version)
-            uri = f"{location.rstrip('/')}/{MODEL_BUNDLE_PATH}"
+        uri = self.bundle_uri(version)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-v{version.version}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()

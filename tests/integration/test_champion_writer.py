@@ -219,3 +219,24 @@ def test_models_list_shows_the_champion(home: Path, capsys: pytest.CaptureFixtur
     assert main(["models", "list", MODEL, "--json"]) == 0
     listed = {v["version"]: v["aliases"] for v in __import__("json").loads(capsys.readouterr().out)}
     assert listed[champion] == ["champion"]
+
+
+def test_the_store_records_what_is_served_and_k8s_names_where_bundles_must_be(
+        home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every endpoint change this module's runs made is recorded in the artifact store (what another host serves);
+    ``kiln serve k8s`` refuses bundles that pods cannot fetch (a local MLflow artifact store), naming the fix."""
+    from kiln.tasks.cli.main import main
+    from kiln.tasks.pipeline.context import default_store
+    from kiln.tasks.pipeline.endpoint import Endpoint
+    from kiln.tasks.pipeline.served import read_served
+    from kiln.tasks.spec import load_spec
+
+    served = Endpoint.of(load_spec(SPEC)).current()
+    assert served is not None
+    record = read_served(default_store(), MODEL)
+    assert record is not None and record["deployment"] == served.to_dict()
+
+    capsys.readouterr()
+    assert main(["serve", "k8s", MODEL, "--image", "registry.example.com/kiln-serve:1"]) == 2
+    err = capsys.readouterr().err
+    assert "deployment.champion.bundle" in err and "s3://" in err, err
