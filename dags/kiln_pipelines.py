@@ -5,7 +5,8 @@ Wiring only: one task per step of :data:`kiln.tasks.pipeline.steps.STEPS`, in it
 file parses quickly. Invalid spec files are skipped here and reported by ``kiln_spec_errors.py``; each file is
 read within its own limits and time budget (``kiln.tasks.spec.yaml_reader``), so a hostile one is refused quickly.
 
-A spec with a ``monitoring:`` section also gets a monitor DAG, ``<pipeline>_monitor`` (:func:`build_monitor_dag`).
+A spec with a ``monitoring:`` section also gets a monitor DAG, ``<pipeline>_monitor`` (:func:`build_monitor_dag`),
+and every spec a scoring DAG, ``<pipeline>_score`` (:func:`build_scoring_dag`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from kiln.operators.access import team_access_control
 from kiln.operators.s3_credentials import use_s3_connection
+from kiln.operators.score import ScorePartitionOperator, run_scoring_step
 from kiln.operators.source_trigger import source_trigger
 from kiln.operators.step import PipelineStepOperator
 from kiln.operators.train import StudyOperator, TrainOperator, TrialOperator
@@ -38,16 +40,16 @@ from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.steps import STEPS, STUDY, TRAIN_BEST
 from kiln.tasks.settings import get_settings
 from kiln.tasks.spec import PipelineSpec, load_specs
-from kiln.tasks.spec.params import param_schemas
+from kiln.tasks.spec.params import param_schemas, scoring_param_schemas
 
 log = logging.getLogger(__name__)
 
 
-def _params(spec: PipelineSpec) -> dict[str, Param]:
-    """Trigger-form Params, each described by the spec field it overrides (``kiln.tasks.spec.params``)."""
+def _params(schemas: dict[str, dict[str, Any]]) -> dict[str, Param]:
+    """Trigger-form Params from their schemas (``kiln.tasks.spec.params``), each described by the spec field it
+    overrides."""
     # The description twice: plain for the REST API's `description`, Markdown for the trigger form.
-    return {name: Param(description=schema.get("description_md"), **schema)
-            for name, schema in param_schemas(spec).items()}
+    return {name: Param(description=schema.get("description_md"), **schema) for name, schema in schemas.items()}
 
 
 def _schedule(spec: PipelineSpec, spec_path: Path) -> Any:
@@ -98,7 +100,7 @@ def build_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         catchup=False,
         max_active_runs=4,
         tags=sorted({"kiln", spec.task, *spec.tags}),
-        params=_params(spec),
+        params=_params(param_schemas(spec)),
         default_args={"owner": spec.owner, "retries": 1, "retry_delay": timedelta(seconds=10)},
         # Access (prod profile): the spec's team sees and triggers this DAG; admins and viewers see every DAG.
         access_control=team_access_control(spec.access_team),
@@ -134,6 +136,15 @@ def _study_tasks(spec: PipelineSpec, path: str, budget: timedelta) -> list[Any]:
     return [study, trials, best]
 
 
+def _side_dag_settings(spec: PipelineSpec, retry_delay_s: int) -> dict[str, Any]:
+    """What a pipeline's monitor and scoring DAGs share: no catch-up, the spec's owner, one retry, the team's
+    access, and no auto-registration (bagged from this module's globals only: a DAG whose build raised must not be
+    bagged half-built)."""
+    return {"start_date": pendulum.datetime(2026, 1, 1, tz="UTC"), "catchup": False,
+            "default_args": {"owner": spec.owner, "retries": 1, "retry_delay": timedelta(seconds=retry_delay_s)},
+            "access_control": team_access_control(spec.access_team), "auto_register": False}
+
+
 def build_monitor_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     """The monitor DAG of a spec with ``monitoring``: ``monitor >> retrain`` on ``monitoring.schedule``.
 
@@ -158,15 +169,10 @@ def build_monitor_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
                    f"{monitoring.retrain.cooldown_hours} h)" if retrain_uri else "")
                 + f".\n\nSpec file: `{spec_path}`"),
         schedule=CronTriggerTimetable(monitoring.schedule, timezone="UTC"),
-        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-        catchup=False,
         # One run at a time: the retrain cool-down state has one writer.
         max_active_runs=1,
         tags=sorted({"kiln", "monitoring", spec.task, *spec.tags}),
-        default_args={"owner": spec.owner, "retries": 1, "retry_delay": timedelta(seconds=30)},
-        access_control=team_access_control(spec.access_team),
-        # Bagged from this module's globals only: a DAG whose build raised must not be bagged half-built.
-        auto_register=False,
+        **_side_dag_settings(spec, retry_delay_s=30),
     ) as dag:
         path = str(spec_path)
 
@@ -215,6 +221,83 @@ def monitor_dag_id(spec: PipelineSpec) -> str:
     return f"{spec.name}_monitor"
 
 
+def build_scoring_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
+    """The scoring DAG of a spec: ``prepare >> validate >> partition >> score (mapped) >> commit``, triggered only.
+
+    ``prepare`` resolves the version (Param ``version``: the champion or a number) and stages the input (Param
+    ``input``) with ingest's readers, checking its schema against the model's signature; ``validate`` checks it
+    with the pipeline's suite; ``score`` is one leased task per partition (:class:`ScorePartitionOperator`, at most
+    ``scoring.parallel`` at once); ``commit`` writes the output and its manifest once every partition succeeded,
+    and emits the scores Asset. The steps are :mod:`kiln.tasks.scoring.run`'s.
+    """
+    scores = Asset(spec.scores_asset_uri())
+    with DAG(
+        dag_id=scoring_dag_id(spec),
+        description=f"Batch scoring with {spec.name}'s model"[:200],
+        doc_md=(f"Scores a dataset with the **{spec.name}** pipeline's champion (or the version the `version` "
+                f"Param names): the `input` Param is read with ingest's readers and checked against the model's "
+                f"signature and the pipeline's expectation suite, split into partitions of `partition_rows` rows "
+                f"scored in parallel (at most {spec.scoring.parallel} at once, each on {spec.scoring.cpus} leased "
+                f"core(s)), and committed under `<output>/<run id>/` in the artifact store: Parquet predictions with "
+                f"the row ids and `model_version`, `rejects.parquet` (rows the model cannot take, with the reason) "
+                f"and `manifest.json`. A committed run emits `{scores.uri}`.\n\nSpec file: `{spec_path}`"),
+        schedule=None,
+        max_active_runs=4,
+        tags=sorted({"kiln", "scoring", spec.task, *spec.tags}),
+        params=_params(scoring_param_schemas(spec)),
+        **_side_dag_settings(spec, retry_delay_s=10),
+    ) as dag:
+        path = str(spec_path)
+
+        # Each task runs one step of kiln.tasks.scoring.run with the run's config (operators.score.run_scoring_step).
+        @task(task_id="prepare")
+        def prepare(spec_file: str, **context: Any) -> dict[str, Any]:
+            from kiln.tasks.scoring import run as steps
+
+            staged = run_scoring_step(spec_file, context, lambda _, config, store, run_id: steps.prepare(
+                config, store, run_id))
+            return {"rows": staged["rows"], "version": staged["model"]["version"], "input": staged["source_uri"]}
+
+        @task(task_id="validate")
+        def validate(spec_file: str, **context: Any) -> dict[str, Any]:
+            from kiln.tasks.scoring import run as steps
+
+            return run_scoring_step(spec_file, context, steps.validate)
+
+        @task(task_id="partition")
+        def partition(spec_file: str, **context: Any) -> list[dict[str, int]]:
+            from kiln.tasks.scoring import run as steps
+
+            return run_scoring_step(spec_file, context, lambda _, *run: steps.partition(*run))
+
+        @task(task_id="commit", outlets=[scores])
+        def commit(spec_file: str, **context: Any) -> dict[str, Any]:
+            from kiln.tasks.scoring import run as steps
+
+            result = run_scoring_step(spec_file, context, lambda _, *run: steps.commit(*run)).to_dict()
+            context["outlet_events"][scores].extra = {"kiln_scores": result}
+            return result
+
+        parts = partition(path)
+        scored = ScorePartitionOperator.partial(
+            task_id="score", spec_path=path, max_active_tis_per_dagrun=spec.scoring.parallel,
+            map_index_template="rows {{ task.part['start'] }}..{{ task.part['stop'] }}",
+        ).expand(part=parts)
+        chain(prepare(path), validate(path), parts, scored, commit(path))
+    return dag
+
+
+def scoring_dag_id(spec: PipelineSpec) -> str:
+    """The id of a pipeline's scoring DAG."""
+    return f"{spec.name}_score"
+
+
+def _clashes(dag_id: str, loaded: list[tuple[Path, PipelineSpec]]) -> bool:
+    """Whether ``dag_id`` (of a pipeline's monitor or scoring DAG) is another DAG's: a pipeline's name, or another
+    pipeline's monitor id."""
+    return dag_id in {s.name for _, s in loaded} | {monitor_dag_id(s) for _, s in loaded if s.monitoring}
+
+
 _loaded = load_specs(get_settings().pipelines_dir)[0]
 for _path, _spec in _loaded:
     try:
@@ -232,3 +315,12 @@ for _path, _spec in _loaded:
         globals()[monitor_dag_id(_spec)] = build_monitor_dag(_spec, _path)
     except Exception:  # noqa: BLE001 - as above: one refused DAG must not hide the others
         log.exception("the monitor of pipeline spec %s was refused by Airflow; it is left out", _path)
+for _path, _spec in _loaded:
+    if _clashes(scoring_dag_id(_spec), _loaded):
+        log.error("the scoring DAG of %s is left out: its DAG id %s is the id of another DAG; rename that pipeline",
+                  _spec.name, scoring_dag_id(_spec))
+        continue
+    try:
+        globals()[scoring_dag_id(_spec)] = build_scoring_dag(_spec, _path)
+    except Exception:  # noqa: BLE001 - as above: one refused DAG must not hide the others
+        log.exception("the scoring DAG of pipeline spec %s was refused by Airflow; it is left out", _path)

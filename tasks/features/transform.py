@@ -161,7 +161,7 @@ class FeatureTransform:
                               / np.array([c.scale for c in self.numeric]))
         rows, start = np.arange(n), width
         for c in self.categorical:
-            codes = _codes(df[c.name].astype("string"), c.vocabulary)
+            codes = _codes(df[c.name], c.vocabulary)
             out[rows, start + np.where(codes < 0, len(c.vocabulary), codes)] = 1.0
             start += len(c.vocabulary) + 1
         return out
@@ -268,9 +268,17 @@ def _fit_categorical(series: pd.Series, max_categories: int) -> CategoricalColum
 
 
 def _codes(values: pd.Series, vocabulary: tuple[str, ...]) -> np.ndarray:
-    """Index of each value in ``vocabulary`` (int64); -1 for nulls and values outside it."""
-    return pd.Index(list(vocabulary), dtype=object).get_indexer(values.to_numpy(object, na_value=None)) \
-        .astype(np.int64)
+    """Index of each value in ``vocabulary`` (int64); -1 for nulls and values outside it. A value that is not text
+    is looked up as ``astype("string")`` writes it (``2007``, ``2007.0``, ``True``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not isinstance(values.dtype, pd.StringDtype):
+        values = values.astype("string")
+    # Looked up in Arrow, where text columns already live: a round trip through Python str objects took most of
+    # a batch's transform time.
+    found = pc.index_in(pa.array(values), value_set=pa.array(vocabulary, pa.string()))
+    return found.fill_null(-1).to_numpy().astype(np.int64)
 
 
 def _as_float(series: pd.Series, name: Any) -> np.ndarray:

@@ -97,7 +97,8 @@ def open_labelled(keys: Sequence[str], store: ArtifactStore | None) -> list[Labe
     return files
 
 
-def append_labelled(snapshot: Path, files: Sequence[LabelledFile], scratch: Path, label: str) -> tuple[int, pa.Schema]:
+def append_labelled(snapshot: Path, files: Sequence[LabelledFile], scratch: Path, label: str,
+                    row_group_rows: int | None = None) -> tuple[int, pa.Schema]:
     """Rewrite ``snapshot`` with the rows of ``files`` after its own.
 
     Args:
@@ -105,6 +106,7 @@ def append_labelled(snapshot: Path, files: Sequence[LabelledFile], scratch: Path
         files: the labelled files (:func:`open_labelled`).
         scratch: a folder beside ``snapshot`` (same file system: the new file replaces it by a rename).
         label: the source, for messages.
+        row_group_rows: the most rows per row group of the snapshot; None: the snapshot's default.
 
     Returns:
         The snapshot's row count and schema now.
@@ -125,11 +127,11 @@ def append_labelled(snapshot: Path, files: Sequence[LabelledFile], scratch: Path
                         file.key, ", ".join(missing) or "none", ", ".join(ignored) or "none")
     tmp = scratch / "appended.parquet"
     batches = itertools.chain(file_batches(snapshot), *(_cast(f, schema) for f in files))
-    rows = write_batches(tmp, schema, batches, label)
+    rows = write_batches(tmp, schema, batches, label, row_group_rows)
     tmp.replace(snapshot)
     log.info("appended %d labelled rows from %s: snapshot %d rows", sum(f.rows for f in files),
              ", ".join(f.key for f in files), rows)
-    return rows, widen_int_nulls(snapshot, schema, scratch, label)
+    return rows, widen_int_nulls(snapshot, schema, scratch, label, row_group_rows)
 
 
 def _cast(file: LabelledFile, schema: pa.Schema) -> Iterator[pa.RecordBatch]:

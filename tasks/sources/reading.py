@@ -46,8 +46,10 @@ class Taken:
 
 
 def snapshot_files(source: SourceSpec, roots: tuple[Path, ...], snapshot: Path, scratch: Path, sampling: Sampling,
-                   previous: Previous | None, events: Sequence[Mapping[str, Any]]) -> Taken:
-    """Snapshot a file, folder, ``pkg://`` or ``s3://`` source.
+                   previous: Previous | None, events: Sequence[Mapping[str, Any]], row_group_rows: int | None = None
+                   ) -> Taken:
+    """Snapshot a file, folder, ``pkg://`` or ``s3://`` source (in row groups of at most ``row_group_rows``; None:
+    the snapshot's default).
 
     Raises:
         IngestError: see :func:`~kiln.tasks.sources.listing.list_source`, :func:`select_parts`,
@@ -61,12 +63,12 @@ def snapshot_files(source: SourceSpec, roots: tuple[Path, ...], snapshot: Path, 
     append = selection.append_to.snapshot if selection.append_to is not None else None
     try:
         stats = write_snapshot(snapshot, reader.schema, reader.batches(), label=label, fraction=sampling.fraction,
-                               seed=sampling.seed, previous=append, scratch=scratch)
+                               seed=sampling.seed, previous=append, scratch=scratch, row_group_rows=row_group_rows)
     except TypeGuessError as exc:
         log.info("a value does not fit the types of the first block (%s); settling the types from every value", exc)
         reader = reader.exact()
         stats = write_snapshot(snapshot, reader.schema, reader.batches(), label=label, fraction=sampling.fraction,
-                               seed=sampling.seed, previous=append, scratch=scratch)
+                               seed=sampling.seed, previous=append, scratch=scratch, row_group_rows=row_group_rows)
     log.info("read %d part(s) of %s: %d rows; snapshot %d rows", len(reader.records), label, stats.rows_read,
              stats.rows)
     records = list(reader.records)
@@ -81,8 +83,10 @@ def snapshot_files(source: SourceSpec, roots: tuple[Path, ...], snapshot: Path, 
 
 
 def snapshot_sql(source: SourceSpec, connection_url: Callable[[str], str] | None, snapshot: Path, scratch: Path,
-                 sampling: Sampling, interval: tuple[datetime, datetime] | None, now: datetime) -> Taken:
-    """Snapshot the result of ``source.sql.query``.
+                 sampling: Sampling, interval: tuple[datetime, datetime] | None, now: datetime,
+                 row_group_rows: int | None = None) -> Taken:
+    """Snapshot the result of ``source.sql.query`` (in row groups of at most ``row_group_rows``; None: the
+    snapshot's default).
 
     Raises:
         IngestError: no connection resolver or no such connection (naming ``source.sql.conn_id``), a failing
@@ -115,7 +119,8 @@ def snapshot_sql(source: SourceSpec, connection_url: Callable[[str], str] | None
 
     try:
         stats = write_snapshot(snapshot, read.schema, rows(), label=f"source.sql.query on '{sql.conn_id}'",
-                               fraction=sampling.fraction, seed=sampling.seed, previous=None, scratch=scratch)
+                               fraction=sampling.fraction, seed=sampling.seed, previous=None, scratch=scratch,
+                               row_group_rows=row_group_rows)
     finally:
         batches.close()  # a failed write closes the cursor and the connection now
     record = read.manifest()

@@ -1,7 +1,9 @@
-"""The snapshot file: record batches streamed into one Parquet file in row groups of at most 1,000,000 rows.
+"""The snapshot file: record batches streamed into one Parquet file in row groups of at most 1,000,000 rows
+(:data:`ROW_GROUP_ROWS`; a writer may be given fewer: a scoring run stages its input in row groups of its partition
+size, so that each partition decodes only its own rows).
 
-Memory stays at one row group's buffer (at most :data:`ROW_GROUP_ROWS` rows or :data:`ROW_GROUP_BYTES` bytes)
-whatever the source's size. ``sample_fraction`` keeps the rows pandas' ``DataFrame.sample(frac, random_state=seed)``
+Memory stays at one row group's buffer (at most that many rows or :data:`ROW_GROUP_BYTES` bytes) whatever the
+source's size. ``sample_fraction`` keeps the rows pandas' ``DataFrame.sample(frac, random_state=seed)``
 keeps (the same seeded draw, in source order), drawn over the rows read by this run once their count is known: the
 rows go to a scratch file first, then through the draw into the snapshot.
 """
@@ -36,10 +38,14 @@ class SnapshotWriter:
         path: the file to write.
         schema: the file's schema (batches are conformed to it).
         label: the source, for messages.
+        row_group_rows: the most rows per row group; None: :data:`ROW_GROUP_ROWS`.
     """
 
-    def __init__(self, path: Path, schema: pa.Schema, label: str):
+    def __init__(self, path: Path, schema: pa.Schema, label: str, row_group_rows: int | None = None):
         self.path, self.schema, self.label = path, schema.remove_metadata(), label
+        self.row_group_rows = ROW_GROUP_ROWS if row_group_rows is None else row_group_rows
+        if self.row_group_rows < 1:
+            raise ValueError(f"row_group_rows must be at least 1, found {self.row_group_rows}")
         self.rows = 0
         self._buffer: list[pa.RecordBatch] = []
         self._buffered_rows = self._buffered_bytes = 0
@@ -55,8 +61,8 @@ class SnapshotWriter:
         self._buffered_rows += batch.num_rows
         self._buffered_bytes += batch.nbytes
         self.rows += batch.num_rows
-        while self._buffered_rows >= ROW_GROUP_ROWS or self._buffered_bytes >= ROW_GROUP_BYTES:
-            self._flush(min(self._buffered_rows, ROW_GROUP_ROWS))
+        while self._buffered_rows >= self.row_group_rows or self._buffered_bytes >= ROW_GROUP_BYTES:
+            self._flush(min(self._buffered_rows, self.row_group_rows))
 
     def _flush(self, rows: int) -> None:
         table = pa.Table.from_batches(self._buffer, schema=self.schema)
@@ -83,9 +89,11 @@ def file_batches(path: Path) -> Iterator[pa.RecordBatch]:
         yield from file.iter_batches(batch_size=READ_BATCH_ROWS)
 
 
-def write_batches(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch], label: str) -> int:
-    """Stream ``batches`` into ``path``; returns the row count (nothing is left behind on failure)."""
-    writer = SnapshotWriter(path, schema, label)
+def write_batches(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch], label: str,
+                  row_group_rows: int | None = None) -> int:
+    """Stream ``batches`` into ``path`` in row groups of at most ``row_group_rows`` (None: :data:`ROW_GROUP_ROWS`);
+    returns the row count (nothing is left behind on failure)."""
+    writer = SnapshotWriter(path, schema, label, row_group_rows)
     try:
         for batch in batches:
             writer.write(batch)
@@ -121,7 +129,8 @@ class SnapshotStats:
 
 
 def write_snapshot(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch], *, label: str,
-                   fraction: float, seed: int, previous: Path | None, scratch: Path) -> SnapshotStats:
+                   fraction: float, seed: int, previous: Path | None, scratch: Path,
+                   row_group_rows: int | None = None) -> SnapshotStats:
     """Write the snapshot: the previous snapshot's rows (if any), then this run's rows (sampled).
 
     Args:
@@ -133,18 +142,19 @@ def write_snapshot(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBat
         seed: the sample's seed.
         previous: the previous snapshot to append to, or ``None``.
         scratch: a folder for the unsampled rows (emptied by the caller).
+        row_group_rows: the most rows per row group of the snapshot; None: :data:`ROW_GROUP_ROWS`.
 
     Raises:
         IngestError: no rows (or none left by the sample), or the previous snapshot's columns differ.
     """
     raw = scratch / "rows.parquet" if fraction < 1 or previous is not None else path
-    rows_read = write_batches(raw, schema, batches, label)
+    rows_read = write_batches(raw, schema, batches, label, row_group_rows)
     if rows_read == 0:
         raw.unlink()
         raise IngestError(f"source {label} has no data rows ({len(schema)} columns, 0 rows); point the source at "
                           "data that has rows")
     if raw == path:
-        return SnapshotStats(rows_read, rows_read, 0, widen_int_nulls(path, schema, scratch, label))
+        return SnapshotStats(rows_read, rows_read, 0, widen_int_nulls(path, schema, scratch, label, row_group_rows))
     new: Iterable[pa.RecordBatch] = sampled(raw, fraction, seed) if fraction < 1 else file_batches(raw)
     old: Iterable[pa.RecordBatch] = ()
     if previous is not None:
@@ -152,7 +162,7 @@ def write_snapshot(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBat
                         (label, schema)])
         old = file_batches(previous)
     previous_rows = pq.ParquetFile(previous).metadata.num_rows if previous is not None else 0
-    rows = write_batches(path, schema, itertools.chain(old, new), label)
+    rows = write_batches(path, schema, itertools.chain(old, new), label, row_group_rows)
     raw.unlink()
     log.info("sample fraction %.4g seed %d: rows in %d out %d; previous snapshot rows %d", fraction, seed, rows_read,
              rows - previous_rows, previous_rows)
@@ -160,12 +170,15 @@ def write_snapshot(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBat
         path.unlink()
         raise IngestError(f"sample_fraction {fraction} of {rows_read} rows in {label} leaves 0 rows; raise "
                           "sample_fraction")
-    return SnapshotStats(rows, rows_read, previous_rows, widen_int_nulls(path, schema, scratch, label))
+    return SnapshotStats(rows, rows_read, previous_rows, widen_int_nulls(path, schema, scratch, label,
+                                                                         row_group_rows))
 
 
-def widen_int_nulls(path: Path, schema: pa.Schema, scratch: Path, label: str) -> pa.Schema:
+def widen_int_nulls(path: Path, schema: pa.Schema, scratch: Path, label: str, row_group_rows: int | None = None
+                    ) -> pa.Schema:
     """Rewrite the integer columns of ``path`` that have a missing value as ``float64`` (what pandas makes of them,
-    so every batch of the snapshot reads as the same dtype); returns the file's schema."""
+    so every batch of the snapshot reads as the same dtype), in row groups of at most ``row_group_rows``; returns
+    the file's schema."""
     meta = pq.ParquetFile(path).metadata
     nulls = set()
     for g in range(meta.num_row_groups):
@@ -178,7 +191,7 @@ def widen_int_nulls(path: Path, schema: pa.Schema, scratch: Path, label: str) ->
         return schema
     wide = pa.schema([pa.field(f.name, pa.float64()) if f.name in widen else f for f in schema])
     tmp = scratch / "widened.parquet"
-    write_batches(tmp, wide, file_batches(path), label)
+    write_batches(tmp, wide, file_batches(path), label, row_group_rows)
     tmp.replace(path)
     log.info("integer columns with missing values stored as float64: %s", ", ".join(widen))
     return wide

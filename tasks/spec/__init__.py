@@ -35,6 +35,7 @@ from kiln.tasks.spec.release import (
     InfraValidationSpec,
     SliceSpec,
 )
+from kiln.tasks.spec.scoring import ScoringSpec
 from kiln.tasks.spec.training import CodeSpec, DockerSpec, ModelSpec, ResourcesSpec, TrainingSpec
 from kiln.tasks.spec.tuning import DistributionSpec, ObjectiveSpec, TuningSpec
 from kiln.tasks.spec.yaml_reader import SPEC_LIMITS, SpecLimits
@@ -44,7 +45,7 @@ __all__ = [
     "CanarySpec", "CleaningSpec", "CodeSpec", "ColumnCleaning", "ColumnType", "DeploymentSpec", "DockerSpec",
     "DistributionSpec", "DriftSpec", "EvaluationSpec", "ExpectationSpec", "ExpectationsSpec", "FeaturesSpec",
     "GateSpec", "InfraValidationSpec", "ModelSpec", "MonitoringSpec", "ObjectiveSpec", "PipelineSpec",
-    "ProfileBoundsSpec", "QualitySpec", "ResourcesSpec", "RetrainSpec", "SliceSpec", "SourceSpec", "SpecError",
-    "SpecLimits", "SqlSourceSpec", "TaskType", "TrainingSpec", "TuningSpec", "WatchSpec", "discover_specs", "load_spec",
-    "load_specs", "parse_spec", "spec_named",
+    "ProfileBoundsSpec", "QualitySpec", "ResourcesSpec", "RetrainSpec", "ScoringSpec", "SliceSpec", "SourceSpec",
+    "SpecError", "SpecLimits", "SqlSourceSpec", "TaskType", "TrainingSpec", "TuningSpec", "WatchSpec", "discover_specs",
+    "load_spec", "load_specs", "parse_spec", "spec_named",
 ]

@@ -40,7 +40,7 @@ def load_spec(path: str | Path, limits: SpecLimits = SPEC_LIMITS) -> PipelineSpe
     source = data.get("source") if isinstance(data, dict) else None
     if isinstance(source, dict) and isinstance(source.get("uri"), str) and source["uri"]:
         try:
-            data["source"] = {**source, "uri": _checked_uri(source["uri"], path.parent)}
+            data["source"] = {**source, "uri": check_source_uri(source["uri"], path.parent)}
         except SourceError as exc:
             problem = f"field 'source.uri': {exc}"
     problems = [problem] if problem else []
@@ -83,17 +83,22 @@ def _resolve_code_path(data: dict, spec_dir: Path) -> str | None:
     return None
 
 
-def _checked_uri(uri: str, spec_dir: Path) -> str:
+def check_source_uri(uri: str, spec_dir: Path | None) -> str:
     """``uri`` as the spec keeps it (a relative path made absolute against ``spec_dir``), checked to name a file
     inside the data roots or a well-formed ``pkg://`` resource (which only ``ingest`` can look up: the package
-    must be installed where the step runs, not necessarily where the DAG file is parsed)."""
+    must be installed where the step runs, not necessarily where the DAG file is parsed). The scoring DAG checks
+    its ``input`` Param with it too.
+
+    Raises:
+        SourceError: a malformed URI, or a path outside the data roots.
+    """
     if is_package_uri(uri):
         package_parts(uri)
         return uri
     if is_s3_uri(uri):
         s3_parts(uri)
         return uri
-    if "://" not in uri and not Path(uri).expanduser().is_absolute():
+    if "://" not in uri and not Path(uri).expanduser().is_absolute() and spec_dir is not None:
         uri = str((spec_dir / uri).resolve())
     check_file_in_roots(uri, data_roots(spec_dir))
     return uri

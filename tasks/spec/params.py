@@ -58,3 +58,39 @@ def _properties(model: type[BaseModel]) -> dict[str, Any]:
 def _markdown(docstring: str) -> str:
     """A field docstring as one Markdown paragraph (``code`` in reStructuredText is `code` in Markdown)."""
     return re.sub(r"``([^`]+)``", r"`\1`", " ".join(docstring.split()))
+
+
+#: The scoring DAG's Params (:func:`scoring_param_schemas`): the input, the version, the output prefix, and the
+#: ``scoring`` fields a run may override.
+SCORING_PARAMS = ("input", "version", "partition_rows", "output")
+
+
+def scoring_param_schemas(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
+    """The ``<pipeline>_score`` DAG's Params, as :func:`param_schemas` gives the pipeline's: ``partition_rows``
+    from its ``scoring`` field (type, bounds, description, this spec's value as the default); ``input`` (a source
+    section like the spec's ``source``, default the spec's own source), ``version`` and ``output``."""
+    from kiln.tasks.spec.scoring import ScoringSpec
+
+    field = "partition_rows"
+    schema = _properties(ScoringSpec)[field]
+    rows = {"default": spec.scoring.partition_rows, **{k: schema[k] for k in _KEYWORDS if k in schema}}
+    description = ScoringSpec.model_fields[field].description
+    if description:
+        rows["description_md"] = _markdown(description)
+    source = spec.source.model_dump(mode="json", exclude_none=True, exclude={"watch", "incremental"})
+    return {
+        "input": {"default": source, "type": "object", "title": "Input",
+                  "description_md": "The data to score, written as the spec's `source` section: `{\"uri\": ...}` "
+                                    "(a path under the data roots, `file://`, `s3://bucket/key` or prefix, "
+                                    "`pkg://`) with `format`, `header`, `column_names` for files, or "
+                                    "`{\"sql\": {\"conn_id\": ..., \"query\": ...}}`."},
+        "version": {"default": "champion", "type": "string", "title": "Model version", "minLength": 1,
+                    "maxLength": 20, "pattern": r"^(champion|[1-9][0-9]{0,17})$",
+                    "description_md": "`champion` (the version the alias names when the run starts) or a registered "
+                                      "version number."},
+        field: rows,
+        "output": {"default": f"{spec.name}/scores", "type": "string", "title": "Output prefix", "minLength": 1,
+                   "maxLength": 500,
+                   "description_md": f"Artifact-store prefix of the outputs, under `{spec.name}/`: each run writes "
+                                     "`<output>/<run id>/` (predictions, rejects, `manifest.json`)."},
+    }

@@ -24,6 +24,7 @@ from kiln.tasks.spec.base import (
 from kiln.tasks.spec.data import CacheSpec, CleaningSpec, ExpectationsSpec, FeaturesSpec, SourceSpec
 from kiln.tasks.spec.monitoring import MonitoringSpec, check_cron
 from kiln.tasks.spec.release import DeploymentSpec, EvaluationSpec
+from kiln.tasks.spec.scoring import ScoringSpec
 from kiln.tasks.spec.training import CodeSpec, ModelSpec, TrainingSpec
 from kiln.tasks.spec.tuning import TuningSpec
 
@@ -72,6 +73,9 @@ class PipelineSpec(_Strict):
     monitoring: MonitoringSpec | None = None
     """Watch the served model (README "Monitoring"): a ``<name>_monitor`` DAG judges its captured traffic for
     drift and quality, and alerts or requests a retrain. None: no monitor."""
+    scoring: ScoringSpec = ScoringSpec()
+    """Batch scoring (README "Batch scoring"): the ``<name>_score`` DAG scores a dataset with the champion or a
+    named version, partition by partition."""
     tuning: TuningSpec | None = None
     """Search hyper-parameters (README "Tuning"): an Optuna study of ``tuning.trials`` trainings over
     ``tuning.space``, stored in the lease store's database; the best trial's model continues to evaluate. None:
@@ -109,6 +113,8 @@ class PipelineSpec(_Strict):
     def _cross_checks(self) -> PipelineSpec:
         if self.columns.get(self.target) == "ignore":
             raise ValueError(f"the target column '{self.target}' cannot have type 'ignore'")
+        if self.scoring.id_column == self.target:
+            raise ValueError(f"scoring.id_column '{self.target}' is the target: name a column that identifies rows")
         slice_metrics = [m for s in self.evaluation.gate.slices for m in s.thresholds]
         problem = metric_problem(self.task, [*self.evaluation.thresholds, *slice_metrics,
                                              *([self.evaluation.primary_metric] if self.evaluation.primary_metric
@@ -174,6 +180,11 @@ class PipelineSpec(_Strict):
         if self.monitoring is None or self.monitoring.on_breach != "retrain":
             return None
         return f"kiln://{self.name}/retrain"
+
+    def scores_asset_uri(self) -> str:
+        """The Asset each committed run of the scoring DAG emits (``kiln://<name>/scores``; the event's extra names
+        the run's manifest)."""
+        return f"kiln://{self.name}/scores"
 
     @property
     def access_team(self) -> str:

@@ -46,10 +46,15 @@ class IngestConfig:
     ``KILN_DATA_ROOTS``) only. ``pkg://`` sources need no root."""
     pipeline: str = ""
     """The pipeline's name (a SQL source's ``source_uri`` is ``sql://<conn_id>/<pipeline>``)."""
+    row_group_rows: int | None = None
+    """The most rows per row group of the snapshot; None: the snapshot's default (1,000,000). A scoring run
+    stages its input in row groups of its partition size, so that a partition decodes only its own rows."""
 
     def __post_init__(self) -> None:
         if not 0 < self.sample_fraction <= 1:
             raise ValueError(f"IngestConfig.sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        if self.row_group_rows is not None and self.row_group_rows < 1:
+            raise ValueError(f"IngestConfig.row_group_rows must be at least 1 (or None), got {self.row_group_rows}")
 
     @classmethod
     def from_spec(cls, spec: PipelineSpec, spec_dir: str | Path | None = None) -> IngestConfig:
@@ -128,14 +133,16 @@ def run_ingest(config: IngestConfig, out_dir: Path, run: IngestRun | None = None
     try:
         if source.sql is not None:
             taken = snapshot_sql(source, run.connection_url, snapshot, scratch, sampling, run.data_interval,
-                                 run.started_at)
+                                 run.started_at, config.row_group_rows)
         else:
             roots = data_roots(None) if config.data_roots is None else config.data_roots
-            taken = snapshot_files(source, roots, snapshot, scratch, sampling, run.previous, run.trigger_events)
+            taken = snapshot_files(source, roots, snapshot, scratch, sampling, run.previous, run.trigger_events,
+                                   config.row_group_rows)
         rows, schema = taken.stats.rows, taken.stats.schema
         if labelled:
             try:
-                rows, schema = append_labelled(snapshot, labelled, scratch, source.asset_uri(config.pipeline))
+                rows, schema = append_labelled(snapshot, labelled, scratch, source.asset_uri(config.pipeline),
+                                               config.row_group_rows)
             except BaseException:
                 snapshot.unlink(missing_ok=True)
                 raise

@@ -213,9 +213,7 @@ def _report(config: ValidateConfig, gx_result: Any, profile: DataProfile, breach
         "snapshot": str(snapshot), "data_docs": str(docs_dir / "index.html")})
     if not (docs_dir / "index.html").is_file():
         raise RuntimeError(f"Great Expectations did not write Data Docs to {docs_dir}/index.html")
-    failed = [{"type": r["type"], "column": r["kwargs"].get("column"), "unexpected_count": r["unexpected_count"],
-               "examples": r["partial_unexpected_list"][:_MESSAGE_EXAMPLES], "observed_value": r["observed_value"],
-               "error": r["error"], "hint": r["hint"]} for r in report if not r["success"]]
+    failed = failed_expectations(report)
     log.info("validation %s: %d of %d expectations passed, %d profile bounds breached; report %s",
              "passed" if success else "FAILED", len(report) - len(failed), len(report), len(breaches), report_file)
     for f in failed:
@@ -224,6 +222,15 @@ def _report(config: ValidateConfig, gx_result: Any, profile: DataProfile, breach
     return ValidateResult(success=success, evaluated=len(report), failed=failed, report_file=str(report_file),
                           breaches=[b.to_dict() for b in breaches], compared_with=compared,
                           profile_file=str(profile_file))
+
+
+def failed_expectations(report: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The failed entries of an expectation report (:func:`expectation_report` dicts) as
+    :attr:`ValidateResult.failed` holds them: type, column, unexpected_count, examples, observed_value, error,
+    hint."""
+    return [{"type": r["type"], "column": r["kwargs"].get("column"), "unexpected_count": r["unexpected_count"],
+             "examples": r["partial_unexpected_list"][:_MESSAGE_EXAMPLES], "observed_value": r["observed_value"],
+             "error": r["error"], "hint": r["hint"]} for r in report if not r["success"]]
 
 
 def _check_profile(config: ValidateConfig, snapshot: Path,

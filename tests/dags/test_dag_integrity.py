@@ -33,7 +33,8 @@ def test_one_dag_per_shipped_spec(dagbag) -> None:
     specs = [load_spec(p) for p in (DAGS / "pipelines").glob("*.yaml")]
     monitors = [f"{s.name}_monitor" for s in specs if s.monitoring is not None]
     assert monitors, "an example spec shows the monitoring section"
-    assert sorted(dagbag.dag_ids) == sorted([*(s.name for s in specs), *monitors, "kiln_champion"])
+    scoring = [f"{s.name}_score" for s in specs]
+    assert sorted(dagbag.dag_ids) == sorted([*(s.name for s in specs), *monitors, *scoring, "kiln_champion"])
 
 
 def test_the_monitor_dag_is_documented_owned_and_retried(dagbag) -> None:
@@ -115,7 +116,8 @@ def test_invalid_spec_is_an_import_error_naming_file_and_field(tmp_path: Path) -
         os.environ.clear()
         os.environ.update(old)
     # the valid spec still becomes its DAGs
-    assert sorted(bag.dag_ids) == ["kiln_champion", "penguins_species", "penguins_species_monitor"]
+    assert sorted(bag.dag_ids) == ["kiln_champion", "penguins_species", "penguins_species_monitor",
+                                   "penguins_species_score"]
     assert list(bag.import_errors) == [str(DAGS / "kiln_spec_errors.py")]
     message = next(iter(bag.import_errors.values()))
     assert "broken.yaml" in message

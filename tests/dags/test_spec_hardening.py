@@ -53,7 +53,8 @@ def test_bombs_and_reserved_names_are_named_and_hide_nothing(tmp_path: Path) -> 
     bag = _dagbag(pipelines)
     assert time.perf_counter() - start < 150
     assert bag["seconds"] < AIRFLOW_IMPORT_TIMEOUT_S
-    assert bag["dag_ids"] == ["kiln_champion", "penguins_species", "penguins_species_monitor"]
+    assert bag["dag_ids"] == ["kiln_champion", "penguins_species", "penguins_species_monitor",
+                              "penguins_species_score"]
     assert "registry" in bag["champion_tags"]  # the platform's DAG, not the impostor
     assert list(bag["errors"]) == [str(DAGS / "kiln_spec_errors.py")]
     message = next(iter(bag["errors"].values()))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from kiln.tasks.features.splits import TARGET_COLUMN, TEST_FILE, TEST_RAW_FILE, TRAIN_FILE, VAL_FILE, load_split
-from kiln.tasks.features.transform import FEATURE_SPEC_FILE, FeatureTransform
+from kiln.tasks.features.transform import FEATURE_SPEC_FILE, CategoricalColumn, FeatureTransform
 from kiln.tasks.spec import FeaturesSpec
 from kiln.tasks.steps.build_features import BuildFeaturesConfig, run_build_features
 
@@ -138,6 +138,31 @@ def test_unseen_and_null_categories_go_to_the_unknown_bucket():
 
     assert t.feature_names == ["color=red", "color=blue", "color=__unknown__"]
     np.testing.assert_array_equal(out, [[0, 1, 0], [0, 0, 1], [0, 0, 1], [1, 0, 0]])
+
+
+@pytest.mark.parametrize("column", [
+    pd.Series(["2007", "x", None, "2008"], dtype="str"),
+    pd.Series(["2007", "x", None, "2008"], dtype="string[python]"),
+    pd.Series(["2007", "x", None, "2008"], dtype="string[pyarrow]"),
+    pd.Series(["2007", "x", None, "2008"], dtype=object),
+    pd.Series(["2007", "x", np.nan, "2008"], dtype="category"),
+    pd.Series([2007, 2009, None, 2008], dtype="Int64"),
+], ids=["str", "string-python", "string-pyarrow", "object", "category", "nullable-int"])
+def test_a_category_is_looked_up_as_its_text_whatever_the_column_dtype(column):
+    t = FeatureTransform("regression", "y", "none", 10, (), (CategoricalColumn("k", ("2008", "2007")),), None)
+
+    out = t.transform(pd.DataFrame({"k": column}))
+
+    # 2007 -> slot 1, 2008 -> slot 0; anything else and the null -> the unknown slot (2)
+    np.testing.assert_array_equal(out, [[0, 1, 0], [0, 0, 1], [0, 0, 1], [1, 0, 0]])
+
+
+def test_booleans_are_looked_up_as_true_and_false():
+    t = FeatureTransform("regression", "y", "none", 10, (), (CategoricalColumn("k", ("True", "False")),), None)
+
+    out = t.transform(pd.DataFrame({"k": pd.Series([False, True, None], dtype=object)}))
+
+    np.testing.assert_array_equal(out, [[0, 1, 0], [1, 0, 0], [0, 0, 1]])
 
 
 def test_vocabulary_keeps_the_most_frequent_values_with_ties_broken_by_value():

@@ -105,6 +105,23 @@ def test_snapshot_row_groups_are_bounded(tmp_path, monkeypatch):
     assert max(meta.row_group(i).num_rows for i in range(meta.num_row_groups)) == 100
 
 
+@pytest.mark.parametrize("fraction", [1.0, 0.5], ids=["whole", "sampled"])
+def test_snapshot_row_groups_can_be_made_smaller(tmp_path, fraction):
+    (tmp_path / "d.csv").write_text("i\n" + "".join(f"{i}\n" for i in range(1050)))
+    (tmp_path / "out").mkdir()
+    config = IngestConfig(SourceSpec(uri=str(tmp_path / "d.csv")), fraction, 7, data_roots=(tmp_path,),
+                          row_group_rows=200)
+    result = run_ingest(config, tmp_path / "out")
+    meta = pq.ParquetFile(tmp_path / "out" / SNAPSHOT_FILE).metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert sum(sizes) == result.rows and sizes[:-1] == [200] * (len(sizes) - 1) and 0 < sizes[-1] <= 200
+
+
+def test_snapshot_row_groups_must_hold_a_row():
+    with pytest.raises(ValueError, match="row_group_rows must be at least 1"):
+        IngestConfig(SourceSpec(uri="d.csv"), row_group_rows=0)
+
+
 def test_sample_is_pandas_seeded_sample(tmp_path):
     (tmp_path / "d.csv").write_text("i\n" + "".join(f"{i}\n" for i in range(1000)))
     _, out, _ = run(tmp_path, SourceSpec(uri=str(tmp_path / "d.csv")), fraction=0.37)
