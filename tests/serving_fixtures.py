@@ -290,3 +290,15 @@ def start_server_process(deployment: Path, log: Path, *extra: str, env: dict[str
             server.stop()
             pytest.fail(f"the server was not ready within {SERVER_START_TIMEOUT_S} s:\n{server.log_text()[-3000:]}")
         time.sleep(0.1)
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout_s: float, state: Callable[[], Any] = lambda: "",
+               poll_s: float = 0.1) -> Any:
+    """``check()``'s first truthy value, polled every ``poll_s``; an AssertionError naming ``what`` (and
+    ``state()``, what the test was looking at) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"{what} did not happen within {timeout_s:g} s {state()}".rstrip())

@@ -52,7 +52,7 @@ def rolling_reload(fleet: Fleet, authorization: str) -> tuple[int, Any]:
         bodies: dict[str, Any] = {}
         for done, replica in enumerate(ready):
             try:
-                response = httpx.post(f"http://127.0.0.1:{replica.port}/admin/reload",
+                response = httpx.post(f"{replica.url}/admin/reload",
                                       headers={"Authorization": authorization}, timeout=RELOAD_TIMEOUT_S)
             except httpx.HTTPError as exc:
                 # It died meanwhile: the fleet replaces it, and the replacement reads the new file.
@@ -101,11 +101,11 @@ def _json_or_text(response: httpx.Response) -> Any:
 
 def _stats(fleet: Fleet, authorization: str) -> tuple[int, Any]:
     with fleet.lock:
-        ports = [r.port for r in fleet.replicas.values() if r.state == "ready"]
+        urls = [r.url for r in fleet.replicas.values() if r.state == "ready"]
     bodies = []
-    for port in ports:
+    for url in urls:
         try:
-            response = httpx.get(f"http://127.0.0.1:{port}/admin/stats", headers={"Authorization": authorization},
+            response = httpx.get(f"{url}/admin/stats", headers={"Authorization": authorization},
                                  timeout=10)
         except httpx.HTTPError:
             continue  # a replica that just died: the others' figures stand

@@ -21,6 +21,8 @@ The fleet is the process :func:`kiln.tasks.serving.process.ensure_server` starts
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from kiln.tasks.fleet.containers import ContainerEngines
 from kiln.tasks.fleet.haproxy import RuntimeAPI, haproxy_binary, render_config
 from kiln.tasks.fleet.replicas import Replica, Role, expected_version, start_replica, weights, write_role_files
 from kiln.tasks.processes import ProcessGroup, start_process, tail
@@ -90,6 +93,8 @@ class Fleet:
         self._weights: dict[int, int] = {}  # slot -> the weight HAProxy has
         self._next_scale = 0.0
         self._waiting = False
+        self.engines = ContainerEngines(self.settings.image, f"serve-{_slug(self.deployment.model)}-{os.getpid()}") \
+            if self.settings.image else None
 
     def start_balancer(self, admin_port: int) -> None:
         """Write the configuration and start HAProxy on the endpoint's address, every slot empty."""
@@ -126,13 +131,20 @@ class Fleet:
             return
         self._waiting = False
         try:
-            proc, port, offset = start_replica(slot, role, lease, run_dir=self.run_dir, token=self.token,
-                                               threads=self.settings.cpus, extra_args=self.replica_args)
-        except OSError:
+            proc, address, port, offset = start_replica(
+                slot, role, lease, run_dir=self.run_dir, token=self.token, threads=self.settings.cpus,
+                extra_args=self.replica_args, engines=self.engines, bundles=self._bundle_folders())
+        except Exception:
             self.leases.release(lease)
             raise
-        self.replicas[slot] = Replica(slot, role, port, proc, lease, since=now,
+        self.replicas[slot] = Replica(slot, role, address, port, proc, lease, since=now,
                                       deadline=now + REPLICA_START_TIMEOUT_S, log_offset=offset)
+
+    def _bundle_folders(self) -> tuple[Path, ...]:
+        """The folders a container replica mounts: those holding the served bundles (kiln fetches every version of
+        a model into one, so a reload onto a new version finds it there)."""
+        refs = [self.deployment.champion, *([self.deployment.canary] if self.deployment.canary else [])]
+        return tuple(sorted({Path(ref.bundle).resolve().parent for ref in refs}))
 
     def _stop_replica(self, replica: Replica, grace_s: float = 10) -> None:
         """Stop ``replica``'s process, empty its slot and give its cores back."""
@@ -145,7 +157,7 @@ class Fleet:
     def _check_ready(self, replica: Replica, now: float) -> None:
         """Put a starting replica in rotation once it serves its set's version."""
         try:
-            response = httpx.get(f"http://127.0.0.1:{replica.port}/ready", timeout=0.5)
+            response = httpx.get(f"{replica.url}/ready", timeout=0.5)
         except httpx.HTTPError:
             response = None
         if response is not None and response.status_code == 200:
@@ -153,10 +165,10 @@ class Fleet:
             served = body.get(replica.role) or {}
             if str(served.get("version")) != expected_version(self.deployment, replica.role):
                 # Started before the deployment changed: bring it to the current one first.
-                httpx.post(f"http://127.0.0.1:{replica.port}/admin/reload",
+                httpx.post(f"{replica.url}/admin/reload",
                            headers={"Authorization": f"Bearer {self.token}"}, timeout=REPLICA_START_TIMEOUT_S)
                 return
-            self.api.fill(replica.slot, replica.port)
+            self.api.fill(replica.slot, replica.address, replica.port)
             replica.state, self.served = "ready", True
             self._backoff.pop(replica.slot, None)
             self._event("ready", replica, f"in rotation after {now - replica.since:.1f} s")
@@ -310,3 +322,10 @@ class Fleet:
                 self.leases.release(replica.lease)
             self.replicas.clear()
         self.leases.close()
+        if self.engines is not None:
+            self.engines.close()
+
+
+def _slug(name: str) -> str:
+    """``name`` as a container name part (``[a-zA-Z0-9_.-]``)."""
+    return re.sub(r"[^a-zA-Z0-9_.-]+", "-", name).strip("-.") or "model"

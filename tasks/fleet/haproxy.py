@@ -162,10 +162,10 @@ class RuntimeAPI:
             raise HAProxyError(f"HAProxy refused {line!r}: {answer.strip()}")
         return answer
 
-    def fill(self, slot: int, port: int) -> None:
-        """Point ``slot`` at a replica on ``127.0.0.1:port`` and put it in rotation (health checks decide)."""
+    def fill(self, slot: int, address: str, port: int) -> None:
+        """Point ``slot`` at a replica on ``address:port`` and put it in rotation (health checks decide)."""
         name = f"{BACKEND}/{slot_name(slot)}"
-        self.command(f"set server {name} addr 127.0.0.1 port {port}")
+        self.command(f"set server {name} addr {address} port {port}")
         self.command(f"set server {name} state ready")
 
     def drain(self, slot: int) -> None:

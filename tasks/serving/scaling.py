@@ -44,6 +44,9 @@ class ReplicaSettings:
     """CPU cores each replica leases from the pool (and is pinned to)."""
     pool: str = "local"
     """The resource pool the replicas lease their cores from (``KILN_POOLS_FILE``; ``local``: this machine)."""
+    image: str | None = None
+    """Run each replica as a container of this serve image (``docker/serve.Dockerfile``) on the engine of the node
+    it leased; ``None``: a process on this host."""
 
     def __post_init__(self) -> None:
         for name in ("min", "max", "cpus"):
@@ -64,6 +67,10 @@ class ReplicaSettings:
         _number(self.drain_timeout_s, "drain_timeout_s", 0, 3600, "seconds a removed replica may finish in")
         if not isinstance(self.pool, str) or not self.pool.strip():
             raise ValueError(f"replicas.pool must name a resource pool, found {self.pool!r}")
+        if self.image is not None and (not isinstance(self.image, str) or not self.image.strip()
+                                       or any(c.isspace() for c in self.image) or len(self.image) > 512):
+            raise ValueError(f"replicas.image must be an image reference such as kiln-serve:cpu (or null: "
+                             f"processes), found {self.image!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""

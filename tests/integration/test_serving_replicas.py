@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import REPO, free_port
-from serving_fixtures import bundle_factory, records  # noqa: F401 - the session fixture
+from serving_fixtures import bundle_factory, records, wait_until  # noqa: F401 - the session fixture
 
 from kiln.tasks.fleet.haproxy import CHECK_INTERVAL_MS, RuntimeAPI
 from kiln.tasks.serving.client import ServingClient
@@ -63,12 +63,7 @@ class Endpoint:
         return [r for r in self.fleet()["replicas"] if r["state"] == "ready"]
 
     def wait(self, what: str, check: Callable[[], Any], timeout_s: float) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if value := check():
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"{what} did not happen within {timeout_s:g} s; fleet: {json.dumps(self.fleet())}")
+        return wait_until(what, check, timeout_s, lambda: f"; fleet: {json.dumps(self.fleet())}")
 
 
 class Load:
@@ -155,6 +150,8 @@ def test_a_killed_replica_costs_at_most_its_requests_in_flight_and_is_replaced(e
     result = load.result()
 
     # At most the requests it held when it died fail; HAProxy retries the ones it can on the other replica.
+    print(f"\nkill -9 under load: {failed(result)} of {result['requests']} requests failed, {in_flight} were in "
+          f"flight on the killed replica; out of rotation after {out_after:.2f} s")
     assert failed(result) <= in_flight, (result, in_flight)
     assert out_after <= CHECK_INTERVAL_MS / 1000 * 2, out_after
     replaced = endpoint.wait("a replacement in the dead one's slot",
