@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from kiln.tasks.pools.allocation import Allocation, LeaseRequest, Owner
 from kiln.tasks.pools.keepalive import KeepAlive
 from kiln.tasks.pools.placement import copies_at_once
+from kiln.tasks.processes import alive
 
 if TYPE_CHECKING:
     from kiln.tasks.pools.inventory import Inventory
@@ -94,12 +95,34 @@ class ReplicaLeases:
         except BaseException:
             store.close()
             raise
-        return cls(store, settings, deployment.model)
+        leases = cls(store, settings, deployment.model)
+        leases.release_orphans()
+        return leases
+
+    def release_orphans(self) -> list[str]:
+        """Release the leases a fleet of this model on this host held when it died (a SIGKILL, the OOM killer): its
+        replacement takes the cores back now rather than after the leases' TTL. A lease whose pid runs again (a
+        reused pid) is left to expire."""
+        host, released = socket.gethostname(), []
+        for lease in self.store.leases(self.settings.pool):
+            owner = lease.owner
+            if lease.state == "granted" and owner.dag_id == self._owner_name and owner.host == host \
+                    and owner.pid != os.getpid() and not alive(owner.pid):
+                if self.store.release(lease.id, reason=f"its fleet (pid {owner.pid}) is gone"):
+                    released.append(lease.id)
+        if released:
+            log.warning("released %d lease(s) of a fleet of %s that is gone: %s", len(released), self.model,
+                        ", ".join(released))
+        return released
+
+    @property
+    def _owner_name(self) -> str:
+        return f"serve:{self.model}"
 
     def acquire(self, slot: int) -> Allocation | None:
         """A lease for the replica of ``slot``, heartbeated until :meth:`release`; ``None`` when the pool has no
         room now."""
-        owner = Owner(dag_id=f"serve:{self.model}", run_id="replicas", task_id=f"r{slot}",
+        owner = Owner(dag_id=self._owner_name, run_id="replicas", task_id=f"r{slot}",
                       host=socket.gethostname(), pid=os.getpid())
         lease = self.store.try_acquire(replica_request(self.settings), owner)
         if lease is not None:

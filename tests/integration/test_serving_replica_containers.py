@@ -31,6 +31,14 @@ TOKEN = "replica-container-token"
 MODEL = "contained"
 
 
+def granted_to(pid: int) -> list[str]:
+    """The leases granted to the fleet ``pid``."""
+    from kiln.tasks.pools.store import LeaseStore
+
+    with LeaseStore.from_settings() as store:
+        return [lease.id for lease in store.leases("local") if lease.state == "granted" and lease.owner.pid == pid]
+
+
 @pytest.fixture(scope="module")
 def engine() -> Iterator[docker.DockerClient]:
     client = ready_engine()
@@ -72,6 +80,11 @@ def test_container_replicas_serve_are_replaced_and_die_with_the_fleet(engine, bu
         os.kill(handle.pid, signal.SIGKILL)  # the fleet dies without any cleanup of its own
         wait_until("the fleet's containers removed by its watchdog", lambda: not engine.containers.list(all=True,
                                                                                                   filters=job), 30)
+        assert granted_to(handle.pid)  # its lease outlives it, until its TTL ...
+        again = ensure_server(run_dir / "deployment.json", host="127.0.0.1", port=port, token=TOKEN,
+                              run_dir=run_dir, start_timeout_s=120)
+        assert again.pid != handle.pid and not granted_to(handle.pid)  # ... or the next fleet of the model
+        assert granted_to(again.pid)
     finally:
         stop_server(run_dir)
         for leftover in engine.containers.list(all=True, filters=job):
