@@ -3,8 +3,8 @@ with replicas behind HAProxy (:mod:`kiln.tasks.fleet.fleet`) until SIGTERM.
 
 Flags it does not know go to every replica's ``python -m kiln.tasks.serving``. SIGTERM stops it all: the balancer
 first (no new requests), then the replicas (those in flight finish), then the leases are released. SIGHUP reloads
-like ``POST /admin/reload``. It exits 2 when it cannot start or its deployment cannot be served (the reason on
-standard error), 0 after a stop.
+like ``POST /admin/reload``. It exits 2 when it cannot start, its deployment cannot be served or its balancer died
+(the reason on standard error; the model-servers watchdog of ``kiln up`` starts it again), 0 after a stop.
 """
 
 from __future__ import annotations

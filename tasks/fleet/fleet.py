@@ -201,6 +201,10 @@ class Fleet:
     def tick(self, now: float) -> None:
         """One pass: deaths, readiness, finished drains, scaling, slots to fill or empty, and the weights."""
         with self.lock:
+            if self.balancer is not None and (code := self.balancer.poll()) is not None:
+                # Without its balancer the endpoint is unreachable: end, so that the watchdog starts it anew.
+                self.fatal = f"HAProxy exited with code {code}: {tail(self.run_dir / HAPROXY_LOG, lines=5)}"
+                return
             for replica in list(self.replicas.values()):
                 code = replica.proc.poll()
                 if code is not None and replica.state != "draining":

@@ -24,6 +24,7 @@ from conftest import REPO, free_port
 from serving_fixtures import bundle_factory, records, wait_until  # noqa: F401 - the session fixture
 
 from kiln.tasks.fleet.haproxy import CHECK_INTERVAL_MS, RuntimeAPI
+from kiln.tasks.processes import alive
 from kiln.tasks.serving.client import ServingClient
 from kiln.tasks.serving.deployment import (
     Deployment,
@@ -242,3 +243,14 @@ def test_more_replicas_than_the_pool_holds_are_refused_before_anything_changes(e
         served.serve(too_many)
     assert endpoint.deployment.read_bytes() == before
     assert len(endpoint.ready()) == 1
+
+
+def test_a_dead_balancer_ends_the_fleet_and_its_replicas(endpoint, bundles):
+    endpoint.serve(Deployment(MODEL, ModelRef("1", str(bundles["1"])), replicas=ReplicaSettings(min=1, max=1)))
+    fleet = endpoint.fleet()
+    fleet_pid = int((endpoint.run_dir / "server.pid").read_text())
+    os.kill(fleet["balancer_pid"], signal.SIGKILL)
+    # The fleet ends (the watchdog of `kiln up` starts it anew), and its replicas die with it.
+    wait_until("the fleet's exit", lambda: not alive(fleet_pid), 10)
+    wait_until("its replica's exit", lambda: not alive(fleet["replicas"][0]["pid"]), 10)
+    assert "HAProxy exited" in (endpoint.run_dir / "server.log").read_text()
