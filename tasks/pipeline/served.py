@@ -17,7 +17,9 @@ import argparse
 import json
 import logging
 import socket
+import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +116,22 @@ def materialise_all() -> dict[str, str]:
         except Exception as exc:  # noqa: BLE001 - one pipeline's record must not keep the others from serving
             log.error("cannot serve %s from the store's record: %s", spec.name, exc)
             outcome[spec.name] = f"error: {type(exc).__name__}: {exc}"
+    return outcome
+
+
+def materialise_in_subprocess(env: Mapping[str, str]) -> dict[str, str] | None:
+    """:func:`materialise_all` in a process of its own with ``env`` (what ``kiln up`` runs before its model servers
+    start: the registry's client stays out of the supervisor); its outcome, ``None`` when it failed (logged: the
+    local deployments are served as they are)."""
+    proc = subprocess.run([sys.executable, "-m", "kiln.tasks.pipeline.served"], env=dict(env), capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        log.error("reading what the artifact store records as served failed; serving the local deployments:\n%s",
+                  proc.stderr[-3000:])
+        return None
+    outcome = json.loads(proc.stdout or "{}")
+    if outcome:
+        log.info("served records in the artifact store: %s", outcome)
     return outcome
 
 

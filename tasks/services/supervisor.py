@@ -305,18 +305,11 @@ class Service:
                     time.sleep(0.5)
 
     def _serve_deployments(self) -> dict[str, str]:
-        """Start each deployed pipeline's server that does not run (not those that do); return pipeline -> URL.
+        """Bring the local deployment files up to the store's records (deploys on other hosts), then start each
+        deployed pipeline's server that does not run (not those that do); return pipeline -> URL."""
+        from kiln.tasks.pipeline.served import materialise_in_subprocess
 
-        First, each pipeline's local deployment file is brought up to what the artifact store records as served
-        (:mod:`kiln.tasks.pipeline.served`: a deploy on another host), with the registry's bundles."""
-        served = subprocess.run([sys.executable, "-m", "kiln.tasks.pipeline.served"],
-                                env=component_environment(self.env, "mlflow", self.paths), capture_output=True,
-                                text=True, timeout=600)
-        if served.returncode != 0:
-            log.error("reading what the artifact store records as served failed; serving the local deployments:\n%s",
-                      served.stderr[-3000:])
-        elif (outcome := json.loads(served.stdout or "{}")):
-            log.info("served records in the artifact store: %s", outcome)
+        materialise_in_subprocess(component_environment(self.env, "mlflow", self.paths))
         proc = subprocess.run([sys.executable, "-m", "kiln.tasks.services.watchdog", "start", "--json"],
                               env=component_environment(self.env, "model-servers", self.paths), capture_output=True,
                               text=True, timeout=300)

@@ -48,10 +48,8 @@ POLL_S = 0.25
 CONFIRM_S = 1.0
 #: How long a new watchdog waits to be named in the service record before it concludes it has no owner.
 ADOPTION_S = 120.0
-#: The modules a model's endpoint process runs (one server, or the fleet of its replicas), and its files in a
-#: model's folder (see kiln.tasks.serving.process).
-SERVER_MODULE = "kiln.tasks.serving"
-ENDPOINT_MODULES = frozenset({SERVER_MODULE, "kiln.tasks.fleet"})
+#: The modules of a model's endpoint (a server, or its replicas' fleet), and its files (kiln.tasks.serving.process).
+ENDPOINT_MODULES = frozenset({"kiln.tasks.serving", "kiln.tasks.fleet"})
 PID_FILE = "server.pid"
 DEPLOYMENT_FILE = "deployment.json"
 LOCK_FILE = ".supervise.lock"

@@ -89,8 +89,10 @@ def _visible(client: httpx.Client) -> set[str]:
 def test_a_team_operator_sees_and_triggers_only_their_teams_pipeline(clients: dict[str, httpx.Client],
                                                                      team: str, other: str) -> None:
     operator = clients[f"operator-{team}"]
-    # The example spec is monitored: the team sees its pipeline and that pipeline's monitor DAG, nothing else.
-    assert _visible(operator) == {TEAMS[team], f"{TEAMS[team]}_monitor"}
+    # The example spec is monitored: the team sees its pipeline, that pipeline's monitor and scoring DAGs, nothing
+    # else.
+    assert _visible(operator) == {TEAMS[team], f"{TEAMS[team]}_monitor", f"{TEAMS[team]}_score"}
+    assert operator.get(f"/api/v2/dags/{TEAMS[other]}_score").status_code == 403
     assert operator.get(f"/api/v2/dags/{TEAMS[other]}_monitor").status_code == 403
     assert _trigger(operator, TEAMS[team]).status_code == 200
     assert operator.get(f"/api/v2/dags/{TEAMS[team]}/dagRuns").json()["total_entries"] >= 1

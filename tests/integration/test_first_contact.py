@@ -216,4 +216,4 @@ def test_a_spec_typo_is_one_clean_line(tmp_path: Path) -> None:
         f"kiln run: invalid pipeline spec {spec}: field 'trainig': unknown field 'trainig'; did you mean "
         "'training'? allowed: name, description, owner, team, tags, schedule, asset, source, target, task, columns, "
         "sample_fraction, expectations, cleaning, features, model, training, evaluation, deployment, cache, code, "
-        "monitoring, tuning"]
+        "monitoring, scoring, tuning"]

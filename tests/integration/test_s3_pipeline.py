@@ -63,15 +63,18 @@ def test_pipeline_on_s3(s3_endpoint: S3Endpoint, tmp_path: Path,  # noqa: F811
     assert results["promote"], "the run went through to the end of the rollout"
 
     # The store: one committed version per key, every file of it present with the recorded sha256, nothing else.
-    # The run's steps publish under the run's prefix; the pipeline keeps its accepted snapshot and cache entries.
+    # The run's steps publish under the run's prefix; the pipeline keeps its accepted snapshot, cache entries and
+    # the record of what its endpoint serves.
     objects = list_keys(client, bucket, "kiln/")
     run_prefix = f"kiln/{ctx.run_key}/"
     pipeline_prefix = f"kiln/{ctx.spec.name}/"
     bases = {o.split(f"/{VERSIONS}/", 1)[0] if f"/{VERSIONS}/" in o else o.removesuffix(f"/{MANIFEST}")
              for o in objects}
     shared = {b for b in bases if not b.startswith(run_prefix)}
-    assert objects and all(b.startswith((f"{pipeline_prefix}_accepted", f"{pipeline_prefix}_cache/"))
+    assert objects and all(b.startswith((f"{pipeline_prefix}_accepted", f"{pipeline_prefix}_cache/",
+                                         f"{pipeline_prefix}_serving"))
                            for b in shared), sorted(shared)[:5]
+    assert f"{pipeline_prefix}_serving" in shared, "deploy recorded what the endpoint serves in the bucket"
     assert f"{pipeline_prefix}_accepted" in shared, "validate recorded the accepted snapshot in the bucket"
     steps = {b[len(run_prefix):] for b in bases - shared}
     # Every step publishes (verify only checks the endpoint), and register publishes the bundle.
