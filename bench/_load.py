@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import time
 import urllib.error
@@ -83,12 +82,6 @@ def get_ok(url: str) -> bool:
             return resp.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_wrk(server: Server, clients: int, rows: int, duration_s: int, cpu: str) -> dict:

@@ -74,8 +74,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from _common import REPO, time_model_calls, write_torchscript_bundle
-from _load import Server, free_port, measure, scrape_capture_counters, stored_capture_rows
+from _load import Server, measure, scrape_capture_counters, stored_capture_rows
 from _serving_report import CAPTURE_SERVERS, ROWS, RUNTIME_SERVERS, report
+
+from kiln.tasks.processes import free_port
 
 BENCH = Path(__file__).resolve().parent
 SPEC = REPO / "dags" / "pipelines" / "penguins_species.yaml"

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _load import Server, free_port, measure
+from _load import Server, measure
 from _ray_serve_peer import ensure_ray_venv, ray_serve_argv
 from _serving_report import print_line
 from serving import (
@@ -44,6 +44,8 @@ from serving import (
     train_penguins,
     write_bodies,
 )
+
+from kiln.tasks.processes import free_port
 
 CLIENTS = (16, 64)
 TARGET_VS_RAY = 3.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -170,6 +171,13 @@ def _pump(stream: IO[str], output: OutputLog) -> None:
     with stream:
         for raw in stream:
             output.write(raw.rstrip("\n"))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on now (the kernel's pick), for a process about to bind it."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def alive(pid: int) -> bool:

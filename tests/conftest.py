@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from kiln.tasks.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 _STATE = Path(tempfile.mkdtemp(prefix="kiln-test-"))
@@ -45,13 +46,6 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     stop_model_servers(_STATE / "kiln" / "serving")
     shutil.rmtree(_STATE, ignore_errors=True)
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_model_servers(serving_dir: Path) -> None:

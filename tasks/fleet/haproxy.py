@@ -11,7 +11,11 @@ What HAProxy does by itself, from the configuration:
 - health checks: ``GET /ready`` every :data:`CHECK_INTERVAL_MS` (a loading or dead replica leaves the rotation);
 - a connection refused or reset by a replica marks it down at once (``observe layer4``), and the request is
   retried on another replica (``retry-on`` + ``option redispatch``): a predict request is idempotent;
-- ``leastconn`` balancing, so a slow replica gets fewer requests;
+- weighted round-robin balancing (``roundrobin``, whose weights change at run time): a request goes to the set of
+  replicas in the proportion of their weights whatever the load, so a canary gets its share even from one client
+  sending a request at a time (``leastconn`` looks at the weights only to break ties between busy servers: a
+  quiet endpoint split its requests evenly between a champion and a 25 % canary); a slow or dying replica is left
+  by the health check and ``observe layer4`` instead;
 - ``/admin/reload``, ``/admin/stats`` and ``/admin/fleet`` go to the fleet (one answer for the whole set, not for
   the replica a request happened to reach); every other path to a replica.
 """
@@ -101,7 +105,7 @@ frontend endpoint
     default_backend {BACKEND}
 
 backend {BACKEND}
-    balance leastconn
+    balance roundrobin
     option httpchk GET /ready
     http-check expect status 200
     default-server inter {check_interval_ms} fastinter {check_interval_ms} downinter {check_interval_ms} \

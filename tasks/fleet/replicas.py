@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Literal
 
 from kiln.tasks.fleet.containers import ContainerEngines, ContainerReplica
 from kiln.tasks.pools.allocation import Allocation
-from kiln.tasks.processes import ProcessGroup, start_process
+from kiln.tasks.processes import ProcessGroup, free_port, start_process
 from kiln.tasks.serving.deployment import Canary, Deployment, write_deployment
 
 log = logging.getLogger(__name__)
@@ -32,13 +31,6 @@ log = logging.getLogger(__name__)
 Role = Literal["champion", "canary"]
 #: The sum of the weights across the two sets (HAProxy takes 0..256 per server).
 WEIGHT_TOTAL = 256
-
-
-def free_port() -> int:
-    """A port free on loopback now (the replica binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from kiln.tasks.bundle.parity import PARITY_RULE
 from kiln.tasks.pipeline import keys
 from kiln.tasks.pipeline.context import RunContext
 from kiln.tasks.pipeline.gate_decision import require_passed
+from kiln.tasks.processes import free_port
 from kiln.tasks.spec import InfraValidationSpec, PipelineSpec
 from kiln.tasks.storage.artifacts import write_json
 
@@ -91,12 +91,6 @@ class InfraValidationError(RuntimeError):
         super().__init__(f"infra validation failed: {result.reason}")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def run_infra_validate(config: InfraValidateConfig) -> InfraValidateResult:
     """Serve the bundle from a throwaway server and check parity and latency.
 
@@ -133,7 +127,7 @@ def run_infra_validate(config: InfraValidateConfig) -> InfraValidateResult:
         token = secrets.token_urlsafe(32)
         try:
             # A throwaway server: it dies with this task, even by SIGKILL, instead of serving on unowned.
-            handle = ensure_server(deployment, host="127.0.0.1", port=_free_port(), token=token, run_dir=run_dir,
+            handle = ensure_server(deployment, host="127.0.0.1", port=free_port(), token=token, run_dir=run_dir,
                                    start_timeout_s=config.start_timeout_s, die_with_parent=True)
             with ServingClient(handle.url, token) as client:
                 served_single, latencies = _replay_single(client, records, n_single)

@@ -186,15 +186,19 @@ def test_a_rolling_update_fails_no_request(endpoint, bundles, body):
 
 def test_a_canary_is_a_replica_weighted_at_its_share_and_a_rollback_drains_it(endpoint, bundles, body):
     endpoint.serve(Deployment(MODEL, ModelRef("1", str(bundles["1"])), replicas=ReplicaSettings(min=1, max=1)))
-    load = Load(endpoint, body, clients=8, duration_s=12)
-    time.sleep(1)
     endpoint.serve(with_canary(read_deployment(endpoint.deployment), ModelRef("2", str(bundles["2"])), 0.25))
     canary = endpoint.wait("the canary's replica in rotation",
                            lambda: next((r for r in endpoint.ready() if r["role"] == "canary"), None), timeout_s=30)
     champion = next(r for r in endpoint.ready() if r["role"] == "champion")
     assert canary["weight"] / (canary["weight"] + champion["weight"]) == pytest.approx(0.25, abs=0.01)
+    # One request at a time (a quiet endpoint): the weights alone decide, so the share is exact.
     seen = served_versions(endpoint, 200)
-    assert set(seen) == {"1", "2"} and 0.1 < seen["2"] / 200 < 0.4, seen
+    assert seen.get("2", 0) / 200 == pytest.approx(0.25, abs=0.03), seen
+
+    load = Load(endpoint, body, clients=8, duration_s=8)
+    time.sleep(1)
+    seen = served_versions(endpoint, 200)  # among wrk's requests: the share holds within sampling noise
+    assert 0.15 < seen.get("2", 0) / 200 < 0.35, seen
 
     endpoint.serve(drop_canary(read_deployment(endpoint.deployment)))  # the rollback
     assert set(served_versions(endpoint)) == {"1"}  # the weight moved back at once
