@@ -41,6 +41,7 @@ from kiln.tasks.services.environment import (
 )
 from kiln.tasks.services.watchdog import describe
 from kiln.tasks.settings import ServiceSettings, get_service_settings, get_settings
+from kiln.tasks.storage.artifacts import write_json
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,6 @@ class Service:
         paths = ServicePaths(get_settings(environ).home)
         return cls(service_environment(settings, paths, environ, dags_folder), settings, paths)
 
-    # Components ------------------------------------------------------------------------------------------------
-
     def components(self) -> list[Component]:
         """The processes of this profile, in start order."""
         airflow = str(self._bin / "airflow")
@@ -140,8 +139,6 @@ class Service:
                     ready_pattern=rf"kiln-w{i}@\S+ ready\.",
                     env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(log_port + 1 + i)}))
         return comps
-
-    # Start -----------------------------------------------------------------------------------------------------
 
     def up(self, timeout: float = 180.0) -> dict[str, Any]:
         """Start every component that does not run, and the server of every deployed pipeline that has none; wait
@@ -317,8 +314,6 @@ class Service:
             raise ServiceError(f"starting the model servers failed:\n{proc.stderr[-3000:]}")
         return json.loads(proc.stdout)
 
-    # State -----------------------------------------------------------------------------------------------------
-
     def _state_file(self) -> Path:
         return self.paths.run_dir / STATE_FILE
 
@@ -327,9 +322,7 @@ class Service:
         state = {"profile": self.settings.profile, "url": self.url, "mlflow_url": self.mlflow_url,
                  "credentials": str(self.paths.passwords_file), "username": USERNAME,
                  "logs": str(self.paths.log_dir), "pids": dict(pids), **extra}
-        tmp = self._state_file().with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self._state_file())
+        write_json(self._state_file(), state)
         return state
 
     def state(self) -> dict[str, Any] | None:
@@ -352,8 +345,6 @@ class Service:
         """The last lines of the named components' logs (default: all), each under a header."""
         names = sorted(names) if names is not None else [c.name for c in self.components()]
         return "\n".join(f"--- {n}.log ---\n{tail(self.log_file(n), lines)}" for n in names)
-
-    # Stop ------------------------------------------------------------------------------------------------------
 
     def stop(self, timeout: float = 30.0, also: Iterable[int] = ()) -> list[int]:
         """Stop the components this instance started and those of the state record, with every process they
