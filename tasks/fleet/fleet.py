@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 from kiln.tasks.fleet.containers import ContainerEngines
-from kiln.tasks.fleet.haproxy import RuntimeAPI, haproxy_binary, render_config
+from kiln.tasks.fleet.haproxy import HAProxyError, RuntimeAPI, haproxy_binary, render_config
 from kiln.tasks.fleet.replicas import Replica, Role, expected_version, start_replica, weights, write_role_files
 from kiln.tasks.processes import ProcessGroup, start_process, tail
 from kiln.tasks.serving.__main__ import EXIT_BAD_DEPLOYMENT
@@ -277,22 +277,35 @@ class Fleet:
         del self.events[:-100]
 
     def apply(self, deployment: Deployment) -> None:
-        """Take a reloaded deployment: the sets' files, the replica settings (within the balancer's slots), and at
-        once the canary's weight (a rollback drains the canary now, not at the next pass)."""
+        """Take a reloaded deployment: the sets' files, the replica settings (a raised ``max`` adds slots to the
+        balancer), and at once the canary's weight (a rollback drains the canary now, not at the next pass)."""
         with self.lock:
             write_role_files(self.run_dir, deployment)
             self.deployment = deployment
             settings = deployment.replicas or ReplicaSettings()
-            if settings.max > self.slots - 1:
-                log.warning("replicas.max grew from %d to %d: the balancer has %d slot(s) until the model is "
-                            "served anew (kiln serve stop, then deploy)", self.settings.max, settings.max,
-                            self.slots - 1)
-                settings = ReplicaSettings(**{**settings.to_dict(), "max": self.slots - 1,
-                                              "min": min(settings.min, self.slots - 1)})
+            if settings.max + 1 > self.slots:
+                settings = self._add_slots(settings)
             self.settings, self.autoscaler = settings, Autoscaler(settings)
             self.desired = max(settings.min, min(settings.max, self.desired))
             self._converge("canary", 1 if deployment.canary is not None else 0, time.monotonic())
             self._weigh()
+
+    def _add_slots(self, settings: ReplicaSettings) -> ReplicaSettings:
+        """Slots up to ``settings.max`` + 1 at the balancer; where HAProxy refuses, the settings within the slots
+        it has (logged: the model served anew gets them all)."""
+        try:
+            for slot in range(self.slots + 1, settings.max + 2):
+                self.api.add_slot(slot)
+                self.slots = slot
+        except HAProxyError as exc:
+            log.warning("replicas.max grew from %d to %d, but the balancer has %d slot(s) (%s); serve the model "
+                        "anew for the rest (kiln serve stop, then deploy)", self.settings.max, settings.max,
+                        self.slots, exc)
+            most = self.slots - 1
+            return ReplicaSettings(**{**settings.to_dict(), "max": most, "min": min(settings.min, most)})
+        log.info("replicas.max grew from %d to %d: the balancer has %d slot(s)", self.settings.max, settings.max,
+                 self.slots)
+        return settings
 
     def status(self) -> dict[str, Any]:
         """What runs: the body of ``GET /admin/fleet``."""

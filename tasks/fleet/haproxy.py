@@ -1,10 +1,11 @@
 """HAProxy in front of a model's replicas: its configuration, its process and its runtime API.
 
 The balancer is Debian's ``haproxy`` package (``make haproxy``), one process per served model, started by the
-model's fleet (:mod:`.fleet`) and dying with it. Its configuration names a fixed set of server slots ``r1..rN``
-(``N`` = ``replicas.max``), all in maintenance at first; the fleet fills a slot at run time through the admin
-socket (``set server ... addr``, ``state ready|drain|maint``), so scaling, replacing a dead replica and rolling a
-new version never reload HAProxy or drop a connection.
+model's fleet (:mod:`.fleet`) and dying with it. Its configuration names server slots ``r1..rN`` (``N`` =
+``replicas.max`` + 1, for a canary), all in maintenance at first; the fleet fills a slot at run time through the
+admin socket (``set server ... addr``, ``state ready|drain|maint``) and adds slots when ``replicas.max`` is raised
+(``add server``), so scaling, replacing a dead replica, rolling a new version and a larger set never reload
+HAProxy or drop a connection.
 
 What HAProxy does by itself, from the configuration:
 
@@ -63,6 +64,14 @@ def slot_name(slot: int) -> str:
     return f"{SLOT_PREFIX}{slot}"
 
 
+def empty_slot(slot: int, check_interval_ms: int = CHECK_INTERVAL_MS) -> str:
+    """The ``server`` line of slot ``slot``, in maintenance and pointing nowhere until the fleet fills it: the same
+    words in the configuration and in the runtime API's ``add server`` (which takes no ``default-server``)."""
+    ms = check_interval_ms
+    return (f"server {slot_name(slot)} 127.0.0.1:1 disabled check inter {ms} fastinter {ms} downinter {ms} "
+            "rise 1 fall 2 observe layer4 error-limit 1 on-error mark-down")
+
+
 def render_config(*, host: str, port: int, slots: int, admin_port: int, socket_path: Path,
                   check_interval_ms: int = CHECK_INTERVAL_MS, max_conn: int = 4096) -> str:
     """The configuration of one model's balancer.
@@ -77,7 +86,7 @@ def render_config(*, host: str, port: int, slots: int, admin_port: int, socket_p
         max_conn: the most client connections at once.
     """
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    servers = "\n".join(f"    server {slot_name(i)} 127.0.0.1:1 disabled check" for i in range(1, slots + 1))
+    servers = "\n".join(f"    {empty_slot(i, check_interval_ms)}" for i in range(1, slots + 1))
     fleet_paths = " ".join(FLEET_PATHS)
     return f"""# Written by kiln (kiln.tasks.fleet.haproxy); rewritten on every start.
 global
@@ -108,8 +117,6 @@ backend {BACKEND}
     balance roundrobin
     option httpchk GET /ready
     http-check expect status 200
-    default-server inter {check_interval_ms} fastinter {check_interval_ms} downinter {check_interval_ms} \
-rise 1 fall 2 observe layer4 error-limit 1 on-error mark-down
 {servers}
 
 backend fleet
@@ -165,6 +172,15 @@ class RuntimeAPI:
                 "unknown", "no such", "require", "invalid", "error", "not found", "permission denied")):
             raise HAProxyError(f"HAProxy refused {line!r}: {answer.strip()}")
         return answer
+
+    def add_slot(self, slot: int) -> None:
+        """A new empty slot ``slot`` in the backend, at run time (``add server``: no reload, no dropped connection),
+        its health checks on as in the configuration's slots."""
+        name = f"{BACKEND}/{slot_name(slot)}"
+        answer = self.command(f"add {empty_slot(slot).replace(slot_name(slot), name, 1)}")
+        if "New server registered" not in answer:
+            raise HAProxyError(f"HAProxy did not add {name}: {answer.strip()}")
+        self.command(f"enable health {name}")
 
     def fill(self, slot: int, address: str, port: int) -> None:
         """Point ``slot`` at a replica on ``address:port`` and put it in rotation (health checks decide)."""

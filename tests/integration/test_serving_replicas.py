@@ -219,6 +219,23 @@ def test_a_promoted_canary_rolls_onto_the_champion_replicas(endpoint, bundles):
     assert endpoint.fleet()["replicas"][0]["role"] == "champion"
 
 
+def test_a_raised_max_adds_slots_to_the_running_balancer(endpoint, bundles, body):
+    """The balancer starts with max + 1 slots; a deployment asking for more gets them at run time (``add server``),
+    with the same HAProxy and no failed request."""
+    first = Deployment(MODEL, ModelRef("1", str(bundles["1"])), replicas=ReplicaSettings(min=1, max=1))
+    endpoint.serve(first)
+    balancer = endpoint.fleet()["balancer_pid"]
+    load = Load(endpoint, body, clients=4, duration_s=6)
+    time.sleep(1)
+    endpoint.serve(replace(first, replicas=ReplicaSettings(min=2, max=2)))
+    ready = endpoint.wait("2 ready replicas", lambda: len(endpoint.ready()) == 2, timeout_s=30)
+    assert ready and endpoint.fleet()["balancer_pid"] == balancer
+    slots = RuntimeAPI(endpoint.run_dir / "haproxy.sock").stats()
+    assert {"r1", "r2", "r3"} <= set(slots), slots  # 2 replicas and a canary's
+    result = load.result()
+    assert failed(result) == 0, result
+
+
 def test_a_deployment_that_cannot_load_ends_the_start_with_its_reason(endpoint, tmp_path):
     broken = tmp_path / "not-a-bundle"
     broken.mkdir()
