@@ -64,11 +64,11 @@ def slot_name(slot: int) -> str:
     return f"{SLOT_PREFIX}{slot}"
 
 
-def empty_slot(slot: int, check_interval_ms: int = CHECK_INTERVAL_MS) -> str:
-    """The ``server`` line of slot ``slot``, in maintenance and pointing nowhere until the fleet fills it: the same
-    words in the configuration and in the runtime API's ``add server`` (which takes no ``default-server``)."""
+def empty_slot(server: str, check_interval_ms: int = CHECK_INTERVAL_MS) -> str:
+    """``server`` and its words, in maintenance and pointing nowhere until the fleet fills it: the same in the
+    configuration's ``server`` lines and in the runtime API's ``add server`` (which takes no ``default-server``)."""
     ms = check_interval_ms
-    return (f"server {slot_name(slot)} 127.0.0.1:1 disabled check inter {ms} fastinter {ms} downinter {ms} "
+    return (f"{server} 127.0.0.1:1 disabled check inter {ms} fastinter {ms} downinter {ms} "
             "rise 1 fall 2 observe layer4 error-limit 1 on-error mark-down")
 
 
@@ -86,7 +86,7 @@ def render_config(*, host: str, port: int, slots: int, admin_port: int, socket_p
         max_conn: the most client connections at once.
     """
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    servers = "\n".join(f"    {empty_slot(i, check_interval_ms)}" for i in range(1, slots + 1))
+    servers = "\n".join(f"    server {empty_slot(slot_name(i), check_interval_ms)}" for i in range(1, slots + 1))
     fleet_paths = " ".join(FLEET_PATHS)
     return f"""# Written by kiln (kiln.tasks.fleet.haproxy); rewritten on every start.
 global
@@ -177,7 +177,7 @@ class RuntimeAPI:
         """A new empty slot ``slot`` in the backend, at run time (``add server``: no reload, no dropped connection),
         its health checks on as in the configuration's slots."""
         name = f"{BACKEND}/{slot_name(slot)}"
-        answer = self.command(f"add {empty_slot(slot).replace(slot_name(slot), name, 1)}")
+        answer = self.command(f"add server {empty_slot(name)}")
         if "New server registered" not in answer:
             raise HAProxyError(f"HAProxy did not add {name}: {answer.strip()}")
         self.command(f"enable health {name}")
